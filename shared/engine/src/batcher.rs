@@ -1,0 +1,309 @@
+//! Continuous batching: sequences join and leave at any step; each step packs every running
+//! decode token plus as many prefill tokens as the budget allows into one forward pass.
+
+use std::collections::VecDeque;
+
+use tandem_protocol::{FinishReason, SamplingParams};
+
+use crate::engine::{Engine, ForwardItem, KvExport, SeqId};
+use crate::sampling::{sample, SampleContext, TokenLogprobs};
+use crate::{EngineError, Result};
+
+/// What the batcher does with a sequence once its prompt is in the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Prefill, then decode to the end (single process).
+    Full,
+    /// Prefill and sample the first token, then hand the KV over ([`Event::Prefilled`]).
+    PrefillOnly,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    pub id: SeqId,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    /// Resolved seed: drawn once per request so every worker that runs it draws alike.
+    pub seed: u64,
+    /// Tokens that end the sequence unless `ignore_eos` (EOS and end-of-turn tokens).
+    pub eos_ids: Vec<u32>,
+    pub mode: Mode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    Token { id: SeqId, token: u32, logprobs: Option<TokenLogprobs> },
+    /// The sequence ended; its blocks are released.
+    Finished { id: SeqId, reason: FinishReason, usage: Usage },
+    /// Prefill-only mode: the prompt is cached and the first token sampled (it came as a
+    /// `Token` event just before); here is the KV to hand over. Blocks are released.
+    Prefilled { id: SeqId, kv: Box<KvExport>, usage: Usage },
+    /// The sequence could not run; its blocks are released.
+    Failed { id: SeqId, error: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct BatcherConfig {
+    /// Most tokens in one forward pass (decode tokens count one each).
+    pub max_batch_tokens: usize,
+    pub max_running: usize,
+}
+
+impl Default for BatcherConfig {
+    fn default() -> Self {
+        Self { max_batch_tokens: 512, max_running: 64 }
+    }
+}
+
+/// A sequence the batcher owns. Its known tokens are `prompt ++ output`; the cache holds the
+/// first `fed` of them. Prefill, decode and recompute after preemption are the same thing: feed
+/// the tokens not yet in the cache, and sample once all of them are.
+struct Running {
+    req: NewRequest,
+    output: Vec<u32>,
+    fed: usize,
+    cached: usize,
+}
+
+impl Running {
+    fn new(req: NewRequest) -> Self {
+        Self { req, output: Vec::new(), fed: 0, cached: 0 }
+    }
+
+    fn known(&self) -> usize {
+        self.req.prompt.len() + self.output.len()
+    }
+
+    fn token(&self, i: usize) -> u32 {
+        let p = self.req.prompt.len();
+        if i < p {
+            self.req.prompt[i]
+        } else {
+            self.output[i - p]
+        }
+    }
+
+    fn is_decoding(&self) -> bool {
+        self.known() - self.fed == 1 && !self.output.is_empty()
+    }
+}
+
+pub struct Batcher {
+    engine: Box<dyn Engine>,
+    cfg: BatcherConfig,
+    waiting: VecDeque<Running>,
+    running: Vec<Running>,
+    preemptions: u64,
+}
+
+impl std::fmt::Debug for Batcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher").field("waiting", &self.waiting.len()).field("running", &self.running.len()).finish()
+    }
+}
+
+impl Batcher {
+    pub fn new(engine: Box<dyn Engine>, cfg: BatcherConfig) -> Self {
+        Self { engine, cfg, waiting: VecDeque::new(), running: Vec::new(), preemptions: 0 }
+    }
+
+    pub fn engine(&self) -> &dyn Engine {
+        self.engine.as_ref()
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Sequences whose cache was dropped to make room for others and later recomputed.
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Queues a request; it joins the batch at the next step with room for it.
+    pub fn add(&mut self, req: NewRequest) {
+        self.waiting.push_back(Running::new(req));
+    }
+
+    /// Joins a sequence whose prompt was prefilled elsewhere. `kv.tokens` is the prompt; `first`
+    /// is the token the prefill sampled (already sent to the client), fed at the next step.
+    pub fn add_imported(&mut self, req: NewRequest, kv: &KvExport, first: u32) -> Result<()> {
+        if kv.tokens != req.prompt {
+            return Err(EngineError::Import("transferred tokens differ from the request's prompt".into()));
+        }
+        self.engine.import(req.id, kv)?;
+        let fed = req.prompt.len();
+        self.running.push(Running { req, output: vec![first], fed, cached: 0 });
+        Ok(())
+    }
+
+    /// Stops a request wherever it is and frees its blocks. Returns whether it was known.
+    pub fn cancel(&mut self, id: SeqId) -> bool {
+        if let Some(i) = self.waiting.iter().position(|r| r.req.id == id) {
+            self.waiting.remove(i);
+            return true;
+        }
+        if let Some(i) = self.running.iter().position(|r| r.req.id == id) {
+            self.running.remove(i);
+            self.engine.release(id);
+            return true;
+        }
+        false
+    }
+
+    fn admit(&mut self, events: &mut Vec<Event>) {
+        while self.running.len() < self.cfg.max_running {
+            let Some(mut r) = self.waiting.pop_front() else { break };
+            let max = self.engine.info().max_context;
+            if r.req.prompt.is_empty() {
+                events.push(Event::Failed { id: r.req.id, error: "empty prompt".into() });
+                continue;
+            }
+            if r.req.prompt.len() >= max {
+                let error = format!("prompt of {} tokens leaves no room in a context of {max}", r.req.prompt.len());
+                events.push(Event::Failed { id: r.req.id, error });
+                continue;
+            }
+            let known: Vec<u32> = (0..r.known()).map(|i| r.token(i)).collect();
+            match self.engine.add_sequence(r.req.id, &known) {
+                Ok(cached) => {
+                    if r.output.is_empty() {
+                        r.cached = cached;
+                    }
+                    r.fed = cached;
+                    self.running.push(r);
+                }
+                Err(e) => events.push(Event::Failed { id: r.req.id, error: e.to_string() }),
+            }
+        }
+    }
+
+    /// Builds the next batch: every decode token first (they are latency-critical), then prefill
+    /// chunks in arrival order within the token budget.
+    fn plan(&self) -> Vec<(usize, ForwardItem)> {
+        let mut budget = self.cfg.max_batch_tokens;
+        let mut items = Vec::new();
+        for (i, r) in self.running.iter().enumerate().filter(|(_, r)| r.is_decoding()) {
+            items.push((i, ForwardItem { seq: r.req.id, tokens: vec![r.token(r.fed)], all_logits: false }));
+            budget = budget.saturating_sub(1);
+        }
+        for (i, r) in self.running.iter().enumerate().filter(|(_, r)| !r.is_decoding()) {
+            if budget == 0 {
+                break;
+            }
+            let end = (r.fed + budget).min(r.known());
+            items.push((i, ForwardItem { seq: r.req.id, tokens: (r.fed..end).map(|j| r.token(j)).collect(), all_logits: false }));
+            budget -= end - r.fed;
+        }
+        items
+    }
+
+    /// Drops the cache of the most recently admitted sequence outside `keep` and queues it to be
+    /// recomputed (its full blocks stay in the prefix cache, so recompute is often cheap).
+    fn preempt_one(&mut self, keep: SeqId) -> bool {
+        let Some(i) = self.running.iter().rposition(|r| r.req.id != keep) else { return false };
+        let mut r = self.running.remove(i);
+        self.engine.release(r.req.id);
+        r.fed = 0;
+        self.preemptions += 1;
+        tracing::debug!(seq = r.req.id, "preempted for lack of kv blocks");
+        self.waiting.push_front(r);
+        true
+    }
+
+    /// Runs one forward pass and returns what happened.
+    pub fn step(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        self.admit(&mut events);
+        let (plan, logits) = loop {
+            let mut plan = self.plan();
+            if plan.is_empty() {
+                return events;
+            }
+            // Shrink the batch until it fits; a lone sequence that cannot fit takes the blocks
+            // of another, and fails only when it is alone.
+            let outcome = loop {
+                let items: Vec<ForwardItem> = plan.iter().map(|(_, it)| it.clone()).collect();
+                match self.engine.forward(&items) {
+                    Err(EngineError::OutOfBlocks { .. }) if plan.len() > 1 => plan.truncate(plan.len() / 2),
+                    other => break other,
+                }
+            };
+            match outcome {
+                Ok(l) => break (plan, l),
+                Err(EngineError::OutOfBlocks { .. }) if self.preempt_one(plan[0].1.seq) => continue,
+                Err(e) => {
+                    let id = plan[0].1.seq;
+                    self.cancel(id);
+                    events.push(Event::Failed { id, error: e.to_string() });
+                    return events;
+                }
+            }
+        };
+
+        let mut done = Vec::new();
+        for ((i, item), mut rows) in plan.into_iter().zip(logits) {
+            let max_context = self.engine.info().max_context;
+            let r = &mut self.running[i];
+            r.fed += item.tokens.len();
+            if r.fed < r.known() {
+                continue;
+            }
+            let Some(row) = rows.pop() else { continue };
+            let suppress: Vec<u32> = if r.output.len() < r.req.params.min_tokens {
+                r.req.eos_ids.iter().chain(&r.req.params.stop_token_ids).copied().collect()
+            } else {
+                Vec::new()
+            };
+            let ctx = SampleContext { prompt: &r.req.prompt, output: &r.output, seed: r.req.seed, suppress: &suppress };
+            let s = sample(row, &r.req.params, &ctx);
+            r.output.push(s.token);
+            events.push(Event::Token { id: r.req.id, token: s.token, logprobs: s.logprobs });
+
+            let p = &r.req.params;
+            let is_stop = (!p.ignore_eos && r.req.eos_ids.contains(&s.token)) || p.stop_token_ids.contains(&s.token);
+            let finish = if is_stop {
+                Some(FinishReason::Stop)
+            } else if r.output.len() >= p.max_tokens || r.known() >= max_context {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let usage = Usage { prompt_tokens: r.req.prompt.len(), completion_tokens: r.output.len(), cached_tokens: r.cached };
+            match (finish, r.req.mode) {
+                (Some(reason), _) => {
+                    events.push(Event::Finished { id: r.req.id, reason, usage });
+                    done.push(r.req.id);
+                }
+                (None, Mode::PrefillOnly) => {
+                    match self.engine.export(r.req.id) {
+                        Ok(kv) => events.push(Event::Prefilled { id: r.req.id, kv: Box::new(kv), usage }),
+                        Err(e) => events.push(Event::Failed { id: r.req.id, error: e.to_string() }),
+                    }
+                    done.push(r.req.id);
+                }
+                (None, Mode::Full) => {}
+            }
+        }
+        for id in done {
+            self.cancel(id);
+        }
+        events
+    }
+}

@@ -1,0 +1,8 @@
+//! The paged KV cache: fixed-size blocks, a ref-counted allocator with prefix sharing and LRU
+//! eviction, and the storage the attention kernels read.
+
+mod pool;
+mod store;
+
+pub use pool::{BlockId, BlockPool, PoolStats};
+pub(crate) use store::KvStore;

@@ -1,0 +1,46 @@
+//! The model engine: Llama-family decoders over a paged KV cache, sampling, KV export/import for
+//! the prefill-to-decode handoff, and a continuous batcher that drives any [`Engine`].
+#![forbid(unsafe_code)]
+
+mod attention;
+mod batcher;
+mod config;
+mod cpu;
+mod engine;
+pub mod kv;
+mod model;
+pub mod sampling;
+mod weights;
+
+pub use batcher::{Batcher, BatcherConfig, Event, Mode, NewRequest, Usage};
+pub use config::{Family, Llama3Scaling, ModelConfig};
+pub use cpu::{CpuEngine, EngineConfig};
+pub use engine::{Engine, EngineInfo, ForwardItem, KvExport, SeqId};
+pub use sampling::{Sampled, TokenLogprobs};
+
+/// Everything the engine can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model config: {0}")]
+    Config(String),
+    #[error("loading weights: {0}")]
+    Load(String),
+    #[error("tensor op: {0}")]
+    Tensor(#[from] candle_core::Error),
+    #[error("out of KV cache blocks: need {needed}, {available} available")]
+    OutOfBlocks { needed: usize, available: usize },
+    #[error("unknown sequence {0}")]
+    UnknownSequence(SeqId),
+    #[error("sequence {0} already exists")]
+    DuplicateSequence(SeqId),
+    #[error("sequence of {len} tokens exceeds the model's context of {max}")]
+    ContextOverflow { len: usize, max: usize },
+    #[error(transparent)]
+    Layout(#[from] tandem_protocol::LayoutMismatch),
+    #[error("kv import: {0}")]
+    Import(String),
+    #[error(transparent)]
+    Tokenizer(#[from] tandem_tokenizer::TokenizerError),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;

@@ -1,0 +1,209 @@
+//! Choosing the next token from logits: penalties, greedy or stochastic sampling with
+//! temperature / top-k / top-p / min-p, and log-probabilities.
+//!
+//! The random draw for the n-th generated token depends only on the request's seed and n, so a
+//! request that moves between workers (prefill to decode) keeps drawing the same numbers.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tandem_protocol::SamplingParams;
+
+/// Log-probability of the chosen token and of the most likely alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// Most likely tokens first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What the sampler needs to know about the sequence so far.
+#[derive(Debug, Clone, Copy)]
+pub struct SampleContext<'a> {
+    pub prompt: &'a [u32],
+    pub output: &'a [u32],
+    pub seed: u64,
+    /// Tokens that must not be chosen yet (end-of-sequence before `min_tokens`).
+    pub suppress: &'a [u32],
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+fn apply_penalties(logits: &mut [f32], p: &SamplingParams, ctx: &SampleContext<'_>) {
+    if p.repetition_penalty != 1.0 {
+        let mut seen = vec![false; logits.len()];
+        for &t in ctx.prompt.iter().chain(ctx.output) {
+            if let Some(s) = seen.get_mut(t as usize) {
+                *s = true;
+            }
+        }
+        for (l, _) in logits.iter_mut().zip(&seen).filter(|(_, s)| **s) {
+            *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+        }
+    }
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let mut counts = std::collections::HashMap::<u32, u32>::new();
+        for &t in ctx.output {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, c) in counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+            }
+        }
+    }
+}
+
+fn log_softmax_top(logits: &[f32], chosen: u32, n: usize) -> TokenLogprobs {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
+    let top = top_n(logits, n).into_iter().map(|(t, l)| (t, l - lse)).collect();
+    TokenLogprobs { token: chosen, logprob: logits[chosen as usize] - lse, top }
+}
+
+/// The `n` largest entries, largest first; ties go to the lower id.
+fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    let by_value = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
+    if n < idx.len() && n > 0 {
+        idx.select_nth_unstable_by(n - 1, by_value);
+        idx.truncate(n);
+    }
+    idx.sort_by(by_value);
+    idx.truncate(n);
+    idx.into_iter().map(|i| (i, values[i as usize])).collect()
+}
+
+fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn step_rng(seed: u64, step: usize) -> StdRng {
+    // SplitMix64 finaliser: decorrelates neighbouring (seed, step) pairs.
+    let mut z = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    StdRng::seed_from_u64(z ^ (z >> 31))
+}
+
+/// Picks the next token. `logits` is consumed as scratch space.
+pub fn sample(mut logits: Vec<f32>, p: &SamplingParams, ctx: &SampleContext<'_>) -> Sampled {
+    apply_penalties(&mut logits, p, ctx);
+    for &t in ctx.suppress {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+    let token = if p.is_greedy() { argmax(&logits) } else { draw(&logits, p, ctx) };
+    // Log-probabilities are those of the model after penalties, before temperature and cuts.
+    let logprobs = p.logprobs.map(|n| log_softmax_top(&logits, token, n as usize));
+    Sampled { token, logprobs }
+}
+
+fn draw(logits: &[f32], p: &SamplingParams, ctx: &SampleContext<'_>) -> u32 {
+    let k = if p.top_k == 0 { logits.len() } else { (p.top_k as usize).min(logits.len()) };
+    let mut cand = top_n(logits, k);
+    let max = cand[0].1;
+    let mut probs: Vec<f32> = cand.iter().map(|(_, l)| ((l - max) / p.temperature).exp()).collect();
+    let total: f32 = probs.iter().sum();
+    probs.iter_mut().for_each(|x| *x /= total);
+    // top-p: the smallest head of the sorted list whose mass reaches top_p.
+    let mut keep = probs.len();
+    if p.top_p < 1.0 {
+        let mut acc = 0.0;
+        for (i, q) in probs.iter().enumerate() {
+            acc += q;
+            if acc >= p.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    // min-p: drop tokens less likely than min_p × the most likely one.
+    if p.min_p > 0.0 {
+        let floor = p.min_p * probs[0];
+        keep = keep.min(probs.iter().take_while(|q| **q >= floor).count().max(1));
+    }
+    cand.truncate(keep);
+    probs.truncate(keep);
+    let mass: f32 = probs.iter().sum();
+    let mut r = step_rng(ctx.seed, ctx.output.len()).random::<f32>() * mass;
+    for (i, q) in probs.iter().enumerate() {
+        if r < *q {
+            return cand[i].0;
+        }
+        r -= q;
+    }
+    cand[keep - 1].0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx<'a>(output: &'a [u32], suppress: &'a [u32]) -> SampleContext<'a> {
+        SampleContext { prompt: &[], output, seed: 7, suppress }
+    }
+
+    #[test]
+    fn greedy_picks_the_max_and_respects_suppression() {
+        let p = SamplingParams::greedy(4);
+        assert_eq!(sample(vec![0.1, 3.0, 2.0], &p, &ctx(&[], &[])).token, 1);
+        assert_eq!(sample(vec![0.1, 3.0, 2.0], &p, &ctx(&[], &[1])).token, 2);
+    }
+
+    #[test]
+    fn penalties_change_the_choice() {
+        let p = SamplingParams { presence_penalty: 1.5, ..SamplingParams::greedy(4) };
+        assert_eq!(sample(vec![0.0, 3.0, 2.0], &p, &ctx(&[1], &[])).token, 2);
+        let p = SamplingParams { repetition_penalty: 2.0, ..SamplingParams::greedy(4) };
+        let c = SampleContext { prompt: &[1], output: &[], seed: 0, suppress: &[] };
+        assert_eq!(sample(vec![0.0, 3.0, 2.0], &p, &c).token, 2);
+    }
+
+    #[test]
+    fn same_seed_same_draws_and_top_k_one_is_greedy() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let p = SamplingParams { temperature: 1.0, ..Default::default() };
+        let a: Vec<u32> = (0..20).map(|n| sample(logits.clone(), &p, &ctx(&vec![0; n], &[])).token).collect();
+        let b: Vec<u32> = (0..20).map(|n| sample(logits.clone(), &p, &ctx(&vec![0; n], &[])).token).collect();
+        assert_eq!(a, b);
+        assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 1, "sampling should vary by step");
+        let p = SamplingParams { top_k: 1, temperature: 1.0, ..Default::default() };
+        assert_eq!(sample(logits.clone(), &p, &ctx(&[], &[])).token, argmax(&logits));
+    }
+
+    #[test]
+    fn top_p_and_min_p_cut_the_tail() {
+        // One dominant token (p ≈ 0.97): top_p 0.5 and min_p 0.5 must both always pick it.
+        let logits = vec![5.0, 1.0, 1.0, 1.0];
+        for n in 0..50 {
+            let p = SamplingParams { top_p: 0.5, ..Default::default() };
+            assert_eq!(sample(logits.clone(), &p, &ctx(&vec![9; n], &[])).token, 0);
+            let p = SamplingParams { min_p: 0.5, ..Default::default() };
+            assert_eq!(sample(logits.clone(), &p, &ctx(&vec![9; n], &[])).token, 0);
+        }
+    }
+
+    #[test]
+    fn logprobs_are_normalised_and_sorted() {
+        let p = SamplingParams { logprobs: Some(2), ..SamplingParams::greedy(1) };
+        let s = sample(vec![1.0, 2.0, 3.0], &p, &ctx(&[], &[]));
+        let lp = s.logprobs.unwrap();
+        assert_eq!(lp.token, 2);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
+        let z: f32 = [1.0f32, 2.0, 3.0].iter().map(|l| (l - 3.0).exp()).sum();
+        assert!((lp.logprob + z.ln()).abs() < 1e-6);
+    }
+}

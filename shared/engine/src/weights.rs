@@ -1,0 +1,153 @@
+//! Loading weights from GGUF (quantized, kept quantized for matmuls) or safetensors (dense f32).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::QMatMul;
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::{EngineError, Result};
+
+/// A linear layer `y = x Wᵀ + b`; `W` quantized or dense.
+pub(crate) struct Linear {
+    w: QMatMul,
+    b: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.w.forward(x)?;
+        Ok(match &self.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+/// Where tensors come from; names are given in the Hugging Face convention and mapped for GGUF.
+pub(crate) enum WeightSource {
+    Gguf { content: Content, file: File },
+    Dense(HashMap<String, Tensor>),
+}
+
+fn gguf_name(hf: &str) -> String {
+    let table = [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+        ("lm_head.weight", "output.weight"),
+    ];
+    if let Some((_, g)) = table.iter().find(|(h, _)| *h == hf) {
+        return g.to_string();
+    }
+    let Some(rest) = hf.strip_prefix("model.layers.") else { return hf.to_string() };
+    let (layer, name) = rest.split_once('.').unwrap_or((rest, ""));
+    let mapped = match name {
+        "input_layernorm.weight" => "attn_norm.weight",
+        "post_attention_layernorm.weight" => "ffn_norm.weight",
+        "self_attn.q_proj.weight" => "attn_q.weight",
+        "self_attn.k_proj.weight" => "attn_k.weight",
+        "self_attn.v_proj.weight" => "attn_v.weight",
+        "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
+        "mlp.gate_proj.weight" => "ffn_gate.weight",
+        "mlp.up_proj.weight" => "ffn_up.weight",
+        "mlp.down_proj.weight" => "ffn_down.weight",
+        other => other,
+    };
+    format!("blk.{layer}.{mapped}")
+}
+
+impl WeightSource {
+    pub fn open_gguf(path: &Path) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        let content = Content::read(&mut file).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        Ok(Self::Gguf { content, file })
+    }
+
+    /// Every `*.safetensors` file of a folder, converted to f32.
+    pub fn open_safetensors(dir: &Path) -> Result<Self> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().and_then(|e| e.to_str()) == Some("safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(EngineError::Load(format!("{}: no .safetensors files", dir.display())));
+        }
+        let mut all = HashMap::new();
+        for f in files {
+            for (name, t) in candle_core::safetensors::load(&f, &Device::Cpu)? {
+                all.insert(name, t.to_dtype(DType::F32)?);
+            }
+        }
+        Ok(Self::Dense(all))
+    }
+
+    pub fn contains(&self, hf: &str) -> bool {
+        match self {
+            Self::Gguf { content, .. } => content.tensor_infos.contains_key(&gguf_name(hf)),
+            Self::Dense(map) => map.contains_key(hf),
+        }
+    }
+
+    /// A tensor as dense f32.
+    pub fn dense(&mut self, hf: &str) -> Result<Tensor> {
+        match self {
+            Self::Gguf { content, file } => {
+                let q = content.tensor(file, &gguf_name(hf), &Device::Cpu).map_err(|e| missing(hf, e))?;
+                Ok(q.dequantize(&Device::Cpu)?)
+            }
+            Self::Dense(map) => map.get(hf).cloned().ok_or_else(|| missing(hf, "not in safetensors")),
+        }
+    }
+
+    /// A matrix for matmuls, kept in its stored (possibly quantized) type.
+    pub fn matrix(&mut self, hf: &str) -> Result<QMatMul> {
+        match self {
+            Self::Gguf { content, file } => {
+                let q = content.tensor(file, &gguf_name(hf), &Device::Cpu).map_err(|e| missing(hf, e))?;
+                Ok(QMatMul::from_qtensor(q)?)
+            }
+            Self::Dense(_) => Ok(QMatMul::Tensor(self.dense(hf)?)),
+        }
+    }
+
+    pub fn linear(&mut self, hf_prefix: &str, bias: bool) -> Result<Linear> {
+        let w = self.matrix(&format!("{hf_prefix}.weight"))?;
+        let b = if bias { Some(self.dense(&format!("{hf_prefix}.bias"))?) } else { None };
+        Ok(Linear { w, b })
+    }
+
+    /// The `rope_freqs` tensor of Llama 3 GGUFs: per-pair divisors of the RoPE frequencies.
+    pub fn rope_freq_factors(&mut self) -> Result<Option<Vec<f32>>> {
+        match self {
+            Self::Gguf { content, .. } if content.tensor_infos.contains_key("rope_freqs.weight") => {
+                Ok(Some(self.dense("rope_freqs.weight")?.flatten_all()?.to_vec1()?))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+fn missing(name: &str, e: impl std::fmt::Display) -> EngineError {
+    EngineError::Load(format!("tensor {name}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gguf_name;
+
+    #[test]
+    fn hf_names_map_to_llama_cpp_names() {
+        assert_eq!(gguf_name("model.layers.3.self_attn.k_proj.weight"), "blk.3.attn_k.weight");
+        assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight"), "blk.12.ffn_down.weight");
+        assert_eq!(gguf_name("lm_head.weight"), "output.weight");
+    }
+}

@@ -1,0 +1,56 @@
+//! Shared setup for the engine's black-box tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use tandem_engine::{Batcher, BatcherConfig, CpuEngine, EngineConfig, Event, Mode, NewRequest};
+use tandem_protocol::SamplingParams;
+use tandem_tokenizer::{ModelFiles, Tokenizer};
+
+pub const GGUF_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// The default model, where `tandem fetch-model` (run by scripts/test.sh) puts it. Missing is a
+/// failure, not a skip.
+pub fn default_model() -> ModelFiles {
+    let dir = std::env::var_os("TANDEM_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/tandem/models"));
+    let path = dir.join(GGUF_NAME);
+    assert!(path.is_file(), "{} is missing: run `cargo run -p tandem -- fetch-model` (scripts/test.sh does)", path.display());
+    ModelFiles::resolve(path.to_str().unwrap()).unwrap()
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+pub fn small_cache() -> EngineConfig {
+    EngineConfig { kv_cache_bytes: 96 << 20, ..EngineConfig::default() }
+}
+
+pub fn load(files: &ModelFiles) -> (CpuEngine, Tokenizer) {
+    (CpuEngine::load(files, &small_cache()).unwrap(), Tokenizer::load(files).unwrap())
+}
+
+pub fn greedy_request(id: u64, prompt: Vec<u32>, max_tokens: usize, tok: &Tokenizer) -> NewRequest {
+    NewRequest { id, prompt, params: SamplingParams::greedy(max_tokens), seed: 0, eos_ids: tok.eos_ids().to_vec(), mode: Mode::Full }
+}
+
+/// Runs the batcher to completion; returns the tokens of each request in id order.
+pub fn run_all(batcher: &mut Batcher) -> std::collections::BTreeMap<u64, Vec<u32>> {
+    let mut out = std::collections::BTreeMap::<u64, Vec<u32>>::new();
+    while batcher.has_work() {
+        for e in batcher.step() {
+            match e {
+                Event::Token { id, token, .. } => out.entry(id).or_default().push(token),
+                Event::Failed { id, error } => panic!("request {id} failed: {error}"),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+pub fn batcher(engine: CpuEngine) -> Batcher {
+    Batcher::new(Box::new(engine), BatcherConfig::default())
+}

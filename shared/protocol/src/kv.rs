@@ -1,0 +1,89 @@
+//! The layout descriptor that travels with every exported KV block set.
+
+use serde::{Deserialize, Serialize};
+
+/// Element type of the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl KvDtype {
+    pub fn size(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::Bf16 | KvDtype::F16 => 2,
+        }
+    }
+}
+
+/// Describes how a set of exported KV blocks is laid out.
+///
+/// Each block is one contiguous region ordered `[layer][k|v][slot][kv_head][head_dim]`, holding
+/// the heads of one tensor-parallel rank (`kv_heads / tp_size` of them). Keeping a whole block
+/// contiguous lets a transport send it without gathering pieces from every layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvLayout {
+    pub model_id: String,
+    pub num_layers: usize,
+    /// KV heads of the whole model (all ranks).
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub dtype: KvDtype,
+    pub block_size: usize,
+    pub tp_rank: usize,
+    pub tp_size: usize,
+    /// Tokens whose keys and values the blocks hold; the last block may be partly filled.
+    pub token_count: usize,
+}
+
+/// Why a KV layout cannot be imported.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("kv layout mismatch: {field} is {got}, expected {expected}")]
+pub struct LayoutMismatch {
+    pub field: &'static str,
+    pub got: String,
+    pub expected: String,
+}
+
+impl KvLayout {
+    /// KV heads held by one rank.
+    pub fn heads_per_rank(&self) -> usize {
+        self.kv_heads / self.tp_size.max(1)
+    }
+
+    /// Bytes of one block for this rank.
+    pub fn block_bytes(&self) -> usize {
+        self.num_layers * 2 * self.block_size * self.heads_per_rank() * self.head_dim * self.dtype.size()
+    }
+
+    /// Number of blocks needed for `token_count` tokens.
+    pub fn num_blocks(&self) -> usize {
+        self.token_count.div_ceil(self.block_size)
+    }
+
+    /// Checks that blocks described by `self` can be read by an engine whose own layout is
+    /// `ours` (TP degree aside: re-sharding is the transport's business).
+    pub fn check_compatible(&self, ours: &KvLayout) -> Result<(), LayoutMismatch> {
+        fn cmp<T: PartialEq + std::fmt::Debug>(
+            field: &'static str,
+            got: &T,
+            expected: &T,
+        ) -> Result<(), LayoutMismatch> {
+            if got == expected {
+                Ok(())
+            } else {
+                Err(LayoutMismatch { field, got: format!("{got:?}"), expected: format!("{expected:?}") })
+            }
+        }
+        cmp("model_id", &self.model_id, &ours.model_id)?;
+        cmp("num_layers", &self.num_layers, &ours.num_layers)?;
+        cmp("kv_heads", &self.kv_heads, &ours.kv_heads)?;
+        cmp("head_dim", &self.head_dim, &ours.head_dim)?;
+        cmp("dtype", &self.dtype, &ours.dtype)?;
+        cmp("block_size", &self.block_size, &ours.block_size)
+    }
+}

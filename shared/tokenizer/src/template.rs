@@ -1,0 +1,80 @@
+//! Chat templates: the model's own Jinja template rendered with minijinja.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Result, TokenizerError};
+
+/// One message of a conversation, content already flattened to text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { role: role.into(), content: content.into() }
+    }
+}
+
+/// A compiled chat template; cheap to clone.
+#[derive(Clone)]
+pub struct ChatTemplate {
+    env: Arc<minijinja::Environment<'static>>,
+}
+
+const NAME: &str = "chat";
+
+impl ChatTemplate {
+    pub fn new(source: &str) -> Result<Self> {
+        let mut env = minijinja::Environment::new();
+        // The settings Hugging Face renders templates with.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        // Python string methods (`.strip()`, `.startswith()`, ...) that templates use.
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+        });
+        env.add_template_owned(NAME, source.to_string()).map_err(|e| TokenizerError::Template(e.to_string()))?;
+        Ok(Self { env: Arc::new(env) })
+    }
+
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool, bos_token: &str, eos_token: &str) -> Result<String> {
+        let template = self.env.get_template(NAME).map_err(|e| TokenizerError::Template(e.to_string()))?;
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos_token,
+                eos_token => eos_token,
+            })
+            .map_err(|e| TokenizerError::Template(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nBe brief.<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] | trim + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+    #[test]
+    fn renders_chatml_with_default_system_prompt() {
+        let t = ChatTemplate::new(CHATML).unwrap();
+        let out = t.render(&[ChatMessage::new("user", " Hi ")], true, "", "").unwrap();
+        assert_eq!(out, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        let out = t.render(&[ChatMessage::new("system", "S"), ChatMessage::new("user", "U")], false, "", "").unwrap();
+        assert_eq!(out, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n");
+    }
+
+    #[test]
+    fn raise_exception_becomes_an_error() {
+        let t = ChatTemplate::new("{% if messages[0]['role'] == 'tool' %}{{ raise_exception('no tools') }}{% endif %}ok").unwrap();
+        let err = t.render(&[ChatMessage::new("tool", "x")], true, "", "").unwrap_err();
+        assert!(err.to_string().contains("no tools"), "{err}");
+        assert_eq!(t.render(&[ChatMessage::new("user", "x")], true, "", "").unwrap(), "ok");
+    }
+}
