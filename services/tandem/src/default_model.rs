@@ -28,6 +28,14 @@ pub fn resolve_spec(spec: Option<&str>) -> Result<String> {
     }
 }
 
+/// The name clients use: the default model answers to its short name.
+pub fn served_name(spec: Option<&str>, resolved: &str) -> String {
+    match spec {
+        None | Some(DEFAULT_MODEL) => DEFAULT_MODEL.to_string(),
+        Some(_) => resolved.to_string(),
+    }
+}
+
 pub fn ensure_default() -> Result<PathBuf> {
     let dir = model_dir();
     let path = dir.join(FILE_NAME);

@@ -3,6 +3,8 @@
 
 pub mod default_model;
 mod generate;
+mod serve;
+mod up;
 
 use clap::{Parser, Subcommand};
 
@@ -21,6 +23,17 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Fetch the default model (if missing) and print its path.
     FetchModel,
+    /// Run the whole disaggregated cluster on this machine: gateway, prefill and decode workers
+    /// and the KV store, each its own process.
+    Up(up::UpArgs),
+    /// Run the OpenAI-compatible HTTP gateway.
+    Gateway(serve::GatewayArgs),
+    /// Run a prefill worker.
+    Prefill(serve::PrefillArgs),
+    /// Run a decode worker.
+    Decode(serve::DecodeArgs),
+    /// Run the KV block store.
+    KvTransfer(serve::KvTransferArgs),
 }
 
 impl Cli {
@@ -28,6 +41,8 @@ impl Cli {
     pub fn default_log_level(&self) -> &'static str {
         match self.command {
             Command::Generate(_) | Command::FetchModel => "warn",
+            Command::Up(_) => "warn",
+            _ => "info",
         }
     }
 }
@@ -46,5 +61,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", default_model::ensure_default()?.display());
             Ok(())
         }
+        Command::Up(args) => runtime()?.block_on(up::run(args)),
+        Command::Gateway(args) => runtime()?.block_on(serve::gateway(args)),
+        Command::Prefill(args) => runtime()?.block_on(serve::prefill(args)),
+        Command::Decode(args) => runtime()?.block_on(serve::decode(args)),
+        Command::KvTransfer(args) => runtime()?.block_on(serve::kv_transfer(args)),
     }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
 }

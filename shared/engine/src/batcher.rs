@@ -5,7 +5,8 @@ use std::collections::VecDeque;
 
 use tandem_protocol::{FinishReason, SamplingParams};
 
-use crate::engine::{Engine, ForwardItem, KvExport, SeqId};
+use crate::engine::{Engine, ForwardItem, SeqId};
+use tandem_protocol::KvExport;
 use crate::sampling::{sample, SampleContext, TokenLogprobs};
 use crate::{EngineError, Result};
 

@@ -7,7 +7,8 @@ use tandem_protocol::{chain_hash, BlockHash, KvDtype, KvLayout, ROOT_HASH};
 use tandem_tokenizer::{ModelFiles, ModelFormat};
 
 use crate::config::ModelConfig;
-use crate::engine::{Engine, EngineInfo, ForwardItem, KvExport, SeqId};
+use crate::engine::{Engine, EngineInfo, ForwardItem, SeqId};
+use tandem_protocol::KvExport;
 use crate::kv::{BlockId, BlockPool, KvStore, PoolStats};
 use crate::model::{Model, TokenSlot};
 use crate::weights::WeightSource;

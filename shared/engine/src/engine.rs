@@ -1,7 +1,6 @@
 //! The `Engine` seam: what the batcher and the services need from a model backend.
 
-use serde::{Deserialize, Serialize};
-use tandem_protocol::KvLayout;
+use tandem_protocol::{KvExport, KvLayout};
 
 use crate::kv::PoolStats;
 use crate::Result;
@@ -27,29 +26,6 @@ pub struct ForwardItem {
     pub tokens: Vec<u32>,
     /// Return logits for every token (scoring) instead of only the last.
     pub all_logits: bool,
-}
-
-/// A sequence's KV cache as bytes: the prefill-to-decode handoff.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct KvExport {
-    pub layout: KvLayout,
-    /// The tokens whose keys and values the blocks hold (`layout.token_count` of them).
-    pub tokens: Vec<u32>,
-    /// One entry per block, each `layout.block_bytes()` long, little-endian.
-    pub blocks: Vec<Vec<u8>>,
-    /// xxh3-64 of each block.
-    pub checksums: Vec<u64>,
-}
-
-impl KvExport {
-    pub fn checksum(bytes: &[u8]) -> u64 {
-        xxhash_rust::xxh3::xxh3_64(bytes)
-    }
-
-    /// Index of the first block whose bytes do not match its checksum.
-    pub fn first_corrupt_block(&self) -> Option<usize> {
-        self.blocks.iter().zip(&self.checksums).position(|(b, c)| Self::checksum(b) != *c)
-    }
 }
 
 /// A model backend with a paged KV cache. Implementations run on their own thread; callers

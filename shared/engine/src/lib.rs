@@ -11,12 +11,16 @@ pub mod kv;
 mod model;
 pub mod sampling;
 mod weights;
+mod worker;
+pub mod wire;
 
 pub use batcher::{Batcher, BatcherConfig, Event, Mode, NewRequest, Usage};
 pub use config::{Family, Llama3Scaling, ModelConfig};
 pub use cpu::{CpuEngine, EngineConfig};
-pub use engine::{Engine, EngineInfo, ForwardItem, KvExport, SeqId};
+pub use engine::{Engine, EngineInfo, ForwardItem, SeqId};
+pub use tandem_protocol::KvExport;
 pub use sampling::{Sampled, TokenLogprobs};
+pub use worker::{EngineHandle, RequestEvents, WorkerLoad};
 
 /// Everything the engine can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -87,3 +87,30 @@ impl KvLayout {
         cmp("block_size", &self.block_size, &ours.block_size)
     }
 }
+
+/// A sequence's KV cache as bytes: what the prefill hands to the decode.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvExport {
+    pub layout: KvLayout,
+    /// The tokens whose keys and values the blocks hold (`layout.token_count` of them).
+    pub tokens: Vec<u32>,
+    /// One entry per block, each `layout.block_bytes()` long, little-endian.
+    pub blocks: Vec<Vec<u8>>,
+    /// xxh3-64 of each block.
+    pub checksums: Vec<u64>,
+}
+
+impl KvExport {
+    pub fn checksum(bytes: &[u8]) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(bytes)
+    }
+
+    /// Index of the first block whose bytes do not match its checksum.
+    pub fn first_corrupt_block(&self) -> Option<usize> {
+        self.blocks.iter().zip(&self.checksums).position(|(b, c)| Self::checksum(b) != *c)
+    }
+
+    pub fn total_bytes(&self) -> usize {
+        self.blocks.iter().map(Vec::len).sum()
+    }
+}

@@ -1,11 +1,25 @@
-//! Declarative types every Tandem service agrees on: sampling parameters, the KV layout
-//! descriptor and the chained block hash that names a KV block across the cluster.
+//! Declarative types every Tandem service agrees on: the generated gRPC contract, OpenAI request
+//! types, error codes, sampling parameters, the KV layout descriptor and the chained block hash
+//! that names a KV block across the cluster.
 #![forbid(unsafe_code)]
 
 mod blocks;
+mod convert;
+mod error;
 mod kv;
+pub mod openai;
 mod sampling;
 
 pub use blocks::{block_hashes, chain_hash, BlockHash, ROOT_HASH};
-pub use kv::{KvDtype, KvLayout, LayoutMismatch};
-pub use sampling::{FinishReason, SamplingParams, SamplingParamsError};
+pub use error::{ApiError, ErrorCode};
+pub use kv::{KvDtype, KvExport, KvLayout, LayoutMismatch};
+pub use sampling::{FinishReason, SamplingParams, SamplingParamsError, MAX_TOP_LOGPROBS};
+
+/// Code generated from `proto/tandem/v1/tandem.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("tandem.v1");
+}
+
+/// gRPC metadata key carrying the request id across every hop.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";

@@ -1,0 +1,426 @@
+//! HTTP routes: the OpenAI endpoints, health, readiness and metrics.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::stream::{self, Stream, StreamExt};
+use serde_json::{json, Value};
+use tandem_protocol::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, PromptSpec, SamplingFields};
+use tandem_protocol::{ApiError, ErrorCode, SamplingParams};
+use tandem_tokenizer::ChatMessage;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::choice::{self, ChoiceEvent, ChoiceSpec, TokenOut, Usage};
+use crate::error::{json_error, HttpError};
+use crate::workers::Role;
+use crate::AppState;
+
+type S = Arc<AppState>;
+
+pub(crate) fn router(state: S) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { HttpError(ApiError::new(ErrorCode::ModelNotFound, "no such route")) })
+        .with_state(state)
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{:032x}", rand::random::<u128>())
+}
+
+async fn models(State(s): State<S>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": s.cfg.model_name, "object": "model", "created": now(), "owned_by": "tandem",
+                  "max_model_len": s.workers.max_context()}],
+    }))
+}
+
+async fn ready(State(s): State<S>) -> Response {
+    let (p, d) = (s.workers.healthy(Role::Prefill), s.workers.healthy(Role::Decode));
+    let body = Json(json!({"prefill_workers": p, "decode_workers": d}));
+    if p > 0 && d > 0 {
+        body.into_response()
+    } else {
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+    }
+}
+
+async fn metrics(State(s): State<S>) -> String {
+    s.metrics.render()
+}
+
+/// What both endpoints share after their own parsing.
+struct Job {
+    prompts: Vec<Vec<u32>>,
+    params: SamplingParams,
+    n: usize,
+    stream: bool,
+    include_usage: bool,
+    chat: bool,
+}
+
+fn check_model(s: &AppState, model: &str) -> Result<(), ApiError> {
+    if model == s.cfg.model_name {
+        Ok(())
+    } else {
+        Err(ApiError { code: ErrorCode::ModelNotFound, message: format!("the model `{model}` does not exist; this server serves `{}`", s.cfg.model_name), param: Some("model".into()) })
+    }
+}
+
+fn sampling(f: &SamplingFields, max_tokens: Option<u32>, default_max: usize, logprobs: Option<u32>) -> Result<(SamplingParams, usize), ApiError> {
+    if max_tokens == Some(0) {
+        return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1"));
+    }
+    let n = f.n.unwrap_or(1);
+    if !(1..=16).contains(&n) {
+        return Err(ApiError::invalid("n", format!("n must be between 1 and 16, got {n}")));
+    }
+    let top_k = match f.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as u32,
+        Some(k) => return Err(ApiError::invalid("top_k", format!("top_k must be -1 (off) or positive, got {k}"))),
+    };
+    let p = SamplingParams {
+        temperature: f.temperature.unwrap_or(1.0),
+        top_p: f.top_p.unwrap_or(1.0),
+        top_k,
+        min_p: f.min_p.unwrap_or(0.0),
+        seed: f.seed.map(|s| s as u64),
+        repetition_penalty: f.repetition_penalty.unwrap_or(1.0),
+        presence_penalty: f.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: f.frequency_penalty.unwrap_or(0.0),
+        max_tokens: max_tokens.map(|m| m as usize).unwrap_or(default_max),
+        min_tokens: f.min_tokens.unwrap_or(0) as usize,
+        stop: f.stop.clone().map(|s| s.into_vec()).unwrap_or_default(),
+        stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
+        ignore_eos: f.ignore_eos.unwrap_or(false),
+        logprobs,
+    };
+    p.validate().map_err(|e| ApiError::invalid(e.param, e.message))?;
+    Ok((p, n as usize))
+}
+
+fn max_context(s: &AppState) -> Result<usize, ApiError> {
+    s.workers.max_context().ok_or_else(|| ApiError::new(ErrorCode::Unavailable, "no worker is available; retry shortly"))
+}
+
+fn check_length(prompt: usize, max_tokens: usize, context: usize, param: &str) -> Result<(), ApiError> {
+    if prompt == 0 {
+        return Err(ApiError::invalid(param, "the prompt is empty"));
+    }
+    if prompt + max_tokens > context {
+        return Err(ApiError {
+            code: ErrorCode::ContextLengthExceeded,
+            message: format!("this model's maximum context length is {context} tokens; the prompt has {prompt} and max_tokens asks for {max_tokens}"),
+            param: Some(param.into()),
+        });
+    }
+    Ok(())
+}
+
+fn flatten(content: &Option<MessageContent>, i: usize) -> Result<String, ApiError> {
+    match content {
+        None => Ok(String::new()),
+        Some(MessageContent::Text(t)) => Ok(t.clone()),
+        Some(MessageContent::Parts(parts)) => parts
+            .iter()
+            .map(|p| match (p.kind.as_str(), &p.text) {
+                ("text", Some(t)) => Ok(t.as_str()),
+                _ => Err(ApiError::invalid(format!("messages[{i}].content"), format!("content part of type `{}` is not supported; send text", p.kind))),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| v.concat()),
+    }
+}
+
+async fn chat(State(s): State<S>, body: Bytes) -> Response {
+    let job = (|| {
+        let r: ChatCompletionRequest = serde_json::from_slice(&body).map_err(json_error)?;
+        check_model(&s, &r.model)?;
+        if r.messages.is_empty() {
+            return Err(ApiError::invalid("messages", "messages must not be empty"));
+        }
+        let mut messages = Vec::with_capacity(r.messages.len());
+        for (i, m) in r.messages.iter().enumerate() {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer" | "tool") {
+                return Err(ApiError::invalid(format!("messages[{i}].role"), format!("unknown role `{}`", m.role)));
+            }
+            let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+            messages.push(ChatMessage::new(role, flatten(&m.content, i)?));
+        }
+        if r.top_logprobs.is_some() && r.logprobs != Some(true) {
+            return Err(ApiError::invalid("top_logprobs", "top_logprobs requires logprobs to be true"));
+        }
+        let logprobs = (r.logprobs == Some(true)).then(|| r.top_logprobs.unwrap_or(0));
+        let prompt = s.tokenizer.encode_chat(&messages).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        let context = max_context(&s)?;
+        let requested = r.max_completion_tokens.or(r.max_tokens);
+        let default_max = context.saturating_sub(prompt.len()).max(1);
+        let (params, n) = sampling(&r.sampling, requested, default_max, logprobs)?;
+        check_length(prompt.len(), params.max_tokens, context, if requested.is_some() { "max_tokens" } else { "messages" })?;
+        Ok(Job {
+            prompts: vec![prompt],
+            params,
+            n,
+            stream: r.sampling.stream.unwrap_or(false),
+            include_usage: r.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            chat: true,
+        })
+    })();
+    match job {
+        Ok(job) => respond(s, job).await,
+        Err(e) => HttpError(e).into_response(),
+    }
+}
+
+async fn completions(State(s): State<S>, body: Bytes) -> Response {
+    let job = (|| {
+        let r: CompletionRequest = serde_json::from_slice(&body).map_err(json_error)?;
+        check_model(&s, &r.model)?;
+        if r.echo == Some(true) {
+            return Err(ApiError::invalid("echo", "echo is not supported"));
+        }
+        if r.suffix.is_some() {
+            return Err(ApiError::invalid("suffix", "suffix is not supported"));
+        }
+        if let Some(n) = r.logprobs {
+            if n > 5 {
+                return Err(ApiError::invalid("logprobs", format!("logprobs must be between 0 and 5, got {n}")));
+            }
+        }
+        let encode = |t: &str| s.tokenizer.encode(t).map_err(|e| ApiError::invalid("prompt", e.to_string()));
+        let prompts = match &r.prompt {
+            PromptSpec::Text(t) => vec![encode(t)?],
+            PromptSpec::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
+            PromptSpec::Tokens(ids) => vec![ids.clone()],
+            PromptSpec::TokenLists(l) => l.clone(),
+        };
+        if prompts.is_empty() {
+            return Err(ApiError::invalid("prompt", "prompt must not be empty"));
+        }
+        let vocab = s.tokenizer.vocab_size() as u32;
+        if prompts.iter().flatten().any(|&t| t >= vocab) {
+            return Err(ApiError::invalid("prompt", format!("token ids must be below the vocabulary size {vocab}")));
+        }
+        let context = max_context(&s)?;
+        let (params, n) = sampling(&r.sampling, r.max_tokens, 16, r.logprobs)?;
+        for p in &prompts {
+            check_length(p.len(), params.max_tokens, context, if r.max_tokens.is_some() { "max_tokens" } else { "prompt" })?;
+        }
+        Ok(Job {
+            prompts,
+            params,
+            n,
+            stream: r.sampling.stream.unwrap_or(false),
+            include_usage: r.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            chat: false,
+        })
+    })();
+    match job {
+        Ok(job) => respond(s, job).await,
+        Err(e) => HttpError(e).into_response(),
+    }
+}
+
+/// Starts every choice: prompt `p`, sample `j` becomes choice `p * n + j`.
+fn start_choices(s: &S, job: &Job, id: &str) -> Vec<choice::ChoiceRx> {
+    let base_seed = job.params.seed.unwrap_or_else(rand::random);
+    let mut out = Vec::new();
+    for (p, prompt) in job.prompts.iter().enumerate() {
+        for j in 0..job.n {
+            let index = p * job.n + j;
+            let spec = ChoiceSpec {
+                request_id: format!("{id}-{index}"),
+                prompt: prompt.clone(),
+                params: job.params.clone(),
+                seed: base_seed.wrapping_add(index as u64),
+            };
+            out.push(choice::start(s.clone(), spec));
+        }
+    }
+    out
+}
+
+fn chat_logprobs(tokens: &[TokenOut]) -> Value {
+    let entry = |text: &str, lp: f32| json!({"token": text, "logprob": lp, "bytes": text.as_bytes()});
+    json!({"content": tokens.iter().map(|t| {
+        let mut e = entry(&t.text, t.logprob);
+        e["top_logprobs"] = t.top.iter().map(|(tt, l)| entry(tt, *l)).collect();
+        e
+    }).collect::<Vec<_>>()})
+}
+
+fn completion_logprobs(tokens: &[TokenOut], offset: usize) -> Value {
+    let mut text_offset = Vec::new();
+    let mut at = offset;
+    for t in tokens {
+        text_offset.push(at);
+        at += t.text.len();
+    }
+    json!({
+        "tokens": tokens.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
+        "top_logprobs": tokens.iter().map(|t| t.top.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+        "text_offset": text_offset,
+    })
+}
+
+fn usage_json(prompt_tokens: usize, completion_tokens: usize, cached: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    })
+}
+
+/// Usage of a whole request: each prompt counted once, every choice's completion counted.
+fn total_usage(job: &Job, usages: &[Usage]) -> Value {
+    let prompt: usize = job.prompts.iter().map(Vec::len).sum();
+    let completion: usize = usages.iter().map(|u| u.completion_tokens).sum();
+    let cached: usize = usages.iter().step_by(job.n.max(1)).map(|u| u.cached_tokens).sum();
+    usage_json(prompt, completion, cached)
+}
+
+async fn respond(s: S, job: Job) -> Response {
+    let id = new_id(if job.chat { "chatcmpl" } else { "cmpl" });
+    let rxs = start_choices(&s, &job, &id);
+    if job.stream {
+        stream_response(s, job, id, rxs).into_response()
+    } else {
+        match collect(&s, &job, &id, rxs).await {
+            Ok(v) => Json(v).into_response(),
+            Err(e) => HttpError(e).into_response(),
+        }
+    }
+}
+
+async fn collect(s: &S, job: &Job, id: &str, rxs: Vec<choice::ChoiceRx>) -> Result<Value, ApiError> {
+    let mut choices = Vec::new();
+    let mut usages = Vec::new();
+    for (index, mut rx) in rxs.into_iter().enumerate() {
+        let (mut text, mut tokens, mut finish) = (String::new(), Vec::new(), None);
+        while let Some(ev) = rx.recv().await {
+            match ev? {
+                ChoiceEvent::Delta { text: t, tokens: ts } => {
+                    text.push_str(&t);
+                    tokens.extend(ts);
+                }
+                ChoiceEvent::Done { reason, usage } => {
+                    finish = Some(reason);
+                    usages.push(usage);
+                }
+            }
+        }
+        let finish = finish.ok_or_else(|| ApiError::new(ErrorCode::Internal, "choice ended without a finish reason"))?;
+        let want_lp = job.params.logprobs.is_some();
+        choices.push(if job.chat {
+            json!({"index": index, "message": {"role": "assistant", "content": text},
+                   "logprobs": if want_lp { chat_logprobs(&tokens) } else { Value::Null }, "finish_reason": finish.as_str()})
+        } else {
+            json!({"index": index, "text": text, "logprobs": if want_lp { completion_logprobs(&tokens, 0) } else { Value::Null },
+                   "finish_reason": finish.as_str()})
+        });
+    }
+    Ok(json!({
+        "id": id,
+        "object": if job.chat { "chat.completion" } else { "text_completion" },
+        "created": now(),
+        "model": s.cfg.model_name,
+        "choices": choices,
+        "usage": total_usage(job, &usages),
+    }))
+}
+
+fn stream_response(s: S, job: Job, id: String, rxs: Vec<choice::ChoiceRx>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    let created = now();
+    let model = s.cfg.model_name.clone();
+    let object = if job.chat { "chat.completion.chunk" } else { "text_completion" };
+    let chunk = move |choices: Value, usage: Option<Value>| {
+        let mut c = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
+        if job.include_usage {
+            c["usage"] = usage.unwrap_or(Value::Null);
+        }
+        SseEvent::default().data(c.to_string())
+    };
+    let n_choices = rxs.len();
+    let merged = stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| ReceiverStream::new(rx).map(move |e| (i, e))));
+    let want_lp = job.params.logprobs.is_some();
+    let chat = job.chat;
+    let opening: Vec<SseEvent> = if chat {
+        (0..n_choices)
+            .map(|i| chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let state = (merged, Vec::<Usage>::new(), job, false, vec![0usize; n_choices]);
+    let body = stream::unfold(state, move |(mut merged, mut usages, job, done, mut offsets)| {
+        let chunk = chunk.clone();
+        async move {
+            if done {
+                return None;
+            }
+            let mut end = false;
+            let events: Vec<SseEvent> = match merged.next().await {
+                Some((i, Ok(ChoiceEvent::Delta { text, tokens }))) => {
+                    if text.is_empty() && tokens.is_empty() {
+                        Vec::new()
+                    } else {
+                        let c = if chat {
+                            json!([{"index": i, "delta": {"content": text}, "logprobs": if want_lp { chat_logprobs(&tokens) } else { Value::Null }, "finish_reason": null}])
+                        } else {
+                            let lp = if want_lp { completion_logprobs(&tokens, offsets[i]) } else { Value::Null };
+                            json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": null}])
+                        };
+                        offsets[i] += text.len();
+                        vec![chunk(c, None)]
+                    }
+                }
+                Some((i, Ok(ChoiceEvent::Done { reason, usage }))) => {
+                    usages.push(usage);
+                    let c = if chat {
+                        json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}])
+                    } else {
+                        json!([{"index": i, "text": "", "logprobs": null, "finish_reason": reason.as_str()}])
+                    };
+                    vec![chunk(c, None)]
+                }
+                Some((_, Err(e))) => {
+                    // The HTTP status is already sent: report in-band, then end the stream.
+                    end = true;
+                    vec![SseEvent::default().data(e.body().to_string()), SseEvent::default().data("[DONE]")]
+                }
+                None => {
+                    let mut out = Vec::new();
+                    if job.include_usage {
+                        out.push(chunk(json!([]), Some(total_usage(&job, &usages))));
+                    }
+                    out.push(SseEvent::default().data("[DONE]"));
+                    return Some((stream::iter(out.into_iter().map(Ok)), (merged, usages, job, true, offsets)));
+                }
+            };
+            Some((stream::iter(events.into_iter().map(Ok)), (merged, usages, job, end, offsets)))
+        }
+    })
+    .flatten();
+    let opening = stream::iter(opening.into_iter().map(Ok));
+    Sse::new(opening.chain(body)).keep_alive(KeepAlive::default())
+}

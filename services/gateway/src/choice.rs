@@ -1,0 +1,233 @@
+//! One choice of one request, start to finish: decode stream first (so the decode worker is
+//! listening), then the prefill with its KV handoff, then tokens turned into text until the
+//! sequence ends or a stop string matches. Dropping the receiver cancels it everywhere.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tandem_protocol::pb::decode_client::DecodeClient;
+use tandem_protocol::pb::prefill_client::PrefillClient;
+use tandem_protocol::pb::{self, token_event, GenerateRequest, PrefillRequest};
+use tandem_protocol::{ApiError, ErrorCode, FinishReason, SamplingParams, REQUEST_ID_HEADER};
+use tandem_tokenizer::{DecodeStream, StopMatcher, Tokenizer};
+use tokio::sync::mpsc;
+
+use crate::workers::Role;
+use crate::AppState;
+
+pub(crate) struct ChoiceSpec {
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub seed: u64,
+}
+
+/// A token as the client sees it in `logprobs`.
+#[derive(Debug, Clone)]
+pub(crate) struct TokenOut {
+    pub text: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Usage {
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug)]
+pub(crate) enum ChoiceEvent {
+    Delta { text: String, tokens: Vec<TokenOut> },
+    Done { reason: FinishReason, usage: Usage },
+}
+
+pub(crate) type ChoiceRx = mpsc::Receiver<Result<ChoiceEvent, ApiError>>;
+
+pub(crate) fn start(state: Arc<AppState>, spec: ChoiceSpec) -> ChoiceRx {
+    let (tx, rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        state.metrics.running.inc();
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            // The client went away: returning drops the gRPC calls, which cancels both workers.
+            _ = tx.closed() => Err(ApiError::new(ErrorCode::Cancelled, "client disconnected")),
+            r = drive(&state, spec, &tx, started) => r,
+        };
+        state.metrics.running.dec();
+        let label = match &outcome {
+            Ok(()) => "ok",
+            Err(e) if e.code == ErrorCode::Cancelled => "cancelled",
+            Err(_) => "error",
+        };
+        state.metrics.requests.with_label_values(&[label]).inc();
+        if let Err(e) = outcome {
+            if e.code != ErrorCode::Cancelled {
+                tracing::warn!(error = %e, "request failed");
+            }
+            let _ = tx.send(Err(e)).await;
+        } else {
+            state.metrics.e2e.observe(started.elapsed().as_secs_f64());
+        }
+    });
+    rx
+}
+
+/// Text assembly for one choice: incremental detokenization, then stop strings.
+struct Detok<'a> {
+    tokenizer: &'a Tokenizer,
+    stream: DecodeStream,
+    stop: StopMatcher,
+    want_logprobs: bool,
+    tokens: usize,
+}
+
+impl Detok<'_> {
+    /// Returns the text to send and whether a stop string ended the choice.
+    fn push(&mut self, t: &pb::Token) -> Result<(ChoiceEvent, bool), ApiError> {
+        self.tokens += 1;
+        let internal = |e: tandem_tokenizer::TokenizerError| ApiError::new(ErrorCode::Internal, e.to_string());
+        let piece = self.stream.step(self.tokenizer, t.id).map_err(internal)?.unwrap_or_default();
+        let out = self.stop.push(&piece);
+        let mut tokens = Vec::new();
+        if self.want_logprobs {
+            if let Some(lp) = &t.logprobs {
+                let text = |id: u32| self.tokenizer.decode(&[id]).unwrap_or_default();
+                tokens.push(TokenOut {
+                    text: text(t.id),
+                    logprob: lp.logprob,
+                    top: lp.top.iter().map(|a| (text(a.token), a.logprob)).collect(),
+                });
+            }
+        }
+        Ok((ChoiceEvent::Delta { text: out.text, tokens }, out.stopped.is_some()))
+    }
+
+    fn finish(&mut self) -> String {
+        let tail = self.stream.finish(self.tokenizer).ok().flatten().unwrap_or_default();
+        let mut text = self.stop.push(&tail).text;
+        text.push_str(&self.stop.finish());
+        text
+    }
+}
+
+fn unavailable(what: &str) -> ApiError {
+    ApiError::new(ErrorCode::Unavailable, format!("no {what} worker is available; retry shortly"))
+}
+
+fn with_id<T>(msg: T, id: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Ok(v) = id.parse() {
+        r.metadata_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    r
+}
+
+async fn drive(
+    state: &AppState,
+    spec: ChoiceSpec,
+    tx: &mpsc::Sender<Result<ChoiceEvent, ApiError>>,
+    started: Instant,
+) -> Result<(), ApiError> {
+    let decode = state.workers.pick(Role::Decode).ok_or_else(|| unavailable("decode"))?;
+    let prefill = state.workers.pick(Role::Prefill).ok_or_else(|| unavailable("prefill"))?;
+    let g = GenerateRequest {
+        request_id: spec.request_id.clone(),
+        prompt: spec.prompt.clone(),
+        params: Some((&spec.params).into()),
+        seed: spec.seed,
+        eos_ids: state.tokenizer.eos_ids().to_vec(),
+        handoff_lease_ms: state.cfg.handoff_lease.as_millis() as u32,
+    };
+    let grpc_error = |s: tonic::Status| ApiError::from_status(&s);
+
+    // The decode worker registers the request before answering, so the KV can't arrive early.
+    let mut stream = match DecodeClient::new(decode.channel.clone()).generate(with_id(g.clone(), &spec.request_id)).await {
+        Ok(s) => s.into_inner(),
+        Err(s) => {
+            if s.code() == tonic::Code::Unavailable {
+                state.workers.mark_down(&decode);
+            }
+            return Err(grpc_error(s));
+        }
+    };
+    let prefill_req = PrefillRequest { request: Some(g), decode_kv_addr: decode.info.kv_addr.clone() };
+    let resp = match PrefillClient::new(prefill.channel.clone()).prefill(with_id(prefill_req, &spec.request_id)).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            if s.message().starts_with("kv handoff failed") {
+                state.metrics.handoff_failures.inc();
+            } else if s.code() == tonic::Code::Unavailable {
+                state.workers.mark_down(&prefill);
+            }
+            return Err(grpc_error(s));
+        }
+    };
+    drop(prefill);
+    if let Some(t) = &resp.transfer {
+        state.metrics.kv_transfer_bytes.with_label_values(&[t.transport.as_str()]).inc_by(t.bytes);
+    }
+    state.metrics.prompt_tokens.inc_by(spec.prompt.len() as u64);
+    state.metrics.cached_prompt_tokens.inc_by(resp.cached_tokens as u64);
+    let usage_for = |completion: usize| Usage { completion_tokens: completion, cached_tokens: resp.cached_tokens as usize };
+
+    let mut detok = Detok {
+        tokenizer: &state.tokenizer,
+        stream: DecodeStream::new(),
+        stop: StopMatcher::new(spec.params.stop.clone()),
+        want_logprobs: spec.params.logprobs.is_some(),
+        tokens: 0,
+    };
+    let first = resp.first_token.ok_or_else(|| ApiError::new(ErrorCode::Internal, "prefill returned no token"))?;
+    state.metrics.ttft.observe(started.elapsed().as_secs_f64());
+    state.metrics.generation_tokens.inc();
+    let mut last = Instant::now();
+    let send = |e: ChoiceEvent| async { tx.send(Ok(e)).await.map_err(|_| ApiError::new(ErrorCode::Cancelled, "client disconnected")) };
+
+    let (delta, stopped) = detok.push(&first)?;
+    send(delta).await?;
+    let mut finished = resp.finished.clone();
+    if stopped {
+        send(ChoiceEvent::Done { reason: FinishReason::Stop, usage: usage_for(detok.tokens) }).await?;
+        return Ok(());
+    }
+    while finished.is_none() {
+        let event = match stream.message().await {
+            Ok(Some(e)) => e.event,
+            Ok(None) => return Err(ApiError::new(ErrorCode::Internal, "decode worker ended the stream early")),
+            Err(s) => {
+                if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown {
+                    state.workers.mark_down(&decode);
+                    return Err(ApiError::new(ErrorCode::Unavailable, format!("decode worker failed mid-request: {}", s.message())));
+                }
+                return Err(grpc_error(s));
+            }
+        };
+        match event {
+            Some(token_event::Event::Token(t)) => {
+                let now = Instant::now();
+                state.metrics.itl.observe((now - last).as_secs_f64());
+                state.metrics.generation_tokens.inc();
+                last = now;
+                let (delta, stopped) = detok.push(&t)?;
+                send(delta).await?;
+                if stopped {
+                    // Dropping the stream on return cancels the rest on the decode worker.
+                    send(ChoiceEvent::Done { reason: FinishReason::Stop, usage: usage_for(detok.tokens) }).await?;
+                    return Ok(());
+                }
+            }
+            Some(token_event::Event::Finished(f)) => finished = Some(f),
+            None => {}
+        }
+    }
+    let f = finished.expect("loop ends when finished");
+    let text = detok.finish();
+    if !text.is_empty() {
+        send(ChoiceEvent::Delta { text, tokens: Vec::new() }).await?;
+    }
+    let reason = if f.finish_reason == "length" { FinishReason::Length } else { FinishReason::Stop };
+    let completion = f.usage.map(|u| u.completion_tokens as usize).unwrap_or(detok.tokens);
+    send(ChoiceEvent::Done { reason, usage: usage_for(completion) }).await?;
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! Prometheus metrics served at `/metrics`.
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub running: IntGauge,
+    pub waiting: IntGauge,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub e2e: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub cached_prompt_tokens: IntCounter,
+    pub kv_blocks_in_use: IntGaugeVec,
+    pub kv_transfer_bytes: IntCounterVec,
+    pub handoff_failures: IntCounter,
+    pub requests: IntCounterVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn buckets(min: f64, factor: f64, n: usize) -> Vec<f64> {
+    prometheus::exponential_buckets(min, factor, n).unwrap_or_default()
+}
+
+impl Metrics {
+    pub fn new() -> prometheus::Result<Self> {
+        let registry = Registry::new_custom(Some("tandem".into()), None)?;
+        let running = IntGauge::new("requests_running", "Requests being served by the gateway")?;
+        let waiting = IntGauge::new("requests_waiting", "Sequences queued in the workers, by their last report")?;
+        let ttft = Histogram::with_opts(HistogramOpts::new("time_to_first_token_seconds", "Time to first token").buckets(buckets(0.005, 2.0, 14)))?;
+        let itl = Histogram::with_opts(HistogramOpts::new("inter_token_latency_seconds", "Time between tokens").buckets(buckets(0.001, 2.0, 14)))?;
+        let e2e = Histogram::with_opts(HistogramOpts::new("e2e_request_latency_seconds", "Whole request latency").buckets(buckets(0.01, 2.0, 14)))?;
+        let prompt_tokens = IntCounter::new("prompt_tokens_total", "Prompt tokens processed")?;
+        let generation_tokens = IntCounter::new("generation_tokens_total", "Tokens generated")?;
+        let cached_prompt_tokens = IntCounter::new("prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache")?;
+        let kv_blocks_in_use = IntGaugeVec::new(Opts::new("kv_blocks_in_use", "KV blocks held by sequences, by pool"), &["role"])?;
+        let kv_transfer_bytes = IntCounterVec::new(Opts::new("kv_transfer_bytes_total", "KV bytes handed from prefill to decode"), &["transport"])?;
+        let handoff_failures = IntCounter::new("kv_handoff_failures_total", "KV handoffs that failed or timed out")?;
+        let requests = IntCounterVec::new(Opts::new("requests_total", "Finished requests by outcome"), &["outcome"])?;
+        registry.register(Box::new(running.clone()))?;
+        registry.register(Box::new(waiting.clone()))?;
+        registry.register(Box::new(ttft.clone()))?;
+        registry.register(Box::new(itl.clone()))?;
+        registry.register(Box::new(e2e.clone()))?;
+        registry.register(Box::new(prompt_tokens.clone()))?;
+        registry.register(Box::new(generation_tokens.clone()))?;
+        registry.register(Box::new(cached_prompt_tokens.clone()))?;
+        registry.register(Box::new(kv_blocks_in_use.clone()))?;
+        registry.register(Box::new(kv_transfer_bytes.clone()))?;
+        registry.register(Box::new(handoff_failures.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        Ok(Self {
+            registry,
+            running,
+            waiting,
+            ttft,
+            itl,
+            e2e,
+            prompt_tokens,
+            generation_tokens,
+            cached_prompt_tokens,
+            kv_blocks_in_use,
+            kv_transfer_bytes,
+            handoff_failures,
+            requests,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}

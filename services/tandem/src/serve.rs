@@ -1,0 +1,213 @@
+//! `tandem prefill | decode | kv-transfer | gateway`: one service per process.
+//!
+//! Each prints one `READY` line on stdout once it serves (model loaded), so `tandem up` and the
+//! tests learn the addresses of services that bound port 0. With `--managed`, a service stops
+//! when its stdin closes, so children never outlive the `tandem up` that started them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tandem_engine::{Batcher, BatcherConfig, CpuEngine, EngineConfig, EngineHandle};
+use tandem_tokenizer::{ModelFiles, Tokenizer};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::default_model;
+
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// A .gguf file, a model folder or a hub id; defaults to the embedded SmolLM2-135M-Instruct.
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: Option<String>,
+    /// Name clients use for the model (and part of the KV layout, so all workers must agree).
+    #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Memory for the KV cache, in MiB.
+    #[arg(long, env = "TANDEM_KV_CACHE_MB", default_value_t = 512)]
+    pub kv_cache_mb: usize,
+    #[arg(long, env = "TANDEM_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+    /// Most tokens in one forward pass.
+    #[arg(long, default_value_t = 512)]
+    pub max_batch_tokens: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    #[arg(long)]
+    pub worker_id: Option<String>,
+    /// Stop when stdin closes (used by `tandem up`).
+    #[arg(long, hide = true)]
+    pub managed: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PrefillArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Upper bound of one KV handoff, verdict included.
+    #[arg(long, default_value_t = 10_000)]
+    pub handoff_lease_ms: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Where KV blocks arrive.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub kv_listen: String,
+    #[arg(long, default_value_t = 10_000)]
+    pub handoff_lease_ms: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KvTransferArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[arg(long, default_value_t = 1024)]
+    pub memory_mb: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub listen: String,
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: Option<String>,
+    #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Prefill workers (host:port), repeatable.
+    #[arg(long, required = true)]
+    pub prefill: Vec<String>,
+    /// Decode workers (host:port), repeatable.
+    #[arg(long, required = true)]
+    pub decode: Vec<String>,
+    #[arg(long, default_value_t = 10_000)]
+    pub handoff_lease_ms: u64,
+    #[arg(long, default_value_t = 500)]
+    pub poll_interval_ms: u64,
+    #[arg(long, hide = true)]
+    pub managed: bool,
+}
+
+fn model_files(model: Option<&str>, served: Option<&str>) -> Result<ModelFiles> {
+    let spec = default_model::resolve_spec(model)?;
+    let mut files = ModelFiles::resolve(&spec)?;
+    files.name = served.map(str::to_string).unwrap_or_else(|| default_model::served_name(model, &files.name));
+    Ok(files)
+}
+
+fn load_engine(role: &str, args: &EngineArgs) -> Result<EngineHandle> {
+    let files = model_files(args.model.as_deref(), args.served_model_name.as_deref())?;
+    let cfg = EngineConfig { block_size: args.block_size, kv_cache_bytes: args.kv_cache_mb << 20, max_context: None };
+    let engine = CpuEngine::load(&files, &cfg).with_context(|| format!("loading {}", files.name))?;
+    let batcher = Batcher::new(Box::new(engine), BatcherConfig { max_batch_tokens: args.max_batch_tokens, ..BatcherConfig::default() });
+    Ok(EngineHandle::spawn(&format!("{role}-engine"), batcher))
+}
+
+/// Fires on Ctrl-C, SIGTERM, or (managed) stdin closing.
+fn shutdown_token(managed: bool) -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let term = async move {
+            match term.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let stdin_closed = async {
+            if managed {
+                let mut buf = [0u8; 64];
+                let mut stdin = tokio::io::stdin();
+                while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+            } else {
+                std::future::pending::<()>().await
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+            _ = stdin_closed => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+fn worker_id(common: &Common, role: &str, addr: &std::net::SocketAddr) -> String {
+    common.worker_id.clone().unwrap_or_else(|| format!("{role}-{}", addr.port()))
+}
+
+fn ready(role: &str, fields: &str) {
+    // Printed, not logged: it is the contract with `tandem up`.
+    println!("READY {role} {fields}");
+}
+
+pub async fn prefill(args: PrefillArgs) -> Result<()> {
+    let shutdown = shutdown_token(args.common.managed);
+    let listener = TcpListener::bind(&args.common.listen).await?;
+    let addr = listener.local_addr()?;
+    let engine = load_engine("prefill", &args.engine)?;
+    let cfg = tandem_prefill::PrefillConfig {
+        worker_id: worker_id(&args.common, "prefill", &addr),
+        transport: Arc::new(tandem_transfer::TcpTransport),
+        handoff_lease: Duration::from_millis(args.handoff_lease_ms),
+    };
+    ready("prefill", &format!("grpc={addr}"));
+    tandem_prefill::run(engine, cfg, listener, shutdown).await
+}
+
+pub async fn decode(args: DecodeArgs) -> Result<()> {
+    let shutdown = shutdown_token(args.common.managed);
+    let listener = TcpListener::bind(&args.common.listen).await?;
+    let kv_listener = TcpListener::bind(&args.kv_listen).await?;
+    let (addr, kv) = (listener.local_addr()?, kv_listener.local_addr()?);
+    let engine = load_engine("decode", &args.engine)?;
+    let cfg = tandem_decode::DecodeConfig {
+        worker_id: worker_id(&args.common, "decode", &addr),
+        default_handoff_lease: Duration::from_millis(args.handoff_lease_ms),
+    };
+    ready("decode", &format!("grpc={addr} kv={kv}"));
+    tandem_decode::run(engine, cfg, listener, kv_listener, shutdown).await
+}
+
+pub async fn kv_transfer(args: KvTransferArgs) -> Result<()> {
+    let shutdown = shutdown_token(args.common.managed);
+    let listener = TcpListener::bind(&args.common.listen).await?;
+    let addr = listener.local_addr()?;
+    let cfg = tandem_kv_transfer::KvTransferConfig { worker_id: worker_id(&args.common, "kv-transfer", &addr), memory_bytes: args.memory_mb << 20 };
+    ready("kv-transfer", &format!("grpc={addr}"));
+    tandem_kv_transfer::run(cfg, listener, shutdown).await
+}
+
+pub async fn gateway(args: GatewayArgs) -> Result<()> {
+    let shutdown = shutdown_token(args.managed);
+    let files = model_files(args.model.as_deref(), args.served_model_name.as_deref())?;
+    let tokenizer = Tokenizer::load(&files)?;
+    let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let cfg = tandem_gateway::GatewayConfig {
+        model_name: files.name.clone(),
+        prefill: args.prefill,
+        decode: args.decode,
+        handoff_lease: Duration::from_millis(args.handoff_lease_ms),
+        poll_interval: Duration::from_millis(args.poll_interval_ms),
+    };
+    ready("gateway", &format!("http={addr}"));
+    tandem_gateway::run(cfg, tokenizer, listener, shutdown).await
+}

@@ -1,0 +1,58 @@
+//! Moving KV blocks between workers: the [`KvTransport`] trait, its TCP transport, and the
+//! [`HandoffRegistry`] through which a receiving decode worker matches arriving blocks to the
+//! requests waiting for them. Every transfer ends in success or failure within its lease.
+#![forbid(unsafe_code)]
+
+mod registry;
+mod tcp;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tandem_protocol::KvExport;
+
+pub use registry::{HandoffRegistry, Incoming, PendingHandoff};
+pub use tcp::{TcpReceiver, TcpTransport};
+
+/// What travels from a prefill worker to a decode worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Handoff {
+    pub request_id: String,
+    /// The token the prefill sampled; decode feeds it first.
+    pub first_token: u32,
+    pub kv: KvExport,
+}
+
+/// How a finished transfer went, for metrics and traces.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TransferReport {
+    pub transport: String,
+    pub bytes: u64,
+    pub blocks: u32,
+    pub millis: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TransferError {
+    #[error("cannot reach {peer}: {reason}")]
+    Connect { peer: String, reason: String },
+    #[error("transfer lease of {0:?} expired")]
+    LeaseExpired(Duration),
+    #[error("connection lost: {0}")]
+    Io(String),
+    #[error("peer refused the blocks: {0}")]
+    Refused(String),
+    #[error("malformed transfer: {0}")]
+    Protocol(String),
+}
+
+/// A way to push a request's KV blocks to a peer.
+#[async_trait::async_trait]
+pub trait KvTransport: Send + Sync {
+    /// Name used in metrics and logs (`tcp`, `ucx`, `quic`).
+    fn name(&self) -> &'static str;
+
+    /// Sends `handoff` to the receiver at `peer` and waits for its verdict (blocks imported, or
+    /// refused). Returns within `lease`, whatever happens to the peer or the connection.
+    async fn send(&self, peer: &str, handoff: &Handoff, lease: Duration) -> Result<TransferReport, TransferError>;
+}

@@ -1,0 +1,75 @@
+//! The receiving side: requests register before their blocks can arrive; the transport hands
+//! each arrival to the request that waits for it and relays the verdict to the sender.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+use crate::Handoff;
+
+/// Blocks that arrived, with the channel on which the receiver reports whether it took them.
+#[derive(Debug)]
+pub struct Incoming {
+    pub handoff: Handoff,
+    pub verdict: oneshot::Sender<Result<(), String>>,
+}
+
+/// Requests waiting for their KV blocks, by request id.
+#[derive(Debug, Clone, Default)]
+pub struct HandoffRegistry {
+    pending: Arc<Mutex<HashMap<String, oneshot::Sender<Incoming>>>>,
+}
+
+/// A registration; dropping it withdraws the request, so late blocks are refused.
+#[derive(Debug)]
+pub struct PendingHandoff {
+    id: String,
+    registry: HandoffRegistry,
+    rx: Option<oneshot::Receiver<Incoming>>,
+}
+
+impl PendingHandoff {
+    /// Waits for the blocks. `None` when the registration was replaced.
+    pub async fn arrived(&mut self) -> Option<Incoming> {
+        self.rx.as_mut()?.await.ok()
+    }
+}
+
+impl Drop for PendingHandoff {
+    fn drop(&mut self) {
+        self.registry.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+    }
+}
+
+impl HandoffRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn register(&self, request_id: &str) -> PendingHandoff {
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(request_id.to_string(), tx);
+        PendingHandoff { id: request_id.to_string(), registry: self.clone(), rx: Some(rx) }
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Hands arrived blocks to their request; on failure the sender learns why.
+    pub fn deliver(&self, incoming: Incoming) {
+        let tx = self.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&incoming.handoff.request_id);
+        match tx {
+            Some(tx) => {
+                if let Err(incoming) = tx.send(incoming) {
+                    let _ = incoming.verdict.send(Err("request was cancelled".into()));
+                }
+            }
+            None => {
+                let msg = format!("no request {} is waiting for blocks", incoming.handoff.request_id);
+                let _ = incoming.verdict.send(Err(msg));
+            }
+        }
+    }
+}

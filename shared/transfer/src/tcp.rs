@@ -1,0 +1,185 @@
+//! KV over plain TCP: the simplest transport and the baseline the others are measured against.
+//!
+//! One connection per transfer: `TKV1`, a length-prefixed JSON header (request, layout, tokens,
+//! checksums), the blocks back to back, then the receiver's length-prefixed JSON verdict.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tandem_protocol::{KvExport, KvLayout};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Handoff, HandoffRegistry, Incoming, KvTransport, TransferError, TransferReport};
+
+const MAGIC: &[u8; 4] = b"TKV1";
+const MAX_HEADER: usize = 64 << 20;
+const MAX_PAYLOAD: usize = 8 << 30;
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    request_id: String,
+    first_token: u32,
+    layout: KvLayout,
+    tokens: Vec<u32>,
+    checksums: Vec<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Verdict {
+    ok: bool,
+    error: Option<String>,
+}
+
+fn io(e: std::io::Error) -> TransferError {
+    TransferError::Io(e.to_string())
+}
+
+async fn write_frame(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+    s.write_all(&(bytes.len() as u32).to_le_bytes()).await?;
+    s.write_all(bytes).await
+}
+
+async fn read_frame(s: &mut TcpStream, max: usize) -> Result<Vec<u8>, TransferError> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.map_err(io)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(TransferError::Protocol(format!("frame of {len} bytes exceeds {max}")));
+    }
+    let mut buf = vec![0u8; len];
+    s.read_exact(&mut buf).await.map_err(io)?;
+    Ok(buf)
+}
+
+/// Sends KV blocks over TCP.
+#[derive(Debug, Clone, Default)]
+pub struct TcpTransport;
+
+impl TcpTransport {
+    async fn send_inner(peer: &str, h: &Handoff) -> Result<TransferReport, TransferError> {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(peer)
+            .await
+            .map_err(|e| TransferError::Connect { peer: peer.to_string(), reason: e.to_string() })?;
+        s.set_nodelay(true).map_err(io)?;
+        let header = Header {
+            request_id: h.request_id.clone(),
+            first_token: h.first_token,
+            layout: h.kv.layout.clone(),
+            tokens: h.kv.tokens.clone(),
+            checksums: h.kv.checksums.clone(),
+        };
+        let header = serde_json::to_vec(&header).map_err(|e| TransferError::Protocol(e.to_string()))?;
+        s.write_all(MAGIC).await.map_err(io)?;
+        write_frame(&mut s, &header).await.map_err(io)?;
+        for b in &h.kv.blocks {
+            s.write_all(b).await.map_err(io)?;
+        }
+        s.flush().await.map_err(io)?;
+        let verdict: Verdict = serde_json::from_slice(&read_frame(&mut s, 1 << 20).await?)
+            .map_err(|e| TransferError::Protocol(e.to_string()))?;
+        if !verdict.ok {
+            return Err(TransferError::Refused(verdict.error.unwrap_or_default()));
+        }
+        Ok(TransferReport {
+            transport: "tcp".into(),
+            bytes: h.kv.total_bytes() as u64,
+            blocks: h.kv.blocks.len() as u32,
+            millis: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl KvTransport for TcpTransport {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    async fn send(&self, peer: &str, handoff: &Handoff, lease: Duration) -> Result<TransferReport, TransferError> {
+        tokio::time::timeout(lease, Self::send_inner(peer, handoff))
+            .await
+            .unwrap_or(Err(TransferError::LeaseExpired(lease)))
+    }
+}
+
+/// Accepts KV blocks over TCP and hands them to the [`HandoffRegistry`].
+#[derive(Debug)]
+pub struct TcpReceiver {
+    listener: TcpListener,
+    registry: HandoffRegistry,
+    lease: Duration,
+}
+
+impl TcpReceiver {
+    /// `lease` bounds how long one incoming transfer may take, verdict included.
+    pub fn new(listener: TcpListener, registry: HandoffRegistry, lease: Duration) -> Self {
+        Self { listener, registry, lease }
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` fires.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                a = self.listener.accept() => a,
+            };
+            let Ok((mut stream, peer)) = accepted else { continue };
+            let registry = self.registry.clone();
+            let lease = self.lease;
+            tokio::spawn(async move {
+                let outcome = tokio::time::timeout(lease, receive(&mut stream, &registry)).await;
+                let verdict = match outcome {
+                    Ok(Ok(())) => Verdict { ok: true, error: None },
+                    Ok(Err(e)) => Verdict { ok: false, error: Some(e.to_string()) },
+                    Err(_) => Verdict { ok: false, error: Some(format!("receive lease of {lease:?} expired")) },
+                };
+                if let Some(e) = &verdict.error {
+                    tracing::warn!(%peer, error = %e, "kv transfer refused");
+                }
+                if let Ok(bytes) = serde_json::to_vec(&verdict) {
+                    let _ = write_frame(&mut stream, &bytes).await;
+                }
+            });
+        }
+    }
+}
+
+async fn receive(s: &mut TcpStream, registry: &HandoffRegistry) -> Result<(), TransferError> {
+    let mut magic = [0u8; 4];
+    s.read_exact(&mut magic).await.map_err(io)?;
+    if &magic != MAGIC {
+        return Err(TransferError::Protocol("not a tandem kv transfer".into()));
+    }
+    let h: Header = serde_json::from_slice(&read_frame(s, MAX_HEADER).await?).map_err(|e| TransferError::Protocol(e.to_string()))?;
+    let n = h.layout.num_blocks();
+    let block = h.layout.block_bytes();
+    if h.checksums.len() != n || h.tokens.len() != h.layout.token_count || n.saturating_mul(block) > MAX_PAYLOAD {
+        return Err(TransferError::Protocol(format!("inconsistent header: {n} blocks of {block} bytes")));
+    }
+    let mut blocks = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut b = vec![0u8; block];
+        s.read_exact(&mut b).await.map_err(io)?;
+        blocks.push(b);
+    }
+    let kv = KvExport { layout: h.layout, tokens: h.tokens, blocks, checksums: h.checksums };
+    if let Some(bad) = kv.first_corrupt_block() {
+        return Err(TransferError::Refused(format!("block {bad} fails its checksum")));
+    }
+    let (tx, rx) = oneshot::channel();
+    registry.deliver(Incoming { handoff: Handoff { request_id: h.request_id, first_token: h.first_token, kv }, verdict: tx });
+    match rx.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(TransferError::Refused(e)),
+        Err(_) => Err(TransferError::Refused("receiver dropped the blocks".into())),
+    }
+}
