@@ -17,8 +17,10 @@ use tonic::{Request, Response, Status};
 
 pub struct DecodeConfig {
     pub worker_id: String,
+    /// Bound of one incoming transfer, from first byte to verdict.
+    pub handoff_lease: Duration,
     /// Longest wait for a request's KV blocks when the gateway does not say.
-    pub default_handoff_lease: Duration,
+    pub default_kv_wait: Duration,
 }
 
 struct Service {
@@ -38,7 +40,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let registry = HandoffRegistry::new();
-    let receiver = TcpReceiver::new(kv_listener, registry.clone(), cfg.default_handoff_lease);
+    let receiver = TcpReceiver::new(kv_listener, registry.clone(), cfg.handoff_lease);
     let kv_addr = receiver.local_addr()?.to_string();
     tracing::info!(addr = %listener.local_addr()?, %kv_addr, worker = %cfg.worker_id, "decode worker serving");
     tokio::spawn(receiver.run(shutdown.clone()));
@@ -62,12 +64,15 @@ impl Decode for Service {
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         let g = request.into_inner();
         let req = new_request(&self.engine, &g, Mode::Full).map_err(|e| e.to_status())?;
-        let lease = match g.handoff_lease_ms {
-            0 => self.cfg.default_handoff_lease,
+        let lease = match g.kv_wait_ms {
+            0 => self.cfg.default_kv_wait,
             ms => Duration::from_millis(ms as u64),
         };
         // Registered before this call returns, so blocks can never arrive before we listen.
-        let mut pending = self.registry.register(&g.request_id);
+        let mut pending = self
+            .registry
+            .register(&g.request_id)
+            .ok_or_else(|| Status::already_exists(format!("request {} is already waiting for its blocks", g.request_id)))?;
         let (tx, rx) = mpsc::channel::<EventResult>(64);
         let engine = self.engine.clone();
         let request_id = g.request_id.clone();
@@ -80,8 +85,8 @@ impl Decode for Service {
                 Ok(Some(incoming)) => incoming,
                 Ok(None) => return,
                 Err(_) => {
-                    tracing::warn!(%request_id, ?lease, "kv handoff lease expired");
-                    let _ = tx.send(Err(Status::deadline_exceeded(format!("kv handoff did not arrive within {lease:?}")))).await;
+                    tracing::warn!(%request_id, wait = ?lease, "kv blocks never arrived");
+                    let _ = tx.send(Err(Status::deadline_exceeded(format!("kv blocks did not arrive within {lease:?}")))).await;
                     return;
                 }
             };

@@ -94,7 +94,7 @@ fn sampling(f: &SamplingFields, max_tokens: Option<u32>, default_max: usize, log
     }
     let top_k = match f.top_k {
         None | Some(-1) | Some(0) => 0,
-        Some(k) if k > 0 => k as u32,
+        Some(k) if k > 0 => k.min(u32::MAX as i64) as u32,
         Some(k) => return Err(ApiError::invalid("top_k", format!("top_k must be -1 (off) or positive, got {k}"))),
     };
     let p = SamplingParams {
@@ -291,15 +291,27 @@ fn usage_json(prompt_tokens: usize, completion_tokens: usize, cached: usize) -> 
     })
 }
 
-/// Usage of a whole request: each prompt counted once, every choice's completion counted.
-fn total_usage(job: &Job, usages: &[Usage]) -> Value {
+/// Usage of a whole request, from each choice's usage by choice index: each prompt counted
+/// once (with the cache hits of its first choice), every choice's completion counted.
+fn total_usage(job: &Job, usages: &[Option<Usage>]) -> Value {
     let prompt: usize = job.prompts.iter().map(Vec::len).sum();
-    let completion: usize = usages.iter().map(|u| u.completion_tokens).sum();
-    let cached: usize = usages.iter().step_by(job.n.max(1)).map(|u| u.cached_tokens).sum();
+    let completion: usize = usages.iter().flatten().map(|u| u.completion_tokens).sum();
+    let cached: usize = usages.iter().step_by(job.n.max(1)).flatten().map(|u| u.cached_tokens).sum();
     usage_json(prompt, completion, cached)
 }
 
+/// Most choices one request may start (prompts × n).
+const MAX_CHOICES: usize = 64;
+
 async fn respond(s: S, job: Job) -> Response {
+    if job.prompts.len() * job.n > MAX_CHOICES {
+        let e = ApiError::invalid("prompt", format!("at most {MAX_CHOICES} choices (prompts × n) per request"));
+        return HttpError(e).into_response();
+    }
+    // Refuse before a stream commits to 200.
+    if s.workers.healthy(Role::Prefill) == 0 || s.workers.healthy(Role::Decode) == 0 {
+        return HttpError(ApiError::new(ErrorCode::Unavailable, "no prefill or decode worker is available; retry shortly")).into_response();
+    }
     let id = new_id(if job.chat { "chatcmpl" } else { "cmpl" });
     let rxs = start_choices(&s, &job, &id);
     if job.stream {
@@ -314,7 +326,7 @@ async fn respond(s: S, job: Job) -> Response {
 
 async fn collect(s: &S, job: &Job, id: &str, rxs: Vec<choice::ChoiceRx>) -> Result<Value, ApiError> {
     let mut choices = Vec::new();
-    let mut usages = Vec::new();
+    let mut usages = vec![None; rxs.len()];
     for (index, mut rx) in rxs.into_iter().enumerate() {
         let (mut text, mut tokens, mut finish) = (String::new(), Vec::new(), None);
         while let Some(ev) = rx.recv().await {
@@ -325,7 +337,7 @@ async fn collect(s: &S, job: &Job, id: &str, rxs: Vec<choice::ChoiceRx>) -> Resu
                 }
                 ChoiceEvent::Done { reason, usage } => {
                     finish = Some(reason);
-                    usages.push(usage);
+                    usages[index] = Some(usage);
                 }
             }
         }
@@ -371,7 +383,7 @@ fn stream_response(s: S, job: Job, id: String, rxs: Vec<choice::ChoiceRx>) -> Ss
     } else {
         Vec::new()
     };
-    let state = (merged, Vec::<Usage>::new(), job, false, vec![0usize; n_choices]);
+    let state = (merged, vec![None::<Usage>; n_choices], job, false, vec![0usize; n_choices]);
     let body = stream::unfold(state, move |(mut merged, mut usages, job, done, mut offsets)| {
         let chunk = chunk.clone();
         async move {
@@ -395,7 +407,7 @@ fn stream_response(s: S, job: Job, id: String, rxs: Vec<choice::ChoiceRx>) -> Ss
                     }
                 }
                 Some((i, Ok(ChoiceEvent::Done { reason, usage }))) => {
-                    usages.push(usage);
+                    usages[i] = Some(usage);
                     let c = if chat {
                         json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}])
                     } else {

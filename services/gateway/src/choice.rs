@@ -52,7 +52,9 @@ pub(crate) fn start(state: Arc<AppState>, spec: ChoiceSpec) -> ChoiceRx {
         let outcome = tokio::select! {
             // The client went away: returning drops the gRPC calls, which cancels both workers.
             _ = tx.closed() => Err(ApiError::new(ErrorCode::Cancelled, "client disconnected")),
-            r = drive(&state, spec, &tx, started) => r,
+            r = tokio::time::timeout(state.cfg.request_timeout, drive(&state, spec, &tx, started)) => {
+                r.unwrap_or_else(|_| Err(ApiError::new(ErrorCode::Timeout, format!("request exceeded {:?}", state.cfg.request_timeout))))
+            }
         };
         state.metrics.running.dec();
         let label = match &outcome {
@@ -137,7 +139,7 @@ async fn drive(
         params: Some((&spec.params).into()),
         seed: spec.seed,
         eos_ids: state.tokenizer.eos_ids().to_vec(),
-        handoff_lease_ms: state.cfg.handoff_lease.as_millis() as u32,
+        kv_wait_ms: state.cfg.request_timeout.as_millis().min(u32::MAX as u128) as u32,
     };
     let grpc_error = |s: tonic::Status| ApiError::from_status(&s);
 
@@ -164,8 +166,10 @@ async fn drive(
         }
     };
     drop(prefill);
+    state.metrics.prefill_time.observe(resp.prefill_millis / 1e3);
     if let Some(t) = &resp.transfer {
         state.metrics.kv_transfer_bytes.with_label_values(&[t.transport.as_str()]).inc_by(t.bytes);
+        state.metrics.handoff_time.observe(t.millis / 1e3);
     }
     state.metrics.prompt_tokens.inc_by(spec.prompt.len() as u64);
     state.metrics.cached_prompt_tokens.inc_by(resp.cached_tokens as u64);

@@ -25,8 +25,9 @@ pub struct GatewayConfig {
     pub model_name: String,
     pub prefill: Vec<String>,
     pub decode: Vec<String>,
-    /// Longest a KV handoff may take before the request fails.
-    pub handoff_lease: Duration,
+    /// Longest a request may take, queueing and prefill included; also how long a decode worker
+    /// waits for a request's KV blocks.
+    pub request_timeout: Duration,
     /// How often workers are asked for their load and health.
     pub poll_interval: Duration,
 }

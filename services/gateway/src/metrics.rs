@@ -16,6 +16,8 @@ pub struct Metrics {
     pub kv_blocks_in_use: IntGaugeVec,
     pub kv_transfer_bytes: IntCounterVec,
     pub handoff_failures: IntCounter,
+    pub prefill_time: Histogram,
+    pub handoff_time: Histogram,
     pub requests: IntCounterVec,
 }
 
@@ -43,6 +45,8 @@ impl Metrics {
         let kv_blocks_in_use = IntGaugeVec::new(Opts::new("kv_blocks_in_use", "KV blocks held by sequences, by pool"), &["role"])?;
         let kv_transfer_bytes = IntCounterVec::new(Opts::new("kv_transfer_bytes_total", "KV bytes handed from prefill to decode"), &["transport"])?;
         let handoff_failures = IntCounter::new("kv_handoff_failures_total", "KV handoffs that failed or timed out")?;
+        let prefill_time = Histogram::with_opts(HistogramOpts::new("prefill_seconds", "Prompt computation on the prefill worker, first token included").buckets(buckets(0.005, 2.0, 14)))?;
+        let handoff_time = Histogram::with_opts(HistogramOpts::new("kv_handoff_seconds", "KV transfer from prefill to decode, verdict included").buckets(buckets(0.0001, 2.0, 16)))?;
         let requests = IntCounterVec::new(Opts::new("requests_total", "Finished requests by outcome"), &["outcome"])?;
         registry.register(Box::new(running.clone()))?;
         registry.register(Box::new(waiting.clone()))?;
@@ -56,6 +60,8 @@ impl Metrics {
         registry.register(Box::new(kv_transfer_bytes.clone()))?;
         registry.register(Box::new(handoff_failures.clone()))?;
         registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(prefill_time.clone()))?;
+        registry.register(Box::new(handoff_time.clone()))?;
         Ok(Self {
             registry,
             running,
@@ -69,6 +75,8 @@ impl Metrics {
             kv_blocks_in_use,
             kv_transfer_bytes,
             handoff_failures,
+            prefill_time,
+            handoff_time,
             requests,
         })
     }

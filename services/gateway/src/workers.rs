@@ -53,7 +53,14 @@ impl Drop for Lease {
 
 fn endpoint(url: &str) -> anyhow::Result<Channel> {
     let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
-    Ok(Endpoint::from_shared(url)?.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect_lazy())
+    // Keepalive pings notice a peer that vanished without closing the connection.
+    Ok(Endpoint::from_shared(url)?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
 }
 
 impl WorkerPool {

@@ -91,7 +91,10 @@ impl Prefill for Service {
                         }),
                     }));
                 }
-                Event::Failed { error, .. } => return Err(Status::invalid_argument(error)),
+                Event::Failed { error, .. } => {
+                    let code = if error.contains("out of KV cache blocks") { ErrorCode::Unavailable } else { ErrorCode::Internal };
+                    return Err(Status::new(code.grpc(), error));
+                }
             }
         }
         Err(Status::internal("engine stopped"))

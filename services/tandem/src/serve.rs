@@ -66,6 +66,7 @@ pub struct DecodeArgs {
     /// Where KV blocks arrive.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub kv_listen: String,
+    /// Bound of one incoming KV transfer, from first byte to verdict.
     #[arg(long, default_value_t = 10_000)]
     pub handoff_lease_ms: u64,
 }
@@ -92,8 +93,9 @@ pub struct GatewayArgs {
     /// Decode workers (host:port), repeatable.
     #[arg(long, required = true)]
     pub decode: Vec<String>,
-    #[arg(long, default_value_t = 10_000)]
-    pub handoff_lease_ms: u64,
+    /// Longest a request may take, queueing and prefill included.
+    #[arg(long, default_value_t = 600_000)]
+    pub request_timeout_ms: u64,
     #[arg(long, default_value_t = 500)]
     pub poll_interval_ms: u64,
     #[arg(long, hide = true)]
@@ -180,7 +182,8 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
     let engine = load_engine("decode", &args.engine)?;
     let cfg = tandem_decode::DecodeConfig {
         worker_id: worker_id(&args.common, "decode", &addr),
-        default_handoff_lease: Duration::from_millis(args.handoff_lease_ms),
+        handoff_lease: Duration::from_millis(args.handoff_lease_ms),
+        default_kv_wait: Duration::from_secs(600),
     };
     ready("decode", &format!("grpc={addr} kv={kv}"));
     tandem_decode::run(engine, cfg, listener, kv_listener, shutdown).await
@@ -205,7 +208,7 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
         model_name: files.name.clone(),
         prefill: args.prefill,
         decode: args.decode,
-        handoff_lease: Duration::from_millis(args.handoff_lease_ms),
+        request_timeout: Duration::from_millis(args.request_timeout_ms),
         poll_interval: Duration::from_millis(args.poll_interval_ms),
     };
     ready("gateway", &format!("http={addr}"));

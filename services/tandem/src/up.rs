@@ -108,7 +108,6 @@ pub async fn run(args: UpArgs) -> Result<()> {
     }
     let mut gw = vec!["gateway".to_string(), "--listen".into(), format!("{}:{}", args.host, args.port)];
     gw.extend(model_args.clone());
-    gw.extend(["--handoff-lease-ms".into(), args.handoff_lease_ms.to_string()]);
     for a in &prefill_addrs {
         gw.extend(["--prefill".into(), a.clone()]);
     }
@@ -118,6 +117,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let (gateway, f) = spawn("gateway", &gw).await?;
     services.push(gateway);
     let http = field(&f, "http")?;
+    wait_ready(&http).await?;
     // The one line on stdout: where to point clients.
     println!("tandem is serving {served} at http://{http}/v1 (prefill: {}, decode: {}); Ctrl-C stops it", args.prefill, args.decode);
 
@@ -139,6 +139,25 @@ pub async fn run(args: UpArgs) -> Result<()> {
     };
     stop(services).await;
     outcome
+}
+
+/// Waits until the gateway's `/ready` answers 200: it has heard from a prefill and a decode worker.
+async fn wait_ready(addr: &str) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
+            let mut head = [0u8; 12];
+            let ok = s.write_all(format!("GET /ready HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.is_ok()
+                && s.read_exact(&mut head).await.is_ok()
+                && &head[9..12] == b"200";
+            if ok {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the gateway did not see its workers within 60 s")
 }
 
 /// Closes every child's stdin (they drain and exit), then kills what is left after a grace period.

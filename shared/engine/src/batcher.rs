@@ -148,7 +148,13 @@ impl Batcher {
         if kv.tokens != req.prompt {
             return Err(EngineError::Import("transferred tokens differ from the request's prompt".into()));
         }
-        self.engine.import(req.id, kv)?;
+        // An arriving sequence takes blocks from locally admitted ones, as a local one would.
+        loop {
+            match self.engine.import(req.id, kv) {
+                Err(EngineError::OutOfBlocks { .. }) if self.preempt_one(req.id) => continue,
+                other => break other?,
+            }
+        }
         let fed = req.prompt.len();
         self.running.push(Running { req, output: vec![first], fed, cached: 0 });
         Ok(())
@@ -174,6 +180,11 @@ impl Batcher {
             let max = self.engine.info().max_context;
             if r.req.prompt.is_empty() {
                 events.push(Event::Failed { id: r.req.id, error: "empty prompt".into() });
+                continue;
+            }
+            let vocab = self.engine.info().vocab_size;
+            if let Some(bad) = r.req.prompt.iter().find(|&&t| t as usize >= vocab) {
+                events.push(Event::Failed { id: r.req.id, error: format!("token id {bad} is outside the vocabulary of {vocab}") });
                 continue;
             }
             if r.req.prompt.len() >= max {
@@ -250,9 +261,12 @@ impl Batcher {
                 Ok(l) => break (plan, l),
                 Err(EngineError::OutOfBlocks { .. }) if self.preempt_one(plan[0].1.seq) => continue,
                 Err(e) => {
-                    let id = plan[0].1.seq;
-                    self.cancel(id);
-                    events.push(Event::Failed { id, error: e.to_string() });
+                    // Not a capacity problem: nothing says which sequence caused it, so the
+                    // whole batch fails rather than one innocent sequence per step.
+                    for id in plan.iter().map(|(_, it)| it.seq).collect::<Vec<_>>() {
+                        self.cancel(id);
+                        events.push(Event::Failed { id, error: e.to_string() });
+                    }
                     return events;
                 }
             }

@@ -68,6 +68,9 @@ fn log_softmax_top(logits: &[f32], chosen: u32, n: usize) -> TokenLogprobs {
 
 /// The `n` largest entries, largest first; ties go to the lower id.
 fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
+    }
     let mut idx: Vec<u32> = (0..values.len() as u32).collect();
     let by_value = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
     if n < idx.len() && n > 0 {

@@ -33,11 +33,14 @@ impl DecodeStream {
         if now.len() <= before.len() || now.ends_with(REPLACEMENT) {
             return Ok(None);
         }
-        let Some(delta) = now.get(before.len()..).filter(|_| now.starts_with(&before)) else {
-            // The window re-spelled earlier text; emit nothing until it settles.
-            return Ok(None);
+        // Normally the window's text only grows. If the tokenizer re-spelled earlier text, emit
+        // what follows the part both spellings share, so the stream never stalls.
+        let common = if now.starts_with(&before) {
+            before.len()
+        } else {
+            now.char_indices().zip(before.chars()).take_while(|((_, a), b)| a == b).map(|((i, a), _)| i + a.len_utf8()).last().unwrap_or(0)
         };
-        let delta = delta.to_string();
+        let delta = now[common..].to_string();
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
         Ok(Some(delta))

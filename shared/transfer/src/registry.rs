@@ -30,7 +30,7 @@ pub struct PendingHandoff {
 }
 
 impl PendingHandoff {
-    /// Waits for the blocks. `None` when the registration was replaced.
+    /// Waits for the blocks.
     pub async fn arrived(&mut self) -> Option<Incoming> {
         self.rx.as_mut()?.await.ok()
     }
@@ -47,10 +47,15 @@ impl HandoffRegistry {
         Self::default()
     }
 
-    pub fn register(&self, request_id: &str) -> PendingHandoff {
+    /// Registers `request_id`; `None` if that id is already waiting.
+    pub fn register(&self, request_id: &str) -> Option<PendingHandoff> {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.contains_key(request_id) {
+            return None;
+        }
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).insert(request_id.to_string(), tx);
-        PendingHandoff { id: request_id.to_string(), registry: self.clone(), rx: Some(rx) }
+        pending.insert(request_id.to_string(), tx);
+        Some(PendingHandoff { id: request_id.to_string(), registry: self.clone(), rx: Some(rx) })
     }
 
     pub fn waiting(&self) -> usize {

@@ -132,7 +132,15 @@ impl TcpReceiver {
                 _ = shutdown.cancelled() => return,
                 a = self.listener.accept() => a,
             };
-            let Ok((mut stream, peer)) = accepted else { continue };
+            let (mut stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "kv receiver accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
             let registry = self.registry.clone();
             let lease = self.lease;
             tokio::spawn(async move {
@@ -160,10 +168,20 @@ async fn receive(s: &mut TcpStream, registry: &HandoffRegistry) -> Result<(), Tr
         return Err(TransferError::Protocol("not a tandem kv transfer".into()));
     }
     let h: Header = serde_json::from_slice(&read_frame(s, MAX_HEADER).await?).map_err(|e| TransferError::Protocol(e.to_string()))?;
-    let n = h.layout.num_blocks();
-    let block = h.layout.block_bytes();
-    if h.checksums.len() != n || h.tokens.len() != h.layout.token_count || n.saturating_mul(block) > MAX_PAYLOAD {
-        return Err(TransferError::Protocol(format!("inconsistent header: {n} blocks of {block} bytes")));
+    let l = &h.layout;
+    if l.block_size == 0 || l.tp_size == 0 {
+        return Err(TransferError::Protocol("block size and TP size must be positive".into()));
+    }
+    let n = l.num_blocks();
+    let block = [l.num_layers, 2, l.block_size, l.heads_per_rank(), l.head_dim, l.dtype.size()]
+        .into_iter()
+        .try_fold(1usize, |a, b| a.checked_mul(b))
+        .filter(|b| n.checked_mul(*b).is_some_and(|total| total <= MAX_PAYLOAD));
+    let Some(block) = block else {
+        return Err(TransferError::Protocol(format!("a payload of {n} blocks is over the {MAX_PAYLOAD}-byte limit")));
+    };
+    if h.checksums.len() != n || h.tokens.len() != l.token_count {
+        return Err(TransferError::Protocol(format!("inconsistent header: {n} blocks, {} checksums, {} tokens", h.checksums.len(), h.tokens.len())));
     }
     let mut blocks = Vec::with_capacity(n);
     for _ in 0..n {

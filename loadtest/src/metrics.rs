@@ -1,0 +1,168 @@
+//! Aggregates: mean, median, standard deviation and percentiles of each latency, throughputs
+//! and goodput, computed as `vllm bench serve` computes them.
+
+use std::collections::BTreeMap;
+
+use crate::client::RequestOutcome;
+use crate::failure::count_by_kind;
+use crate::result::{BenchResult, RunInfo};
+use crate::Slo;
+
+/// Summary of one latency, in the unit of its samples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    pub mean: f64,
+    pub median: f64,
+    /// Population standard deviation.
+    pub std: f64,
+    /// `(p, value)` for each requested percentile.
+    pub percentiles: Vec<(f64, f64)>,
+}
+
+/// Statistics of `values`; all zero when there are none (nothing completed).
+pub fn stats(values: &[f64], percentiles: &[f64]) -> Stats {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len().max(1) as f64;
+    let mean = sorted.iter().sum::<f64>() / n;
+    let var = sorted.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    Stats {
+        mean,
+        median: percentile(&sorted, 50.0),
+        std: var.sqrt(),
+        percentiles: percentiles.iter().map(|&p| (p, percentile(&sorted, p))).collect(),
+    }
+}
+
+/// The `p`-th percentile of sorted values, interpolating linearly between neighbours.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        1 => sorted[0],
+        n => {
+            let rank = p.clamp(0.0, 100.0) / 100.0 * (n - 1) as f64;
+            let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+            sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
+        }
+    }
+}
+
+/// `99` → `"99"`, `99.9` → `"99.9"`, as result files name percentiles.
+pub fn percentile_label(p: f64) -> String {
+    if p.fract() == 0.0 {
+        format!("{}", p as u64)
+    } else {
+        format!("{p}")
+    }
+}
+
+/// The result of a run from its outcomes (in request order) and its wall time in seconds.
+pub fn aggregate(
+    info: RunInfo,
+    outcomes: &[RequestOutcome],
+    duration: f64,
+    slo: Option<&Slo>,
+    percentiles: &[f64],
+) -> BenchResult {
+    let ok: Vec<&RequestOutcome> = outcomes.iter().filter(|o| o.is_ok()).collect();
+    let ms = |f: &dyn Fn(&RequestOutcome) -> f64| ok.iter().map(|o| f(o) * 1000.0).collect::<Vec<f64>>();
+    let ttft = ms(&|o| o.ttft);
+    // TPOT is defined only where there is a second token.
+    let tpot: Vec<f64> = ok.iter().filter(|o| o.output_len > 1).map(|o| o.tpot() * 1000.0).collect();
+    let itl: Vec<f64> = ok.iter().flat_map(|o| o.itl.iter().map(|x| x * 1000.0)).collect();
+    let e2el = ms(&|o| o.e2el);
+
+    let mut latency = BTreeMap::new();
+    for (name, values) in [("ttft", &ttft), ("tpot", &tpot), ("itl", &itl), ("e2el", &e2el)] {
+        let s = stats(values, percentiles);
+        latency.insert(format!("mean_{name}_ms"), s.mean);
+        latency.insert(format!("median_{name}_ms"), s.median);
+        latency.insert(format!("std_{name}_ms"), s.std);
+        for (p, v) in s.percentiles {
+            latency.insert(format!("p{}_{name}_ms", percentile_label(p)), v);
+        }
+    }
+
+    let completed = ok.len();
+    let total_input: usize = ok.iter().map(|o| o.prompt_len).sum();
+    let total_output: usize = ok.iter().map(|o| o.output_len).sum();
+    let per_s = |x: f64| if duration > 0.0 { x / duration } else { 0.0 };
+    let good = slo.map(|slo| ok.iter().filter(|o| slo.is_met(o.ttft * 1e3, o.tpot() * 1e3, o.e2el * 1e3)).count());
+
+    BenchResult {
+        info,
+        num_prompts: outcomes.len(),
+        duration,
+        completed,
+        failed: outcomes.len() - completed,
+        total_input_tokens: total_input,
+        total_output_tokens: total_output,
+        request_throughput: per_s(completed as f64),
+        request_goodput: good.map(|g| per_s(g as f64)),
+        output_throughput: per_s(total_output as f64),
+        total_token_throughput: per_s((total_input + total_output) as f64),
+        latency,
+        failures_by_kind: count_by_kind(outcomes.iter().filter_map(|o| o.error.as_ref())),
+        input_lens: outcomes.iter().map(|o| o.prompt_len).collect(),
+        output_lens: outcomes.iter().map(|o| if o.is_ok() { o.output_len } else { 0 }).collect(),
+        ttfts: outcomes.iter().map(|o| if o.is_ok() { o.ttft } else { 0.0 }).collect(),
+        itls: outcomes.iter().map(|o| if o.is_ok() { o.itl.clone() } else { Vec::new() }).collect(),
+        e2els: outcomes.iter().map(|o| if o.is_ok() { o.e2el } else { 0.0 }).collect(),
+        errors: outcomes
+            .iter()
+            .map(|o| o.error.as_ref().map(|f| format!("{}: {}", f.kind, f.message)).unwrap_or_default())
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate_like_numpy() {
+        let v = [1.0, 2.0, 3.0, 4.0];
+        assert_eq!(percentile(&v, 50.0), 2.5);
+        assert!((percentile(&v, 90.0) - 3.7).abs() < 1e-12);
+        assert_eq!(percentile(&v, 100.0), 4.0);
+        assert_eq!(percentile(&[], 99.0), 0.0);
+        let s = stats(&[2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0], &[99.0]);
+        assert_eq!((s.mean, s.median, s.std), (5.0, 4.5, 2.0));
+        assert_eq!(percentile_label(99.0), "99");
+        assert_eq!(percentile_label(99.9), "99.9");
+    }
+
+    fn ok(ttft: f64, e2el: f64, output_len: usize) -> RequestOutcome {
+        RequestOutcome {
+            prompt_len: 10,
+            output_len,
+            ttft,
+            e2el,
+            itl: vec![(e2el - ttft) / (output_len - 1) as f64; output_len - 1],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn aggregates_count_only_completed_requests() {
+        let failed = RequestOutcome {
+            prompt_len: 10,
+            error: Some(crate::failure::Failure::new(crate::FailureKind::Overloaded, "HTTP 429")),
+            ..Default::default()
+        };
+        let outcomes = [ok(0.1, 1.1, 11), ok(0.3, 1.3, 11), failed];
+        let slo = Slo { ttft_ms: Some(200.0), ..Default::default() };
+        let r = aggregate(RunInfo::default(), &outcomes, 2.0, Some(&slo), &[99.0]);
+        assert_eq!((r.completed, r.failed, r.num_prompts), (2, 1, 3));
+        assert_eq!((r.total_input_tokens, r.total_output_tokens), (20, 22));
+        assert_eq!(r.request_throughput, 1.0);
+        assert_eq!(r.request_goodput, Some(0.5));
+        assert_eq!(r.output_throughput, 11.0);
+        assert!((r.latency["mean_ttft_ms"] - 200.0).abs() < 1e-9);
+        assert!((r.latency["mean_tpot_ms"] - 100.0).abs() < 1e-9);
+        assert!((r.latency["median_itl_ms"] - 100.0).abs() < 1e-9);
+        assert_eq!(r.failures_by_kind["overloaded"], 1);
+        assert_eq!(r.output_lens, vec![11, 11, 0]);
+        assert!(r.errors[2].starts_with("overloaded"));
+    }
+}

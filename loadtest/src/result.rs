@@ -1,0 +1,133 @@
+//! The result file. Field names follow `vllm bench serve`'s, so tools written for its files
+//! read ours; `failures_by_kind` and `e2els` are our additions.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Serialize, Serializer};
+
+use crate::{LoadtestError, Result};
+
+/// What was run, known before it starts.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RunInfo {
+    /// UTC, `YYYYMMDD-HHMMSS`.
+    pub date: String,
+    pub backend: String,
+    pub endpoint: String,
+    pub model_id: String,
+    pub tokenizer_id: String,
+    pub dataset_name: String,
+    /// Written as the string `"inf"` when infinite, as vLLM does.
+    #[serde(serialize_with = "rate")]
+    pub request_rate: f64,
+    pub burstiness: f64,
+    pub max_concurrency: Option<usize>,
+    pub seed: u64,
+}
+
+fn rate<S: Serializer>(r: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
+    if r.is_finite() {
+        s.serialize_f64(*r)
+    } else {
+        s.serialize_str("inf")
+    }
+}
+
+/// One run's result. Latencies in the summary are milliseconds; the per-request lists
+/// (`ttfts`, `itls`, `e2els`) are seconds, one entry per request sent, in order, zero or empty
+/// for failed requests, whose `errors` entry says why (empty for completed ones).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    #[serde(flatten)]
+    pub info: RunInfo,
+    /// Requests sent.
+    pub num_prompts: usize,
+    /// Seconds from the first request sent to the last one finished.
+    pub duration: f64,
+    pub completed: usize,
+    pub failed: usize,
+    pub total_input_tokens: usize,
+    pub total_output_tokens: usize,
+    pub request_throughput: f64,
+    /// Completed requests per second meeting every `--goodput` objective; null without one.
+    pub request_goodput: Option<f64>,
+    pub output_throughput: f64,
+    pub total_token_throughput: f64,
+    /// `mean_ttft_ms`, `median_ttft_ms`, `std_ttft_ms`, `p99_ttft_ms`, ... for ttft, tpot, itl
+    /// and e2el.
+    #[serde(flatten)]
+    pub latency: BTreeMap<String, f64>,
+    pub failures_by_kind: BTreeMap<String, usize>,
+    pub input_lens: Vec<usize>,
+    pub output_lens: Vec<usize>,
+    pub ttfts: Vec<f64>,
+    pub itls: Vec<Vec<f64>>,
+    pub e2els: Vec<f64>,
+    pub errors: Vec<String>,
+}
+
+impl BenchResult {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a result always serializes")
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| LoadtestError::io(dir, e))?;
+        }
+        let text = serde_json::to_string(self).expect("a result always serializes");
+        std::fs::write(path, text).map_err(|e| LoadtestError::io(path, e))
+    }
+
+    /// `{backend}-{rate}qps[-concurrency{n}]-{model}-{date}.json`, as vLLM names its files.
+    pub fn default_filename(&self) -> String {
+        let i = &self.info;
+        let rate = if i.request_rate.is_finite() { format!("{}", i.request_rate) } else { "inf".into() };
+        let concurrency = i.max_concurrency.map(|n| format!("-concurrency{n}")).unwrap_or_default();
+        let model = i.model_id.rsplit('/').next().unwrap_or(&i.model_id);
+        format!("{}-{rate}qps{concurrency}-{model}-{}.json", i.backend, i.date)
+    }
+}
+
+/// Now in UTC as `YYYYMMDD-HHMMSS`.
+pub fn utc_now_stamp() -> String {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    stamp(secs)
+}
+
+fn stamp(unix_secs: u64) -> String {
+    let (days, rem) = (unix_secs / 86_400, unix_secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_are_civil_utc() {
+        assert_eq!(stamp(0), "19700101-000000");
+        assert_eq!(stamp(951_782_400), "20000229-000000");
+        assert_eq!(stamp(1_767_225_599), "20251231-235959");
+    }
+
+    #[test]
+    fn infinite_rate_is_written_as_inf() {
+        let info = RunInfo { request_rate: f64::INFINITY, ..Default::default() };
+        assert_eq!(serde_json::to_value(&info).unwrap()["request_rate"], "inf");
+        let info = RunInfo { request_rate: 2.5, ..Default::default() };
+        assert_eq!(serde_json::to_value(&info).unwrap()["request_rate"], 2.5);
+    }
+}

@@ -1,0 +1,167 @@
+"""CPU serving benchmark for the disaggregated path.
+
+Starts `tandem up` (release build) on the default model, streams chat completions at
+concurrency 1 and 8, and records time to first token, inter-token latency, output tokens/s and
+the KV handoff's share of TTFT (from the gateway's own histograms). If llama-cpp-python is
+installed, the same prompts run through llama.cpp in the same process run as the baseline.
+
+Usage: python3 scripts/bench_cpu_serving.py [--out docs/benchmarks/cpu_serving.json]
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "SmolLM2-135M-Instruct"
+PROMPTS = [
+    "Explain why the sky is blue.",
+    "Write a short poem about autumn leaves.",
+    "What are three benefits of regular exercise?",
+    "Describe how a bicycle works.",
+    "Give me a recipe idea for dinner tonight.",
+    "What is the difference between weather and climate?",
+    "Summarize the plot of a fairy tale you know.",
+    "How do plants make their food?",
+]
+MAX_TOKENS = 64
+
+
+def percentile(values, p):
+    s = sorted(values)
+    k = (len(s) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def stream_one(base, prompt):
+    body = json.dumps({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }).encode()
+    req = urllib.request.Request(f"{base}/v1/chat/completions", data=body, headers={"content-type": "application/json"})
+    start = time.perf_counter()
+    arrivals, usage = [], None
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for c in chunk.get("choices", []):
+                if c["delta"].get("content"):
+                    arrivals.append(time.perf_counter())
+    end = time.perf_counter()
+    return {"start": start, "end": end, "arrivals": arrivals, "completion_tokens": usage["completion_tokens"]}
+
+
+def summarize(results, wall):
+    ttft = [(r["arrivals"][0] - r["start"]) * 1e3 for r in results]
+    itl = [(b - a) * 1e3 for r in results for a, b in zip(r["arrivals"], r["arrivals"][1:])]
+    tokens = sum(r["completion_tokens"] for r in results)
+    return {
+        "requests": len(results),
+        "output_tokens": tokens,
+        "output_tokens_per_s": tokens / wall,
+        "mean_ttft_ms": statistics.mean(ttft),
+        "median_ttft_ms": statistics.median(ttft),
+        "p99_ttft_ms": percentile(ttft, 99),
+        "mean_itl_ms": statistics.mean(itl),
+        "median_itl_ms": statistics.median(itl),
+        "p99_itl_ms": percentile(itl, 99),
+    }
+
+
+def metric_sum(text, name):
+    m = re.search(rf"^{name}_sum (\S+)$", text, re.M)
+    c = re.search(rf"^{name}_count (\S+)$", text, re.M)
+    return float(m.group(1)), float(c.group(1))
+
+
+def run_level(base, concurrency, n):
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda p: stream_one(base, p), prompts))
+    return summarize(results, time.perf_counter() - start)
+
+
+def llama_cpp_baseline(model_path):
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    import llama_cpp
+
+    llm = Llama(model_path=model_path, n_ctx=2048, n_threads=2, verbose=False)
+    rates, ttfts = [], []
+    for p in PROMPTS:
+        start = time.perf_counter()
+        times = []
+        for _ in llm.create_chat_completion(
+            messages=[{"role": "user", "content": p}], max_tokens=MAX_TOKENS, temperature=0, stream=True
+        ):
+            times.append(time.perf_counter())
+        ttfts.append((times[1] - start) * 1e3)
+        rates.append((len(times) - 2) / (times[-1] - times[1]))
+    return {"engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__}), 2 threads, one process",
+            "mean_ttft_ms": statistics.mean(ttfts), "decode_tokens_per_s": statistics.mean(rates)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs/benchmarks/cpu_serving.json"))
+    ap.add_argument("--port", type=int, default=8077)
+    args = ap.parse_args()
+    binary = os.path.join(ROOT, "target/release/tandem")
+    subprocess.run(["cargo", "build", "--release", "-p", "tandem"], cwd=ROOT, check=True)
+    model_path = subprocess.run([binary, "fetch-model"], capture_output=True, text=True, check=True).stdout.strip()
+    up = subprocess.Popen([binary, "up", "--port", str(args.port)], stdout=subprocess.PIPE, text=True)
+    try:
+        up.stdout.readline()
+        base = f"http://127.0.0.1:{args.port}"
+        stream_one(base, "warm up")
+        levels = {}
+        for concurrency, n in [(1, 8), (8, 16)]:
+            before = urllib.request.urlopen(f"{base}/metrics").read().decode()
+            levels[str(concurrency)] = run_level(base, concurrency, n)
+            after = urllib.request.urlopen(f"{base}/metrics").read().decode()
+            for key, name in [("mean_prefill_ms", "tandem_prefill_seconds"), ("mean_handoff_ms", "tandem_kv_handoff_seconds")]:
+                (s0, c0), (s1, c1) = metric_sum(before, name), metric_sum(after, name)
+                levels[str(concurrency)][key] = (s1 - s0) / (c1 - c0) * 1e3
+            lv = levels[str(concurrency)]
+            lv["handoff_share_of_ttft"] = lv["mean_handoff_ms"] / lv["mean_ttft_ms"]
+    finally:
+        up.terminate()
+        up.wait(timeout=30)
+    result = {
+        "benchmark": "cpu_serving",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'}), no GPU",
+        "model": MODEL + " (GGUF Q4_1)",
+        "setup": "tandem up: 1 prefill + 1 decode worker + gateway, separate processes on loopback, TCP KV transport",
+        "workload": f"{len(PROMPTS)} chat prompts, {MAX_TOKENS} output tokens each (ignore_eos), greedy, streamed",
+        "concurrency": levels,
+        "baseline": llama_cpp_baseline(model_path),
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

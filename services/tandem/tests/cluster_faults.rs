@@ -1,0 +1,164 @@
+//! Failure paths of the disaggregated request: cancellation, a killed decode worker, no workers,
+//! and KV handoffs that never complete. Each must end definitely and free every block.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use serde_json::json;
+use tandem_protocol::pb::decode_client::DecodeClient;
+use tandem_protocol::pb::prefill_client::PrefillClient;
+use tandem_protocol::pb::{GenerateRequest, InfoRequest, PrefillRequest, SamplingParams, WorkerInfo};
+
+async fn decode_info(p: &Proc) -> WorkerInfo {
+    let mut c = DecodeClient::connect(format!("http://{}", p.field("grpc"))).await.unwrap();
+    c.info(InfoRequest {}).await.unwrap().into_inner()
+}
+
+async fn prefill_info(p: &Proc) -> WorkerInfo {
+    let mut c = PrefillClient::connect(format!("http://{}", p.field("grpc"))).await.unwrap();
+    c.info(InfoRequest {}).await.unwrap().into_inner()
+}
+
+fn idle(i: &WorkerInfo) -> bool {
+    i.running == 0 && i.waiting == 0 && i.free_blocks == i.total_blocks
+}
+
+async fn wait_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    // Generous: a cancelled sequence leaves at the end of the current step, and a 512-token
+    // prefill step takes seconds on a loaded 2-core machine.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+fn long_completion(stream: bool) -> serde_json::Value {
+    json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true, "stream": stream})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_disconnect_frees_blocks_in_both_pools() {
+    let c = Cluster::start(1, 1);
+    // Decode side: hang up mid-stream.
+    let resp = client().post(format!("{}/v1/completions", c.base)).json(&long_completion(true)).send().await.unwrap();
+    let mut body = resp.bytes_stream();
+    for _ in 0..3 {
+        body.next().await.unwrap().unwrap();
+    }
+    let busy = decode_info(&c.decode[0]).await;
+    assert_eq!(busy.running, 1);
+    assert!(busy.free_blocks < busy.total_blocks);
+    drop(body);
+    wait_until("the decode worker is idle", || async { idle(&decode_info(&c.decode[0]).await) }).await;
+
+    // Prefill side: hang up while a long prompt is being computed.
+    // About 1,200 tokens: within the 64 MiB test cache, and seconds of CPU work.
+    let prompt = "The history of the world is long and full of surprises. ".repeat(100);
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 4});
+    let base = c.base.clone();
+    let request = tokio::spawn(async move { client().post(format!("{base}/v1/completions")).json(&body).send().await });
+    wait_until("the prefill worker is busy", || async { prefill_info(&c.prefill[0]).await.running == 1 }).await;
+    request.abort();
+    wait_until("the prefill worker is idle", || async { idle(&prefill_info(&c.prefill[0]).await) }).await;
+    wait_until("the decode worker is idle", || async { idle(&decode_info(&c.decode[0]).await) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_decode_worker_ends_its_requests_with_an_error() {
+    let mut c = Cluster::start(1, 1);
+    let resp = client().post(format!("{}/v1/completions", c.base)).json(&long_completion(true)).send().await.unwrap();
+    let mut body = resp.bytes_stream();
+    body.next().await.unwrap().unwrap();
+    c.decode[0].child.kill().unwrap();
+    let started = Instant::now();
+    let mut rest = String::new();
+    let drained = tokio::time::timeout(Duration::from_secs(15), async {
+        while let Some(chunk) = body.next().await {
+            rest.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the stream hung after its decode worker died");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(rest.contains("\"error\""), "an error event must say what happened: {rest}");
+    assert!(rest.trim_end().ends_with("data: [DONE]"));
+
+    // New requests are refused cleanly, with a hint to retry.
+    let r = client().post(format!("{}/v1/completions", c.base)).json(&json!({"model": MODEL, "prompt": "x", "max_tokens": 2})).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_reachable_workers_means_503_with_retry_after() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let gw = start(&["gateway", "--listen", "127.0.0.1:0", "--prefill", &dead, "--decode", &dead]);
+    let base = format!("http://{}", gw.field("http"));
+    assert_eq!(http_status(&base, "/ready"), Some(503));
+    assert_eq!(http_status(&base, "/health"), Some(200));
+    let r = client().post(format!("{base}/v1/chat/completions")).json(&chat_body("hi", json!({}))).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "unavailable");
+}
+
+fn generate(id: &str, kv_wait_ms: u32) -> GenerateRequest {
+    GenerateRequest {
+        request_id: id.into(),
+        prompt: vec![1, 2, 3, 4, 5],
+        params: Some(SamplingParams { temperature: 0.0, top_p: 1.0, repetition_penalty: 1.0, max_tokens: 8, ..Default::default() }),
+        seed: 1,
+        eos_ids: vec![2],
+        kv_wait_ms,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handoff_that_never_arrives_fails_within_its_lease() {
+    let d = start(&["decode", "--kv-cache-mb", "32"]);
+    let mut client = DecodeClient::connect(format!("http://{}", d.field("grpc"))).await.unwrap();
+    let started = Instant::now();
+    let mut stream = client.generate(generate("lost-1", 400)).await.unwrap().into_inner();
+    let err = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.expect("no hang").unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+    assert!(idle(&decode_info(&d).await));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_decode_peer_fails_the_prefill_within_its_lease() {
+    let p = start(&["prefill", "--kv-cache-mb", "32", "--handoff-lease-ms", "700"]);
+    // Accepts connections and never answers: a lost verdict.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hole_addr = hole.local_addr().unwrap().to_string();
+    let held = std::thread::spawn(move || hole.incoming().take(1).map(|s| s.unwrap()).collect::<Vec<_>>());
+    let mut client = PrefillClient::connect(format!("http://{}", p.field("grpc"))).await.unwrap();
+    let started = Instant::now();
+    let err = client
+        .prefill(PrefillRequest { request: Some(generate("silent-1", 0)), decode_kv_addr: hole_addr })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(err.message().contains("lease"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(idle(&prefill_info(&p).await), "the prefill frees its blocks on failure");
+    drop(held);
+
+    // And a decode peer that is not there at all.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let err = client.prefill(PrefillRequest { request: Some(generate("gone-1", 0)), decode_kv_addr: gone }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable);
+    assert!(idle(&prefill_info(&p).await));
+}
