@@ -105,11 +105,14 @@ impl Detok<'_> {
         Ok((ChoiceEvent::Delta { text: out.text, tokens }, out.stopped.is_some()))
     }
 
-    fn finish(&mut self) -> String {
+    /// Flushes held-back text; true if a stop string completed in it.
+    fn finish(&mut self) -> (String, bool) {
         let tail = self.stream.finish(self.tokenizer).ok().flatten().unwrap_or_default();
-        let mut text = self.stop.push(&tail).text;
-        text.push_str(&self.stop.finish());
-        text
+        let out = self.stop.push(&tail);
+        if out.stopped.is_some() {
+            return (out.text, true);
+        }
+        (out.text + &self.stop.finish(), false)
     }
 }
 
@@ -226,11 +229,11 @@ async fn drive(
         }
     }
     let f = finished.expect("loop ends when finished");
-    let text = detok.finish();
+    let (text, stopped) = detok.finish();
     if !text.is_empty() {
         send(ChoiceEvent::Delta { text, tokens: Vec::new() }).await?;
     }
-    let reason = if f.finish_reason == "length" { FinishReason::Length } else { FinishReason::Stop };
+    let reason = if f.finish_reason == "length" && !stopped { FinishReason::Length } else { FinishReason::Stop };
     let completion = f.usage.map(|u| u.completion_tokens as usize).unwrap_or(detok.tokens);
     send(ChoiceEvent::Done { reason, usage: usage_for(completion) }).await?;
     Ok(())
