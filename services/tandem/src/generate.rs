@@ -34,6 +34,14 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    match stream(args) {
+        // The reader went away (`| head`): not an error worth a message.
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) => Ok(()),
+        other => other,
+    }
+}
+
+fn stream(args: GenerateArgs) -> Result<()> {
     let spec = default_model::resolve_spec(args.model.as_deref())?;
     let files = ModelFiles::resolve(&spec)?;
     let tokenizer = Tokenizer::load(&files)?;
