@@ -1,13 +1,18 @@
 //! The decode worker: receives a request's KV blocks and first token from a prefill worker,
 //! joins the sequence to its continuous batch, and streams every later token to the gateway.
+//! With a state store it heartbeats into the registry; stopping drains: no new requests, the
+//! streams in flight run to their end, then it leaves.
 #![forbid(unsafe_code)]
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_engine::wire::{finished_message, new_request, token_message, worker_info};
 use tandem_engine::{EngineHandle, Event, Mode};
 use tandem_protocol::pb::decode_server::{Decode, DecodeServer};
 use tandem_protocol::pb::{token_event, GenerateRequest, InfoRequest, TokenEvent, WorkerInfo};
+use tandem_state::{now_ms, InFlight, StateStore, WorkerRecord};
 use tandem_transfer::{HandoffRegistry, TcpReceiver};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -17,6 +22,12 @@ use tonic::{Request, Response, Status};
 
 pub struct DecodeConfig {
     pub worker_id: String,
+    /// The gRPC address other services reach this worker at.
+    pub addr: String,
+    pub state: Option<Arc<dyn StateStore>>,
+    pub heartbeat: Duration,
+    /// Longest a stopping worker waits for its streams to finish.
+    pub drain_timeout: Duration,
     /// Bound of one incoming transfer, from first byte to verdict.
     pub handoff_lease: Duration,
     /// Longest wait for a request's KV blocks when the gateway does not say.
@@ -28,10 +39,13 @@ struct Service {
     registry: HandoffRegistry,
     kv_addr: String,
     cfg: DecodeConfig,
+    draining: Arc<AtomicBool>,
+    inflight: InFlight,
+    completed: Arc<AtomicU64>,
 }
 
 /// Serves the decode gRPC API on `listener` and receives KV blocks on `kv_listener` until
-/// `shutdown` fires.
+/// `shutdown` fires; then drains and stops.
 pub async fn run(
     engine: EngineHandle,
     cfg: DecodeConfig,
@@ -43,12 +57,69 @@ pub async fn run(
     let receiver = TcpReceiver::new(kv_listener, registry.clone(), cfg.handoff_lease);
     let kv_addr = receiver.local_addr()?.to_string();
     tracing::info!(addr = %listener.local_addr()?, %kv_addr, worker = %cfg.worker_id, "decode worker serving");
-    tokio::spawn(receiver.run(shutdown.clone()));
-    tonic::transport::Server::builder()
-        .add_service(DecodeServer::new(Service { engine, registry, kv_addr, cfg }))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.cancelled_owned())
-        .await?;
+    // The receiver outlives the drain: requests still waiting for their blocks get them.
+    let serve_stop = CancellationToken::new();
+    tokio::spawn(receiver.run(serve_stop.clone()));
+    let svc = Arc::new(Service {
+        engine,
+        registry,
+        kv_addr,
+        cfg,
+        draining: Arc::new(AtomicBool::new(false)),
+        inflight: InFlight::default(),
+        completed: Arc::new(AtomicU64::new(0)),
+    });
+    let server = tonic::transport::Server::builder()
+        .add_service(DecodeServer::from_arc(svc.clone()))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), serve_stop.clone().cancelled_owned());
+    let server = tokio::spawn(server);
+    let (r, busy) = (svc.clone(), svc.clone());
+    tandem_state::lifecycle(
+        svc.cfg.state.clone(),
+        svc.cfg.heartbeat,
+        move || r.record(),
+        || async {},
+        svc.draining.clone(),
+        move || {
+            let load = busy.engine.load();
+            busy.inflight.count() > 0 || load.running + load.waiting > 0
+        },
+        svc.cfg.drain_timeout,
+        shutdown,
+    )
+    .await;
+    serve_stop.cancel();
+    server.await??;
     Ok(())
+}
+
+impl Service {
+    fn info(&self) -> WorkerInfo {
+        WorkerInfo {
+            draining: self.draining.load(Ordering::SeqCst),
+            completed: self.completed.load(Ordering::Relaxed),
+            ..worker_info(&self.engine, &self.cfg.worker_id, "decode", &self.kv_addr)
+        }
+    }
+
+    fn record(&self) -> WorkerRecord {
+        let i = self.info();
+        WorkerRecord {
+            id: i.worker_id,
+            role: i.role,
+            addr: self.cfg.addr.clone(),
+            kv_addr: i.kv_addr,
+            model: i.model,
+            tp_size: i.tp_size,
+            block_size: i.block_size,
+            free_blocks: i.free_blocks,
+            total_blocks: i.total_blocks,
+            running: i.running,
+            waiting: i.waiting,
+            draining: i.draining,
+            updated_ms: now_ms(),
+        }
+    }
 }
 
 type EventResult = Result<TokenEvent, Status>;
@@ -62,6 +133,10 @@ impl Decode for Service {
     type GenerateStream = ReceiverStream<EventResult>;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(format!("decode worker {} is draining", self.cfg.worker_id)));
+        }
+        let inflight = self.inflight.enter();
         let g = request.into_inner();
         let req = new_request(&self.engine, &g, Mode::Full).map_err(|e| e.to_status())?;
         let lease = match g.kv_wait_ms {
@@ -76,7 +151,9 @@ impl Decode for Service {
         let (tx, rx) = mpsc::channel::<EventResult>(64);
         let engine = self.engine.clone();
         let request_id = g.request_id.clone();
+        let completed = self.completed.clone();
         tokio::spawn(async move {
+            let _inflight = inflight;
             let arrived = tokio::select! {
                 _ = tx.closed() => return,
                 a = tokio::time::timeout(lease, pending.arrived()) => a,
@@ -111,6 +188,7 @@ impl Decode for Service {
                 let out = match next {
                     Some(Event::Token { token, logprobs, .. }) => event(token_event::Event::Token(token_message(token, logprobs))),
                     Some(Event::Finished { reason, usage, .. }) => {
+                        completed.fetch_add(1, Ordering::Relaxed);
                         let _ = tx.send(event(token_event::Event::Finished(finished_message(reason, usage)))).await;
                         return;
                     }
@@ -127,6 +205,6 @@ impl Decode for Service {
     }
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<WorkerInfo>, Status> {
-        Ok(Response::new(worker_info(&self.engine, &self.cfg.worker_id, "decode", &self.kv_addr)))
+        Ok(Response::new(self.info()))
     }
 }

@@ -8,11 +8,11 @@ use std::time::Instant;
 use tandem_protocol::pb::decode_client::DecodeClient;
 use tandem_protocol::pb::prefill_client::PrefillClient;
 use tandem_protocol::pb::{self, token_event, GenerateRequest, PrefillRequest};
-use tandem_protocol::{ApiError, ErrorCode, FinishReason, SamplingParams, REQUEST_ID_HEADER};
+use tandem_protocol::{block_hashes, ApiError, ErrorCode, FinishReason, SamplingParams, REQUEST_ID_HEADER};
+use tandem_state::{now_ms, Phase, RequestState};
 use tandem_tokenizer::{DecodeStream, StopMatcher, Tokenizer};
 use tokio::sync::mpsc;
 
-use crate::workers::Role;
 use crate::AppState;
 
 pub(crate) struct ChoiceSpec {
@@ -49,10 +49,14 @@ pub(crate) fn start(state: Arc<AppState>, spec: ChoiceSpec) -> ChoiceRx {
     tokio::spawn(async move {
         state.metrics.running.inc();
         let started = Instant::now();
+        let params = serde_json::to_value(&spec.params).unwrap_or_default();
+        let record = RequestState::new(&spec.request_id, &state.cfg.model_name, spec.prompt.clone(), spec.seed, params);
+        let mut progress = Progress { record, unflushed: Vec::new() };
+        state.cluster.put_request(&progress.record);
         let outcome = tokio::select! {
             // The client went away: returning drops the gRPC calls, which cancels both workers.
             _ = tx.closed() => Err(ApiError::new(ErrorCode::Cancelled, "client disconnected")),
-            r = tokio::time::timeout(state.cfg.request_timeout, drive(&state, spec, &tx, started)) => {
+            r = tokio::time::timeout(state.cfg.request_timeout, drive(&state, spec, &tx, started, &mut progress)) => {
                 r.unwrap_or_else(|_| Err(ApiError::new(ErrorCode::Timeout, format!("request exceeded {:?}", state.cfg.request_timeout))))
             }
         };
@@ -63,6 +67,14 @@ pub(crate) fn start(state: Arc<AppState>, spec: ChoiceSpec) -> ChoiceRx {
             Err(_) => "error",
         };
         state.metrics.requests.with_label_values(&[label]).inc();
+        progress.flush(&state);
+        match &outcome {
+            Ok(()) => progress.phase(&state, Phase::Done),
+            Err(e) => {
+                progress.record.error = Some(e.message.clone());
+                progress.phase(&state, if e.code == ErrorCode::Cancelled { Phase::Cancelled } else { Phase::Failed });
+            }
+        }
         if let Err(e) = outcome {
             if e.code != ErrorCode::Cancelled {
                 tracing::warn!(error = %e, "request failed");
@@ -73,6 +85,33 @@ pub(crate) fn start(state: Arc<AppState>, spec: ChoiceSpec) -> ChoiceRx {
         }
     });
     rx
+}
+
+/// The request's state as the cluster store sees it; tokens go out in batches.
+struct Progress {
+    record: RequestState,
+    unflushed: Vec<u32>,
+}
+
+impl Progress {
+    const BATCH: usize = 16;
+
+    fn token(&mut self, state: &AppState, id: u32) {
+        self.unflushed.push(id);
+        if self.unflushed.len() >= Self::BATCH {
+            self.flush(state);
+        }
+    }
+
+    fn flush(&mut self, state: &AppState) {
+        state.cluster.append_tokens(&self.record.id, std::mem::take(&mut self.unflushed));
+    }
+
+    fn phase(&mut self, state: &AppState, phase: Phase) {
+        self.record.phase = phase;
+        self.record.updated_ms = now_ms();
+        state.cluster.put_request(&self.record);
+    }
 }
 
 /// Text assembly for one choice: incremental detokenization, then stop strings.
@@ -128,14 +167,21 @@ fn with_id<T>(msg: T, id: &str) -> tonic::Request<T> {
     r
 }
 
+/// Attempts per role when a worker turns out to be unreachable or draining before any token.
+const ATTEMPTS: usize = 3;
+
+/// Whether an error from a worker means "try another one": it is unreachable or draining.
+fn retryable(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unavailable && !s.message().starts_with("kv handoff failed")
+}
+
 async fn drive(
     state: &AppState,
     spec: ChoiceSpec,
     tx: &mpsc::Sender<Result<ChoiceEvent, ApiError>>,
     started: Instant,
+    progress: &mut Progress,
 ) -> Result<(), ApiError> {
-    let decode = state.workers.pick(Role::Decode).ok_or_else(|| unavailable("decode"))?;
-    let prefill = state.workers.pick(Role::Prefill).ok_or_else(|| unavailable("prefill"))?;
     let g = GenerateRequest {
         request_id: spec.request_id.clone(),
         prompt: spec.prompt.clone(),
@@ -145,29 +191,81 @@ async fn drive(
         kv_wait_ms: state.cfg.request_timeout.as_millis().min(u32::MAX as u128) as u32,
     };
     let grpc_error = |s: tonic::Status| ApiError::from_status(&s);
+    let bs = state.workers.block_size().unwrap_or(16);
+    // What the prefill may reuse (its last token is always computed) and what it will hold after.
+    let reusable = block_hashes(&spec.prompt[..spec.prompt.len() - 1], bs);
+    let overlap = state.cluster.overlap(&reusable).await;
+    let store = state.workers.store();
+    let store_blocks = store.as_ref().and_then(|(id, _)| overlap.get(id)).copied().unwrap_or(0);
 
     // The decode worker registers the request before answering, so the KV can't arrive early.
-    let mut stream = match DecodeClient::new(decode.channel.clone()).generate(with_id(g.clone(), &spec.request_id)).await {
-        Ok(s) => s.into_inner(),
-        Err(s) => {
-            if s.code() == tonic::Code::Unavailable {
-                state.workers.mark_down(&decode);
+    let need_blocks = (spec.prompt.len() + spec.params.max_tokens).div_ceil(bs);
+    let mut tried = Vec::new();
+    let (decode, mut stream) = loop {
+        let decode = state.workers.pick_decode(need_blocks, &tried).ok_or_else(|| unavailable("decode"))?;
+        match DecodeClient::new(decode.channel.clone()).generate(with_id(g.clone(), &spec.request_id)).await {
+            Ok(s) => break (decode, s.into_inner()),
+            Err(s) => {
+                if s.code() == tonic::Code::Unavailable {
+                    state.workers.mark_down(&decode);
+                }
+                if retryable(&s) && tried.len() + 1 < ATTEMPTS {
+                    tracing::info!(error = %s.message(), "decode worker refused; trying another");
+                    state.metrics.retries.with_label_values(&["decode"]).inc();
+                    tried.push(decode.key());
+                    continue;
+                }
+                return Err(grpc_error(s));
             }
-            return Err(grpc_error(s));
         }
     };
-    let prefill_req = PrefillRequest { request: Some(g), decode_kv_addr: decode.info.kv_addr.clone() };
-    let resp = match PrefillClient::new(prefill.channel.clone()).prefill(with_id(prefill_req, &spec.request_id)).await {
-        Ok(r) => r.into_inner(),
-        Err(s) => {
-            if s.message().starts_with("kv handoff failed") {
-                state.metrics.handoff_failures.inc();
-            } else if s.code() == tonic::Code::Unavailable {
-                state.workers.mark_down(&prefill);
+    progress.record.decode_worker = decode.info.worker_id.clone();
+
+    let mut tried = Vec::new();
+    let (prefill, resp) = loop {
+        let choice = state
+            .workers
+            .pick_prefill(&overlap, spec.prompt.len(), bs, state.cfg.route_load_weight, &tried)
+            .ok_or_else(|| unavailable("prefill"))?;
+        progress.record.prefill_worker = choice.lease.info.worker_id.clone();
+        progress.phase(state, Phase::Prefill);
+        let prefill_req = PrefillRequest {
+            request: Some(g.clone()),
+            decode_kv_addr: decode.info.kv_addr.clone(),
+            store_addr: store.as_ref().map(|(_, url)| url.clone()).unwrap_or_default(),
+            store_prefix_blocks: store_blocks as u32,
+        };
+        match PrefillClient::new(choice.lease.channel.clone()).prefill(with_id(prefill_req, &spec.request_id)).await {
+            Ok(r) => break (choice, r.into_inner()),
+            Err(s) => {
+                if s.message().starts_with("kv handoff failed") {
+                    state.metrics.handoff_failures.inc();
+                } else if s.code() == tonic::Code::Unavailable && !s.message().contains("out of KV cache blocks") {
+                    state.workers.mark_down(&choice.lease);
+                }
+                if retryable(&s) && tried.len() + 1 < ATTEMPTS {
+                    tracing::info!(error = %s.message(), "prefill worker refused; trying another");
+                    state.metrics.retries.with_label_values(&["prefill"]).inc();
+                    tried.push(choice.lease.key());
+                    continue;
+                }
+                return Err(grpc_error(s));
             }
-            return Err(grpc_error(s));
         }
     };
+    state.metrics.prefix_routed_blocks.inc_by(prefill.cached_blocks as u64);
+    state.metrics.store_pulled_blocks.inc_by(resp.pulled_blocks as u64);
+    // The prefill worker now caches the prompt's full blocks; the store will hold the leading
+    // ones it was sent. The index is a hint: a stale entry costs a worse route or a short fetch.
+    let full = block_hashes(&spec.prompt, bs);
+    state.cluster.publish(&prefill.lease.info.worker_id, full.clone());
+    if let Some((store_id, _)) = &store {
+        let n = (resp.offloaded_blocks as usize).min(full.len());
+        state.cluster.publish(store_id, full[..n].to_vec());
+    }
+    progress.record.cached_tokens = resp.cached_tokens as usize;
+    progress.phase(state, Phase::Decode);
+    let prefill = prefill.lease;
     drop(prefill);
     state.metrics.prefill_time.observe(resp.prefill_millis / 1e3);
     if let Some(t) = &resp.transfer {
@@ -191,10 +289,12 @@ async fn drive(
     let mut last = Instant::now();
     let send = |e: ChoiceEvent| async { tx.send(Ok(e)).await.map_err(|_| ApiError::new(ErrorCode::Cancelled, "client disconnected")) };
 
+    progress.token(state, first.id);
     let (delta, stopped) = detok.push(&first)?;
     send(delta).await?;
     let mut finished = resp.finished.clone();
     if stopped {
+        progress.record.finish_reason = Some("stop".into());
         send(ChoiceEvent::Done { reason: FinishReason::Stop, usage: usage_for(detok.tokens) }).await?;
         return Ok(());
     }
@@ -216,11 +316,13 @@ async fn drive(
                 state.metrics.itl.observe((now - last).as_secs_f64());
                 state.metrics.generation_tokens.inc();
                 last = now;
+                progress.token(state, t.id);
                 let (delta, stopped) = detok.push(&t)?;
                 send(delta).await?;
                 if stopped {
                     // Dropping the stream on return cancels the rest on the decode worker.
-                    send(ChoiceEvent::Done { reason: FinishReason::Stop, usage: usage_for(detok.tokens) }).await?;
+                    progress.record.finish_reason = Some("stop".into());
+        send(ChoiceEvent::Done { reason: FinishReason::Stop, usage: usage_for(detok.tokens) }).await?;
                     return Ok(());
                 }
             }
@@ -235,6 +337,7 @@ async fn drive(
     }
     let reason = if f.finish_reason == "length" && !stopped { FinishReason::Length } else { FinishReason::Stop };
     let completion = f.usage.map(|u| u.completion_tokens as usize).unwrap_or(detok.tokens);
+    progress.record.finish_reason = Some(reason.as_str().to_string());
     send(ChoiceEvent::Done { reason, usage: usage_for(completion) }).await?;
     Ok(())
 }

@@ -6,6 +6,7 @@
 
 mod api;
 mod choice;
+mod cluster;
 mod error;
 mod metrics;
 mod workers;
@@ -13,6 +14,7 @@ mod workers;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tandem_state::StateStore;
 use tandem_tokenizer::Tokenizer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -23,8 +25,19 @@ pub use workers::{WorkerPool, WorkerSpec};
 pub struct GatewayConfig {
     /// The name clients send as `model`.
     pub model_name: String,
+    /// Workers and block stores given on the command line.
     pub prefill: Vec<String>,
     pub decode: Vec<String>,
+    pub kv_stores: Vec<String>,
+    /// The cluster state: Redis, or the embedded store.
+    pub state: Arc<dyn StateStore>,
+    /// Find workers in the store's registry (as well as those given).
+    pub discover: bool,
+    /// How long prefix-index entries and finished request state live.
+    pub index_ttl: Duration,
+    pub request_ttl: Duration,
+    /// Routing: prompt tokens one queued request on a prefill worker is worth.
+    pub route_load_weight: f64,
     /// Longest a request may take, queueing and prefill included; also how long a decode worker
     /// waits for a request's KV blocks.
     pub request_timeout: Duration,
@@ -37,15 +50,47 @@ pub(crate) struct AppState {
     pub tokenizer: Tokenizer,
     pub workers: WorkerPool,
     pub metrics: Metrics,
+    pub cluster: cluster::Cluster,
 }
 
 /// Serves the HTTP API on `listener` until `shutdown` fires, then lets in-flight responses finish.
 pub async fn run(cfg: GatewayConfig, tokenizer: Tokenizer, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Metrics::new()?;
-    let workers = WorkerPool::new(&cfg.prefill, &cfg.decode)?;
+    let workers = WorkerPool::new(&cfg.prefill, &cfg.decode, &cfg.kv_stores)?;
+    if cfg.discover {
+        tokio::spawn(discover(workers.clone(), cfg.state.clone(), cfg.model_name.clone(), cfg.poll_interval, metrics.clone(), shutdown.clone()));
+    }
     tokio::spawn(workers.clone().poll(cfg.poll_interval, metrics.clone(), shutdown.clone()));
-    let state = Arc::new(AppState { cfg, tokenizer, workers, metrics });
-    tracing::info!(addr = %listener.local_addr()?, model = %state.cfg.model_name, "gateway serving");
+    let cluster = cluster::Cluster::new(cfg.state.clone(), metrics.clone(), cfg.index_ttl, cfg.request_ttl);
+    let state = Arc::new(AppState { cfg, tokenizer, workers, metrics, cluster });
+    tracing::info!(addr = %listener.local_addr()?, model = %state.cfg.model_name, state = state.cfg.state.kind(), "gateway serving");
     axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
     Ok(())
+}
+
+/// Follows the registry: workers that join are polled and routed to, workers that leave are
+/// dropped. A store that cannot be read leaves the pool as it is.
+async fn discover(workers: WorkerPool, store: Arc<dyn StateStore>, model: String, every: Duration, metrics: Metrics, shutdown: CancellationToken) {
+    // Long enough for every worker to heartbeat into a store that restarted empty.
+    let grace = Duration::from_secs(5).max(every * 4);
+    loop {
+        match store.workers().await {
+            Ok(records) => {
+                let before = workers.snapshot().len();
+                workers.sync(&records, &model, grace);
+                if workers.snapshot().len() > before {
+                    // Newcomers answer their first poll now rather than at the next tick.
+                    workers.refresh(&metrics).await;
+                }
+            }
+            Err(e) => {
+                metrics.state_errors.inc();
+                tracing::debug!(error = %e, "registry unreadable; keeping the workers we know");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
 }

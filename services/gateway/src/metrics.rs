@@ -19,6 +19,12 @@ pub struct Metrics {
     pub prefill_time: Histogram,
     pub handoff_time: Histogram,
     pub requests: IntCounterVec,
+    pub workers: IntGaugeVec,
+    pub prefix_routed_blocks: IntCounter,
+    pub store_pulled_blocks: IntCounter,
+    pub state_errors: IntCounter,
+    pub state_dropped_writes: IntCounter,
+    pub retries: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -48,6 +54,12 @@ impl Metrics {
         let prefill_time = Histogram::with_opts(HistogramOpts::new("prefill_seconds", "Prompt computation on the prefill worker, first token included").buckets(buckets(0.005, 2.0, 14)))?;
         let handoff_time = Histogram::with_opts(HistogramOpts::new("kv_handoff_seconds", "KV transfer from prefill to decode, verdict included").buckets(buckets(0.0001, 2.0, 16)))?;
         let requests = IntCounterVec::new(Opts::new("requests_total", "Finished requests by outcome"), &["outcome"])?;
+        let workers = IntGaugeVec::new(Opts::new("workers", "Workers in routing, by role"), &["role"])?;
+        let prefix_routed_blocks = IntCounter::new("prefix_index_hit_blocks_total", "Prompt blocks the chosen prefill worker held, by the prefix index")?;
+        let store_pulled_blocks = IntCounter::new("kv_store_pulled_blocks_total", "Prompt blocks prefill workers fetched from the block store instead of computing")?;
+        let state_errors = IntCounter::new("state_store_errors_total", "State store calls that failed or timed out")?;
+        let state_dropped_writes = IntCounter::new("state_store_dropped_writes_total", "State writes dropped while the store was down or behind")?;
+        let retries = IntCounterVec::new(Opts::new("worker_retries_total", "Requests moved to another worker before any token was sent, by role"), &["role"])?;
         registry.register(Box::new(running.clone()))?;
         registry.register(Box::new(waiting.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
@@ -62,6 +74,12 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(prefill_time.clone()))?;
         registry.register(Box::new(handoff_time.clone()))?;
+        registry.register(Box::new(workers.clone()))?;
+        registry.register(Box::new(prefix_routed_blocks.clone()))?;
+        registry.register(Box::new(store_pulled_blocks.clone()))?;
+        registry.register(Box::new(state_errors.clone()))?;
+        registry.register(Box::new(state_dropped_writes.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
         Ok(Self {
             registry,
             running,
@@ -78,6 +96,12 @@ impl Metrics {
             prefill_time,
             handoff_time,
             requests,
+            workers,
+            prefix_routed_blocks,
+            store_pulled_blocks,
+            state_errors,
+            state_dropped_writes,
+            retries,
         })
     }
 

@@ -1,14 +1,19 @@
-//! The cluster's KV block store: blocks addressed by chained block hash, held in memory under a
-//! byte budget with least-recently-used eviction. Prefill workers put finished prompt blocks
-//! here; any worker can get the longest stored prefix of a hash chain back.
+//! The cluster's KV block store: blocks addressed by chained block hash, in memory under a byte
+//! budget and optionally on disk below it, least recently used first out. Prefill workers put
+//! finished prompt blocks here; any prefill worker can get the longest stored prefix of a hash
+//! chain back instead of recomputing it. With a state store, the service registers itself, and
+//! withdraws what it evicts from the prefix index.
 #![forbid(unsafe_code)]
 
 mod store;
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tandem_protocol::pb::kv_store_server::{KvStore, KvStoreServer};
 use tandem_protocol::pb::{GetBlocksRequest, GetBlocksResponse, InfoRequest, PutBlocksRequest, PutBlocksResponse, WorkerInfo};
+use tandem_state::{now_ms, StateStore, WorkerRecord};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -17,28 +22,81 @@ pub use store::BlockStore;
 
 pub struct KvTransferConfig {
     pub worker_id: String,
+    /// The address other services reach this one at.
+    pub addr: String,
     pub memory_bytes: usize,
+    /// A disk tier: directory and byte budget.
+    pub disk: Option<(PathBuf, usize)>,
+    pub state: Option<Arc<dyn StateStore>>,
+    pub heartbeat: Duration,
+    /// How long a prefix-index entry lives without being renewed.
+    pub index_ttl: Duration,
 }
 
 struct Service {
     store: Arc<Mutex<BlockStore>>,
     worker_id: String,
+    state: Option<Arc<dyn StateStore>>,
+    index_ttl: Duration,
 }
 
 /// Serves the block store on `listener` until `shutdown` fires.
 pub async fn run(cfg: KvTransferConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    tracing::info!(addr = %listener.local_addr()?, budget_bytes = cfg.memory_bytes, "kv-transfer store serving");
-    let svc = Service { store: Arc::new(Mutex::new(BlockStore::new(cfg.memory_bytes))), worker_id: cfg.worker_id };
+    let mut store = BlockStore::new(cfg.memory_bytes);
+    if let Some((dir, budget)) = &cfg.disk {
+        store = store.with_disk(dir.clone(), *budget)?;
+    }
+    tracing::info!(addr = %listener.local_addr()?, memory_bytes = cfg.memory_bytes, disk = ?cfg.disk, "kv-transfer store serving");
+    let store = Arc::new(Mutex::new(store));
+    let svc = Service { store: store.clone(), worker_id: cfg.worker_id.clone(), state: cfg.state.clone(), index_ttl: cfg.index_ttl };
+    let beat_stop = CancellationToken::new();
+    if let Some(state) = cfg.state.clone() {
+        let (id, addr, ttl) = (cfg.worker_id.clone(), cfg.addr.clone(), cfg.index_ttl);
+        let record_store = store.clone();
+        let record = move || {
+            let n = lock(&record_store).len() as u32;
+            WorkerRecord { id: id.clone(), role: "kv-transfer".into(), addr: addr.clone(), total_blocks: n, updated_ms: now_ms(), ..Default::default() }
+        };
+        let (republish_state, republish_store, holder) = (state.clone(), store.clone(), cfg.worker_id.clone());
+        let on_new = move || {
+            let (state, store, holder) = (republish_state.clone(), republish_store.clone(), holder.clone());
+            async move {
+                let hashes = lock(&store).hashes();
+                if let Err(e) = state.publish_blocks(&holder, &hashes, ttl).await {
+                    tracing::warn!(error = %e, "could not republish the store's blocks");
+                }
+            }
+        };
+        tokio::spawn(tandem_state::heartbeat(state, cfg.heartbeat, cfg.heartbeat * 3, record, on_new, beat_stop.clone()));
+    }
     tonic::transport::Server::builder()
         .add_service(KvStoreServer::new(svc).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await?;
+    beat_stop.cancel();
+    // Give the heartbeat task its moment to leave the registry.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
 }
 
+fn lock(store: &Mutex<BlockStore>) -> std::sync::MutexGuard<'_, BlockStore> {
+    store.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Service {
-    fn store(&self) -> std::sync::MutexGuard<'_, BlockStore> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    /// Keeps the prefix index in step with the store, off the request path.
+    fn index(&self, stored: Vec<u64>, gone: Vec<u64>) {
+        let Some(state) = self.state.clone() else { return };
+        let (holder, ttl) = (self.worker_id.clone(), self.index_ttl);
+        tokio::spawn(async move {
+            let r = async {
+                state.publish_blocks(&holder, &stored, ttl).await?;
+                state.withdraw_blocks(&holder, &gone).await
+            };
+            if let Err(e) = r.await {
+                tracing::debug!(error = %e, "prefix index not updated");
+            }
+        });
     }
 }
 
@@ -49,19 +107,32 @@ impl KvStore for Service {
         if r.hashes.len() != r.blocks.len() {
             return Err(Status::invalid_argument("one hash per block"));
         }
-        let mut store = self.store();
-        let stored = r.hashes.into_iter().zip(r.blocks).filter(|(h, b)| store.put(&r.layout_json, *h, b.clone())).count();
-        Ok(Response::new(PutBlocksResponse { stored: stored as u32 }))
+        let (mut stored, mut gone) = (Vec::new(), Vec::new());
+        {
+            let mut store = lock(&self.store);
+            for (h, b) in r.hashes.into_iter().zip(r.blocks) {
+                let (ok, evicted) = store.put(&r.layout_json, h, b);
+                if ok {
+                    stored.push(h);
+                }
+                gone.extend(evicted);
+            }
+        }
+        let n = stored.len() as u32;
+        gone.retain(|h| !stored.contains(h));
+        self.index(stored, gone);
+        Ok(Response::new(PutBlocksResponse { stored: n }))
     }
 
     async fn get(&self, request: Request<GetBlocksRequest>) -> Result<Response<GetBlocksResponse>, Status> {
         let r = request.into_inner();
-        let blocks = self.store().get_prefix(&r.layout_json, &r.hashes);
+        let (blocks, gone) = lock(&self.store).get_prefix(&r.layout_json, &r.hashes);
+        self.index(Vec::new(), gone);
         Ok(Response::new(GetBlocksResponse { blocks }))
     }
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<WorkerInfo>, Status> {
-        let store = self.store();
+        let store = lock(&self.store);
         Ok(Response::new(WorkerInfo {
             worker_id: self.worker_id.clone(),
             role: "kv-transfer".into(),

@@ -1,51 +1,301 @@
 //! The prefill worker: computes prompts, samples each request's first token, and pushes the KV
 //! blocks to the decode worker the gateway chose. Every handoff ends, within its lease, in an
 //! explicit success or failure; the engine frees the blocks either way.
+//!
+//! Around that: prompt prefixes the cluster's block store holds (and this cache does not) are
+//! fetched instead of recomputed; finished prompt blocks go to the store in the background; with
+//! a state store the worker heartbeats into the registry, withdraws evicted blocks from the
+//! prefix index, and republishes its cache if the store lost it. Stopping drains: no new
+//! requests, in-flight ones finish, then it leaves.
 #![forbid(unsafe_code)]
 
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_engine::wire::{finished_message, new_request, token_message, worker_info};
 use tandem_engine::{EngineHandle, Event, Mode};
+use tandem_protocol::pb::kv_store_client::KvStoreClient;
 use tandem_protocol::pb::prefill_server::{Prefill, PrefillServer};
-use tandem_protocol::pb::{self, InfoRequest, PrefillRequest, PrefillResponse, WorkerInfo};
-use tandem_protocol::ErrorCode;
+use tandem_protocol::pb::{self, GetBlocksRequest, InfoRequest, PrefillRequest, PrefillResponse, PutBlocksRequest, WorkerInfo};
+use tandem_protocol::{block_hashes, BlockHash, ErrorCode, KvExport, ROOT_HASH};
+use tandem_state::{now_ms, InFlight, StateStore, WorkerRecord};
 use tandem_transfer::{Handoff, KvTransport};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 pub struct PrefillConfig {
     pub worker_id: String,
+    /// The gRPC address other services reach this worker at.
+    pub addr: String,
     pub transport: Arc<dyn KvTransport>,
     /// Upper bound of one KV handoff, verdict included.
     pub handoff_lease: Duration,
+    /// Bound of one fetch from the block store; past it the prompt is computed instead.
+    pub store_timeout: Duration,
+    pub state: Option<Arc<dyn StateStore>>,
+    pub heartbeat: Duration,
+    /// Longest a stopping worker waits for its requests to finish.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    completed: AtomicU64,
+    pulled: AtomicU64,
+    offloaded: AtomicU64,
+}
+
+/// Hashes recently sent to the block store, so a popular prefix is not sent with every request.
+#[derive(Debug, Default)]
+struct Recent {
+    set: HashSet<BlockHash>,
+    order: VecDeque<BlockHash>,
+}
+
+impl Recent {
+    const CAP: usize = 1 << 16;
+
+    fn insert(&mut self, h: BlockHash) -> bool {
+        if !self.set.insert(h) {
+            return false;
+        }
+        self.order.push_back(h);
+        if self.order.len() > Self::CAP {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
 }
 
 struct Service {
     engine: EngineHandle,
     cfg: PrefillConfig,
+    layout_json: String,
+    draining: Arc<AtomicBool>,
+    inflight: InFlight,
+    counters: Counters,
+    stores: Mutex<HashMap<String, KvStoreClient<Channel>>>,
+    offloaded: Mutex<Recent>,
 }
 
-/// Serves the prefill gRPC API on `listener` until `shutdown` fires.
+/// Serves the prefill gRPC API on `listener` until `shutdown` fires, then drains and stops.
 pub async fn run(engine: EngineHandle, cfg: PrefillConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, worker = %cfg.worker_id, "prefill worker serving");
-    tonic::transport::Server::builder()
-        .add_service(PrefillServer::new(Service { engine, cfg }))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.cancelled_owned())
-        .await?;
+    let layout_json = serde_json::to_string(&engine.info().layout)?;
+    let svc = Arc::new(Service {
+        engine,
+        cfg,
+        layout_json,
+        draining: Arc::new(AtomicBool::new(false)),
+        inflight: InFlight::default(),
+        counters: Counters::default(),
+        stores: Mutex::new(HashMap::new()),
+        offloaded: Mutex::new(Recent::default()),
+    });
+    let serve_stop = CancellationToken::new();
+    let server = tonic::transport::Server::builder()
+        .add_service(PrefillServer::from_arc(svc.clone()))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), serve_stop.clone().cancelled_owned());
+    let server = tokio::spawn(server);
+    if let Some(state) = svc.cfg.state.clone() {
+        tokio::spawn(withdraw_evicted(svc.clone(), state, shutdown.clone()));
+    }
+    let (r, n) = (svc.clone(), svc.clone());
+    let busy_svc = svc.clone();
+    tandem_state::lifecycle(
+        svc.cfg.state.clone(),
+        svc.cfg.heartbeat,
+        move || r.record(),
+        move || {
+            let svc = n.clone();
+            async move { svc.republish().await }
+        },
+        svc.draining.clone(),
+        move || {
+            let load = busy_svc.engine.load();
+            busy_svc.inflight.count() > 0 || load.running + load.waiting > 0
+        },
+        svc.cfg.drain_timeout,
+        shutdown,
+    )
+    .await;
+    serve_stop.cancel();
+    server.await??;
     Ok(())
+}
+
+/// Keeps the prefix index from pointing here for blocks this cache evicted.
+async fn withdraw_evicted(svc: Arc<Service>, state: Arc<dyn StateStore>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        let evicted = svc.engine.take_evicted();
+        if !evicted.is_empty() {
+            if let Err(e) = state.withdraw_blocks(&svc.cfg.worker_id, &evicted).await {
+                tracing::debug!(error = %e, blocks = evicted.len(), "evictions not withdrawn from the index; they lapse with their TTL");
+            }
+        }
+    }
+}
+
+impl Service {
+    fn record(&self) -> WorkerRecord {
+        let i = self.info();
+        WorkerRecord {
+            id: i.worker_id,
+            role: i.role,
+            addr: self.cfg.addr.clone(),
+            kv_addr: String::new(),
+            model: i.model,
+            tp_size: i.tp_size,
+            block_size: i.block_size,
+            free_blocks: i.free_blocks,
+            total_blocks: i.total_blocks,
+            running: i.running,
+            waiting: i.waiting,
+            draining: i.draining,
+            updated_ms: now_ms(),
+        }
+    }
+
+    fn info(&self) -> WorkerInfo {
+        WorkerInfo {
+            draining: self.draining.load(Ordering::SeqCst),
+            completed: self.counters.completed.load(Ordering::Relaxed),
+            pulled_blocks: self.counters.pulled.load(Ordering::Relaxed),
+            offloaded_blocks: self.counters.offloaded.load(Ordering::Relaxed),
+            ..worker_info(&self.engine, &self.cfg.worker_id, "prefill", "")
+        }
+    }
+
+    /// After the state store lost its contents: tell the index again what this cache holds.
+    async fn republish(&self) {
+        let Some(state) = &self.cfg.state else { return };
+        let hashes = self.engine.cached_hashes().await;
+        if hashes.is_empty() {
+            return;
+        }
+        // The gateway's entries live this long; a republished one is no different.
+        let ttl = Duration::from_secs(600);
+        match state.publish_blocks(&self.cfg.worker_id, &hashes, ttl).await {
+            Ok(()) => tracing::info!(blocks = hashes.len(), "prefix index republished"),
+            Err(e) => tracing::warn!(error = %e, "could not republish the prefix index"),
+        }
+    }
+
+    fn store(&self, addr: &str) -> Result<KvStoreClient<Channel>, Status> {
+        let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = stores.get(addr) {
+            return Ok(c.clone());
+        }
+        let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .map_err(|e| Status::invalid_argument(format!("store address {addr}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let c = KvStoreClient::new(channel).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30);
+        stores.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Fetches the prompt's leading blocks the store holds beyond what this cache has. Returns how
+    /// many blocks joined the cache; any failure just means computing them.
+    async fn pull(&self, addr: &str, prompt: &[u32], store_blocks: usize) -> usize {
+        let bs = self.engine.info().block_size;
+        // The same blocks the engine may reuse: the last prompt token is always computed.
+        let reusable = block_hashes(&prompt[..prompt.len() - 1], bs);
+        let n = store_blocks.min(reusable.len());
+        let local = self.engine.cached_prefix(reusable[..n].to_vec()).await;
+        if local >= n {
+            return 0;
+        }
+        let fetch = async {
+            let mut client = self.store(addr)?;
+            let req = GetBlocksRequest { layout_json: self.layout_json.clone(), hashes: reusable[local..n].to_vec() };
+            Ok::<_, Status>(client.get(req).await?.into_inner().blocks)
+        };
+        let blocks = match tokio::time::timeout(self.cfg.store_timeout, fetch).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                tracing::warn!(store = %addr, error = %e, "block store fetch failed; computing the prefix");
+                return 0;
+            }
+            Err(_) => {
+                tracing::warn!(store = %addr, "block store fetch timed out; computing the prefix");
+                return 0;
+            }
+        };
+        let parent = if local == 0 { ROOT_HASH } else { reusable[local - 1] };
+        let tokens = prompt[local * bs..(local + blocks.len()) * bs].to_vec();
+        match self.engine.insert_cached(parent, tokens, blocks).await {
+            Ok(added) => {
+                self.counters.pulled.fetch_add(added as u64, Ordering::Relaxed);
+                added
+            }
+            Err(e) => {
+                tracing::warn!(store = %addr, error = %e, "fetched blocks refused; computing the prefix");
+                0
+            }
+        }
+    }
+
+    /// Sends the prompt's full blocks the store lacks to it, in the background. Returns how many
+    /// leading prompt blocks the store will then hold (as far as this worker knows).
+    fn offload(&self, addr: &str, kv: &KvExport, skip: usize) -> usize {
+        let hashes = block_hashes(&kv.tokens, kv.layout.block_size);
+        let (mut send_hashes, mut send_blocks) = (Vec::new(), Vec::new());
+        {
+            let mut recent = self.offloaded.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, h) in hashes.iter().enumerate().skip(skip) {
+                if recent.insert(*h) {
+                    send_hashes.push(*h);
+                    send_blocks.push(kv.blocks[i].clone());
+                }
+            }
+        }
+        let n = send_hashes.len();
+        if n == 0 {
+            return hashes.len();
+        }
+        let Ok(mut client) = self.store(addr) else { return 0 };
+        let req = PutBlocksRequest { layout_json: self.layout_json.clone(), hashes: send_hashes, blocks: send_blocks };
+        self.counters.offloaded.fetch_add(n as u64, Ordering::Relaxed);
+        let timeout = self.cfg.store_timeout;
+        let store = addr.to_string();
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, client.put(req)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(%store, error = %e, "offload to the block store failed"),
+                Err(_) => tracing::warn!(%store, "offload to the block store timed out"),
+            }
+        });
+        hashes.len()
+    }
 }
 
 #[tonic::async_trait]
 impl Prefill for Service {
     async fn prefill(&self, request: Request<PrefillRequest>) -> Result<Response<PrefillResponse>, Status> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(Status::unavailable(format!("prefill worker {} is draining", self.cfg.worker_id)));
+        }
+        let _inflight = self.inflight.enter();
         let started = Instant::now();
         let r = request.into_inner();
         let g = r.request.ok_or_else(|| Status::invalid_argument("missing request"))?;
         let req = new_request(&self.engine, &g, Mode::PrefillOnly).map_err(|e| e.to_status())?;
+        let store_blocks = r.store_prefix_blocks as usize;
+        let pulled = if !r.store_addr.is_empty() && store_blocks > 0 { self.pull(&r.store_addr, &g.prompt, store_blocks).await } else { 0 };
         // Dropping `events` (client gone, or this future dropped) cancels the request.
         let mut events = self.engine.submit(req);
         let mut first = None;
@@ -53,12 +303,15 @@ impl Prefill for Service {
             match event {
                 Event::Token { token, logprobs, .. } => first = Some(token_message(token, logprobs)),
                 Event::Finished { reason, usage, .. } => {
+                    self.counters.completed.fetch_add(1, Ordering::Relaxed);
                     return Ok(Response::new(PrefillResponse {
                         first_token: first,
                         finished: Some(finished_message(reason, usage)),
                         cached_tokens: usage.cached_tokens as u32,
                         prefill_millis: started.elapsed().as_secs_f64() * 1e3,
                         transfer: None,
+                        pulled_blocks: pulled as u32,
+                        offloaded_blocks: 0,
                     }));
                 }
                 Event::Prefilled { kv, usage, .. } => {
@@ -76,8 +329,10 @@ impl Prefill for Service {
                         })?;
                     tracing::info!(
                         request_id = %g.request_id, transport = %report.transport, bytes = report.bytes,
-                        transfer_ms = report.millis, prefill_ms = prefill_millis, "kv handed off"
+                        transfer_ms = report.millis, prefill_ms = prefill_millis, pulled, "kv handed off"
                     );
+                    let offloaded = if r.store_addr.is_empty() { 0 } else { self.offload(&r.store_addr, &handoff.kv, store_blocks) };
+                    self.counters.completed.fetch_add(1, Ordering::Relaxed);
                     return Ok(Response::new(PrefillResponse {
                         first_token: Some(first_token),
                         finished: None,
@@ -89,6 +344,8 @@ impl Prefill for Service {
                             blocks: report.blocks,
                             millis: report.millis,
                         }),
+                        pulled_blocks: pulled as u32,
+                        offloaded_blocks: offloaded as u32,
                     }));
                 }
                 Event::Failed { error, .. } => {
@@ -101,6 +358,6 @@ impl Prefill for Service {
     }
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<WorkerInfo>, Status> {
-        Ok(Response::new(worker_info(&self.engine, &self.cfg.worker_id, "prefill", "")))
+        Ok(Response::new(self.info()))
     }
 }

@@ -39,8 +39,21 @@ pub struct EngineArgs {
 pub struct Common {
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
+    /// The address other services reach this one at (default: the bound address).
+    #[arg(long)]
+    pub advertise: Option<String>,
     #[arg(long)]
     pub worker_id: Option<String>,
+    /// Join the cluster through this Redis (registry heartbeats, prefix index); without it the
+    /// service is reached only at the address given to the gateway.
+    #[arg(long, env = "TANDEM_REDIS_URL")]
+    pub redis: Option<String>,
+    /// How often the worker heartbeats into the registry; it leaves routing after three missed.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// On stop, how long in-flight requests may take to finish before the process exits anyway.
+    #[arg(long, default_value_t = 120)]
+    pub drain_timeout_s: u64,
     /// Stop when stdin closes (used by `tandem up`).
     #[arg(long, hide = true)]
     pub managed: bool,
@@ -55,6 +68,9 @@ pub struct PrefillArgs {
     /// Upper bound of one KV handoff, verdict included.
     #[arg(long, default_value_t = 10_000)]
     pub handoff_lease_ms: u64,
+    /// Bound of one fetch from (or offload to) the block store.
+    #[arg(long, default_value_t = 2_000)]
+    pub store_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -77,6 +93,14 @@ pub struct KvTransferArgs {
     pub common: Common,
     #[arg(long, default_value_t = 1024)]
     pub memory_mb: usize,
+    /// A disk tier below memory: blocks pushed out of memory go here (emptied at start).
+    #[arg(long)]
+    pub disk_dir: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 8192)]
+    pub disk_mb: usize,
+    /// How long a prefix-index entry lives unless renewed.
+    #[arg(long, default_value_t = 600)]
+    pub index_ttl_s: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -88,11 +112,28 @@ pub struct GatewayArgs {
     #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
     /// Prefill workers (host:port), repeatable.
-    #[arg(long, required = true)]
+    #[arg(long)]
     pub prefill: Vec<String>,
     /// Decode workers (host:port), repeatable.
-    #[arg(long, required = true)]
+    #[arg(long)]
     pub decode: Vec<String>,
+    /// Block stores (kv-transfer, host:port), repeatable.
+    #[arg(long)]
+    pub kv_store: Vec<String>,
+    /// Keep cluster state in this Redis and find workers in its registry; without it the state
+    /// lives in this process and the workers are those given.
+    #[arg(long, env = "TANDEM_REDIS_URL")]
+    pub redis: Option<String>,
+    /// How long prefix-index entries live unless renewed.
+    #[arg(long, default_value_t = 600)]
+    pub index_ttl_s: u64,
+    /// How long a finished request's state is kept.
+    #[arg(long, default_value_t = 3600)]
+    pub request_ttl_s: u64,
+    /// Routing: how many prompt tokens of recomputation one queued request on a prefill worker
+    /// is worth (see docs/architecture.md).
+    #[arg(long, default_value_t = 256.0)]
+    pub route_load_weight: f64,
     /// Longest a request may take, queueing and prefill included.
     #[arg(long, default_value_t = 600_000)]
     pub request_timeout_ms: u64,
@@ -152,7 +193,19 @@ fn shutdown_token(managed: bool) -> CancellationToken {
 }
 
 fn worker_id(common: &Common, role: &str, addr: &std::net::SocketAddr) -> String {
-    common.worker_id.clone().unwrap_or_else(|| format!("{role}-{}", addr.port()))
+    common.worker_id.clone().unwrap_or_else(|| format!("{role}-{}-{}", host_name(), addr.port()))
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "local".into())
+}
+
+fn advertised(common: &Common, addr: &std::net::SocketAddr) -> String {
+    common.advertise.clone().unwrap_or_else(|| addr.to_string())
+}
+
+fn state_store(url: Option<&str>) -> Result<Option<Arc<dyn tandem_state::StateStore>>> {
+    url.map(|u| tandem_state::open(Some(u)).with_context(|| format!("opening the state store at {u}"))).transpose()
 }
 
 fn ready(role: &str, fields: &str) {
@@ -165,10 +218,16 @@ pub async fn prefill(args: PrefillArgs) -> Result<()> {
     let listener = TcpListener::bind(&args.common.listen).await?;
     let addr = listener.local_addr()?;
     let engine = load_engine("prefill", &args.engine)?;
+    let c = &args.common;
     let cfg = tandem_prefill::PrefillConfig {
-        worker_id: worker_id(&args.common, "prefill", &addr),
+        worker_id: worker_id(c, "prefill", &addr),
+        addr: advertised(c, &addr),
         transport: Arc::new(tandem_transfer::TcpTransport),
         handoff_lease: Duration::from_millis(args.handoff_lease_ms),
+        store_timeout: Duration::from_millis(args.store_timeout_ms),
+        state: state_store(c.redis.as_deref())?,
+        heartbeat: Duration::from_millis(c.heartbeat_ms),
+        drain_timeout: Duration::from_secs(c.drain_timeout_s),
     };
     ready("prefill", &format!("grpc={addr}"));
     tandem_prefill::run(engine, cfg, listener, shutdown).await
@@ -180,8 +239,13 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
     let kv_listener = TcpListener::bind(&args.kv_listen).await?;
     let (addr, kv) = (listener.local_addr()?, kv_listener.local_addr()?);
     let engine = load_engine("decode", &args.engine)?;
+    let c = &args.common;
     let cfg = tandem_decode::DecodeConfig {
-        worker_id: worker_id(&args.common, "decode", &addr),
+        worker_id: worker_id(c, "decode", &addr),
+        addr: advertised(c, &addr),
+        state: state_store(c.redis.as_deref())?,
+        heartbeat: Duration::from_millis(c.heartbeat_ms),
+        drain_timeout: Duration::from_secs(c.drain_timeout_s),
         handoff_lease: Duration::from_millis(args.handoff_lease_ms),
         default_kv_wait: Duration::from_secs(600),
     };
@@ -193,7 +257,16 @@ pub async fn kv_transfer(args: KvTransferArgs) -> Result<()> {
     let shutdown = shutdown_token(args.common.managed);
     let listener = TcpListener::bind(&args.common.listen).await?;
     let addr = listener.local_addr()?;
-    let cfg = tandem_kv_transfer::KvTransferConfig { worker_id: worker_id(&args.common, "kv-transfer", &addr), memory_bytes: args.memory_mb << 20 };
+    let c = &args.common;
+    let cfg = tandem_kv_transfer::KvTransferConfig {
+        worker_id: worker_id(c, "kv-transfer", &addr),
+        addr: advertised(c, &addr),
+        memory_bytes: args.memory_mb << 20,
+        disk: args.disk_dir.clone().map(|d| (d, args.disk_mb << 20)),
+        state: state_store(c.redis.as_deref())?,
+        heartbeat: Duration::from_millis(c.heartbeat_ms),
+        index_ttl: Duration::from_secs(args.index_ttl_s),
+    };
     ready("kv-transfer", &format!("grpc={addr}"));
     tandem_kv_transfer::run(cfg, listener, shutdown).await
 }
@@ -204,10 +277,20 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
     let tokenizer = Tokenizer::load(&files)?;
     let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
+    if args.redis.is_none() && (args.prefill.is_empty() || args.decode.is_empty()) {
+        anyhow::bail!("give at least one --prefill and one --decode worker, or --redis to find them in the registry");
+    }
+    let state = tandem_state::open(args.redis.as_deref()).context("opening the state store")?;
     let cfg = tandem_gateway::GatewayConfig {
         model_name: files.name.clone(),
         prefill: args.prefill,
         decode: args.decode,
+        kv_stores: args.kv_store,
+        discover: args.redis.is_some(),
+        state,
+        index_ttl: Duration::from_secs(args.index_ttl_s),
+        request_ttl: Duration::from_secs(args.request_ttl_s),
+        route_load_weight: args.route_load_weight,
         request_timeout: Duration::from_millis(args.request_timeout_ms),
         poll_interval: Duration::from_millis(args.poll_interval_ms),
     };

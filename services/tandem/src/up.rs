@@ -31,6 +31,10 @@ pub struct UpArgs {
     /// Longest a KV handoff may take before its request fails.
     #[arg(long, default_value_t = 10_000)]
     pub handoff_lease_ms: u64,
+    /// Keep the cluster state in this Redis (the services register there, and more workers
+    /// started elsewhere with the same URL join); without it the gateway keeps it in process.
+    #[arg(long, env = "TANDEM_REDIS_URL")]
+    pub redis: Option<String>,
 }
 
 struct Service {
@@ -91,8 +95,15 @@ pub async fn run(args: UpArgs) -> Result<()> {
         a
     };
 
+    let redis: Vec<String> = args.redis.iter().flat_map(|u| ["--redis".to_string(), u.clone()]).collect();
+    let engine_args = |role: &str| {
+        let mut a = engine_args(role);
+        a.extend(redis.clone());
+        a
+    };
     let mut services = Vec::new();
-    let (kv, _) = spawn("kv-transfer", &["kv-transfer".into()]).await?;
+    let (kv, kv_fields) = spawn("kv-transfer", &[&["kv-transfer".to_string()][..], &redis].concat()).await?;
+    let kv_addr = field(&kv_fields, "grpc")?;
     services.push(kv);
     let mut prefill_addrs = Vec::new();
     for i in 0..args.prefill {
@@ -108,11 +119,17 @@ pub async fn run(args: UpArgs) -> Result<()> {
     }
     let mut gw = vec!["gateway".to_string(), "--listen".into(), format!("{}:{}", args.host, args.port)];
     gw.extend(model_args.clone());
-    for a in &prefill_addrs {
-        gw.extend(["--prefill".into(), a.clone()]);
-    }
-    for a in &decode_addrs {
-        gw.extend(["--decode".into(), a.clone()]);
+    if args.redis.is_some() {
+        // The workers are in the registry.
+        gw.extend(redis.clone());
+    } else {
+        for a in &prefill_addrs {
+            gw.extend(["--prefill".into(), a.clone()]);
+        }
+        for a in &decode_addrs {
+            gw.extend(["--decode".into(), a.clone()]);
+        }
+        gw.extend(["--kv-store".into(), kv_addr]);
     }
     let (gateway, f) = spawn("gateway", &gw).await?;
     services.push(gateway);

@@ -120,6 +120,10 @@ impl Batcher {
         self.engine.as_ref()
     }
 
+    pub fn engine_mut(&mut self) -> &mut dyn Engine {
+        self.engine.as_mut()
+    }
+
     pub fn waiting(&self) -> usize {
         self.waiting.len()
     }

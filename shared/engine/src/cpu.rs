@@ -249,4 +249,45 @@ impl Engine for CpuEngine {
     fn stats(&self) -> PoolStats {
         self.pool.stats()
     }
+
+    fn cached_prefix(&self, hashes: &[BlockHash]) -> usize {
+        self.pool.cached_prefix(hashes)
+    }
+
+    fn cached_hashes(&self) -> Vec<BlockHash> {
+        self.pool.cached_hashes()
+    }
+
+    fn take_evicted(&mut self) -> Vec<BlockHash> {
+        self.pool.take_evicted()
+    }
+
+    fn insert_cached(&mut self, parent: BlockHash, tokens: &[u32], blocks: &[Vec<u8>]) -> Result<usize> {
+        let bs = self.info.block_size;
+        if tokens.len() != blocks.len() * bs {
+            return Err(EngineError::Import(format!("{} tokens for {} blocks of {bs}", tokens.len(), blocks.len())));
+        }
+        let want = self.store.block_elems() * 4;
+        if let Some(bad) = blocks.iter().position(|b| b.len() != want) {
+            return Err(EngineError::Import(format!("block {bad} has {} bytes, expected {want}", blocks[bad].len())));
+        }
+        let mut h = parent;
+        let mut added = 0;
+        for (chunk, bytes) in tokens.chunks(bs).zip(blocks) {
+            h = chain_hash(h, chunk);
+            if self.pool.is_cached(h) {
+                continue;
+            }
+            // Room comes from free blocks or the oldest cached ones, never a running sequence's.
+            if self.pool.available() == 0 {
+                break;
+            }
+            let b = self.pool.allocate()?;
+            bytemuck::cast_slice_mut::<f32, u8>(self.store.block_mut(b)).copy_from_slice(bytes);
+            self.pool.publish(b, h);
+            self.pool.release(b);
+            added += 1;
+        }
+        Ok(added)
+    }
 }

@@ -1,6 +1,6 @@
 //! The `Engine` seam: what the batcher and the services need from a model backend.
 
-use tandem_protocol::{KvExport, KvLayout};
+use tandem_protocol::{BlockHash, KvExport, KvLayout};
 
 use crate::kv::PoolStats;
 use crate::Result;
@@ -56,4 +56,19 @@ pub trait Engine: Send {
     fn import(&mut self, seq: SeqId, kv: &KvExport) -> Result<()>;
 
     fn stats(&self) -> PoolStats;
+
+    /// How many leading blocks of a hash chain the cache holds.
+    fn cached_prefix(&self, hashes: &[BlockHash]) -> usize;
+
+    /// Every hash the cache holds, for republishing the prefix index.
+    fn cached_hashes(&self) -> Vec<BlockHash>;
+
+    /// Hashes evicted since the last call, for withdrawing them from the prefix index.
+    fn take_evicted(&mut self) -> Vec<BlockHash>;
+
+    /// Adds full blocks fetched from elsewhere (the cluster's block store) to the prefix cache:
+    /// block `i` holds `tokens[i*bs..(i+1)*bs]` and chains from the block before it, the first
+    /// from `parent`. They stay cached, unreferenced, until a sequence uses them or they are
+    /// evicted. Returns how many were new.
+    fn insert_cached(&mut self, parent: BlockHash, tokens: &[u32], blocks: &[Vec<u8>]) -> Result<usize>;
 }

@@ -54,5 +54,7 @@ pub fn worker_info(engine: &EngineHandle, worker_id: &str, role: &str, kv_addr: 
         total_blocks: load.pool.total_blocks as u32,
         max_context: info.max_context as u32,
         prefix_hit_blocks: load.pool.prefix_hit_blocks,
+        block_size: info.block_size as u32,
+        ..WorkerInfo::default()
     }
 }

@@ -11,12 +11,15 @@ use crate::batcher::{Batcher, Event, NewRequest};
 use crate::engine::{EngineInfo, SeqId};
 use crate::kv::PoolStats;
 use crate::Result;
-use tandem_protocol::KvExport;
+use tandem_protocol::{BlockHash, KvExport};
 
 enum Command {
     Submit { req: NewRequest, events: mpsc::UnboundedSender<Event> },
     Import { req: NewRequest, kv: Box<KvExport>, first: u32, events: mpsc::UnboundedSender<Event>, done: oneshot::Sender<Result<()>> },
     Cancel(SeqId),
+    CachedPrefix { hashes: Vec<BlockHash>, reply: oneshot::Sender<usize> },
+    CachedHashes { reply: oneshot::Sender<Vec<BlockHash>> },
+    InsertCached { parent: BlockHash, tokens: Vec<u32>, blocks: Vec<Vec<u8>>, reply: oneshot::Sender<Result<usize>> },
 }
 
 /// Load figures, refreshed after every step.
@@ -34,6 +37,7 @@ pub struct EngineHandle {
     tx: std::sync::mpsc::Sender<Command>,
     info: Arc<EngineInfo>,
     load: Arc<Mutex<WorkerLoad>>,
+    evicted: Arc<Mutex<Vec<BlockHash>>>,
     next_id: Arc<AtomicU64>,
 }
 
@@ -70,12 +74,13 @@ impl EngineHandle {
         let (tx, rx) = std::sync::mpsc::channel();
         let info = Arc::new(batcher.engine().info().clone());
         let load = Arc::new(Mutex::new(WorkerLoad { pool: batcher.engine().stats(), ..WorkerLoad::default() }));
-        let thread_load = load.clone();
+        let evicted = Arc::new(Mutex::new(Vec::new()));
+        let shared = Shared { load: load.clone(), evicted: evicted.clone() };
         std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || run(batcher, rx, thread_load))
+            .spawn(move || run(batcher, rx, shared))
             .expect("spawning the engine thread");
-        Self { tx, info, load, next_id: Arc::new(AtomicU64::new(1)) }
+        Self { tx, info, load, evicted, next_id: Arc::new(AtomicU64::new(1)) }
     }
 
     pub fn info(&self) -> &EngineInfo {
@@ -84,6 +89,34 @@ impl EngineHandle {
 
     pub fn load(&self) -> WorkerLoad {
         *self.load.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hashes the cache evicted since the last call.
+    pub fn take_evicted(&self) -> Vec<BlockHash> {
+        std::mem::take(&mut *self.evicted.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(make(reply)).ok()?;
+        rx.await.ok()
+    }
+
+    /// How many leading blocks of a hash chain the cache holds.
+    pub async fn cached_prefix(&self, hashes: Vec<BlockHash>) -> usize {
+        self.ask(|reply| Command::CachedPrefix { hashes, reply }).await.unwrap_or(0)
+    }
+
+    /// Every hash the cache holds.
+    pub async fn cached_hashes(&self) -> Vec<BlockHash> {
+        self.ask(|reply| Command::CachedHashes { reply }).await.unwrap_or_default()
+    }
+
+    /// Adds fetched full blocks to the prefix cache; see [`crate::Engine::insert_cached`].
+    pub async fn insert_cached(&self, parent: BlockHash, tokens: Vec<u32>, blocks: Vec<Vec<u8>>) -> Result<usize> {
+        self.ask(|reply| Command::InsertCached { parent, tokens, blocks, reply })
+            .await
+            .unwrap_or_else(|| Err(crate::EngineError::Import("engine thread stopped".into())))
     }
 
     /// A fresh sequence id for this engine.
@@ -113,7 +146,13 @@ impl EngineHandle {
     }
 }
 
-fn run(mut batcher: Batcher, rx: std::sync::mpsc::Receiver<Command>, load: Arc<Mutex<WorkerLoad>>) {
+/// What the engine thread publishes to its handles.
+struct Shared {
+    load: Arc<Mutex<WorkerLoad>>,
+    evicted: Arc<Mutex<Vec<BlockHash>>>,
+}
+
+fn run(mut batcher: Batcher, rx: std::sync::mpsc::Receiver<Command>, shared: Shared) {
     let mut routes = std::collections::HashMap::<SeqId, mpsc::UnboundedSender<Event>>::new();
     loop {
         // Block while idle; otherwise take whatever arrived and keep stepping.
@@ -140,7 +179,14 @@ fn run(mut batcher: Batcher, rx: std::sync::mpsc::Receiver<Command>, load: Arc<M
                 routes.remove(&id);
             }
         }
-        *load.lock().unwrap_or_else(|e| e.into_inner()) = WorkerLoad {
+        let evicted = batcher.engine_mut().take_evicted();
+        if !evicted.is_empty() {
+            let mut e = shared.evicted.lock().unwrap_or_else(|e| e.into_inner());
+            if e.len() < 1 << 16 {
+                e.extend(evicted);
+            }
+        }
+        *shared.load.lock().unwrap_or_else(|e| e.into_inner()) = WorkerLoad {
             running: batcher.running(),
             waiting: batcher.waiting(),
             pool: batcher.engine().stats(),
@@ -167,6 +213,15 @@ fn apply(batcher: &mut Batcher, routes: &mut std::collections::HashMap<SeqId, mp
             if routes.remove(&id).is_some() {
                 batcher.cancel(id);
             }
+        }
+        Command::CachedPrefix { hashes, reply } => {
+            let _ = reply.send(batcher.engine().cached_prefix(&hashes));
+        }
+        Command::CachedHashes { reply } => {
+            let _ = reply.send(batcher.engine().cached_hashes());
+        }
+        Command::InsertCached { parent, tokens, blocks, reply } => {
+            let _ = reply.send(batcher.engine_mut().insert_cached(parent, &tokens, &blocks));
         }
     }
 }

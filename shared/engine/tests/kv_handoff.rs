@@ -176,3 +176,36 @@ fn a_tiny_cache_refuses_clearly_and_shares_fairly() {
     assert_eq!(finished, vec![2, 3]);
     assert_eq!(b.engine().stats().used_blocks, 0);
 }
+
+#[test]
+fn fetched_prefix_blocks_are_reused_as_if_computed_here() {
+    let files = default_model();
+    let (mut a, tok) = load(&files);
+    let p = prompt(&tok, &"A long shared system prompt about the history of ships and the sea. ".repeat(6));
+    assert!(p.len() > 48, "several full blocks");
+    a.add_sequence(1, &p).unwrap();
+    let reference = a.forward(&[ForwardItem { seq: 1, tokens: p.clone(), all_logits: false }]).unwrap();
+    let kv = a.export(1).unwrap();
+    let full = p.len() / 16;
+
+    // A second engine gets the full blocks, as it would from the cluster's block store.
+    let (mut b, _) = load(&files);
+    let added = b.insert_cached(tandem_protocol::ROOT_HASH, &p[..full * 16], &kv.blocks[..full]).unwrap();
+    assert_eq!(added, full);
+    assert_eq!(b.stats().used_blocks, 0, "fetched blocks wait unreferenced in the cache");
+    let hashes = tandem_protocol::block_hashes(&p, 16);
+    assert_eq!(b.cached_prefix(&hashes), full);
+    assert_eq!(b.insert_cached(tandem_protocol::ROOT_HASH, &p[..16], &kv.blocks[..1]).unwrap(), 0, "already there");
+
+    let cached = b.add_sequence(2, &p).unwrap();
+    assert_eq!(cached, (p.len() - 1) / 16 * 16, "the prefix is shared instead of recomputed");
+    let got = b.forward(&[ForwardItem { seq: 2, tokens: p[cached..].to_vec(), all_logits: false }]).unwrap();
+    let (r, g) = (&reference[0][0], &got[0][0]);
+    let max_diff = r.iter().zip(g).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(max_diff < 1e-3, "logits after a fetched prefix differ by {max_diff}");
+    assert!(b.stats().prefix_hit_blocks as usize >= cached / 16);
+
+    // Wrong sizes are refused, not written.
+    assert!(b.insert_cached(tandem_protocol::ROOT_HASH, &p[..16], &[vec![0u8; 7]]).is_err());
+    assert!(b.insert_cached(tandem_protocol::ROOT_HASH, &p[..15], &kv.blocks[..1]).is_err());
+}

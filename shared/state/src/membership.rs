@@ -91,3 +91,44 @@ pub async fn drain(busy: impl Fn() -> bool, limit: Duration) -> bool {
     }
     true
 }
+
+/// A worker's membership from start to exit: heartbeats (with a store) until `shutdown` fires;
+/// then it raises `draining` (and tells the registry at once, so routing stops sending work),
+/// waits until `busy` turns false or `drain_limit` passes, and leaves the registry. The caller
+/// stops its server when this returns.
+#[allow(clippy::too_many_arguments)]
+pub async fn lifecycle<R, F, Fut, B>(
+    state: Option<Arc<dyn StateStore>>,
+    every: Duration,
+    record: R,
+    on_new: F,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+    busy: B,
+    drain_limit: Duration,
+    shutdown: CancellationToken,
+) where
+    R: Fn() -> WorkerRecord + Send + Sync + 'static,
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+    B: Fn() -> bool,
+{
+    let record = Arc::new(record);
+    let beat_stop = CancellationToken::new();
+    let beat = state.clone().map(|s| {
+        let r = record.clone();
+        tokio::spawn(heartbeat(s, every, every * 3, move || r(), on_new, beat_stop.clone()))
+    });
+    shutdown.cancelled().await;
+    draining.store(true, Ordering::SeqCst);
+    if let Some(s) = &state {
+        let _ = s.register_worker(&record(), every * 3).await;
+    }
+    tracing::info!("draining: no new work; finishing what is in flight");
+    if !drain(busy, drain_limit).await {
+        tracing::warn!(limit = ?drain_limit, "drain limit reached; stopping with work in flight");
+    }
+    beat_stop.cancel();
+    if let Some(b) = beat {
+        let _ = b.await;
+    }
+}

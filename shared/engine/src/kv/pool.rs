@@ -35,6 +35,8 @@ pub struct BlockPool {
     tick: u64,
     hits: u64,
     evictions: u64,
+    /// Hashes evicted since the last [`BlockPool::take_evicted`], for the cluster's prefix index.
+    evicted: Vec<BlockHash>,
 }
 
 impl BlockPool {
@@ -49,6 +51,7 @@ impl BlockPool {
             tick: 0,
             hits: 0,
             evictions: 0,
+            evicted: Vec::new(),
         }
     }
 
@@ -64,6 +67,11 @@ impl BlockPool {
         } else if let Some((_, id)) = self.lru.pop_first() {
             if let Some(h) = self.hash_of[id as usize].take() {
                 self.by_hash.remove(&h);
+                // Bounded: a reader that never drains loses old entries, which only makes the
+                // index stale until their TTL.
+                if self.evicted.len() < 1 << 16 {
+                    self.evicted.push(h);
+                }
             }
             self.evictions += 1;
             id
@@ -108,6 +116,21 @@ impl BlockPool {
 
     pub fn is_cached(&self, hash: BlockHash) -> bool {
         self.by_hash.contains_key(&hash)
+    }
+
+    /// How many leading hashes of a chain are cached.
+    pub fn cached_prefix(&self, hashes: &[BlockHash]) -> usize {
+        hashes.iter().take_while(|h| self.by_hash.contains_key(h)).count()
+    }
+
+    /// Every cached hash (held or evictable).
+    pub fn cached_hashes(&self) -> Vec<BlockHash> {
+        self.by_hash.keys().copied().collect()
+    }
+
+    /// Hashes evicted since the last call.
+    pub fn take_evicted(&mut self) -> Vec<BlockHash> {
+        std::mem::take(&mut self.evicted)
     }
 
     pub fn release(&mut self, id: BlockId) {
