@@ -27,6 +27,25 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Closes stdin (a managed service drains and exits) and waits up to `limit` for the exit.
+    pub fn stop_within(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         drop(self.stdin.take());
@@ -101,6 +120,74 @@ impl Cluster {
         }
         panic!("cluster not ready");
     }
+}
+
+/// A cluster that shares its state through Redis: every service registers there and the gateway
+/// finds the workers in the registry (none are given to it).
+pub struct RedisCluster {
+    pub redis_url: String,
+    pub kv: Proc,
+    pub prefill: Vec<Proc>,
+    pub decode: Vec<Proc>,
+    pub gateway: Proc,
+    pub base: String,
+}
+
+/// Heartbeats this often in the tests, so a dead worker lapses within a second.
+pub const HEARTBEAT_MS: &str = "300";
+
+pub fn worker_args<'a>(role: &'a str, redis_url: &'a str) -> Vec<&'a str> {
+    vec![role, "--kv-cache-mb", "64", "--handoff-lease-ms", "5000", "--redis", redis_url, "--heartbeat-ms", HEARTBEAT_MS]
+}
+
+impl RedisCluster {
+    pub fn start(redis_url: &str, prefill: usize, decode: usize) -> Self {
+        let kv = start(&["kv-transfer", "--redis", redis_url, "--heartbeat-ms", HEARTBEAT_MS]);
+        let prefill: Vec<Proc> = (0..prefill).map(|_| start(&worker_args("prefill", redis_url))).collect();
+        let decode: Vec<Proc> = (0..decode).map(|_| start(&worker_args("decode", redis_url))).collect();
+        let gateway = start(&["gateway", "--listen", "127.0.0.1:0", "--poll-interval-ms", "200", "--redis", redis_url]);
+        let base = format!("http://{}", gateway.field("http"));
+        let c = Self { redis_url: redis_url.to_string(), kv, prefill, decode, gateway, base };
+        wait_for("the gateway finds its workers in the registry", Duration::from_secs(60), || {
+            metric(&c.base, "tandem_workers{role=\"prefill\"}") == Some(prefill_len(&c) as f64)
+                && metric(&c.base, "tandem_workers{role=\"decode\"}") == Some(c.decode.len() as f64)
+        });
+        c
+    }
+}
+
+fn prefill_len(c: &RedisCluster) -> usize {
+    c.prefill.len()
+}
+
+/// Polls `f` every 50 ms until it holds; panics after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {limit:?} waiting until {what}");
+}
+
+/// A GET's body, with plain blocking sockets.
+pub fn http_get(base: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+}
+
+/// One sample of the gateway's Prometheus metrics, by its full name with labels.
+pub fn metric(base: &str, name: &str) -> Option<f64> {
+    let body = http_get(base, "/metrics")?;
+    body.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' '))).and_then(|v| v.trim().parse().ok())
 }
 
 /// One shared cluster for the tests that only send requests.
