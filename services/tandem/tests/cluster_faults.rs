@@ -147,7 +147,7 @@ async fn a_silent_decode_peer_fails_the_prefill_within_its_lease() {
     let mut client = PrefillClient::connect(format!("http://{}", p.field("grpc"))).await.unwrap();
     let started = Instant::now();
     let err = client
-        .prefill(PrefillRequest { request: Some(generate("silent-1", 0)), decode_kv_addr: hole_addr })
+        .prefill(PrefillRequest { request: Some(generate("silent-1", 0)), decode_kv_addr: hole_addr, ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
@@ -158,7 +158,7 @@ async fn a_silent_decode_peer_fails_the_prefill_within_its_lease() {
 
     // And a decode peer that is not there at all.
     let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let err = client.prefill(PrefillRequest { request: Some(generate("gone-1", 0)), decode_kv_addr: gone }).await.unwrap_err();
+    let err = client.prefill(PrefillRequest { request: Some(generate("gone-1", 0)), decode_kv_addr: gone, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert!(idle(&prefill_info(&p).await));
 }

@@ -5,6 +5,7 @@
 
 mod registry;
 mod tcp;
+mod wire;
 
 use std::time::Duration;
 

@@ -6,33 +6,14 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use tandem_protocol::{KvExport, KvLayout};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Handoff, HandoffRegistry, Incoming, KvTransport, TransferError, TransferReport};
+use crate::wire::{check_header, deliver, Header, Verdict, MAX_HEADER};
+use crate::{Handoff, HandoffRegistry, KvTransport, TransferError, TransferReport};
 
 const MAGIC: &[u8; 4] = b"TKV1";
-const MAX_HEADER: usize = 64 << 20;
-const MAX_PAYLOAD: usize = 8 << 30;
-
-#[derive(Serialize, Deserialize)]
-struct Header {
-    request_id: String,
-    first_token: u32,
-    layout: KvLayout,
-    tokens: Vec<u32>,
-    checksums: Vec<u64>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct Verdict {
-    ok: bool,
-    error: Option<String>,
-}
 
 fn io(e: std::io::Error) -> TransferError {
     TransferError::Io(e.to_string())
@@ -66,14 +47,7 @@ impl TcpTransport {
             .await
             .map_err(|e| TransferError::Connect { peer: peer.to_string(), reason: e.to_string() })?;
         s.set_nodelay(true).map_err(io)?;
-        let header = Header {
-            request_id: h.request_id.clone(),
-            first_token: h.first_token,
-            layout: h.kv.layout.clone(),
-            tokens: h.kv.tokens.clone(),
-            checksums: h.kv.checksums.clone(),
-        };
-        let header = serde_json::to_vec(&header).map_err(|e| TransferError::Protocol(e.to_string()))?;
+        let header = serde_json::to_vec(&Header::of(h)).map_err(|e| TransferError::Protocol(e.to_string()))?;
         s.write_all(MAGIC).await.map_err(io)?;
         write_frame(&mut s, &header).await.map_err(io)?;
         for b in &h.kv.blocks {
@@ -82,9 +56,7 @@ impl TcpTransport {
         s.flush().await.map_err(io)?;
         let verdict: Verdict = serde_json::from_slice(&read_frame(&mut s, 1 << 20).await?)
             .map_err(|e| TransferError::Protocol(e.to_string()))?;
-        if !verdict.ok {
-            return Err(TransferError::Refused(verdict.error.unwrap_or_default()));
-        }
+        verdict.into_result()?;
         Ok(TransferReport {
             transport: "tcp".into(),
             bytes: h.kv.total_bytes() as u64,
@@ -145,11 +117,7 @@ impl TcpReceiver {
             let lease = self.lease;
             tokio::spawn(async move {
                 let outcome = tokio::time::timeout(lease, receive(&mut stream, &registry)).await;
-                let verdict = match outcome {
-                    Ok(Ok(())) => Verdict { ok: true, error: None },
-                    Ok(Err(e)) => Verdict { ok: false, error: Some(e.to_string()) },
-                    Err(_) => Verdict { ok: false, error: Some(format!("receive lease of {lease:?} expired")) },
-                };
+                let verdict = Verdict::of(&outcome.unwrap_or_else(|_| Err(TransferError::LeaseExpired(lease))));
                 if let Some(e) = &verdict.error {
                     tracing::warn!(%peer, error = %e, "kv transfer refused");
                 }
@@ -168,36 +136,12 @@ async fn receive(s: &mut TcpStream, registry: &HandoffRegistry) -> Result<(), Tr
         return Err(TransferError::Protocol("not a tandem kv transfer".into()));
     }
     let h: Header = serde_json::from_slice(&read_frame(s, MAX_HEADER).await?).map_err(|e| TransferError::Protocol(e.to_string()))?;
-    let l = &h.layout;
-    if l.block_size == 0 || l.tp_size == 0 {
-        return Err(TransferError::Protocol("block size and TP size must be positive".into()));
-    }
-    let n = l.num_blocks();
-    let block = [l.num_layers, 2, l.block_size, l.heads_per_rank(), l.head_dim, l.dtype.size()]
-        .into_iter()
-        .try_fold(1usize, |a, b| a.checked_mul(b))
-        .filter(|b| n.checked_mul(*b).is_some_and(|total| total <= MAX_PAYLOAD));
-    let Some(block) = block else {
-        return Err(TransferError::Protocol(format!("a payload of {n} blocks is over the {MAX_PAYLOAD}-byte limit")));
-    };
-    if h.checksums.len() != n || h.tokens.len() != l.token_count {
-        return Err(TransferError::Protocol(format!("inconsistent header: {n} blocks, {} checksums, {} tokens", h.checksums.len(), h.tokens.len())));
-    }
+    let (n, block) = check_header(&h)?;
     let mut blocks = Vec::with_capacity(n);
     for _ in 0..n {
         let mut b = vec![0u8; block];
         s.read_exact(&mut b).await.map_err(io)?;
         blocks.push(b);
     }
-    let kv = KvExport { layout: h.layout, tokens: h.tokens, blocks, checksums: h.checksums };
-    if let Some(bad) = kv.first_corrupt_block() {
-        return Err(TransferError::Refused(format!("block {bad} fails its checksum")));
-    }
-    let (tx, rx) = oneshot::channel();
-    registry.deliver(Incoming { handoff: Handoff { request_id: h.request_id, first_token: h.first_token, kv }, verdict: tx });
-    match rx.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(TransferError::Refused(e)),
-        Err(_) => Err(TransferError::Refused("receiver dropped the blocks".into())),
-    }
+    deliver(registry, h, blocks).await
 }

@@ -1,0 +1,92 @@
+//! What every transport carries around the block payload: the header (request, layout, tokens,
+//! checksums), its checks before any payload is accepted, the receiver's verdict, and the
+//! hand-over to the waiting request.
+
+use serde::{Deserialize, Serialize};
+use tandem_protocol::{KvExport, KvLayout};
+use tokio::sync::oneshot;
+
+use crate::{Handoff, HandoffRegistry, Incoming, TransferError};
+
+pub(crate) const MAX_HEADER: usize = 64 << 20;
+pub(crate) const MAX_PAYLOAD: usize = 8 << 30;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Header {
+    pub request_id: String,
+    pub first_token: u32,
+    pub layout: KvLayout,
+    pub tokens: Vec<u32>,
+    pub checksums: Vec<u64>,
+}
+
+impl Header {
+    pub fn of(h: &Handoff) -> Self {
+        Self {
+            request_id: h.request_id.clone(),
+            first_token: h.first_token,
+            layout: h.kv.layout.clone(),
+            tokens: h.kv.tokens.clone(),
+            checksums: h.kv.checksums.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Verdict {
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+impl Verdict {
+    pub fn of(outcome: &Result<(), TransferError>) -> Self {
+        match outcome {
+            Ok(()) => Verdict { ok: true, error: None },
+            Err(e) => Verdict { ok: false, error: Some(e.to_string()) },
+        }
+    }
+
+    pub fn into_result(self) -> Result<(), TransferError> {
+        if self.ok {
+            Ok(())
+        } else {
+            Err(TransferError::Refused(self.error.unwrap_or_default()))
+        }
+    }
+}
+
+/// Checks a header before any payload is read; returns the block count and bytes per block.
+pub(crate) fn check_header(h: &Header) -> Result<(usize, usize), TransferError> {
+    let l = &h.layout;
+    if l.block_size == 0 || l.tp_size == 0 {
+        return Err(TransferError::Protocol("block size and TP size must be positive".into()));
+    }
+    let n = l.num_blocks();
+    let block = [l.num_layers, 2, l.block_size, l.heads_per_rank(), l.head_dim, l.dtype.size()]
+        .into_iter()
+        .try_fold(1usize, |a, b| a.checked_mul(b))
+        .filter(|b| n.checked_mul(*b).is_some_and(|total| total <= MAX_PAYLOAD));
+    let Some(block) = block else {
+        return Err(TransferError::Protocol(format!("a payload of {n} blocks is over the {MAX_PAYLOAD}-byte limit")));
+    };
+    if h.checksums.len() != n || h.tokens.len() != l.token_count {
+        return Err(TransferError::Protocol(format!("inconsistent header: {n} blocks, {} checksums, {} tokens", h.checksums.len(), h.tokens.len())));
+    }
+    Ok((n, block))
+}
+
+/// Verifies the checksums, hands the blocks to the request waiting for them and waits for its
+/// verdict (imported, or refused).
+pub(crate) async fn deliver(registry: &HandoffRegistry, h: Header, blocks: Vec<Vec<u8>>) -> Result<(), TransferError> {
+    let kv = KvExport { layout: h.layout, tokens: h.tokens, blocks, checksums: h.checksums };
+    if let Some(bad) = kv.first_corrupt_block() {
+        return Err(TransferError::Refused(format!("block {bad} fails its checksum")));
+    }
+    let (tx, rx) = oneshot::channel();
+    registry.deliver(Incoming { handoff: Handoff { request_id: h.request_id, first_token: h.first_token, kv }, verdict: tx });
+    match rx.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(TransferError::Refused(e)),
+        Err(_) => Err(TransferError::Refused("receiver dropped the blocks".into())),
+    }
+}
