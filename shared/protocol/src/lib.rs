@@ -8,11 +8,13 @@ mod convert;
 mod error;
 mod kv;
 pub mod openai;
+mod reshard;
 mod sampling;
 
 pub use blocks::{block_hashes, chain_hash, BlockHash, ROOT_HASH};
 pub use error::{ApiError, ErrorCode};
 pub use kv::{KvDtype, KvExport, KvLayout, LayoutMismatch};
+pub use reshard::{reshard, ReshardError};
 pub use sampling::{FinishReason, SamplingParams, SamplingParamsError, MAX_TOP_LOGPROBS};
 
 /// Code generated from `proto/tandem/v1/tandem.proto`.

@@ -1,0 +1,97 @@
+//! Re-sharding on synthetic tensors whose every element names its own coordinates, so any
+//! misplaced byte shows up.
+
+use tandem_protocol::{reshard, KvDtype, KvExport, KvLayout, ReshardError};
+
+const LAYERS: usize = 3;
+const HEADS: usize = 12;
+const DIM: usize = 4;
+const BS: usize = 4;
+const TOKENS: usize = 10; // three blocks, the last partly filled
+
+/// The value stored at (block, layer, k|v, slot, global head, dim): unique per coordinate.
+fn value(b: usize, l: usize, kv: usize, s: usize, g: usize, d: usize) -> f32 {
+    (((((b * LAYERS + l) * 2 + kv) * BS + s) * HEADS + g) * DIM + d) as f32
+}
+
+fn layout(rank: usize, tp: usize) -> KvLayout {
+    KvLayout {
+        model_id: "synthetic".into(),
+        num_layers: LAYERS,
+        kv_heads: HEADS,
+        head_dim: DIM,
+        dtype: KvDtype::F32,
+        block_size: BS,
+        tp_rank: rank,
+        tp_size: tp,
+        token_count: TOKENS,
+    }
+}
+
+/// Rank `rank` of TP=`tp`, built directly from the coordinates.
+fn shard(rank: usize, tp: usize) -> KvExport {
+    let h = HEADS / tp;
+    let blocks: Vec<Vec<u8>> = (0..TOKENS.div_ceil(BS))
+        .map(|b| {
+            let mut v = Vec::new();
+            for l in 0..LAYERS {
+                for kv in 0..2 {
+                    for s in 0..BS {
+                        for j in 0..h {
+                            for d in 0..DIM {
+                                v.extend_from_slice(&value(b, l, kv, s, rank * h + j, d).to_le_bytes());
+                            }
+                        }
+                    }
+                }
+            }
+            v
+        })
+        .collect();
+    let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
+    KvExport { layout: layout(rank, tp), tokens: (0..TOKENS as u32).collect(), blocks, checksums }
+}
+
+fn shards(tp: usize) -> Vec<KvExport> {
+    (0..tp).map(|r| shard(r, tp)).collect()
+}
+
+#[test]
+fn every_degree_pair_regroups_heads_exactly() {
+    for p in [1, 2, 3, 4, 6, 12] {
+        for d in [1, 2, 3, 4, 6, 12] {
+            let out = reshard(&shards(p), d).unwrap_or_else(|e| panic!("{p} -> {d}: {e}"));
+            assert_eq!(out, shards(d), "TP {p} -> {d}");
+        }
+    }
+}
+
+#[test]
+fn shards_may_arrive_in_any_order() {
+    let mut s = shards(4);
+    s.reverse();
+    s.swap(0, 2);
+    assert_eq!(reshard(&s, 2).unwrap(), shards(2));
+}
+
+#[test]
+fn inconsistent_shards_are_refused() {
+    // A missing rank, a duplicated rank.
+    assert!(matches!(reshard(&shards(4)[..3], 1), Err(ReshardError::WrongRanks { .. })));
+    let dup = vec![shard(0, 2), shard(0, 2)];
+    assert!(matches!(reshard(&dup, 1), Err(ReshardError::WrongRanks { .. })));
+    // Heads that cannot be split evenly.
+    assert!(matches!(reshard(&shards(2), 5), Err(ReshardError::Uneven { tp: 5, .. })));
+    // Shards of different sequences or models.
+    let mut other = shards(2);
+    other[1].tokens[0] = 99;
+    assert_eq!(reshard(&other, 1), Err(ReshardError::Mismatch("tokens")));
+    let mut other = shards(2);
+    other[1].layout.head_dim = 8;
+    assert_eq!(reshard(&other, 1), Err(ReshardError::Mismatch("layout")));
+    // A corrupted block is caught before it is spread over new shards.
+    let mut bad = shards(2);
+    bad[1].blocks[2][5] ^= 0xff;
+    assert!(matches!(reshard(&bad, 4), Err(ReshardError::BadShard { rank: 1, .. })));
+    assert_eq!(reshard(&[], 1), Err(ReshardError::Empty));
+}
