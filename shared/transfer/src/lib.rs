@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod registry;
+mod select;
 mod tcp;
 mod wire;
 
@@ -13,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tandem_protocol::KvExport;
 
 pub use registry::{HandoffRegistry, Incoming, PendingHandoff};
+pub use select::{format_peer, parse_peer, PeerAddr, TransportSet};
 pub use tcp::{TcpReceiver, TcpTransport};
 
 /// What travels from a prefill worker to a decode worker.
