@@ -13,7 +13,7 @@ use tandem_engine::{EngineHandle, Event, Mode};
 use tandem_protocol::pb::decode_server::{Decode, DecodeServer};
 use tandem_protocol::pb::{token_event, GenerateRequest, InfoRequest, TokenEvent, WorkerInfo};
 use tandem_state::{now_ms, InFlight, StateStore, WorkerRecord};
-use tandem_transfer::{HandoffRegistry, TcpReceiver};
+use tandem_transfer::HandoffRegistry;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -44,22 +44,21 @@ struct Service {
     completed: Arc<AtomicU64>,
 }
 
-/// Serves the decode gRPC API on `listener` and receives KV blocks on `kv_listener` until
-/// `shutdown` fires; then drains and stops.
-pub async fn run(
-    engine: EngineHandle,
-    cfg: DecodeConfig,
-    listener: TcpListener,
-    kv_listener: TcpListener,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let registry = HandoffRegistry::new();
-    let receiver = TcpReceiver::new(kv_listener, registry.clone(), cfg.handoff_lease);
-    let kv_addr = receiver.local_addr()?.to_string();
+/// The KV receivers a decode worker serves: the registry they deliver into, the address list
+/// they advertise, and the token that stops them.
+pub struct KvReceivers {
+    pub registry: HandoffRegistry,
+    pub advertised: String,
+    pub stop: CancellationToken,
+}
+
+/// Serves the decode gRPC API on `listener` (KV blocks arrive through `kv`) until `shutdown`
+/// fires; then drains and stops, the receivers last.
+pub async fn run(engine: EngineHandle, cfg: DecodeConfig, listener: TcpListener, kv: KvReceivers, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (registry, kv_addr) = (kv.registry, kv.advertised);
     tracing::info!(addr = %listener.local_addr()?, %kv_addr, worker = %cfg.worker_id, "decode worker serving");
-    // The receiver outlives the drain: requests still waiting for their blocks get them.
-    let serve_stop = CancellationToken::new();
-    tokio::spawn(receiver.run(serve_stop.clone()));
+    // The receivers outlive the drain: requests still waiting for their blocks get them.
+    let serve_stop = kv.stop;
     let svc = Arc::new(Service {
         engine,
         registry,

@@ -1,9 +1,12 @@
 //! The `tandem` command line: one binary for local generation and for running the services.
 #![forbid(unsafe_code)]
 
+mod bench;
+mod bench_gpu;
 pub mod default_model;
 mod generate;
 mod serve;
+mod transports;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -34,13 +37,16 @@ pub enum Command {
     Decode(serve::DecodeArgs),
     /// Run the KV block store.
     KvTransfer(serve::KvTransferArgs),
+    /// Measure parts of Tandem on this machine.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 impl Cli {
     /// Interactive commands stay quiet unless asked; services log progress.
     pub fn default_log_level(&self) -> &'static str {
         match self.command {
-            Command::Generate(_) | Command::FetchModel => "warn",
+            Command::Generate(_) | Command::FetchModel | Command::Bench(_) => "warn",
             Command::Up(_) => "warn",
             _ => "info",
         }
@@ -66,6 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Prefill(args) => runtime()?.block_on(serve::prefill(args)),
         Command::Decode(args) => runtime()?.block_on(serve::decode(args)),
         Command::KvTransfer(args) => runtime()?.block_on(serve::kv_transfer(args)),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }
 

@@ -71,6 +71,10 @@ pub struct PrefillArgs {
     /// Bound of one fetch from (or offload to) the block store.
     #[arg(long, default_value_t = 2_000)]
     pub store_timeout_ms: u64,
+    /// KV transports to hand blocks over with, in order of preference; the first one the decode
+    /// worker also offers is used, and the next if it cannot connect.
+    #[arg(long, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
+    pub kv_transport: Vec<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -79,9 +83,12 @@ pub struct DecodeArgs {
     pub common: Common,
     #[command(flatten)]
     pub engine: EngineArgs,
-    /// Where KV blocks arrive.
+    /// Where KV blocks arrive over TCP; the other transports listen on the same host.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub kv_listen: String,
+    /// KV transports to receive blocks with (all are advertised; senders pick).
+    #[arg(long, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
+    pub kv_transport: Vec<String>,
     /// Bound of one incoming KV transfer, from first byte to verdict.
     #[arg(long, default_value_t = 10_000)]
     pub handoff_lease_ms: u64,
@@ -222,7 +229,7 @@ pub async fn prefill(args: PrefillArgs) -> Result<()> {
     let cfg = tandem_prefill::PrefillConfig {
         worker_id: worker_id(c, "prefill", &addr),
         addr: advertised(c, &addr),
-        transport: Arc::new(tandem_transfer::TcpTransport),
+        transport: Arc::new(crate::transports::sender_set(&args.kv_transport)?),
         handoff_lease: Duration::from_millis(args.handoff_lease_ms),
         store_timeout: Duration::from_millis(args.store_timeout_ms),
         state: state_store(c.redis.as_deref())?,
@@ -236,8 +243,12 @@ pub async fn prefill(args: PrefillArgs) -> Result<()> {
 pub async fn decode(args: DecodeArgs) -> Result<()> {
     let shutdown = shutdown_token(args.common.managed);
     let listener = TcpListener::bind(&args.common.listen).await?;
-    let kv_listener = TcpListener::bind(&args.kv_listen).await?;
-    let (addr, kv) = (listener.local_addr()?, kv_listener.local_addr()?);
+    let addr = listener.local_addr()?;
+    let kv_listen: std::net::SocketAddr = tokio::net::lookup_host(&args.kv_listen).await?.next().context("--kv-listen resolves to nothing")?;
+    let registry = tandem_transfer::HandoffRegistry::new();
+    let stop = CancellationToken::new();
+    let lease = Duration::from_millis(args.handoff_lease_ms);
+    let kv = crate::transports::receivers(&args.kv_transport, kv_listen, &registry, lease, &stop).await?;
     let engine = load_engine("decode", &args.engine)?;
     let c = &args.common;
     let cfg = tandem_decode::DecodeConfig {
@@ -250,7 +261,7 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
         default_kv_wait: Duration::from_secs(600),
     };
     ready("decode", &format!("grpc={addr} kv={kv}"));
-    tandem_decode::run(engine, cfg, listener, kv_listener, shutdown).await
+    tandem_decode::run(engine, cfg, listener, tandem_decode::KvReceivers { registry, advertised: kv, stop }, shutdown).await
 }
 
 pub async fn kv_transfer(args: KvTransferArgs) -> Result<()> {
