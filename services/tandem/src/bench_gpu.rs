@@ -59,30 +59,28 @@ pub fn run(args: &GpuPeerArgs) -> Result<Vec<Row>> {
     let h = payload(args.layers, args.blocks);
     let block_bytes = h.kv.layout.block_bytes();
     // The prefill side's blocks, on the source GPU.
-    let src: Vec<CudaSlice<u8>> = h.kv.blocks.iter().map(|b| link.src_stream.clone_htod(b)).collect::<Result<_, _>>()?;
+    let src: Vec<CudaSlice<u8>> = h.kv.blocks.iter().map(|b| link.src_stream.clone_htod(b)).collect::<Result<_, _>>().context("uploading the blocks")?;
     link.src_stream.synchronize()?;
-    let mut dst: Vec<CudaSlice<u8>> = (0..args.blocks).map(|_| link.dst_stream.alloc_zeros::<u8>(block_bytes)).collect::<Result<_, _>>()?;
+    let mut dst: Vec<CudaSlice<u8>> =
+        (0..args.blocks).map(|_| link.dst_stream.alloc_zeros::<u8>(block_bytes)).collect::<Result<_, _>>().context("allocating the destination")?;
     let mut rows = Vec::new();
 
-    let peer = timed(args.iters, || Ok(link.copy(&src, &mut dst)?))?;
+    let peer = timed(args.iters, || Ok(link.copy(&src, &mut dst)?)).context("peer copy")?;
     verify(&link, &dst, &h.kv).context("after the peer copy")?;
     rows.push(row("cuda-peer", &h, peer, &machine));
 
-    // Through pinned host memory, as a network transport would carry them.
-    let mut down = Staging::new(&link.src, h.kv.total_bytes())?;
-    let mut up = Staging::new(&link.dst, h.kv.total_bytes())?;
-    let mut wipe = true;
+    // Through pinned host memory, as a network transport would carry them (here without the
+    // network: device to host on one side, host to device on the other).
+    for d in dst.iter_mut() {
+        link.dst_stream.memset_zeros(d)?;
+    }
+    let mut staging = Staging::new(&link.src, h.kv.total_bytes()).context("pinned staging buffer")?;
     let staged = timed(args.iters, || {
-        if wipe {
-            for d in dst.iter_mut() {
-                link.dst_stream.memset_zeros(d)?;
-            }
-            wipe = false;
-        }
-        let bytes = down.download(&src)?.to_vec();
-        up.upload(|buf| buf.copy_from_slice(&bytes), &mut dst, &link.dst_stream)?;
+        staging.download(&src, &link.src_stream)?;
+        staging.upload(&mut dst, &link.dst_stream)?;
         Ok(())
-    })?;
+    })
+    .context("host-staged copy")?;
     verify(&link, &dst, &h.kv).context("after the host-staged copy")?;
     rows.push(row("host-staged", &h, staged, &machine));
 
