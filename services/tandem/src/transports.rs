@@ -1,12 +1,17 @@
 //! Building KV transports from the command line: receivers a decode worker serves (and the
 //! address list it advertises), and the sender set a prefill worker tries in order.
+//!
+//! QUIC authenticates receivers. By default each receiver generates a certificate and advertises
+//! its fingerprint with its address, which senders pin. With `TANDEM_QUIC_CERT` and
+//! `TANDEM_QUIC_KEY` (PEM files) a receiver presents configured certificates instead, and with
+//! `TANDEM_QUIC_CA` (a PEM bundle) senders validate receivers against that CA.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use tandem_transfer::{HandoffRegistry, KvTransport, TcpReceiver, TcpTransport, TransportSet};
+use tandem_transfer::{HandoffRegistry, KvTransport, QuicIdentity, QuicReceiver, QuicTransport, QuicTrust, TcpReceiver, TcpTransport, TransportSet};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +36,17 @@ pub async fn receiver(kind: &str, listen: SocketAddr, registry: HandoffRegistry,
             tokio::spawn(r.run(stop.clone()));
             Ok(format!("tcp://{addr}"))
         }
+        "quic" => {
+            let identity = match (std::env::var_os("TANDEM_QUIC_CERT"), std::env::var_os("TANDEM_QUIC_KEY")) {
+                (Some(cert), Some(key)) => QuicIdentity::from_pem_files(cert, key)?,
+                (None, None) => QuicIdentity::generate(&["localhost"])?,
+                _ => bail!("set both TANDEM_QUIC_CERT and TANDEM_QUIC_KEY, or neither"),
+            };
+            let r = QuicReceiver::bind(listen, &identity, registry, lease)?;
+            let addr = r.advertised_addr()?;
+            tokio::spawn(r.run(stop.clone()));
+            Ok(if addr.starts_with("quic://") { addr } else { format!("quic://{addr}") })
+        }
         other => bail!("the {other} transport is not built into this binary"),
     }
 }
@@ -40,6 +56,13 @@ pub fn sender(kind: &str) -> Result<Arc<dyn KvTransport>> {
     check(kind)?;
     match kind {
         "tcp" => Ok(Arc::new(TcpTransport)),
+        "quic" => {
+            let trust = match std::env::var_os("TANDEM_QUIC_CA") {
+                Some(ca) => QuicTrust::from_ca_file(ca)?,
+                None => QuicTrust::pinned_only(),
+            };
+            Ok(Arc::new(QuicTransport::new(trust)))
+        }
         other => bail!("the {other} transport is not built into this binary"),
     }
 }

@@ -1,8 +1,9 @@
-//! Moving KV blocks between workers: the [`KvTransport`] trait, its TCP transport, and the
+//! Moving KV blocks between workers: the [`KvTransport`] trait, its transports (tcp, quic), and the
 //! [`HandoffRegistry`] through which a receiving decode worker matches arriving blocks to the
 //! requests waiting for them. Every transfer ends in success or failure within its lease.
 #![forbid(unsafe_code)]
 
+mod quic;
 mod registry;
 mod select;
 mod tcp;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tandem_protocol::KvExport;
 
+pub use quic::{QuicIdentity, QuicPeer, QuicReceiver, QuicTlsConfig, QuicTransport, QuicTrust};
 pub use registry::{HandoffRegistry, Incoming, PendingHandoff};
 pub use select::{format_peer, parse_peer, PeerAddr, TransportSet};
 pub use tcp::{TcpReceiver, TcpTransport};
