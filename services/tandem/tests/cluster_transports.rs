@@ -1,0 +1,53 @@
+//! Each KV transport carrying real handoffs between real prefill and decode processes, and the
+//! fallback to TCP when the preferred transport is not offered. The gateway's metrics name the
+//! transport that carried each handoff.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+/// A one-prefill, one-decode cluster whose workers use the given `--kv-transport` lists.
+fn cluster(prefill_transports: &str, decode_transports: &str) -> (Proc, Proc, Proc, String) {
+    let engine = ["--kv-cache-mb", "64", "--handoff-lease-ms", "5000"];
+    let p = start(&[&["prefill", "--kv-transport", prefill_transports][..], &engine].concat());
+    let d = start(&[&["decode", "--kv-transport", decode_transports][..], &engine].concat());
+    let (pa, da) = (p.field("grpc"), d.field("grpc"));
+    let g = start(&["gateway", "--listen", "127.0.0.1:0", "--poll-interval-ms", "200", "--prefill", &pa, "--decode", &da]);
+    let base = format!("http://{}", g.field("http"));
+    wait_for("the cluster is ready", std::time::Duration::from_secs(60), || http_status(&base, "/ready") == Some(200));
+    (p, d, g, base)
+}
+
+async fn one_request(base: &str) -> serde_json::Value {
+    let body = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0});
+    let (status, v) = post(base, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+fn carried(base: &str, transport: &str) -> f64 {
+    metric(base, &format!("tandem_kv_transfer_bytes_total{{transport=\"{transport}\"}}")).unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quic_carries_the_handoff_between_processes() {
+    let (_p, d, _g, base) = cluster("quic", "quic");
+    assert!(d.field("kv").starts_with("quic://") && d.field("kv").contains("#sha256="), "advertised {}", d.field("kv"));
+    let over_quic = one_request(&base).await;
+    let (_p2, _d2, _g2, base_tcp) = cluster("tcp", "tcp");
+    let over_tcp = one_request(&base_tcp).await;
+    assert_eq!(over_quic["choices"][0]["text"], over_tcp["choices"][0]["text"], "same tokens whichever transport");
+    assert!(carried(&base, "quic") > 0.0);
+    assert_eq!(carried(&base, "tcp"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sender_falls_back_to_what_the_receiver_offers() {
+    // The prefill prefers QUIC; the decode worker receives over TCP only.
+    let (_p, d, _g, base) = cluster("quic,tcp", "tcp");
+    assert!(d.field("kv").starts_with("tcp://"));
+    one_request(&base).await;
+    assert!(carried(&base, "tcp") > 0.0);
+    assert_eq!(carried(&base, "quic"), 0.0);
+}
