@@ -38,6 +38,8 @@ pub struct PrefillConfig {
     pub store_timeout: Duration,
     pub state: Option<Arc<dyn StateStore>>,
     pub heartbeat: Duration,
+    /// How long a republished prefix-index entry lives (as long as the gateway's).
+    pub index_ttl: Duration,
     /// Longest a stopping worker waits for its requests to finish.
     pub drain_timeout: Duration,
 }
@@ -184,9 +186,7 @@ impl Service {
         if hashes.is_empty() {
             return;
         }
-        // The gateway's entries live this long; a republished one is no different.
-        let ttl = Duration::from_secs(600);
-        match state.publish_blocks(&self.cfg.worker_id, &hashes, ttl).await {
+        match state.publish_blocks(&self.cfg.worker_id, &hashes, self.cfg.index_ttl).await {
             Ok(()) => tracing::info!(blocks = hashes.len(), "prefix index republished"),
             Err(e) => tracing::warn!(error = %e, "could not republish the prefix index"),
         }

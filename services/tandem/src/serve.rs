@@ -75,6 +75,9 @@ pub struct PrefillArgs {
     /// worker also offers is used, and the next if it cannot connect.
     #[arg(long, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
     pub kv_transport: Vec<String>,
+    /// How long a prefix-index entry this worker republishes lives (match the gateway's).
+    #[arg(long, default_value_t = 600)]
+    pub index_ttl_s: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -234,6 +237,7 @@ pub async fn prefill(args: PrefillArgs) -> Result<()> {
         store_timeout: Duration::from_millis(args.store_timeout_ms),
         state: state_store(c.redis.as_deref())?,
         heartbeat: Duration::from_millis(c.heartbeat_ms),
+        index_ttl: Duration::from_secs(args.index_ttl_s),
         drain_timeout: Duration::from_secs(c.drain_timeout_s),
     };
     ready("prefill", &format!("grpc={addr}"));
