@@ -12,7 +12,7 @@ use tandem_engine::wire::{finished_message, new_request, token_message, worker_i
 use tandem_engine::{EngineHandle, Event, Mode};
 use tandem_protocol::pb::decode_server::{Decode, DecodeServer};
 use tandem_protocol::pb::{token_event, GenerateRequest, InfoRequest, TokenEvent, WorkerInfo};
-use tandem_state::{now_ms, InFlight, StateStore, WorkerRecord};
+use tandem_state::{InFlight, StateStore, WorkerRecord};
 use tandem_transfer::HandoffRegistry;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -102,22 +102,7 @@ impl Service {
     }
 
     fn record(&self) -> WorkerRecord {
-        let i = self.info();
-        WorkerRecord {
-            id: i.worker_id,
-            role: i.role,
-            addr: self.cfg.addr.clone(),
-            kv_addr: i.kv_addr,
-            model: i.model,
-            tp_size: i.tp_size,
-            block_size: i.block_size,
-            free_blocks: i.free_blocks,
-            total_blocks: i.total_blocks,
-            running: i.running,
-            waiting: i.waiting,
-            draining: i.draining,
-            updated_ms: now_ms(),
-        }
+        WorkerRecord::from_info(&self.info(), &self.cfg.addr)
     }
 }
 

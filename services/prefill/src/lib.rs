@@ -20,7 +20,7 @@ use tandem_protocol::pb::kv_store_client::KvStoreClient;
 use tandem_protocol::pb::prefill_server::{Prefill, PrefillServer};
 use tandem_protocol::pb::{self, GetBlocksRequest, InfoRequest, PrefillRequest, PrefillResponse, PutBlocksRequest, WorkerInfo};
 use tandem_protocol::{block_hashes, BlockHash, ErrorCode, KvExport, ROOT_HASH};
-use tandem_state::{now_ms, InFlight, StateStore, WorkerRecord};
+use tandem_state::{InFlight, StateStore, WorkerRecord};
 use tandem_transfer::{Handoff, KvTransport};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -151,22 +151,7 @@ async fn withdraw_evicted(svc: Arc<Service>, state: Arc<dyn StateStore>, shutdow
 
 impl Service {
     fn record(&self) -> WorkerRecord {
-        let i = self.info();
-        WorkerRecord {
-            id: i.worker_id,
-            role: i.role,
-            addr: self.cfg.addr.clone(),
-            kv_addr: String::new(),
-            model: i.model,
-            tp_size: i.tp_size,
-            block_size: i.block_size,
-            free_blocks: i.free_blocks,
-            total_blocks: i.total_blocks,
-            running: i.running,
-            waiting: i.waiting,
-            draining: i.draining,
-            updated_ms: now_ms(),
-        }
+        WorkerRecord::from_info(&self.info(), &self.cfg.addr)
     }
 
     fn info(&self) -> WorkerInfo {

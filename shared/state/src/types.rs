@@ -7,6 +7,27 @@ pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+impl WorkerRecord {
+    /// The record of a worker that reports `info` and is reached at `addr`.
+    pub fn from_info(info: &tandem_protocol::pb::WorkerInfo, addr: &str) -> Self {
+        Self {
+            id: info.worker_id.clone(),
+            role: info.role.clone(),
+            addr: addr.to_string(),
+            kv_addr: info.kv_addr.clone(),
+            model: info.model.clone(),
+            tp_size: info.tp_size,
+            block_size: info.block_size,
+            free_blocks: info.free_blocks,
+            total_blocks: info.total_blocks,
+            running: info.running,
+            waiting: info.waiting,
+            draining: info.draining,
+            updated_ms: now_ms(),
+        }
+    }
+}
+
 /// One worker's registry entry, renewed by its heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct WorkerRecord {
