@@ -170,6 +170,28 @@ fn with_id<T>(msg: T, id: &str) -> tonic::Request<T> {
 /// Attempts per role when a worker turns out to be unreachable or draining before any token.
 const ATTEMPTS: usize = 3;
 
+/// After a worker refused, how long a retry waits for another one to become routable (a worker
+/// joining while another drains, say) before the request fails.
+const RETRY_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Picks a worker; after a refusal (`retrying`), waits up to [`RETRY_WAIT`] for one to appear.
+async fn pick_with_retry<T>(retrying: bool, mut pick: impl FnMut() -> Option<T>) -> Option<T> {
+    if let Some(w) = pick() {
+        return Some(w);
+    }
+    if !retrying {
+        return None;
+    }
+    let deadline = tokio::time::Instant::now() + RETRY_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if let Some(w) = pick() {
+            return Some(w);
+        }
+    }
+    None
+}
+
 /// Whether an error from a worker means "try another one": it is unreachable or draining.
 fn retryable(s: &tonic::Status) -> bool {
     s.code() == tonic::Code::Unavailable && !s.message().starts_with("kv handoff failed")
@@ -202,7 +224,7 @@ async fn drive(
     let need_blocks = (spec.prompt.len() + spec.params.max_tokens).div_ceil(bs);
     let mut tried = Vec::new();
     let (decode, mut stream) = loop {
-        let decode = state.workers.pick_decode(need_blocks, &tried).ok_or_else(|| unavailable("decode"))?;
+        let decode = pick_with_retry(!tried.is_empty(), || state.workers.pick_decode(need_blocks, &tried)).await.ok_or_else(|| unavailable("decode"))?;
         match DecodeClient::new(decode.channel.clone()).generate(with_id(g.clone(), &spec.request_id)).await {
             Ok(s) => break (decode, s.into_inner()),
             Err(s) => {
@@ -223,9 +245,8 @@ async fn drive(
 
     let mut tried = Vec::new();
     let (prefill, resp) = loop {
-        let choice = state
-            .workers
-            .pick_prefill(&overlap, spec.prompt.len(), bs, state.cfg.route_load_weight, &tried)
+        let choice = pick_with_retry(!tried.is_empty(), || state.workers.pick_prefill(&overlap, spec.prompt.len(), bs, state.cfg.route_load_weight, &tried))
+            .await
             .ok_or_else(|| unavailable("prefill"))?;
         progress.record.prefill_worker = choice.lease.info.worker_id.clone();
         progress.phase(state, Phase::Prefill);
