@@ -11,7 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use tandem_transfer::{HandoffRegistry, KvTransport, QuicIdentity, QuicReceiver, QuicTransport, QuicTrust, TcpReceiver, TcpTransport, TransportSet};
+use tandem_transfer::{
+    HandoffRegistry, KvTransport, QuicIdentity, QuicReceiver, QuicTransport, QuicTrust, TcpReceiver, TcpTransport, TransportSet, UcxReceiver,
+    UcxTransport,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +50,12 @@ pub async fn receiver(kind: &str, listen: SocketAddr, registry: HandoffRegistry,
             tokio::spawn(r.run(stop.clone()));
             Ok(if addr.starts_with("quic://") { addr } else { format!("quic://{addr}") })
         }
+        "ucx" => {
+            let r = UcxReceiver::new(listen, registry, lease).await?;
+            let addr = r.local_addr()?;
+            tokio::spawn(r.run(stop.clone()));
+            Ok(format!("ucx://{addr}"))
+        }
         other => bail!("the {other} transport is not built into this binary"),
     }
 }
@@ -63,6 +72,7 @@ pub fn sender(kind: &str) -> Result<Arc<dyn KvTransport>> {
             };
             Ok(Arc::new(QuicTransport::new(trust)))
         }
+        "ucx" => Ok(Arc::new(UcxTransport::new()?)),
         other => bail!("the {other} transport is not built into this binary"),
     }
 }

@@ -7,6 +7,7 @@ mod quic;
 mod registry;
 mod select;
 mod tcp;
+mod ucx;
 mod wire;
 
 use std::time::Duration;
@@ -18,6 +19,7 @@ pub use quic::{QuicIdentity, QuicPeer, QuicReceiver, QuicTlsConfig, QuicTranspor
 pub use registry::{HandoffRegistry, Incoming, PendingHandoff};
 pub use select::{format_peer, parse_peer, PeerAddr, TransportSet};
 pub use tcp::{TcpReceiver, TcpTransport};
+pub use ucx::{UcxReceiver, UcxStats, UcxTransport};
 
 /// What travels from a prefill worker to a decode worker.
 #[derive(Debug, Clone, PartialEq)]
