@@ -51,3 +51,15 @@ async fn a_sender_falls_back_to_what_the_receiver_offers() {
     assert!(carried(&base, "tcp") > 0.0);
     assert_eq!(carried(&base, "quic"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ucx_is_the_default_and_carries_the_handoff() {
+    let (_p, d, _g, base) = cluster("ucx,tcp", "ucx,tcp");
+    let kv = d.field("kv");
+    assert!(kv.starts_with("ucx://") && kv.contains(",tcp://"), "advertised {kv}");
+    let over_ucx = one_request(&base).await;
+    let again = one_request(&base).await;
+    assert_eq!(over_ucx["choices"][0]["text"], again["choices"][0]["text"]);
+    assert!(carried(&base, "ucx") > 0.0, "the handoff went over UCX");
+    assert_eq!(carried(&base, "tcp"), 0.0);
+}
