@@ -162,7 +162,7 @@ async fn models_health_ready_metrics() {
         "tandem_prompt_tokens_total",
         "tandem_generation_tokens_total",
         "tandem_kv_blocks_in_use",
-        "tandem_kv_transfer_bytes_total{transport=\"tcp\"}",
+        "tandem_kv_transfer_bytes_total{transport=\"ucx\"}",
     ] {
         assert!(m.contains(name), "missing {name} in\n{m}");
     }
