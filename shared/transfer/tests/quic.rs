@@ -1,35 +1,20 @@
 //! The QUIC transport under faults: every transfer ends in a definite outcome within its lease,
 //! and only authenticated receivers get blocks.
 
+mod common;
+
+use common::{handoff, LEASE};
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-use tandem_protocol::{KvDtype, KvExport, KvLayout};
 use tandem_transfer::{
-    Handoff, HandoffRegistry, KvTransport, QuicIdentity, QuicPeer, QuicReceiver, QuicTlsConfig, QuicTransport, QuicTrust, TransferError,
+    HandoffRegistry, KvTransport, QuicIdentity, QuicPeer, QuicReceiver, QuicTlsConfig, QuicTransport, QuicTrust, TransferError,
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const LEASE: Duration = Duration::from_millis(800);
-
-fn handoff(id: &str, tokens: usize) -> Handoff {
-    let layout = KvLayout {
-        model_id: "m".into(),
-        num_layers: 2,
-        kv_heads: 2,
-        head_dim: 4,
-        dtype: KvDtype::F32,
-        block_size: 4,
-        tp_rank: 0,
-        tp_size: 1,
-        token_count: tokens,
-    };
-    let blocks: Vec<Vec<u8>> = (0..layout.num_blocks()).map(|b| (0..layout.block_bytes()).map(|i| (i * 7 + b) as u8).collect()).collect();
-    let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
-    Handoff { request_id: id.into(), first_token: 42, kv: KvExport { layout, tokens: (0..tokens as u32).collect(), blocks, checksums } }
-}
 
 fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()

@@ -1,32 +1,15 @@
 //! Choosing among transports: the first common one, falling back only when nothing was sent.
 
+mod common;
+
+use common::{handoff, tcp_receiver, LEASE};
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_protocol::{KvDtype, KvExport, KvLayout};
-use tandem_transfer::{Handoff, HandoffRegistry, KvTransport, TcpReceiver, TcpTransport, TransferError, TransferReport, TransportSet};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tandem_transfer::{Handoff, HandoffRegistry, KvTransport, TcpTransport, TransferError, TransferReport, TransportSet};
 
-const LEASE: Duration = Duration::from_millis(800);
-
-fn handoff(id: &str) -> Handoff {
-    let layout = KvLayout {
-        model_id: "m".into(),
-        num_layers: 1,
-        kv_heads: 1,
-        head_dim: 4,
-        dtype: KvDtype::F32,
-        block_size: 4,
-        tp_rank: 0,
-        tp_size: 1,
-        token_count: 4,
-    };
-    let blocks = vec![vec![7u8; layout.block_bytes()]];
-    let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
-    Handoff { request_id: id.into(), first_token: 1, kv: KvExport { layout, tokens: vec![1, 2, 3, 4], blocks, checksums } }
-}
 
 /// A transport that fails the way it is told to, counting its calls (the neighbour under test is
 /// the selection logic; the real transports have their own tests).
@@ -47,14 +30,6 @@ impl KvTransport for Failing {
     }
 }
 
-async fn tcp_receiver(registry: &HandoffRegistry) -> (String, CancellationToken) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let r = TcpReceiver::new(listener, registry.clone(), LEASE);
-    let addr = r.local_addr().unwrap().to_string();
-    let stop = CancellationToken::new();
-    tokio::spawn(r.run(stop.clone()));
-    (addr, stop)
-}
 
 fn accept_next(registry: &HandoffRegistry, id: &str) -> tokio::task::JoinHandle<()> {
     let mut pending = registry.register(id).unwrap();
@@ -72,14 +47,14 @@ async fn falls_back_when_the_preferred_transport_cannot_connect() {
     let ucx = Arc::new(Failing { name: "ucx", error: TransferError::Connect { peer: "x".into(), reason: "no route".into() }, calls: 0.into() });
     let set = TransportSet::new(vec![ucx.clone(), Arc::new(TcpTransport)]);
     let accept = accept_next(&registry, "a");
-    let report = set.send(&format!("ucx://127.0.0.1:1,tcp://{addr}"), &handoff("a"), LEASE).await.unwrap();
+    let report = set.send(&format!("ucx://127.0.0.1:1,tcp://{addr}"), &handoff("a", 4), LEASE).await.unwrap();
     accept.await.unwrap();
     assert_eq!(report.transport, "tcp");
     assert_eq!(ucx.calls.load(Ordering::SeqCst), 1);
 
     // A receiver that offers only TCP never sees the preferred transport tried.
     let accept = accept_next(&registry, "b");
-    assert_eq!(set.send(&addr, &handoff("b"), LEASE).await.unwrap().transport, "tcp");
+    assert_eq!(set.send(&addr, &handoff("b", 4), LEASE).await.unwrap().transport, "tcp");
     accept.await.unwrap();
     assert_eq!(ucx.calls.load(Ordering::SeqCst), 1);
 }
@@ -90,7 +65,7 @@ async fn a_failure_after_connecting_is_final() {
     let (addr, _stop) = tcp_receiver(&registry).await;
     let ucx = Arc::new(Failing { name: "ucx", error: TransferError::Io("connection reset mid-payload".into()), calls: 0.into() });
     let set = TransportSet::new(vec![ucx.clone(), Arc::new(TcpTransport)]);
-    let err = set.send(&format!("ucx://127.0.0.1:1,tcp://{addr}"), &handoff("c"), LEASE).await.unwrap_err();
+    let err = set.send(&format!("ucx://127.0.0.1:1,tcp://{addr}"), &handoff("c", 4), LEASE).await.unwrap_err();
     assert!(matches!(err, TransferError::Io(_)), "{err}");
     assert_eq!(registry.waiting(), 0);
 }
@@ -98,6 +73,6 @@ async fn a_failure_after_connecting_is_final() {
 #[tokio::test]
 async fn no_common_transport_is_a_clear_error() {
     let set = TransportSet::new(vec![Arc::new(TcpTransport)]);
-    let err = set.send("quic://127.0.0.1:1#sha256=00", &handoff("d"), LEASE).await.unwrap_err();
+    let err = set.send("quic://127.0.0.1:1#sha256=00", &handoff("d", 4), LEASE).await.unwrap_err();
     assert!(err.to_string().contains("no common transport"), "{err}");
 }

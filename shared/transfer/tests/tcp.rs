@@ -1,45 +1,21 @@
 //! The TCP transport under faults: every transfer ends in a definite outcome within its lease.
 
+mod common;
+
+use common::{handoff, tcp_receiver, LEASE};
+
 use std::time::{Duration, Instant};
 
-use tandem_protocol::{KvDtype, KvExport, KvLayout};
-use tandem_transfer::{Handoff, HandoffRegistry, KvTransport, TcpReceiver, TcpTransport, TransferError};
+use tandem_transfer::{HandoffRegistry, KvTransport, TcpTransport, TransferError};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
-const LEASE: Duration = Duration::from_millis(800);
 
-fn handoff(id: &str, tokens: usize) -> Handoff {
-    let layout = KvLayout {
-        model_id: "m".into(),
-        num_layers: 2,
-        kv_heads: 2,
-        head_dim: 4,
-        dtype: KvDtype::F32,
-        block_size: 4,
-        tp_rank: 0,
-        tp_size: 1,
-        token_count: tokens,
-    };
-    let blocks: Vec<Vec<u8>> = (0..layout.num_blocks()).map(|b| (0..layout.block_bytes()).map(|i| (i * 7 + b) as u8).collect()).collect();
-    let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
-    Handoff { request_id: id.into(), first_token: 42, kv: KvExport { layout, tokens: (0..tokens as u32).collect(), blocks, checksums } }
-}
-
-async fn receiver(registry: &HandoffRegistry) -> (String, CancellationToken) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let r = TcpReceiver::new(listener, registry.clone(), LEASE);
-    let addr = r.local_addr().unwrap().to_string();
-    let stop = CancellationToken::new();
-    tokio::spawn(r.run(stop.clone()));
-    (addr, stop)
-}
 
 #[tokio::test]
 async fn delivers_blocks_and_the_receivers_verdict() {
     let registry = HandoffRegistry::new();
-    let (addr, _stop) = receiver(&registry).await;
+    let (addr, _stop) = tcp_receiver(&registry).await;
     let mut pending = registry.register("r1").unwrap();
     let sent = handoff("r1", 10);
     let expected = sent.clone();
@@ -62,7 +38,7 @@ async fn delivers_blocks_and_the_receivers_verdict() {
 #[tokio::test]
 async fn a_refusal_reaches_the_sender() {
     let registry = HandoffRegistry::new();
-    let (addr, _stop) = receiver(&registry).await;
+    let (addr, _stop) = tcp_receiver(&registry).await;
     // Nobody registered r2.
     let err = TcpTransport.send(&addr, &handoff("r2", 5), LEASE).await.unwrap_err();
     assert!(matches!(&err, TransferError::Refused(m) if m.contains("no request r2")), "{err}");
@@ -76,7 +52,7 @@ async fn a_refusal_reaches_the_sender() {
 #[tokio::test]
 async fn corrupted_payload_is_detected() {
     let registry = HandoffRegistry::new();
-    let (addr, _stop) = receiver(&registry).await;
+    let (addr, _stop) = tcp_receiver(&registry).await;
     let _pending = registry.register("r4").unwrap();
     let mut bad = handoff("r4", 8);
     bad.kv.blocks[1][3] ^= 0xff;
@@ -125,7 +101,7 @@ async fn a_dead_peer_or_a_cut_connection_fails_fast() {
 #[tokio::test]
 async fn a_sender_that_stalls_mid_payload_is_cut_off_by_the_receivers_lease() {
     let registry = HandoffRegistry::new();
-    let (addr, _stop) = receiver(&registry).await;
+    let (addr, _stop) = tcp_receiver(&registry).await;
     let mut pending = registry.register("r8").unwrap();
     let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
     s.write_all(b"TKV1").await.unwrap();

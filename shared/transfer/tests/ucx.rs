@@ -1,18 +1,20 @@
 //! The UCX transport under faults: every transfer ends in a definite outcome within its lease, and
 //! no registered buffer outlives its transfer (or, for an abandoned one, its connection).
 
+mod common;
+
+use common::{handoff, LEASE};
+
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use tandem_protocol::{KvDtype, KvExport, KvLayout};
+use tandem_protocol::KvLayout;
 use tandem_transfer::{Handoff, HandoffRegistry, KvTransport, TransferError, UcxReceiver, UcxStats, UcxTransport};
 use tandem_ucx::{Context, Endpoint, Worker};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
-
-const LEASE: Duration = Duration::from_millis(800);
 
 // The wire format, as the hand-written peers below speak it: an active-message kind (OFFER, READY,
 // DONE = 3, VERDICT, ABORT), then the transfer id (u64, little endian) and the body.
@@ -36,22 +38,6 @@ fn ucx_env() {
     });
 }
 
-fn handoff(id: &str, tokens: usize) -> Handoff {
-    let layout = KvLayout {
-        model_id: "m".into(),
-        num_layers: 2,
-        kv_heads: 2,
-        head_dim: 4,
-        dtype: KvDtype::F32,
-        block_size: 4,
-        tp_rank: 0,
-        tp_size: 1,
-        token_count: tokens,
-    };
-    let blocks: Vec<Vec<u8>> = (0..layout.num_blocks()).map(|b| (0..layout.block_bytes()).map(|i| (i * 7 + b) as u8).collect()).collect();
-    let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
-    Handoff { request_id: id.into(), first_token: 42, kv: KvExport { layout, tokens: (0..tokens as u32).collect(), blocks, checksums } }
-}
 
 fn transport() -> UcxTransport {
     ucx_env();
