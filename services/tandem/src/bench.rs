@@ -22,6 +22,12 @@ pub enum BenchCommand {
     Transfer(TransferArgs),
     /// KV blocks moved between two GPUs of this host by peer copy.
     GpuPeer(crate::bench_gpu::GpuPeerArgs),
+    /// Decode and prefill speed of the CUDA engine on performance shapes (random weights).
+    #[cfg(feature = "cuda")]
+    Engine(crate::bench_engine::EngineArgs),
+    /// Correctness checks of the CUDA engine: kernels, reference logits, GPU vs CPU greedy.
+    #[cfg(feature = "cuda")]
+    GpuCheck(crate::bench_engine::CheckArgs),
     /// The receiving side of `bench transfer` (started by it).
     #[command(hide = true)]
     TransferReceive(ReceiveArgs),
@@ -80,6 +86,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(receive(args))
         }
+        #[cfg(feature = "cuda")]
+        BenchCommand::Engine(args) => crate::bench_engine::engine(&args),
+        #[cfg(feature = "cuda")]
+        BenchCommand::GpuCheck(args) => crate::bench_engine::check(&args),
         BenchCommand::GpuPeer(args) => {
             let rows = crate::bench_gpu::run(&args)?;
             report(&rows, args.json, args.output.as_deref())

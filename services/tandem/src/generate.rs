@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use tandem_engine::{Batcher, BatcherConfig, CpuEngine, EngineConfig, Event, Mode, NewRequest};
+use tandem_engine::{Batcher, BatcherConfig, Event, Mode, NewRequest};
 use tandem_protocol::SamplingParams;
 use tandem_tokenizer::{ChatMessage, DecodeStream, ModelFiles, Tokenizer};
 
@@ -31,6 +31,9 @@ pub struct GenerateArgs {
     pub top_p: f32,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Where the engine runs: `cpu`, or `cuda:N` for an NVIDIA GPU.
+    #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -45,7 +48,7 @@ fn stream(args: GenerateArgs) -> Result<()> {
     let spec = default_model::resolve_spec(args.model.as_deref())?;
     let files = ModelFiles::resolve(&spec)?;
     let tokenizer = Tokenizer::load(&files)?;
-    let engine = CpuEngine::load(&files, &EngineConfig::default()).context("loading the model")?;
+    let engine = crate::serve::open_engine(&files, &args.device, 16, None).context("loading the model")?;
 
     let prompt = if args.raw {
         tokenizer.encode(&args.prompt)?
@@ -63,7 +66,7 @@ fn stream(args: GenerateArgs) -> Result<()> {
         bail!("--{}: {e}", e.param.replace('_', "-"));
     }
     let seed = params.seed.unwrap_or_else(rand::random);
-    let mut batcher = Batcher::new(Box::new(engine), BatcherConfig::default());
+    let mut batcher = Batcher::new(engine, BatcherConfig::default());
     batcher.add(NewRequest { id: 1, prompt, params, seed, eos_ids: tokenizer.eos_ids().to_vec(), mode: Mode::Full });
 
     let started = Instant::now();

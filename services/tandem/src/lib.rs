@@ -3,6 +3,8 @@
 
 mod bench;
 mod bench_gpu;
+#[cfg(feature = "cuda")]
+mod bench_engine;
 pub mod default_model;
 mod generate;
 mod serve;

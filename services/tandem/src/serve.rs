@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tandem_engine::{Batcher, BatcherConfig, CpuEngine, EngineConfig, EngineHandle};
+use tandem_engine::{Batcher, BatcherConfig, CpuEngine, Engine, EngineConfig, EngineHandle};
 use tandem_tokenizer::{ModelFiles, Tokenizer};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
@@ -25,9 +25,13 @@ pub struct EngineArgs {
     /// Name clients use for the model (and part of the KV layout, so all workers must agree).
     #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
-    /// Memory for the KV cache, in MiB.
-    #[arg(long, env = "TANDEM_KV_CACHE_MB", default_value_t = 512)]
-    pub kv_cache_mb: usize,
+    /// Memory for the KV cache, in MiB (default: 512 on the CPU; on a GPU, what 90% of its
+    /// memory leaves after the weights).
+    #[arg(long, env = "TANDEM_KV_CACHE_MB")]
+    pub kv_cache_mb: Option<usize>,
+    /// Where the engine runs: `cpu`, or `cuda:N` for an NVIDIA GPU (bf16).
+    #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
+    pub device: String,
     #[arg(long, env = "TANDEM_BLOCK_SIZE", default_value_t = 16)]
     pub block_size: usize,
     /// Most tokens in one forward pass.
@@ -162,10 +166,25 @@ fn model_files(model: Option<&str>, served: Option<&str>) -> Result<ModelFiles> 
 
 fn load_engine(role: &str, args: &EngineArgs) -> Result<EngineHandle> {
     let files = model_files(args.model.as_deref(), args.served_model_name.as_deref())?;
-    let cfg = EngineConfig { block_size: args.block_size, kv_cache_bytes: args.kv_cache_mb << 20, max_context: None };
-    let engine = CpuEngine::load(&files, &cfg).with_context(|| format!("loading {}", files.name))?;
-    let batcher = Batcher::new(Box::new(engine), BatcherConfig { max_batch_tokens: args.max_batch_tokens, ..BatcherConfig::default() });
+    let engine = open_engine(&files, &args.device, args.block_size, args.kv_cache_mb)?;
+    let batcher = Batcher::new(engine, BatcherConfig { max_batch_tokens: args.max_batch_tokens, ..BatcherConfig::default() });
     Ok(EngineHandle::spawn(&format!("{role}-engine"), batcher))
+}
+
+/// The engine for `device` (`cpu` or `cuda:N`).
+pub(crate) fn open_engine(files: &ModelFiles, device: &str, block_size: usize, kv_cache_mb: Option<usize>) -> Result<Box<dyn Engine>> {
+    if device == "cpu" {
+        let cfg = EngineConfig { block_size, kv_cache_bytes: kv_cache_mb.unwrap_or(512) << 20, max_context: None };
+        let engine = CpuEngine::load(files, &cfg).with_context(|| format!("loading {}", files.name))?;
+        return Ok(Box::new(engine));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(ordinal) = tandem_cuda::parse_device(device) {
+        let cfg = tandem_cuda::CudaConfig { device: ordinal, block_size, kv_cache_bytes: kv_cache_mb.map(|mb| mb << 20), ..Default::default() };
+        let engine = tandem_cuda::CudaEngine::load(files, &cfg).with_context(|| format!("loading {} onto {device}", files.name))?;
+        return Ok(Box::new(engine));
+    }
+    anyhow::bail!("--device {device}: expected cpu or cuda:N{}", if cfg!(feature = "cuda") { "" } else { " (this build has no CUDA support)" })
 }
 
 /// Fires on Ctrl-C, SIGTERM, or (managed) stdin closing.

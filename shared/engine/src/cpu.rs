@@ -1,18 +1,16 @@
 //! The CPU backend: candle matmuls (quantized GGUF or dense safetensors), own attention loops,
 //! a block-paged KV store in f32.
 
-use std::collections::HashMap;
-
-use tandem_protocol::{chain_hash, BlockHash, KvDtype, KvLayout, ROOT_HASH};
-use tandem_tokenizer::{ModelFiles, ModelFormat};
+use tandem_protocol::{BlockHash, KvDtype, KvLayout};
+use tandem_tokenizer::ModelFiles;
 
 use crate::config::ModelConfig;
 use crate::engine::{Engine, EngineInfo, ForwardItem, SeqId};
 use tandem_protocol::KvExport;
-use crate::kv::{BlockId, BlockPool, KvStore, PoolStats};
+use crate::kv::{KvStore, PoolStats, SeqTable};
 use crate::model::{Model, TokenSlot};
 use crate::weights::WeightSource;
-use crate::{EngineError, Result};
+use crate::Result;
 
 /// Sizing of the KV cache.
 #[derive(Debug, Clone)]
@@ -30,20 +28,11 @@ impl Default for EngineConfig {
     }
 }
 
-struct Seq {
-    /// Tokens whose KV is in the cache.
-    tokens: Vec<u32>,
-    blocks: Vec<BlockId>,
-    /// Chained hashes of the full blocks.
-    hashes: Vec<BlockHash>,
-}
-
 pub struct CpuEngine {
     model: Model,
     info: EngineInfo,
-    pool: BlockPool,
+    seqs: SeqTable,
     store: KvStore,
-    seqs: HashMap<SeqId, Seq>,
 }
 
 impl std::fmt::Debug for CpuEngine {
@@ -54,18 +43,7 @@ impl std::fmt::Debug for CpuEngine {
 
 impl CpuEngine {
     pub fn load(files: &ModelFiles, cfg: &EngineConfig) -> Result<Self> {
-        let (model_cfg, src) = match &files.format {
-            ModelFormat::Gguf(path) => {
-                let src = WeightSource::open_gguf(path)?;
-                let WeightSource::Gguf { content, .. } = &src else { unreachable!("opened as gguf") };
-                (ModelConfig::from_gguf(content)?, src)
-            }
-            ModelFormat::Folder(dir) => {
-                let text = std::fs::read_to_string(dir.join("config.json"))
-                    .map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
-                (ModelConfig::from_hf_json(&text)?, WeightSource::open_safetensors(dir)?)
-            }
-        };
+        let (model_cfg, src) = WeightSource::open(files)?;
         Self::new(files.name.clone(), Model::load(model_cfg, src)?, cfg)
     }
 
@@ -91,8 +69,7 @@ impl CpuEngine {
         );
         Ok(Self {
             store: KvStore::new(num_blocks, cfg.block_size, c.layers, c.kv_heads, c.head_dim),
-            pool: BlockPool::new(num_blocks),
-            seqs: HashMap::new(),
+            seqs: SeqTable::new(num_blocks, cfg.block_size, max_context),
             model,
             info,
         })
@@ -100,22 +77,6 @@ impl CpuEngine {
 
     pub fn model_config(&self) -> &ModelConfig {
         &self.model.cfg
-    }
-
-    fn seq(&self, id: SeqId) -> Result<&Seq> {
-        self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id))
-    }
-
-    /// Publishes blocks that became full so other sequences can share them.
-    fn publish_full_blocks(pool: &mut BlockPool, seq: &mut Seq, block_size: usize) {
-        let full = seq.tokens.len() / block_size;
-        while seq.hashes.len() < full {
-            let i = seq.hashes.len();
-            let parent = seq.hashes.last().copied().unwrap_or(ROOT_HASH);
-            let h = chain_hash(parent, &seq.tokens[i * block_size..(i + 1) * block_size]);
-            pool.publish(seq.blocks[i], h);
-            seq.hashes.push(h);
-        }
     }
 }
 
@@ -125,44 +86,15 @@ impl Engine for CpuEngine {
     }
 
     fn add_sequence(&mut self, id: SeqId, prompt: &[u32]) -> Result<usize> {
-        if self.seqs.contains_key(&id) {
-            return Err(EngineError::DuplicateSequence(id));
-        }
-        if prompt.len() > self.info.max_context {
-            return Err(EngineError::ContextOverflow { len: prompt.len(), max: self.info.max_context });
-        }
-        let bs = self.info.block_size;
-        // Leave at least one token to compute: its logits start the generation.
-        let reusable = tandem_protocol::block_hashes(&prompt[..prompt.len().saturating_sub(1)], bs);
-        let blocks = self.pool.acquire_prefix(&reusable);
-        let cached = blocks.len() * bs;
-        let hashes = reusable[..blocks.len()].to_vec();
-        self.seqs.insert(id, Seq { tokens: prompt[..cached].to_vec(), blocks, hashes });
-        Ok(cached)
+        self.seqs.add(id, prompt)
     }
 
     fn forward(&mut self, items: &[ForwardItem]) -> Result<Vec<Vec<Vec<f32>>>> {
-        let bs = self.info.block_size;
-        // Check everything and count the blocks needed before touching any state.
-        let mut needed = Vec::with_capacity(items.len());
-        for it in items {
-            let s = self.seq(it.seq)?;
-            let len = s.tokens.len() + it.tokens.len();
-            if len > self.info.max_context {
-                return Err(EngineError::ContextOverflow { len, max: self.info.max_context });
-            }
-            needed.push(len.div_ceil(bs).saturating_sub(s.blocks.len()));
-        }
-        let mut fresh = self.pool.allocate_n(needed.iter().sum())?.into_iter();
-        for (it, n) in items.iter().zip(&needed) {
-            let s = self.seqs.get_mut(&it.seq).expect("checked above");
-            s.blocks.extend(fresh.by_ref().take(*n));
-        }
-
+        self.seqs.reserve(items)?;
         let mut slots = Vec::new();
         let mut logit_rows = Vec::new();
         for it in items {
-            let s = &self.seqs[&it.seq];
+            let s = self.seqs.get(it.seq)?;
             let start = s.tokens.len();
             for (j, &token) in it.tokens.iter().enumerate() {
                 if it.all_logits || j + 1 == it.tokens.len() {
@@ -173,34 +105,28 @@ impl Engine for CpuEngine {
         }
         let logits = self.model.forward(&slots, &mut self.store, &logit_rows)?;
         drop(slots);
+        self.seqs.commit(items);
 
         let mut rows = logits.into_iter();
-        let mut out = Vec::with_capacity(items.len());
-        for it in items {
-            let s = self.seqs.get_mut(&it.seq).expect("checked above");
-            s.tokens.extend_from_slice(&it.tokens);
-            Self::publish_full_blocks(&mut self.pool, s, bs);
-            let n = if it.all_logits { it.tokens.len() } else { usize::from(!it.tokens.is_empty()) };
-            out.push(rows.by_ref().take(n).collect());
-        }
-        Ok(out)
+        Ok(items
+            .iter()
+            .map(|it| {
+                let n = if it.all_logits { it.tokens.len() } else { usize::from(!it.tokens.is_empty()) };
+                rows.by_ref().take(n).collect()
+            })
+            .collect())
     }
 
     fn release(&mut self, id: SeqId) {
-        if let Some(s) = self.seqs.remove(&id) {
-            for b in s.blocks {
-                self.pool.release(b);
-            }
-        }
+        self.seqs.release(id);
     }
 
     fn seq_len(&self, id: SeqId) -> Option<usize> {
-        self.seqs.get(&id).map(|s| s.tokens.len())
+        self.seqs.seq_len(id)
     }
 
     fn export(&self, id: SeqId) -> Result<KvExport> {
-        let s = self.seq(id)?;
-        let layout = KvLayout { token_count: s.tokens.len(), ..self.info.layout.clone() };
+        let (layout, s) = self.seqs.export_plan(id, &self.info.layout)?;
         let blocks: Vec<Vec<u8>> = s.blocks[..layout.num_blocks()]
             .iter()
             .map(|&b| bytemuck::cast_slice::<f32, u8>(self.store.block(b)).to_vec())
@@ -210,84 +136,36 @@ impl Engine for CpuEngine {
     }
 
     fn import(&mut self, id: SeqId, kv: &KvExport) -> Result<()> {
-        if self.seqs.contains_key(&id) {
-            return Err(EngineError::DuplicateSequence(id));
-        }
-        kv.layout.check_compatible(&self.info.layout)?;
-        if kv.layout.tp_size != 1 {
-            return Err(EngineError::Import(format!("blocks are sharded for TP={}; re-shard before import", kv.layout.tp_size)));
-        }
-        let n = kv.layout.num_blocks();
-        if kv.tokens.len() != kv.layout.token_count || kv.blocks.len() != n || kv.checksums.len() != n {
-            return Err(EngineError::Import(format!(
-                "{} tokens and {} blocks for a layout of {} tokens",
-                kv.tokens.len(),
-                kv.blocks.len(),
-                kv.layout.token_count
-            )));
-        }
-        if kv.layout.token_count > self.info.max_context {
-            return Err(EngineError::ContextOverflow { len: kv.layout.token_count, max: self.info.max_context });
-        }
-        let want = self.store.block_elems() * 4;
-        if let Some(bad) = kv.blocks.iter().position(|b| b.len() != want) {
-            return Err(EngineError::Import(format!("block {bad} has {} bytes, expected {want}", kv.blocks[bad].len())));
-        }
-        if let Some(bad) = kv.first_corrupt_block() {
-            return Err(EngineError::Import(format!("block {bad} fails its checksum")));
-        }
-        let blocks = self.pool.allocate_n(n)?;
+        let blocks = self.seqs.begin_import(id, kv, &self.info.layout, self.store.block_elems() * 4)?;
         for (&b, bytes) in blocks.iter().zip(&kv.blocks) {
             bytemuck::cast_slice_mut::<f32, u8>(self.store.block_mut(b)).copy_from_slice(bytes);
         }
-        let mut seq = Seq { tokens: kv.tokens.clone(), blocks, hashes: Vec::new() };
-        Self::publish_full_blocks(&mut self.pool, &mut seq, self.info.block_size);
-        self.seqs.insert(id, seq);
+        self.seqs.finish_import(id, &kv.tokens, blocks);
         Ok(())
     }
 
     fn stats(&self) -> PoolStats {
-        self.pool.stats()
+        self.seqs.stats()
     }
 
     fn cached_prefix(&self, hashes: &[BlockHash]) -> usize {
-        self.pool.cached_prefix(hashes)
+        self.seqs.cached_prefix(hashes)
     }
 
     fn cached_hashes(&self) -> Vec<BlockHash> {
-        self.pool.cached_hashes()
+        self.seqs.cached_hashes()
     }
 
     fn take_evicted(&mut self) -> Vec<BlockHash> {
-        self.pool.take_evicted()
+        self.seqs.take_evicted()
     }
 
     fn insert_cached(&mut self, parent: BlockHash, tokens: &[u32], blocks: &[Vec<u8>]) -> Result<usize> {
-        let bs = self.info.block_size;
-        if tokens.len() != blocks.len() * bs {
-            return Err(EngineError::Import(format!("{} tokens for {} blocks of {bs}", tokens.len(), blocks.len())));
-        }
-        let want = self.store.block_elems() * 4;
-        if let Some(bad) = blocks.iter().position(|b| b.len() != want) {
-            return Err(EngineError::Import(format!("block {bad} has {} bytes, expected {want}", blocks[bad].len())));
-        }
-        let mut h = parent;
-        let mut added = 0;
-        for (chunk, bytes) in tokens.chunks(bs).zip(blocks) {
-            h = chain_hash(h, chunk);
-            if self.pool.is_cached(h) {
-                continue;
-            }
-            // Room comes from free blocks or the oldest cached ones, never a running sequence's.
-            if self.pool.available() == 0 {
-                break;
-            }
-            let b = self.pool.allocate()?;
-            bytemuck::cast_slice_mut::<f32, u8>(self.store.block_mut(b)).copy_from_slice(bytes);
-            self.pool.publish(b, h);
-            self.pool.release(b);
-            added += 1;
-        }
-        Ok(added)
+        let store = &mut self.store;
+        let bytes = store.block_elems() * 4;
+        self.seqs.insert_cached(parent, tokens, blocks, bytes, |b, data| {
+            bytemuck::cast_slice_mut::<f32, u8>(store.block_mut(b)).copy_from_slice(data);
+            Ok(())
+        })
     }
 }

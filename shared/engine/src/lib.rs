@@ -10,7 +10,7 @@ mod engine;
 pub mod kv;
 mod model;
 pub mod sampling;
-mod weights;
+pub mod weights;
 mod worker;
 pub mod wire;
 
@@ -43,6 +43,8 @@ pub enum EngineError {
     Layout(#[from] tandem_protocol::LayoutMismatch),
     #[error("kv import: {0}")]
     Import(String),
+    #[error("device: {0}")]
+    Device(String),
     #[error(transparent)]
     Tokenizer(#[from] tandem_tokenizer::TokenizerError),
 }

@@ -8,6 +8,9 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
+use tandem_tokenizer::{ModelFiles, ModelFormat};
+
+use crate::config::ModelConfig;
 use crate::{EngineError, Result};
 
 /// A linear layer `y = x Wᵀ + b`; `W` quantized or dense.
@@ -27,7 +30,7 @@ impl Linear {
 }
 
 /// Where tensors come from; names are given in the Hugging Face convention and mapped for GGUF.
-pub(crate) enum WeightSource {
+pub enum WeightSource {
     Gguf { content: Content, file: File },
     Dense(HashMap<String, Tensor>),
 }
@@ -64,6 +67,22 @@ fn gguf_name(hf: &str) -> String {
 }
 
 impl WeightSource {
+    /// Opens a model's weights and reads its architecture.
+    pub fn open(files: &ModelFiles) -> Result<(ModelConfig, Self)> {
+        match &files.format {
+            ModelFormat::Gguf(path) => {
+                let src = Self::open_gguf(path)?;
+                let Self::Gguf { content, .. } = &src else { unreachable!("opened as gguf") };
+                Ok((ModelConfig::from_gguf(content)?, src))
+            }
+            ModelFormat::Folder(dir) => {
+                let text = std::fs::read_to_string(dir.join("config.json"))
+                    .map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
+                Ok((ModelConfig::from_hf_json(&text)?, Self::open_safetensors(dir)?))
+            }
+        }
+    }
+
     pub fn open_gguf(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
         let content = Content::read(&mut file).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
@@ -109,7 +128,7 @@ impl WeightSource {
     }
 
     /// A matrix for matmuls, kept in its stored (possibly quantized) type.
-    pub fn matrix(&mut self, hf: &str) -> Result<QMatMul> {
+    pub(crate) fn matrix(&mut self, hf: &str) -> Result<QMatMul> {
         match self {
             Self::Gguf { content, file } => {
                 let q = content.tensor(file, &gguf_name(hf), &Device::Cpu).map_err(|e| missing(hf, e))?;
@@ -119,7 +138,7 @@ impl WeightSource {
         }
     }
 
-    pub fn linear(&mut self, hf_prefix: &str, bias: bool) -> Result<Linear> {
+    pub(crate) fn linear(&mut self, hf_prefix: &str, bias: bool) -> Result<Linear> {
         let w = self.matrix(&format!("{hf_prefix}.weight"))?;
         let b = if bias { Some(self.dense(&format!("{hf_prefix}.bias"))?) } else { None };
         Ok(Linear { w, b })

@@ -2,7 +2,9 @@
 //! eviction, and the storage the attention kernels read.
 
 mod pool;
+mod seqs;
 mod store;
 
 pub use pool::{BlockId, BlockPool, PoolStats};
+pub use seqs::{SeqState, SeqTable};
 pub(crate) use store::KvStore;

@@ -1,0 +1,149 @@
+//! `tandem bench engine` (decode and prefill speed of the CUDA engine on performance shapes) and
+//! `tandem bench gpu-check` (its correctness checks), both on a GPU of this machine.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use tandem_cuda::bench::{self, Row};
+use tandem_cuda::checks::{self, Check};
+
+fn list(s: &str) -> Result<Vec<usize>> {
+    s.split(',').filter(|x| !x.is_empty()).map(|x| x.trim().parse().with_context(|| format!("not a number: {x}"))).collect()
+}
+
+fn device(spec: &str) -> Result<usize> {
+    tandem_cuda::parse_device(spec).with_context(|| format!("--device {spec}: expected cuda or cuda:N"))
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// Model shapes: llama-1b, llama-8b (comma-separated).
+    #[arg(long, default_value = "llama-1b,llama-8b")]
+    pub shape: String,
+    /// Decode batch sizes.
+    #[arg(long, default_value = "1,8,32,128,256")]
+    pub batches: String,
+    /// Decode context lengths (tokens already in each sequence's cache).
+    #[arg(long, default_value = "512,4096")]
+    pub contexts: String,
+    /// Prefill prompt lengths.
+    #[arg(long, default_value = "512,2048,8192")]
+    pub prefill: String,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    #[arg(long, default_value = "cuda:0")]
+    pub device: String,
+    /// Run decode passes eagerly instead of as captured graphs.
+    #[arg(long)]
+    pub no_graphs: bool,
+    /// Write the JSON result here.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+pub fn engine(args: &EngineArgs) -> Result<()> {
+    let dev = device(&args.device)?;
+    let gpu = tandem_cuda::Gpu::open(dev)?;
+    let ceil = bench::ceilings(&gpu)?;
+    drop(gpu);
+    eprintln!("{}: copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s", ceil.gpu, ceil.copy_gbps, ceil.matrix_tflops);
+    let mut rows: Vec<Row> = Vec::new();
+    for shape in args.shape.split(',').filter(|s| !s.is_empty()) {
+        let spec = bench::Spec {
+            shape: shape.to_string(),
+            batches: list(&args.batches)?,
+            contexts: list(&args.contexts)?,
+            prefill_lens: list(&args.prefill)?,
+            warmup: args.warmup,
+            iters: args.iters,
+            device: dev,
+            graphs: !args.no_graphs,
+        };
+        let done = bench::run(&spec, &ceil, |r| eprintln!("{}", line(r)))?;
+        rows.extend(done);
+    }
+    let out = serde_json::json!({ "ceilings": ceil, "rows": rows });
+    if let Some(path) = &args.output {
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+    }
+    println!("{:<9} {:<8} {:>5} {:>6} {:>10} {:>9} {:>6}", "shape", "phase", "batch", "len", "tok/s", "ms", "util");
+    for r in &rows {
+        println!("{}", line(r));
+    }
+    Ok(())
+}
+
+fn line(r: &Row) -> String {
+    let len = r.context.or(r.prompt_len).unwrap_or(0);
+    match &r.error {
+        Some(e) => format!("{:<9} {:<8} {:>5} {:>6} {e}", r.shape, r.phase, r.batch, len),
+        None => format!(
+            "{:<9} {:<8} {:>5} {:>6} {:>10.0} {:>9.3} {:>5.1}%",
+            r.shape,
+            r.phase,
+            r.batch,
+            len,
+            r.tokens_per_s.unwrap_or(0.0),
+            r.step_ms.or(r.time_ms).unwrap_or(0.0),
+            100.0 * r.mbu.or(r.mfu).unwrap_or(0.0)
+        ),
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Folder of reference models (from scripts/gpu/reference.py).
+    #[arg(long)]
+    pub reference: Option<PathBuf>,
+    /// A model (GGUF or folder) whose greedy tokens on the GPU must equal the CPU engine's.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Greedy tokens per prompt for --model.
+    #[arg(long, default_value_t = 8)]
+    pub tokens: usize,
+    #[arg(long, default_value = "cuda:0")]
+    pub device: String,
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+fn show(c: &Check) -> String {
+    let err = c.rel_err.map(|e| format!("{e:.2e}")).unwrap_or_default();
+    format!("{} {:<70} {:>9} {}", if c.passed { "ok  " } else { "FAIL" }, c.name, err, c.detail)
+}
+
+pub fn check(args: &CheckArgs) -> Result<()> {
+    let dev = device(&args.device)?;
+    let gpu = tandem_cuda::Gpu::open(dev)?;
+    let mut all: Vec<Check> = Vec::new();
+    for (i, case) in checks::attention_cases().iter().enumerate() {
+        all.push(checks::attention_case(&gpu, case, 100 + i as u64)?);
+        eprintln!("{}", show(all.last().expect("just pushed")));
+    }
+    drop(gpu);
+    if let Some(dir) = &args.reference {
+        for c in checks::reference_models(dir, dev)? {
+            eprintln!("{}", show(&c));
+            all.push(c);
+        }
+    }
+    if let Some(model) = &args.model {
+        let prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"];
+        for c in checks::greedy_vs_cpu(model, &prompts, args.tokens, dev)? {
+            eprintln!("{}", show(&c));
+            all.push(c);
+        }
+    }
+    if let Some(path) = &args.output {
+        std::fs::write(path, serde_json::to_string_pretty(&all)?)?;
+    }
+    let failed = all.iter().filter(|c| !c.passed).count();
+    println!("{} checks, {failed} failed", all.len());
+    if failed > 0 {
+        bail!("{failed} GPU checks failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! One GPU as the engine sees it: a context, one stream that every launch and copy goes through
+//! (so stream order is the only synchronisation needed, and CUDA graphs can capture a whole
+//! step), a cuBLAS handle with a fixed workspace, and the compiled kernels.
+
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::{result as blas_result, sys as blas_sys, CudaBlas};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use crate::{CudaError, Result};
+
+const KERNELS: &str = include_str!("kernels.cu");
+
+/// A device allocation with its raw address (kernels take addresses, not typed slices).
+pub struct Buf {
+    _slice: CudaSlice<u8>,
+    pub ptr: u64,
+    pub bytes: usize,
+}
+
+impl std::fmt::Debug for Buf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Buf({:#x}, {} bytes)", self.ptr, self.bytes)
+    }
+}
+
+impl Buf {
+    /// Address `elems` elements of `size` bytes past the start.
+    pub fn at(&self, elems: usize, size: usize) -> u64 {
+        debug_assert!(elems * size <= self.bytes);
+        self.ptr + (elems * size) as u64
+    }
+}
+
+/// Element type of a GEMM operand or result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dt {
+    Bf16,
+    F32,
+}
+
+impl Dt {
+    fn cuda(self) -> blas_sys::cudaDataType {
+        match self {
+            Dt::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            Dt::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+        }
+    }
+}
+
+pub struct Kernels {
+    _module: Arc<CudaModule>,
+    pub fill: CudaFunction,
+    pub embed: CudaFunction,
+    pub rms_norm: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub rope_store: CudaFunction,
+    pub decode_attention: [CudaFunction; 2],
+    pub attn_combine: CudaFunction,
+    pub prefill_attention: [CudaFunction; 2],
+    pub gemv: Vec<CudaFunction>,
+    pub argmax: CudaFunction,
+    pub sample: CudaFunction,
+}
+
+/// PTX per architecture, compiled once per process.
+fn ptx_for(arch: &str) -> Result<Ptx> {
+    static CACHE: OnceLock<Mutex<Vec<(String, String)>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(Vec::new()));
+    let mut cache = cache.lock().expect("ptx cache lock");
+    if let Some((_, src)) = cache.iter().find(|(a, _)| a == arch) {
+        return Ok(Ptx::from_src(src.clone()));
+    }
+    let started = std::time::Instant::now();
+    let opts = CompileOptions {
+        options: vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()],
+        fmad: Some(true),
+        name: Some("tandem_kernels.cu".into()),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS, opts).map_err(|e| CudaError::Compile(e.to_string()))?;
+    tracing::info!(arch, ms = started.elapsed().as_millis() as u64, "compiled kernels with NVRTC");
+    cache.push((arch.to_string(), ptx.to_src()));
+    Ok(ptx)
+}
+
+impl Kernels {
+    fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let (major, minor) = ctx.compute_capability()?;
+        if major < 8 {
+            return Err(CudaError::Unsupported(format!("compute capability {major}.{minor}: bf16 tensor cores need 8.0 or newer")));
+        }
+        let module = ctx.load_module(ptx_for(&format!("sm_{major}{minor}"))?)?;
+        let f = |name: &str| module.load_function(name).map_err(CudaError::from);
+        Ok(Self {
+            fill: f("fill_uniform_bf16")?,
+            embed: f("embed")?,
+            rms_norm: f("rms_norm")?,
+            silu_mul: f("silu_mul")?,
+            rope_store: f("rope_store")?,
+            decode_attention: [f("decode_attention_64")?, f("decode_attention_128")?],
+            attn_combine: f("attn_combine")?,
+            prefill_attention: [f("prefill_attention_64")?, f("prefill_attention_128")?],
+            gemv: (1..=8).map(|n| f(&format!("gemv_{n}"))).collect::<Result<_>>()?,
+            argmax: f("argmax_rows")?,
+            sample: f("sample_rows")?,
+            _module: module,
+        })
+    }
+}
+
+pub struct Gpu {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    _workspace: Buf,
+    pub k: Kernels,
+    pub name: String,
+    pub sms: usize,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu").field("name", &self.name).field("ordinal", &self.ctx.ordinal()).finish()
+    }
+}
+
+const WORKSPACE_BYTES: usize = 64 << 20;
+
+/// Parses `cuda:N` (or `cuda`, meaning 0).
+pub fn parse_device(spec: &str) -> Option<usize> {
+    match spec {
+        "cuda" => Some(0),
+        s => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()),
+    }
+}
+
+impl Gpu {
+    pub fn open(ordinal: usize) -> Result<Self> {
+        let count = std::panic::catch_unwind(CudaContext::device_count)
+            .map_err(|_| CudaError::Unsupported("no CUDA driver on this machine".into()))??;
+        if ordinal >= count.max(0) as usize {
+            return Err(CudaError::Unsupported(format!("cuda:{ordinal} requested, {count} GPU(s) visible")));
+        }
+        let ctx = CudaContext::new(ordinal)?;
+        // One stream, ordered: cudarc's per-allocation event tracking would add event records
+        // and waits that a graph capture must not see.
+        // SAFETY: every launch and copy of this engine goes through `stream`, so stream order
+        // already orders all accesses; nothing else uses these allocations.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        let blas = CudaBlas::new(stream.clone())?;
+        let workspace = alloc(&stream, WORKSPACE_BYTES)?;
+        // SAFETY: the workspace outlives the handle (both live in `Gpu`; the handle is dropped
+        // first by field order) and is used by no one else.
+        unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), workspace.ptr as *mut c_void, WORKSPACE_BYTES) }
+            .result()
+            .map_err(|e| CudaError::Blas(format!("{e:?}")))?;
+        let k = Kernels::load(&ctx)?;
+        let name = ctx.name()?;
+        let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
+        Ok(Self { ctx, stream, blas, _workspace: workspace, k, name, sms })
+    }
+
+    pub fn alloc(&self, bytes: usize) -> Result<Buf> {
+        alloc(&self.stream, bytes)
+    }
+
+    /// Free and total device memory.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        Ok(self.ctx.mem_get_info()?)
+    }
+
+    pub fn upload<T: Copy>(&self, dst: u64, src: &[T]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `dst` points into an allocation of this context at least `size_of_val(src)`
+        // bytes long (callers size buffers from the same counts); the copy is ordered on the
+        // stream and completes before `memcpy_htod_async` returns for pageable memory.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(dst, src, self.stream.cu_stream())?;
+        }
+        Ok(())
+    }
+
+    pub fn download<T: Copy>(&self, dst: &mut [T], src: u64) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: as for `upload`; the stream is synchronised before the host reads `dst`.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(dst, src, self.stream.cu_stream())?;
+        }
+        self.stream.synchronize()?;
+        Ok(())
+    }
+
+    pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        // SAFETY: both ranges lie in allocations of this context (callers' invariant).
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())? };
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<()> {
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// Fills `n` bf16 values with `offset + scale·u`, u uniform in [-1, 1), from `seed`.
+    pub fn fill_bf16(&self, ptr: u64, n: usize, seed: u64, scale: f32, offset: f32) -> Result<()> {
+        let n64 = n as u64;
+        let blocks = n.div_ceil(256).min(65536) as u32;
+        let mut b = self.stream.launch_builder(&self.k.fill);
+        b.arg(&ptr).arg(&n64).arg(&seed).arg(&scale).arg(&offset);
+        // SAFETY: the kernel writes exactly `n` bf16 values from `ptr`, inside its allocation.
+        unsafe { b.launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }?;
+        Ok(())
+    }
+
+    /// Row-major `y[n × rows] (+)= x[n × cols] · W[rows × cols]ᵀ` in bf16 with f32 accumulation.
+    /// `accumulate` adds into `y` (the residual stream, f32). Small batches use the matrix-vector
+    /// kernel, larger ones cuBLAS.
+    #[allow(clippy::too_many_arguments)]
+    pub fn linear(&self, x: u64, w: u64, y: u64, n: usize, rows: usize, cols: usize, out: Dt, accumulate: bool) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        if n <= self.k.gemv.len() && cols % 8 == 0 {
+            let mode: i32 = match (out, accumulate) {
+                (Dt::Bf16, false) => 0,
+                (Dt::F32, false) => 1,
+                (Dt::F32, true) => 2,
+                (Dt::Bf16, true) => return Err(CudaError::Unsupported("bf16 accumulate".into())),
+            };
+            let (r, c) = (rows as i32, cols as i32);
+            let mut b = self.stream.launch_builder(&self.k.gemv[n - 1]);
+            b.arg(&w).arg(&x).arg(&y).arg(&r).arg(&c).arg(&mode);
+            // SAFETY: W holds rows×cols, x n×cols, y n×rows elements (callers size them so); the
+            // kernel reads and writes only those.
+            unsafe {
+                b.launch(LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
+            }?;
+            return Ok(());
+        }
+        self.gemm(w, Dt::Bf16, x, Dt::Bf16, y, out, rows, n, cols, accumulate)
+    }
+
+    /// Column-major cuBLAS view of the row-major product: C[m × n] = Aᵀ·B with A = W (k × m
+    /// column-major, i.e. W row-major m × k) and B = x (k × n column-major = x row-major n × k).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(&self, w: u64, wt: Dt, x: u64, xt: Dt, y: u64, yt: Dt, m: usize, n: usize, k: usize, accumulate: bool) -> Result<()> {
+        let alpha = 1.0f32;
+        let beta = if accumulate { 1.0f32 } else { 0.0f32 };
+        // SAFETY: the pointers address device buffers of at least m×k, k×n and m×n elements of
+        // the stated types; alpha/beta are f32 host scalars as the compute type requires.
+        unsafe {
+            blas_result::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                wt.cuda(),
+                k as i32,
+                x as *const c_void,
+                xt.cuda(),
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                y as *mut c_void,
+                yt.cuda(),
+                m as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| CudaError::Blas(format!("{e:?} (m={m} n={n} k={k})")))
+    }
+
+    pub fn launch(&self, f: &CudaFunction, grid: (u32, u32, u32), block: u32, smem: u32, args: &[&dyn Arg]) -> Result<()> {
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            a.push(&mut b);
+        }
+        // SAFETY: every call site passes the argument list its kernel declares (same order,
+        // same widths) and buffers sized for the launch; see the kernels' comments.
+        unsafe { b.launch(LaunchConfig { grid_dim: grid, block_dim: (block, 1, 1), shared_mem_bytes: smem }) }?;
+        Ok(())
+    }
+
+    /// A pair of events around `f`, in milliseconds of device time.
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
+        let start = self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        start.record(&self.stream)?;
+        f()?;
+        end.record(&self.stream)?;
+        end.synchronize()?;
+        Ok(start.elapsed_ms(&end)?)
+    }
+}
+
+/// A kernel argument: scalars by value, addresses as u64.
+pub trait Arg {
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+}
+
+macro_rules! scalar_arg {
+    ($($t:ty),*) => {$(
+        impl Arg for $t {
+            fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+                b.arg(self);
+            }
+        }
+    )*};
+}
+scalar_arg!(u64, i32, f32);
+
+fn alloc(stream: &Arc<CudaStream>, bytes: usize) -> Result<Buf> {
+    let slice = stream.alloc_zeros::<u8>(bytes.max(16))?;
+    let ptr = {
+        let (ptr, _guard) = slice.device_ptr(stream);
+        ptr
+    };
+    Ok(Buf { ptr, bytes, _slice: slice })
+}

@@ -1,0 +1,477 @@
+//! `CudaEngine`: the [`Engine`] seam over the device model, the paged bf16 KV cache and the
+//! captured decode graphs.
+
+use std::collections::HashMap;
+
+use cudarc::driver::{sys, CudaGraph};
+use tandem_engine::kv::{PoolStats, SeqTable};
+use tandem_engine::weights::WeightSource;
+use tandem_engine::{Engine, EngineError, EngineInfo, ForwardItem, KvExport, ModelConfig, SeqId};
+use tandem_protocol::{BlockHash, KvDtype, KvLayout};
+use tandem_tokenizer::ModelFiles;
+
+use crate::device::{Buf, Gpu};
+use crate::model::{Dims, Head, Model, PassShape, Scratch, Weights};
+use crate::plan::{bucket_for, ctx_bucket, decode_split, Plan, PlanItem, BUCKETS};
+use crate::shard::Tp;
+use crate::{CudaError, Result};
+
+/// Sizing and switches of a CUDA engine.
+#[derive(Debug, Clone)]
+pub struct CudaConfig {
+    pub device: usize,
+    pub block_size: usize,
+    /// Memory for KV blocks; by default what `memory_fraction` of the device leaves after the
+    /// weights and activations.
+    pub kv_cache_bytes: Option<usize>,
+    pub memory_fraction: f64,
+    pub max_context: Option<usize>,
+    /// Most sequences in one pass (the largest captured decode batch).
+    pub max_batch: usize,
+    /// Most tokens in one pass; longer prompts are computed in chunks.
+    pub max_step_tokens: usize,
+    /// Capture decode passes as CUDA graphs.
+    pub graphs: bool,
+}
+
+impl Default for CudaConfig {
+    fn default() -> Self {
+        Self {
+            device: 0,
+            block_size: 16,
+            kv_cache_bytes: None,
+            memory_fraction: 0.9,
+            max_context: None,
+            max_batch: 256,
+            max_step_tokens: 8192,
+            graphs: true,
+        }
+    }
+}
+
+/// Most partial results per head in split decode attention (bounds its scratch).
+const MAX_SPLITS: usize = 64;
+/// Longest context the decode kernel serves: 512-token splits, `MAX_SPLITS` of them.
+const DECODE_CONTEXT_LIMIT: usize = 512 * MAX_SPLITS;
+/// Logit rows of one pass (a scoring request asking for every token is chunked to this).
+const MAX_LOGIT_ROWS: usize = 512;
+
+/// A captured decode pass.
+struct Graph(CudaGraph);
+
+// SAFETY: a graph's handles are plain driver objects with no thread affinity; the engine owns
+// them and launches them from whichever single thread drives it (`Engine` is `Send`, not `Sync`).
+unsafe impl Send for Graph {}
+
+pub struct CudaEngine {
+    graphs: HashMap<(usize, usize), Graph>,
+    info: EngineInfo,
+    seqs: SeqTable,
+    model: Model,
+    scratch: Scratch,
+    cache: Buf,
+    block_bytes: usize,
+    use_graphs: bool,
+    gpu: Gpu,
+}
+
+impl std::fmt::Debug for CudaEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaEngine").field("gpu", &self.gpu).field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+fn dev(e: CudaError) -> EngineError {
+    match e {
+        CudaError::Engine(e) => e,
+        other => EngineError::Device(other.to_string()),
+    }
+}
+
+impl CudaEngine {
+    /// Loads a model (GGUF dequantised to bf16, or safetensors) onto `cfg.device`.
+    pub fn load(files: &ModelFiles, cfg: &CudaConfig) -> Result<Self> {
+        let (model_cfg, mut src) = WeightSource::open(files)?;
+        let gpu = Gpu::open(cfg.device)?;
+        let weights = Weights::load(&gpu, &model_cfg, &mut src, Tp::SINGLE)?;
+        drop(src);
+        Self::assemble(files.name.clone(), gpu, model_cfg, weights, cfg)
+    }
+
+    /// An engine with random weights of the given shape (benchmarks).
+    pub fn random(name: &str, model_cfg: ModelConfig, seed: u64, cfg: &CudaConfig) -> Result<Self> {
+        let gpu = Gpu::open(cfg.device)?;
+        let weights = Weights::random(&gpu, &model_cfg, seed)?;
+        Self::assemble(name.to_string(), gpu, model_cfg, weights, cfg)
+    }
+
+    fn assemble(model_name: String, gpu: Gpu, c: ModelConfig, weights: Weights, cfg: &CudaConfig) -> Result<Self> {
+        let tp = Tp::SINGLE;
+        let d = Dims::new(&c, tp)?;
+        if d.hd != 64 && d.hd != 128 {
+            return Err(CudaError::Unsupported(format!("head_dim {} (the CUDA kernels take 64 or 128)", d.hd)));
+        }
+        if d.heads / d.kv_heads > 8 || d.heads % d.kv_heads != 0 {
+            return Err(CudaError::Unsupported(format!("{} query heads per KV head (at most 8)", d.heads / d.kv_heads)));
+        }
+        let bs = cfg.block_size;
+        let layout = KvLayout {
+            model_id: model_name.clone(),
+            num_layers: c.layers,
+            kv_heads: c.kv_heads,
+            head_dim: c.head_dim,
+            dtype: KvDtype::Bf16,
+            block_size: bs,
+            tp_rank: tp.rank,
+            tp_size: tp.size,
+            token_count: 0,
+        };
+        let block_bytes = layout.block_bytes();
+        let max_context = cfg.max_context.unwrap_or(c.max_context).min(c.max_context).min(DECODE_CONTEXT_LIMIT);
+        let max_batch = cfg.max_batch.clamp(1, *BUCKETS.last().expect("buckets"));
+        let scratch = Scratch::new(
+            &gpu,
+            &d,
+            cfg.max_step_tokens.max(1),
+            max_batch,
+            MAX_LOGIT_ROWS.max(max_batch),
+            max_context.div_ceil(bs),
+            MAX_SPLITS,
+        )?;
+        let (free, total) = gpu.mem_info()?;
+        let kv_bytes = match cfg.kv_cache_bytes {
+            Some(b) => b,
+            None => {
+                let reserve = total as f64 * (1.0 - cfg.memory_fraction);
+                (free as f64 - reserve).max(0.0) as usize
+            }
+        };
+        let num_blocks = kv_bytes / block_bytes;
+        if num_blocks == 0 {
+            return Err(CudaError::Unsupported(format!("no room for KV blocks: {free} bytes free of {total}")));
+        }
+        let cache = gpu.alloc(num_blocks * block_bytes)?;
+        // Never compute on zeros by accident: unwritten cache reads show up as noise, not as a
+        // plausible attention over zero keys.
+        gpu.fill_bf16(cache.ptr, num_blocks * block_bytes / 2, 0x5eed, 1.0, 0.0)?;
+        gpu.sync()?;
+        let max_context = max_context.min(num_blocks * bs);
+        let info = EngineInfo { model_name, vocab_size: c.vocab_size, max_context, block_size: bs, layout };
+        tracing::info!(
+            gpu = %gpu.name, model = %info.model_name, weights_gb = weights.total_bytes as f64 / 1e9,
+            kv_blocks = num_blocks, kv_gb = (num_blocks * block_bytes) as f64 / 1e9,
+            scratch_gb = scratch.bytes() as f64 / 1e9, max_context, "cuda engine ready"
+        );
+        let layers = c.layers;
+        Ok(Self {
+            graphs: HashMap::new(),
+            info,
+            seqs: SeqTable::new(num_blocks, bs, max_context),
+            model: Model { cfg: c, d, w: weights, layers, block_size: bs },
+            scratch,
+            cache,
+            block_bytes,
+            use_graphs: cfg.graphs,
+            gpu,
+        })
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.model.cfg
+    }
+
+    /// Bytes of weights one decode step reads.
+    pub fn weight_step_bytes(&self) -> usize {
+        self.model.w.step_bytes
+    }
+
+    pub fn kv_blocks(&self) -> usize {
+        self.seqs.stats().total_blocks
+    }
+
+    /// Runs a pass and returns, per item, the logits it asked for (`head` = Logits) or, per
+    /// logit row, the token chosen on the device (`head` = Argmax/Sample).
+    fn run_items(&mut self, items: &[ForwardItem], head: Head) -> Result<Passed> {
+        self.seqs.reserve(items).map_err(CudaError::Engine)?;
+        // Tokens are committed only after their pass ran: a failed pass leaves each sequence
+        // as it was, holding the blocks reserved for it (a retry reuses them).
+        self.run_reserved(items, head)
+    }
+
+    fn run_reserved(&mut self, items: &[ForwardItem], head: Head) -> Result<Passed> {
+        let cap_t = self.scratch.cap_tokens;
+        let cap_s = self.scratch.cap_seqs;
+        let mut done = vec![0usize; items.len()];
+        let mut out = Passed { logits: vec![Vec::new(); items.len()], tokens: vec![Vec::new(); items.len()] };
+        loop {
+            // Fill one pass: whole items while they fit, then a chunk of the next.
+            let mut chunk: Vec<(usize, usize, usize)> = Vec::new(); // (item, from, to)
+            let (mut tokens, mut rows) = (0usize, 0usize);
+            for (i, it) in items.iter().enumerate() {
+                let left = it.tokens.len() - done[i];
+                if left == 0 || chunk.len() == cap_s || tokens == cap_t {
+                    continue;
+                }
+                let mut take = left.min(cap_t - tokens);
+                if it.all_logits {
+                    take = take.min(MAX_LOGIT_ROWS.saturating_sub(rows));
+                }
+                if take == 0 {
+                    continue;
+                }
+                let ends = done[i] + take == it.tokens.len();
+                rows += if it.all_logits { take } else { usize::from(ends) };
+                if rows > self.scratch.cap_logits {
+                    break;
+                }
+                chunk.push((i, done[i], done[i] + take));
+                tokens += take;
+            }
+            if chunk.is_empty() {
+                break;
+            }
+            let states: Vec<_> = chunk.iter().map(|&(i, _, _)| self.seqs.get(items[i].seq)).collect::<std::result::Result<_, _>>()?;
+            let plan_items: Vec<PlanItem<'_>> = chunk
+                .iter()
+                .zip(&states)
+                .map(|(&(i, from, to), s)| PlanItem {
+                    blocks: &s.blocks,
+                    start: s.tokens.len(),
+                    tokens: &items[i].tokens[from..to],
+                    all_logits: items[i].all_logits,
+                    last_logit: to == items[i].tokens.len(),
+                })
+                .collect();
+            let real_rows: usize = plan_items.len();
+            let decode_only = plan_items.iter().all(|p| p.tokens.len() == 1 && p.last_logit && !p.all_logits);
+            let graph_key = if self.use_graphs && decode_only {
+                bucket_for(real_rows).map(|b| (b, ctx_bucket(plan_items.iter().map(|p| p.start + 1).max().unwrap_or(1), self.info.max_context)))
+            } else {
+                None
+            };
+            let plan = match graph_key {
+                Some((b, cb)) => Plan::build(&plan_items, self.model.block_size, Some(b), cb.div_ceil(self.model.block_size)),
+                None => Plan::build(&plan_items, self.model.block_size, None, 0),
+            };
+            let split_ctx = graph_key.map_or(plan.max_ctx, |(_, cb)| cb);
+            let shape = PassShape::of(&plan, decode_split(plan.n_seqs, self.model.d.kv_heads, split_ctx.max(1), self.gpu.sms, MAX_SPLITS));
+            drop(plan_items);
+            drop(states);
+            if plan.meta.len() > self.scratch.cap_meta {
+                return Err(CudaError::Unsupported(format!("pass metadata of {} entries exceeds {}", plan.meta.len(), self.scratch.cap_meta)));
+            }
+            self.gpu.upload(self.scratch.meta.ptr, &plan.meta)?;
+            match graph_key {
+                Some(key) if self.graphs.contains_key(&key) => self.graphs[&key].0.launch()?,
+                Some(key) => {
+                    // First use of this shape: run it eagerly (loads every kernel it needs),
+                    // then capture it for the next time.
+                    self.model.run(&self.gpu, &self.scratch, self.cache.ptr, &shape, Head::Argmax)?;
+                    self.capture(key, &shape)?;
+                }
+                None => self.model.run(&self.gpu, &self.scratch, self.cache.ptr, &shape, head)?,
+            }
+            // Rows of real logits, in plan order.
+            let n_rows = if plan.decode_only { real_rows } else { plan.n_logits };
+            let per_row: Vec<usize> = chunk
+                .iter()
+                .map(|&(i, _, to)| if items[i].all_logits { to - done[i] } else { usize::from(to == items[i].tokens.len()) })
+                .collect();
+            if head == Head::Logits {
+                let v = self.model.d.vocab;
+                let mut host = vec![0f32; n_rows * v];
+                self.gpu.download(&mut host, self.scratch.logits.ptr)?;
+                let mut rows = host.chunks_exact(v);
+                for (&(i, _, _), &k) in chunk.iter().zip(&per_row) {
+                    out.logits[i].extend(rows.by_ref().take(k).map(<[f32]>::to_vec));
+                }
+            } else {
+                let mut host = vec![0i32; n_rows];
+                self.gpu.download(&mut host, self.scratch.sampled.ptr)?;
+                let mut rows = host.iter();
+                for (&(i, _, _), &k) in chunk.iter().zip(&per_row) {
+                    out.tokens[i].extend(rows.by_ref().take(k).map(|&t| t as u32));
+                }
+            }
+            let partial: Vec<ForwardItem> = chunk
+                .iter()
+                .map(|&(i, from, to)| ForwardItem { seq: items[i].seq, tokens: items[i].tokens[from..to].to_vec(), all_logits: false })
+                .collect();
+            self.seqs.commit(&partial);
+            for &(i, _, to) in &chunk {
+                done[i] = to;
+            }
+        }
+        Ok(out)
+    }
+
+    fn capture(&mut self, key: (usize, usize), shape: &PassShape) -> Result<()> {
+        let stream = self.gpu.stream.clone();
+        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let ran = self.model.run(&self.gpu, &self.scratch, self.cache.ptr, shape, Head::Argmax);
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        ran?;
+        if let Some(g) = graph? {
+            g.upload()?;
+            self.graphs.insert(key, Graph(g));
+            tracing::debug!(batch = key.0, context = key.1, "captured decode graph");
+        }
+        Ok(())
+    }
+
+    /// Registers a sequence whose `tokens` are taken as already in the cache, without computing
+    /// them: benchmarks measure decode at a given context this way (the cache holds random
+    /// values from start-up, never zeros).
+    pub fn adopt(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        self.seqs.add(seq, &[])?;
+        let item = [ForwardItem { seq, tokens: tokens.to_vec(), all_logits: false }];
+        if let Err(e) = self.seqs.reserve(&item) {
+            self.seqs.release(seq);
+            return Err(e.into());
+        }
+        self.seqs.commit(&item);
+        Ok(())
+    }
+
+    /// Runs a pass and returns each item's greedy next token, chosen on the device.
+    pub fn forward_greedy(&mut self, items: &[ForwardItem]) -> Result<Vec<u32>> {
+        let out = self.run_items(items, Head::Argmax)?;
+        Ok(out.tokens.into_iter().map(|t| t.last().copied().unwrap_or(0)).collect())
+    }
+
+    /// Runs a pass and samples each item's next token on the device: per item, temperature,
+    /// top-p, min-p, top-k (0 = off), a seed and a counter (the token's position works).
+    pub fn forward_sampled(&mut self, items: &[ForwardItem], params: &[DeviceSampling]) -> Result<Vec<u32>> {
+        if params.len() != items.len() || items.iter().any(|it| it.all_logits) {
+            return Err(CudaError::Unsupported("one sampling row per item, last-token logits only".into()));
+        }
+        if items.len() > self.scratch.cap_logits {
+            return Err(CudaError::Unsupported(format!("{} rows exceed {}", items.len(), self.scratch.cap_logits)));
+        }
+        // Decode passes may be padded to a bucket; the padding rows sample too, harmlessly.
+        let mut host = vec![0f32; self.scratch.cap_logits * 8];
+        for (i, p) in params.iter().enumerate() {
+            host[8 * i..8 * i + 8].copy_from_slice(&p.pack());
+        }
+        self.gpu.upload(self.scratch.sample_params.ptr, &host)?;
+        // Graph passes end in argmax; sampling runs eagerly after the logits.
+        let saved = self.use_graphs;
+        self.use_graphs = false;
+        let out = self.run_items(items, Head::Sample);
+        self.use_graphs = saved;
+        Ok(out?.tokens.into_iter().map(|t| t.last().copied().unwrap_or(0)).collect())
+    }
+
+    /// Times `f` on the device in milliseconds.
+    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
+        self.gpu.time_ms(f)
+    }
+}
+
+/// Device-side sampling settings of one row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DeviceSampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub top_k: u32,
+    pub seed: u64,
+    pub counter: u32,
+}
+
+impl DeviceSampling {
+    fn pack(&self) -> [f32; 8] {
+        [
+            self.temperature,
+            self.top_p,
+            self.min_p,
+            self.top_k as f32,
+            f32::from_bits(self.seed as u32),
+            f32::from_bits((self.seed >> 32) as u32),
+            f32::from_bits(self.counter),
+            0.0,
+        ]
+    }
+}
+
+struct Passed {
+    logits: Vec<Vec<Vec<f32>>>,
+    tokens: Vec<Vec<u32>>,
+}
+
+impl Engine for CudaEngine {
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    fn add_sequence(&mut self, seq: SeqId, prompt: &[u32]) -> tandem_engine::Result<usize> {
+        self.seqs.add(seq, prompt)
+    }
+
+    fn forward(&mut self, items: &[ForwardItem]) -> tandem_engine::Result<Vec<Vec<Vec<f32>>>> {
+        Ok(self.run_items(items, Head::Logits).map_err(dev)?.logits)
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        self.seqs.release(seq);
+    }
+
+    fn seq_len(&self, seq: SeqId) -> Option<usize> {
+        self.seqs.seq_len(seq)
+    }
+
+    fn export(&self, seq: SeqId) -> tandem_engine::Result<KvExport> {
+        let (layout, s) = self.seqs.export_plan(seq, &self.info.layout)?;
+        let mut blocks = Vec::with_capacity(layout.num_blocks());
+        for &b in &s.blocks[..layout.num_blocks()] {
+            let mut bytes = vec![0u8; self.block_bytes];
+            self.gpu.download(&mut bytes, self.cache.at(b as usize * self.block_bytes, 1)).map_err(dev)?;
+            blocks.push(bytes);
+        }
+        let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
+        Ok(KvExport { layout, tokens: s.tokens.clone(), blocks, checksums })
+    }
+
+    fn import(&mut self, seq: SeqId, kv: &KvExport) -> tandem_engine::Result<()> {
+        let blocks = self.seqs.begin_import(seq, kv, &self.info.layout, self.block_bytes)?;
+        for (&b, bytes) in blocks.iter().zip(&kv.blocks) {
+            if let Err(e) = self.gpu.upload(self.cache.at(b as usize * self.block_bytes, 1), bytes) {
+                self.seqs.finish_import(seq, &[], blocks);
+                self.seqs.release(seq);
+                return Err(dev(e));
+            }
+        }
+        self.gpu.sync().map_err(dev)?;
+        self.seqs.finish_import(seq, &kv.tokens, blocks);
+        Ok(())
+    }
+
+    fn stats(&self) -> PoolStats {
+        self.seqs.stats()
+    }
+
+    fn cached_prefix(&self, hashes: &[BlockHash]) -> usize {
+        self.seqs.cached_prefix(hashes)
+    }
+
+    fn cached_hashes(&self) -> Vec<BlockHash> {
+        self.seqs.cached_hashes()
+    }
+
+    fn take_evicted(&mut self) -> Vec<BlockHash> {
+        self.seqs.take_evicted()
+    }
+
+    fn insert_cached(&mut self, parent: BlockHash, tokens: &[u32], blocks: &[Vec<u8>]) -> tandem_engine::Result<usize> {
+        let (gpu, cache, bb) = (&self.gpu, &self.cache, self.block_bytes);
+        let added = self.seqs.insert_cached(parent, tokens, blocks, bb, |b, data| {
+            gpu.upload(cache.at(b as usize * bb, 1), data).map_err(dev)
+        })?;
+        self.gpu.sync().map_err(dev)?;
+        Ok(added)
+    }
+}

@@ -1,0 +1,810 @@
+// Tandem's CUDA kernels, compiled at run time with NVRTC. No CUDA headers are needed: bf16 values
+// travel as raw 16-bit words and are widened to float by a shift; the tensor-core products use
+// inline PTX (mma.sync m16n8k16, bf16 in, f32 accumulate).
+//
+// KV cache layout (same as the CPU engine's, so a block exports as one contiguous range):
+//   block b: [layer][k|v][slot][kv_head][head_dim]   (bf16)
+
+typedef unsigned short bf16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NEG_INF (-__int_as_float(0x7f800000))
+#define LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ float bf2f(bf16 h) { return __uint_as_float(((u32)h) << 16); }
+
+__device__ __forceinline__ bf16 f2bf(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7f800000u) == 0x7f800000u) {
+        // Inf stays Inf; NaN stays NaN (quiet bit set).
+        return (bf16)((u >> 16) | ((u & 0x7fffffu) ? 0x40u : 0u));
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+__device__ __forceinline__ u32 pack_bf2(float lo, float hi) { return (u32)f2bf(lo) | ((u32)f2bf(hi) << 16); }
+
+__device__ __forceinline__ void unpack8(uint4 v, float* out) {
+    u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        out[2 * i] = __uint_as_float(w[i] << 16);
+        out[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ uint4 ldg_stream(const void* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds 32 floats.
+__device__ float block_sum(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < nw ? scratch[lane] : 0.f;
+    return warp_sum(t);
+}
+
+__device__ float block_max(float v, float* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float t = lane < nw ? scratch[lane] : NEG_INF;
+    return warp_max(t);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Initialisation: deterministic pseudo-random fill, for benchmark weights and KV (never zeros).
+
+__device__ __forceinline__ u64 mix64(u64 z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+__device__ __forceinline__ float unit_float(u64 h) { return (float)(h >> 40) * (1.0f / 16777216.0f); }
+
+extern "C" __global__ void fill_uniform_bf16(bf16* p, u64 n, u64 seed, float scale, float offset) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float u = unit_float(mix64(seed ^ mix64(i)));
+        p[i] = f2bf(offset + scale * (2.f * u - 1.f));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding lookup into the f32 residual stream.
+
+extern "C" __global__ void embed(const int* tokens, const bf16* table, float* x, int d) {
+    const bf16* row = table + (u64)tokens[blockIdx.x] * d;
+    float* out = x + (u64)blockIdx.x * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[j] = bf2f(row[j]);
+}
+
+// RMSNorm of f32 rows into bf16: out[r] = x[rows[r]] / rms * w. `rows` may be null (identity);
+// it picks the rows whose logits are wanted before the final norm.
+extern "C" __global__ void rms_norm(const float* x, const int* rows, const bf16* w, bf16* out, int d, float eps) {
+    __shared__ float scratch[32];
+    int r = rows ? rows[blockIdx.x] : blockIdx.x;
+    const float* xr = x + (u64)r * d;
+    float ss = 0.f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) ss += xr[j] * xr[j];
+    float inv = rsqrtf(block_sum(ss, scratch) / d + eps);
+    bf16* o = out + (u64)blockIdx.x * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) o[j] = f2bf(xr[j] * inv * bf2f(w[j]));
+}
+
+// gate|up rows of width 2f → silu(gate) * up, width f.
+extern "C" __global__ void silu_mul(const bf16* gu, bf16* out, int f, u64 total) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        u64 row = i / f, col = i % f;
+        float g = bf2f(gu[row * 2 * f + col]);
+        float u = bf2f(gu[row * 2 * f + f + col]);
+        out[i] = f2bf(g / (1.f + __expf(-g)) * u);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per token: optional q/k/v bias, optional per-head q/k RMSNorm (Qwen3), RoPE on q and k, then the
+// token's k and v written into its cache slot (skipped for slot < 0, the padding rows of a
+// captured batch). q is rotated in place in the qkv row. One block per token.
+extern "C" __global__ void rope_store(bf16* qkv, const float* bias, const bf16* q_norm, const bf16* k_norm,
+                                      const int* positions, const int* slots, const float* inv_freq,
+                                      bf16* cache, int layer, int layers, int heads, int kv_heads, int hd,
+                                      int block_size, int interleaved, float eps) {
+    extern __shared__ float sm[];
+    const int width = (heads + 2 * kv_heads) * hd;
+    const int rot_heads = heads + kv_heads;
+    float* row = sm;                 // width
+    float* cs = sm + width;          // hd/2 cosines
+    float* sn = cs + hd / 2;         // hd/2 sines
+    float* inv_rms = sn + hd / 2;    // one per rotated head
+    const int t = blockIdx.x;
+    bf16* src = qkv + (u64)t * width;
+    for (int j = threadIdx.x; j < width; j += blockDim.x) row[j] = bf2f(src[j]) + (bias ? bias[j] : 0.f);
+    const int pos = positions[t];
+    for (int j = threadIdx.x; j < hd / 2; j += blockDim.x) {
+        double s, c;
+        sincos((double)pos * (double)inv_freq[j], &s, &c);
+        cs[j] = (float)c;
+        sn[j] = (float)s;
+    }
+    __syncthreads();
+    if (q_norm) {
+        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+        for (int h = warp; h < rot_heads; h += nw) {
+            const float* v = row + h * hd;
+            float ss = 0.f;
+            for (int j = lane; j < hd; j += 32) ss += v[j] * v[j];
+            ss = warp_sum(ss);
+            if (lane == 0) inv_rms[h] = rsqrtf(ss / hd + eps);
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < rot_heads * hd; i += blockDim.x) {
+            int h = i / hd, j = i % hd;
+            row[i] = row[i] * inv_rms[h] * bf2f((h < heads ? q_norm : k_norm)[j]);
+        }
+        __syncthreads();
+    }
+    const int half = hd / 2;
+    for (int i = threadIdx.x; i < rot_heads * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        float* v = row + h * hd;
+        int a = interleaved ? 2 * j : j;
+        int b = interleaved ? 2 * j + 1 : j + half;
+        float x1 = v[a], x2 = v[b];
+        v[a] = x1 * cs[j] - x2 * sn[j];
+        v[b] = x2 * cs[j] + x1 * sn[j];
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < heads * hd; j += blockDim.x) src[j] = f2bf(row[j]);
+    const int slot = slots[t];
+    if (slot < 0) return;
+    const int kvw = kv_heads * hd;
+    const u64 block_elems = (u64)layers * 2 * block_size * kvw;
+    const u64 blk = (u64)(slot / block_size), off = (u64)(slot % block_size);
+    bf16* k_dst = cache + blk * block_elems + ((u64)(layer * 2 + 0) * block_size + off) * kvw;
+    bf16* v_dst = cache + blk * block_elems + ((u64)(layer * 2 + 1) * block_size + off) * kvw;
+    for (int j = threadIdx.x; j < kvw; j += blockDim.x) {
+        k_dst[j] = f2bf(row[heads * hd + j]);
+        v_dst[j] = f2bf(row[(heads + kv_heads) * hd + j]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention over the paged cache: one query token per sequence, grouped-query heads,
+// split along the context (flash-decoding). Block (seq, kv head, split) handles every query head
+// of its group over `split` tokens, leaving unnormalised partial outputs and (max, sum) pairs for
+// `attn_combine`.
+//
+// Lanes work in groups of HD/8, each lane holding 8 consecutive dims (one 16-byte load of K or V).
+
+#define DEC_WARPS 4
+#define DEC_MAX_GROUP 8
+#define DEC_MAX_SPLIT 512
+
+template <int HD>
+__device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables,
+                                      int max_blocks, const int* ctx_lens, float* part_o, float* part_ml, int layer,
+                                      int layers, int heads, int kv_heads, int block_size, int split, int max_splits,
+                                      float scale) {
+    constexpr int TG = HD / 8;            // lanes per token
+    constexpr int TPW = 32 / TG;          // tokens per warp pass
+    __shared__ float scores[DEC_MAX_GROUP * DEC_MAX_SPLIT];
+    __shared__ float red[DEC_WARPS * DEC_MAX_GROUP * HD];
+    __shared__ float stat[2 * DEC_MAX_GROUP];
+
+    const int b = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
+    const int group = heads / kv_heads;
+    const int ctx = ctx_lens[b];
+    const int start = s * split;
+    const int end = min(ctx, start + split);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sub = lane / TG, li = lane % TG;   // token slot within the warp, lane within group
+    const u64 part = ((u64)b * heads + (u64)kvh * group) * max_splits + s;   // head g adds g*max_splits
+
+    if (start >= end) {
+        if (threadIdx.x < group) {
+            u64 p = part + (u64)threadIdx.x * max_splits;
+            part_ml[2 * p] = NEG_INF;
+            part_ml[2 * p + 1] = 0.f;
+        }
+        return;
+    }
+    const int n = end - start;
+    const int kvw = kv_heads * HD;
+    const u64 block_elems = (u64)layers * 2 * block_size * kvw;
+    const int* table = block_tables + (u64)b * max_blocks;
+
+    float q[DEC_MAX_GROUP][8];
+#pragma unroll
+    for (int g = 0; g < DEC_MAX_GROUP; g++) {
+        if (g < group) {
+            uint4 raw = *(const uint4*)(qkv + (u64)b * q_stride + (u64)(kvh * group + g) * HD + li * 8);
+            unpack8(raw, q[g]);
+#pragma unroll
+            for (int i = 0; i < 8; i++) q[g][i] *= scale;
+        }
+    }
+
+    // Scores. Loop bounds are uniform across the warp (the shuffles need every lane).
+    for (int base = warp * TPW; base < n; base += DEC_WARPS * TPW) {
+        const int i = base + sub;
+        const bool valid = i < n;
+        float kf[8];
+        if (valid) {
+            int tok = start + i;
+            u64 blk = (u64)table[tok / block_size];
+            const bf16* k = cache + blk * block_elems + ((u64)(layer * 2) * block_size + tok % block_size) * kvw + kvh * HD;
+            unpack8(*(const uint4*)(k + li * 8), kf);
+        } else {
+#pragma unroll
+            for (int j = 0; j < 8; j++) kf[j] = 0.f;
+        }
+#pragma unroll
+        for (int g = 0; g < DEC_MAX_GROUP; g++) {
+            if (g < group) {
+                float d = 0.f;
+#pragma unroll
+                for (int j = 0; j < 8; j++) d += q[g][j] * kf[j];
+#pragma unroll
+                for (int o = TG / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                if (valid && li == 0) scores[g * DEC_MAX_SPLIT + i] = d;
+            }
+        }
+    }
+    __syncthreads();
+
+    // Softmax statistics per head, one warp per head.
+    for (int g = warp; g < group; g += DEC_WARPS) {
+        float m = NEG_INF;
+        for (int i = lane; i < n; i += 32) m = fmaxf(m, scores[g * DEC_MAX_SPLIT + i]);
+        m = warp_max(m);
+        float l = 0.f;
+        for (int i = lane; i < n; i += 32) {
+            float p = __expf(scores[g * DEC_MAX_SPLIT + i] - m);
+            scores[g * DEC_MAX_SPLIT + i] = p;
+            l += p;
+        }
+        l = warp_sum(l);
+        if (lane == 0) {
+            stat[2 * g] = m;
+            stat[2 * g + 1] = l;
+        }
+    }
+    __syncthreads();
+
+    // Weighted values.
+    float acc[DEC_MAX_GROUP][8];
+#pragma unroll
+    for (int g = 0; g < DEC_MAX_GROUP; g++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[g][j] = 0.f;
+    for (int i = warp * TPW + sub; i < n; i += DEC_WARPS * TPW) {
+        int tok = start + i;
+        u64 blk = (u64)table[tok / block_size];
+        const bf16* v = cache + blk * block_elems + ((u64)(layer * 2 + 1) * block_size + tok % block_size) * kvw + kvh * HD;
+        float vf[8];
+        unpack8(*(const uint4*)(v + li * 8), vf);
+#pragma unroll
+        for (int g = 0; g < DEC_MAX_GROUP; g++) {
+            if (g < group) {
+                float p = scores[g * DEC_MAX_SPLIT + i];
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[g][j] += p * vf[j];
+            }
+        }
+    }
+    // Reduce the token slots of each warp, then the warps.
+#pragma unroll
+    for (int g = 0; g < DEC_MAX_GROUP; g++) {
+        if (g < group) {
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                float a = acc[g][j];
+#pragma unroll
+                for (int o = TG; o < 32; o <<= 1) a += __shfl_xor_sync(0xffffffffu, a, o);
+                acc[g][j] = a;
+            }
+        }
+    }
+    if (sub == 0) {
+#pragma unroll
+        for (int g = 0; g < DEC_MAX_GROUP; g++)
+            if (g < group)
+#pragma unroll
+                for (int j = 0; j < 8; j++) red[(warp * DEC_MAX_GROUP + g) * HD + li * 8 + j] = acc[g][j];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
+        int g = i / HD, d = i % HD;
+        float o = 0.f;
+#pragma unroll
+        for (int w = 0; w < DEC_WARPS; w++) o += red[(w * DEC_MAX_GROUP + g) * HD + d];
+        u64 p = part + (u64)g * max_splits;
+        part_o[p * HD + d] = o;
+        if (d == 0) {
+            part_ml[2 * p] = stat[2 * g];
+            part_ml[2 * p + 1] = stat[2 * g + 1];
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) decode_attention_64(
+    const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks, const int* ctx_lens,
+    float* part_o, float* part_ml, int layer, int layers, int heads, int kv_heads, int block_size, int split,
+    int max_splits, float scale) {
+    decode_attention_impl<64>(qkv, q_stride, cache, block_tables, max_blocks, ctx_lens, part_o, part_ml, layer, layers,
+                              heads, kv_heads, block_size, split, max_splits, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) decode_attention_128(
+    const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks, const int* ctx_lens,
+    float* part_o, float* part_ml, int layer, int layers, int heads, int kv_heads, int block_size, int split,
+    int max_splits, float scale) {
+    decode_attention_impl<128>(qkv, q_stride, cache, block_tables, max_blocks, ctx_lens, part_o, part_ml, layer,
+                               layers, heads, kv_heads, block_size, split, max_splits, scale);
+}
+
+// Merges the splits of each (sequence, head) into bf16 output rows of width heads*hd.
+// Grid (seqs, heads), hd threads. A sequence with no context (padding) gets zeros.
+extern "C" __global__ void attn_combine(const float* part_o, const float* part_ml, const int* ctx_lens, bf16* out,
+                                        int heads, int hd, int split, int max_splits) {
+    const int b = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
+    const int used = (ctx_lens[b] + split - 1) / split;
+    const u64 base = ((u64)b * heads + h) * max_splits;
+    float m = NEG_INF;
+    for (int s = 0; s < used; s++) m = fmaxf(m, part_ml[2 * (base + s)]);
+    float num = 0.f, den = 0.f;
+    for (int s = 0; s < used; s++) {
+        float w = __expf(part_ml[2 * (base + s)] - m);
+        den += w * part_ml[2 * (base + s) + 1];
+        num += w * part_o[(base + s) * hd + d];
+    }
+    out[((u64)b * heads + h) * hd + d] = f2bf(used > 0 && den > 0.f ? num / den : 0.f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal attention for prefill chunks over the paged cache, flash-style: a block takes 64 query
+// rows of one sequence and one head (16 rows a warp), walks the keys 64 at a time through shared
+// memory, and keeps a running max and sum per row, so the score matrix never exists in memory.
+// Tensor cores via mma.sync m16n8k16 (bf16 operands, f32 accumulators).
+//
+// tiles[2*i] = sequence index, tiles[2*i+1] = first query row of the tile within the sequence's
+// new tokens. q_start[s] = row of the sequence's first new token in qkv; q_len[s] = its new
+// tokens; ctx_lens[s] = tokens in the cache after this step (new ones included), so new token i
+// sits at position ctx - q_len + i and sees keys 0..=that position.
+
+#define PF_BM 64
+#define PF_BN 64
+#define PF_WARPS 4
+
+__device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int HD>
+__device__ void prefill_attention_impl(const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables,
+                                       int max_blocks, const int* tiles, const int* q_start, const int* q_len,
+                                       const int* ctx_lens, bf16* out, int out_stride, int layer, int layers,
+                                       int heads, int kv_heads, int block_size, float scale) {
+    constexpr int KP = HD + 8;       // padded row of K in shared memory (bf16)
+    constexpr int VP = PF_BN + 8;    // padded row of transposed V
+    __shared__ __align__(16) bf16 ks[PF_BN * KP];
+    __shared__ __align__(16) bf16 vt[HD * VP];
+
+    const int seq = tiles[2 * blockIdx.x], tile_q = tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y, kvh = h / (heads / kv_heads);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, tid = lane & 3;
+    const int nq = q_len[seq], ctx = ctx_lens[seq];
+    const int first_pos = ctx - nq;
+    const int kvw = kv_heads * HD;
+    const u64 block_elems = (u64)layers * 2 * block_size * kvw;
+    const int* table = block_tables + (u64)seq * max_blocks;
+
+    // This thread's two rows (gid and gid + 8 of the warp's 16).
+    const int r0 = tile_q + warp * 16 + gid, r1 = r0 + 8;
+    const bool v0 = r0 < nq, v1 = r1 < nq;
+    const int p0 = first_pos + r0, p1 = first_pos + r1;
+
+    // Q fragments for the warp's 16 rows, all of HD.
+    u32 qa[HD / 16][4];
+    {
+        const bf16* q0 = qkv + (u64)(q_start[seq] + (v0 ? r0 : 0)) * q_stride + (u64)h * HD;
+        const bf16* q1 = qkv + (u64)(q_start[seq] + (v1 ? r1 : 0)) * q_stride + (u64)h * HD;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            int c = kk * 16 + tid * 2;
+            qa[kk][0] = v0 ? *(const u32*)(q0 + c) : 0u;
+            qa[kk][1] = v1 ? *(const u32*)(q1 + c) : 0u;
+            qa[kk][2] = v0 ? *(const u32*)(q0 + c + 8) : 0u;
+            qa[kk][3] = v1 ? *(const u32*)(q1 + c + 8) : 0u;
+        }
+    }
+
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    const float sl2 = scale * LOG2E;
+
+    const int last_row = min(nq, tile_q + PF_BM) - 1;
+    const int kv_end = min(ctx, first_pos + last_row + 1);
+    for (int kb = 0; kb < kv_end; kb += PF_BN) {
+        __syncthreads();
+        // Stage K (row-major) and V (transposed) for keys kb..kb+63; keys past the end are zeros.
+        for (int c = threadIdx.x; c < PF_BN * (HD / 8); c += blockDim.x) {
+            int j = c / (HD / 8), part = c % (HD / 8);
+            int key = kb + j;
+            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+            if (key < kv_end) {
+                u64 blk = (u64)table[key / block_size];
+                u64 off = ((u64)(layer * 2) * block_size + key % block_size) * kvw + (u64)kvh * HD + part * 8;
+                kv4 = *(const uint4*)(cache + blk * block_elems + off);
+                vv4 = *(const uint4*)(cache + blk * block_elems + off + (u64)block_size * kvw);
+            }
+            *(uint4*)(ks + j * KP + part * 8) = kv4;
+            const bf16* vp = (const bf16*)&vv4;
+#pragma unroll
+            for (int e = 0; e < 8; e++) vt[(part * 8 + e) * VP + j] = vp[e];
+        }
+        __syncthreads();
+
+        // S = Q K^T for the warp's 16 rows × 64 keys.
+        float s[PF_BN / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < PF_BN / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const bf16* kr = ks + (nt * 8 + gid) * KP + kk * 16 + tid * 2;
+                mma_bf16(s[nt], qa[kk], *(const u32*)kr, *(const u32*)(kr + 8));
+            }
+        }
+        // Mask, scale into log2 units, running max.
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int nt = 0; nt < PF_BN / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = kb + nt * 8 + tid * 2 + (e & 1);
+                bool row1 = e >= 2;
+                bool ok = row1 ? (v1 && key <= p1) : (v0 && key <= p0);
+                float val = ok ? s[nt][e] * sl2 : NEG_INF;
+                s[nt][e] = val;
+                if (row1) mx1 = fmaxf(mx1, val); else mx0 = fmaxf(mx0, val);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        const float b0 = mx0 == NEG_INF ? 0.f : mx0, b1 = mx1 == NEG_INF ? 0.f : mx1;
+        const float c0 = exp2f((m0 == NEG_INF ? b0 : m0) - b0), c1 = exp2f((m1 == NEG_INF ? b1 : m1) - b1);
+        m0 = mx0;
+        m1 = mx1;
+        l0 *= c0;
+        l1 *= c1;
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) {
+            o[i][0] *= c0; o[i][1] *= c0;
+            o[i][2] *= c1; o[i][3] *= c1;
+        }
+#pragma unroll
+        for (int nt = 0; nt < PF_BN / 8; nt++) {
+            s[nt][0] = exp2f(s[nt][0] - b0);
+            s[nt][1] = exp2f(s[nt][1] - b0);
+            s[nt][2] = exp2f(s[nt][2] - b1);
+            s[nt][3] = exp2f(s[nt][3] - b1);
+            l0 += s[nt][0] + s[nt][1];
+            l1 += s[nt][2] + s[nt][3];
+        }
+        // O += P V.
+#pragma unroll
+        for (int kk = 0; kk < PF_BN / 16; kk++) {
+            u32 pa[4];
+            pa[0] = pack_bf2(s[2 * kk][0], s[2 * kk][1]);
+            pa[1] = pack_bf2(s[2 * kk][2], s[2 * kk][3]);
+            pa[2] = pack_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[3] = pack_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int dt = 0; dt < HD / 8; dt++) {
+                const bf16* vr = vt + (dt * 8 + gid) * VP + kk * 16 + tid * 2;
+                mma_bf16(o[dt], pa, *(const u32*)vr, *(const u32*)(vr + 8));
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    bf16* o0 = out + (u64)(q_start[seq] + r0) * out_stride + (u64)h * HD;
+    bf16* o1 = out + (u64)(q_start[seq] + r1) * out_stride + (u64)h * HD;
+#pragma unroll
+    for (int dt = 0; dt < HD / 8; dt++) {
+        int c = dt * 8 + tid * 2;
+        if (v0) *(u32*)(o0 + c) = pack_bf2(o[dt][0] * i0, o[dt][1] * i0);
+        if (v1) *(u32*)(o1 + c) = pack_bf2(o[dt][2] * i1, o[dt][3] * i1);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) prefill_attention_64(
+    const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks, const int* tiles,
+    const int* q_start, const int* q_len, const int* ctx_lens, bf16* out, int out_stride, int layer, int layers,
+    int heads, int kv_heads, int block_size, float scale) {
+    prefill_attention_impl<64>(qkv, q_stride, cache, block_tables, max_blocks, tiles, q_start, q_len, ctx_lens, out,
+                               out_stride, layer, layers, heads, kv_heads, block_size, scale);
+}
+
+extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) prefill_attention_128(
+    const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks, const int* tiles,
+    const int* q_start, const int* q_len, const int* ctx_lens, bf16* out, int out_stride, int layer, int layers,
+    int heads, int kv_heads, int block_size, float scale) {
+    prefill_attention_impl<128>(qkv, q_stride, cache, block_tables, max_blocks, tiles, q_start, q_len, ctx_lens, out,
+                                out_stride, layer, layers, heads, kv_heads, block_size, scale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matrix-vector products for small batches (decode at batch ≤ 8): y[n][r] = Σ_k W[r][k] x[n][k],
+// W row-major bf16 [rows × cols], x bf16 [n × cols]. One warp per output row, 16-byte weight
+// loads that bypass L1, several in flight. mode 0: y bf16; 1: y f32; 2: y f32 += (residual add).
+// Requires cols % 256 == 0.
+
+template <int N>
+__device__ void gemv_impl(const bf16* w, const bf16* x, void* y, int rows, int cols, int mode) {
+    const int lane = threadIdx.x & 31;
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    const bf16* wr = w + (u64)r * cols;
+    float acc[N];
+#pragma unroll
+    for (int n = 0; n < N; n++) acc[n] = 0.f;
+    constexpr int U = 4;
+    int k = lane * 8;
+    for (; k + (U - 1) * 256 < cols; k += U * 256) {
+        uint4 wv[U];
+#pragma unroll
+        for (int u = 0; u < U; u++) wv[u] = ldg_stream(wr + k + u * 256);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            float wf[8];
+            unpack8(wv[u], wf);
+#pragma unroll
+            for (int n = 0; n < N; n++) {
+                float xf[8];
+                unpack8(*(const uint4*)(x + (u64)n * cols + k + u * 256), xf);
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[n] += wf[j] * xf[j];
+            }
+        }
+    }
+    for (; k < cols; k += 256) {
+        float wf[8];
+        unpack8(ldg_stream(wr + k), wf);
+#pragma unroll
+        for (int n = 0; n < N; n++) {
+            float xf[8];
+            unpack8(*(const uint4*)(x + (u64)n * cols + k), xf);
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[n] += wf[j] * xf[j];
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < N; n++) acc[n] = warp_sum(acc[n]);
+    if (lane == 0) {
+#pragma unroll
+        for (int n = 0; n < N; n++) {
+            u64 i = (u64)n * rows + r;
+            if (mode == 0) ((bf16*)y)[i] = f2bf(acc[n]);
+            else if (mode == 1) ((float*)y)[i] = acc[n];
+            else ((float*)y)[i] += acc[n];
+        }
+    }
+}
+
+#define GEMV(N)                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) gemv_##N(const bf16* w, const bf16* x, void* y, int rows, \
+                                                               int cols, int mode) {                     \
+        gemv_impl<N>(w, x, y, rows, cols, mode);                                                          \
+    }
+GEMV(1)
+GEMV(2)
+GEMV(3)
+GEMV(4)
+GEMV(5)
+GEMV(6)
+GEMV(7)
+GEMV(8)
+
+// Adds a per-column bias to bf16 rows (used only where a GEMM output needs one and the next
+// kernel cannot take it).
+extern "C" __global__ void add_bias_f32(float* y, const float* bias, int cols, u64 total) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x)
+        y[i] += bias[i % cols];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sampling on the device. One block of 1024 threads per row of f32 logits.
+
+// Greedy: the index of the largest logit (lowest index on ties).
+extern "C" __global__ void argmax_rows(const float* logits, int vocab, int* out) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    const float* row = logits + (u64)blockIdx.x * vocab;
+    float best = NEG_INF;
+    int idx = 0x7fffffff;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        float v = row[j];
+        if (v > best) { best = v; idx = j; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > best || (ov == best && oi < idx)) { best = ov; idx = oi; }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { bv[warp] = best; bi[warp] = idx; }
+    __syncthreads();
+    if (warp == 0) {
+        int nw = blockDim.x >> 5;
+        best = lane < nw ? bv[lane] : NEG_INF;
+        idx = lane < nw ? bi[lane] : 0x7fffffff;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+            if (ov > best || (ov == best && oi < idx)) { best = ov; idx = oi; }
+        }
+        if (lane == 0) out[blockIdx.x] = idx == 0x7fffffff ? 0 : idx;
+    }
+}
+
+// Temperature / top-k / top-p / min-p sampling. params per row (8 floats):
+//   [temperature, top_p, min_p, top_k (as float, 0 = off), seed_lo, seed_hi, counter, unused]
+// seed and counter are 32-bit integers stored bitwise. The kept set is {i : e_i ≥ τ} with
+// e_i = exp((logit_i − max)/T); τ is found by bisection on e (top-k: the largest τ keeping at
+// least k tokens; top-p: the largest τ whose kept mass reaches p of the total), then one token is
+// drawn from the kept set in proportion to e_i with a counter-based random number.
+__device__ __forceinline__ float sample_e(const float* row, int j, float mx, float inv_t) {
+    return __expf((row[j] - mx) * inv_t);
+}
+
+extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logits, int vocab, const float* params,
+                                                               int* out) {
+    __shared__ float scratch[32];
+    __shared__ float prefix[1024];
+    const float* row = logits + (u64)blockIdx.x * vocab;
+    const float* p = params + 8 * blockIdx.x;
+    const float temp = p[0], top_p = p[1], min_p = p[2];
+    const int top_k = (int)p[3];
+    const u32 seed_lo = __float_as_uint(p[4]), seed_hi = __float_as_uint(p[5]), counter = __float_as_uint(p[6]);
+    if (!(temp > 0.f)) {
+        // Greedy rows never reach here in practice; fall back to the first maximum.
+        float best = NEG_INF;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) best = fmaxf(best, row[j]);
+        best = block_max(best, scratch);
+        int idx = 0x7fffffff;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) if (row[j] == best) { idx = min(idx, j); }
+        __shared__ int first;
+        if (threadIdx.x == 0) first = 0x7fffffff;
+        __syncthreads();
+        atomicMin(&first, idx);
+        __syncthreads();
+        if (threadIdx.x == 0) out[blockIdx.x] = first == 0x7fffffff ? 0 : first;
+        return;
+    }
+    const float inv_t = 1.f / temp;
+    float mx = NEG_INF;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, row[j]);
+    mx = block_max(mx, scratch);
+
+    float tau = fmaxf(min_p, 0.f);   // e of the maximum is 1, so min-p is a threshold on e
+    if (top_k > 0 && top_k < vocab) {
+        float lo = 0.f, hi = 1.f;
+        for (int it = 0; it < 30; it++) {
+            float mid = 0.5f * (lo + hi);
+            float c = 0.f;
+            for (int j = threadIdx.x; j < vocab; j += blockDim.x) c += sample_e(row, j, mx, inv_t) >= mid ? 1.f : 0.f;
+            c = block_sum(c, scratch);
+            if (c >= (float)top_k) lo = mid; else hi = mid;
+        }
+        tau = fmaxf(tau, lo);
+    }
+    if (top_p < 1.f) {
+        float total = 0.f;
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+            float e = sample_e(row, j, mx, inv_t);
+            total += e >= tau ? e : 0.f;
+        }
+        total = block_sum(total, scratch);
+        float lo = tau, hi = 1.f;
+        for (int it = 0; it < 30; it++) {
+            float mid = 0.5f * (lo + hi);
+            float mass = 0.f;
+            for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+                float e = sample_e(row, j, mx, inv_t);
+                mass += e >= mid ? e : 0.f;
+            }
+            mass = block_sum(mass, scratch);
+            if (mass >= top_p * total) lo = mid; else hi = mid;
+        }
+        tau = fmaxf(tau, lo);
+    }
+    // Contiguous chunk per thread, so a prefix over threads orders the vocabulary.
+    const int chunk = (vocab + blockDim.x - 1) / blockDim.x;
+    const int j0 = threadIdx.x * chunk, j1 = min(vocab, j0 + chunk);
+    float mine = 0.f;
+    for (int j = j0; j < j1; j++) {
+        float e = sample_e(row, j, mx, inv_t);
+        mine += e >= tau ? e : 0.f;
+    }
+    prefix[threadIdx.x] = mine;
+    __syncthreads();
+    // Inclusive scan (Hillis–Steele) over the 1024 partial sums.
+    for (int o = 1; o < blockDim.x; o <<= 1) {
+        float add = threadIdx.x >= o ? prefix[threadIdx.x - o] : 0.f;
+        __syncthreads();
+        prefix[threadIdx.x] += add;
+        __syncthreads();
+    }
+    const float total = prefix[blockDim.x - 1];
+    u64 h = mix64(((u64)seed_hi << 32 | seed_lo) ^ mix64((u64)counter + 0x5851f42d4c957f2dull));
+    const float target = unit_float(h) * total;
+    const float before = threadIdx.x > 0 ? prefix[threadIdx.x - 1] : 0.f;
+    __shared__ int chosen;
+    if (threadIdx.x == 0) chosen = -1;
+    __syncthreads();
+    if (target >= before && target < prefix[threadIdx.x] && mine > 0.f) {
+        float run = before;
+        int pick = -1;
+        for (int j = j0; j < j1; j++) {
+            float e = sample_e(row, j, mx, inv_t);
+            if (e >= tau) {
+                pick = j;
+                run += e;
+                if (target < run) break;
+            }
+        }
+        atomicMax(&chosen, pick);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int c = chosen;
+        if (c < 0) {
+            // Rounding pushed the target past the last kept token: take the largest logit.
+            c = 0;
+            for (int j = 0; j < vocab; j++) if (row[j] == mx) { c = j; break; }
+        }
+        out[blockIdx.x] = c;
+    }
+}

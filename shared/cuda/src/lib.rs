@@ -1,0 +1,50 @@
+//! The CUDA backend of the engine: Llama-family decoders in bf16 on NVIDIA GPUs.
+//!
+//! - Kernels of our own ([`kernels.cu`](../src/kernels.cu)), compiled at run time with NVRTC for
+//!   the device's architecture and cached per process: RMSNorm, RoPE with the KV-cache write,
+//!   SiLU·mul, paged decode attention (grouped-query, split along the context), flash-style
+//!   causal prefill attention on tensor cores, matrix-vector products for small batches, greedy
+//!   and top-k/top-p sampling.
+//! - GEMMs through cuBLAS in bf16 with f32 accumulation; the residual add is the GEMM's beta.
+//! - Decode passes captured as CUDA graphs per (batch bucket, context bucket); all buffers are
+//!   allocated up front.
+//! - The CUDA driver and libraries are loaded at run time (cudarc's dynamic loading), so this
+//!   crate builds and its host-side logic is tested on machines without a GPU.
+
+mod device;
+mod engine;
+mod model;
+pub mod bench;
+pub mod checks;
+pub mod plan;
+pub mod shard;
+
+pub use device::{parse_device, Gpu};
+pub use engine::{CudaConfig, CudaEngine, DeviceSampling};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("CUDA driver: {0}")]
+    Driver(#[from] cudarc::driver::DriverError),
+    #[error("cuBLAS: {0}")]
+    Blas(String),
+    #[error("compiling kernels: {0}")]
+    Compile(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Engine(#[from] tandem_engine::EngineError),
+}
+
+impl From<cudarc::cublas::result::CublasError> for CudaError {
+    fn from(e: cudarc::cublas::result::CublasError) -> Self {
+        CudaError::Blas(format!("{e:?}"))
+    }
+}
+
+pub type Result<T> = std::result::Result<T, CudaError>;
+
+/// GPUs visible to this process (0 where there is no driver).
+pub fn device_count() -> usize {
+    std::panic::catch_unwind(|| cudarc::driver::CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)).unwrap_or(0)
+}
