@@ -39,6 +39,9 @@ pub struct EngineArgs {
     /// Run decode passes eagerly instead of as captured graphs.
     #[arg(long)]
     pub no_graphs: bool,
+    /// Add a per-stage device-time breakdown (one eager pass) to each decode row.
+    #[arg(long)]
+    pub profile: bool,
     /// Write the JSON result here.
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -61,6 +64,7 @@ pub fn engine(args: &EngineArgs) -> Result<()> {
             iters: args.iters,
             device: dev,
             graphs: !args.no_graphs,
+            profile: args.profile,
         };
         let done = bench::run(&spec, &ceil, |r| eprintln!("{}", line(r)))?;
         rows.extend(done);
@@ -81,14 +85,15 @@ fn line(r: &Row) -> String {
     match &r.error {
         Some(e) => format!("{:<9} {:<8} {:>5} {:>6} {e}", r.shape, r.phase, r.batch, len),
         None => format!(
-            "{:<9} {:<8} {:>5} {:>6} {:>10.0} {:>9.3} {:>5.1}%",
+            "{:<9} {:<8} {:>5} {:>6} {:>10.0} {:>9.3} {:>5.1}% {}",
             r.shape,
             r.phase,
             r.batch,
             len,
             r.tokens_per_s.unwrap_or(0.0),
             r.step_ms.or(r.time_ms).unwrap_or(0.0),
-            100.0 * r.mbu.or(r.mfu).unwrap_or(0.0)
+            100.0 * r.mbu.or(r.mfu).unwrap_or(0.0),
+            r.breakdown_ms.iter().map(|(l, ms)| format!("{l}={ms:.3}")).collect::<Vec<_>>().join(" ")
         ),
     }
 }
@@ -104,6 +109,9 @@ pub struct CheckArgs {
     /// Greedy tokens per prompt for --model.
     #[arg(long, default_value_t = 8)]
     pub tokens: usize,
+    /// How many leading greedy tokens must equal the CPU engine's.
+    #[arg(long, default_value_t = 4)]
+    pub must_match: usize,
     #[arg(long, default_value = "cuda:0")]
     pub device: String,
     #[arg(long)]
@@ -118,6 +126,9 @@ fn show(c: &Check) -> String {
 pub fn check(args: &CheckArgs) -> Result<()> {
     let dev = device(&args.device)?;
     let gpu = tandem_cuda::Gpu::open(dev)?;
+    for (name, regs, local, shared) in gpu.k.resources() {
+        eprintln!("kernel {name}: {regs} registers, {local} B local, {shared} B shared");
+    }
     let mut all: Vec<Check> = Vec::new();
     for (i, case) in checks::attention_cases().iter().enumerate() {
         all.push(checks::attention_case(&gpu, case, 100 + i as u64)?);
@@ -132,7 +143,7 @@ pub fn check(args: &CheckArgs) -> Result<()> {
     }
     if let Some(model) = &args.model {
         let prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"];
-        for c in checks::greedy_vs_cpu(model, &prompts, args.tokens, dev)? {
+        for c in checks::greedy_vs_cpu(model, &prompts, args.tokens, args.must_match, dev)? {
             eprintln!("{}", show(&c));
             all.push(c);
         }

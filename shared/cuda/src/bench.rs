@@ -86,6 +86,9 @@ pub struct Row {
     pub bytes_per_step: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Device milliseconds per stage of one eager pass (summed over layers), where profiled.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub breakdown_ms: Vec<(&'static str, f64)>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -141,6 +144,8 @@ pub struct Spec {
     pub iters: usize,
     pub device: usize,
     pub graphs: bool,
+    /// Add a per-stage device-time breakdown to each decode row.
+    pub profile: bool,
 }
 
 /// Runs the decode and prefill sweeps of one shape, reporting each row through `each` as it
@@ -185,6 +190,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
                 mfu: None,
                 bytes_per_step: Some(bytes),
                 error: None,
+                breakdown_ms: Vec::new(),
             };
             if blocks_needed > engine.stats().total_blocks - engine.stats().used_blocks {
                 row.error = Some(format!(
@@ -212,6 +218,10 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
                 if step >= spec.warmup {
                     times.push(t.elapsed().as_secs_f64());
                 }
+            }
+            if spec.profile {
+                let items: Vec<ForwardItem> = ids.iter().map(|&seq| ForwardItem { seq, tokens: vec![1], all_logits: false }).collect();
+                row.breakdown_ms = engine.profile_pass(&items)?;
             }
             for &id in &ids {
                 engine.release(id);
@@ -256,6 +266,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
             mfu: Some(prefill_flops(&c, len) / s / (ceil.matrix_tflops * 1e12)),
             bytes_per_step: None,
             error: None,
+            breakdown_ms: Vec::new(),
         };
         push(&mut rows, row);
     }

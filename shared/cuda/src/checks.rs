@@ -175,7 +175,7 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
         let part_ml = gpu.alloc(nseq * heads * splits * 2 * 4)?;
         let (split_i, splits_i) = (split as i32, splits as i32);
         gpu.launch(
-            &gpu.k.decode_attention[idx],
+            &gpu.k.decode_attention[idx * 8 + heads / kvh - 1],
             (nseq as u32, kvh as u32, splits as u32),
             128,
             0,
@@ -326,8 +326,11 @@ pub fn reference_models(dir: &Path, device: usize) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
-/// Greedy tokens of `model` (GGUF or folder) on the GPU and on the CPU engine, for each prompt.
-pub fn greedy_vs_cpu(model: &str, prompts: &[&str], tokens: usize, device: usize) -> Result<Vec<Check>> {
+/// Greedy tokens of `model` (GGUF or folder) on the GPU and on the CPU engine, for each prompt:
+/// the first `must_match` must agree; all `tokens` are reported. The engines do not compute the
+/// same function bit for bit (the CPU multiplies GGUF blocks with 8-bit-quantised activations,
+/// the GPU dequantised bf16 weights with bf16 activations), so after a near-tie they may part.
+pub fn greedy_vs_cpu(model: &str, prompts: &[&str], tokens: usize, must_match: usize, device: usize) -> Result<Vec<Check>> {
     let files = ModelFiles::resolve(model).map_err(|e| CudaError::Engine(e.into()))?;
     let tokenizer = tandem_tokenizer::Tokenizer::load(&files).map_err(|e| CudaError::Engine(e.into()))?;
     let mut cpu = CpuEngine::load(&files, &EngineConfig::default())?;
@@ -356,10 +359,10 @@ pub fn greedy_vs_cpu(model: &str, prompts: &[&str], tokens: usize, device: usize
         let same = c_tok.iter().zip(&g_tok).take_while(|(a, b)| a == b).count();
         checks.push(Check {
             name: format!("greedy GPU vs CPU: {text:?}"),
-            passed: same == tokens,
+            passed: same >= must_match.min(tokens),
             rel_err: None,
             tolerance: None,
-            detail: format!("cpu {c_tok:?} gpu {g_tok:?}"),
+            detail: format!("{same} of {tokens} equal (first {must_match} required): cpu {c_tok:?} gpu {g_tok:?}"),
         });
     }
     Ok(checks)

@@ -34,6 +34,11 @@ impl Buf {
     }
 }
 
+/// Most tokens the matrix-vector kernels take; larger batches go to cuBLAS (measured on an
+/// H200: at 8 tokens the per-warp re-reads of the input make the kernel several times slower
+/// than cuBLAS).
+pub const GEMV_MAX: usize = 2;
+
 /// Element type of a GEMM operand or result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dt {
@@ -57,9 +62,11 @@ pub struct Kernels {
     pub rms_norm: CudaFunction,
     pub silu_mul: CudaFunction,
     pub rope_store: CudaFunction,
-    pub decode_attention: [CudaFunction; 2],
+    /// `decode_attention[hd_index * 8 + group - 1]`, hd_index 0 for 64 and 1 for 128.
+    pub decode_attention: Vec<CudaFunction>,
     pub attn_combine: CudaFunction,
     pub prefill_attention: [CudaFunction; 2],
+    /// `gemv[n - 1]`: the matrix-vector kernel for n tokens.
     pub gemv: Vec<CudaFunction>,
     pub argmax: CudaFunction,
     pub sample: CudaFunction,
@@ -87,6 +94,26 @@ fn ptx_for(arch: &str) -> Result<Ptx> {
 }
 
 impl Kernels {
+    /// Registers, local (spilled) bytes and static shared bytes of the main kernels, from the
+    /// driver: spills or register-starved occupancy show up here without a profiler.
+    pub fn resources(&self) -> Vec<(String, i32, i32, i32)> {
+        let mut named: Vec<(String, &CudaFunction)> = vec![
+            ("rope_store".into(), &self.rope_store),
+            ("attn_combine".into(), &self.attn_combine),
+            ("prefill_attention_64".into(), &self.prefill_attention[0]),
+            ("prefill_attention_128".into(), &self.prefill_attention[1]),
+            ("gemv_1".into(), &self.gemv[0]),
+            ("sample_rows".into(), &self.sample),
+        ];
+        for (i, f) in self.decode_attention.iter().enumerate() {
+            named.push((format!("decode_attention_{}_{}", if i < 8 { 64 } else { 128 }, i % 8 + 1), f));
+        }
+        named
+            .into_iter()
+            .map(|(n, f)| (n, f.num_regs().unwrap_or(-1), f.local_size_bytes().unwrap_or(-1), f.shared_size_bytes().unwrap_or(-1)))
+            .collect()
+    }
+
     fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
         let (major, minor) = ctx.compute_capability()?;
         if major < 8 {
@@ -100,10 +127,14 @@ impl Kernels {
             rms_norm: f("rms_norm")?,
             silu_mul: f("silu_mul")?,
             rope_store: f("rope_store")?,
-            decode_attention: [f("decode_attention_64")?, f("decode_attention_128")?],
+            decode_attention: [64, 128]
+                .into_iter()
+                .flat_map(|hd| (1..=8).map(move |g| (hd, g)))
+                .map(|(hd, g)| f(&format!("decode_attention_{hd}_{g}")))
+                .collect::<Result<_>>()?,
             attn_combine: f("attn_combine")?,
             prefill_attention: [f("prefill_attention_64")?, f("prefill_attention_128")?],
-            gemv: (1..=8).map(|n| f(&format!("gemv_{n}"))).collect::<Result<_>>()?,
+            gemv: (1..=GEMV_MAX).map(|n| f(&format!("gemv_{n}"))).collect::<Result<_>>()?,
             argmax: f("argmax_rows")?,
             sample: f("sample_rows")?,
             _module: module,
@@ -139,9 +170,9 @@ pub fn parse_device(spec: &str) -> Option<usize> {
 
 impl Gpu {
     pub fn open(ordinal: usize) -> Result<Self> {
-        let count = std::panic::catch_unwind(CudaContext::device_count)
-            .map_err(|_| CudaError::Unsupported("no CUDA driver on this machine".into()))??;
-        if ordinal >= count.max(0) as usize {
+        let count = crate::driver_device_count()
+            .ok_or_else(|| CudaError::Unsupported("no CUDA driver on this machine (libcuda not found)".into()))?;
+        if ordinal >= count {
             return Err(CudaError::Unsupported(format!("cuda:{ordinal} requested, {count} GPU(s) visible")));
         }
         let ctx = CudaContext::new(ordinal)?;
@@ -227,24 +258,28 @@ impl Gpu {
         if n == 0 {
             return Ok(());
         }
-        if n <= self.k.gemv.len() && cols % 8 == 0 {
-            let mode: i32 = match (out, accumulate) {
-                (Dt::Bf16, false) => 0,
-                (Dt::F32, false) => 1,
-                (Dt::F32, true) => 2,
-                (Dt::Bf16, true) => return Err(CudaError::Unsupported("bf16 accumulate".into())),
-            };
-            let (r, c) = (rows as i32, cols as i32);
-            let mut b = self.stream.launch_builder(&self.k.gemv[n - 1]);
-            b.arg(&w).arg(&x).arg(&y).arg(&r).arg(&c).arg(&mode);
-            // SAFETY: W holds rows×cols, x n×cols, y n×rows elements (callers size them so); the
-            // kernel reads and writes only those.
-            unsafe {
-                b.launch(LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 })
-            }?;
-            return Ok(());
+        if n <= GEMV_MAX && cols % 8 == 0 {
+            return self.gemv(x, w, y, n, rows, cols, out, accumulate);
         }
         self.gemm(w, Dt::Bf16, x, Dt::Bf16, y, out, rows, n, cols, accumulate)
+    }
+
+    /// The matrix-vector kernel: `y[n × rows] (+)= x[n × cols] · Wᵀ` for `n ≤ GEMV_MAX`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemv(&self, x: u64, w: u64, y: u64, n: usize, rows: usize, cols: usize, out: Dt, accumulate: bool) -> Result<()> {
+        if n == 0 || n > GEMV_MAX || cols % 8 != 0 {
+            return Err(CudaError::Unsupported(format!("matrix-vector kernel for {n} rows of {cols}")));
+        }
+        let mode: i32 = match (out, accumulate) {
+            (Dt::Bf16, false) => 0,
+            (Dt::F32, false) => 1,
+            (Dt::F32, true) => 2,
+            (Dt::Bf16, true) => return Err(CudaError::Unsupported("bf16 accumulate".into())),
+        };
+        let (r, c) = (rows as i32, cols as i32);
+        // W holds rows×cols, x n×cols, y n×rows elements: callers size them so; the kernel
+        // touches only those.
+        self.launch(&self.k.gemv[n - 1], (rows.div_ceil(8) as u32, 1, 1), 256, 0, &[&w, &x, &y, &r, &c, &mode])
     }
 
     /// Column-major cuBLAS view of the row-major product: C[m × n] = Aᵀ·B with A = W (k × m

@@ -366,6 +366,45 @@ impl CudaEngine {
         Ok(out?.tokens.into_iter().map(|t| t.last().copied().unwrap_or(0)).collect())
     }
 
+    /// Runs one pass eagerly with an event after each stage and returns device milliseconds per
+    /// stage, summed over the layers (benchmark breakdowns). The pass's tokens are not committed.
+    pub fn profile_pass(&mut self, items: &[ForwardItem]) -> Result<Vec<(&'static str, f64)>> {
+        self.seqs.reserve(items)?;
+        let states: Vec<_> = items.iter().map(|it| self.seqs.get(it.seq)).collect::<std::result::Result<_, _>>()?;
+        let plan_items: Vec<PlanItem<'_>> = items
+            .iter()
+            .zip(&states)
+            .map(|(it, s)| PlanItem { blocks: &s.blocks, start: s.tokens.len(), tokens: &it.tokens, all_logits: false, last_logit: true })
+            .collect();
+        let plan = Plan::build(&plan_items, self.model.block_size, None, 0);
+        let shape = PassShape::of(&plan, decode_split(plan.n_seqs, self.model.d.kv_heads, plan.max_ctx.max(1), self.gpu.sms, MAX_SPLITS));
+        drop(plan_items);
+        drop(states);
+        self.gpu.upload(self.scratch.meta.ptr, &plan.meta)?;
+        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.gpu.ctx.new_event(flags)?;
+        start.record(&self.gpu.stream)?;
+        let mut marks = Vec::new();
+        self.model.run_marked(&self.gpu, &self.scratch, self.cache.ptr, &shape, Head::Argmax, &mut |gpu, label| {
+            let e = gpu.ctx.new_event(flags)?;
+            e.record(&gpu.stream)?;
+            marks.push((label, e));
+            Ok(())
+        })?;
+        self.gpu.sync()?;
+        let mut out: Vec<(&'static str, f64)> = Vec::new();
+        let mut prev = &start;
+        for (label, e) in &marks {
+            let ms = prev.elapsed_ms(e)? as f64;
+            match out.iter_mut().find(|(l, _)| l == label) {
+                Some((_, t)) => *t += ms,
+                None => out.push((label, ms)),
+            }
+            prev = e;
+        }
+        Ok(out)
+    }
+
     /// Times `f` on the device in milliseconds.
     pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
         self.gpu.time_ms(f)

@@ -128,70 +128,58 @@ extern "C" __global__ void silu_mul(const bf16* gu, bf16* out, int f, u64 total)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Per token: optional q/k/v bias, optional per-head q/k RMSNorm (Qwen3), RoPE on q and k, then the
-// token's k and v written into its cache slot (skipped for slot < 0, the padding rows of a
-// captured batch). q is rotated in place in the qkv row. One block per token.
+// Per (token, head): optional q/k/v bias, optional per-head RMSNorm of q and k (Qwen3), RoPE on
+// q and k heads, then k and v heads written into the token's cache slot (skipped for slot < 0,
+// the padding rows of a captured batch). q heads are rotated in place in the qkv row.
+// Grid (tokens, heads + 2·kv_heads), hd/2 threads: thread j owns the rotation pair of frequency j.
 extern "C" __global__ void rope_store(bf16* qkv, const float* bias, const bf16* q_norm, const bf16* k_norm,
                                       const int* positions, const int* slots, const float* inv_freq,
                                       bf16* cache, int layer, int layers, int heads, int kv_heads, int hd,
                                       int block_size, int interleaved, float eps) {
-    extern __shared__ float sm[];
+    __shared__ float scratch[32];
+    const int t = blockIdx.x, h = blockIdx.y, j = threadIdx.x, half = hd / 2;
     const int width = (heads + 2 * kv_heads) * hd;
-    const int rot_heads = heads + kv_heads;
-    float* row = sm;                 // width
-    float* cs = sm + width;          // hd/2 cosines
-    float* sn = cs + hd / 2;         // hd/2 sines
-    float* inv_rms = sn + hd / 2;    // one per rotated head
-    const int t = blockIdx.x;
-    bf16* src = qkv + (u64)t * width;
-    for (int j = threadIdx.x; j < width; j += blockDim.x) row[j] = bf2f(src[j]) + (bias ? bias[j] : 0.f);
-    const int pos = positions[t];
-    for (int j = threadIdx.x; j < hd / 2; j += blockDim.x) {
-        double s, c;
-        sincos((double)pos * (double)inv_freq[j], &s, &c);
-        cs[j] = (float)c;
-        sn[j] = (float)s;
+    bf16* v = qkv + (u64)t * width + (u64)h * hd;
+    const int a = interleaved ? 2 * j : j;
+    const int b = interleaved ? 2 * j + 1 : j + half;
+    float x1 = bf2f(v[a]), x2 = bf2f(v[b]);
+    if (bias) {
+        x1 += bias[h * hd + a];
+        x2 += bias[h * hd + b];
     }
-    __syncthreads();
-    if (q_norm) {
-        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-        for (int h = warp; h < rot_heads; h += nw) {
-            const float* v = row + h * hd;
-            float ss = 0.f;
-            for (int j = lane; j < hd; j += 32) ss += v[j] * v[j];
-            ss = warp_sum(ss);
-            if (lane == 0) inv_rms[h] = rsqrtf(ss / hd + eps);
+    const bool is_v = h >= heads + kv_heads;
+    if (!is_v) {
+        if (q_norm) {
+            float ss = block_sum(x1 * x1 + x2 * x2, scratch);
+            float inv = rsqrtf(ss / hd + eps);
+            const bf16* w = h < heads ? q_norm : k_norm;
+            x1 *= inv * bf2f(w[a]);
+            x2 *= inv * bf2f(w[b]);
         }
-        __syncthreads();
-        for (int i = threadIdx.x; i < rot_heads * hd; i += blockDim.x) {
-            int h = i / hd, j = i % hd;
-            row[i] = row[i] * inv_rms[h] * bf2f((h < heads ? q_norm : k_norm)[j]);
-        }
-        __syncthreads();
+        // The angle in double, reduced to one turn, then single-precision sine and cosine.
+        double ang = (double)positions[t] * (double)inv_freq[j];
+        ang -= 6.283185307179586 * floor(ang * 0.15915494309189535);
+        float s, c;
+        sincosf((float)ang, &s, &c);
+        float r1 = x1 * c - x2 * s, r2 = x2 * c + x1 * s;
+        x1 = r1;
+        x2 = r2;
     }
-    const int half = hd / 2;
-    for (int i = threadIdx.x; i < rot_heads * half; i += blockDim.x) {
-        int h = i / half, j = i % half;
-        float* v = row + h * hd;
-        int a = interleaved ? 2 * j : j;
-        int b = interleaved ? 2 * j + 1 : j + half;
-        float x1 = v[a], x2 = v[b];
-        v[a] = x1 * cs[j] - x2 * sn[j];
-        v[b] = x2 * cs[j] + x1 * sn[j];
+    if (h < heads) {
+        v[a] = f2bf(x1);
+        v[b] = f2bf(x2);
+        return;
     }
-    __syncthreads();
-    for (int j = threadIdx.x; j < heads * hd; j += blockDim.x) src[j] = f2bf(row[j]);
     const int slot = slots[t];
     if (slot < 0) return;
     const int kvw = kv_heads * hd;
+    const int kv = is_v ? 1 : 0;
+    const int head = h - heads - kv * kv_heads;
     const u64 block_elems = (u64)layers * 2 * block_size * kvw;
-    const u64 blk = (u64)(slot / block_size), off = (u64)(slot % block_size);
-    bf16* k_dst = cache + blk * block_elems + ((u64)(layer * 2 + 0) * block_size + off) * kvw;
-    bf16* v_dst = cache + blk * block_elems + ((u64)(layer * 2 + 1) * block_size + off) * kvw;
-    for (int j = threadIdx.x; j < kvw; j += blockDim.x) {
-        k_dst[j] = f2bf(row[heads * hd + j]);
-        v_dst[j] = f2bf(row[(heads + kv_heads) * hd + j]);
-    }
+    bf16* dst = cache + (u64)(slot / block_size) * block_elems + ((u64)(layer * 2 + kv) * block_size + slot % block_size) * kvw +
+                (u64)head * hd;
+    dst[a] = f2bf(x1);
+    dst[b] = f2bf(x2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -203,22 +191,23 @@ extern "C" __global__ void rope_store(bf16* qkv, const float* bias, const bf16* 
 // Lanes work in groups of HD/8, each lane holding 8 consecutive dims (one 16-byte load of K or V).
 
 #define DEC_WARPS 4
-#define DEC_MAX_GROUP 8
 #define DEC_MAX_SPLIT 512
+#define DEC_UNROLL 8
 
-template <int HD>
+template <int HD, int GROUP>
 __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables,
                                       int max_blocks, const int* ctx_lens, float* part_o, float* part_ml, int layer,
                                       int layers, int heads, int kv_heads, int block_size, int split, int max_splits,
                                       float scale) {
     constexpr int TG = HD / 8;            // lanes per token
     constexpr int TPW = 32 / TG;          // tokens per warp pass
-    __shared__ float scores[DEC_MAX_GROUP * DEC_MAX_SPLIT];
-    __shared__ float red[DEC_WARPS * DEC_MAX_GROUP * HD];
-    __shared__ float stat[2 * DEC_MAX_GROUP];
+    __shared__ float scores[GROUP * DEC_MAX_SPLIT];
+    __shared__ float red[DEC_WARPS * GROUP * HD];
+    __shared__ float stat[2 * GROUP];
+    __shared__ u64 row_at[DEC_MAX_SPLIT];   // element offset of each token's K row
 
     const int b = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
-    const int group = heads / kv_heads;
+    constexpr int group = GROUP;
     const int ctx = ctx_lens[b];
     const int start = s * split;
     const int end = min(ctx, start + split);
@@ -238,10 +227,16 @@ __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16*
     const int kvw = kv_heads * HD;
     const u64 block_elems = (u64)layers * 2 * block_size * kvw;
     const int* table = block_tables + (u64)b * max_blocks;
+    // Resolve the block table once: every K/V address below is then one shared-memory read away.
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        int tok = start + i;
+        row_at[i] = (u64)table[tok / block_size] * block_elems + ((u64)(layer * 2) * block_size + tok % block_size) * kvw + (u64)kvh * HD;
+    }
+    __syncthreads();
 
-    float q[DEC_MAX_GROUP][8];
+    float q[GROUP][8];
 #pragma unroll
-    for (int g = 0; g < DEC_MAX_GROUP; g++) {
+    for (int g = 0; g < GROUP; g++) {
         if (g < group) {
             uint4 raw = *(const uint4*)(qkv + (u64)b * q_stride + (u64)(kvh * group + g) * HD + li * 8);
             unpack8(raw, q[g]);
@@ -250,29 +245,34 @@ __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16*
         }
     }
 
-    // Scores. Loop bounds are uniform across the warp (the shuffles need every lane).
-    for (int base = warp * TPW; base < n; base += DEC_WARPS * TPW) {
-        const int i = base + sub;
-        const bool valid = i < n;
-        float kf[8];
-        if (valid) {
-            int tok = start + i;
-            u64 blk = (u64)table[tok / block_size];
-            const bf16* k = cache + blk * block_elems + ((u64)(layer * 2) * block_size + tok % block_size) * kvw + kvh * HD;
-            unpack8(*(const uint4*)(k + li * 8), kf);
-        } else {
+    // Scores. Each lane keeps DEC_UNROLL loads in flight; loop bounds are uniform across the
+    // warp (the shuffles need every lane).
+    constexpr int STRIDE = DEC_WARPS * TPW;
+    for (int base = warp * TPW; base < n; base += STRIDE * DEC_UNROLL) {
+        float kf[DEC_UNROLL][8];
 #pragma unroll
-            for (int j = 0; j < 8; j++) kf[j] = 0.f;
+        for (int u = 0; u < DEC_UNROLL; u++) {
+            const int i = base + u * STRIDE + sub;
+            if (i < n) {
+                unpack8(*(const uint4*)(cache + row_at[i] + li * 8), kf[u]);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; j++) kf[u][j] = 0.f;
+            }
         }
 #pragma unroll
-        for (int g = 0; g < DEC_MAX_GROUP; g++) {
-            if (g < group) {
-                float d = 0.f;
+        for (int u = 0; u < DEC_UNROLL; u++) {
+            const int i = base + u * STRIDE + sub;
 #pragma unroll
-                for (int j = 0; j < 8; j++) d += q[g][j] * kf[j];
+            for (int g = 0; g < GROUP; g++) {
+                if (g < group) {
+                    float d = 0.f;
 #pragma unroll
-                for (int o = TG / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-                if (valid && li == 0) scores[g * DEC_MAX_SPLIT + i] = d;
+                    for (int j = 0; j < 8; j++) d += q[g][j] * kf[u][j];
+#pragma unroll
+                    for (int o = TG / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+                    if (i < n && li == 0) scores[g * DEC_MAX_SPLIT + i] = d;
+                }
             }
         }
     }
@@ -298,29 +298,38 @@ __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16*
     __syncthreads();
 
     // Weighted values.
-    float acc[DEC_MAX_GROUP][8];
+    float acc[GROUP][8];
 #pragma unroll
-    for (int g = 0; g < DEC_MAX_GROUP; g++)
+    for (int g = 0; g < GROUP; g++)
 #pragma unroll
         for (int j = 0; j < 8; j++) acc[g][j] = 0.f;
-    for (int i = warp * TPW + sub; i < n; i += DEC_WARPS * TPW) {
-        int tok = start + i;
-        u64 blk = (u64)table[tok / block_size];
-        const bf16* v = cache + blk * block_elems + ((u64)(layer * 2 + 1) * block_size + tok % block_size) * kvw + kvh * HD;
-        float vf[8];
-        unpack8(*(const uint4*)(v + li * 8), vf);
+    for (int base = warp * TPW; base < n; base += STRIDE * DEC_UNROLL) {
+        float vf[DEC_UNROLL][8];
 #pragma unroll
-        for (int g = 0; g < DEC_MAX_GROUP; g++) {
-            if (g < group) {
-                float p = scores[g * DEC_MAX_SPLIT + i];
+        for (int u = 0; u < DEC_UNROLL; u++) {
+            const int i = base + u * STRIDE + sub;
+            if (i < n) {
+                unpack8(*(const uint4*)(cache + row_at[i] + (u64)block_size * kvw + li * 8), vf[u]);
+            }
+        }
 #pragma unroll
-                for (int j = 0; j < 8; j++) acc[g][j] += p * vf[j];
+        for (int u = 0; u < DEC_UNROLL; u++) {
+            const int i = base + u * STRIDE + sub;
+            if (i < n) {
+#pragma unroll
+                for (int g = 0; g < GROUP; g++) {
+                    if (g < group) {
+                        float p = scores[g * DEC_MAX_SPLIT + i];
+#pragma unroll
+                        for (int j = 0; j < 8; j++) acc[g][j] += p * vf[u][j];
+                    }
+                }
             }
         }
     }
     // Reduce the token slots of each warp, then the warps.
 #pragma unroll
-    for (int g = 0; g < DEC_MAX_GROUP; g++) {
+    for (int g = 0; g < GROUP; g++) {
         if (g < group) {
 #pragma unroll
             for (int j = 0; j < 8; j++) {
@@ -333,17 +342,17 @@ __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16*
     }
     if (sub == 0) {
 #pragma unroll
-        for (int g = 0; g < DEC_MAX_GROUP; g++)
+        for (int g = 0; g < GROUP; g++)
             if (g < group)
 #pragma unroll
-                for (int j = 0; j < 8; j++) red[(warp * DEC_MAX_GROUP + g) * HD + li * 8 + j] = acc[g][j];
+                for (int j = 0; j < 8; j++) red[(warp * GROUP + g) * HD + li * 8 + j] = acc[g][j];
     }
     __syncthreads();
     for (int i = threadIdx.x; i < group * HD; i += blockDim.x) {
         int g = i / HD, d = i % HD;
         float o = 0.f;
 #pragma unroll
-        for (int w = 0; w < DEC_WARPS; w++) o += red[(w * DEC_MAX_GROUP + g) * HD + d];
+        for (int w = 0; w < DEC_WARPS; w++) o += red[(w * GROUP + g) * HD + d];
         u64 p = part + (u64)g * max_splits;
         part_o[p * HD + d] = o;
         if (d == 0) {
@@ -353,21 +362,18 @@ __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16*
     }
 }
 
-extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) decode_attention_64(
-    const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks, const int* ctx_lens,
-    float* part_o, float* part_ml, int layer, int layers, int heads, int kv_heads, int block_size, int split,
-    int max_splits, float scale) {
-    decode_attention_impl<64>(qkv, q_stride, cache, block_tables, max_blocks, ctx_lens, part_o, part_ml, layer, layers,
-                              heads, kv_heads, block_size, split, max_splits, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) decode_attention_128(
-    const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks, const int* ctx_lens,
-    float* part_o, float* part_ml, int layer, int layers, int heads, int kv_heads, int block_size, int split,
-    int max_splits, float scale) {
-    decode_attention_impl<128>(qkv, q_stride, cache, block_tables, max_blocks, ctx_lens, part_o, part_ml, layer,
-                               layers, heads, kv_heads, block_size, split, max_splits, scale);
-}
+#define DECODE(HD, G)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) decode_attention_##HD##_##G(                \
+        const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks,            \
+        const int* ctx_lens, float* part_o, float* part_ml, int layer, int layers, int heads, int kv_heads,   \
+        int block_size, int split, int max_splits, float scale) {                                             \
+        decode_attention_impl<HD, G>(qkv, q_stride, cache, block_tables, max_blocks, ctx_lens, part_o,        \
+                                     part_ml, layer, layers, heads, kv_heads, block_size, split, max_splits,  \
+                                     scale);                                                                  \
+    }
+#define DECODE_GROUPS(HD) DECODE(HD, 1) DECODE(HD, 2) DECODE(HD, 3) DECODE(HD, 4) DECODE(HD, 5) DECODE(HD, 6) DECODE(HD, 7) DECODE(HD, 8)
+DECODE_GROUPS(64)
+DECODE_GROUPS(128)
 
 // Merges the splits of each (sequence, head) into bf16 output rows of width heads*hd.
 // Grid (seqs, heads), hd threads. A sequence with no context (padding) gets zeros.
@@ -574,10 +580,10 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) prefill_attention_12
 }
 
 // ---------------------------------------------------------------------------------------------
-// Matrix-vector products for small batches (decode at batch ≤ 8): y[n][r] = Σ_k W[r][k] x[n][k],
-// W row-major bf16 [rows × cols], x bf16 [n × cols]. One warp per output row, 16-byte weight
-// loads that bypass L1, several in flight. mode 0: y bf16; 1: y f32; 2: y f32 += (residual add).
-// Requires cols % 256 == 0.
+// Matrix-vector products for the smallest batches (decode at batch ≤ 2): y[n][r] = Σ_k W[r][k]
+// x[n][k], W row-major bf16 [rows × cols], x bf16 [n × cols]. One warp per output row, 16-byte
+// weight loads that bypass L1, eight in flight per lane. mode 0: y bf16; 1: y f32; 2: y f32 +=
+// (the residual add). Requires cols % 8 == 0.
 
 template <int N>
 __device__ void gemv_impl(const bf16* w, const bf16* x, void* y, int rows, int cols, int mode) {
@@ -588,7 +594,7 @@ __device__ void gemv_impl(const bf16* w, const bf16* x, void* y, int rows, int c
     float acc[N];
 #pragma unroll
     for (int n = 0; n < N; n++) acc[n] = 0.f;
-    constexpr int U = 4;
+    constexpr int U = 8;
     int k = lane * 8;
     for (; k + (U - 1) * 256 < cols; k += U * 256) {
         uint4 wv[U];
@@ -631,25 +637,11 @@ __device__ void gemv_impl(const bf16* w, const bf16* x, void* y, int rows, int c
     }
 }
 
-#define GEMV(N)                                                                                           \
-    extern "C" __global__ void __launch_bounds__(256) gemv_##N(const bf16* w, const bf16* x, void* y, int rows, \
-                                                               int cols, int mode) {                     \
-        gemv_impl<N>(w, x, y, rows, cols, mode);                                                          \
-    }
-GEMV(1)
-GEMV(2)
-GEMV(3)
-GEMV(4)
-GEMV(5)
-GEMV(6)
-GEMV(7)
-GEMV(8)
-
-// Adds a per-column bias to bf16 rows (used only where a GEMM output needs one and the next
-// kernel cannot take it).
-extern "C" __global__ void add_bias_f32(float* y, const float* bias, int cols, u64 total) {
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x)
-        y[i] += bias[i % cols];
+extern "C" __global__ void __launch_bounds__(256) gemv_1(const bf16* w, const bf16* x, void* y, int rows, int cols, int mode) {
+    gemv_impl<1>(w, x, y, rows, cols, mode);
+}
+extern "C" __global__ void __launch_bounds__(256) gemv_2(const bf16* w, const bf16* x, void* y, int rows, int cols, int mode) {
+    gemv_impl<2>(w, x, y, rows, cols, mode);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -46,5 +46,18 @@ pub type Result<T> = std::result::Result<T, CudaError>;
 
 /// GPUs visible to this process (0 where there is no driver).
 pub fn device_count() -> usize {
-    std::panic::catch_unwind(|| cudarc::driver::CudaContext::device_count().map(|n| n.max(0) as usize).unwrap_or(0)).unwrap_or(0)
+    driver_device_count().unwrap_or(0)
+}
+
+/// Asks the driver how many GPUs it sees. cudarc panics when `libcuda` cannot be loaded; that
+/// is caught here, quietly (the panic hook is silenced for the call), and reported as `None`.
+pub(crate) fn driver_device_count() -> Option<usize> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let n = std::panic::catch_unwind(cudarc::driver::CudaContext::device_count);
+    std::panic::set_hook(hook);
+    match n {
+        Ok(Ok(n)) => Some(n.max(0) as usize),
+        _ => None,
+    }
 }

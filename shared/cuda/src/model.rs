@@ -320,6 +320,20 @@ impl Model {
     /// Runs one pass whose metadata is already in `s.meta`. Only launches: no host sync, no
     /// allocation, so it can be captured into a graph.
     pub fn run(&self, gpu: &Gpu, s: &Scratch, cache: u64, p: &PassShape, head: Head) -> Result<()> {
+        self.run_marked(gpu, s, cache, p, head, &mut |_, _| Ok(()))
+    }
+
+    /// [`Model::run`] calling `mark(gpu, stage)` after each stage (profiling records an event
+    /// there; the plain run does nothing).
+    pub fn run_marked(
+        &self,
+        gpu: &Gpu,
+        s: &Scratch,
+        cache: u64,
+        p: &PassShape,
+        head: Head,
+        mark: &mut dyn FnMut(&Gpu, &'static str) -> Result<()>,
+    ) -> Result<()> {
         let d = &self.d;
         let c = &self.cfg;
         let k = &gpu.k;
@@ -338,16 +352,17 @@ impl Model {
         let threads = |w: usize| (w.div_ceil(32) * 32).clamp(64, 1024) as u32;
 
         gpu.launch(&k.embed, (n as u32, 1, 1), 256, 0, &[&meta(p.off.tokens), &self.w.embed.ptr, &s.x.ptr, &(hid as i32)])?;
+        mark(gpu, "embed")?;
         for (li, l) in self.w.layers.iter().enumerate() {
             let li = li as i32;
             gpu.launch(&k.rms_norm, (n as u32, 1, 1), threads(hid), 0, &[&s.x.ptr, &null, &l.attn_norm.ptr, &s.h.ptr, &(hid as i32), &eps])?;
             gpu.linear(s.h.ptr, l.qkv.ptr, s.qkv.ptr, n, width, hid, Dt::Bf16, false)?;
-            let smem = ((width + d.hd + d.heads + d.kv_heads) * 4) as u32;
+            mark(gpu, "qkv")?;
             gpu.launch(
                 &k.rope_store,
-                (n as u32, 1, 1),
-                256,
-                smem,
+                (n as u32, (d.heads + 2 * d.kv_heads) as u32, 1),
+                (d.hd / 2) as u32,
+                0,
                 &[
                     &s.qkv.ptr,
                     &l.qkv_bias.as_ref().map_or(0, |b| b.ptr),
@@ -367,12 +382,13 @@ impl Model {
                     &eps,
                 ],
             )?;
+            mark(gpu, "rope_store")?;
             let q_stride = width as i32;
             let mb = p.max_blocks as i32;
             if p.decode_only {
                 let (split, splits) = (p.split as i32, p.splits as i32);
                 gpu.launch(
-                    &k.decode_attention[hd_idx],
+                    &k.decode_attention[hd_idx * 8 + d.heads / d.kv_heads - 1],
                     (p.n_seqs as u32, d.kv_heads as u32, p.splits as u32),
                     128,
                     0,
@@ -430,13 +446,17 @@ impl Model {
                     ],
                 )?;
             }
+            mark(gpu, "attention")?;
             gpu.linear(s.attn.ptr, l.o.ptr, s.x.ptr, n, hid, d.heads * d.hd, Dt::F32, true)?;
+            mark(gpu, "o")?;
             gpu.launch(&k.rms_norm, (n as u32, 1, 1), threads(hid), 0, &[&s.x.ptr, &null, &l.mlp_norm.ptr, &s.h.ptr, &(hid as i32), &eps])?;
             gpu.linear(s.h.ptr, l.gate_up.ptr, s.gu.ptr, n, 2 * d.ffn, hid, Dt::Bf16, false)?;
+            mark(gpu, "gate_up")?;
             let total = (n * d.ffn) as u64;
             let blocks = (n * d.ffn).div_ceil(256).min(65536) as u32;
             gpu.launch(&k.silu_mul, (blocks, 1, 1), 256, 0, &[&s.gu.ptr, &s.act.ptr, &(d.ffn as i32), &total])?;
             gpu.linear(s.act.ptr, l.down.ptr, s.x.ptr, n, hid, d.ffn, Dt::F32, true)?;
+            mark(gpu, "down")?;
         }
         let r = p.n_logits;
         if r == 0 {
@@ -451,6 +471,7 @@ impl Model {
             Head::Argmax => gpu.launch(&k.argmax, (r as u32, 1, 1), 1024, 0, &[&s.logits.ptr, &vocab, &s.sampled.ptr])?,
             Head::Sample => gpu.launch(&k.sample, (r as u32, 1, 1), 1024, 0, &[&s.logits.ptr, &vocab, &s.sample_params.ptr, &s.sampled.ptr])?,
         }
+        mark(gpu, "lm_head+sampling")?;
         Ok(())
     }
 }
