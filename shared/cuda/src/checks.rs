@@ -176,7 +176,7 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
         let (split_i, splits_i) = (split as i32, splits as i32);
         gpu.launch(
             &gpu.k.decode_attention[idx * 8 + heads / kvh - 1],
-            (nseq as u32, kvh as u32, splits as u32),
+            (kvh as u32, nseq as u32, splits as u32),
             128,
             0,
             &[&qkv_buf.ptr, &q_stride, &cache_buf.ptr, &m(bt_off), &mb, &m(ctx_off), &part_o.ptr, &part_ml.ptr, &layer_i, &layers_i, &heads_i, &kvh_i, &bs_i, &split_i, &splits_i, &scale32],

@@ -62,7 +62,8 @@ pub struct Kernels {
     pub rms_norm: CudaFunction,
     pub silu_mul: CudaFunction,
     pub rope_store: CudaFunction,
-    /// `decode_attention[hd_index * 8 + group - 1]`, hd_index 0 for 64 and 1 for 128.
+    /// `decode_attention[hd_index * 8 + group - 1]`, hd_index 0 for 64 and 1 for 128. Grid
+    /// (kv heads, sequences, splits).
     pub decode_attention: Vec<CudaFunction>,
     pub attn_combine: CudaFunction,
     pub prefill_attention: [CudaFunction; 2],

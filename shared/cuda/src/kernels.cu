@@ -206,7 +206,7 @@ __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16*
     __shared__ float stat[2 * GROUP];
     __shared__ u64 row_at[DEC_MAX_SPLIT];   // element offset of each token's K row
 
-    const int b = blockIdx.x, kvh = blockIdx.y, s = blockIdx.z;
+    const int kvh = blockIdx.x, b = blockIdx.y, s = blockIdx.z;
     constexpr int group = GROUP;
     const int ctx = ctx_lens[b];
     const int start = s * split;

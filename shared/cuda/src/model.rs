@@ -389,7 +389,7 @@ impl Model {
                 let (split, splits) = (p.split as i32, p.splits as i32);
                 gpu.launch(
                     &k.decode_attention[hd_idx * 8 + d.heads / d.kv_heads - 1],
-                    (p.n_seqs as u32, d.kv_heads as u32, p.splits as u32),
+                    (d.kv_heads as u32, p.n_seqs as u32, p.splits as u32),
                     128,
                     0,
                     &[
