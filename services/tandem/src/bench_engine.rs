@@ -134,6 +134,10 @@ pub fn check(args: &CheckArgs) -> Result<()> {
         all.push(checks::attention_case(&gpu, case, 100 + i as u64)?);
         eprintln!("{}", show(all.last().expect("just pushed")));
     }
+    for c in checks::sampling(&gpu)? {
+        eprintln!("{}", show(&c));
+        all.push(c);
+    }
     drop(gpu);
     if let Some(dir) = &args.reference {
         for c in checks::reference_models(dir, dev)? {

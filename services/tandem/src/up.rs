@@ -31,6 +31,10 @@ pub struct UpArgs {
     /// Longest a KV handoff may take before its request fails.
     #[arg(long, default_value_t = 10_000)]
     pub handoff_lease_ms: u64,
+    /// Where the prefill and decode engines run: `cpu`, or `cuda:N` (all workers on that GPU,
+    /// each with `--kv-cache-mb` of KV cache).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Keep the cluster state in this Redis (the services register there, and more workers
     /// started elsewhere with the same URL join); without it the gateway keeps it in process.
     #[arg(long, env = "TANDEM_REDIS_URL")]
@@ -92,6 +96,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         let mut a = vec![role.to_string()];
         a.extend(model_args.clone());
         a.extend(["--kv-cache-mb".into(), args.kv_cache_mb.to_string(), "--handoff-lease-ms".into(), args.handoff_lease_ms.to_string()]);
+        a.extend(["--device".into(), args.device.clone()]);
         a
     };
 

@@ -367,3 +367,99 @@ pub fn greedy_vs_cpu(model: &str, prompts: &[&str], tokens: usize, must_match: u
     }
     Ok(checks)
 }
+
+/// The device samplers: greedy and top-k = 1 equal the host's argmax; tokens drawn with
+/// temperature, top-k and top-p stay inside the kept set and follow its distribution (total
+/// variation under 0.06 over 4,096 draws); the same seed and counter draw the same token.
+pub fn sampling(gpu: &Gpu) -> Result<Vec<Check>> {
+    let vocab = 1000usize;
+    let rows = 4096usize;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let base: Vec<f32> = (0..vocab).map(|_| rng.random_range(-4.0f32..4.0)).collect();
+    let mut logits = Vec::with_capacity(rows * vocab);
+    for r in 0..rows {
+        if r < 8 {
+            // Distinct rows for the greedy cases.
+            logits.extend((0..vocab).map(|_| rng.random_range(-4.0f32..4.0)));
+        } else {
+            logits.extend_from_slice(&base);
+        }
+    }
+    let (temp, top_k, top_p) = (0.7f32, 20usize, 0.9f32);
+    let params_for = |r: usize, seed: u64| -> [f32; 8] {
+        let (t, k, p) = match r {
+            0..=3 => (0.0, 0, 1.0),
+            4..=7 => (1.0, 1, 1.0),
+            _ => (temp, top_k, top_p),
+        };
+        [t, p, 0.0, k as f32, f32::from_bits(seed as u32), f32::from_bits((seed >> 32) as u32), f32::from_bits(r as u32), 0.0]
+    };
+    let logits_buf = gpu.alloc(rows * vocab * 4)?;
+    gpu.upload(logits_buf.ptr, &logits)?;
+    let params_buf = gpu.alloc(rows * 8 * 4)?;
+    let out_buf = gpu.alloc(rows * 4)?;
+    let draw = |seed: u64| -> Result<Vec<i32>> {
+        let params: Vec<f32> = (0..rows).flat_map(|r| params_for(r, seed)).collect();
+        gpu.upload(params_buf.ptr, &params)?;
+        let v = vocab as i32;
+        gpu.launch(&gpu.k.sample, (rows as u32, 1, 1), 1024, 0, &[&logits_buf.ptr, &v, &params_buf.ptr, &out_buf.ptr])?;
+        let mut out = vec![0i32; rows];
+        gpu.download(&mut out, out_buf.ptr)?;
+        Ok(out)
+    };
+    let first = draw(42)?;
+    let again = draw(42)?;
+    let other = draw(43)?;
+    let mut checks = Vec::new();
+    let argmax = |row: &[f32]| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(i, _)| i as i32).unwrap_or(0);
+    let greedy_ok = (0..8).all(|r| first[r] == argmax(&logits[r * vocab..(r + 1) * vocab]));
+    checks.push(Check {
+        name: "sampling: temperature 0 and top-k 1 pick the argmax".into(),
+        passed: greedy_ok,
+        rel_err: None,
+        tolerance: None,
+        detail: format!("{:?}", &first[..8]),
+    });
+    // The kept set and its probabilities, on the host.
+    let mut order: Vec<usize> = (0..vocab).collect();
+    order.sort_by(|&a, &b| base[b].total_cmp(&base[a]));
+    let top: Vec<usize> = order[..top_k].to_vec();
+    let mx = base[top[0]];
+    let w: Vec<f64> = top.iter().map(|&i| (((base[i] - mx) / temp) as f64).exp()).collect();
+    let total: f64 = w.iter().sum();
+    let mut kept = Vec::new();
+    let mut mass = 0.0;
+    for (i, &t) in top.iter().enumerate() {
+        kept.push(t);
+        mass += w[i];
+        if mass >= top_p as f64 * total {
+            break;
+        }
+    }
+    let kept_mass: f64 = w[..kept.len()].iter().sum();
+    let draws = &first[8..];
+    let outside = draws.iter().filter(|&&t| !kept.contains(&(t as usize))).count();
+    let mut tv = 0.0;
+    for (i, &t) in kept.iter().enumerate() {
+        let expected = w[i] / kept_mass;
+        let seen = draws.iter().filter(|&&d| d as usize == t).count() as f64 / draws.len() as f64;
+        tv += (expected - seen).abs();
+    }
+    tv = 0.5 * (tv + outside as f64 / draws.len() as f64);
+    checks.push(Check {
+        name: format!("sampling: T={temp} top-k {top_k} top-p {top_p}, {} draws", draws.len()),
+        passed: outside == 0 && tv < 0.06,
+        rel_err: Some(tv),
+        tolerance: Some(0.06),
+        detail: format!("{} tokens kept, {outside} drawn outside them, total variation {tv:.3}", kept.len()),
+    });
+    let differing = first.iter().zip(&other).skip(8).filter(|(a, b)| a != b).count();
+    checks.push(Check {
+        name: "sampling: a seed and counter fix the draw".into(),
+        passed: first == again && differing > 0,
+        rel_err: None,
+        tolerance: None,
+        detail: format!("same seed identical: {}; another seed changed {differing} of {} draws", first == again, rows - 8),
+    });
+    Ok(checks)
+}

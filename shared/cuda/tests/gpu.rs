@@ -19,6 +19,14 @@ fn attention_kernels_match_a_float64_reference() {
 }
 
 #[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn device_sampling_follows_its_distribution() {
+    for c in checks::sampling(&gpu()).expect("sampling runs") {
+        assert!(c.passed, "{}: {}", c.name, c.detail);
+    }
+}
+
+#[test]
 #[ignore = "needs an NVIDIA GPU and TANDEM_GPU_REFERENCE (a folder from scripts/gpu/reference.py)"]
 fn model_logits_match_transformers_in_float64() {
     let dir = std::env::var("TANDEM_GPU_REFERENCE").expect("set TANDEM_GPU_REFERENCE to the output of scripts/gpu/reference.py");
