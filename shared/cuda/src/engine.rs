@@ -455,6 +455,10 @@ impl Engine for CudaEngine {
         Ok(self.run_items(items, Head::Logits).map_err(dev)?.logits)
     }
 
+    fn forward_argmax(&mut self, items: &[ForwardItem]) -> Option<tandem_engine::Result<Vec<u32>>> {
+        Some(self.forward_greedy(items).map_err(dev))
+    }
+
     fn release(&mut self, seq: SeqId) {
         self.seqs.release(seq);
     }

@@ -7,7 +7,7 @@ use tandem_protocol::{FinishReason, SamplingParams};
 
 use crate::engine::{Engine, ForwardItem, SeqId};
 use tandem_protocol::KvExport;
-use crate::sampling::{sample, SampleContext, TokenLogprobs};
+use crate::sampling::{sample, SampleContext, Sampled, TokenLogprobs};
 use crate::{EngineError, Result};
 
 /// What the batcher does with a sequence once its prompt is in the cache.
@@ -109,6 +109,17 @@ impl std::fmt::Debug for Batcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Batcher").field("waiting", &self.waiting.len()).field("running", &self.running.len()).finish()
     }
+}
+
+/// What a forward pass returned: logits to sample from, or tokens the engine already picked.
+enum Pass {
+    Logits(Vec<Vec<Vec<f32>>>),
+    Tokens(Vec<u32>),
+}
+
+enum Out {
+    Rows(Vec<Vec<f32>>),
+    Token(u32),
 }
 
 impl Batcher {
@@ -243,6 +254,33 @@ impl Batcher {
         true
     }
 
+    /// True when every sequence that gets a token from this plan wants exactly the argmax of its
+    /// logits: greedy, no penalties, no log-probabilities, no suppressed tokens. Then the engine
+    /// may pick the tokens where the logits are ([`Engine::forward_argmax`]). Seeded sampling
+    /// stays on the host so that a seed draws the same tokens on every engine.
+    fn plain_greedy(&self, plan: &[(usize, ForwardItem)]) -> bool {
+        plan.iter().all(|(i, item)| {
+            let r = &self.running[*i];
+            let p = &r.req.params;
+            r.fed + item.tokens.len() < r.known()
+                || (p.is_greedy()
+                    && p.repetition_penalty == 1.0
+                    && p.presence_penalty == 0.0
+                    && p.frequency_penalty == 0.0
+                    && p.logprobs.is_none()
+                    && r.output.len() >= p.min_tokens)
+        })
+    }
+
+    fn pass(&mut self, items: &[ForwardItem], greedy: bool) -> Result<Pass> {
+        if greedy {
+            if let Some(tokens) = self.engine.forward_argmax(items) {
+                return tokens.map(Pass::Tokens);
+            }
+        }
+        self.engine.forward(items).map(Pass::Logits)
+    }
+
     /// Runs one forward pass and returns what happened.
     pub fn step(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
@@ -256,7 +294,8 @@ impl Batcher {
             // of another, and fails only when it is alone.
             let outcome = loop {
                 let items: Vec<ForwardItem> = plan.iter().map(|(_, it)| it.clone()).collect();
-                match self.engine.forward(&items) {
+                let greedy = self.plain_greedy(&plan);
+                match self.pass(&items, greedy) {
                     Err(EngineError::OutOfBlocks { .. }) if plan.len() > 1 => plan.truncate(plan.len() / 2),
                     other => break other,
                 }
@@ -276,22 +315,31 @@ impl Batcher {
             }
         };
 
+        let outs: Vec<Out> = match logits {
+            Pass::Logits(l) => l.into_iter().map(Out::Rows).collect(),
+            Pass::Tokens(t) => t.into_iter().map(Out::Token).collect(),
+        };
         let mut done = Vec::new();
-        for ((i, item), mut rows) in plan.into_iter().zip(logits) {
+        for ((i, item), out) in plan.into_iter().zip(outs) {
             let max_context = self.engine.info().max_context;
             let r = &mut self.running[i];
             r.fed += item.tokens.len();
             if r.fed < r.known() {
                 continue;
             }
-            let Some(row) = rows.pop() else { continue };
-            let suppress: Vec<u32> = if r.output.len() < r.req.params.min_tokens {
-                r.req.eos_ids.iter().chain(&r.req.params.stop_token_ids).copied().collect()
-            } else {
-                Vec::new()
+            let s = match out {
+                Out::Token(token) => Sampled { token, logprobs: None },
+                Out::Rows(mut rows) => {
+                    let Some(row) = rows.pop() else { continue };
+                    let suppress: Vec<u32> = if r.output.len() < r.req.params.min_tokens {
+                        r.req.eos_ids.iter().chain(&r.req.params.stop_token_ids).copied().collect()
+                    } else {
+                        Vec::new()
+                    };
+                    let ctx = SampleContext { prompt: &r.req.prompt, output: &r.output, seed: r.req.seed, suppress: &suppress };
+                    sample(row, &r.req.params, &ctx)
+                }
             };
-            let ctx = SampleContext { prompt: &r.req.prompt, output: &r.output, seed: r.req.seed, suppress: &suppress };
-            let s = sample(row, &r.req.params, &ctx);
             r.output.push(s.token);
             events.push(Event::Token { id: r.req.id, token: s.token, logprobs: s.logprobs });
 

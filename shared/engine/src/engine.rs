@@ -43,6 +43,14 @@ pub trait Engine: Send {
     /// get their blocks or the call fails with `OutOfBlocks` and changes nothing.
     fn forward(&mut self, items: &[ForwardItem]) -> Result<Vec<Vec<Vec<f32>>>>;
 
+    /// A forward pass that also picks each item's greedy next token (the first largest logit of
+    /// its last token) where the logits are, sparing their trip to the host. `None`: this engine
+    /// has no such path, and the caller samples from [`Engine::forward`]'s logits. Items whose
+    /// chunk ends mid-prompt get a placeholder the caller ignores.
+    fn forward_argmax(&mut self, _items: &[ForwardItem]) -> Option<Result<Vec<u32>>> {
+        None
+    }
+
     /// Drops a sequence; its full blocks stay cached for prefix reuse until evicted.
     fn release(&mut self, seq: SeqId);
 
