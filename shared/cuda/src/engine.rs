@@ -176,10 +176,6 @@ impl CudaEngine {
         })
     }
 
-    pub fn gpu(&self) -> &Gpu {
-        &self.gpu
-    }
-
     pub fn model_config(&self) -> &ModelConfig {
         &self.model.cfg
     }
@@ -403,11 +399,6 @@ impl CudaEngine {
             prev = e;
         }
         Ok(out)
-    }
-
-    /// Times `f` on the device in milliseconds.
-    pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
-        self.gpu.time_ms(f)
     }
 }
 
