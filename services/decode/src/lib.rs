@@ -12,6 +12,7 @@ use tandem_engine::wire::{finished_message, new_request, token_message, worker_i
 use tandem_engine::{EngineHandle, Event, Mode};
 use tandem_protocol::pb::decode_server::{Decode, DecodeServer};
 use tandem_protocol::pb::{token_event, GenerateRequest, InfoRequest, TokenEvent, WorkerInfo};
+use tandem_protocol::{trace, TraceContext};
 use tandem_state::{InFlight, StateStore, WorkerRecord};
 use tandem_transfer::HandoffRegistry;
 use tokio::net::TcpListener;
@@ -19,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 pub struct DecodeConfig {
     pub worker_id: String,
@@ -42,6 +44,7 @@ struct Service {
     draining: Arc<AtomicBool>,
     inflight: InFlight,
     completed: Arc<AtomicU64>,
+    cancelled: Arc<AtomicU64>,
 }
 
 /// The KV receivers a decode worker serves: the registry they deliver into, the address list
@@ -67,6 +70,7 @@ pub async fn run(engine: EngineHandle, cfg: DecodeConfig, listener: TcpListener,
         draining: Arc::new(AtomicBool::new(false)),
         inflight: InFlight::default(),
         completed: Arc::new(AtomicU64::new(0)),
+        cancelled: Arc::new(AtomicU64::new(0)),
     });
     let server = tonic::transport::Server::builder()
         .add_service(DecodeServer::from_arc(svc.clone()))
@@ -97,6 +101,7 @@ impl Service {
         WorkerInfo {
             draining: self.draining.load(Ordering::SeqCst),
             completed: self.completed.load(Ordering::Relaxed),
+            cancelled: self.cancelled.load(Ordering::Relaxed),
             ..worker_info(&self.engine, &self.cfg.worker_id, "decode", &self.kv_addr)
         }
     }
@@ -121,7 +126,15 @@ impl Decode for Service {
             return Err(Status::unavailable(format!("decode worker {} is draining", self.cfg.worker_id)));
         }
         let inflight = self.inflight.enter();
+        let trace = TraceContext::from_metadata(request.metadata());
+        let id = trace::request_id(request.metadata()).map(str::to_string);
         let g = request.into_inner();
+        let request_id = id.unwrap_or_else(|| g.request_id.clone());
+        let span = tracing::info_span!("decode", request_id = %request_id, trace_id = tracing::field::Empty);
+        if let Some(t) = trace {
+            span.record("trace_id", tracing::field::display(t.trace_id_hex()));
+        }
+        span.in_scope(|| tracing::info!(prompt_tokens = g.prompt.len(), "decode stream opened"));
         let req = new_request(&self.engine, &g, Mode::Full).map_err(|e| e.to_status())?;
         let lease = match g.kv_wait_ms {
             0 => self.cfg.default_kv_wait,
@@ -134,19 +147,23 @@ impl Decode for Service {
             .ok_or_else(|| Status::already_exists(format!("request {} is already waiting for its blocks", g.request_id)))?;
         let (tx, rx) = mpsc::channel::<EventResult>(64);
         let engine = self.engine.clone();
-        let request_id = g.request_id.clone();
         let completed = self.completed.clone();
+        let cancelled = self.cancelled.clone();
+        let hung_up = move || {
+            cancelled.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("decode cancelled by the caller");
+        };
         tokio::spawn(async move {
             let _inflight = inflight;
             let arrived = tokio::select! {
-                _ = tx.closed() => return,
+                _ = tx.closed() => return hung_up(),
                 a = tokio::time::timeout(lease, pending.arrived()) => a,
             };
             let incoming = match arrived {
                 Ok(Some(incoming)) => incoming,
                 Ok(None) => return,
                 Err(_) => {
-                    tracing::warn!(%request_id, wait = ?lease, "kv blocks never arrived");
+                    tracing::warn!(wait = ?lease, "kv blocks never arrived");
                     let _ = tx.send(Err(Status::deadline_exceeded(format!("kv blocks did not arrive within {lease:?}")))).await;
                     return;
                 }
@@ -166,7 +183,7 @@ impl Decode for Service {
             loop {
                 let next = tokio::select! {
                     // The gateway hung up: dropping `events` cancels the sequence.
-                    _ = tx.closed() => return,
+                    _ = tx.closed() => return hung_up(),
                     e = events.next() => e,
                 };
                 let out = match next {
@@ -180,11 +197,17 @@ impl Decode for Service {
                     Some(Event::Prefilled { .. }) | None => Err(Status::internal("decode engine stopped")),
                 };
                 let last = out.is_err();
-                if tx.send(out).await.is_err() || last {
+                if tx.send(out).await.is_err() {
+                    if !last {
+                        hung_up();
+                    }
+                    return;
+                }
+                if last {
                     return;
                 }
             }
-        });
+        }.instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

@@ -5,7 +5,10 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Extension, Request, State};
+use axum::http::{header, HeaderValue, Method, Uri};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,12 +16,12 @@ use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
 use serde_json::{json, Value};
 use tandem_protocol::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, PromptSpec, SamplingFields};
-use tandem_protocol::{ApiError, ErrorCode, SamplingParams};
+use tandem_protocol::{ApiError, ErrorCode, SamplingParams, TraceContext, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use tandem_tokenizer::ChatMessage;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::choice::{self, ChoiceEvent, ChoiceSpec, TokenOut, Usage};
-use crate::error::{json_error, HttpError};
+use crate::error::{parse_body, too_large, HttpError, MAX_BODY_BYTES};
 use crate::workers::Role;
 use crate::AppState;
 
@@ -32,8 +35,35 @@ pub(crate) fn router(state: S) -> Router {
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .fallback(|| async { HttpError(ApiError::new(ErrorCode::ModelNotFound, "no such route")) })
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            HttpError(ApiError::new(ErrorCode::MethodNotAllowed, format!("{method} is not allowed on {}", uri.path())))
+        })
+        .fallback(|method: Method, uri: Uri| async move {
+            HttpError(ApiError::new(ErrorCode::NotFound, format!("no route for {method} {}", uri.path())))
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(edge))
         .with_state(state)
+}
+
+/// Around every route: refuses a body declared over the limit before reading any of it, and
+/// places the request in a trace. The trace id of an incoming `traceparent` is kept (a malformed
+/// one is ignored) and a new one started otherwise; the gateway's span in it goes to the handler,
+/// on to every worker call, and back to the client as the response's `traceparent`.
+async fn edge(mut req: Request, next: Next) -> Response {
+    let incoming = req.headers().get(TRACEPARENT_HEADER).and_then(|v| v.to_str().ok()).and_then(TraceContext::parse);
+    let trace = incoming.map(|t| t.child()).unwrap_or_else(TraceContext::new_root);
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let mut resp = if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        HttpError(too_large()).into_response()
+    } else {
+        req.extensions_mut().insert(trace);
+        next.run(req).await
+    };
+    if let Ok(v) = HeaderValue::from_str(&trace.to_string()) {
+        resp.headers_mut().insert(TRACEPARENT_HEADER, v);
+    }
+    resp
 }
 
 fn now() -> u64 {
@@ -74,6 +104,7 @@ struct Job {
     stream: bool,
     include_usage: bool,
     chat: bool,
+    trace: TraceContext,
 }
 
 fn check_model(s: &AppState, model: &str) -> Result<(), ApiError> {
@@ -150,9 +181,9 @@ fn flatten(content: &Option<MessageContent>, i: usize) -> Result<String, ApiErro
     }
 }
 
-async fn chat(State(s): State<S>, body: Bytes) -> Response {
+async fn chat(State(s): State<S>, Extension(trace): Extension<TraceContext>, body: Result<Bytes, BytesRejection>) -> Response {
     let job = (|| {
-        let r: ChatCompletionRequest = serde_json::from_slice(&body).map_err(json_error)?;
+        let r: ChatCompletionRequest = parse_body(body)?;
         check_model(&s, &r.model)?;
         if r.messages.is_empty() {
             return Err(ApiError::invalid("messages", "messages must not be empty"));
@@ -182,6 +213,7 @@ async fn chat(State(s): State<S>, body: Bytes) -> Response {
             stream: r.sampling.stream.unwrap_or(false),
             include_usage: r.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
             chat: true,
+            trace,
         })
     })();
     match job {
@@ -190,9 +222,9 @@ async fn chat(State(s): State<S>, body: Bytes) -> Response {
     }
 }
 
-async fn completions(State(s): State<S>, body: Bytes) -> Response {
+async fn completions(State(s): State<S>, Extension(trace): Extension<TraceContext>, body: Result<Bytes, BytesRejection>) -> Response {
     let job = (|| {
-        let r: CompletionRequest = serde_json::from_slice(&body).map_err(json_error)?;
+        let r: CompletionRequest = parse_body(body)?;
         check_model(&s, &r.model)?;
         if r.echo == Some(true) {
             return Err(ApiError::invalid("echo", "echo is not supported"));
@@ -231,6 +263,7 @@ async fn completions(State(s): State<S>, body: Bytes) -> Response {
             stream: r.sampling.stream.unwrap_or(false),
             include_usage: r.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
             chat: false,
+            trace,
         })
     })();
     match job {
@@ -251,6 +284,7 @@ fn start_choices(s: &S, job: &Job, id: &str) -> Vec<choice::ChoiceRx> {
                 prompt: prompt.clone(),
                 params: job.params.clone(),
                 seed: base_seed.wrapping_add(index as u64),
+                trace: job.trace,
             };
             out.push(choice::start(s.clone(), spec));
         }
@@ -314,14 +348,19 @@ async fn respond(s: S, job: Job) -> Response {
     }
     let id = new_id(if job.chat { "chatcmpl" } else { "cmpl" });
     let rxs = start_choices(&s, &job, &id);
-    if job.stream {
+    let id_header = HeaderValue::from_str(&id).ok();
+    let mut resp = if job.stream {
         stream_response(s, job, id, rxs).into_response()
     } else {
         match collect(&s, &job, &id, rxs).await {
             Ok(v) => Json(v).into_response(),
             Err(e) => HttpError(e).into_response(),
         }
+    };
+    if let Some(v) = id_header {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
+    resp
 }
 
 async fn collect(s: &S, job: &Job, id: &str, rxs: Vec<choice::ChoiceRx>) -> Result<Value, ApiError> {

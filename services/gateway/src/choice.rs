@@ -8,10 +8,11 @@ use std::time::Instant;
 use tandem_protocol::pb::decode_client::DecodeClient;
 use tandem_protocol::pb::prefill_client::PrefillClient;
 use tandem_protocol::pb::{self, token_event, GenerateRequest, PrefillRequest};
-use tandem_protocol::{block_hashes, ApiError, ErrorCode, FinishReason, SamplingParams, REQUEST_ID_HEADER};
+use tandem_protocol::{block_hashes, trace, ApiError, ErrorCode, FinishReason, SamplingParams, TraceContext};
 use tandem_state::{now_ms, Phase, RequestState};
 use tandem_tokenizer::{DecodeStream, StopMatcher, Tokenizer};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::AppState;
 
@@ -20,6 +21,8 @@ pub(crate) struct ChoiceSpec {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub seed: u64,
+    /// The gateway's span of the request; every worker call carries it as `traceparent`.
+    pub trace: TraceContext,
 }
 
 /// A token as the client sees it in `logprobs`.
@@ -46,6 +49,7 @@ pub(crate) type ChoiceRx = mpsc::Receiver<Result<ChoiceEvent, ApiError>>;
 
 pub(crate) fn start(state: Arc<AppState>, spec: ChoiceSpec) -> ChoiceRx {
     let (tx, rx) = mpsc::channel(256);
+    let span = tracing::info_span!("request", request_id = %spec.request_id, trace_id = %spec.trace.trace_id_hex());
     tokio::spawn(async move {
         state.metrics.running.inc();
         let started = Instant::now();
@@ -83,7 +87,7 @@ pub(crate) fn start(state: Arc<AppState>, spec: ChoiceSpec) -> ChoiceRx {
         } else {
             state.metrics.e2e.observe(started.elapsed().as_secs_f64());
         }
-    });
+    }.instrument(span));
     rx
 }
 
@@ -159,14 +163,6 @@ fn unavailable(what: &str) -> ApiError {
     ApiError::new(ErrorCode::Unavailable, format!("no {what} worker is available; retry shortly"))
 }
 
-fn with_id<T>(msg: T, id: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    if let Ok(v) = id.parse() {
-        r.metadata_mut().insert(REQUEST_ID_HEADER, v);
-    }
-    r
-}
-
 /// Attempts per role when a worker turns out to be unreachable or draining before any token.
 const ATTEMPTS: usize = 3;
 
@@ -225,7 +221,7 @@ async fn drive(
     let mut tried = Vec::new();
     let (decode, mut stream) = loop {
         let decode = pick_with_retry(!tried.is_empty(), || state.workers.pick_decode(need_blocks, &tried)).await.ok_or_else(|| unavailable("decode"))?;
-        match DecodeClient::new(decode.channel.clone()).generate(with_id(g.clone(), &spec.request_id)).await {
+        match DecodeClient::new(decode.channel.clone()).generate(trace::request(g.clone(), &spec.request_id, &spec.trace)).await {
             Ok(s) => break (decode, s.into_inner()),
             Err(s) => {
                 if s.code() == tonic::Code::Unavailable {
@@ -256,7 +252,7 @@ async fn drive(
             store_addr: store.as_ref().map(|(_, url)| url.clone()).unwrap_or_default(),
             store_prefix_blocks: store_blocks as u32,
         };
-        match PrefillClient::new(choice.lease.channel.clone()).prefill(with_id(prefill_req, &spec.request_id)).await {
+        match PrefillClient::new(choice.lease.channel.clone()).prefill(trace::request(prefill_req, &spec.request_id, &spec.trace)).await {
             Ok(r) => break (choice, r.into_inner()),
             Err(s) => {
                 if s.message().starts_with("kv handoff failed") {

@@ -19,13 +19,14 @@ use tandem_engine::{EngineHandle, Event, Mode};
 use tandem_protocol::pb::kv_store_client::KvStoreClient;
 use tandem_protocol::pb::prefill_server::{Prefill, PrefillServer};
 use tandem_protocol::pb::{self, GetBlocksRequest, InfoRequest, PrefillRequest, PrefillResponse, PutBlocksRequest, WorkerInfo};
-use tandem_protocol::{block_hashes, BlockHash, ErrorCode, KvExport, ROOT_HASH};
+use tandem_protocol::{block_hashes, trace, BlockHash, ErrorCode, KvExport, TraceContext, ROOT_HASH};
 use tandem_state::{InFlight, StateStore, WorkerRecord};
 use tandem_transfer::{Handoff, KvTransport};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 pub struct PrefillConfig {
     pub worker_id: String,
@@ -47,6 +48,7 @@ pub struct PrefillConfig {
 #[derive(Debug, Default)]
 struct Counters {
     completed: AtomicU64,
+    cancelled: AtomicU64,
     pulled: AtomicU64,
     offloaded: AtomicU64,
 }
@@ -158,6 +160,7 @@ impl Service {
         WorkerInfo {
             draining: self.draining.load(Ordering::SeqCst),
             completed: self.counters.completed.load(Ordering::Relaxed),
+            cancelled: self.counters.cancelled.load(Ordering::Relaxed),
             pulled_blocks: self.counters.pulled.load(Ordering::Relaxed),
             offloaded_blocks: self.counters.offloaded.load(Ordering::Relaxed),
             ..worker_info(&self.engine, &self.cfg.worker_id, "prefill", "")
@@ -244,7 +247,7 @@ impl Service {
             for (i, h) in hashes.iter().enumerate().skip(skip) {
                 if recent.insert(*h) {
                     send_hashes.push(*h);
-                    send_blocks.push(kv.blocks[i].clone());
+                    send_blocks.push(kv.blocks[i].to_vec());
                 }
             }
         }
@@ -268,16 +271,30 @@ impl Service {
     }
 }
 
-#[tonic::async_trait]
-impl Prefill for Service {
-    async fn prefill(&self, request: Request<PrefillRequest>) -> Result<Response<PrefillResponse>, Status> {
+/// Counts the request as cancelled if it is dropped before it answers: the caller hung up.
+struct Abandoned<'a> {
+    cancelled: &'a AtomicU64,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cancelled.fetch_add(1, Ordering::Relaxed);
+            tracing::info!("prefill cancelled by the caller");
+        }
+    }
+}
+
+impl Service {
+    async fn compute(&self, r: PrefillRequest) -> Result<Response<PrefillResponse>, Status> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(Status::unavailable(format!("prefill worker {} is draining", self.cfg.worker_id)));
         }
         let _inflight = self.inflight.enter();
         let started = Instant::now();
-        let r = request.into_inner();
         let g = r.request.ok_or_else(|| Status::invalid_argument("missing request"))?;
+        tracing::info!(prompt_tokens = g.prompt.len(), decode = %r.decode_kv_addr, "prefill started");
         let req = new_request(&self.engine, &g, Mode::PrefillOnly).map_err(|e| e.to_status())?;
         let store_blocks = r.store_prefix_blocks as usize;
         let pulled = if !r.store_addr.is_empty() && store_blocks > 0 { self.pull(&r.store_addr, &g.prompt, store_blocks).await } else { 0 };
@@ -309,11 +326,11 @@ impl Prefill for Service {
                         .send(&r.decode_kv_addr, &handoff, self.cfg.handoff_lease)
                         .await
                         .map_err(|e| {
-                            tracing::warn!(request_id = %g.request_id, error = %e, "kv handoff failed");
+                            tracing::warn!(error = %e, "kv handoff failed");
                             Status::new(ErrorCode::Unavailable.grpc(), format!("kv handoff failed: {e}"))
                         })?;
                     tracing::info!(
-                        request_id = %g.request_id, transport = %report.transport, bytes = report.bytes,
+                        transport = %report.transport, bytes = report.bytes,
                         transfer_ms = report.millis, prefill_ms = prefill_millis, pulled, "kv handed off"
                     );
                     let offloaded = if r.store_addr.is_empty() { 0 } else { self.offload(&r.store_addr, &handoff.kv, store_blocks) };
@@ -340,6 +357,29 @@ impl Prefill for Service {
             }
         }
         Err(Status::internal("engine stopped"))
+    }
+}
+
+#[tonic::async_trait]
+impl Prefill for Service {
+    async fn prefill(&self, request: Request<PrefillRequest>) -> Result<Response<PrefillResponse>, Status> {
+        let trace = TraceContext::from_metadata(request.metadata());
+        let id = trace::request_id(request.metadata()).map(str::to_string);
+        let r = request.into_inner();
+        let request_id = id.or_else(|| r.request.as_ref().map(|g| g.request_id.clone())).unwrap_or_default();
+        let span = tracing::info_span!("prefill", request_id = %request_id, trace_id = tracing::field::Empty);
+        if let Some(t) = trace {
+            span.record("trace_id", tracing::field::display(t.trace_id_hex()));
+        }
+        async move {
+            // Dropped before it answers (the gateway hung up): the guard counts it.
+            let mut abandoned = Abandoned { cancelled: &self.counters.cancelled, armed: true };
+            let out = self.compute(r).await;
+            abandoned.armed = false;
+            out
+        }
+        .instrument(span)
+        .await
     }
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<WorkerInfo>, Status> {

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::default_model;
 
@@ -140,10 +141,11 @@ pub async fn run(args: UpArgs) -> Result<()> {
     services.push(gateway);
     let http = field(&f, "http")?;
     wait_ready(&http).await?;
+    // Listening before the endpoint is out: a Ctrl-C right after it still stops the cluster.
+    let (mut interrupt, mut term) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
     // The one line on stdout: where to point clients.
     println!("tandem is serving {served} at http://{http}/v1 (prefill: {}, decode: {}); Ctrl-C stops it", args.prefill, args.decode);
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let exited = async {
         loop {
             for s in services.iter_mut() {
@@ -155,7 +157,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
         }
     };
     let outcome = tokio::select! {
-        _ = tokio::signal::ctrl_c() => Ok(()),
+        // Signals first: Ctrl-C reaches the children too, and one that exits on it is no failure.
+        biased;
+        _ = interrupt.recv() => Ok(()),
         _ = term.recv() => Ok(()),
         (name, status) = exited => Err(anyhow::anyhow!("{name} exited ({status}); stopping the cluster")),
     };

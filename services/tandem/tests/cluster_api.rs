@@ -131,12 +131,27 @@ async fn bad_input_gets_openai_errors() {
         ("/v1/completions", json!({"model": MODEL, "prompt": "word ".repeat(6000)}), 400, "prompt"),
         ("/v1/completions", json!({"model": MODEL, "prompt": [999999]}), 400, "prompt"),
         ("/v1/completions", json!({"model": MODEL, "prompt": "x", "presence_penalty": 3}), 400, "presence_penalty"),
+        ("/v1/completions", json!({"model": MODEL, "prompt": "x", "top_k": -2}), 400, "top_k"),
+        ("/v1/completions", json!({"model": MODEL, "prompt": "x", "max_tokens": 4, "min_tokens": 5}), 400, "min_tokens"),
+        ("/v1/completions", json!({"model": "gpt-9", "prompt": "x"}), 404, "model"),
+        // Missing and mistyped fields are named, flattened sampling fields and nested ones too.
+        ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}]}), 400, "model"),
+        ("/v1/completions", json!({"prompt": "x"}), 400, "model"),
+        ("/v1/chat/completions", chat_body("hi", json!({"max_tokens": "ten"})), 400, "max_tokens"),
+        ("/v1/completions", json!({"model": MODEL, "prompt": "x", "max_tokens": -1}), 400, "max_tokens"),
+        ("/v1/completions", json!({"model": MODEL, "prompt": "x", "temperature": "hot"}), 400, "temperature"),
+        ("/v1/completions", json!({"model": MODEL, "prompt": "x", "stop_token_ids": ["a"]}), 400, "stop_token_ids[0]"),
+        ("/v1/completions", json!({"model": MODEL, "prompt": {"text": "x"}}), 400, "prompt"),
+        ("/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": 5}]}), 400, "messages[0].content"),
     ];
     for (path, body, status, param) in cases {
         let (got, v) = post(&c.base, path, &body).await;
         assert_eq!(got, status, "{body}: {v}");
         assert_eq!(v["error"]["param"], param, "{body}: {v}");
         assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        let codes: &[&str] = if status == 404 { &["model_not_found"] } else { &["invalid_request", "context_length_exceeded"] };
+        assert!(codes.contains(&v["error"]["code"].as_str().unwrap_or_default()), "{body}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{body}: {v}");
     }
     // The server is still fine.
     let (status, _) = post(&c.base, "/v1/chat/completions", &chat_body("hi", json!({"max_tokens": 2}))).await;
@@ -189,4 +204,244 @@ async fn official_openai_python_client_works() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "openai client checks failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("all openai client checks passed"), "{stdout}");
+}
+
+/// A raw HTTP/1.1 exchange: the status line's code and the body.
+fn raw_http(base: &str, request: &str) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    s.write_all(request.replace("{addr}", addr).as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let status = head[9..12].parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_routes_wrong_methods_and_huge_bodies_get_openai_errors() {
+    let c = shared();
+    let http = client();
+    let check = |v: &Value, code: &str| {
+        let e = &v["error"];
+        assert_eq!(e["code"], code, "{v}");
+        assert_eq!(e["type"], "invalid_request_error", "{v}");
+        assert!(e["param"].is_null(), "{v}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    };
+    // An unknown route is not an unknown model.
+    let r = http.post(format!("{}/v1/embeddings", c.base)).json(&json!({"model": MODEL, "input": "x"})).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert!(r.headers().contains_key("traceparent"));
+    check(&r.json().await.unwrap(), "not_found");
+    let r = http.get(format!("{}/nowhere", c.base)).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    check(&r.json().await.unwrap(), "not_found");
+
+    for (method, path, allowed) in [(reqwest::Method::GET, "/v1/chat/completions", "POST"), (reqwest::Method::POST, "/v1/models", "GET")] {
+        let r = http.request(method, format!("{}{path}", c.base)).send().await.unwrap();
+        assert_eq!(r.status(), 405, "{path}");
+        assert!(r.headers()["allow"].to_str().unwrap().contains(allowed), "{path}");
+        check(&r.json().await.unwrap(), "method_not_allowed");
+    }
+
+    // A body declared over the limit is refused before any of it is read.
+    let (status, v) = raw_http(
+        &c.base,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(status, 413, "{v}");
+    check(&v, "request_too_large");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trace_context_reaches_every_worker() {
+    use tandem_protocol::TraceContext;
+    let c = shared();
+    let incoming = TraceContext::new_root();
+    let r = client()
+        .post(format!("{}/v1/chat/completions", c.base))
+        .header("traceparent", incoming.to_string())
+        .json(&chat_body("Hello!", json!({"max_tokens": 3})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The trace id is kept; the span is the gateway's own.
+    let back = TraceContext::parse(r.headers()["traceparent"].to_str().unwrap()).unwrap();
+    assert_eq!((back.trace_id, back.flags), (incoming.trace_id, incoming.flags));
+    assert_ne!(back.span_id, incoming.span_id);
+    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["id"], request_id);
+
+    // Each worker put the trace id and the request id on its span for the request.
+    let logged = |p: &Proc, trace: &TraceContext, choice: &str| {
+        let (t, id) = (format!("trace_id={}", trace.trace_id_hex()), format!("request_id={choice}"));
+        p.log_lines().iter().any(|l| l.contains(&t) && l.contains(&id))
+    };
+    let choice = format!("{request_id}-0");
+    for (role, p) in [("prefill", &c.prefill[0]), ("decode", &c.decode[0])] {
+        eventually(&format!("the {role} worker logs the request under its trace id"), std::time::Duration::from_secs(10), || async {
+            logged(p, &incoming, &choice)
+        })
+        .await;
+    }
+
+    // Without a traceparent, or with a malformed one, the gateway starts a trace: new ids,
+    // sampled, and the workers see that one.
+    let zero = "00-00000000000000000000000000000000-00f067aa0ba902b7-01";
+    let mut seen = Vec::new();
+    for header in [None, Some(zero)] {
+        let mut req = client().post(format!("{}/v1/completions", c.base)).json(&json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2}));
+        if let Some(h) = header {
+            req = req.header("traceparent", h);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let t = TraceContext::parse(r.headers()["traceparent"].to_str().unwrap()).unwrap();
+        assert_eq!(t.flags, TraceContext::SAMPLED);
+        assert_ne!(t.trace_id, incoming.trace_id);
+        let choice = format!("{}-0", r.headers()["x-request-id"].to_str().unwrap());
+        eventually("the decode worker logs the new trace id", std::time::Duration::from_secs(10), || async { logged(&c.decode[0], &t, &choice) }).await;
+        seen.push(t.trace_id);
+    }
+    assert_ne!(seen[0], seen[1], "each request starts its own trace");
+}
+
+fn completion_tokens(v: &Value) -> u64 {
+    v["usage"]["completion_tokens"].as_u64().unwrap_or_else(|| panic!("no usage in {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn min_tokens_and_stop_token_ids() {
+    let c = shared();
+    // Left alone, greedy decoding ends this answer early, on an end-of-sequence token.
+    let ask = |extra: Value| chat_body("Reply with one word: yes or no?", extra);
+    let probe = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 10, "temperature": 0, "ignore_eos": true, "logprobs": 0});
+    // Requests that do not depend on each other go side by side (they share decode steps).
+    let first = ask(json!({"max_tokens": 24, "temperature": 0}));
+    let ((_, free), (_, full)) = tokio::join!(post(&c.base, "/v1/chat/completions", &first), post(&c.base, "/v1/completions", &probe));
+    assert_eq!(free["choices"][0]["finish_reason"], "stop", "{free}");
+    let natural = completion_tokens(&free);
+    assert!(natural < 12, "{free}");
+    let (min, max) = (natural + 6, natural + 10);
+
+    // stop_token_ids: a token the greedy output has at position k ends it right there.
+    let full_text = full["choices"][0]["text"].as_str().unwrap().to_string();
+    let tokens: Vec<String> = full["choices"][0]["logprobs"]["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    assert_eq!(tokens.len(), 10, "{full}");
+    // The first token, past the first two, that is its own single id and not seen before.
+    let (k, id) = (2..tokens.len())
+        .find_map(|k| {
+            let t = &tokens[k];
+            let ids = tokenizer().encode(t).ok()?;
+            (ids.len() == 1 && !t.trim().is_empty() && !tokens[..k].contains(t) && tokenizer().decode(&ids).ok()? == *t).then(|| (k, ids[0]))
+        })
+        .unwrap_or_else(|| panic!("no usable token in {tokens:?}"));
+    let mut stop_at = probe.clone();
+    stop_at["stop_token_ids"] = json!([id]);
+
+    // min_tokens holds the end-of-sequence token back; so it does the stop token ids, here the
+    // end-of-sequence tokens themselves (with EOS as such ignored).
+    let eos = tokenizer().eos_ids().to_vec();
+    let min_only = ask(json!({"max_tokens": max, "temperature": 0, "min_tokens": min}));
+    let min_ids = ask(json!({"max_tokens": max, "temperature": 0, "min_tokens": min, "ignore_eos": true, "stop_token_ids": eos}));
+    let ((s1, held), (s2, held_ids), (s3, stopped)) = tokio::join!(
+        post(&c.base, "/v1/chat/completions", &min_only),
+        post(&c.base, "/v1/chat/completions", &min_ids),
+        post(&c.base, "/v1/completions", &stop_at),
+    );
+    assert_eq!((s1, s2, s3), (200, 200, 200), "{held} {held_ids} {stopped}");
+    for v in [&held, &held_ids] {
+        let n = completion_tokens(v);
+        assert!(n >= min, "min_tokens {min} after a natural {natural}: {v}");
+        assert_eq!(v["choices"][0]["finish_reason"] == "stop", n < max, "{v}");
+    }
+
+    let text = stopped["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop", "{stopped}");
+    assert_eq!(completion_tokens(&stopped), k as u64 + 1, "stopped at {:?} (id {id}, position {k}): {stopped}", tokens[k]);
+    assert!(full_text.starts_with(text) && text.ends_with(tokens[k].as_str()), "{text:?} vs {full_text:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_logprobs_and_max_completion_tokens() {
+    let c = shared();
+    // max_completion_tokens wins over max_tokens.
+    let body = chat_body(
+        "Name three colours.",
+        json!({"max_tokens": 20, "max_completion_tokens": 5, "ignore_eos": true, "temperature": 0, "logprobs": true, "top_logprobs": 3}),
+    );
+    let (status, v) = post(&c.base, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "length");
+    assert_eq!(completion_tokens(&v), 5);
+    let content = choice["logprobs"]["content"].as_array().unwrap_or_else(|| panic!("no logprobs.content in {v}"));
+    assert_eq!(content.len(), 5);
+    let entry_ok = |e: &Value| {
+        let token = e["token"].as_str().unwrap();
+        let bytes: Vec<u8> = e["bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap() as u8).collect();
+        assert_eq!(bytes, token.as_bytes(), "{e}");
+        let lp = e["logprob"].as_f64().unwrap();
+        assert!(lp <= 0.0, "{e}");
+        lp
+    };
+    let mut text = String::new();
+    for e in content {
+        let chosen = entry_ok(e);
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{e}");
+        let tops: Vec<f64> = top.iter().map(entry_ok).collect();
+        assert!(tops.windows(2).all(|w| w[0] >= w[1]), "most likely first: {e}");
+        // Greedy: the chosen token is the most likely one.
+        assert!((chosen - tops[0]).abs() < 1e-5 && e["token"] == top[0]["token"], "{e}");
+        text.push_str(e["token"].as_str().unwrap());
+    }
+    assert_eq!(text, choice["message"]["content"].as_str().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn top_k_min_p_and_repetition_penalty_shape_the_sampling() {
+    let c = shared();
+    let body = |extra: Value| {
+        let mut b = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 10, "ignore_eos": true});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    let text = |v: &Value| v["choices"][0]["text"].as_str().unwrap_or_else(|| panic!("no text in {v}")).to_string();
+    let count = json!({"prompt": "Count: 1, 2, 3, 4, 5,", "temperature": 0});
+    let mut penalised = count.clone();
+    penalised["repetition_penalty"] = json!(1.8);
+    let bodies = [
+        body(json!({"temperature": 2.0, "top_k": 2, "seed": 11, "logprobs": 2})),
+        body(json!({"temperature": 0})),
+        body(json!({"temperature": 1.8, "min_p": 1.0, "seed": 5})),
+        body(count),
+        body(penalised),
+    ];
+    // All side by side: they share decode steps.
+    let outs = futures::future::join_all(bodies.iter().map(|b| post(&c.base, "/v1/completions", b))).await;
+    let [(status, v), (_, greedy), (_, min_p), (_, plain), (_, repeated)]: [(u16, Value); 5] = outs.try_into().unwrap();
+
+    // top_k 2 at a high temperature: every drawn token is one of the two most likely.
+    assert_eq!(status, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let floor = top.as_object().unwrap().values().map(|l| l.as_f64().unwrap()).fold(f64::INFINITY, f64::min);
+        let chosen = lp["token_logprobs"][i].as_f64().unwrap();
+        assert!(chosen >= floor - 1e-5, "position {i}: {chosen} is outside the top 2 {top}");
+    }
+
+    // min_p 1 keeps only the most likely token, whatever the temperature and seed: greedy.
+    assert_eq!(text(&min_p), text(&greedy), "min_p 1 at temperature 1.8");
+
+    // repetition_penalty changes what greedy decoding picks once the text repeats itself.
+    assert!(text(&plain).contains(" 6, 7"), "{plain}");
+    assert_ne!(text(&repeated), text(&plain), "repetition_penalty had no effect");
 }

@@ -47,24 +47,46 @@ fn long_completion(stream: bool) -> serde_json::Value {
     json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true, "stream": stream})
 }
 
+fn cancelled_requests(c: &Cluster) -> f64 {
+    metric(&c.base, "tandem_requests_total{outcome=\"cancelled\"}").unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn client_disconnect_frees_blocks_in_both_pools() {
     let c = Cluster::start(1, 1);
-    // Decode side: hang up mid-stream.
-    let resp = client().post(format!("{}/v1/completions", c.base)).json(&long_completion(true)).send().await.unwrap();
+    // Decode side: hang up mid-stream. Left alone, the request would run for 1,000 tokens.
+    let body = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": true, "stream": true});
+    let resp = client().post(format!("{}/v1/completions", c.base)).json(&body).send().await.unwrap();
     let mut body = resp.bytes_stream();
-    for _ in 0..3 {
-        body.next().await.unwrap().unwrap();
+    let mut seen = String::new();
+    let count = |s: &str| s.matches("data: ").count();
+    while count(&seen) < 3 {
+        seen.push_str(&String::from_utf8_lossy(&body.next().await.unwrap().unwrap()));
     }
+    // The pace of decoding here, to know how long finishing on its own would take.
+    let (from, pace_start) = (count(&seen), Instant::now());
+    while count(&seen) < from + 10 {
+        seen.push_str(&String::from_utf8_lossy(&body.next().await.unwrap().unwrap()));
+    }
+    let per_token = pace_start.elapsed() / (count(&seen) - from) as u32;
+    let remaining = per_token * (1000 - count(&seen)) as u32;
     let busy = decode_info(&c.decode[0]).await;
     assert_eq!(busy.running, 1);
     assert!(busy.free_blocks < busy.total_blocks);
+    let hung_up = Instant::now();
     drop(body);
     wait_until("the decode worker is idle", || async { idle(&decode_info(&c.decode[0]).await) }).await;
+    let freed_after = hung_up.elapsed();
+    assert!(freed_after < remaining / 4, "blocks freed {freed_after:?} after the hang-up; finishing would have taken {remaining:?}");
+    // Freed because the sequence was cancelled, not because it ended.
+    wait_until("the gateway counts the request as cancelled", || async { cancelled_requests(&c) == 1.0 }).await;
+    let d = decode_info(&c.decode[0]).await;
+    assert_eq!((d.cancelled, d.completed), (1, 0), "{d:?}");
 
     // Prefill side: hang up while a long prompt is being computed.
     // About 1,200 tokens: within the 64 MiB test cache, and seconds of CPU work.
     let prompt = "The history of the world is long and full of surprises. ".repeat(100);
+    let prefilled = prefill_info(&c.prefill[0]).await.completed;
     let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 4});
     let base = c.base.clone();
     let request = tokio::spawn(async move { client().post(format!("{base}/v1/completions")).json(&body).send().await });
@@ -72,6 +94,12 @@ async fn client_disconnect_frees_blocks_in_both_pools() {
     request.abort();
     wait_until("the prefill worker is idle", || async { idle(&prefill_info(&c.prefill[0]).await) }).await;
     wait_until("the decode worker is idle", || async { idle(&decode_info(&c.decode[0]).await) }).await;
+    wait_until("the gateway counts the second request as cancelled", || async { cancelled_requests(&c) == 2.0 }).await;
+    // The prefill never finished it, and the decode stream waiting for its blocks was dropped.
+    let p = prefill_info(&c.prefill[0]).await;
+    assert_eq!((p.cancelled, p.completed), (1, prefilled), "{p:?}");
+    wait_until("the decode worker counts the second cancellation", || async { decode_info(&c.decode[0]).await.cancelled == 2 }).await;
+    assert_eq!(decode_info(&c.decode[0]).await.completed, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1,9 +1,10 @@
 //! The README's quick start: `tandem up` brings the whole cluster up as separate processes,
-//! serves a request, and takes every process down again on SIGTERM.
+//! serves a request, and takes every process down again on Ctrl-C (SIGINT) or SIGTERM.
 
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -20,29 +21,94 @@ impl Drop for KillOnDrop {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tandem_up_serves_and_stops_cleanly() {
+/// `tandem up` on a free port, in a process group of its own (as a shell runs a foreground job);
+/// returns it and its base URL once it serves.
+fn up() -> (KillOnDrop, String) {
     let mut up = KillOnDrop(
-        tandem().args(["up", "--port", "0", "--kv-cache-mb", "64"]).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap(),
+        tandem()
+            .args(["up", "--port", "0", "--kv-cache-mb", "64"])
+            .process_group(0)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
     );
-    let up = &mut up.0;
-    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut lines = BufReader::new(up.0.stdout.take().unwrap()).lines();
     let line = lines.next().expect("tandem up printed nothing").unwrap();
     let base = line.split("at ").nth(1).and_then(|s| s.split_whitespace().next()).expect("endpoint in the first line").trim_end_matches("/v1").to_string();
     assert!(line.contains("SmolLM2-135M-Instruct"), "{line}");
+    (up, base)
+}
 
+/// The command line of every live process whose parent is `pid`, by pid.
+fn children(pid: u32) -> Vec<(u32, Vec<String>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Some((state, ppid)) = stat(child) else { continue };
+        if ppid == pid && state != "Z" {
+            let cmdline = std::fs::read_to_string(format!("/proc/{child}/cmdline")).unwrap_or_default();
+            out.push((child, cmdline.split('\0').filter(|a| !a.is_empty()).map(str::to_string).collect()));
+        }
+    }
+    out
+}
+
+/// A process's state letter and parent pid; `None` once it is gone.
+fn stat(pid: u32) -> Option<(String, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold anything; the fields after it are plain.
+    let mut rest = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = rest.next()?.to_string();
+    Some((state, rest.next()?.parse().ok()?))
+}
+
+/// Exited: no entry left, or a zombie that nobody has reaped yet.
+fn gone(pid: u32) -> bool {
+    stat(pid).is_none_or(|(state, _)| state == "Z")
+}
+
+/// Checks that `up` runs the four services as its children, sends `signal` to `target`, and
+/// waits for `up` to exit cleanly and every child to be gone.
+fn stop_with(up: &mut KillOnDrop, base: &str, signal: &str, target: &str) {
+    let services = children(up.0.id());
+    let mut roles: Vec<&str> = services.iter().filter_map(|(_, args)| args.get(1).map(String::as_str)).collect();
+    roles.sort();
+    assert_eq!(roles, ["decode", "gateway", "kv-transfer", "prefill"], "{services:?}");
+    assert!(services.iter().all(|(_, args)| args.iter().any(|a| a == "--managed")), "{services:?}");
+
+    assert!(std::process::Command::new("kill").args([signal, "--", target]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = up.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "tandem up did not stop on {signal}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "tandem up exited with {status} on {signal}");
+    // Its children went with it; `up` waits for them, so none may be left by now.
+    let left: Vec<_> = services.iter().filter(|(pid, _)| !gone(*pid)).collect();
+    assert!(left.is_empty(), "still running after {signal}: {left:?}");
+    assert_eq!(http_status(base, "/health"), None, "the gateway's port still answers");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tandem_up_serves_and_stops_on_ctrl_c() {
+    let (mut up, base) = up();
     let (status, v) = post(&base, "/v1/chat/completions", &chat_body("Hello!", json!({"max_tokens": 8}))).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(http_status(&base, "/ready"), Some(200));
+    // Ctrl-C: SIGINT to the whole foreground process group, `up` and its children alike.
+    let group = format!("-{}", up.0.id());
+    stop_with(&mut up, &base, "-INT", &group);
+}
 
-    let pid = up.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while up.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "tandem up did not stop");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // Its children went with it: nothing answers on the gateway's port any more.
-    std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(http_status(&base, "/health"), None);
+#[tokio::test(flavor = "multi_thread")]
+async fn tandem_up_stops_every_service_on_sigterm() {
+    let (mut up, base) = up();
+    assert_eq!(http_status(&base, "/ready"), Some(200));
+    // A supervisor stopping `up` alone: it takes its children down itself.
+    let pid = up.0.id().to_string();
+    stop_with(&mut up, &base, "-TERM", &pid);
 }

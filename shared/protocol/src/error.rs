@@ -10,6 +10,12 @@ pub enum ErrorCode {
     /// Malformed or out-of-range input.
     InvalidRequest,
     ModelNotFound,
+    /// No such route.
+    NotFound,
+    /// The route exists, the method does not.
+    MethodNotAllowed,
+    /// The request body is over the size limit.
+    RequestTooLarge,
     /// Prompt plus requested tokens exceed the model's context.
     ContextLengthExceeded,
     /// No worker can take the request now; retry later.
@@ -24,7 +30,9 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             Self::InvalidRequest | Self::ContextLengthExceeded => 400,
-            Self::ModelNotFound => 404,
+            Self::ModelNotFound | Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::RequestTooLarge => 413,
             Self::Cancelled => 499,
             Self::Unavailable => 503,
             Self::Timeout => 504,
@@ -35,7 +43,9 @@ impl ErrorCode {
     pub fn grpc(self) -> tonic::Code {
         match self {
             Self::InvalidRequest | Self::ContextLengthExceeded => tonic::Code::InvalidArgument,
-            Self::ModelNotFound => tonic::Code::NotFound,
+            Self::ModelNotFound | Self::NotFound => tonic::Code::NotFound,
+            Self::MethodNotAllowed => tonic::Code::Unimplemented,
+            Self::RequestTooLarge => tonic::Code::OutOfRange,
             Self::Unavailable => tonic::Code::Unavailable,
             Self::Timeout => tonic::Code::DeadlineExceeded,
             Self::Cancelled => tonic::Code::Cancelled,
@@ -57,7 +67,12 @@ impl ErrorCode {
     /// OpenAI's `error.type`.
     pub fn openai_type(self) -> &'static str {
         match self {
-            Self::InvalidRequest | Self::ContextLengthExceeded | Self::ModelNotFound => "invalid_request_error",
+            Self::InvalidRequest
+            | Self::ContextLengthExceeded
+            | Self::ModelNotFound
+            | Self::NotFound
+            | Self::MethodNotAllowed
+            | Self::RequestTooLarge => "invalid_request_error",
             Self::Unavailable => "service_unavailable_error",
             Self::Timeout => "timeout_error",
             Self::Cancelled => "cancelled",
@@ -119,5 +134,19 @@ mod tests {
         assert_eq!(body["error"]["param"], "temperature");
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert_eq!(body["error"]["code"], "invalid_request");
+    }
+
+    #[test]
+    fn http_only_codes_have_their_status_and_name() {
+        for (code, status, name) in [
+            (ErrorCode::NotFound, 404, "not_found"),
+            (ErrorCode::MethodNotAllowed, 405, "method_not_allowed"),
+            (ErrorCode::RequestTooLarge, 413, "request_too_large"),
+            (ErrorCode::ModelNotFound, 404, "model_not_found"),
+        ] {
+            let body = ApiError::new(code, "x").body();
+            assert_eq!((code.http_status(), body["error"]["code"].as_str()), (status, Some(name)));
+            assert_eq!(body["error"]["type"], "invalid_request_error");
+        }
     }
 }

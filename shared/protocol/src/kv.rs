@@ -1,5 +1,6 @@
 //! The layout descriptor that travels with every exported KV block set.
 
+pub use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// Element type of the KV cache.
@@ -94,8 +95,10 @@ pub struct KvExport {
     pub layout: KvLayout,
     /// The tokens whose keys and values the blocks hold (`layout.token_count` of them).
     pub tokens: Vec<u32>,
-    /// One entry per block, each `layout.block_bytes()` long, little-endian.
-    pub blocks: Vec<Vec<u8>>,
+    /// One entry per block, each `layout.block_bytes()` long, little-endian. Reference-counted
+    /// views, so that a transport can hand over blocks that still sit in its receive buffer, and
+    /// a sender can keep them alive while the wire reads them, without copying.
+    pub blocks: Vec<Bytes>,
     /// xxh3-64 of each block.
     pub checksums: Vec<u64>,
 }
@@ -111,6 +114,6 @@ impl KvExport {
     }
 
     pub fn total_bytes(&self) -> usize {
-        self.blocks.iter().map(Vec::len).sum()
+        self.blocks.iter().map(Bytes::len).sum()
     }
 }

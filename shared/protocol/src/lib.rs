@@ -1,6 +1,6 @@
 //! Declarative types every Tandem service agrees on: the generated gRPC contract, OpenAI request
-//! types, error codes, sampling parameters, the KV layout descriptor and the chained block hash
-//! that names a KV block across the cluster.
+//! types, error codes, sampling parameters, trace context, the KV layout descriptor and the
+//! chained block hash that names a KV block across the cluster.
 #![forbid(unsafe_code)]
 
 mod blocks;
@@ -10,12 +10,14 @@ mod kv;
 pub mod openai;
 mod reshard;
 mod sampling;
+pub mod trace;
 
 pub use blocks::{block_hashes, chain_hash, BlockHash, ROOT_HASH};
 pub use error::{ApiError, ErrorCode};
-pub use kv::{KvDtype, KvExport, KvLayout, LayoutMismatch};
+pub use kv::{Bytes, KvDtype, KvExport, KvLayout, LayoutMismatch};
 pub use reshard::{reshard, ReshardError};
 pub use sampling::{FinishReason, SamplingParams, SamplingParamsError, MAX_TOP_LOGPROBS};
+pub use trace::{TraceContext, TRACEPARENT_HEADER};
 
 /// Code generated from `proto/tandem/v1/tandem.proto`.
 #[allow(clippy::all, missing_docs)]

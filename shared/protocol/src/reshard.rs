@@ -7,7 +7,7 @@
 //! heads). Both degrees must divide the KV head count. Runs of heads that stay together are
 //! copied as one slice, so a p → 1 gather is one copy per (layer, k|v, slot, source rank).
 
-use crate::{KvExport, KvLayout};
+use crate::{Bytes, KvExport, KvLayout};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReshardError {
@@ -95,7 +95,7 @@ pub fn reshard(shards: &[KvExport], to: usize) -> Result<Vec<KvExport>, ReshardE
                     g += run;
                 }
             }
-            blocks.push(dst);
+            blocks.push(Bytes::from(dst));
         }
         let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
         out.push(KvExport { layout, tokens: first.tokens.clone(), blocks, checksums });

@@ -1,7 +1,7 @@
 //! Re-sharding on synthetic tensors whose every element names its own coordinates, so any
 //! misplaced byte shows up.
 
-use tandem_protocol::{reshard, KvDtype, KvExport, KvLayout, ReshardError};
+use tandem_protocol::{reshard, Bytes, KvDtype, KvExport, KvLayout, ReshardError};
 
 const LAYERS: usize = 3;
 const HEADS: usize = 12;
@@ -31,7 +31,7 @@ fn layout(rank: usize, tp: usize) -> KvLayout {
 /// Rank `rank` of TP=`tp`, built directly from the coordinates.
 fn shard(rank: usize, tp: usize) -> KvExport {
     let h = HEADS / tp;
-    let blocks: Vec<Vec<u8>> = (0..TOKENS.div_ceil(BS))
+    let blocks: Vec<Bytes> = (0..TOKENS.div_ceil(BS))
         .map(|b| {
             let mut v = Vec::new();
             for l in 0..LAYERS {
@@ -45,7 +45,7 @@ fn shard(rank: usize, tp: usize) -> KvExport {
                     }
                 }
             }
-            v
+            Bytes::from(v)
         })
         .collect();
     let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
@@ -91,7 +91,9 @@ fn inconsistent_shards_are_refused() {
     assert_eq!(reshard(&other, 1), Err(ReshardError::Mismatch("layout")));
     // A corrupted block is caught before it is spread over new shards.
     let mut bad = shards(2);
-    bad[1].blocks[2][5] ^= 0xff;
+    let mut block = bad[1].blocks[2].to_vec();
+    block[5] ^= 0xff;
+    bad[1].blocks[2] = block.into();
     assert!(matches!(reshard(&bad, 4), Err(ReshardError::BadShard { rank: 1, .. })));
     assert_eq!(reshard(&[], 1), Err(ReshardError::Empty));
 }

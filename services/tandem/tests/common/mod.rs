@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -14,17 +14,44 @@ pub fn tandem() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tandem"))
 }
 
+/// What the services log in the tests: warnings, plus the workers' per-request lines (which
+/// carry the request and trace ids).
+pub const LOG_FILTER: &str = "warn,tandem_prefill=info,tandem_decode=info";
+
 /// A running service; killed (or, through its closed stdin, stopped) on drop.
 pub struct Proc {
     pub child: Child,
     stdin: Option<ChildStdin>,
     pub fields: Vec<(String, String)>,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Proc {
     pub fn field(&self, key: &str) -> String {
         self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("no {key}"))
     }
+
+    /// The lines the service wrote to stderr so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+/// Keeps every line of a service's stderr; passes on all but its info-and-below log lines, so
+/// warnings and panics still show in the test output.
+fn capture(stderr: std::process::ChildStderr) -> Arc<Mutex<Vec<String>>> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if !matches!(line.split_whitespace().nth(1), Some("INFO" | "DEBUG" | "TRACE")) {
+                eprintln!("{line}");
+            }
+            sink.lock().unwrap().push(line);
+        }
+    });
+    log
 }
 
 impl Proc {
@@ -59,12 +86,13 @@ pub fn start(args: &[&str]) -> Proc {
     let mut child = tandem()
         .args(args)
         .arg("--managed")
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", LOG_FILTER)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn tandem");
+    let log = capture(child.stderr.take().unwrap());
     let stdin = child.stdin.take();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let line = loop {
@@ -76,7 +104,7 @@ pub fn start(args: &[&str]) -> Proc {
     };
     std::thread::spawn(move || for _ in lines {});
     let fields = line.split_whitespace().skip(2).filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
-    Proc { child, stdin, fields }
+    Proc { child, stdin, fields, log }
 }
 
 pub struct Cluster {
@@ -237,4 +265,29 @@ pub async fn sse(resp: reqwest::Response) -> (Vec<Value>, bool) {
     let datas: Vec<&str> = buf.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
     let done = datas.last() == Some(&"[DONE]");
     (datas.iter().filter(|d| **d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect(), done)
+}
+
+/// Polls `f` every 50 ms until it holds; panics after `limit`. For async tests.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out after {limit:?} waiting until {what}");
+}
+
+/// The default model's tokenizer, for tests that need token ids.
+pub fn tokenizer() -> &'static tandem_tokenizer::Tokenizer {
+    static T: OnceLock<tandem_tokenizer::Tokenizer> = OnceLock::new();
+    T.get_or_init(|| {
+        let path = tandem::default_model::ensure_default().expect("the default model");
+        tandem_tokenizer::Tokenizer::from_gguf_file(&path).expect("its tokenizer")
+    })
 }
