@@ -142,7 +142,7 @@ pub(crate) fn payload(layers: usize, blocks: usize) -> Handoff {
     };
     // Non-constant bytes, so nothing along the way can compress them away.
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let blocks: Vec<Vec<u8>> = (0..blocks)
+    let blocks: Vec<tandem_protocol::Bytes> = (0..blocks)
         .map(|_| {
             (0..layout.block_bytes() / 8)
                 .flat_map(|_| {
@@ -151,7 +151,8 @@ pub(crate) fn payload(layers: usize, blocks: usize) -> Handoff {
                     x ^= x << 17;
                     x.to_le_bytes()
                 })
-                .collect()
+                .collect::<Vec<u8>>()
+                .into()
         })
         .collect();
     let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();

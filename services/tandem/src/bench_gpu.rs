@@ -59,7 +59,7 @@ pub fn run(args: &GpuPeerArgs) -> Result<Vec<Row>> {
     let h = payload(args.layers, args.blocks);
     let block_bytes = h.kv.layout.block_bytes();
     // The prefill side's blocks, on the source GPU.
-    let src: Vec<CudaSlice<u8>> = h.kv.blocks.iter().map(|b| link.src_stream.clone_htod(b)).collect::<Result<_, _>>().context("uploading the blocks")?;
+    let src: Vec<CudaSlice<u8>> = h.kv.blocks.iter().map(|b| link.src_stream.clone_htod(&b[..])).collect::<Result<_, _>>().context("uploading the blocks")?;
     link.src_stream.synchronize()?;
     let mut dst: Vec<CudaSlice<u8>> =
         (0..args.blocks).map(|_| link.dst_stream.alloc_zeros::<u8>(block_bytes)).collect::<Result<_, _>>().context("allocating the destination")?;

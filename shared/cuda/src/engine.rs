@@ -464,7 +464,7 @@ impl Engine for CudaEngine {
         for &b in &s.blocks[..layout.num_blocks()] {
             let mut bytes = vec![0u8; self.block_bytes];
             self.gpu.download(&mut bytes, self.cache.at(b as usize * self.block_bytes, 1)).map_err(dev)?;
-            blocks.push(bytes);
+            blocks.push(tandem_protocol::Bytes::from(bytes));
         }
         let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
         Ok(KvExport { layout, tokens: s.tokens.clone(), blocks, checksums })

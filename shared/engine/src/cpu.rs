@@ -127,9 +127,9 @@ impl Engine for CpuEngine {
 
     fn export(&self, id: SeqId) -> Result<KvExport> {
         let (layout, s) = self.seqs.export_plan(id, &self.info.layout)?;
-        let blocks: Vec<Vec<u8>> = s.blocks[..layout.num_blocks()]
+        let blocks: Vec<tandem_protocol::Bytes> = s.blocks[..layout.num_blocks()]
             .iter()
-            .map(|&b| bytemuck::cast_slice::<f32, u8>(self.store.block(b)).to_vec())
+            .map(|&b| tandem_protocol::Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(self.store.block(b))))
             .collect();
         let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
         Ok(KvExport { layout, tokens: s.tokens.clone(), blocks, checksums })

@@ -62,7 +62,9 @@ fn corrupted_or_mismatched_kv_is_refused() {
 
     let (mut b, _) = load(&files);
     let mut bad = kv.clone();
-    bad.blocks[0][100] ^= 0x40;
+    let mut block = bad.blocks[0].to_vec();
+    block[100] ^= 0x40;
+    bad.blocks[0] = block.into();
     let err = b.import(1, &bad).unwrap_err();
     assert!(err.to_string().contains("checksum"), "{err}");
     let mut bad = kv.clone();
@@ -190,12 +192,12 @@ fn fetched_prefix_blocks_are_reused_as_if_computed_here() {
 
     // A second engine gets the full blocks, as it would from the cluster's block store.
     let (mut b, _) = load(&files);
-    let added = b.insert_cached(tandem_protocol::ROOT_HASH, &p[..full * 16], &kv.blocks[..full]).unwrap();
+    let added = b.insert_cached(tandem_protocol::ROOT_HASH, &p[..full * 16], &owned(&kv.blocks[..full])).unwrap();
     assert_eq!(added, full);
     assert_eq!(b.stats().used_blocks, 0, "fetched blocks wait unreferenced in the cache");
     let hashes = tandem_protocol::block_hashes(&p, 16);
     assert_eq!(b.cached_prefix(&hashes), full);
-    assert_eq!(b.insert_cached(tandem_protocol::ROOT_HASH, &p[..16], &kv.blocks[..1]).unwrap(), 0, "already there");
+    assert_eq!(b.insert_cached(tandem_protocol::ROOT_HASH, &p[..16], &owned(&kv.blocks[..1])).unwrap(), 0, "already there");
 
     let cached = b.add_sequence(2, &p).unwrap();
     assert_eq!(cached, (p.len() - 1) / 16 * 16, "the prefix is shared instead of recomputed");
@@ -207,5 +209,10 @@ fn fetched_prefix_blocks_are_reused_as_if_computed_here() {
 
     // Wrong sizes are refused, not written.
     assert!(b.insert_cached(tandem_protocol::ROOT_HASH, &p[..16], &[vec![0u8; 7]]).is_err());
-    assert!(b.insert_cached(tandem_protocol::ROOT_HASH, &p[..15], &kv.blocks[..1]).is_err());
+    assert!(b.insert_cached(tandem_protocol::ROOT_HASH, &p[..15], &owned(&kv.blocks[..1])).is_err());
+}
+
+/// Blocks as the owned buffers the block store hands to `insert_cached`.
+fn owned(blocks: &[tandem_protocol::Bytes]) -> Vec<Vec<u8>> {
+    blocks.iter().map(|b| b.to_vec()).collect()
 }

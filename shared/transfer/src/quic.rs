@@ -962,7 +962,7 @@ async fn receive(s: &mut RecvStream, registry: &HandoffRegistry) -> Result<(), T
     for _ in 0..n {
         let mut b = vec![0u8; block];
         s.read_exact(&mut b).await.map_err(lost)?;
-        blocks.push(b);
+        blocks.push(b.into());
     }
     deliver(registry, h, blocks).await
 }

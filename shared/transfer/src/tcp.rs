@@ -141,7 +141,7 @@ async fn receive(s: &mut TcpStream, registry: &HandoffRegistry) -> Result<(), Tr
     for _ in 0..n {
         let mut b = vec![0u8; block];
         s.read_exact(&mut b).await.map_err(io)?;
-        blocks.push(b);
+        blocks.push(b.into());
     }
     deliver(registry, h, blocks).await
 }

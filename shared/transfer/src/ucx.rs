@@ -47,7 +47,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_ucx::{AmMessage, Context, Endpoint, Listener, MemRegion, Worker};
+use tandem_ucx::{AmMessage, Context, Endpoint, Listener, MemRegion, RemoteKey, Worker};
+use tandem_protocol::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -64,6 +65,27 @@ const ABORT: u16 = 5;
 const POOL_MAX_IDLE: usize = 16;
 const POOL_MAX_IDLE_BYTES: usize = 2 << 30;
 const MIN_BUFFER: usize = 64 << 10;
+/// Unpacked remote keys a connection keeps (at least the receiver's idle pool).
+const RKEY_CACHE: usize = 2 * POOL_MAX_IDLE;
+
+/// UCX settings this transport wants unless the environment says otherwise (`UCX_<NAME>`).
+///
+/// * `POSIX_ERROR_HANDLING=y`: every endpoint asks to be told when its peer fails, and UCX only
+///   offers its POSIX shared-memory transport to such endpoints when told that it may (the
+///   transport checks the peer's segment file to notice a dead peer). Without it, two processes
+///   on one host talk over loopback TCP.
+/// * `ALLOC_PRIO=md:posix,...`: receive buffers are allocated by UCX (see
+///   [`Worker::allocate`]); taking them from POSIX shared memory first lets a sender on the same
+///   host map them and put blocks with one plain copy. (UCX's default tries SysV segments first,
+///   and those cannot report a dead peer, so endpoints that ask for that could not use them.)
+const UCX_DEFAULTS: [(&str, &str); 2] =
+    [("POSIX_ERROR_HANDLING", "y"), ("ALLOC_PRIO", "md:posix,md:sysv,huge,thp,md:*,mmap,heap")];
+
+fn context() -> Result<Context, TransferError> {
+    let options: Vec<(&str, &str)> =
+        UCX_DEFAULTS.into_iter().filter(|(name, _)| std::env::var_os(format!("UCX_{name}")).is_none()).collect();
+    Context::with_options(&options).map_err(io)
+}
 
 fn io(e: tandem_ucx::Error) -> TransferError {
     TransferError::Io(e.to_string())
@@ -122,6 +144,9 @@ fn size_class(len: usize) -> usize {
 
 struct PoolInner {
     worker: Worker,
+    /// Whether UCX allocates the buffers (receive buffers that peers write into: shared memory
+    /// on one host) or they come from the heap (staging on the sending side).
+    ucx_allocated: bool,
     idle: Mutex<Vec<MemRegion>>,
 }
 
@@ -131,8 +156,8 @@ struct BufferPool {
 }
 
 impl BufferPool {
-    fn new(worker: Worker) -> Self {
-        BufferPool { inner: Arc::new(PoolInner { worker, idle: Mutex::new(Vec::new()) }) }
+    fn new(worker: Worker, ucx_allocated: bool) -> Self {
+        BufferPool { inner: Arc::new(PoolInner { worker, ucx_allocated, idle: Mutex::new(Vec::new()) }) }
     }
 
     async fn take(&self, len: usize) -> Result<PooledBuffer, TransferError> {
@@ -143,12 +168,11 @@ impl BufferPool {
         };
         let region = match reused {
             Some(region) => region,
-            None => self
-                .inner
-                .worker
-                .register(class)
-                .await
-                .map_err(|e| TransferError::Io(format!("cannot register a buffer of {class} bytes: {e}")))?,
+            None => {
+                let worker = &self.inner.worker;
+                let made = if self.inner.ucx_allocated { worker.allocate(class).await } else { worker.register(class).await };
+                made.map_err(|e| TransferError::Io(format!("cannot register a buffer of {class} bytes: {e}")))?
+            }
         };
         Ok(PooledBuffer { region: Some(region), pool: self.inner.clone() })
     }
@@ -168,6 +192,14 @@ impl PooledBuffer {
 
     fn into_region(mut self) -> MemRegion {
         self.region.take().expect("a pooled buffer holds its region until consumed")
+    }
+
+    /// The buffer's first `len` bytes as shared bytes; the buffer returns to its pool when the
+    /// last reference is dropped. Nothing may write into it meanwhile.
+    fn lend(mut self, len: usize) -> Result<Bytes, TransferError> {
+        let pool = self.pool.clone();
+        let region = self.region.take().expect("a pooled buffer holds its region until consumed");
+        region.into_bytes(len, move |region| PooledBuffer { region: Some(region), pool }.recycle()).map_err(io)
     }
 
     fn recycle(mut self) {
@@ -240,6 +272,10 @@ struct Conn {
     peer: String,
     ep: Endpoint,
     state: Mutex<ConnState>,
+    /// The receiver's keys unpacked so far, most recent last. Its buffers are pooled, so the same
+    /// key comes back transfer after transfer, and unpacking it again would map its memory again
+    /// (on one host, attaching a shared-memory segment and faulting its pages in).
+    rkeys: Mutex<Vec<(Vec<u8>, Arc<RemoteKey>)>>,
 }
 
 impl Conn {
@@ -249,6 +285,25 @@ impl Conn {
 
     fn is_dead(&self) -> bool {
         self.state().dead.is_some()
+    }
+
+    async fn rkey(&self, packed: &[u8]) -> Result<Arc<RemoteKey>, TransferError> {
+        {
+            let mut keys = self.rkeys.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = keys.iter().position(|(p, _)| p == packed) {
+                let entry = keys.remove(i);
+                let key = entry.1.clone();
+                keys.push(entry);
+                return Ok(key);
+            }
+        }
+        let key = Arc::new(self.ep.unpack_rkey(packed).await.map_err(|e| self.failure(e.to_string()))?);
+        let mut keys = self.rkeys.lock().unwrap_or_else(|e| e.into_inner());
+        keys.push((packed.to_vec(), key.clone()));
+        if keys.len() > RKEY_CACHE {
+            keys.remove(0);
+        }
+        Ok(key)
     }
 
     fn failure(&self, reason: String) -> TransferError {
@@ -360,7 +415,6 @@ fn verdict_of(message: &AmMessage) -> Result<Verdict, TransferError> {
 
 struct TransportInner {
     worker: Worker,
-    pool: BufferPool,
     stats: UcxStats,
     conns: Mutex<HashMap<String, Arc<Conn>>>,
     next_xfer: AtomicU64,
@@ -390,6 +444,7 @@ impl TransportInner {
             peer: peer.to_string(),
             ep,
             state: Mutex::new(ConnState { waiters: HashMap::new(), dead: None, heard_back: false }),
+            rkeys: Mutex::new(Vec::new()),
         });
         let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         // Another transfer may have connected meanwhile: share its connection.
@@ -412,30 +467,12 @@ impl TransportInner {
         let mut abandon = Abandon { conn: conn.clone(), xfer, armed: true };
         conn.send(OFFER, xfer, &header).await?;
 
-        // Stage the blocks in registered memory while the receiver prepares its buffer.
-        let staging = match total {
-            0 => None,
-            _ => {
-                let buffer = self.pool.take(total).await?;
-                let mut offset = 0;
-                for block in &h.kv.blocks {
-                    buffer.region().write(offset, block).map_err(io)?;
-                    offset += block.len();
-                }
-                Some(buffer)
-            }
-        };
-
         let answer = waiter.next().await?;
         let ready = match answer.kind {
             READY => Ready::decode(split(&answer).ok_or_else(|| protocol("short READY"))?.1)?,
             VERDICT => {
-                // Refused before any payload moved: the staging buffer was never handed to UCX,
-                // and the receiver exposed no buffer.
+                // Refused before any payload moved: the receiver exposed no buffer.
                 abandon.armed = false;
-                if let Some(staging) = staging {
-                    staging.recycle();
-                }
                 verdict_of(&answer)?.into_result()?;
                 return Err(protocol("receiver accepted before the payload arrived"));
             }
@@ -444,19 +481,23 @@ impl TransportInner {
         if ready.len != total as u64 {
             return Err(protocol(format!("receiver expects {} bytes, the blocks hold {total}", ready.len)));
         }
-        if let Some(staging) = &staging {
-            let rkey = conn.ep.unpack_rkey(&ready.rkey).await.map_err(|e| conn.failure(e.to_string()))?;
-            conn.ep.put(staging.region(), 0, total, ready.addr, &rkey).await.map_err(|e| conn.failure(e.to_string()))?;
+        if total > 0 {
+            // Every block goes straight from where it lies into its place in the receiver's
+            // buffer; the puts run concurrently and each holds its block until it is read.
+            let rkey = conn.rkey(&ready.rkey).await?;
+            let mut offset = 0u64;
+            let puts = h.kv.blocks.iter().map(|block| {
+                let at = ready.addr + offset;
+                offset += block.len() as u64;
+                conn.ep.put_bytes(block.clone(), at, &rkey)
+            });
+            futures::future::try_join_all(puts).await.map_err(|e| conn.failure(e.to_string()))?;
             // The payload must be complete at the receiver before it hears DONE.
             conn.ep.flush().await.map_err(|e| conn.failure(e.to_string()))?;
         }
         conn.send(DONE, xfer, &[]).await?;
         let answer = waiter.next().await?;
         abandon.armed = false;
-        // Put and flush completed: UCX is done with the staging buffer.
-        if let Some(staging) = staging {
-            staging.recycle();
-        }
         if answer.kind != VERDICT {
             return Err(protocol(format!("unexpected message {} instead of VERDICT", answer.kind)));
         }
@@ -486,12 +527,11 @@ impl std::fmt::Debug for UcxTransport {
 impl UcxTransport {
     /// A transport configured from the UCX environment (see the module docs).
     pub fn new() -> Result<Self, TransferError> {
-        let worker = Worker::new(Context::new().map_err(io)?).map_err(io)?;
-        let pool = BufferPool::new(worker.clone());
+        let worker = Worker::new(context()?).map_err(io)?;
+        let pool = BufferPool::new(worker.clone(), false);
         Ok(UcxTransport {
             inner: Arc::new(TransportInner {
-                stats: UcxStats::new(pool.clone()),
-                pool,
+                stats: UcxStats::new(pool),
                 worker,
                 conns: Mutex::new(HashMap::new()),
                 next_xfer: AtomicU64::new(1),
@@ -541,9 +581,9 @@ impl UcxReceiver {
     /// Listens on `addr` (port 0 picks one; see [`UcxReceiver::local_addr`]). `lease` bounds how
     /// long one incoming transfer may take, verdict included.
     pub async fn new(addr: SocketAddr, registry: HandoffRegistry, lease: Duration) -> Result<Self, TransferError> {
-        let worker = Worker::new(Context::new().map_err(io)?).map_err(io)?;
+        let worker = Worker::new(context()?).map_err(io)?;
         let listener = worker.listen(addr).await.map_err(|e| TransferError::Io(format!("cannot listen on {addr}: {e}")))?;
-        let pool = BufferPool::new(worker);
+        let pool = BufferPool::new(worker, true);
         Ok(UcxReceiver { listener, registry, lease, stats: UcxStats::new(pool.clone()), pool })
     }
 
@@ -728,17 +768,13 @@ impl Connection {
             }
             return Err(TransferError::Io("the sender gave up on the transfer".into()));
         }
+        // The blocks are handed over where they landed: views into the receive buffer, which
+        // goes back to the pool once the last of them is dropped (the sender is done with it).
         let blocks = match exposed.take() {
             None => Vec::new(),
             Some(buffer) => {
-                let mut blocks = Vec::with_capacity(n);
-                for i in 0..n {
-                    let mut b = vec![0u8; block];
-                    buffer.region().read(i * block, &mut b).map_err(io)?;
-                    blocks.push(b);
-                }
-                buffer.recycle();
-                blocks
+                let payload = buffer.lend(total)?;
+                (0..n).map(|i| payload.slice(i * block..(i + 1) * block)).collect()
             }
         };
         deliver(&self.registry, h, blocks).await

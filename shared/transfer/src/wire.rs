@@ -3,7 +3,7 @@
 //! hand-over to the waiting request.
 
 use serde::{Deserialize, Serialize};
-use tandem_protocol::{KvExport, KvLayout};
+use tandem_protocol::{Bytes, KvExport, KvLayout};
 use tokio::sync::oneshot;
 
 use crate::{Handoff, HandoffRegistry, Incoming, TransferError};
@@ -77,7 +77,7 @@ pub(crate) fn check_header(h: &Header) -> Result<(usize, usize), TransferError> 
 
 /// Verifies the checksums, hands the blocks to the request waiting for them and waits for its
 /// verdict (imported, or refused).
-pub(crate) async fn deliver(registry: &HandoffRegistry, h: Header, blocks: Vec<Vec<u8>>) -> Result<(), TransferError> {
+pub(crate) async fn deliver(registry: &HandoffRegistry, h: Header, blocks: Vec<Bytes>) -> Result<(), TransferError> {
     let kv = KvExport { layout: h.layout, tokens: h.tokens, blocks, checksums: h.checksums };
     if let Some(bad) = kv.first_corrupt_block() {
         return Err(TransferError::Refused(format!("block {bad} fails its checksum")));

@@ -221,7 +221,7 @@ async fn corrupted_payload_is_detected() {
     let rx = receiver(&registry).await;
     let mut pending = registry.register("r4").unwrap();
     let mut bad = handoff("r4", 8);
-    bad.kv.blocks[1][3] ^= 0xff;
+    common::corrupt(&mut bad.kv, 1, 3);
     let err = QuicTransport::pinned_only().send(&rx.addr, &bad, LEASE).await.unwrap_err();
     assert!(matches!(&err, TransferError::Refused(m) if m.contains("checksum")), "{err}");
     // Corrupt blocks never reach the waiting request.

@@ -55,7 +55,7 @@ async fn corrupted_payload_is_detected() {
     let (addr, _stop) = tcp_receiver(&registry).await;
     let _pending = registry.register("r4").unwrap();
     let mut bad = handoff("r4", 8);
-    bad.kv.blocks[1][3] ^= 0xff;
+    common::corrupt(&mut bad.kv, 1, 3);
     let err = TcpTransport.send(&addr, &bad, LEASE).await.unwrap_err();
     assert!(matches!(&err, TransferError::Refused(m) if m.contains("checksum")), "{err}");
 }

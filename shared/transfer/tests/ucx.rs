@@ -141,7 +141,7 @@ async fn corrupted_payload_is_detected() {
     let _pending = registry.register("r4").unwrap();
     let ucx = transport();
     let mut bad = handoff("r4", 8);
-    bad.kv.blocks[1][3] ^= 0xff;
+    common::corrupt(&mut bad.kv, 1, 3);
     let err = ucx.send(&addr, &bad, LEASE).await.unwrap_err();
     assert!(matches!(&err, TransferError::Refused(m) if m.contains("block 1 fails its checksum")), "{err}");
     no_buffers_in_use(&[&ucx.stats(), &received]).await;

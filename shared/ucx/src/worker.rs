@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 use ucx_rs::sys;
 
@@ -58,8 +59,9 @@ enum Cmd {
     CloseEndpoint { id: u64 },
     Send { ep: u64, kind: u16, data: Vec<u8>, reply: Reply<()> },
     Rma { ep: u64, write: bool, local: Arc<RegionInner>, offset: usize, len: usize, remote: u64, rkey: Arc<RkeyInner>, reply: Reply<()> },
+    PutBytes { ep: u64, data: Bytes, remote: u64, rkey: Arc<RkeyInner>, reply: Reply<()> },
     Flush { ep: u64, reply: Reply<()> },
-    Register { len: usize, reply: Reply<MemRegion> },
+    Register { len: usize, shared_memory: bool, reply: Reply<MemRegion> },
     Unregister { memh: usize, memory: HostMemory },
     Unpack { ep: u64, packed: Vec<u8>, reply: Reply<RemoteKey> },
     DestroyRkey { rkey: usize },
@@ -194,7 +196,19 @@ impl Worker {
         if len == 0 {
             return Err(Error::Invalid("cannot register an empty region".into()));
         }
-        self.shared.call(|reply| Cmd::Register { len, reply }).await
+        self.shared.call(|reply| Cmd::Register { len, shared_memory: false, reply }).await
+    }
+
+    /// Like [`Worker::register`], but UCX allocates the memory, from the first allocator in
+    /// `UCX_ALLOC_PRIO` that can serve it. On one host that is a shared-memory segment (`posix` or
+    /// `sysv`) which a peer process maps once it unpacks the key, so that its puts are plain
+    /// copies into this memory rather than messages this side must receive and copy. Falls back
+    /// to [`Worker::register`]'s heap memory when UCX cannot allocate.
+    pub async fn allocate(&self, len: usize) -> Result<MemRegion> {
+        if len == 0 {
+            return Err(Error::Invalid("cannot register an empty region".into()));
+        }
+        self.shared.call(|reply| Cmd::Register { len, shared_memory: true, reply }).await
     }
 
     /// How many regions are registered right now (released ones are unregistered asynchronously,
@@ -284,6 +298,21 @@ impl Endpoint {
         self.shared.call(|reply| Cmd::Unpack { ep: self.id, packed, reply }).await
     }
 
+    /// Writes `data` to the peer's memory at `remote_addr`, one-sidedly, straight from where it
+    /// lies: the operation holds a reference to it until UCX is done reading, and UCX registers
+    /// the memory itself where the transport needs that. Completion is local: call
+    /// [`Endpoint::flush`] before telling the peer.
+    pub async fn put_bytes(&self, data: Bytes, remote_addr: u64, rkey: &RemoteKey) -> Result<()> {
+        if rkey.inner.ep != self.id {
+            return Err(Error::Invalid("remote key was unpacked on another endpoint".into()));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        let rkey = rkey.inner.clone();
+        self.shared.call(|reply| Cmd::PutBytes { ep: self.id, data, remote: remote_addr, rkey, reply }).await
+    }
+
     /// Writes `len` bytes of `local` from `offset` to the peer's memory at `remote_addr`,
     /// one-sidedly. Completion is local: call [`Endpoint::flush`] before telling the peer.
     pub async fn put(&self, local: &MemRegion, offset: usize, len: usize, remote_addr: u64, rkey: &RemoteKey) -> Result<()> {
@@ -330,6 +359,8 @@ impl Drop for Endpoint {
 struct HostMemory {
     ptr: NonNull<u8>,
     len: usize,
+    /// Allocated by UCX along with its mapping, and freed by the unmap: nothing to free here.
+    by_ucx: bool,
 }
 
 // SAFETY: HostMemory is an owning pointer to a plain byte buffer; it has no thread affinity.
@@ -345,12 +376,15 @@ impl HostMemory {
         // SAFETY: `layout` has a non-zero size (callers reject empty regions).
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(ptr).ok_or_else(|| Error::Invalid(format!("out of memory for a region of {len} bytes")))?;
-        Ok(HostMemory { ptr, len })
+        Ok(HostMemory { ptr, len, by_ucx: false })
     }
 }
 
 impl Drop for HostMemory {
     fn drop(&mut self) {
+        if self.by_ucx {
+            return;
+        }
         if let Ok(layout) = Self::layout(self.len) {
             // SAFETY: allocated in `alloc` with this very layout, freed once.
             unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) }
@@ -437,12 +471,49 @@ impl MemRegion {
         Ok(())
     }
 
+    /// The region's first `len` bytes as shared, immutable [`Bytes`], without copying. When the
+    /// last clone is dropped, `release` gets the region back (to reuse it, or drop it).
+    ///
+    /// The caller promises what makes this sound: from now until `release` runs, nothing writes
+    /// into the region, neither a local operation nor a peer (which only writes where it was told
+    /// to, and was told of this region before and is done with it).
+    pub fn into_bytes(self, len: usize, release: impl FnOnce(MemRegion) + Send + 'static) -> Result<Bytes> {
+        self.check(0, len)?;
+        Ok(Bytes::from_owner(RegionBytes { region: Some(self), len, release: Some(Box::new(release)) }))
+    }
+
     /// Copies the region's bytes at `offset` into `dst`.
     pub fn read(&self, offset: usize, dst: &mut [u8]) -> Result<()> {
         self.check(offset, dst.len())?;
         // SAFETY: as in `write`, in the other direction.
         unsafe { ptr::copy_nonoverlapping(self.inner.ptr.as_ptr().add(offset), dst.as_mut_ptr(), dst.len()) };
         Ok(())
+    }
+}
+
+/// A region lent out as [`Bytes`] (see [`MemRegion::into_bytes`]).
+struct RegionBytes {
+    region: Option<MemRegion>,
+    len: usize,
+    release: Option<Box<dyn FnOnce(MemRegion) + Send>>,
+}
+
+impl AsRef<[u8]> for RegionBytes {
+    fn as_ref(&self) -> &[u8] {
+        match &self.region {
+            // SAFETY: `len` was checked against the region, which is live while `self` is; by
+            // `into_bytes`'s contract nothing writes into it while it is lent out.
+            Some(region) => unsafe { std::slice::from_raw_parts(region.inner.ptr.as_ptr(), self.len) },
+            None => &[],
+        }
+    }
+}
+
+impl Drop for RegionBytes {
+    fn drop(&mut self) {
+        if let (Some(region), Some(release)) = (self.region.take(), self.release.take()) {
+            release(region);
+        }
     }
 }
 
@@ -553,6 +624,7 @@ enum Keep {
     Nothing,
     Bytes(#[allow(dead_code)] Vec<u8>),
     Rma(#[allow(dead_code)] Arc<RegionInner>, #[allow(dead_code)] Arc<RkeyInner>),
+    Put(#[allow(dead_code)] Bytes, #[allow(dead_code)] Arc<RkeyInner>),
     Close(#[allow(dead_code)] Closing),
     Free(#[allow(dead_code)] Freeing),
 }
@@ -817,9 +889,10 @@ impl Progress {
             Cmd::CloseEndpoint { id } => self.close_endpoint(id, false),
             Cmd::Send { ep, kind, data, reply } => self.send(ep, kind, data, reply),
             Cmd::Rma { ep, write, local, offset, len, remote, rkey, reply } => self.rma(ep, write, local, offset, len, remote, rkey, reply),
+            Cmd::PutBytes { ep, data, remote, rkey, reply } => self.put_bytes(ep, data, remote, rkey, reply),
             Cmd::Flush { ep, reply } => self.flush(ep, reply),
-            Cmd::Register { len, reply } => {
-                let _ = reply.send(self.register(len));
+            Cmd::Register { len, shared_memory, reply } => {
+                let _ = reply.send(self.register(len, shared_memory));
             }
             Cmd::Unregister { memh, memory } => {
                 // SAFETY: `memh` maps `memory`, which is still allocated; unmapped once. The
@@ -1060,6 +1133,20 @@ impl Progress {
         self.finish(status, op);
     }
 
+    fn put_bytes(&mut self, ep: u64, data: Bytes, remote: u64, rkey: Arc<RkeyInner>, reply: Reply<()>) {
+        let ep = match self.endpoint(ep) {
+            Ok(ep) => ep,
+            Err(e) => return drop(reply.send(Err(e))),
+        };
+        let (buffer, len, key) = (data.as_ptr() as *const c_void, data.len(), rkey.rkey as sys::ucp_rkey_h);
+        let op = Op { name: "ucp_put_nbx", reply: Some(reply), _keep: Keep::Put(data, rkey) };
+        let (op, param) = Self::op_param(op, 0);
+        // SAFETY: the endpoint and key are live; the source bytes are immutable and owned by the
+        // op (with the key) until the operation completes.
+        let status = unsafe { sys::ucp_put_nbx(ep, buffer, len, remote, key, &param) };
+        self.finish(status, op);
+    }
+
     fn flush(&mut self, ep: u64, reply: Reply<()>) {
         let ep = match self.endpoint(ep) {
             Ok(ep) => ep,
@@ -1071,18 +1158,27 @@ impl Progress {
         self.finish(status, op);
     }
 
-    fn register(&mut self, len: usize) -> Result<MemRegion> {
-        let memory = HostMemory::alloc(len)?;
-        let params = sys::ucp_mem_map_params_t {
-            field_mask: (sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_ADDRESS
-                | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH) as u64,
-            address: memory.ptr.as_ptr() as *mut c_void,
-            length: len,
-            ..Default::default()
-        };
+    fn register(&mut self, len: usize, shared_memory: bool) -> Result<MemRegion> {
         let mut memh = ptr::null_mut();
-        // SAFETY: the range is allocated and stays so until after the matching unmap.
-        check("ucp_mem_map", unsafe { sys::ucp_mem_map(self.context.raw(), &params, &mut memh) })?;
+        let memory = match shared_memory.then(|| self.map_allocated(len)).flatten() {
+            Some((handle, memory)) => {
+                memh = handle;
+                memory
+            }
+            None => {
+                let memory = HostMemory::alloc(len)?;
+                let params = sys::ucp_mem_map_params_t {
+                    field_mask: (sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_ADDRESS
+                        | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH) as u64,
+                    address: memory.ptr.as_ptr() as *mut c_void,
+                    length: len,
+                    ..Default::default()
+                };
+                // SAFETY: the range is allocated and stays so until after the matching unmap.
+                check("ucp_mem_map", unsafe { sys::ucp_mem_map(self.context.raw(), &params, &mut memh) })?;
+                memory
+            }
+        };
         let mut packed = ptr::null_mut();
         let mut size = 0usize;
         // SAFETY: `memh` was just mapped on this context; on success `packed` holds `size` bytes
@@ -1103,6 +1199,38 @@ impl Progress {
         match self.shared.upgrade() {
             Some(shared) => Ok(MemRegion { inner: Arc::new(inner(shared)) }),
             None => Err(Error::WorkerGone), // unreachable while a command is being served
+        }
+    }
+
+    /// Memory that UCX allocates and maps itself (see [`Worker::allocate`]); `None` when it
+    /// cannot, or when what it allocated is not plain host memory of at least `len` bytes.
+    fn map_allocated(&mut self, len: usize) -> Option<(sys::ucp_mem_h, HostMemory)> {
+        let params = sys::ucp_mem_map_params_t {
+            field_mask: (sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH
+                | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_FLAGS) as u64,
+            length: len,
+            flags: sys::UCP_MEM_MAP_ALLOCATE as u32,
+            ..Default::default()
+        };
+        let mut memh = ptr::null_mut();
+        // SAFETY: no address is given, so UCX allocates; the handle is unmapped once, by the
+        // region's drop (or just below).
+        if unsafe { sys::ucp_mem_map(self.context.raw(), &params, &mut memh) } != sys::ucs_status_t_UCS_OK {
+            return None;
+        }
+        let mut attr = sys::ucp_mem_attr_t {
+            field_mask: (sys::ucp_mem_attr_field_UCP_MEM_ATTR_FIELD_ADDRESS | sys::ucp_mem_attr_field_UCP_MEM_ATTR_FIELD_LENGTH) as u64,
+            ..Default::default()
+        };
+        // SAFETY: `memh` was just mapped; `attr` is writable.
+        let queried = unsafe { sys::ucp_mem_query(memh, &mut attr) } == sys::ucs_status_t_UCS_OK;
+        match NonNull::new(attr.address as *mut u8).filter(|_| queried && attr.length >= len) {
+            Some(ptr) => Some((memh, HostMemory { ptr, len, by_ucx: true })),
+            None => {
+                // SAFETY: undoing the mapping made above, once.
+                unsafe { sys::ucp_mem_unmap(self.context.raw(), memh) };
+                None
+            }
         }
     }
 

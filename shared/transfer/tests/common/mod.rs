@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tandem_protocol::{KvDtype, KvExport, KvLayout};
+use tandem_protocol::{Bytes, KvDtype, KvExport, KvLayout};
 use tandem_transfer::{Handoff, HandoffRegistry, TcpReceiver};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -23,9 +23,16 @@ pub fn handoff(id: &str, tokens: usize) -> Handoff {
         tp_size: 1,
         token_count: tokens,
     };
-    let blocks: Vec<Vec<u8>> = (0..layout.num_blocks()).map(|b| (0..layout.block_bytes()).map(|i| (i * 7 + b) as u8).collect()).collect();
+    let blocks: Vec<Bytes> = (0..layout.num_blocks()).map(|b| (0..layout.block_bytes()).map(|i| (i * 7 + b) as u8).collect::<Vec<u8>>().into()).collect();
     let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
     Handoff { request_id: id.into(), first_token: 42, kv: KvExport { layout, tokens: (0..tokens as u32).collect(), blocks, checksums } }
+}
+
+/// Flips the bits of one byte of one block (behind its checksum's back).
+pub fn corrupt(kv: &mut KvExport, block: usize, byte: usize) {
+    let mut bytes = kv.blocks[block].to_vec();
+    bytes[byte] ^= 0xff;
+    kv.blocks[block] = bytes.into();
 }
 
 /// A TCP receiver on loopback delivering into `registry`: its address and what stops it.
