@@ -45,7 +45,7 @@ fn dataset_spec(args: &BenchArgs) -> Result<DatasetSpec> {
             prefix_len: args.prefix_len,
             num_prefixes: args.num_prefixes,
             suffix_len: args.suffix_len,
-            output_len: args.random_output_len,
+            output_len: args.prefix_repetition_output_len.unwrap_or(args.random_output_len),
             range_ratio: args.random_range_ratio,
         },
     })
@@ -56,6 +56,8 @@ pub async fn config(args: &BenchArgs, tokenizer_id: &str, dataset_name: &str) ->
     let mut cfg = BenchConfig::new(args.base_url.clone(), args.model.clone().unwrap_or_default());
     cfg.endpoint = args.endpoint.clone();
     cfg.backend = args.backend.clone().unwrap_or_else(|| if cfg.is_chat() { "openai-chat" } else { "openai" }.into());
+    cfg.label = args.label.clone();
+    cfg.num_warmups = args.num_warmups;
     cfg.request_rate = args.request_rate;
     cfg.burstiness = args.burstiness;
     cfg.max_concurrency = args.max_concurrency;
@@ -159,4 +161,55 @@ fn finish_run(args: &BenchArgs, cfg: &BenchConfig, report: &RunReport, sweep_rat
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::Cli;
+
+    fn bench(args: &[&str]) -> BenchArgs {
+        Cli::try_parse_from(std::iter::once("tandem-loadtest").chain(args.iter().copied())).unwrap().bench
+    }
+
+    #[test]
+    fn vllm_prefix_repetition_flags_are_accepted() {
+        let args = bench(&[
+            "--dataset-name",
+            "prefix_repetition",
+            "--prefix-repetition-prefix-len",
+            "300",
+            "--prefix-repetition-suffix-len",
+            "20",
+            "--prefix-repetition-num-prefixes",
+            "3",
+            "--prefix-repetition-output-len",
+            "7",
+            "--random-output-len",
+            "99",
+        ]);
+        let DatasetSpec::Prefix { prefix_len, num_prefixes, suffix_len, output_len, .. } = dataset_spec(&args).unwrap() else {
+            panic!("prefix_repetition is the prefix workload")
+        };
+        assert_eq!((prefix_len, suffix_len, num_prefixes, output_len), (300, 20, 3, 7));
+        // Our own spellings say the same; the output length then comes from --random-output-len.
+        let args =
+            bench(&["--dataset-name", "prefix", "--prefix-len", "300", "--suffix-len", "20", "--num-prefixes", "3", "--random-output-len", "99"]);
+        let DatasetSpec::Prefix { prefix_len, num_prefixes, suffix_len, output_len, .. } = dataset_spec(&args).unwrap() else {
+            panic!("the prefix workload")
+        };
+        assert_eq!((prefix_len, suffix_len, num_prefixes, output_len), (300, 20, 3, 99));
+    }
+
+    #[test]
+    fn label_and_warmups_reach_the_configuration() {
+        let args = bench(&["--model", "m", "--label", "nightly", "--num-warmups", "5", "--num-prompts", "3"]);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let cfg = rt.block_on(config(&args, "tok", "random")).unwrap();
+        assert_eq!((cfg.label.as_deref(), cfg.num_warmups, cfg.backend.as_str()), (Some("nightly"), 5, "openai"));
+        let cfg = rt.block_on(config(&bench(&["--model", "m", "--num-prompts", "3"]), "tok", "random")).unwrap();
+        assert_eq!((cfg.label, cfg.num_warmups), (None, 0));
+    }
 }

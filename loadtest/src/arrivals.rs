@@ -55,9 +55,66 @@ mod tests {
     use super::*;
 
     fn gaps(rate: f64, burstiness: f64, n: usize) -> Vec<f64> {
+        seeded_gaps(rate, burstiness, n, 3)
+    }
+
+    fn seeded_gaps(rate: f64, burstiness: f64, n: usize, seed: u64) -> Vec<f64> {
         let times: Vec<f64> =
-            Schedule::new(rate, burstiness, 3).unwrap().take(n + 1).map(|d| d.as_secs_f64()).collect();
+            Schedule::new(rate, burstiness, seed).unwrap().take(n + 1).map(|d| d.as_secs_f64()).collect();
         times.windows(2).map(|w| w[1] - w[0]).collect()
+    }
+
+    /// Kolmogorov–Smirnov statistic: the largest distance between the sample's empirical CDF
+    /// and `cdf`.
+    fn ks_distance(sample: &[f64], cdf: impl Fn(f64) -> f64) -> f64 {
+        let mut sorted = sample.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let n = sorted.len() as f64;
+        sorted
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let f = cdf(x);
+                (f - i as f64 / n).max((i + 1) as f64 / n - f)
+            })
+            .fold(0.0, f64::max)
+    }
+
+    /// CDF of the gamma distribution of integer shape `k` (Erlang) with mean `1 / rate`; `k = 1`
+    /// is the exponential.
+    fn erlang_cdf(k: u32, rate: f64) -> impl Fn(f64) -> f64 {
+        let lambda = rate * f64::from(k);
+        move |x| {
+            let lx = lambda * x;
+            let (mut term, mut sum) = (1.0, 1.0);
+            for n in 1..k {
+                term *= lx / f64::from(n);
+                sum += term;
+            }
+            1.0 - (-lx).exp() * sum
+        }
+    }
+
+    #[test]
+    fn poisson_gaps_pass_a_kolmogorov_smirnov_test_for_the_exponential() {
+        let n = 5000;
+        // The statistic's critical value at the 0.1 % level.
+        let critical = 1.95 / (n as f64).sqrt();
+        for (rate, seed) in [(50.0, 3), (7.0, 11), (1000.0, 29)] {
+            let g = seeded_gaps(rate, 1.0, n, seed);
+            let d = ks_distance(&g, erlang_cdf(1, rate));
+            assert!(d < critical, "rate {rate}: KS distance {d:.4} to Exp({rate}), critical {critical:.4}");
+            // The test tells rates 20 % apart.
+            let off = ks_distance(&g, erlang_cdf(1, rate * 1.2));
+            assert!(off > critical, "rate {rate}: KS distance {off:.4} to Exp({}), should exceed {critical:.4}", rate * 1.2);
+        }
+        // Burstiness 4 draws gamma gaps of shape 4: they fit that distribution and fail the
+        // exponential one of the same mean.
+        let g = seeded_gaps(50.0, 4.0, n, 5);
+        let fit = ks_distance(&g, erlang_cdf(4, 50.0));
+        assert!(fit < critical, "burstiness 4: KS distance {fit:.4} to Gamma(4), critical {critical:.4}");
+        let exp = ks_distance(&g, erlang_cdf(1, 50.0));
+        assert!(exp > critical, "burstiness 4: KS distance {exp:.4} to the exponential, should exceed {critical:.4}");
     }
 
     fn mean_cv(x: &[f64]) -> (f64, f64) {

@@ -28,6 +28,8 @@ pub enum Command {
 pub enum DatasetName {
     Random,
     Sharegpt,
+    /// vLLM calls it `prefix_repetition`.
+    #[value(alias = "prefix_repetition")]
     Prefix,
 }
 
@@ -42,9 +44,12 @@ pub struct BenchArgs {
     /// Model name sent in requests; asked from GET /v1/models when absent.
     #[arg(long)]
     pub model: Option<String>,
-    /// Label for the result file; openai or openai-chat by endpoint when absent.
+    /// Backend named in the result file; openai or openai-chat by endpoint when absent.
     #[arg(long)]
     pub backend: Option<String>,
+    /// Label of the result (and its file name's prefix); the backend when absent.
+    #[arg(long)]
+    pub label: Option<String>,
     /// A .gguf file, a tokenizer.json or a model folder [default: the default Tandem model].
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -56,27 +61,33 @@ pub struct BenchArgs {
     /// Prompt tokens (random); suffix tokens are --suffix-len (prefix).
     #[arg(long, default_value_t = 1024)]
     pub random_input_len: usize,
-    /// Output tokens (random, prefix).
+    /// Output tokens (random; prefix unless --prefix-repetition-output-len).
     #[arg(long, default_value_t = 128)]
     pub random_output_len: usize,
     /// Lengths are drawn uniformly from len * [1 - ratio, 1 + ratio].
     #[arg(long, default_value_t = 0.0)]
     pub random_range_ratio: f64,
     /// Tokens of each shared prefix (prefix).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, visible_alias = "prefix-repetition-prefix-len", default_value_t = 512)]
     pub prefix_len: usize,
     /// Distinct shared prefixes (prefix).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, visible_alias = "prefix-repetition-num-prefixes", default_value_t = 8)]
     pub num_prefixes: usize,
     /// Random tokens after the prefix (prefix).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, visible_alias = "prefix-repetition-suffix-len", default_value_t = 32)]
     pub suffix_len: usize,
+    /// Output tokens (prefix) [default: --random-output-len].
+    #[arg(long)]
+    pub prefix_repetition_output_len: Option<usize>,
     /// Output tokens of every request instead of the gpt turn's length (sharegpt).
     #[arg(long)]
     pub sharegpt_output_len: Option<usize>,
     /// Requests to send [default: 1000, or unbounded with --duration].
     #[arg(long)]
     pub num_prompts: Option<usize>,
+    /// Requests sent before the timed run (all at once, under --max-concurrency) and not counted.
+    #[arg(long, default_value_t = 0)]
+    pub num_warmups: usize,
     /// Requests per second, or inf to send all at once.
     #[arg(long, default_value = "inf")]
     pub request_rate: f64,

@@ -26,6 +26,8 @@ pub struct RequestOutcome {
     pub e2el: f64,
     /// When it was sent, after the start of the run.
     pub sent_at: f64,
+    /// The streamed text; empty for a failed request.
+    pub generated_text: String,
     pub error: Option<Failure>,
 }
 
@@ -188,6 +190,7 @@ impl Target {
                 .completion_tokens(&text)
                 .map_err(|e| Failure::new(FailureKind::InvalidResponse, e.to_string()))?,
         };
+        out.generated_text = text;
         Ok(())
     }
 }

@@ -8,8 +8,8 @@ use serde_json::Value;
 
 use crate::{LoadtestError, Result};
 
-const LABELS: [&str; 6] = ["backend", "model_id", "dataset_name", "request_rate", "burstiness", "max_concurrency"];
-const TOTALS: [&str; 9] = [
+const LABELS: [&str; 7] = ["backend", "label", "model_id", "dataset_name", "request_rate", "burstiness", "max_concurrency"];
+const TOTALS: [&str; 11] = [
     "completed",
     "failed",
     "duration",
@@ -19,6 +19,8 @@ const TOTALS: [&str; 9] = [
     "request_goodput",
     "output_throughput",
     "total_token_throughput",
+    "max_output_tokens_per_s",
+    "max_concurrent_requests",
 ];
 const METRICS: [&str; 4] = ["ttft", "tpot", "itl", "e2el"];
 

@@ -13,8 +13,11 @@ pub struct BenchConfig {
     pub endpoint: String,
     /// The `model` field sent with every request.
     pub model: String,
-    /// Label written to the result file (`openai`, `openai-chat`, `tandem`, `vllm`, ...).
+    /// Written to the result file (`openai`, `openai-chat`, `tandem`, `vllm`, ...), as
+    /// `backend` and as vLLM's `endpoint_type`.
     pub backend: String,
+    /// The result's `label` and its file name's prefix (`backend` when absent).
+    pub label: Option<String>,
     /// Requests per second; `f64::INFINITY` sends everything at once.
     pub request_rate: f64,
     /// Gamma shape of the inter-arrival times: 1 is Poisson, below 1 burstier, above 1 smoother.
@@ -22,6 +25,8 @@ pub struct BenchConfig {
     pub max_concurrency: Option<usize>,
     /// Stop after this many requests.
     pub num_prompts: Option<usize>,
+    /// Requests sent before the timed run (under the same concurrency cap) and not counted.
+    pub num_warmups: usize,
     /// Stop sending new requests after this long; requests in flight finish.
     pub duration: Option<Duration>,
     pub seed: u64,
@@ -44,10 +49,12 @@ impl BenchConfig {
             endpoint: "/v1/completions".into(),
             model: model.into(),
             backend: "openai".into(),
+            label: None,
             request_rate: f64::INFINITY,
             burstiness: 1.0,
             max_concurrency: None,
             num_prompts: None,
+            num_warmups: 0,
             duration: None,
             seed: 0,
             request_timeout: Duration::from_secs(600),

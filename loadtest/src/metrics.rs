@@ -56,6 +56,45 @@ pub fn percentile_label(p: f64) -> String {
     }
 }
 
+/// vLLM's peak figures over completed requests: the most output tokens in one second, and the
+/// most requests active in one second. Seconds are one-second buckets from the first send; a
+/// token falls in the bucket of its chunk's arrival (send + TTFT + the ITLs before it), and a
+/// request counts in every bucket from its send to its end.
+pub fn peaks(outcomes: &[RequestOutcome]) -> (f64, usize) {
+    let ok: Vec<&RequestOutcome> = outcomes.iter().filter(|o| o.is_ok()).collect();
+    let Some(start) = ok.iter().map(|o| o.sent_at).min_by(f64::total_cmp) else { return (0.0, 0) };
+    let end = ok.iter().map(|o| o.sent_at + o.e2el).fold(start, f64::max);
+    let buckets = (end - start).ceil() as usize + 1;
+    let bucket = |t: f64| ((t - start).max(0.0) as usize).min(buckets - 1);
+    let mut tokens = vec![0usize; buckets];
+    let mut active = vec![0usize; buckets];
+    for o in ok {
+        let mut t = o.sent_at + o.ttft;
+        tokens[bucket(t)] += 1;
+        for gap in &o.itl {
+            t += gap;
+            tokens[bucket(t)] += 1;
+        }
+        for a in &mut active[bucket(o.sent_at)..=bucket(o.sent_at + o.e2el)] {
+            *a += 1;
+        }
+    }
+    (tokens.into_iter().max().unwrap_or(0) as f64, active.into_iter().max().unwrap_or(0))
+}
+
+/// The most requests in flight at once, from send to end, failed ones included.
+pub fn max_in_flight(outcomes: &[RequestOutcome]) -> usize {
+    // At equal times an end comes before a start: a slot handed on is not two in flight.
+    let mut events: Vec<(f64, i32)> = outcomes.iter().flat_map(|o| [(o.sent_at, 1), (o.sent_at + o.e2el, -1)]).collect();
+    events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, step) in events {
+        now += step;
+        most = most.max(now);
+    }
+    most as usize
+}
+
 /// The result of a run from its outcomes (in request order) and its wall time in seconds.
 pub fn aggregate(
     info: RunInfo,
@@ -88,6 +127,7 @@ pub fn aggregate(
     let total_output: usize = ok.iter().map(|o| o.output_len).sum();
     let per_s = |x: f64| if duration > 0.0 { x / duration } else { 0.0 };
     let good = slo.map(|slo| ok.iter().filter(|o| slo.is_met(o.ttft * 1e3, o.tpot() * 1e3, o.e2el * 1e3)).count());
+    let (max_output_tokens_per_s, max_concurrent_requests) = peaks(outcomes);
 
     BenchResult {
         info,
@@ -101,6 +141,9 @@ pub fn aggregate(
         request_goodput: good.map(|g| per_s(g as f64)),
         output_throughput: per_s(total_output as f64),
         total_token_throughput: per_s((total_input + total_output) as f64),
+        max_output_tokens_per_s,
+        max_concurrent_requests,
+        max_in_flight: max_in_flight(outcomes),
         latency,
         failures_by_kind: count_by_kind(outcomes.iter().filter_map(|o| o.error.as_ref())),
         input_lens: outcomes.iter().map(|o| o.prompt_len).collect(),
@@ -108,6 +151,7 @@ pub fn aggregate(
         ttfts: outcomes.iter().map(|o| if o.is_ok() { o.ttft } else { 0.0 }).collect(),
         itls: outcomes.iter().map(|o| if o.is_ok() { o.itl.clone() } else { Vec::new() }).collect(),
         e2els: outcomes.iter().map(|o| if o.is_ok() { o.e2el } else { 0.0 }).collect(),
+        generated_texts: outcomes.iter().map(|o| if o.is_ok() { o.generated_text.clone() } else { String::new() }).collect(),
         errors: outcomes
             .iter()
             .map(|o| o.error.as_ref().map(|f| format!("{}: {}", f.kind, f.message)).unwrap_or_default())
@@ -164,5 +208,50 @@ mod tests {
         assert_eq!(r.failures_by_kind["overloaded"], 1);
         assert_eq!(r.output_lens, vec![11, 11, 0]);
         assert!(r.errors[2].starts_with("overloaded"));
+    }
+
+    fn at(sent_at: f64, ttft: f64, itl: &[f64]) -> RequestOutcome {
+        let e2el = ttft + itl.iter().sum::<f64>() + 0.01;
+        RequestOutcome { sent_at, ttft, itl: itl.to_vec(), e2el, output_len: itl.len() + 1, ..Default::default() }
+    }
+
+    #[test]
+    fn peaks_count_per_second_as_vllm_does() {
+        // Tokens at 0.1, 0.3, 0.5 (ends 0.51); at 1.1, 1.4, 1.7, 2.05 (ends 2.06); at 1.3, 1.4
+        // (ends 1.41). Seconds: [0, 1) holds 3 tokens, [1, 2) holds 5, [2, 3) holds 1.
+        let a = at(0.0, 0.1, &[0.2, 0.2]);
+        let b = at(0.5, 0.6, &[0.3, 0.3, 0.35]);
+        let c = at(1.2, 0.1, &[0.1]);
+        let failed = RequestOutcome {
+            sent_at: 1.0,
+            e2el: 0.5,
+            error: Some(crate::failure::Failure::new(crate::FailureKind::StreamCut, "cut")),
+            ..Default::default()
+        };
+        let (tokens, concurrent) = peaks(&[a.clone(), b.clone(), c.clone(), failed.clone()]);
+        assert_eq!(tokens, 5.0);
+        // Second 0: a and b; second 1: b and c (a failed request is not counted); second 2: b.
+        assert_eq!(concurrent, 2);
+        // Buckets start at the first send, not at zero.
+        let shifted: Vec<RequestOutcome> =
+            [a, b, c].iter().map(|o| RequestOutcome { sent_at: o.sent_at + 0.7, ..o.clone() }).collect();
+        assert_eq!(peaks(&shifted), (5.0, 2));
+        assert_eq!(peaks(&[failed]), (0.0, 0));
+        assert_eq!(peaks(&[]), (0.0, 0));
+    }
+
+    #[test]
+    fn in_flight_is_counted_at_each_instant() {
+        // Two overlapping, then one that starts as the first ends, then a failed one inside.
+        let span = |sent_at: f64, e2el: f64| RequestOutcome { sent_at, e2el, ..Default::default() };
+        assert_eq!(max_in_flight(&[span(0.0, 1.0), span(0.5, 1.0), span(1.0, 1.0)]), 2);
+        let failed = RequestOutcome {
+            error: Some(crate::failure::Failure::new(crate::FailureKind::Timeout, "slow")),
+            ..span(0.6, 0.2)
+        };
+        assert_eq!(max_in_flight(&[span(0.0, 1.0), span(0.5, 1.0), span(1.0, 1.0), failed]), 3);
+        // The per-second count of vLLM sees all three of these in second 0; only one runs at once.
+        let serial = [span(0.0, 0.2), span(0.3, 0.2), span(0.6, 0.2)].map(|o| RequestOutcome { ttft: 0.1, ..o });
+        assert_eq!((max_in_flight(&serial), peaks(&serial).1), (1, 3));
     }
 }

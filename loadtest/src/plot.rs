@@ -128,6 +128,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_sweep_plot_has_a_goodput_series_only_with_goodput() {
+        let run = |rate: f64, goodput: Option<f64>| BenchResult {
+            info: crate::result::RunInfo { request_rate: rate, ..Default::default() },
+            request_throughput: rate * 0.9,
+            request_goodput: goodput,
+            ..Default::default()
+        };
+        let dir = std::env::temp_dir().join(format!("tandem-loadtest-plot-{}", std::process::id()));
+        let svg = |results: &[BenchResult]| {
+            let paths = sweep_plots(&dir, results).unwrap();
+            std::fs::read_to_string(&paths[0]).unwrap()
+        };
+        // The texts of the plot: title, tick labels and the legend's series names.
+        let texts = |svg: &str| -> Vec<String> {
+            svg.split("<text").skip(1).filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string())).collect()
+        };
+        let without = svg(&[run(1.0, None), run(2.0, None)]);
+        let with = svg(&[run(1.0, Some(0.8)), run(2.0, Some(1.2))]);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!texts(&without).contains(&"goodput".to_string()), "{without}");
+        assert!(texts(&with).contains(&"goodput".to_string()), "{with}");
+        // One more line, and its two measured points.
+        assert!(with.matches("<polyline").count() > without.matches("<polyline").count());
+        assert_eq!(with.matches("<circle").count(), without.matches("<circle").count() + 2);
+    }
+
+    #[test]
     fn cdf_is_monotone_thin_and_ends_at_one() {
         let values: Vec<f64> = (0..10_000).rev().map(f64::from).collect();
         let c = cdf(&values);

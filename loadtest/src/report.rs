@@ -36,6 +36,8 @@ pub fn summary(r: &BenchResult, percentiles: &[f64]) -> String {
         row("Request goodput (req/s)", format!("{g:.2}"));
     }
     row("Output token throughput (tok/s)", format!("{:.2}", r.output_throughput));
+    row("Peak output token throughput (tok/s)", format!("{:.2}", r.max_output_tokens_per_s));
+    row("Peak concurrent requests", r.max_concurrent_requests.to_string());
     row("Total token throughput (tok/s)", format!("{:.2}", r.total_token_throughput));
     for (key, short, title) in [
         ("ttft", "TTFT", "Time to First Token"),

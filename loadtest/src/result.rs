@@ -1,5 +1,5 @@
 //! The result file. Field names follow `vllm bench serve`'s, so tools written for its files
-//! read ours; `failures_by_kind` and `e2els` are our additions.
+//! read ours; `max_in_flight`, `failures_by_kind` and `e2els` are our additions.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,7 +14,11 @@ use crate::{LoadtestError, Result};
 pub struct RunInfo {
     /// UTC, `YYYYMMDD-HHMMSS`.
     pub date: String,
+    /// The backend again, under the name older vLLM result files use for it.
+    pub endpoint_type: String,
     pub backend: String,
+    /// `--label`; null when not given, as in vLLM.
+    pub label: Option<String>,
     pub endpoint: String,
     pub model_id: String,
     pub tokenizer_id: String,
@@ -38,7 +42,7 @@ fn rate<S: Serializer>(r: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
 /// One run's result. Latencies in the summary are milliseconds; the per-request lists
 /// (`ttfts`, `itls`, `e2els`) are seconds, one entry per request sent, in order, zero or empty
 /// for failed requests, whose `errors` entry says why (empty for completed ones).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct BenchResult {
     #[serde(flatten)]
     pub info: RunInfo,
@@ -55,6 +59,14 @@ pub struct BenchResult {
     pub request_goodput: Option<f64>,
     pub output_throughput: f64,
     pub total_token_throughput: f64,
+    /// Most output tokens in one second of the run: tokens counted when their chunk arrived, in
+    /// one-second buckets from the first send, completed requests only (as vLLM counts them).
+    pub max_output_tokens_per_s: f64,
+    /// Most completed requests active in one of those buckets; a request counts in every bucket
+    /// from its send to its end (as vLLM counts them), so this is at least `max_in_flight`.
+    pub max_concurrent_requests: usize,
+    /// Most requests in flight at one instant, failed ones included.
+    pub max_in_flight: usize,
     /// `mean_ttft_ms`, `median_ttft_ms`, `std_ttft_ms`, `p99_ttft_ms`, ... for ttft, tpot, itl
     /// and e2el.
     #[serde(flatten)]
@@ -65,6 +77,7 @@ pub struct BenchResult {
     pub ttfts: Vec<f64>,
     pub itls: Vec<Vec<f64>>,
     pub e2els: Vec<f64>,
+    pub generated_texts: Vec<String>,
     pub errors: Vec<String>,
 }
 
@@ -81,13 +94,15 @@ impl BenchResult {
         std::fs::write(path, text).map_err(|e| LoadtestError::io(path, e))
     }
 
-    /// `{backend}-{rate}qps[-concurrency{n}]-{model}-{date}.json`, as vLLM names its files.
+    /// `{label}-{rate}qps[-concurrency{n}]-{model}-{date}.json`, as vLLM names its files (the
+    /// backend when there is no label).
     pub fn default_filename(&self) -> String {
         let i = &self.info;
+        let label = i.label.as_deref().unwrap_or(&i.backend);
         let rate = if i.request_rate.is_finite() { format!("{}", i.request_rate) } else { "inf".into() };
         let concurrency = i.max_concurrency.map(|n| format!("-concurrency{n}")).unwrap_or_default();
         let model = i.model_id.rsplit('/').next().unwrap_or(&i.model_id);
-        format!("{}-{rate}qps{concurrency}-{model}-{}.json", i.backend, i.date)
+        format!("{label}-{rate}qps{concurrency}-{model}-{}.json", i.date)
     }
 }
 
@@ -121,6 +136,25 @@ mod tests {
         assert_eq!(stamp(0), "19700101-000000");
         assert_eq!(stamp(951_782_400), "20000229-000000");
         assert_eq!(stamp(1_767_225_599), "20251231-235959");
+    }
+
+    #[test]
+    fn the_label_names_the_file_and_is_null_when_absent() {
+        let info = RunInfo {
+            date: "20250101-000000".into(),
+            backend: "openai-chat".into(),
+            endpoint_type: "openai-chat".into(),
+            model_id: "org/m".into(),
+            request_rate: 4.0,
+            ..Default::default()
+        };
+        assert_eq!(serde_json::to_value(&info).unwrap()["label"], serde_json::Value::Null);
+        assert_eq!(serde_json::to_value(&info).unwrap()["endpoint_type"], "openai-chat");
+        let result = |info: RunInfo| BenchResult { info, ..Default::default() };
+        assert_eq!(result(info.clone()).default_filename(), "openai-chat-4qps-m-20250101-000000.json");
+        let labelled = RunInfo { label: Some("tandem-cpu".into()), ..info };
+        assert_eq!(result(labelled.clone()).default_filename(), "tandem-cpu-4qps-m-20250101-000000.json");
+        assert_eq!(result(labelled).to_json()["label"], "tandem-cpu");
     }
 
     #[test]

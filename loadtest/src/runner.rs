@@ -1,5 +1,6 @@
-//! One run: requests sent on the arrival schedule under the concurrency cap, until the
-//! request count or the duration is reached, then every outcome aggregated.
+//! One run: warm-up requests first if asked for, then requests sent on the arrival schedule
+//! under the concurrency cap, until the request count or the duration is reached, then every
+//! outcome aggregated.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,10 +39,13 @@ pub async fn run_benchmark(
     let schedule = Schedule::new(cfg.request_rate, cfg.burstiness, cfg.seed)?;
     let limit = cfg.num_prompts.unwrap_or(usize::MAX);
     let semaphore = cfg.max_concurrency.map(|n| Arc::new(Semaphore::new(n)));
+    warm_up(&target, &requests, cfg.num_warmups, cfg.max_concurrency).await;
     let progress = progress_bar(cfg);
     let info = RunInfo {
         date: utc_now_stamp(),
+        endpoint_type: cfg.backend.clone(),
         backend: cfg.backend.clone(),
+        label: cfg.label.clone(),
         endpoint: cfg.endpoint.clone(),
         model_id: cfg.model.clone(),
         tokenizer_id: cfg.tokenizer_id.clone(),
@@ -100,6 +104,28 @@ pub async fn run_benchmark(
     let outcomes: Vec<RequestOutcome> = outcomes.into_iter().map(|(_, o)| o).collect();
     let result = aggregate(info, &outcomes, duration, cfg.goodput.as_ref(), &cfg.percentiles);
     Ok(RunReport { result, outcomes })
+}
+
+/// Sends `count` requests (the workload's, in turn) all at once under the concurrency cap, as
+/// `vllm bench serve --num-warmups` does, and waits for them; their outcomes are not kept.
+async fn warm_up(target: &Arc<Target>, requests: &Arc<[SampleRequest]>, count: usize, max_concurrency: Option<usize>) {
+    if count == 0 {
+        return;
+    }
+    let semaphore = Arc::new(Semaphore::new(max_concurrency.unwrap_or(count)));
+    let mut tasks = JoinSet::new();
+    for i in 0..count {
+        let (target, requests, semaphore) = (target.clone(), requests.clone(), semaphore.clone());
+        tasks.spawn(async move {
+            let _permit = semaphore.acquire_owned().await.expect("the semaphore is never closed");
+            target.send(&requests[i % requests.len()]).await
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done {
+            std::panic::resume_unwind(e.into_panic());
+        }
+    }
 }
 
 fn progress_bar(cfg: &BenchConfig) -> ProgressBar {

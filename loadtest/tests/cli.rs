@@ -42,6 +42,10 @@ async fn a_run_writes_a_vllm_shaped_result_and_plots() {
         "--goodput",
         "ttft:1000",
         "tpot:1000",
+        "--num-warmups",
+        "3",
+        "--label",
+        "nightly",
     ]));
     a.extend(args(&[
         "--save-result",
@@ -61,7 +65,9 @@ async fn a_run_writes_a_vllm_shaped_result_and_plots() {
     let r = read_json(&dir.path().join("run.json"));
     for field in [
         "date",
+        "endpoint_type",
         "backend",
+        "label",
         "model_id",
         "num_prompts",
         "request_rate",
@@ -76,10 +82,13 @@ async fn a_run_writes_a_vllm_shaped_result_and_plots() {
         "request_goodput",
         "output_throughput",
         "total_token_throughput",
+        "max_output_tokens_per_s",
+        "max_concurrent_requests",
         "input_lens",
         "output_lens",
         "ttfts",
         "itls",
+        "generated_texts",
         "errors",
         "failures_by_kind",
     ] {
@@ -93,6 +102,24 @@ async fn a_run_writes_a_vllm_shaped_result_and_plots() {
     }
     assert_eq!(r["model_id"], MODEL, "the model is asked from /v1/models");
     assert_eq!(r["backend"], "openai");
+    assert_eq!(r["endpoint_type"], "openai");
+    assert_eq!(r["label"], "nightly");
+    // Warm-up requests reach the server but not the result.
+    assert_eq!(server.arrivals().len(), 8 + 3);
+    assert_eq!(r["num_prompts"], 8);
+    // The server streams " the" once per output token.
+    let texts = r["generated_texts"].as_array().unwrap();
+    assert_eq!(texts.len(), 8);
+    assert!(texts.iter().all(|t| t == " the the the the"), "{texts:?}");
+    // Peaks: one-second buckets over a run of about 0.2 s hold most of the 32 tokens; the per-second
+    // concurrency counts at least the requests truly in flight at once, which the cap bounds.
+    let peak_tokens = r["max_output_tokens_per_s"].as_f64().unwrap();
+    let buckets = r["duration"].as_f64().unwrap().ceil() + 1.0;
+    assert!(peak_tokens <= 32.0 && peak_tokens >= 32.0 / buckets, "max_output_tokens_per_s {peak_tokens}");
+    let (per_second, in_flight) = (r["max_concurrent_requests"].as_u64().unwrap(), r["max_in_flight"].as_u64().unwrap());
+    assert!((1..=4).contains(&in_flight), "max_in_flight {in_flight} under --max-concurrency 4");
+    assert!((in_flight..=8).contains(&per_second), "max_concurrent_requests {per_second}, in flight {in_flight}");
+    assert!(stdout.contains("Peak output token throughput (tok/s)"), "{stdout}");
     assert_eq!((r["completed"].as_u64(), r["failed"].as_u64()), (Some(8), Some(0)));
     assert_eq!(r["request_rate"], 50.0);
     assert_eq!(r["max_concurrency"], 4);
@@ -115,6 +142,7 @@ async fn a_sweep_runs_each_rate_and_compare_reads_the_results() {
     let mut a =
         args(&["--base-url", &format!("{}/v1", server.url()), "--model", MODEL, "--endpoint", "/v1/chat/completions"]);
     a.extend(args(&["--random-input-len", "16", "--random-output-len", "3", "--num-prompts", "6", "--sweep", "20,40"]));
+    a.extend(args(&["--goodput", "ttft:1000", "e2el:5000"]));
     a.extend(args(&[
         "--save-result",
         "--result-dir",
@@ -134,6 +162,18 @@ async fn a_sweep_runs_each_rate_and_compare_reads_the_results() {
     assert_eq!(read_json(&fast)["completed"], 6);
     assert_svg(&dir.path().join("throughput_vs_rate.svg"));
     assert_svg(&dir.path().join("output_throughput_vs_rate.svg"));
+    // --goodput: each run has its goodput (every request meets such loose SLOs), and the
+    // throughput plot has a goodput series beside request throughput and offered load.
+    for path in [&slow, &fast] {
+        let r = read_json(path);
+        assert_eq!(r["request_goodput"], r["request_throughput"], "{}", path.display());
+    }
+    let svg = std::fs::read_to_string(dir.path().join("throughput_vs_rate.svg")).unwrap();
+    let texts: Vec<&str> =
+        svg.split("<text").skip(1).filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim())).collect();
+    for series in ["request throughput", "goodput", "offered load"] {
+        assert!(texts.contains(&series), "no {series} series in the plot: {texts:?}");
+    }
 
     let a = vec!["compare".to_string(), slow.display().to_string(), fast.display().to_string()];
     let out = tokio::task::spawn_blocking(move || loadtest(a)).await.unwrap();

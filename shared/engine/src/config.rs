@@ -61,7 +61,6 @@ struct HfRopeScaling {
 
 #[derive(Deserialize)]
 struct HfConfig {
-    model_type: Option<String>,
     vocab_size: usize,
     hidden_size: usize,
     intermediate_size: usize,
@@ -80,14 +79,17 @@ struct HfConfig {
 
 impl ModelConfig {
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let c: HfConfig = serde_json::from_str(text).map_err(|e| EngineError::Config(format!("config.json: {e}")))?;
-        let family = match c.model_type.as_deref().unwrap_or("llama") {
+        // The architecture first: another family's config lacks fields a Llama config has, and
+        // "unsupported" says more than "missing field".
+        let raw: serde_json::Value = serde_json::from_str(text).map_err(|e| EngineError::Config(format!("config.json: {e}")))?;
+        let family = match raw.get("model_type").and_then(|t| t.as_str()).unwrap_or("llama") {
             "llama" => Family::Llama,
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
             other => return Err(EngineError::Config(format!("unsupported model_type `{other}` (llama, mistral, qwen2, qwen3)"))),
         };
+        let c: HfConfig = serde_json::from_value(raw).map_err(|e| EngineError::Config(format!("config.json: {e}")))?;
         let rope_theta = c.rope_theta.or(c.rope_parameters.as_ref().and_then(|r| r.rope_theta)).unwrap_or(10_000.0);
         let rope_scaling = match c.rope_scaling.or(c.rope_parameters) {
             Some(s) if s.rope_type.as_deref() == Some("llama3") => Some(Llama3Scaling {
@@ -131,7 +133,9 @@ impl ModelConfig {
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
-            other => return Err(EngineError::Config(format!("unsupported GGUF architecture `{other}`"))),
+            other => {
+                return Err(EngineError::Config(format!("unsupported GGUF architecture `{other}` (llama, mistral, qwen2, qwen3)")))
+            }
         };
         let n = |key: &str| -> Result<usize> { num(get(content, &format!("{arch}.{key}"))?) };
         let opt = |key: &str| content.metadata.get(&format!("{arch}.{key}"));

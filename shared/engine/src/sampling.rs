@@ -188,6 +188,65 @@ mod tests {
     }
 
     #[test]
+    fn frequency_penalty_is_in_proportion_to_the_count_and_presence_penalty_is_flat() {
+        let logits = vec![1.0, 2.0, 3.0, 0.5, 1.5];
+        // Token 2 three times, 1 once, 4 never; the prompt never counts.
+        let output = [2, 1, 2, 2];
+        let c = SampleContext { prompt: &[4, 4, 4, 4], output: &output, seed: 0, suppress: &[] };
+        let penalised = |p: SamplingParams| -> Vec<f32> {
+            // Log-probabilities are those after penalties: shifts show up as logit differences.
+            let lp = sample(logits.clone(), &SamplingParams { logprobs: Some(5), ..p }, &c).logprobs.unwrap();
+            let mut by_id = vec![0.0; logits.len()];
+            for (t, l) in lp.top {
+                by_id[t as usize] = l;
+            }
+            // Relative to token 0, which is never seen.
+            (0..logits.len()).map(|t| (by_id[t] - by_id[0]) - (logits[t] - logits[0])).collect()
+        };
+        let counts = [0.0, 1.0, 3.0, 0.0, 0.0];
+        for f in [0.5f32, -0.4] {
+            let shift = penalised(SamplingParams { frequency_penalty: f, ..SamplingParams::greedy(4) });
+            for t in 0..logits.len() {
+                assert!((shift[t] + f * counts[t]).abs() < 1e-5, "frequency {f}: token {t} moved by {}", shift[t]);
+            }
+        }
+        let shift = penalised(SamplingParams { presence_penalty: 0.5, ..SamplingParams::greedy(4) });
+        for t in 0..logits.len() {
+            let want = if counts[t] > 0.0 { -0.5 } else { 0.0 };
+            assert!((shift[t] - want).abs() < 1e-5, "presence: token {t} moved by {}", shift[t]);
+        }
+        // Greedy: 2 leads the unseen 4 by 1.5. Three occurrences at 0.6 cost it 1.8 and put 4
+        // first (1.5 against 1.4 for 1 and 1.2 for 2); presence costs 0.6 however many.
+        let p = SamplingParams { frequency_penalty: 0.6, ..SamplingParams::greedy(4) };
+        assert_eq!(sample(logits.clone(), &p, &c).token, 4);
+        let p = SamplingParams { presence_penalty: 0.6, ..SamplingParams::greedy(4) };
+        assert_eq!(sample(logits.clone(), &p, &c).token, 2);
+    }
+
+    #[test]
+    fn top_k_draws_only_the_k_largest_logits() {
+        // Distinct, close logits in scrambled order, so every token would be drawn without a cut.
+        let logits: Vec<f32> = (0..32u32).map(|i| ((i * 7) % 32) as f32 * 0.05).collect();
+        let mut ranked: Vec<u32> = (0..32).collect();
+        ranked.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+        for k in [2u32, 4, 8] {
+            let p = SamplingParams { top_k: k, temperature: 1.0, ..Default::default() };
+            let mut seen = std::collections::BTreeSet::new();
+            for seed in 0..100u64 {
+                let c = SampleContext { prompt: &[], output: &[], seed, suppress: &[] };
+                seen.insert(sample(logits.clone(), &p, &c).token);
+            }
+            let want: std::collections::BTreeSet<u32> = ranked[..k as usize].iter().copied().collect();
+            assert_eq!(seen, want, "top_k {k}");
+        }
+        let p = SamplingParams { temperature: 1.0, ..Default::default() };
+        let seen: std::collections::HashSet<u32> = (0..100u64)
+            .map(|seed| sample(logits.clone(), &p, &SampleContext { prompt: &[], output: &[], seed, suppress: &[] }).token)
+            .collect();
+        assert!(seen.len() > 16, "without top_k the draws spread: {seen:?}");
+    }
+
+    #[test]
     fn top_p_and_min_p_cut_the_tail() {
         // One dominant token (p ≈ 0.97): top_p 0.5 and min_p 0.5 must both always pick it.
         let logits = vec![5.0, 1.0, 1.0, 1.0];

@@ -83,9 +83,28 @@ impl WeightSource {
         }
     }
 
+    /// Reads a GGUF file's header and checks that the file holds every tensor it lists, so a
+    /// truncated download is refused here rather than halfway through loading.
     pub fn open_gguf(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
-        let content = Content::read(&mut file).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
+        let content = Content::read(&mut file)
+            .map_err(|e| EngineError::Load(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+        let len = file.metadata().map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?.len();
+        let needed = content
+            .tensor_infos
+            .values()
+            .map(|t| {
+                let bytes = t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size();
+                content.tensor_data_offset.saturating_add(t.offset).saturating_add(bytes as u64)
+            })
+            .max()
+            .unwrap_or(0);
+        if needed > len {
+            return Err(EngineError::Load(format!(
+                "{}: truncated GGUF file: its tensors need {needed} bytes, the file has {len}",
+                path.display()
+            )));
+        }
         Ok(Self::Gguf { content, file })
     }
 

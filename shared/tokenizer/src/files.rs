@@ -27,7 +27,9 @@ const OPTIONAL_FILES: &[&str] = &["tokenizer_config.json", "generation_config.js
 
 impl ModelFiles {
     /// A local `.gguf` file, a local folder, or a Hugging Face hub id (`org/name`), which is
-    /// downloaded through the hub client into its usual cache.
+    /// downloaded through the hub client into its usual cache. A missing local path (a model
+    /// file name, `./x`, `/x`, or `dir/x` where `dir` exists) is reported missing, even when it
+    /// has the shape of a hub id.
     pub fn resolve(spec: &str) -> Result<Self> {
         let path = Path::new(spec);
         if path.is_file() {
@@ -49,6 +51,9 @@ impl ModelFiles {
                 .and_then(|p| p.file_name().and_then(|s| s.to_str()).map(str::to_string))
                 .unwrap_or_else(|| spec.to_string());
             return Ok(Self { format: ModelFormat::Folder(path.to_path_buf()), name });
+        }
+        if looks_like_path(spec) {
+            return Err(TokenizerError::ModelNotFound(format!("{spec}: no such file or folder")));
         }
         if looks_like_hub_id(spec) {
             return Self::from_hub(spec);
@@ -95,6 +100,20 @@ impl ModelFiles {
     }
 }
 
+/// Whether `spec`, which names nothing on disk, was still meant as a local path: it ends like a
+/// model file, is written as a path (`./`, `../`, `/`, `~`), or starts in a folder that exists
+/// here (`models/x` with a `models` folder). Such a spec is reported missing, not downloaded.
+fn looks_like_path(spec: &str) -> bool {
+    let path = Path::new(spec);
+    let model_file = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| ["gguf", "safetensors", "json", "bin"].iter().any(|x| e.eq_ignore_ascii_case(x)));
+    let written_as_path = spec.starts_with(['.', '/', '~']) || spec.contains('\\') || path.is_absolute();
+    let partly_there = path.ancestors().skip(1).any(|a| !a.as_os_str().is_empty() && a.exists());
+    model_file || written_as_path || partly_there
+}
+
 fn looks_like_hub_id(spec: &str) -> bool {
     let mut parts = spec.split('/');
     matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() && !a.starts_with('.'))
@@ -108,8 +127,31 @@ mod tests {
     fn missing_path_is_a_clear_error() {
         let err = ModelFiles::resolve("/nonexistent/model.gguf").unwrap_err();
         assert!(matches!(err, TokenizerError::ModelNotFound(_)), "{err}");
+        assert!(err.to_string().contains("/nonexistent/model.gguf: no such file or folder"), "{err}");
         assert!(looks_like_hub_id("HuggingFaceTB/SmolLM2-135M-Instruct"));
         assert!(!looks_like_hub_id("./a/b"));
         assert!(!looks_like_hub_id("a/b/c"));
+    }
+
+    #[test]
+    fn a_missing_relative_path_is_not_taken_for_a_hub_id() {
+        // `org/name` in shape, but a model file name: reported missing, never downloaded.
+        for spec in ["models/x.gguf", "org/model.safetensors", "models/X.GGUF"] {
+            let err = ModelFiles::resolve(spec).unwrap_err();
+            assert!(matches!(err, TokenizerError::ModelNotFound(_)), "{spec}: {err}");
+            assert!(err.to_string().contains(&format!("{spec}: no such file or folder")), "{err}");
+        }
+        // A folder that does not exist inside one that does (tests run in the crate's folder).
+        assert!(Path::new("src").is_dir());
+        let err = ModelFiles::resolve("src/no-such-model").unwrap_err();
+        assert!(err.to_string().contains("src/no-such-model: no such file or folder"), "{err}");
+        for spec in ["./a/b", "../a/b", "/a/b", "~/models/m", "model.gguf", "src/x"] {
+            assert!(looks_like_path(spec), "{spec} is a path");
+        }
+        // Genuine hub ids still go to the hub.
+        for spec in ["HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B"] {
+            assert!(!looks_like_path(spec), "{spec} is a hub id");
+            assert!(looks_like_hub_id(spec), "{spec} is a hub id");
+        }
     }
 }
