@@ -22,6 +22,8 @@ pub enum BenchCommand {
     Transfer(TransferArgs),
     /// KV blocks moved between two GPUs of this host by peer copy.
     GpuPeer(crate::bench_gpu::GpuPeerArgs),
+    /// Prefill and decode speed of the CPU engine on a model (the default unless --model).
+    Cpu(crate::bench_cpu::CpuArgs),
     /// Decode and prefill speed of the CUDA engine on performance shapes (random weights).
     #[cfg(feature = "cuda")]
     Engine(crate::bench_engine::EngineArgs),
@@ -90,6 +92,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Engine(args) => crate::bench_engine::engine(&args),
         #[cfg(feature = "cuda")]
         BenchCommand::GpuCheck(args) => crate::bench_engine::check(&args),
+        BenchCommand::Cpu(args) => crate::bench_cpu::run(&args),
         BenchCommand::GpuPeer(args) => {
             let rows = crate::bench_gpu::run(&args)?;
             report(&rows, args.json, args.output.as_deref())

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_cpu;
 mod bench_gpu;
 #[cfg(feature = "cuda")]
 mod bench_engine;

@@ -1,0 +1,110 @@
+//! `tandem bench cpu`: prefill and decode speed of the CPU engine on one model, measured the way
+//! llama.cpp's `llama-bench` measures its `pp` and `tg` tests: a prompt of random tokens computed
+//! in one forward pass, then tokens generated one at a time, each repetition on a fresh sequence.
+
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use clap::Args;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tandem_engine::{Engine, ForwardItem, SeqId};
+use tandem_tokenizer::ModelFiles;
+
+use crate::default_model;
+
+#[derive(Debug, Clone, Args)]
+pub struct CpuArgs {
+    /// Model (`.gguf`, folder or hub id); the embedded default when omitted.
+    #[arg(long, env = "TANDEM_MODEL")]
+    pub model: Option<String>,
+    /// Prompt tokens computed in one prefill pass.
+    #[arg(long, default_value_t = 512)]
+    pub prompt_len: usize,
+    /// Tokens generated one at a time after the prompt.
+    #[arg(long, default_value_t = 128)]
+    pub gen: usize,
+    /// Timed repetitions (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Write the JSON result here.
+    #[arg(long)]
+    pub output: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CpuResult {
+    pub engine: String,
+    pub model: String,
+    pub threads: usize,
+    pub prompt_len: usize,
+    pub gen: usize,
+    pub reps: usize,
+    /// Prompt tokens per second, mean over the repetitions.
+    pub prefill_tokens_per_s: f64,
+    /// Generated tokens per second, mean over the repetitions.
+    pub decode_tokens_per_s: f64,
+    pub prefill_ms: Vec<f64>,
+    pub decode_ms: Vec<f64>,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+pub fn run(args: &CpuArgs) -> Result<()> {
+    ensure!(args.prompt_len > 0 && args.gen > 0 && args.reps > 0, "--prompt-len, --gen and --reps must be positive");
+    let spec = default_model::resolve_spec(args.model.as_deref())?;
+    let files = ModelFiles::resolve(&spec)?;
+    let cache_mb = ((args.prompt_len + args.gen) * 2 + 1024) >> 4; // ample for one sequence at a time
+    let mut engine = crate::serve::open_engine(&files, "cpu", 16, Some(cache_mb.max(64))).context("loading the model")?;
+    let vocab = engine.info().vocab_size as u32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let (mut prefill_ms, mut decode_ms) = (Vec::new(), Vec::new());
+    for rep in 0..=args.reps {
+        // Fresh random tokens each time, so no repetition reuses an earlier one's cached blocks.
+        let prompt: Vec<u32> = (0..args.prompt_len).map(|_| rng.random_range(0..vocab)).collect();
+        let seq: SeqId = rep as u64;
+        engine.add_sequence(seq, &prompt)?;
+        let t = Instant::now();
+        let mut next = step(engine.as_mut(), seq, prompt)?;
+        let prefill = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        for _ in 0..args.gen {
+            next = step(engine.as_mut(), seq, vec![next])?;
+        }
+        let decode = t.elapsed().as_secs_f64() * 1e3;
+        engine.release(seq);
+        eprintln!("rep {rep}{}: prefill {prefill:.1} ms, decode {decode:.1} ms", if rep == 0 { " (warm-up)" } else { "" });
+        if rep > 0 {
+            prefill_ms.push(prefill);
+            decode_ms.push(decode);
+        }
+    }
+    let result = CpuResult {
+        engine: "tandem (CPU engine)".into(),
+        model: files.name.clone(),
+        threads: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+        prompt_len: args.prompt_len,
+        gen: args.gen,
+        reps: args.reps,
+        prefill_tokens_per_s: args.prompt_len as f64 / (mean(&prefill_ms) / 1e3),
+        decode_tokens_per_s: args.gen as f64 / (mean(&decode_ms) / 1e3),
+        prefill_ms,
+        decode_ms,
+    };
+    let json = serde_json::to_string_pretty(&result)?;
+    if let Some(path) = &args.output {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    println!("{json}");
+    Ok(())
+}
+
+/// One forward pass of `tokens` on `seq`; the greedy next token.
+fn step(engine: &mut dyn Engine, seq: SeqId, tokens: Vec<u32>) -> Result<u32> {
+    let logits = engine.forward(&[ForwardItem { seq, tokens, all_logits: false }])?;
+    let last = logits.first().and_then(|l| l.last()).context("the engine returned no logits")?;
+    let best = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).context("empty logits")?;
+    Ok(best)
+}
