@@ -25,10 +25,15 @@
 //! 1. sender → `OFFER`: the JSON [`Header`] (request, layout, tokens, checksums).
 //! 2. receiver checks it, takes a registered buffer of the payload's size from its pool and
 //!    answers `READY`: buffer address, length and packed rkey. (Or a `VERDICT` refusing it.)
-//! 3. sender puts its staged blocks (from its own registered buffer) into that buffer, flushes
+//! 3. sender puts each block straight from its memory into its place in that buffer, flushes
 //!    the endpoint so that they are complete at the receiver, and sends `DONE`.
-//! 4. receiver verifies the checksums, hands the blocks to the waiting request and answers
-//!    `VERDICT` (JSON [`Verdict`]).
+//! 4. receiver verifies the checksums, hands the waiting request the blocks as views into the
+//!    buffer (which returns to the pool when the last view is dropped) and answers `VERDICT`
+//!    (JSON [`Verdict`]).
+//!
+//! Receive buffers come from UCX's own allocator, POSIX shared memory first: on one host the
+//! sender maps such a buffer once (its unpacked key is cached per connection) and every put is a
+//! single copy into it. See `UCX_DEFAULTS` for the settings that make UCX use it.
 //!
 //! A sender that gives up on a transfer (its lease expired, the receiver answered nonsense)
 //! flushes the endpoint and sends `ABORT`, so that the receiver stops waiting and knows that no
@@ -142,11 +147,9 @@ fn size_class(len: usize) -> usize {
     len.div_ceil(step) * step
 }
 
+/// Receive buffers, which UCX allocates (see [`Worker::allocate`]: shared memory on one host).
 struct PoolInner {
     worker: Worker,
-    /// Whether UCX allocates the buffers (receive buffers that peers write into: shared memory
-    /// on one host) or they come from the heap (staging on the sending side).
-    ucx_allocated: bool,
     idle: Mutex<Vec<MemRegion>>,
 }
 
@@ -156,8 +159,8 @@ struct BufferPool {
 }
 
 impl BufferPool {
-    fn new(worker: Worker, ucx_allocated: bool) -> Self {
-        BufferPool { inner: Arc::new(PoolInner { worker, ucx_allocated, idle: Mutex::new(Vec::new()) }) }
+    fn new(worker: Worker) -> Self {
+        BufferPool { inner: Arc::new(PoolInner { worker, idle: Mutex::new(Vec::new()) }) }
     }
 
     async fn take(&self, len: usize) -> Result<PooledBuffer, TransferError> {
@@ -168,11 +171,12 @@ impl BufferPool {
         };
         let region = match reused {
             Some(region) => region,
-            None => {
-                let worker = &self.inner.worker;
-                let made = if self.inner.ucx_allocated { worker.allocate(class).await } else { worker.register(class).await };
-                made.map_err(|e| TransferError::Io(format!("cannot register a buffer of {class} bytes: {e}")))?
-            }
+            None => self
+                .inner
+                .worker
+                .allocate(class)
+                .await
+                .map_err(|e| TransferError::Io(format!("cannot register a buffer of {class} bytes: {e}")))?,
         };
         Ok(PooledBuffer { region: Some(region), pool: self.inner.clone() })
     }
@@ -528,7 +532,7 @@ impl UcxTransport {
     /// A transport configured from the UCX environment (see the module docs).
     pub fn new() -> Result<Self, TransferError> {
         let worker = Worker::new(context()?).map_err(io)?;
-        let pool = BufferPool::new(worker.clone(), false);
+        let pool = BufferPool::new(worker.clone());
         Ok(UcxTransport {
             inner: Arc::new(TransportInner {
                 stats: UcxStats::new(pool),
@@ -540,7 +544,8 @@ impl UcxTransport {
         })
     }
 
-    /// This side's counters (staging buffers, connections opened).
+    /// This side's counters (registered buffers: none, as blocks are put from where they lie;
+    /// connections opened).
     pub fn stats(&self) -> UcxStats {
         self.inner.stats.clone()
     }
@@ -583,7 +588,7 @@ impl UcxReceiver {
     pub async fn new(addr: SocketAddr, registry: HandoffRegistry, lease: Duration) -> Result<Self, TransferError> {
         let worker = Worker::new(context()?).map_err(io)?;
         let listener = worker.listen(addr).await.map_err(|e| TransferError::Io(format!("cannot listen on {addr}: {e}")))?;
-        let pool = BufferPool::new(worker, true);
+        let pool = BufferPool::new(worker);
         Ok(UcxReceiver { listener, registry, lease, stats: UcxStats::new(pool.clone()), pool })
     }
 
