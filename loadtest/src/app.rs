@@ -132,7 +132,13 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
         finish_run(args, &cfg, &report, None)?;
         return Ok(());
     };
-    let reports = sweep::sweep(&cfg, &rates, &requests, counter, |report| {
+    // Rate i draws its prompts with seed + i (the first rate's are the ones prepared above).
+    let mut first = Some(requests);
+    let per_rate = |i: usize| match (i, first.take()) {
+        (0, Some(prepared)) => Ok(prepared),
+        _ => dataset::build(&spec, &counter, pool, cfg.seed.wrapping_add(i as u64)),
+    };
+    let reports = sweep::sweep(&cfg, &rates, per_rate, counter.clone(), |report| {
         println!("request rate {}", rate_label(report.result.info.request_rate));
         finish_run(args, &cfg, report, Some(report.result.info.request_rate))
     })

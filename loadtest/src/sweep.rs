@@ -24,18 +24,20 @@ pub fn parse_rates(text: &str) -> Result<Vec<f64>> {
     Ok(rates)
 }
 
-/// Runs `cfg` at each rate, calling `each` after every run (to print or save it).
+/// Runs `cfg` at each rate, calling `each` after every run (to print or save it). The i-th rate
+/// sends `requests(i)`: each rate can draw its own prompts, so that a server's prefix cache
+/// does not carry one rate's prompts into the next and flatter it.
 pub async fn sweep(
     cfg: &BenchConfig,
     rates: &[f64],
-    requests: &[SampleRequest],
+    mut requests: impl FnMut(usize) -> Result<Vec<SampleRequest>>,
     counter: Arc<TokenCounter>,
     mut each: impl FnMut(&RunReport) -> Result<()>,
 ) -> Result<Vec<RunReport>> {
     let mut reports = Vec::with_capacity(rates.len());
-    for &rate in rates {
+    for (i, &rate) in rates.iter().enumerate() {
         let cfg = BenchConfig { request_rate: rate, ..cfg.clone() };
-        let report = run_benchmark(&cfg, requests, counter.clone()).await?;
+        let report = run_benchmark(&cfg, &requests(i)?, counter.clone()).await?;
         each(&report)?;
         reports.push(report);
     }
