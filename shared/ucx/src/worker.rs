@@ -1159,25 +1159,9 @@ impl Progress {
     }
 
     fn register(&mut self, len: usize, shared_memory: bool) -> Result<MemRegion> {
-        let mut memh = ptr::null_mut();
-        let memory = match shared_memory.then(|| self.map_allocated(len)).flatten() {
-            Some((handle, memory)) => {
-                memh = handle;
-                memory
-            }
-            None => {
-                let memory = HostMemory::alloc(len)?;
-                let params = sys::ucp_mem_map_params_t {
-                    field_mask: (sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_ADDRESS
-                        | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH) as u64,
-                    address: memory.ptr.as_ptr() as *mut c_void,
-                    length: len,
-                    ..Default::default()
-                };
-                // SAFETY: the range is allocated and stays so until after the matching unmap.
-                check("ucp_mem_map", unsafe { sys::ucp_mem_map(self.context.raw(), &params, &mut memh) })?;
-                memory
-            }
+        let (memh, memory) = match shared_memory.then(|| self.map_allocated(len)).flatten() {
+            Some(mapped) => mapped,
+            None => self.map_heap(len)?,
         };
         let mut packed = ptr::null_mut();
         let mut size = 0usize;
@@ -1200,6 +1184,22 @@ impl Progress {
             Some(shared) => Ok(MemRegion { inner: Arc::new(inner(shared)) }),
             None => Err(Error::WorkerGone), // unreachable while a command is being served
         }
+    }
+
+    /// Heap memory of `len` zeroed bytes, mapped for remote access.
+    fn map_heap(&mut self, len: usize) -> Result<(sys::ucp_mem_h, HostMemory)> {
+        let memory = HostMemory::alloc(len)?;
+        let params = sys::ucp_mem_map_params_t {
+            field_mask: (sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_ADDRESS
+                | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH) as u64,
+            address: memory.ptr.as_ptr() as *mut c_void,
+            length: len,
+            ..Default::default()
+        };
+        let mut memh = ptr::null_mut();
+        // SAFETY: the range is allocated and stays so until after the matching unmap.
+        check("ucp_mem_map", unsafe { sys::ucp_mem_map(self.context.raw(), &params, &mut memh) })?;
+        Ok((memh, memory))
     }
 
     /// Memory that UCX allocates and maps itself (see [`Worker::allocate`]); `None` when it
