@@ -7,6 +7,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={}", proto.display());
     // Build scripts are single-threaded, so setting a variable here races with nothing.
     std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
-    tonic_prost_build::configure().compile_protos(&[proto], &[root])?;
+    // KV blocks travel as shared `Bytes`: a prefill worker offloads the blocks it exported without
+    // copying them, and the block store keeps what it decoded without copying it again.
+    tonic_prost_build::configure()
+        .bytes(".tandem.v1.PutBlocksRequest.blocks")
+        .bytes(".tandem.v1.GetBlocksResponse.blocks")
+        .compile_protos(&[proto], &[root])?;
     Ok(())
 }

@@ -272,6 +272,7 @@ async fn drive(
     };
     state.metrics.prefix_routed_blocks.inc_by(prefill.cached_blocks as u64);
     state.metrics.store_pulled_blocks.inc_by(resp.pulled_blocks as u64);
+    state.metrics.store_offload_shed_blocks.inc_by(resp.offload_shed_blocks as u64);
     // The prefill worker now caches the prompt's full blocks; the store will hold the leading
     // ones it was sent. The index is a hint: a stale entry costs a worse route or a short fetch.
     let full = block_hashes(&spec.prompt, bs);

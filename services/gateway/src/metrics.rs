@@ -22,6 +22,7 @@ pub struct Metrics {
     pub workers: IntGaugeVec,
     pub prefix_routed_blocks: IntCounter,
     pub store_pulled_blocks: IntCounter,
+    pub store_offload_shed_blocks: IntCounter,
     pub state_errors: IntCounter,
     pub state_dropped_writes: IntCounter,
     pub retries: IntCounterVec,
@@ -57,6 +58,10 @@ impl Metrics {
         let workers = IntGaugeVec::new(Opts::new("workers", "Workers in routing, by role"), &["role"])?;
         let prefix_routed_blocks = IntCounter::new("prefix_index_hit_blocks_total", "Prompt blocks the chosen prefill worker held, by the prefix index")?;
         let store_pulled_blocks = IntCounter::new("kv_store_pulled_blocks_total", "Prompt blocks prefill workers fetched from the block store instead of computing")?;
+        let store_offload_shed_blocks = IntCounter::new(
+            "kv_store_offload_shed_blocks_total",
+            "Prompt blocks prefill workers did not offload to the block store because their offloads in flight filled the budget",
+        )?;
         let state_errors = IntCounter::new("state_store_errors_total", "State store calls that failed or timed out")?;
         let state_dropped_writes = IntCounter::new("state_store_dropped_writes_total", "State writes dropped while the store was down or behind")?;
         let retries = IntCounterVec::new(Opts::new("worker_retries_total", "Requests moved to another worker before any token was sent, by role"), &["role"])?;
@@ -77,6 +82,7 @@ impl Metrics {
         registry.register(Box::new(workers.clone()))?;
         registry.register(Box::new(prefix_routed_blocks.clone()))?;
         registry.register(Box::new(store_pulled_blocks.clone()))?;
+        registry.register(Box::new(store_offload_shed_blocks.clone()))?;
         registry.register(Box::new(state_errors.clone()))?;
         registry.register(Box::new(state_dropped_writes.clone()))?;
         registry.register(Box::new(retries.clone()))?;
@@ -99,6 +105,7 @@ impl Metrics {
             workers,
             prefix_routed_blocks,
             store_pulled_blocks,
+            store_offload_shed_blocks,
             state_errors,
             state_dropped_writes,
             retries,

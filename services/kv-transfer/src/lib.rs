@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-pub use store::BlockStore;
+pub use store::{layout_id, BlockStore};
 
 pub struct KvTransferConfig {
     pub worker_id: String,
@@ -107,11 +107,12 @@ impl KvStore for Service {
         if r.hashes.len() != r.blocks.len() {
             return Err(Status::invalid_argument("one hash per block"));
         }
+        let layout = layout_id(&r.layout_json);
         let (mut stored, mut gone) = (Vec::new(), Vec::new());
         {
             let mut store = lock(&self.store);
             for (h, b) in r.hashes.into_iter().zip(r.blocks) {
-                let (ok, evicted) = store.put(&r.layout_json, h, b);
+                let (ok, evicted) = store.put(layout, h, b);
                 if ok {
                     stored.push(h);
                 }
@@ -126,7 +127,7 @@ impl KvStore for Service {
 
     async fn get(&self, request: Request<GetBlocksRequest>) -> Result<Response<GetBlocksResponse>, Status> {
         let r = request.into_inner();
-        let (blocks, gone) = lock(&self.store).get_prefix(&r.layout_json, &r.hashes);
+        let (blocks, gone) = lock(&self.store).get_prefix(layout_id(&r.layout_json), &r.hashes);
         self.index(Vec::new(), gone);
         Ok(Response::new(GetBlocksResponse { blocks }))
     }

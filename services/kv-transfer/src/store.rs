@@ -2,11 +2,24 @@
 //! disk under its own budget. Both evict least recently used first; a block leaving memory
 //! moves to disk, a block leaving disk is gone. Blocks of different layouts (models, dtypes, TP
 //! ranks) never mix: the layout is part of the key.
+//!
+//! Blocks are kept as the shared [`Bytes`] they arrived in (no copy on the way in, none on the
+//! way out). The blocks of one put share the allocation their message was decoded into, which is
+//! freed once the last of them leaves; one put's blocks are neighbours in the LRU order, so they
+//! mostly leave together.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
-type Key = (String, u64);
+use tandem_protocol::Bytes;
+
+/// A layout (by its [`layout_id`]) and a block hash.
+type Key = (u64, u64);
+
+/// Names a layout by a hash of its JSON, so that a key costs no allocation.
+pub fn layout_id(layout_json: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(layout_json.as_bytes())
+}
 
 /// Byte-budgeted LRU bookkeeping shared by both tiers.
 #[derive(Debug)]
@@ -66,14 +79,13 @@ struct Disk {
 
 impl Disk {
     fn path(&self, key: &Key) -> PathBuf {
-        let layout = xxhash_rust::xxh3::xxh3_64(key.0.as_bytes());
-        self.dir.join(format!("{layout:016x}-{:016x}.kv", key.1))
+        self.dir.join(format!("{:016x}-{:016x}.kv", key.0, key.1))
     }
 }
 
 #[derive(Debug)]
 pub struct BlockStore {
-    mem: Lru<Vec<u8>>,
+    mem: Lru<Bytes>,
     disk: Option<Disk>,
 }
 
@@ -118,8 +130,8 @@ impl BlockStore {
 
     /// Stores a block, moving or dropping the least recently used ones to fit. Returns whether it
     /// was stored and the hashes that left the store entirely.
-    pub fn put(&mut self, layout: &str, hash: u64, bytes: Vec<u8>) -> (bool, Vec<u64>) {
-        let key = (layout.to_string(), hash);
+    pub fn put(&mut self, layout: u64, hash: u64, bytes: Bytes) -> (bool, Vec<u64>) {
+        let key = (layout, hash);
         if self.mem.items.contains_key(&key) {
             self.mem.touch(&key);
             return (true, Vec::new());
@@ -138,7 +150,7 @@ impl BlockStore {
     }
 
     /// Moves blocks pushed out of memory to disk; returns the hashes that are gone for good.
-    fn spill(&mut self, blocks: Vec<(Key, Vec<u8>)>) -> Vec<u64> {
+    fn spill(&mut self, blocks: Vec<(Key, Bytes)>) -> Vec<u64> {
         let mut gone = Vec::new();
         for (key, bytes) in blocks {
             let Some(d) = self.disk.as_mut() else {
@@ -159,11 +171,11 @@ impl BlockStore {
 
     /// The blocks of the longest stored prefix of `hashes`, from either tier (a disk hit moves
     /// back to memory), and the hashes that left the store to make room.
-    pub fn get_prefix(&mut self, layout: &str, hashes: &[u64]) -> (Vec<Vec<u8>>, Vec<u64>) {
+    pub fn get_prefix(&mut self, layout: u64, hashes: &[u64]) -> (Vec<Bytes>, Vec<u64>) {
         let mut out = Vec::new();
         let mut gone = Vec::new();
         for h in hashes {
-            let key = (layout.to_string(), *h);
+            let key = (layout, *h);
             if let Some((b, _, _)) = self.mem.items.get(&key) {
                 out.push(b.clone());
                 self.mem.touch(&key);
@@ -174,7 +186,7 @@ impl BlockStore {
                 break;
             }
             let path = d.path(&key);
-            let Ok(bytes) = std::fs::read(&path) else {
+            let Ok(bytes) = std::fs::read(&path).map(Bytes::from) else {
                 gone.push(*h);
                 break;
             };
@@ -184,7 +196,7 @@ impl BlockStore {
             let spilled = self.mem.insert(key, bytes, size);
             gone.extend(self.spill(spilled));
         }
-        debug_assert!(hashes.iter().take(out.len()).all(|h| self.contains(&(layout.to_string(), *h)) || gone.contains(h)));
+        debug_assert!(hashes.iter().take(out.len()).all(|h| self.contains(&(layout, *h)) || gone.contains(h)));
         (out, gone)
     }
 
@@ -202,22 +214,28 @@ impl BlockStore {
 mod tests {
     use super::*;
 
+    const L: u64 = 1;
+
+    fn block(v: u64) -> Bytes {
+        Bytes::from(vec![v as u8; 10])
+    }
+
     #[test]
     fn budget_evicts_least_recently_used_and_prefixes_stop_at_gaps() {
         let mut s = BlockStore::new(30);
         for h in 1..=3 {
-            assert!(s.put("l", h, vec![h as u8; 10]).0);
+            assert!(s.put(L, h, block(h)).0);
         }
         // Touch 1 so that 2 is the oldest, then overflow.
-        assert_eq!(s.get_prefix("l", &[1]).0.len(), 1);
-        let (stored, gone) = s.put("l", 4, vec![4; 10]);
+        assert_eq!(s.get_prefix(L, &[1]).0.len(), 1);
+        let (stored, gone) = s.put(L, 4, block(4));
         assert!(stored);
         assert_eq!(gone, vec![2], "without a disk tier an evicted block is gone");
         assert_eq!(s.memory_bytes(), 30);
-        assert_eq!(s.get_prefix("l", &[1, 2, 3]).0.len(), 1, "2 was evicted, so the prefix stops at it");
-        assert_eq!(s.get_prefix("l", &[3, 4]).0, vec![vec![3; 10], vec![4; 10]]);
-        assert!(s.get_prefix("other-layout", &[3]).0.is_empty());
-        assert!(!s.put("l", 9, vec![0; 31]).0);
+        assert_eq!(s.get_prefix(L, &[1, 2, 3]).0.len(), 1, "2 was evicted, so the prefix stops at it");
+        assert_eq!(s.get_prefix(L, &[3, 4]).0, vec![block(3), block(4)]);
+        assert!(s.get_prefix(2, &[3]).0.is_empty());
+        assert!(!s.put(L, 9, Bytes::from(vec![0; 31])).0);
     }
 
     #[test]
@@ -225,18 +243,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = BlockStore::new(20).with_disk(dir.path().join("blocks"), 20).unwrap();
         for h in 1..=4 {
-            let (stored, gone) = s.put("l", h, vec![h as u8; 10]);
+            let (stored, gone) = s.put(L, h, block(h));
             assert!(stored && gone.is_empty(), "blocks 1 and 2 moved to disk, none lost");
         }
         assert_eq!((s.memory_bytes(), s.disk_bytes(), s.len()), (20, 20, 4));
         assert_eq!(std::fs::read_dir(dir.path().join("blocks")).unwrap().count(), 2);
         // Reading 1..=4 brings 1 and 2 back from disk, pushing 3 and 4 down.
-        let (blocks, gone) = s.get_prefix("l", &[1, 2, 3, 4]);
+        let (blocks, gone) = s.get_prefix(L, &[1, 2, 3, 4]);
         assert_eq!(blocks, (1..=4).map(|h| vec![h as u8; 10]).collect::<Vec<_>>());
         assert!(gone.is_empty());
         assert_eq!(s.len(), 4);
         // A fifth block overflows both tiers: the oldest on disk is gone for good.
-        let (_, gone) = s.put("l", 5, vec![5; 10]);
+        let (_, gone) = s.put(L, 5, block(5));
         assert_eq!(gone.len(), 1);
         assert_eq!(s.len(), 4);
     }

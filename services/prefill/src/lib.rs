@@ -35,8 +35,13 @@ pub struct PrefillConfig {
     pub transport: Arc<dyn KvTransport>,
     /// Upper bound of one KV handoff, verdict included.
     pub handoff_lease: Duration,
-    /// Bound of one fetch from the block store; past it the prompt is computed instead.
+    /// Bound of one fetch from, or offload to, the block store; past it a fetch computes the
+    /// prompt instead, and an offload is given up (and counted as failed).
     pub store_timeout: Duration,
+    /// Most block bytes this worker's offloads to the block store may have in flight at once.
+    /// Offloads are best effort: past this budget a prompt's blocks are shed (and counted), not
+    /// queued, so a store that falls behind costs neither memory here nor time-outs there.
+    pub offload_budget_bytes: usize,
     pub state: Option<Arc<dyn StateStore>>,
     pub heartbeat: Duration,
     /// How long a republished prefix-index entry lives (as long as the gateway's).
@@ -51,7 +56,12 @@ struct Counters {
     cancelled: AtomicU64,
     pulled: AtomicU64,
     offloaded: AtomicU64,
+    offload_shed: AtomicU64,
+    offload_failed: AtomicU64,
 }
+
+/// Offload bytes in flight, in KiB (a semaphore's permits), bounded by the configured budget.
+const KIB: usize = 1024;
 
 /// Hashes recently sent to the block store, so a popular prefix is not sent with every request.
 #[derive(Debug, Default)]
@@ -83,9 +93,10 @@ struct Service {
     layout_json: String,
     draining: Arc<AtomicBool>,
     inflight: InFlight,
-    counters: Counters,
+    counters: Arc<Counters>,
     stores: Mutex<HashMap<String, KvStoreClient<Channel>>>,
     offloaded: Mutex<Recent>,
+    offload_budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves the prefill gRPC API on `listener` until `shutdown` fires, then drains and stops.
@@ -93,15 +104,17 @@ pub async fn run(engine: EngineHandle, cfg: PrefillConfig, listener: TcpListener
     let addr = listener.local_addr()?;
     tracing::info!(%addr, worker = %cfg.worker_id, "prefill worker serving");
     let layout_json = serde_json::to_string(&engine.info().layout)?;
+    let offload_budget = Arc::new(tokio::sync::Semaphore::new(cfg.offload_budget_bytes.div_ceil(KIB).clamp(1, u32::MAX as usize)));
     let svc = Arc::new(Service {
         engine,
         cfg,
         layout_json,
         draining: Arc::new(AtomicBool::new(false)),
         inflight: InFlight::default(),
-        counters: Counters::default(),
+        counters: Arc::default(),
         stores: Mutex::new(HashMap::new()),
         offloaded: Mutex::new(Recent::default()),
+        offload_budget,
     });
     let serve_stop = CancellationToken::new();
     let server = tonic::transport::Server::builder()
@@ -163,6 +176,8 @@ impl Service {
             cancelled: self.counters.cancelled.load(Ordering::Relaxed),
             pulled_blocks: self.counters.pulled.load(Ordering::Relaxed),
             offloaded_blocks: self.counters.offloaded.load(Ordering::Relaxed),
+            offload_shed_blocks: self.counters.offload_shed.load(Ordering::Relaxed),
+            offload_failed_blocks: self.counters.offload_failed.load(Ordering::Relaxed),
             ..worker_info(&self.engine, &self.cfg.worker_id, "prefill", "")
         }
     }
@@ -225,6 +240,7 @@ impl Service {
         };
         let parent = if local == 0 { ROOT_HASH } else { reusable[local - 1] };
         let tokens = prompt[local * bs..(local + blocks.len()) * bs].to_vec();
+        let blocks = blocks.into_iter().map(Vec::from).collect();
         match self.engine.insert_cached(parent, tokens, blocks).await {
             Ok(added) => {
                 self.counters.pulled.fetch_add(added as u64, Ordering::Relaxed);
@@ -237,37 +253,59 @@ impl Service {
         }
     }
 
-    /// Sends the prompt's full blocks the store lacks to it, in the background. Returns how many
-    /// leading prompt blocks the store will then hold (as far as this worker knows).
-    fn offload(&self, addr: &str, kv: &KvExport, skip: usize) -> usize {
+    /// Sends the prompt's full blocks the store lacks to it, in the background, within the
+    /// in-flight budget. Returns how many leading prompt blocks the store will then hold (as far
+    /// as this worker knows) and how many were shed because the budget was spent.
+    ///
+    /// The blocks go as they are (shared, not copied): the export is this worker's own memory,
+    /// which nothing writes into again, so the handoff that read them and the offload that reads
+    /// them now cannot disturb each other, whichever finishes or times out first.
+    fn offload(&self, addr: &str, kv: &KvExport, skip: usize) -> (usize, usize) {
         let hashes = block_hashes(&kv.tokens, kv.layout.block_size);
-        let (mut send_hashes, mut send_blocks) = (Vec::new(), Vec::new());
+        let candidates: Vec<usize> = {
+            let recent = self.offloaded.lock().unwrap_or_else(|e| e.into_inner());
+            (skip..hashes.len()).filter(|&i| !recent.set.contains(&hashes[i])).collect()
+        };
+        if candidates.is_empty() {
+            return (hashes.len(), 0);
+        }
+        let bytes: usize = candidates.iter().map(|&i| kv.blocks[i].len()).sum();
+        // An offload larger than the whole budget may still go alone.
+        let budget = self.cfg.offload_budget_bytes.div_ceil(KIB).clamp(1, u32::MAX as usize);
+        let permits = u32::try_from(bytes.div_ceil(KIB).min(budget)).unwrap_or(u32::MAX);
+        let client = self.store(addr).ok();
+        let (Some(mut client), Ok(permit)) = (client, self.offload_budget.clone().try_acquire_many_owned(permits)) else {
+            self.counters.offload_shed.fetch_add(candidates.len() as u64, Ordering::Relaxed);
+            tracing::debug!(store = %addr, blocks = candidates.len(), bytes, "offload shed: the in-flight budget is spent");
+            return (skip, candidates.len());
+        };
         {
             let mut recent = self.offloaded.lock().unwrap_or_else(|e| e.into_inner());
-            for (i, h) in hashes.iter().enumerate().skip(skip) {
-                if recent.insert(*h) {
-                    send_hashes.push(*h);
-                    send_blocks.push(kv.blocks[i].to_vec());
-                }
+            for &i in &candidates {
+                recent.insert(hashes[i]);
             }
         }
-        let n = send_hashes.len();
-        if n == 0 {
-            return hashes.len();
-        }
-        let Ok(mut client) = self.store(addr) else { return 0 };
-        let req = PutBlocksRequest { layout_json: self.layout_json.clone(), hashes: send_hashes, blocks: send_blocks };
+        let n = candidates.len();
+        let req = PutBlocksRequest {
+            layout_json: self.layout_json.clone(),
+            hashes: candidates.iter().map(|&i| hashes[i]).collect(),
+            blocks: candidates.iter().map(|&i| kv.blocks[i].clone()).collect(),
+        };
         self.counters.offloaded.fetch_add(n as u64, Ordering::Relaxed);
         let timeout = self.cfg.store_timeout;
         let store = addr.to_string();
+        let counters = self.counters.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(timeout, client.put(req)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(%store, error = %e, "offload to the block store failed"),
-                Err(_) => tracing::warn!(%store, "offload to the block store timed out"),
+            let outcome = tokio::time::timeout(timeout, client.put(req)).await;
+            drop(permit);
+            match outcome {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => tracing::warn!(%store, error = %e, blocks = n, "offload to the block store failed"),
+                Err(_) => tracing::warn!(%store, blocks = n, "offload to the block store timed out"),
             }
+            counters.offload_failed.fetch_add(n as u64, Ordering::Relaxed);
         });
-        hashes.len()
+        (hashes.len(), 0)
     }
 }
 
@@ -314,6 +352,7 @@ impl Service {
                         transfer: None,
                         pulled_blocks: pulled as u32,
                         offloaded_blocks: 0,
+                        offload_shed_blocks: 0,
                     }));
                 }
                 Event::Prefilled { kv, usage, .. } => {
@@ -333,7 +372,8 @@ impl Service {
                         transport = %report.transport, bytes = report.bytes,
                         transfer_ms = report.millis, prefill_ms = prefill_millis, pulled, "kv handed off"
                     );
-                    let offloaded = if r.store_addr.is_empty() { 0 } else { self.offload(&r.store_addr, &handoff.kv, store_blocks) };
+                    let (offloaded, shed) =
+                        if r.store_addr.is_empty() { (0, 0) } else { self.offload(&r.store_addr, &handoff.kv, store_blocks) };
                     self.counters.completed.fetch_add(1, Ordering::Relaxed);
                     return Ok(Response::new(PrefillResponse {
                         first_token: Some(first_token),
@@ -348,6 +388,7 @@ impl Service {
                         }),
                         pulled_blocks: pulled as u32,
                         offloaded_blocks: offloaded as u32,
+                        offload_shed_blocks: shed as u32,
                     }));
                 }
                 Event::Failed { error, .. } => {

@@ -22,6 +22,8 @@ pub enum BenchCommand {
     Transfer(TransferArgs),
     /// KV blocks moved between two GPUs of this host by peer copy.
     GpuPeer(crate::bench_gpu::GpuPeerArgs),
+    /// How many offloads (puts of KV blocks) the block store takes per second.
+    Store(crate::bench_store::StoreArgs),
     /// Prefill and decode speed of the CPU engine on a model (the default unless --model).
     Cpu(crate::bench_cpu::CpuArgs),
     /// Decode and prefill speed of the CUDA engine on performance shapes (random weights).
@@ -93,6 +95,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         #[cfg(feature = "cuda")]
         BenchCommand::GpuCheck(args) => crate::bench_engine::check(&args),
         BenchCommand::Cpu(args) => crate::bench_cpu::run(&args),
+        BenchCommand::Store(args) => crate::bench_store::run(&args),
         BenchCommand::GpuPeer(args) => {
             let rows = crate::bench_gpu::run(&args)?;
             report(&rows, args.json, args.output.as_deref())
@@ -122,7 +125,7 @@ fn report(rows: &[Row], json_out: bool, output: Option<&std::path::Path>) -> Res
     Ok(())
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
@@ -143,23 +146,25 @@ pub(crate) fn payload(layers: usize, blocks: usize) -> Handoff {
         tp_size: 1,
         token_count: blocks * 16,
     };
-    // Non-constant bytes, so nothing along the way can compress them away.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let blocks: Vec<tandem_protocol::Bytes> = (0..blocks)
-        .map(|_| {
-            (0..layout.block_bytes() / 8)
-                .flat_map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x.to_le_bytes()
-                })
-                .collect::<Vec<u8>>()
-                .into()
-        })
-        .collect();
+    let blocks: Vec<tandem_protocol::Bytes> = (0..blocks).map(|b| noise(b as u64, layout.block_bytes()).into()).collect();
     let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
     Handoff { request_id: String::new(), first_token: 0, kv: KvExport { layout, tokens: vec![1; blocks.len() * 16], blocks, checksums } }
+}
+
+/// `len` non-constant bytes from `seed` (xorshift), so nothing along the way can compress them
+/// away.
+pub(crate) fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let mut out: Vec<u8> = (0..len.div_ceil(8))
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    out.truncate(len);
+    out
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {

@@ -4,6 +4,7 @@
 mod bench;
 mod bench_cpu;
 mod bench_gpu;
+mod bench_store;
 #[cfg(feature = "cuda")]
 mod bench_engine;
 pub mod default_model;
@@ -73,15 +74,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", default_model::ensure_default()?.display());
             Ok(())
         }
-        Command::Up(args) => runtime()?.block_on(up::run(args)),
-        Command::Gateway(args) => runtime()?.block_on(serve::gateway(args)),
-        Command::Prefill(args) => runtime()?.block_on(serve::prefill(args)),
-        Command::Decode(args) => runtime()?.block_on(serve::decode(args)),
-        Command::KvTransfer(args) => runtime()?.block_on(serve::kv_transfer(args)),
+        Command::Up(args) => runtime(2)?.block_on(up::run(args)),
+        Command::Gateway(args) => runtime(2)?.block_on(serve::gateway(args)),
+        Command::Prefill(args) => runtime(2)?.block_on(serve::prefill(args)),
+        Command::Decode(args) => runtime(2)?.block_on(serve::decode(args)),
+        // The block store has no engine thread beside it: every core it is given can serve puts.
+        Command::KvTransfer(args) => runtime(store_threads())?.block_on(serve::kv_transfer(args)),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
 
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+}
+
+pub(crate) fn store_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
 }

@@ -75,6 +75,10 @@ pub struct PrefillArgs {
     /// Bound of one fetch from (or offload to) the block store.
     #[arg(long, default_value_t = 2_000)]
     pub store_timeout_ms: u64,
+    /// Most MiB of offloads to the block store in flight at once; past it a prompt's blocks are
+    /// not offloaded (counted as shed) rather than queued.
+    #[arg(long, env = "TANDEM_OFFLOAD_BUDGET_MB", default_value_t = 256)]
+    pub offload_budget_mb: usize,
     /// KV transports to hand blocks over with, in order of preference; the first one the decode
     /// worker also offers is used, and the next if it cannot connect.
     #[arg(long, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
@@ -254,6 +258,7 @@ pub async fn prefill(args: PrefillArgs) -> Result<()> {
         transport: Arc::new(crate::transports::sender_set(&args.kv_transport)?),
         handoff_lease: Duration::from_millis(args.handoff_lease_ms),
         store_timeout: Duration::from_millis(args.store_timeout_ms),
+        offload_budget_bytes: args.offload_budget_mb << 20,
         state: state_store(c.redis.as_deref())?,
         heartbeat: Duration::from_millis(c.heartbeat_ms),
         index_ttl: Duration::from_secs(args.index_ttl_s),

@@ -190,3 +190,59 @@ async fn a_silent_decode_peer_fails_the_prefill_within_its_lease() {
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert!(idle(&prefill_info(&p).await));
 }
+
+fn signal(p: &Proc, sig: &str) {
+    let status = std::process::Command::new("kill").args([sig, &p.child.id().to_string()]).status().unwrap();
+    assert!(status.success(), "kill {sig}");
+}
+
+async fn store_blocks(store: &Proc) -> u32 {
+    let mut c = tandem_protocol::pb::kv_store_client::KvStoreClient::connect(format!("http://{}", store.field("grpc"))).await.unwrap();
+    c.info(InfoRequest {}).await.unwrap().into_inner().total_blocks
+}
+
+/// A block store that stops answering (here: SIGSTOP) while prompts keep coming: offloads time
+/// out or are shed at the prefill worker's budget, fetches fall back to computing, and every
+/// request still gets the answer it would have had.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_block_store_costs_offloads_never_a_request() {
+    let store = start(&["kv-transfer"]);
+    let prefill =
+        start(&["prefill", "--kv-cache-mb", "64", "--handoff-lease-ms", "5000", "--store-timeout-ms", "300", "--offload-budget-mb", "1"]);
+    let decode = start(&["decode", "--kv-cache-mb", "64", "--handoff-lease-ms", "5000"]);
+    let gw = start(&[
+        "gateway", "--listen", "127.0.0.1:0", "--poll-interval-ms", "200",
+        "--prefill", &prefill.field("grpc"), "--decode", &decode.field("grpc"), "--kv-store", &store.field("grpc"),
+    ]);
+    let base = format!("http://{}", gw.field("http"));
+    wait_for("the gateway is ready", Duration::from_secs(60), || http_status(&base, "/ready") == Some(200));
+    // Long enough for two full blocks of 16 tokens.
+    let prompt = |i: usize| format!("Request {i}: list the planets of the solar system in order, with one fact about each of them.");
+    let complete = |i: usize| {
+        let base = base.clone();
+        let body = json!({"model": MODEL, "prompt": prompt(i), "max_tokens": 6, "temperature": 0});
+        async move {
+            let (status, v) = post(&base, "/v1/completions", &body).await;
+            assert_eq!(status, 200, "{v}");
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        }
+    };
+
+    let reference = complete(0).await;
+    eventually("the store holds the first prompt's blocks", Duration::from_secs(10), || async { store_blocks(&store).await > 0 }).await;
+
+    signal(&store, "-STOP");
+    assert_eq!(complete(0).await, reference);
+    let answers = futures::future::join_all((1..7).map(complete)).await;
+    assert!(answers.iter().all(|a| !a.is_empty()));
+    let info = prefill_info(&prefill).await;
+    assert!(info.offload_shed_blocks > 0, "a stalled offload holds the 1 MiB budget, so others are shed: {info:?}");
+    wait_until("a stalled offload times out and is counted", || async { prefill_info(&prefill).await.offload_failed_blocks > 0 }).await;
+    let shed = metric(&base, "tandem_kv_store_offload_shed_blocks_total").unwrap();
+    assert_eq!(shed, prefill_info(&prefill).await.offload_shed_blocks as f64);
+
+    signal(&store, "-CONT");
+    let before = store_blocks(&store).await;
+    complete(100).await;
+    eventually("offloads land again once the store answers", Duration::from_secs(10), || async { store_blocks(&store).await > before }).await;
+}

@@ -24,7 +24,8 @@
 //!
 //! 1. sender → `OFFER`: the JSON [`Header`] (request, layout, tokens, checksums).
 //! 2. receiver checks it, takes a registered buffer of the payload's size from its pool and
-//!    answers `READY`: buffer address, length and packed rkey. (Or a `VERDICT` refusing it.)
+//!    answers `READY`: the buffer's id, address, length and packed rkey. (Or a `VERDICT`
+//!    refusing it.)
 //! 3. sender puts each block straight from its memory into its place in that buffer, flushes
 //!    the endpoint so that they are complete at the receiver, and sends `DONE`.
 //! 4. receiver verifies the checksums, hands the waiting request the blocks as views into the
@@ -32,8 +33,8 @@
 //!    (JSON [`Verdict`]).
 //!
 //! Receive buffers come from UCX's own allocator, POSIX shared memory first: on one host the
-//! sender maps such a buffer once (its unpacked key is cached per connection) and every put is a
-//! single copy into it. See `UCX_DEFAULTS` for the settings that make UCX use it.
+//! sender maps such a buffer once (its unpacked key is cached per connection, under the buffer's
+//! id, which no later buffer reuses) and every put is a single copy into it. See `UCX_DEFAULTS` for the settings that make UCX use it.
 //!
 //! A sender that gives up on a transfer (its lease expired, the receiver answered nonsense)
 //! flushes the endpoint and sends `ABORT`, so that the receiver stops waiting and knows that no
@@ -114,6 +115,9 @@ fn split(message: &AmMessage) -> Option<(u64, &[u8])> {
 
 /// Where the receiver wants the payload.
 struct Ready {
+    /// The receive buffer's identity: never given to another buffer while the receiver lives
+    /// (see [`BufferId`]).
+    buffer: BufferId,
     addr: u64,
     len: u64,
     rkey: Vec<u8>,
@@ -121,7 +125,8 @@ struct Ready {
 
 impl Ready {
     fn encode(&self) -> Vec<u8> {
-        let mut body = Vec::with_capacity(16 + self.rkey.len());
+        let mut body = Vec::with_capacity(24 + self.rkey.len());
+        body.extend_from_slice(&self.buffer.0.to_le_bytes());
         body.extend_from_slice(&self.addr.to_le_bytes());
         body.extend_from_slice(&self.len.to_le_bytes());
         body.extend_from_slice(&self.rkey);
@@ -129,11 +134,29 @@ impl Ready {
     }
 
     fn decode(body: &[u8]) -> Result<Self, TransferError> {
-        let (addr, rest) = body.split_first_chunk::<8>().ok_or_else(|| protocol("short READY"))?;
-        let (len, rkey) = rest.split_first_chunk::<8>().ok_or_else(|| protocol("short READY"))?;
-        Ok(Ready { addr: u64::from_le_bytes(*addr), len: u64::from_le_bytes(*len), rkey: rkey.to_vec() })
+        let short = || protocol("short READY");
+        let (buffer, rest) = body.split_first_chunk::<8>().ok_or_else(short)?;
+        let (addr, rest) = rest.split_first_chunk::<8>().ok_or_else(short)?;
+        let (len, rkey) = rest.split_first_chunk::<8>().ok_or_else(short)?;
+        Ok(Ready {
+            buffer: BufferId(u64::from_le_bytes(*buffer)),
+            addr: u64::from_le_bytes(*addr),
+            len: u64::from_le_bytes(*len),
+            rkey: rkey.to_vec(),
+        })
     }
 }
+
+/// Names one receive buffer from its allocation to its release, and no other buffer after it.
+///
+/// A packed remote key cannot serve as that name. UCX's shared-memory key is the segment's
+/// file descriptor number, address and length; once the pool frees a buffer, the next one of
+/// the same size class often gets the same descriptor at the same address, so its key is the
+/// same bytes. A sender that looked its mapping up by key would then reuse the mapping of the
+/// freed segment and put the blocks into memory nobody reads any more, while the receiver checked
+/// its new, untouched buffer: a checksum failure on block 0 under load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct BufferId(u64);
 
 /// Registered buffers are expensive to make (pinned for RDMA), so they are pooled by size class:
 /// multiples of an eighth of the power of two at or below the length, so at most 12.5% (or
@@ -150,7 +173,8 @@ fn size_class(len: usize) -> usize {
 /// Receive buffers, which UCX allocates (see [`Worker::allocate`]: shared memory on one host).
 struct PoolInner {
     worker: Worker,
-    idle: Mutex<Vec<MemRegion>>,
+    idle: Mutex<Vec<(BufferId, MemRegion)>>,
+    next_id: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -160,31 +184,35 @@ struct BufferPool {
 
 impl BufferPool {
     fn new(worker: Worker) -> Self {
-        BufferPool { inner: Arc::new(PoolInner { worker, idle: Mutex::new(Vec::new()) }) }
+        BufferPool { inner: Arc::new(PoolInner { worker, idle: Mutex::new(Vec::new()), next_id: AtomicU64::new(1) }) }
     }
 
     async fn take(&self, len: usize) -> Result<PooledBuffer, TransferError> {
         let class = size_class(len);
         let reused = {
             let mut idle = self.inner.idle.lock().unwrap_or_else(|e| e.into_inner());
-            idle.iter().position(|r| r.len() == class).map(|i| idle.remove(i))
+            idle.iter().position(|(_, r)| r.len() == class).map(|i| idle.remove(i))
         };
-        let region = match reused {
-            Some(region) => region,
-            None => self
-                .inner
-                .worker
-                .allocate(class)
-                .await
-                .map_err(|e| TransferError::Io(format!("cannot register a buffer of {class} bytes: {e}")))?,
+        let (id, region) = match reused {
+            Some(reused) => reused,
+            None => {
+                let region = self
+                    .inner
+                    .worker
+                    .allocate(class)
+                    .await
+                    .map_err(|e| TransferError::Io(format!("cannot register a buffer of {class} bytes: {e}")))?;
+                (BufferId(self.inner.next_id.fetch_add(1, Ordering::Relaxed)), region)
+            }
         };
-        Ok(PooledBuffer { region: Some(region), pool: self.inner.clone() })
+        Ok(PooledBuffer { id, region: Some(region), pool: self.inner.clone() })
     }
 }
 
 /// A buffer taken from a pool. [`PooledBuffer::recycle`] returns it for reuse; dropping it
 /// instead unregisters it (for buffers that UCX may still be using).
 struct PooledBuffer {
+    id: BufferId,
     region: Option<MemRegion>,
     pool: Arc<PoolInner>,
 }
@@ -201,17 +229,18 @@ impl PooledBuffer {
     /// The buffer's first `len` bytes as shared bytes; the buffer returns to its pool when the
     /// last reference is dropped. Nothing may write into it meanwhile.
     fn lend(mut self, len: usize) -> Result<Bytes, TransferError> {
-        let pool = self.pool.clone();
+        let (id, pool) = (self.id, self.pool.clone());
         let region = self.region.take().expect("a pooled buffer holds its region until consumed");
-        region.into_bytes(len, move |region| PooledBuffer { region: Some(region), pool }.recycle()).map_err(io)
+        region.into_bytes(len, move |region| PooledBuffer { id, region: Some(region), pool }.recycle()).map_err(io)
     }
 
     fn recycle(mut self) {
         let Some(region) = self.region.take() else { return };
         let mut idle = self.pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.push(region);
-        // Keep the most recently used; the evicted are unregistered as they drop.
-        while idle.len() > POOL_MAX_IDLE || idle.iter().map(MemRegion::len).sum::<usize>() > POOL_MAX_IDLE_BYTES {
+        idle.push((self.id, region));
+        // Keep the most recently used; the evicted are unregistered as they drop, and their ids
+        // are never handed out again.
+        while idle.len() > POOL_MAX_IDLE || idle.iter().map(|(_, r)| r.len()).sum::<usize>() > POOL_MAX_IDLE_BYTES {
             idle.remove(0);
         }
     }
@@ -276,10 +305,11 @@ struct Conn {
     peer: String,
     ep: Endpoint,
     state: Mutex<ConnState>,
-    /// The receiver's keys unpacked so far, most recent last. Its buffers are pooled, so the same
-    /// key comes back transfer after transfer, and unpacking it again would map its memory again
-    /// (on one host, attaching a shared-memory segment and faulting its pages in).
-    rkeys: Mutex<Vec<(Vec<u8>, Arc<RemoteKey>)>>,
+    /// The receiver's keys unpacked so far, by the buffer they open, most recent last. Its buffers
+    /// are pooled, so the same buffer comes back transfer after transfer, and unpacking its key
+    /// again would map its memory again (on one host, attaching a shared-memory segment and
+    /// faulting its pages in). Looked up by [`BufferId`], never by the key's bytes.
+    rkeys: Mutex<Vec<(BufferId, Arc<RemoteKey>)>>,
 }
 
 impl Conn {
@@ -291,10 +321,10 @@ impl Conn {
         self.state().dead.is_some()
     }
 
-    async fn rkey(&self, packed: &[u8]) -> Result<Arc<RemoteKey>, TransferError> {
+    async fn rkey(&self, buffer: BufferId, packed: &[u8]) -> Result<Arc<RemoteKey>, TransferError> {
         {
             let mut keys = self.rkeys.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(i) = keys.iter().position(|(p, _)| p == packed) {
+            if let Some(i) = keys.iter().position(|(id, _)| *id == buffer) {
                 let entry = keys.remove(i);
                 let key = entry.1.clone();
                 keys.push(entry);
@@ -303,7 +333,7 @@ impl Conn {
         }
         let key = Arc::new(self.ep.unpack_rkey(packed).await.map_err(|e| self.failure(e.to_string()))?);
         let mut keys = self.rkeys.lock().unwrap_or_else(|e| e.into_inner());
-        keys.push((packed.to_vec(), key.clone()));
+        keys.push((buffer, key.clone()));
         if keys.len() > RKEY_CACHE {
             keys.remove(0);
         }
@@ -488,7 +518,7 @@ impl TransportInner {
         if total > 0 {
             // Every block goes straight from where it lies into its place in the receiver's
             // buffer; the puts run concurrently and each holds its block until it is read.
-            let rkey = conn.rkey(&ready.rkey).await?;
+            let rkey = conn.rkey(ready.buffer, &ready.rkey).await?;
             let mut offset = 0u64;
             let puts = h.kv.blocks.iter().map(|block| {
                 let at = ready.addr + offset;
@@ -756,10 +786,11 @@ impl Connection {
         let (n, block) = check_header(&h)?;
         let total = n * block;
         let ready = match total {
-            0 => Ready { addr: 0, len: 0, rkey: Vec::new() },
+            0 => Ready { buffer: BufferId(0), addr: 0, len: 0, rkey: Vec::new() },
             _ => {
                 let buffer = self.pool.take(total).await?;
-                let ready = Ready { addr: buffer.region().address(), len: total as u64, rkey: buffer.region().rkey().to_vec() };
+                let region = buffer.region();
+                let ready = Ready { buffer: buffer.id, addr: region.address(), len: total as u64, rkey: region.rkey().to_vec() };
                 *exposed = Some(buffer);
                 ready
             }
@@ -802,11 +833,12 @@ mod tests {
 
     #[test]
     fn frames_round_trip() {
-        let m = AmMessage { kind: READY, data: frame(7, &Ready { addr: 9, len: 10, rkey: vec![1, 2, 3] }.encode()) };
+        let ready = Ready { buffer: BufferId(5), addr: 9, len: 10, rkey: vec![1, 2, 3] };
+        let m = AmMessage { kind: READY, data: frame(7, &ready.encode()) };
         let (xfer, body) = split(&m).unwrap();
         let ready = Ready::decode(body).unwrap();
-        assert_eq!((xfer, ready.addr, ready.len, ready.rkey), (7, 9, 10, vec![1, 2, 3]));
+        assert_eq!((xfer, ready.buffer, ready.addr, ready.len, ready.rkey), (7, BufferId(5), 9, 10, vec![1, 2, 3]));
         assert!(split(&AmMessage { kind: DONE, data: vec![1, 2] }).is_none());
-        assert!(Ready::decode(&[0; 12]).is_err());
+        assert!(Ready::decode(&[0; 20]).is_err());
     }
 }

@@ -239,7 +239,9 @@ async fn cutting_receiver() -> (String, tokio::task::JoinHandle<()>) {
         let layout: KvLayout = serde_json::from_value(h["layout"].clone()).unwrap();
         let len = layout.num_blocks() * layout.block_bytes();
         let buffer = w.register(len).await.unwrap();
-        let mut body = buffer.address().to_le_bytes().to_vec();
+        // READY: buffer id, address, length, packed key.
+        let mut body = 1u64.to_le_bytes().to_vec();
+        body.extend_from_slice(&buffer.address().to_le_bytes());
         body.extend_from_slice(&(len as u64).to_le_bytes());
         body.extend_from_slice(buffer.rkey());
         ep.send(READY, frame(u64::from_le_bytes(offer.data[..8].try_into().unwrap()), &body)).await.unwrap();

@@ -1,0 +1,60 @@
+"""Writes a random bf16 model of the Llama-3.2-1B shape with the tiny-llama test tokenizer
+(vocabulary 320) into a folder that `tandem up --model DIR` serves.
+
+The weights' values do not change serving speed or the KV handoff; being random and non-zero,
+they make every KV block's bytes different, so a block put in the wrong place cannot pass its
+checksum by accident.
+
+    python3 scripts/gpu/serve_model.py OUT_DIR [--seed 0]
+"""
+
+import argparse
+import pathlib
+import shutil
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+FIXTURE = pathlib.Path(__file__).resolve().parents[2] / "shared/engine/tests/fixtures/tiny-llama"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(
+        vocab_size=320,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )
+    torch.manual_seed(args.seed)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.02).add_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(FIXTURE / f, out / f)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
