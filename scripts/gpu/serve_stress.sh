@@ -17,6 +17,13 @@ MODEL_DIR=${MODEL_DIR:-/tmp/tandem-llama-1b-v320}
 PORT=${PORT:-8000}
 mkdir -p "$OUT"
 
+# GET a URL's body to stdout (curl where there is one).
+get() {
+    if command -v curl >/dev/null; then curl -sf "$1"; else
+        python3 -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "$1"
+    fi
+}
+
 [ -f "$MODEL_DIR/model.safetensors" ] || python3 scripts/gpu/serve_model.py "$MODEL_DIR" >/dev/null
 
 for len in $LENS; do
@@ -24,7 +31,7 @@ for len in $LENS; do
     "$BIN/tandem" up --model "$MODEL_DIR" --device cuda:0 --kv-cache-mb 16000 --port "$PORT" >"$log" 2>&1 &
     up=$!
     for _ in $(seq 600); do
-        curl -sf "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break
+        get "http://127.0.0.1:$PORT/ready" >/dev/null 2>&1 && break
         kill -0 "$up" 2>/dev/null || { cat "$log"; exit 1; }
         sleep 0.5
     done
@@ -32,7 +39,7 @@ for len in $LENS; do
         --random-input-len "$len" --random-output-len 128 --num-prompts "$N" \
         --max-concurrency 128 --request-rate inf --seed 3 --label "tandem-h200-${len}in" \
         --save-result --result-dir "$OUT" --result-filename "load_${len}.json" >"$OUT/load_${len}.txt" 2>&1 || true
-    curl -s "http://127.0.0.1:$PORT/metrics" >"$OUT/metrics_${len}.txt" || true
+    get "http://127.0.0.1:$PORT/metrics" >"$OUT/metrics_${len}.txt" || true
     kill -INT "$up" 2>/dev/null || true
     wait "$up" || true
 done

@@ -200,7 +200,9 @@ async fn greedy_output_equals_tandem_generate() {
 async fn official_openai_python_client_works() {
     let c = shared();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
-    let out = std::process::Command::new("python3").args([script, &format!("{}/v1", c.base), MODEL]).output().unwrap();
+    // The interpreter `scripts/test.sh` made a virtual environment with the client for, if any.
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let out = std::process::Command::new(python).args([script, &format!("{}/v1", c.base), MODEL]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "openai client checks failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("all openai client checks passed"), "{stdout}");
