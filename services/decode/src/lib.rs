@@ -12,7 +12,7 @@ use tandem_engine::wire::{finished_message, new_request, token_message, worker_i
 use tandem_engine::{EngineHandle, Event, Mode};
 use tandem_protocol::pb::decode_server::{Decode, DecodeServer};
 use tandem_protocol::pb::{token_event, GenerateRequest, InfoRequest, TokenEvent, WorkerInfo};
-use tandem_protocol::{trace, TraceContext};
+use tandem_protocol::{trace, ApiError, ErrorCode, TraceContext};
 use tandem_state::{InFlight, StateStore, WorkerRecord};
 use tandem_transfer::HandoffRegistry;
 use tokio::net::TcpListener;
@@ -123,7 +123,7 @@ impl Decode for Service {
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
         if self.draining.load(Ordering::SeqCst) {
-            return Err(Status::unavailable(format!("decode worker {} is draining", self.cfg.worker_id)));
+            return Err(ApiError::new(ErrorCode::WorkerDraining, format!("decode worker {} is draining", self.cfg.worker_id)).to_status());
         }
         let inflight = self.inflight.enter();
         let trace = TraceContext::from_metadata(request.metadata());
@@ -164,7 +164,8 @@ impl Decode for Service {
                 Ok(None) => return,
                 Err(_) => {
                     tracing::warn!(wait = ?lease, "kv blocks never arrived");
-                    let _ = tx.send(Err(Status::deadline_exceeded(format!("kv blocks did not arrive within {lease:?}")))).await;
+                    let error = ApiError::new(ErrorCode::Timeout, format!("kv blocks did not arrive within {lease:?}"));
+                    let _ = tx.send(Err(error.to_status())).await;
                     return;
                 }
             };
@@ -176,7 +177,8 @@ impl Decode for Service {
                 }
                 Err(e) => {
                     let _ = incoming.verdict.send(Err(e.to_string()));
-                    let _ = tx.send(Err(Status::internal(format!("kv import failed: {e}")))).await;
+                    let error = ApiError::new(e.code(), format!("kv import failed: {e}"));
+                    let _ = tx.send(Err(error.to_status())).await;
                     return;
                 }
             };
@@ -193,7 +195,7 @@ impl Decode for Service {
                         let _ = tx.send(event(token_event::Event::Finished(finished_message(reason, usage)))).await;
                         return;
                     }
-                    Some(Event::Failed { error, .. }) => Err(Status::internal(error)),
+                    Some(Event::Failed { error, .. }) => Err(error.to_status()),
                     Some(Event::Prefilled { .. }) | None => Err(Status::internal("decode engine stopped")),
                 };
                 let last = out.is_err();

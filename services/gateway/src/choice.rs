@@ -188,10 +188,6 @@ async fn pick_with_retry<T>(retrying: bool, mut pick: impl FnMut() -> Option<T>)
     None
 }
 
-/// Whether an error from a worker means "try another one": it is unreachable or draining.
-fn retryable(s: &tonic::Status) -> bool {
-    s.code() == tonic::Code::Unavailable && !s.message().starts_with("kv handoff failed")
-}
 
 async fn drive(
     state: &AppState,
@@ -224,16 +220,17 @@ async fn drive(
         match DecodeClient::new(decode.channel.clone()).generate(trace::request(g.clone(), &spec.request_id, &spec.trace)).await {
             Ok(s) => break (decode, s.into_inner()),
             Err(s) => {
-                if s.code() == tonic::Code::Unavailable {
+                let e = ApiError::from_status(&s);
+                if e.code.worker_down() {
                     state.workers.mark_down(&decode);
                 }
-                if retryable(&s) && tried.len() + 1 < ATTEMPTS {
-                    tracing::info!(error = %s.message(), "decode worker refused; trying another");
+                if e.code.retryable() && tried.len() + 1 < ATTEMPTS {
+                    tracing::info!(error = %e, code = e.code.name(), "decode worker refused; trying another");
                     state.metrics.retries.with_label_values(&["decode"]).inc();
                     tried.push(decode.key());
                     continue;
                 }
-                return Err(grpc_error(s));
+                return Err(e);
             }
         }
     };
@@ -255,18 +252,20 @@ async fn drive(
         match PrefillClient::new(choice.lease.channel.clone()).prefill(trace::request(prefill_req, &spec.request_id, &spec.trace)).await {
             Ok(r) => break (choice, r.into_inner()),
             Err(s) => {
-                if s.message().starts_with("kv handoff failed") {
+                let e = ApiError::from_status(&s);
+                if e.code == ErrorCode::KvHandoffFailed {
                     state.metrics.handoff_failures.inc();
-                } else if s.code() == tonic::Code::Unavailable && !s.message().contains("out of KV cache blocks") {
+                }
+                if e.code.worker_down() {
                     state.workers.mark_down(&choice.lease);
                 }
-                if retryable(&s) && tried.len() + 1 < ATTEMPTS {
-                    tracing::info!(error = %s.message(), "prefill worker refused; trying another");
+                if e.code.retryable() && tried.len() + 1 < ATTEMPTS {
+                    tracing::info!(error = %e, code = e.code.name(), "prefill worker refused; trying another");
                     state.metrics.retries.with_label_values(&["prefill"]).inc();
                     tried.push(choice.lease.key());
                     continue;
                 }
-                return Err(grpc_error(s));
+                return Err(e);
             }
         }
     };

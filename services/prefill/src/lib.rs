@@ -19,7 +19,7 @@ use tandem_engine::{EngineHandle, Event, Mode};
 use tandem_protocol::pb::kv_store_client::KvStoreClient;
 use tandem_protocol::pb::prefill_server::{Prefill, PrefillServer};
 use tandem_protocol::pb::{self, GetBlocksRequest, InfoRequest, PrefillRequest, PrefillResponse, PutBlocksRequest, WorkerInfo};
-use tandem_protocol::{block_hashes, trace, BlockHash, ErrorCode, KvExport, TraceContext, ROOT_HASH};
+use tandem_protocol::{block_hashes, trace, ApiError, BlockHash, ErrorCode, KvExport, TraceContext, ROOT_HASH};
 use tandem_state::{InFlight, StateStore, WorkerRecord};
 use tandem_transfer::{Handoff, KvTransport};
 use tokio::net::TcpListener;
@@ -327,7 +327,7 @@ impl Drop for Abandoned<'_> {
 impl Service {
     async fn compute(&self, r: PrefillRequest) -> Result<Response<PrefillResponse>, Status> {
         if self.draining.load(Ordering::SeqCst) {
-            return Err(Status::unavailable(format!("prefill worker {} is draining", self.cfg.worker_id)));
+            return Err(ApiError::new(ErrorCode::WorkerDraining, format!("prefill worker {} is draining", self.cfg.worker_id)).to_status());
         }
         let _inflight = self.inflight.enter();
         let started = Instant::now();
@@ -366,7 +366,7 @@ impl Service {
                         .await
                         .map_err(|e| {
                             tracing::warn!(error = %e, "kv handoff failed");
-                            Status::new(ErrorCode::Unavailable.grpc(), format!("kv handoff failed: {e}"))
+                            ApiError::new(ErrorCode::KvHandoffFailed, format!("kv handoff failed: {e}")).to_status()
                         })?;
                     tracing::info!(
                         transport = %report.transport, bytes = report.bytes,
@@ -391,10 +391,7 @@ impl Service {
                         offload_shed_blocks: shed as u32,
                     }));
                 }
-                Event::Failed { error, .. } => {
-                    let code = if error.contains("out of KV cache blocks") { ErrorCode::Unavailable } else { ErrorCode::Internal };
-                    return Err(Status::new(code.grpc(), error));
-                }
+                Event::Failed { error, .. } => return Err(error.to_status()),
             }
         }
         Err(Status::internal("engine stopped"))
