@@ -4,6 +4,7 @@
 //! streams in flight run to their end, then it leaves.
 #![forbid(unsafe_code)]
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use tandem_protocol::pb::decode_server::{Decode, DecodeServer};
 use tandem_protocol::pb::{token_event, GenerateRequest, InfoRequest, TokenEvent, WorkerInfo};
 use tandem_protocol::{trace, ApiError, ErrorCode, TraceContext};
 use tandem_state::{InFlight, StateStore, WorkerRecord};
-use tandem_transfer::HandoffRegistry;
+use tandem_transfer::{HandoffRegistry, KvReceiver, QuicIdentity, TransportKind};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -47,21 +48,55 @@ struct Service {
     cancelled: Arc<AtomicU64>,
 }
 
-/// The KV receivers a decode worker serves: the registry they deliver into, the address list
-/// they advertise, and the token that stops them.
+/// The KV receivers a decode worker serves, one per transport: bound before the worker
+/// announces itself (so their addresses can be advertised), then run, and stopped last, by
+/// [`run`].
 pub struct KvReceivers {
-    pub registry: HandoffRegistry,
-    pub advertised: String,
-    pub stop: CancellationToken,
+    registry: HandoffRegistry,
+    receivers: Vec<Box<dyn KvReceiver>>,
+    advertised: String,
+}
+
+impl KvReceivers {
+    /// Binds a receiver per transport in `kinds`: TCP on `listen`, the others on the same host
+    /// with a port of their own. `lease` bounds each incoming transfer; QUIC presents
+    /// `quic_identity` (or a certificate it generates). A transport that cannot start here (UCX
+    /// with no usable device, say) is left out with a warning, so the others still receive.
+    pub async fn bind(kinds: &[TransportKind], listen: SocketAddr, lease: Duration, quic_identity: Option<&QuicIdentity>) -> anyhow::Result<Self> {
+        let registry = HandoffRegistry::new();
+        let (mut receivers, mut entries) = (Vec::new(), Vec::new());
+        for &kind in kinds {
+            let at = if kind == TransportKind::Tcp { listen } else { SocketAddr::new(listen.ip(), 0) };
+            let bound = match tandem_transfer::bind_receiver(kind, at, &registry, lease, quic_identity).await {
+                Ok(r) => r.advertised().map(|a| (r, a)).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match bound {
+                Ok((r, entry)) => {
+                    receivers.push(r);
+                    entries.push(entry);
+                }
+                Err(e) => tracing::warn!(transport = %kind, error = %e, "KV receiver unavailable; not advertised"),
+            }
+        }
+        anyhow::ensure!(!receivers.is_empty(), "none of the KV transports {kinds:?} can receive");
+        Ok(Self { registry, receivers, advertised: entries.join(",") })
+    }
+
+    /// The address list senders pick a transport from (`ucx://…,tcp://…`).
+    pub fn advertised(&self) -> &str {
+        &self.advertised
+    }
 }
 
 /// Serves the decode gRPC API on `listener` (KV blocks arrive through `kv`) until `shutdown`
 /// fires; then drains and stops, the receivers last.
 pub async fn run(engine: EngineHandle, cfg: DecodeConfig, listener: TcpListener, kv: KvReceivers, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (registry, kv_addr) = (kv.registry, kv.advertised);
+    let KvReceivers { registry, receivers, advertised: kv_addr } = kv;
     tracing::info!(addr = %listener.local_addr()?, %kv_addr, worker = %cfg.worker_id, "decode worker serving");
     // The receivers outlive the drain: requests still waiting for their blocks get them.
-    let serve_stop = kv.stop;
+    let serve_stop = CancellationToken::new();
+    let receivers: Vec<_> = receivers.into_iter().map(|r| tokio::spawn(r.run(serve_stop.clone()))).collect();
     let svc = Arc::new(Service {
         engine,
         registry,
@@ -93,6 +128,9 @@ pub async fn run(engine: EngineHandle, cfg: DecodeConfig, listener: TcpListener,
     .await;
     serve_stop.cancel();
     server.await??;
+    for r in receivers {
+        r.await?;
+    }
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use tandem_engine::{Batcher, BatcherConfig, CpuEngine, Engine, EngineConfig, EngineHandle};
 use tandem_tokenizer::{ModelFiles, Tokenizer};
+use tandem_transfer::TransportKind;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -81,8 +82,10 @@ pub struct PrefillArgs {
     pub offload_budget_mb: usize,
     /// KV transports to hand blocks over with, in order of preference; the first one the decode
     /// worker also offers is used, and the next if it cannot connect.
-    #[arg(long, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
-    pub kv_transport: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
+    pub kv_transport: Vec<TransportKind>,
+    #[command(flatten)]
+    pub quic: crate::transports::QuicTrustArgs,
     /// How long a prefix-index entry this worker republishes lives (match the gateway's).
     #[arg(long, default_value_t = 600)]
     pub index_ttl_s: u64,
@@ -98,8 +101,10 @@ pub struct DecodeArgs {
     #[arg(long, default_value = "127.0.0.1:0")]
     pub kv_listen: String,
     /// KV transports to receive blocks with (all are advertised; senders pick).
-    #[arg(long, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
-    pub kv_transport: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
+    pub kv_transport: Vec<TransportKind>,
+    #[command(flatten)]
+    pub quic: crate::transports::QuicCertArgs,
     /// Bound of one incoming KV transfer, from first byte to verdict.
     #[arg(long, default_value_t = 10_000)]
     pub handoff_lease_ms: u64,
@@ -255,7 +260,7 @@ pub async fn prefill(args: PrefillArgs) -> Result<()> {
     let cfg = tandem_prefill::PrefillConfig {
         worker_id: worker_id(c, "prefill", &addr),
         addr: advertised(c, &addr),
-        transport: Arc::new(crate::transports::sender_set(&args.kv_transport)?),
+        transport: Arc::new(crate::transports::sender_set(&args.kv_transport, &args.quic)?),
         handoff_lease: Duration::from_millis(args.handoff_lease_ms),
         store_timeout: Duration::from_millis(args.store_timeout_ms),
         offload_budget_bytes: args.offload_budget_mb << 20,
@@ -273,10 +278,8 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
     let listener = TcpListener::bind(&args.common.listen).await?;
     let addr = listener.local_addr()?;
     let kv_listen: std::net::SocketAddr = tokio::net::lookup_host(&args.kv_listen).await?.next().context("--kv-listen resolves to nothing")?;
-    let registry = tandem_transfer::HandoffRegistry::new();
-    let stop = CancellationToken::new();
     let lease = Duration::from_millis(args.handoff_lease_ms);
-    let kv = crate::transports::receivers(&args.kv_transport, kv_listen, &registry, lease, &stop).await?;
+    let kv = tandem_decode::KvReceivers::bind(&args.kv_transport, kv_listen, lease, args.quic.identity()?.as_ref()).await?;
     let engine = load_engine("decode", &args.engine)?;
     let c = &args.common;
     let cfg = tandem_decode::DecodeConfig {
@@ -288,8 +291,8 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
         handoff_lease: Duration::from_millis(args.handoff_lease_ms),
         default_kv_wait: Duration::from_secs(600),
     };
-    ready("decode", &format!("grpc={addr} kv={kv}"));
-    tandem_decode::run(engine, cfg, listener, tandem_decode::KvReceivers { registry, advertised: kv, stop }, shutdown).await
+    ready("decode", &format!("grpc={addr} kv={}", kv.advertised()));
+    tandem_decode::run(engine, cfg, listener, kv, shutdown).await
 }
 
 pub async fn kv_transfer(args: KvTransferArgs) -> Result<()> {
