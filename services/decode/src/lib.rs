@@ -5,7 +5,7 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use tandem_engine::{EngineHandle, Event, Mode};
 use tandem_protocol::pb::decode_server::{Decode, DecodeServer};
 use tandem_protocol::pb::{token_event, GenerateRequest, InfoRequest, TokenEvent, WorkerInfo};
 use tandem_protocol::{trace, ApiError, ErrorCode, TraceContext};
+use tandem_runtime::{Membership, Shutdown};
 use tandem_state::{InFlight, StateStore, WorkerRecord};
 use tandem_transfer::{HandoffRegistry, KvReceiver, QuicIdentity, TransportKind};
 use tokio::net::TcpListener;
@@ -29,8 +30,6 @@ pub struct DecodeConfig {
     pub addr: String,
     pub state: Option<Arc<dyn StateStore>>,
     pub heartbeat: Duration,
-    /// Longest a stopping worker waits for its streams to finish.
-    pub drain_timeout: Duration,
     /// Bound of one incoming transfer, from first byte to verdict.
     pub handoff_lease: Duration,
     /// Longest wait for a request's KV blocks when the gateway does not say.
@@ -42,7 +41,7 @@ struct Service {
     registry: HandoffRegistry,
     kv_addr: String,
     cfg: DecodeConfig,
-    draining: Arc<AtomicBool>,
+    shutdown: Shutdown,
     inflight: InFlight,
     completed: Arc<AtomicU64>,
     cancelled: Arc<AtomicU64>,
@@ -89,55 +88,45 @@ impl KvReceivers {
     }
 }
 
-/// Serves the decode gRPC API on `listener` (KV blocks arrive through `kv`) until `shutdown`
-/// fires; then drains and stops, the receivers last.
-pub async fn run(engine: EngineHandle, cfg: DecodeConfig, listener: TcpListener, kv: KvReceivers, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Serves the decode gRPC API on `listener` (KV blocks arrive through `kv`) until `shutdown` is
+/// requested, then runs its phases: not ready (the registry and `Info` say draining), drain (the
+/// streams in flight run to their end), stop (the server, then the receivers, end and are
+/// joined). The receivers outlive the drain, so requests still waiting for their blocks get them.
+pub async fn run(engine: EngineHandle, cfg: DecodeConfig, listener: TcpListener, kv: KvReceivers, shutdown: Shutdown) -> anyhow::Result<()> {
     let KvReceivers { registry, receivers, advertised: kv_addr } = kv;
     tracing::info!(addr = %listener.local_addr()?, %kv_addr, worker = %cfg.worker_id, "decode worker serving");
-    // The receivers outlive the drain: requests still waiting for their blocks get them.
-    let serve_stop = CancellationToken::new();
-    let receivers: Vec<_> = receivers.into_iter().map(|r| tokio::spawn(r.run(serve_stop.clone()))).collect();
+    for r in receivers {
+        shutdown.spawn(r.run(shutdown.stopping()));
+    }
     let svc = Arc::new(Service {
         engine,
         registry,
         kv_addr,
         cfg,
-        draining: Arc::new(AtomicBool::new(false)),
+        shutdown: shutdown.clone(),
         inflight: InFlight::default(),
         completed: Arc::new(AtomicU64::new(0)),
         cancelled: Arc::new(AtomicU64::new(0)),
     });
     let server = tonic::transport::Server::builder()
         .add_service(DecodeServer::from_arc(svc.clone()))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), serve_stop.clone().cancelled_owned());
-    let server = tokio::spawn(server);
-    let (r, busy) = (svc.clone(), svc.clone());
-    tandem_state::lifecycle(
-        svc.cfg.state.clone(),
-        svc.cfg.heartbeat,
-        move || r.record(),
-        || async {},
-        svc.draining.clone(),
-        move || {
-            let load = busy.engine.load();
-            busy.inflight.count() > 0 || load.running + load.waiting > 0
-        },
-        svc.cfg.drain_timeout,
-        shutdown,
-    )
-    .await;
-    serve_stop.cancel();
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.stopping().cancelled_owned());
+    let server = shutdown.spawn(server);
+    let r = svc.clone();
+    let membership = Membership::start(&shutdown, svc.cfg.state.clone(), svc.cfg.heartbeat, move || r.record(), || async {});
+    let idle = || {
+        let load = svc.engine.load();
+        svc.inflight.count() == 0 && load.running + load.waiting == 0
+    };
+    shutdown.run(|| membership.announce(), idle).await;
     server.await??;
-    for r in receivers {
-        r.await?;
-    }
     Ok(())
 }
 
 impl Service {
     fn info(&self) -> WorkerInfo {
         WorkerInfo {
-            draining: self.draining.load(Ordering::SeqCst),
+            draining: self.shutdown.is_draining(),
             completed: self.completed.load(Ordering::Relaxed),
             cancelled: self.cancelled.load(Ordering::Relaxed),
             ..worker_info(&self.engine, &self.cfg.worker_id, "decode", &self.kv_addr)
@@ -160,7 +149,7 @@ impl Decode for Service {
     type GenerateStream = ReceiverStream<EventResult>;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        if self.draining.load(Ordering::SeqCst) {
+        if self.shutdown.is_draining() {
             return Err(ApiError::new(ErrorCode::WorkerDraining, format!("decode worker {} is draining", self.cfg.worker_id)).to_status());
         }
         let inflight = self.inflight.enter();
@@ -191,7 +180,7 @@ impl Decode for Service {
             cancelled.fetch_add(1, Ordering::Relaxed);
             tracing::info!("decode cancelled by the caller");
         };
-        tokio::spawn(async move {
+        self.shutdown.spawn(async move {
             let _inflight = inflight;
             let arrived = tokio::select! {
                 _ = tx.closed() => return hung_up(),

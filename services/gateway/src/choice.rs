@@ -50,7 +50,8 @@ pub(crate) type ChoiceRx = mpsc::Receiver<Result<ChoiceEvent, ApiError>>;
 pub(crate) fn start(state: Arc<AppState>, spec: ChoiceSpec) -> ChoiceRx {
     let (tx, rx) = mpsc::channel(256);
     let span = tracing::info_span!("request", request_id = %spec.request_id, trace_id = %spec.trace.trace_id_hex());
-    tokio::spawn(async move {
+    let tasks = state.shutdown.clone();
+    tasks.spawn(async move {
         state.metrics.running.inc();
         let started = Instant::now();
         let params = serde_json::to_value(&spec.params).unwrap_or_default();
