@@ -4,7 +4,8 @@
 //! streams in flight run to their end, then it leaves.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,9 +13,10 @@ use tandem_engine::wire::{finished_message, new_request, token_message, worker_i
 use tandem_engine::{EngineHandle, Event, Mode};
 use tandem_protocol::pb::decode_server::{Decode, DecodeServer};
 use tandem_protocol::pb::{token_event, GenerateRequest, InfoRequest, TokenEvent, WorkerInfo};
-use tandem_protocol::{trace, TraceContext};
+use tandem_protocol::{trace, ApiError, ErrorCode, TraceContext};
+use tandem_runtime::{Membership, Shutdown};
 use tandem_state::{InFlight, StateStore, WorkerRecord};
-use tandem_transfer::HandoffRegistry;
+use tandem_transfer::{HandoffRegistry, KvReceiver, QuicIdentity, TransportKind};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -28,8 +30,6 @@ pub struct DecodeConfig {
     pub addr: String,
     pub state: Option<Arc<dyn StateStore>>,
     pub heartbeat: Duration,
-    /// Longest a stopping worker waits for its streams to finish.
-    pub drain_timeout: Duration,
     /// Bound of one incoming transfer, from first byte to verdict.
     pub handoff_lease: Duration,
     /// Longest wait for a request's KV blocks when the gateway does not say.
@@ -41,57 +41,84 @@ struct Service {
     registry: HandoffRegistry,
     kv_addr: String,
     cfg: DecodeConfig,
-    draining: Arc<AtomicBool>,
+    shutdown: Shutdown,
     inflight: InFlight,
     completed: Arc<AtomicU64>,
     cancelled: Arc<AtomicU64>,
 }
 
-/// The KV receivers a decode worker serves: the registry they deliver into, the address list
-/// they advertise, and the token that stops them.
+/// The KV receivers a decode worker serves, one per transport: bound before the worker
+/// announces itself (so their addresses can be advertised), then run, and stopped last, by
+/// [`run`].
 pub struct KvReceivers {
-    pub registry: HandoffRegistry,
-    pub advertised: String,
-    pub stop: CancellationToken,
+    registry: HandoffRegistry,
+    receivers: Vec<Box<dyn KvReceiver>>,
+    advertised: String,
 }
 
-/// Serves the decode gRPC API on `listener` (KV blocks arrive through `kv`) until `shutdown`
-/// fires; then drains and stops, the receivers last.
-pub async fn run(engine: EngineHandle, cfg: DecodeConfig, listener: TcpListener, kv: KvReceivers, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (registry, kv_addr) = (kv.registry, kv.advertised);
+impl KvReceivers {
+    /// Binds a receiver per transport in `kinds`: TCP on `listen`, the others on the same host
+    /// with a port of their own. `lease` bounds each incoming transfer; QUIC presents
+    /// `quic_identity` (or a certificate it generates). A transport that cannot start here (UCX
+    /// with no usable device, say) is left out with a warning, so the others still receive.
+    pub async fn bind(kinds: &[TransportKind], listen: SocketAddr, lease: Duration, quic_identity: Option<&QuicIdentity>) -> anyhow::Result<Self> {
+        let registry = HandoffRegistry::new();
+        let (mut receivers, mut entries) = (Vec::new(), Vec::new());
+        for &kind in kinds {
+            let at = if kind == TransportKind::Tcp { listen } else { SocketAddr::new(listen.ip(), 0) };
+            let bound = match tandem_transfer::bind_receiver(kind, at, &registry, lease, quic_identity).await {
+                Ok(r) => r.advertised().map(|a| (r, a)).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match bound {
+                Ok((r, entry)) => {
+                    receivers.push(r);
+                    entries.push(entry);
+                }
+                Err(e) => tracing::warn!(transport = %kind, error = %e, "KV receiver unavailable; not advertised"),
+            }
+        }
+        anyhow::ensure!(!receivers.is_empty(), "none of the KV transports {kinds:?} can receive");
+        Ok(Self { registry, receivers, advertised: entries.join(",") })
+    }
+
+    /// The address list senders pick a transport from (`ucx://…,tcp://…`).
+    pub fn advertised(&self) -> &str {
+        &self.advertised
+    }
+}
+
+/// Serves the decode gRPC API on `listener` (KV blocks arrive through `kv`) until `shutdown` is
+/// requested, then runs its phases: not ready (the registry and `Info` say draining), drain (the
+/// streams in flight run to their end), stop (the server, then the receivers, end and are
+/// joined). The receivers outlive the drain, so requests still waiting for their blocks get them.
+pub async fn run(engine: EngineHandle, cfg: DecodeConfig, listener: TcpListener, kv: KvReceivers, shutdown: Shutdown) -> anyhow::Result<()> {
+    let KvReceivers { registry, receivers, advertised: kv_addr } = kv;
     tracing::info!(addr = %listener.local_addr()?, %kv_addr, worker = %cfg.worker_id, "decode worker serving");
-    // The receivers outlive the drain: requests still waiting for their blocks get them.
-    let serve_stop = kv.stop;
+    for r in receivers {
+        shutdown.spawn(r.run(shutdown.stopping()));
+    }
     let svc = Arc::new(Service {
         engine,
         registry,
         kv_addr,
         cfg,
-        draining: Arc::new(AtomicBool::new(false)),
+        shutdown: shutdown.clone(),
         inflight: InFlight::default(),
         completed: Arc::new(AtomicU64::new(0)),
         cancelled: Arc::new(AtomicU64::new(0)),
     });
     let server = tonic::transport::Server::builder()
         .add_service(DecodeServer::from_arc(svc.clone()))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), serve_stop.clone().cancelled_owned());
-    let server = tokio::spawn(server);
-    let (r, busy) = (svc.clone(), svc.clone());
-    tandem_state::lifecycle(
-        svc.cfg.state.clone(),
-        svc.cfg.heartbeat,
-        move || r.record(),
-        || async {},
-        svc.draining.clone(),
-        move || {
-            let load = busy.engine.load();
-            busy.inflight.count() > 0 || load.running + load.waiting > 0
-        },
-        svc.cfg.drain_timeout,
-        shutdown,
-    )
-    .await;
-    serve_stop.cancel();
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.stopping().cancelled_owned());
+    let server = shutdown.spawn(server);
+    let r = svc.clone();
+    let membership = Membership::start(&shutdown, svc.cfg.state.clone(), svc.cfg.heartbeat, move || r.record(), || async {});
+    let idle = || {
+        let load = svc.engine.load();
+        svc.inflight.count() == 0 && load.running + load.waiting == 0
+    };
+    shutdown.run(|| membership.announce(), idle).await;
     server.await??;
     Ok(())
 }
@@ -99,7 +126,7 @@ pub async fn run(engine: EngineHandle, cfg: DecodeConfig, listener: TcpListener,
 impl Service {
     fn info(&self) -> WorkerInfo {
         WorkerInfo {
-            draining: self.draining.load(Ordering::SeqCst),
+            draining: self.shutdown.is_draining(),
             completed: self.completed.load(Ordering::Relaxed),
             cancelled: self.cancelled.load(Ordering::Relaxed),
             ..worker_info(&self.engine, &self.cfg.worker_id, "decode", &self.kv_addr)
@@ -122,8 +149,8 @@ impl Decode for Service {
     type GenerateStream = ReceiverStream<EventResult>;
 
     async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<Self::GenerateStream>, Status> {
-        if self.draining.load(Ordering::SeqCst) {
-            return Err(Status::unavailable(format!("decode worker {} is draining", self.cfg.worker_id)));
+        if self.shutdown.is_draining() {
+            return Err(ApiError::new(ErrorCode::WorkerDraining, format!("decode worker {} is draining", self.cfg.worker_id)).to_status());
         }
         let inflight = self.inflight.enter();
         let trace = TraceContext::from_metadata(request.metadata());
@@ -153,7 +180,7 @@ impl Decode for Service {
             cancelled.fetch_add(1, Ordering::Relaxed);
             tracing::info!("decode cancelled by the caller");
         };
-        tokio::spawn(async move {
+        self.shutdown.spawn(async move {
             let _inflight = inflight;
             let arrived = tokio::select! {
                 _ = tx.closed() => return hung_up(),
@@ -164,7 +191,8 @@ impl Decode for Service {
                 Ok(None) => return,
                 Err(_) => {
                     tracing::warn!(wait = ?lease, "kv blocks never arrived");
-                    let _ = tx.send(Err(Status::deadline_exceeded(format!("kv blocks did not arrive within {lease:?}")))).await;
+                    let error = ApiError::new(ErrorCode::Timeout, format!("kv blocks did not arrive within {lease:?}"));
+                    let _ = tx.send(Err(error.to_status())).await;
                     return;
                 }
             };
@@ -176,7 +204,8 @@ impl Decode for Service {
                 }
                 Err(e) => {
                     let _ = incoming.verdict.send(Err(e.to_string()));
-                    let _ = tx.send(Err(Status::internal(format!("kv import failed: {e}")))).await;
+                    let error = ApiError::new(e.code(), format!("kv import failed: {e}"));
+                    let _ = tx.send(Err(error.to_status())).await;
                     return;
                 }
             };
@@ -193,7 +222,7 @@ impl Decode for Service {
                         let _ = tx.send(event(token_event::Event::Finished(finished_message(reason, usage)))).await;
                         return;
                     }
-                    Some(Event::Failed { error, .. }) => Err(Status::internal(error)),
+                    Some(Event::Failed { error, .. }) => Err(error.to_status()),
                     Some(Event::Prefilled { .. }) | None => Err(Status::internal("decode engine stopped")),
                 };
                 let last = out.is_err();

@@ -84,8 +84,9 @@ async fn models(State(s): State<S>) -> Json<Value> {
 
 async fn ready(State(s): State<S>) -> Response {
     let (p, d) = (s.workers.healthy(Role::Prefill), s.workers.healthy(Role::Decode));
-    let body = Json(json!({"prefill_workers": p, "decode_workers": d}));
-    if p > 0 && d > 0 {
+    let draining = s.shutdown.is_draining();
+    let body = Json(json!({"prefill_workers": p, "decode_workers": d, "draining": draining}));
+    if p > 0 && d > 0 && !draining {
         body.into_response()
     } else {
         (axum::http::StatusCode::SERVICE_UNAVAILABLE, body).into_response()

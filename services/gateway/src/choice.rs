@@ -50,7 +50,8 @@ pub(crate) type ChoiceRx = mpsc::Receiver<Result<ChoiceEvent, ApiError>>;
 pub(crate) fn start(state: Arc<AppState>, spec: ChoiceSpec) -> ChoiceRx {
     let (tx, rx) = mpsc::channel(256);
     let span = tracing::info_span!("request", request_id = %spec.request_id, trace_id = %spec.trace.trace_id_hex());
-    tokio::spawn(async move {
+    let tasks = state.shutdown.clone();
+    tasks.spawn(async move {
         state.metrics.running.inc();
         let started = Instant::now();
         let params = serde_json::to_value(&spec.params).unwrap_or_default();
@@ -188,10 +189,6 @@ async fn pick_with_retry<T>(retrying: bool, mut pick: impl FnMut() -> Option<T>)
     None
 }
 
-/// Whether an error from a worker means "try another one": it is unreachable or draining.
-fn retryable(s: &tonic::Status) -> bool {
-    s.code() == tonic::Code::Unavailable && !s.message().starts_with("kv handoff failed")
-}
 
 async fn drive(
     state: &AppState,
@@ -224,16 +221,17 @@ async fn drive(
         match DecodeClient::new(decode.channel.clone()).generate(trace::request(g.clone(), &spec.request_id, &spec.trace)).await {
             Ok(s) => break (decode, s.into_inner()),
             Err(s) => {
-                if s.code() == tonic::Code::Unavailable {
+                let e = ApiError::from_status(&s);
+                if e.code.worker_down() {
                     state.workers.mark_down(&decode);
                 }
-                if retryable(&s) && tried.len() + 1 < ATTEMPTS {
-                    tracing::info!(error = %s.message(), "decode worker refused; trying another");
+                if e.code.retryable() && tried.len() + 1 < ATTEMPTS {
+                    tracing::info!(error = %e, code = e.code.name(), "decode worker refused; trying another");
                     state.metrics.retries.with_label_values(&["decode"]).inc();
                     tried.push(decode.key());
                     continue;
                 }
-                return Err(grpc_error(s));
+                return Err(e);
             }
         }
     };
@@ -255,18 +253,20 @@ async fn drive(
         match PrefillClient::new(choice.lease.channel.clone()).prefill(trace::request(prefill_req, &spec.request_id, &spec.trace)).await {
             Ok(r) => break (choice, r.into_inner()),
             Err(s) => {
-                if s.message().starts_with("kv handoff failed") {
+                let e = ApiError::from_status(&s);
+                if e.code == ErrorCode::KvHandoffFailed {
                     state.metrics.handoff_failures.inc();
-                } else if s.code() == tonic::Code::Unavailable && !s.message().contains("out of KV cache blocks") {
+                }
+                if e.code.worker_down() {
                     state.workers.mark_down(&choice.lease);
                 }
-                if retryable(&s) && tried.len() + 1 < ATTEMPTS {
-                    tracing::info!(error = %s.message(), "prefill worker refused; trying another");
+                if e.code.retryable() && tried.len() + 1 < ATTEMPTS {
+                    tracing::info!(error = %e, code = e.code.name(), "prefill worker refused; trying another");
                     state.metrics.retries.with_label_values(&["prefill"]).inc();
                     tried.push(choice.lease.key());
                     continue;
                 }
-                return Err(grpc_error(s));
+                return Err(e);
             }
         }
     };

@@ -26,7 +26,9 @@ impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut resp = (status, axum::Json(self.0.body())).into_response();
-        if self.0.code == ErrorCode::Unavailable {
+        // Every 503 means "come back shortly": no worker now, a full or draining one, or a
+        // handoff that failed on its way.
+        if self.0.code.http_status() == 503 {
             resp.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
         }
         resp

@@ -11,12 +11,14 @@ mod error;
 mod metrics;
 mod workers;
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_state::StateStore;
 use tandem_tokenizer::Tokenizer;
 use tokio::net::TcpListener;
+use tandem_runtime::Shutdown;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
@@ -51,20 +53,27 @@ pub(crate) struct AppState {
     pub workers: WorkerPool,
     pub metrics: Metrics,
     pub cluster: cluster::Cluster,
+    pub shutdown: Shutdown,
 }
 
-/// Serves the HTTP API on `listener` until `shutdown` fires, then lets in-flight responses finish.
-pub async fn run(cfg: GatewayConfig, tokenizer: Tokenizer, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Serves the HTTP API on `listener` until `shutdown` is requested, then runs its phases: not
+/// ready (`/ready` answers 503, so load balancers stop sending), drain (the requests in flight,
+/// streams included, finish), stop (the server and the worker polls end and are joined).
+pub async fn run(cfg: GatewayConfig, tokenizer: Tokenizer, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     let metrics = Metrics::new()?;
     let workers = WorkerPool::new(&cfg.prefill, &cfg.decode, &cfg.kv_stores)?;
     if cfg.discover {
-        tokio::spawn(discover(workers.clone(), cfg.state.clone(), cfg.model_name.clone(), cfg.poll_interval, metrics.clone(), shutdown.clone()));
+        shutdown.spawn(discover(workers.clone(), cfg.state.clone(), cfg.model_name.clone(), cfg.poll_interval, metrics.clone(), shutdown.stopping()));
     }
-    tokio::spawn(workers.clone().poll(cfg.poll_interval, metrics.clone(), shutdown.clone()));
+    shutdown.spawn(workers.clone().poll(cfg.poll_interval, metrics.clone(), shutdown.stopping()));
     let cluster = cluster::Cluster::new(cfg.state.clone(), metrics.clone(), cfg.index_ttl, cfg.request_ttl);
-    let state = Arc::new(AppState { cfg, tokenizer, workers, metrics, cluster });
+    let state = Arc::new(AppState { cfg, tokenizer, workers, metrics, cluster, shutdown: shutdown.clone() });
     tracing::info!(addr = %listener.local_addr()?, model = %state.cfg.model_name, state = state.cfg.state.kind(), "gateway serving");
-    axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    let server = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(shutdown.stopping().cancelled_owned());
+    let server = shutdown.spawn(server.into_future());
+    let running = state.metrics.running.clone();
+    shutdown.run(|| async {}, || running.get() == 0).await;
+    server.await??;
     Ok(())
 }
 

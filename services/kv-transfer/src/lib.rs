@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use tandem_protocol::pb::kv_store_server::{KvStore, KvStoreServer};
 use tandem_protocol::pb::{GetBlocksRequest, GetBlocksResponse, InfoRequest, PutBlocksRequest, PutBlocksResponse, WorkerInfo};
-use tandem_state::{now_ms, StateStore, WorkerRecord};
+use tandem_runtime::{Membership, Shutdown};
+use tandem_state::{now_ms, InFlight, StateStore, WorkerRecord};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 pub use store::{layout_id, BlockStore};
@@ -38,44 +38,54 @@ struct Service {
     worker_id: String,
     state: Option<Arc<dyn StateStore>>,
     index_ttl: Duration,
+    shutdown: Shutdown,
+    inflight: InFlight,
 }
 
-/// Serves the block store on `listener` until `shutdown` fires.
-pub async fn run(cfg: KvTransferConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Serves the block store on `listener` until `shutdown` is requested, then runs its phases: not
+/// ready (the registry says draining), drain (puts and gets in flight end), stop (the server and
+/// the index updates end and are joined).
+pub async fn run(cfg: KvTransferConfig, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut store = BlockStore::new(cfg.memory_bytes);
     if let Some((dir, budget)) = &cfg.disk {
         store = store.with_disk(dir.clone(), *budget)?;
     }
     tracing::info!(addr = %listener.local_addr()?, memory_bytes = cfg.memory_bytes, disk = ?cfg.disk, "kv-transfer store serving");
     let store = Arc::new(Mutex::new(store));
-    let svc = Service { store: store.clone(), worker_id: cfg.worker_id.clone(), state: cfg.state.clone(), index_ttl: cfg.index_ttl };
-    let beat_stop = CancellationToken::new();
-    if let Some(state) = cfg.state.clone() {
-        let (id, addr, ttl) = (cfg.worker_id.clone(), cfg.addr.clone(), cfg.index_ttl);
-        let record_store = store.clone();
-        let record = move || {
-            let n = lock(&record_store).len() as u32;
-            WorkerRecord { id: id.clone(), role: "kv-transfer".into(), addr: addr.clone(), total_blocks: n, updated_ms: now_ms(), ..Default::default() }
-        };
-        let (republish_state, republish_store, holder) = (state.clone(), store.clone(), cfg.worker_id.clone());
-        let on_new = move || {
-            let (state, store, holder) = (republish_state.clone(), republish_store.clone(), holder.clone());
-            async move {
-                let hashes = lock(&store).hashes();
-                if let Err(e) = state.publish_blocks(&holder, &hashes, ttl).await {
-                    tracing::warn!(error = %e, "could not republish the store's blocks");
-                }
+    let inflight = InFlight::default();
+    let svc = Service {
+        store: store.clone(),
+        worker_id: cfg.worker_id.clone(),
+        state: cfg.state.clone(),
+        index_ttl: cfg.index_ttl,
+        shutdown: shutdown.clone(),
+        inflight: inflight.clone(),
+    };
+    let (id, addr, ttl, draining) = (cfg.worker_id.clone(), cfg.addr.clone(), cfg.index_ttl, shutdown.clone());
+    let record_store = store.clone();
+    let record = move || {
+        let n = lock(&record_store).len() as u32;
+        let draining = draining.is_draining();
+        WorkerRecord { id: id.clone(), role: "kv-transfer".into(), addr: addr.clone(), total_blocks: n, draining, updated_ms: now_ms(), ..Default::default() }
+    };
+    let (republish_state, republish_store, holder) = (cfg.state.clone(), store.clone(), cfg.worker_id.clone());
+    let on_new = move || {
+        let (state, store, holder) = (republish_state.clone(), republish_store.clone(), holder.clone());
+        async move {
+            let Some(state) = state else { return };
+            let hashes = lock(&store).hashes();
+            if let Err(e) = state.publish_blocks(&holder, &hashes, ttl).await {
+                tracing::warn!(error = %e, "could not republish the store's blocks");
             }
-        };
-        tokio::spawn(tandem_state::heartbeat(state, cfg.heartbeat, cfg.heartbeat * 3, record, on_new, beat_stop.clone()));
-    }
-    tonic::transport::Server::builder()
+        }
+    };
+    let membership = Membership::start(&shutdown, cfg.state.clone(), cfg.heartbeat, record, on_new);
+    let server = tonic::transport::Server::builder()
         .add_service(KvStoreServer::new(svc).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.cancelled_owned())
-        .await?;
-    beat_stop.cancel();
-    // Give the heartbeat task its moment to leave the registry.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.stopping().cancelled_owned());
+    let server = shutdown.spawn(server);
+    shutdown.run(|| membership.announce(), || inflight.count() == 0).await;
+    server.await??;
     Ok(())
 }
 
@@ -88,7 +98,7 @@ impl Service {
     fn index(&self, stored: Vec<u64>, gone: Vec<u64>) {
         let Some(state) = self.state.clone() else { return };
         let (holder, ttl) = (self.worker_id.clone(), self.index_ttl);
-        tokio::spawn(async move {
+        self.shutdown.spawn(async move {
             let r = async {
                 state.publish_blocks(&holder, &stored, ttl).await?;
                 state.withdraw_blocks(&holder, &gone).await
@@ -103,6 +113,7 @@ impl Service {
 #[tonic::async_trait]
 impl KvStore for Service {
     async fn put(&self, request: Request<PutBlocksRequest>) -> Result<Response<PutBlocksResponse>, Status> {
+        let _inflight = self.inflight.enter();
         let r = request.into_inner();
         if r.hashes.len() != r.blocks.len() {
             return Err(Status::invalid_argument("one hash per block"));
@@ -126,6 +137,7 @@ impl KvStore for Service {
     }
 
     async fn get(&self, request: Request<GetBlocksRequest>) -> Result<Response<GetBlocksResponse>, Status> {
+        let _inflight = self.inflight.enter();
         let r = request.into_inner();
         let (blocks, gone) = lock(&self.store).get_prefix(layout_id(&r.layout_json), &r.hashes);
         self.index(Vec::new(), gone);
@@ -138,6 +150,7 @@ impl KvStore for Service {
             worker_id: self.worker_id.clone(),
             role: "kv-transfer".into(),
             total_blocks: store.len() as u32,
+            draining: self.shutdown.is_draining(),
             ..WorkerInfo::default()
         }))
     }

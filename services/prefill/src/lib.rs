@@ -10,7 +10,7 @@
 #![forbid(unsafe_code)]
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,8 @@ use tandem_engine::{EngineHandle, Event, Mode};
 use tandem_protocol::pb::kv_store_client::KvStoreClient;
 use tandem_protocol::pb::prefill_server::{Prefill, PrefillServer};
 use tandem_protocol::pb::{self, GetBlocksRequest, InfoRequest, PrefillRequest, PrefillResponse, PutBlocksRequest, WorkerInfo};
-use tandem_protocol::{block_hashes, trace, BlockHash, ErrorCode, KvExport, TraceContext, ROOT_HASH};
+use tandem_protocol::{block_hashes, trace, ApiError, BlockHash, ErrorCode, KvExport, TraceContext, ROOT_HASH};
+use tandem_runtime::{Membership, Shutdown};
 use tandem_state::{InFlight, StateStore, WorkerRecord};
 use tandem_transfer::{Handoff, KvTransport};
 use tokio::net::TcpListener;
@@ -46,8 +47,6 @@ pub struct PrefillConfig {
     pub heartbeat: Duration,
     /// How long a republished prefix-index entry lives (as long as the gateway's).
     pub index_ttl: Duration,
-    /// Longest a stopping worker waits for its requests to finish.
-    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -91,7 +90,7 @@ struct Service {
     engine: EngineHandle,
     cfg: PrefillConfig,
     layout_json: String,
-    draining: Arc<AtomicBool>,
+    shutdown: Shutdown,
     inflight: InFlight,
     counters: Arc<Counters>,
     stores: Mutex<HashMap<String, KvStoreClient<Channel>>>,
@@ -99,53 +98,50 @@ struct Service {
     offload_budget: Arc<tokio::sync::Semaphore>,
 }
 
-/// Serves the prefill gRPC API on `listener` until `shutdown` fires, then drains and stops.
-pub async fn run(engine: EngineHandle, cfg: PrefillConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Serves the prefill gRPC API on `listener` until `shutdown` is requested, then runs its phases:
+/// not ready (the registry and `Info` say draining), drain (in-flight prefills and handoffs
+/// finish), stop (the server and background tasks end and are joined).
+pub async fn run(engine: EngineHandle, cfg: PrefillConfig, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, worker = %cfg.worker_id, "prefill worker serving");
     let layout_json = serde_json::to_string(&engine.info().layout)?;
-    let offload_budget = Arc::new(tokio::sync::Semaphore::new(cfg.offload_budget_bytes.div_ceil(KIB).clamp(1, u32::MAX as usize)));
+    let offload_budget = Arc::new(tokio::sync::Semaphore::new(budget_kib(cfg.offload_budget_bytes)));
     let svc = Arc::new(Service {
         engine,
         cfg,
         layout_json,
-        draining: Arc::new(AtomicBool::new(false)),
+        shutdown: shutdown.clone(),
         inflight: InFlight::default(),
         counters: Arc::default(),
         stores: Mutex::new(HashMap::new()),
         offloaded: Mutex::new(Recent::default()),
         offload_budget,
     });
-    let serve_stop = CancellationToken::new();
     let server = tonic::transport::Server::builder()
         .add_service(PrefillServer::from_arc(svc.clone()))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), serve_stop.clone().cancelled_owned());
-    let server = tokio::spawn(server);
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.stopping().cancelled_owned());
+    let server = shutdown.spawn(server);
     if let Some(state) = svc.cfg.state.clone() {
-        tokio::spawn(withdraw_evicted(svc.clone(), state, shutdown.clone()));
+        shutdown.spawn(withdraw_evicted(svc.clone(), state, shutdown.stopping()));
     }
     let (r, n) = (svc.clone(), svc.clone());
-    let busy_svc = svc.clone();
-    tandem_state::lifecycle(
-        svc.cfg.state.clone(),
-        svc.cfg.heartbeat,
-        move || r.record(),
-        move || {
-            let svc = n.clone();
-            async move { svc.republish().await }
-        },
-        svc.draining.clone(),
-        move || {
-            let load = busy_svc.engine.load();
-            busy_svc.inflight.count() > 0 || load.running + load.waiting > 0
-        },
-        svc.cfg.drain_timeout,
-        shutdown,
-    )
-    .await;
-    serve_stop.cancel();
+    let membership = Membership::start(&shutdown, svc.cfg.state.clone(), svc.cfg.heartbeat, move || r.record(), move || {
+        let svc = n.clone();
+        async move { svc.republish().await }
+    });
+    let idle = || {
+        let load = svc.engine.load();
+        svc.inflight.count() == 0 && load.running + load.waiting == 0
+    };
+    shutdown.run(|| membership.announce(), idle).await;
     server.await??;
     Ok(())
+}
+
+/// The in-flight offload budget in KiB, a semaphore's permits (at least one, at most `u32::MAX`
+/// so that one offload can always take all of it).
+fn budget_kib(bytes: usize) -> usize {
+    bytes.div_ceil(KIB).clamp(1, u32::MAX as usize)
 }
 
 /// Keeps the prefix index from pointing here for blocks this cache evicted.
@@ -171,7 +167,7 @@ impl Service {
 
     fn info(&self) -> WorkerInfo {
         WorkerInfo {
-            draining: self.draining.load(Ordering::SeqCst),
+            draining: self.shutdown.is_draining(),
             completed: self.counters.completed.load(Ordering::Relaxed),
             cancelled: self.counters.cancelled.load(Ordering::Relaxed),
             pulled_blocks: self.counters.pulled.load(Ordering::Relaxed),
@@ -271,8 +267,7 @@ impl Service {
         }
         let bytes: usize = candidates.iter().map(|&i| kv.blocks[i].len()).sum();
         // An offload larger than the whole budget may still go alone.
-        let budget = self.cfg.offload_budget_bytes.div_ceil(KIB).clamp(1, u32::MAX as usize);
-        let permits = u32::try_from(bytes.div_ceil(KIB).min(budget)).unwrap_or(u32::MAX);
+        let permits = u32::try_from(bytes.div_ceil(KIB).min(budget_kib(self.cfg.offload_budget_bytes))).unwrap_or(u32::MAX);
         let client = self.store(addr).ok();
         let (Some(mut client), Ok(permit)) = (client, self.offload_budget.clone().try_acquire_many_owned(permits)) else {
             self.counters.offload_shed.fetch_add(candidates.len() as u64, Ordering::Relaxed);
@@ -295,7 +290,7 @@ impl Service {
         let timeout = self.cfg.store_timeout;
         let store = addr.to_string();
         let counters = self.counters.clone();
-        tokio::spawn(async move {
+        self.shutdown.spawn(async move {
             let outcome = tokio::time::timeout(timeout, client.put(req)).await;
             drop(permit);
             match outcome {
@@ -326,8 +321,8 @@ impl Drop for Abandoned<'_> {
 
 impl Service {
     async fn compute(&self, r: PrefillRequest) -> Result<Response<PrefillResponse>, Status> {
-        if self.draining.load(Ordering::SeqCst) {
-            return Err(Status::unavailable(format!("prefill worker {} is draining", self.cfg.worker_id)));
+        if self.shutdown.is_draining() {
+            return Err(ApiError::new(ErrorCode::WorkerDraining, format!("prefill worker {} is draining", self.cfg.worker_id)).to_status());
         }
         let _inflight = self.inflight.enter();
         let started = Instant::now();
@@ -366,7 +361,7 @@ impl Service {
                         .await
                         .map_err(|e| {
                             tracing::warn!(error = %e, "kv handoff failed");
-                            Status::new(ErrorCode::Unavailable.grpc(), format!("kv handoff failed: {e}"))
+                            ApiError::new(ErrorCode::KvHandoffFailed, format!("kv handoff failed: {e}")).to_status()
                         })?;
                     tracing::info!(
                         transport = %report.transport, bytes = report.bytes,
@@ -391,10 +386,7 @@ impl Service {
                         offload_shed_blocks: shed as u32,
                     }));
                 }
-                Event::Failed { error, .. } => {
-                    let code = if error.contains("out of KV cache blocks") { ErrorCode::Unavailable } else { ErrorCode::Internal };
-                    return Err(Status::new(code.grpc(), error));
-                }
+                Event::Failed { error, .. } => return Err(error.to_status()),
             }
         }
         Err(Status::internal("engine stopped"))

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 use tandem_protocol::{KvDtype, KvExport, KvLayout};
-use tandem_transfer::{Handoff, HandoffRegistry};
+use tandem_transfer::{Handoff, HandoffRegistry, TransportKind};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Subcommand)]
@@ -39,8 +39,8 @@ pub enum BenchCommand {
 
 #[derive(Debug, Clone, Args)]
 pub struct ReceiveArgs {
-    #[arg(long)]
-    pub transport: String,
+    #[arg(long, value_enum)]
+    pub transport: TransportKind,
     /// Request ids `bench-0` .. `bench-{count-1}` are awaited, in any order.
     #[arg(long)]
     pub count: usize,
@@ -49,8 +49,8 @@ pub struct ReceiveArgs {
 #[derive(Debug, Clone, Args)]
 pub struct TransferArgs {
     /// Transports to measure, comma separated or repeated: tcp, quic, ucx.
-    #[arg(long, value_delimiter = ',', default_value = "tcp")]
-    pub transport: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "tcp")]
+    pub transport: Vec<TransportKind>,
     /// Blocks per handoff.
     #[arg(long, default_value_t = 64)]
     pub blocks: usize,
@@ -194,7 +194,9 @@ async fn receive(args: ReceiveArgs) -> Result<()> {
     use tokio::io::AsyncReadExt;
     let registry = HandoffRegistry::new();
     let stop = CancellationToken::new();
-    let addr = crate::transports::receiver(&args.transport, "127.0.0.1:0".parse()?, registry.clone(), Duration::from_secs(120), &stop).await?;
+    let receiver = tandem_transfer::bind_receiver(args.transport, "127.0.0.1:0".parse()?, &registry, Duration::from_secs(120), None).await?;
+    let addr = receiver.advertised()?;
+    tokio::spawn(receiver.run(stop.clone()));
     let mut waiting = Vec::new();
     for i in 0..args.count {
         let mut pending = registry.register(&format!("bench-{i}")).context("fresh request id")?;
@@ -222,10 +224,10 @@ async fn receive(args: ReceiveArgs) -> Result<()> {
 }
 
 /// Starts the receiving process for `kind`; returns it and the address to send to.
-async fn spawn_receiver(kind: &str, count: usize) -> Result<(tokio::process::Child, String)> {
+async fn spawn_receiver(kind: TransportKind, count: usize) -> Result<(tokio::process::Child, String)> {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["bench", "transfer-receive", "--transport", kind, "--count", &count.to_string()])
+        .args(["bench", "transfer-receive", "--transport", kind.name(), "--count", &count.to_string()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
@@ -269,8 +271,8 @@ async fn transfer(args: &TransferArgs) -> Result<Vec<Row>> {
     rows.push(row("memcpy", &h, ms.split_off(2), &machine));
     drop(dst);
 
-    for kind in &args.transport {
-        let sender = crate::transports::sender(kind)?;
+    for &kind in &args.transport {
+        let sender = tandem_transfer::sender(kind, None)?;
         let n = args.iters + 2;
         let (mut child, entry) = spawn_receiver(kind, n).await?;
         let addr = tandem_transfer::parse_peer(&entry).pop().context("receiver address")?.addr;
@@ -284,7 +286,7 @@ async fn transfer(args: &TransferArgs) -> Result<Vec<Row>> {
         }
         drop(child.stdin.take());
         let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
-        rows.push(row(kind, &h, ms.split_off(2), &machine));
+        rows.push(row(kind.name(), &h, ms.split_off(2), &machine));
     }
     Ok(rows)
 }

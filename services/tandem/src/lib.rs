@@ -57,14 +57,10 @@ impl Cli {
     }
 }
 
-/// Logs go to stderr, so stdout carries only a command's output. Colours only on a terminal (and
-/// not with `NO_COLOR`): piped into a file or a collector, lines stay plain text.
+/// Logs go to stderr, so stdout carries only a command's output (see
+/// [`tandem_runtime::init_logging`]).
 pub fn init_logging(default_level: &str) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
+    tandem_runtime::init_logging(default_level);
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {

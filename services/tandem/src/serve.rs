@@ -11,9 +11,9 @@ use anyhow::{Context, Result};
 use clap::Args;
 use tandem_engine::{Batcher, BatcherConfig, CpuEngine, Engine, EngineConfig, EngineHandle};
 use tandem_tokenizer::{ModelFiles, Tokenizer};
-use tokio::io::AsyncReadExt;
+use tandem_transfer::TransportKind;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tandem_runtime::{stop_signal, Shutdown};
 
 use crate::default_model;
 
@@ -81,8 +81,10 @@ pub struct PrefillArgs {
     pub offload_budget_mb: usize,
     /// KV transports to hand blocks over with, in order of preference; the first one the decode
     /// worker also offers is used, and the next if it cannot connect.
-    #[arg(long, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
-    pub kv_transport: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
+    pub kv_transport: Vec<TransportKind>,
+    #[command(flatten)]
+    pub quic: crate::transports::QuicTrustArgs,
     /// How long a prefix-index entry this worker republishes lives (match the gateway's).
     #[arg(long, default_value_t = 600)]
     pub index_ttl_s: u64,
@@ -98,8 +100,10 @@ pub struct DecodeArgs {
     #[arg(long, default_value = "127.0.0.1:0")]
     pub kv_listen: String,
     /// KV transports to receive blocks with (all are advertised; senders pick).
-    #[arg(long, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
-    pub kv_transport: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
+    pub kv_transport: Vec<TransportKind>,
+    #[command(flatten)]
+    pub quic: crate::transports::QuicCertArgs,
     /// Bound of one incoming KV transfer, from first byte to verdict.
     #[arg(long, default_value_t = 10_000)]
     pub handoff_lease_ms: u64,
@@ -157,8 +161,18 @@ pub struct GatewayArgs {
     pub request_timeout_ms: u64,
     #[arg(long, default_value_t = 500)]
     pub poll_interval_ms: u64,
+    /// On stop, how long the requests in flight may take to finish before the process exits
+    /// anyway.
+    #[arg(long, default_value_t = 120)]
+    pub drain_timeout_s: u64,
     #[arg(long, hide = true)]
     pub managed: bool,
+}
+
+/// A worker's shutdown: on Ctrl-C, SIGTERM or (managed) its stdin closing, under the drain
+/// deadline.
+fn shutdown(c: &Common) -> Shutdown {
+    Shutdown::new(stop_signal(c.managed), Duration::from_secs(c.drain_timeout_s))
 }
 
 fn model_files(model: Option<&str>, served: Option<&str>) -> Result<ModelFiles> {
@@ -191,39 +205,6 @@ pub(crate) fn open_engine(files: &ModelFiles, device: &str, block_size: usize, k
     anyhow::bail!("--device {device}: expected cpu or cuda:N{}", if cfg!(feature = "cuda") { "" } else { " (this build has no CUDA support)" })
 }
 
-/// Fires on Ctrl-C, SIGTERM, or (managed) stdin closing.
-fn shutdown_token(managed: bool) -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        let term = async move {
-            match term.as_mut() {
-                Some(s) => {
-                    s.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        let stdin_closed = async {
-            if managed {
-                let mut buf = [0u8; 64];
-                let mut stdin = tokio::io::stdin();
-                while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
-            } else {
-                std::future::pending::<()>().await
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
-            _ = stdin_closed => {}
-        }
-        tracing::info!("shutting down");
-        t.cancel();
-    });
-    token
-}
 
 fn worker_id(common: &Common, role: &str, addr: &std::net::SocketAddr) -> String {
     common.worker_id.clone().unwrap_or_else(|| format!("{role}-{}-{}", host_name(), addr.port()))
@@ -247,7 +228,7 @@ fn ready(role: &str, fields: &str) {
 }
 
 pub async fn prefill(args: PrefillArgs) -> Result<()> {
-    let shutdown = shutdown_token(args.common.managed);
+    let shutdown = shutdown(&args.common);
     let listener = TcpListener::bind(&args.common.listen).await?;
     let addr = listener.local_addr()?;
     let engine = load_engine("prefill", &args.engine)?;
@@ -255,28 +236,25 @@ pub async fn prefill(args: PrefillArgs) -> Result<()> {
     let cfg = tandem_prefill::PrefillConfig {
         worker_id: worker_id(c, "prefill", &addr),
         addr: advertised(c, &addr),
-        transport: Arc::new(crate::transports::sender_set(&args.kv_transport)?),
+        transport: Arc::new(crate::transports::sender_set(&args.kv_transport, &args.quic)?),
         handoff_lease: Duration::from_millis(args.handoff_lease_ms),
         store_timeout: Duration::from_millis(args.store_timeout_ms),
         offload_budget_bytes: args.offload_budget_mb << 20,
         state: state_store(c.redis.as_deref())?,
         heartbeat: Duration::from_millis(c.heartbeat_ms),
         index_ttl: Duration::from_secs(args.index_ttl_s),
-        drain_timeout: Duration::from_secs(c.drain_timeout_s),
     };
     ready("prefill", &format!("grpc={addr}"));
     tandem_prefill::run(engine, cfg, listener, shutdown).await
 }
 
 pub async fn decode(args: DecodeArgs) -> Result<()> {
-    let shutdown = shutdown_token(args.common.managed);
+    let shutdown = shutdown(&args.common);
     let listener = TcpListener::bind(&args.common.listen).await?;
     let addr = listener.local_addr()?;
     let kv_listen: std::net::SocketAddr = tokio::net::lookup_host(&args.kv_listen).await?.next().context("--kv-listen resolves to nothing")?;
-    let registry = tandem_transfer::HandoffRegistry::new();
-    let stop = CancellationToken::new();
     let lease = Duration::from_millis(args.handoff_lease_ms);
-    let kv = crate::transports::receivers(&args.kv_transport, kv_listen, &registry, lease, &stop).await?;
+    let kv = tandem_decode::KvReceivers::bind(&args.kv_transport, kv_listen, lease, args.quic.identity()?.as_ref()).await?;
     let engine = load_engine("decode", &args.engine)?;
     let c = &args.common;
     let cfg = tandem_decode::DecodeConfig {
@@ -284,16 +262,15 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
         addr: advertised(c, &addr),
         state: state_store(c.redis.as_deref())?,
         heartbeat: Duration::from_millis(c.heartbeat_ms),
-        drain_timeout: Duration::from_secs(c.drain_timeout_s),
         handoff_lease: Duration::from_millis(args.handoff_lease_ms),
         default_kv_wait: Duration::from_secs(600),
     };
-    ready("decode", &format!("grpc={addr} kv={kv}"));
-    tandem_decode::run(engine, cfg, listener, tandem_decode::KvReceivers { registry, advertised: kv, stop }, shutdown).await
+    ready("decode", &format!("grpc={addr} kv={}", kv.advertised()));
+    tandem_decode::run(engine, cfg, listener, kv, shutdown).await
 }
 
 pub async fn kv_transfer(args: KvTransferArgs) -> Result<()> {
-    let shutdown = shutdown_token(args.common.managed);
+    let shutdown = shutdown(&args.common);
     let listener = TcpListener::bind(&args.common.listen).await?;
     let addr = listener.local_addr()?;
     let c = &args.common;
@@ -311,7 +288,7 @@ pub async fn kv_transfer(args: KvTransferArgs) -> Result<()> {
 }
 
 pub async fn gateway(args: GatewayArgs) -> Result<()> {
-    let shutdown = shutdown_token(args.managed);
+    let shutdown = Shutdown::new(stop_signal(args.managed), Duration::from_secs(args.drain_timeout_s));
     let files = model_files(args.model.as_deref(), args.served_model_name.as_deref())?;
     let tokenizer = Tokenizer::load(&files)?;
     let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;

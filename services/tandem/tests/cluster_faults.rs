@@ -179,6 +179,7 @@ async fn a_silent_decode_peer_fails_the_prefill_within_its_lease() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert_eq!(tandem_protocol::ApiError::from_status(&err).code, tandem_protocol::ErrorCode::KvHandoffFailed, "classified where it happened");
     assert!(err.message().contains("lease"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(idle(&prefill_info(&p).await), "the prefill frees its blocks on failure");

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use tandem_protocol::{FinishReason, SamplingParams};
+use tandem_protocol::{ApiError, ErrorCode, FinishReason, SamplingParams};
 
 use crate::engine::{Engine, ForwardItem, SeqId};
 use tandem_protocol::KvExport;
@@ -47,8 +47,9 @@ pub enum Event {
     /// Prefill-only mode: the prompt is cached and the first token sampled (it came as a
     /// `Token` event just before); here is the KV to hand over. Blocks are released.
     Prefilled { id: SeqId, kv: Box<KvExport>, usage: Usage },
-    /// The sequence could not run; its blocks are released.
-    Failed { id: SeqId, error: String },
+    /// The sequence could not run; its blocks are released. The error is classified here, where
+    /// its cause is known.
+    Failed { id: SeqId, error: ApiError },
 }
 
 #[derive(Debug, Clone)]
@@ -194,17 +195,18 @@ impl Batcher {
             let Some(mut r) = self.waiting.pop_front() else { break };
             let max = self.engine.info().max_context;
             if r.req.prompt.is_empty() {
-                events.push(Event::Failed { id: r.req.id, error: "empty prompt".into() });
+                events.push(Event::Failed { id: r.req.id, error: ApiError::invalid("prompt", "empty prompt") });
                 continue;
             }
             let vocab = self.engine.info().vocab_size;
             if let Some(bad) = r.req.prompt.iter().find(|&&t| t as usize >= vocab) {
-                events.push(Event::Failed { id: r.req.id, error: format!("token id {bad} is outside the vocabulary of {vocab}") });
+                let error = ApiError::invalid("prompt", format!("token id {bad} is outside the vocabulary of {vocab}"));
+                events.push(Event::Failed { id: r.req.id, error });
                 continue;
             }
             if r.req.prompt.len() >= max {
-                let error = format!("prompt of {} tokens leaves no room in a context of {max}", r.req.prompt.len());
-                events.push(Event::Failed { id: r.req.id, error });
+                let message = format!("prompt of {} tokens leaves no room in a context of {max}", r.req.prompt.len());
+                events.push(Event::Failed { id: r.req.id, error: ApiError::new(ErrorCode::ContextLengthExceeded, message) });
                 continue;
             }
             let known: Vec<u32> = (0..r.known()).map(|i| r.token(i)).collect();
@@ -216,7 +218,7 @@ impl Batcher {
                     r.fed = cached;
                     self.running.push(r);
                 }
-                Err(e) => events.push(Event::Failed { id: r.req.id, error: e.to_string() }),
+                Err(e) => events.push(Event::Failed { id: r.req.id, error: (&e).into() }),
             }
         }
     }
@@ -308,7 +310,7 @@ impl Batcher {
                     // whole batch fails rather than one innocent sequence per step.
                     for id in plan.iter().map(|(_, it)| it.seq).collect::<Vec<_>>() {
                         self.cancel(id);
-                        events.push(Event::Failed { id, error: e.to_string() });
+                        events.push(Event::Failed { id, error: (&e).into() });
                     }
                     return events;
                 }
@@ -361,7 +363,7 @@ impl Batcher {
                 (None, Mode::PrefillOnly) => {
                     match self.engine.export(r.req.id) {
                         Ok(kv) => events.push(Event::Prefilled { id: r.req.id, kv: Box::new(kv), usage }),
-                        Err(e) => events.push(Event::Failed { id: r.req.id, error: e.to_string() }),
+                        Err(e) => events.push(Event::Failed { id: r.req.id, error: (&e).into() }),
                     }
                     done.push(r.req.id);
                 }

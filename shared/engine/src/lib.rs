@@ -50,3 +50,29 @@ pub enum EngineError {
 }
 
 pub type Result<T> = std::result::Result<T, EngineError>;
+
+impl EngineError {
+    /// What the failure means to a client and to the services routing around it.
+    pub fn code(&self) -> tandem_protocol::ErrorCode {
+        use tandem_protocol::ErrorCode;
+        match self {
+            Self::OutOfBlocks { .. } => ErrorCode::OutOfKvBlocks,
+            Self::ContextOverflow { .. } => ErrorCode::ContextLengthExceeded,
+            // Blocks that do not fit this engine: the handoff brought the wrong thing.
+            Self::Layout(_) | Self::Import(_) => ErrorCode::KvHandoffFailed,
+            Self::Tokenizer(_) => ErrorCode::InvalidRequest,
+            Self::Config(_)
+            | Self::Load(_)
+            | Self::Tensor(_)
+            | Self::UnknownSequence(_)
+            | Self::DuplicateSequence(_)
+            | Self::Device(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<&EngineError> for tandem_protocol::ApiError {
+    fn from(e: &EngineError) -> Self {
+        tandem_protocol::ApiError::new(e.code(), e.to_string())
+    }
+}

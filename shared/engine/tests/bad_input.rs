@@ -180,6 +180,8 @@ fn a_prompt_longer_than_the_context_fails_that_request_only() {
     }
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0].0, 1);
-    assert!(failed[0].1.contains("prompt of 200 tokens") && failed[0].1.contains("context of 128"), "{}", failed[0].1);
+    let error = &failed[0].1;
+    assert!(error.message.contains("prompt of 200 tokens") && error.message.contains("context of 128"), "{error}");
+    assert_eq!(error.code, tandem_protocol::ErrorCode::ContextLengthExceeded);
     assert_eq!(tokens, 4, "the other request runs on");
 }

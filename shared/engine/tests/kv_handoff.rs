@@ -152,7 +152,10 @@ fn a_tiny_cache_refuses_clearly_and_shares_fairly() {
     let mut b = batcher(engine);
     b.add(greedy_request(1, tok.encode(&"word ".repeat(40)).unwrap(), 4, &tok));
     match &b.step()[..] {
-        [Event::Failed { id: 1, error }] => assert!(error.contains("context of 32"), "{error}"),
+        [Event::Failed { id: 1, error }] => {
+            assert!(error.message.contains("context of 32"), "{error}");
+            assert_eq!(error.code, tandem_protocol::ErrorCode::ContextLengthExceeded);
+        }
         other => panic!("expected a failure, got {other:?}"),
     }
     // Two requests that each grow to two blocks: one waits for the other's blocks, both end

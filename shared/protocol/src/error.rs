@@ -1,6 +1,7 @@
 //! One error code for the whole system, mapped both to an HTTP status (OpenAI's error shape) and
 //! to a gRPC code, so a failure keeps its meaning across every hop and clients never see
-//! internals.
+//! internals. The component nearest the cause picks the code; a gRPC status carries it in its
+//! metadata (`tandem-error`), so no decision anywhere depends on an error's text.
 
 use serde::Serialize;
 
@@ -20,6 +21,12 @@ pub enum ErrorCode {
     ContextLengthExceeded,
     /// No worker can take the request now; retry later.
     Unavailable,
+    /// The worker has no KV cache blocks left for the request (another worker may).
+    OutOfKvBlocks,
+    /// The KV handoff from prefill to decode failed or outlived its lease.
+    KvHandoffFailed,
+    /// The worker is draining before it stops and takes no new requests.
+    WorkerDraining,
     /// A deadline (such as the KV handoff lease) passed.
     Timeout,
     Cancelled,
@@ -34,7 +41,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => 405,
             Self::RequestTooLarge => 413,
             Self::Cancelled => 499,
-            Self::Unavailable => 503,
+            Self::Unavailable | Self::OutOfKvBlocks | Self::KvHandoffFailed | Self::WorkerDraining => 503,
             Self::Timeout => 504,
             Self::Internal => 500,
         }
@@ -46,7 +53,8 @@ impl ErrorCode {
             Self::ModelNotFound | Self::NotFound => tonic::Code::NotFound,
             Self::MethodNotAllowed => tonic::Code::Unimplemented,
             Self::RequestTooLarge => tonic::Code::OutOfRange,
-            Self::Unavailable => tonic::Code::Unavailable,
+            Self::Unavailable | Self::KvHandoffFailed | Self::WorkerDraining => tonic::Code::Unavailable,
+            Self::OutOfKvBlocks => tonic::Code::ResourceExhausted,
             Self::Timeout => tonic::Code::DeadlineExceeded,
             Self::Cancelled => tonic::Code::Cancelled,
             Self::Internal => tonic::Code::Internal,
@@ -64,6 +72,58 @@ impl ErrorCode {
         }
     }
 
+    /// Whether the same request may go to another worker of the same role: this one is gone,
+    /// leaving, or full. Not after a failed handoff: the decode side it was meant for has given
+    /// the request up with it.
+    pub fn retryable(self) -> bool {
+        matches!(self, Self::Unavailable | Self::OutOfKvBlocks | Self::WorkerDraining)
+    }
+
+    /// Whether the worker that answered with this code should leave routing until it is seen
+    /// healthy again (it is unreachable or leaving; a full worker is merely busy).
+    pub fn worker_down(self) -> bool {
+        matches!(self, Self::Unavailable | Self::WorkerDraining)
+    }
+
+    /// The code's name (as in OpenAI's `error.code` and the `tandem-error` metadata).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::InvalidRequest => "invalid_request",
+            Self::ModelNotFound => "model_not_found",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+            Self::RequestTooLarge => "request_too_large",
+            Self::ContextLengthExceeded => "context_length_exceeded",
+            Self::Unavailable => "unavailable",
+            Self::OutOfKvBlocks => "out_of_kv_blocks",
+            Self::KvHandoffFailed => "kv_handoff_failed",
+            Self::WorkerDraining => "worker_draining",
+            Self::Timeout => "timeout",
+            Self::Cancelled => "cancelled",
+            Self::Internal => "internal",
+        }
+    }
+
+    pub const ALL: [ErrorCode; 13] = [
+        Self::InvalidRequest,
+        Self::ModelNotFound,
+        Self::NotFound,
+        Self::MethodNotAllowed,
+        Self::RequestTooLarge,
+        Self::ContextLengthExceeded,
+        Self::Unavailable,
+        Self::OutOfKvBlocks,
+        Self::KvHandoffFailed,
+        Self::WorkerDraining,
+        Self::Timeout,
+        Self::Cancelled,
+        Self::Internal,
+    ];
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
+    }
+
     /// OpenAI's `error.type`.
     pub fn openai_type(self) -> &'static str {
         match self {
@@ -73,13 +133,16 @@ impl ErrorCode {
             | Self::NotFound
             | Self::MethodNotAllowed
             | Self::RequestTooLarge => "invalid_request_error",
-            Self::Unavailable => "service_unavailable_error",
+            Self::Unavailable | Self::OutOfKvBlocks | Self::KvHandoffFailed | Self::WorkerDraining => "service_unavailable_error",
             Self::Timeout => "timeout_error",
             Self::Cancelled => "cancelled",
             Self::Internal => "server_error",
         }
     }
 }
+
+/// The gRPC metadata key that carries an [`ErrorCode`]'s name.
+pub const ERROR_CODE_KEY: &str = "tandem-error";
 
 /// An error as a client sees it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,12 +174,19 @@ impl ApiError {
         })
     }
 
+    /// The error as a gRPC status: the closest gRPC code, and the exact code in the
+    /// `tandem-error` metadata.
     pub fn to_status(&self) -> tonic::Status {
-        tonic::Status::new(self.code.grpc(), self.message.clone())
+        let mut status = tonic::Status::new(self.code.grpc(), self.message.clone());
+        status.metadata_mut().insert(ERROR_CODE_KEY, tonic::metadata::MetadataValue::from_static(self.code.name()));
+        status
     }
 
+    /// The error a gRPC status carries: its `tandem-error` code, else one read from the gRPC
+    /// code (a status from outside Tandem, or from the transport itself).
     pub fn from_status(s: &tonic::Status) -> Self {
-        Self::new(ErrorCode::from_grpc(s.code()), s.message().to_string())
+        let named = s.metadata().get(ERROR_CODE_KEY).and_then(|v| v.to_str().ok()).and_then(ErrorCode::from_name);
+        Self::new(named.unwrap_or_else(|| ErrorCode::from_grpc(s.code())), s.message().to_string())
     }
 }
 
@@ -126,10 +196,14 @@ mod tests {
 
     #[test]
     fn a_code_survives_a_grpc_hop() {
-        for code in [ErrorCode::InvalidRequest, ErrorCode::Unavailable, ErrorCode::Timeout, ErrorCode::Internal] {
+        for code in ErrorCode::ALL {
             let e = ApiError::new(code, "x");
             assert_eq!(ApiError::from_status(&e.to_status()).code, code);
+            assert_eq!(serde_json::to_value(code).unwrap(), code.name(), "one name per code");
         }
+        // A status without the metadata (from outside Tandem) is read from its gRPC code.
+        assert_eq!(ApiError::from_status(&tonic::Status::unavailable("gone")).code, ErrorCode::Unavailable);
+        assert_eq!(ApiError::from_status(&tonic::Status::internal("boom")).code, ErrorCode::Internal);
         let body = ApiError::invalid("temperature", "too hot").body();
         assert_eq!(body["error"]["param"], "temperature");
         assert_eq!(body["error"]["type"], "invalid_request_error");

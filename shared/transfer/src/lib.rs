@@ -3,6 +3,7 @@
 //! requests waiting for them. Every transfer ends in success or failure within its lease.
 #![forbid(unsafe_code)]
 
+mod kind;
 mod quic;
 mod registry;
 mod select;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tandem_protocol::KvExport;
 
+pub use kind::{bind_receiver, sender, KvReceiver, TransportKind};
 pub use quic::{QuicIdentity, QuicPeer, QuicReceiver, QuicTlsConfig, QuicTransport, QuicTrust};
 pub use registry::{HandoffRegistry, Incoming, PendingHandoff};
 pub use select::{format_peer, parse_peer, PeerAddr, TransportSet};
