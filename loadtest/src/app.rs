@@ -9,9 +9,7 @@ use crate::cli::{BenchArgs, DatasetName};
 use crate::client::discover_model;
 use crate::tokens::default_tokenizer_path;
 use crate::{dataset, plot, report, sweep};
-use crate::{
-    load_tokenizer, run_benchmark, BenchConfig, DatasetSpec, LoadtestError, Result, RunReport, Slo, TokenCounter,
-};
+use crate::{load_tokenizer, run_benchmark, BenchConfig, DatasetSpec, LoadtestError, Result, RunReport, Slo, TokenCounter};
 
 /// Requests prepared for a run bounded only by `--duration`; they are sent again in turn.
 const DURATION_POOL: usize = 1000;
@@ -19,11 +17,7 @@ const DEFAULT_NUM_PROMPTS: usize = 1000;
 
 pub fn parse_percentiles(text: &str) -> Result<Vec<f64>> {
     text.split(',')
-        .map(|p| {
-            p.trim()
-                .parse::<f64>()
-                .map_err(|_| LoadtestError::Config(format!("--metric-percentiles: {p:?} is not a number")))
-        })
+        .map(|p| p.trim().parse::<f64>().map_err(|_| LoadtestError::Config(format!("--metric-percentiles: {p:?} is not a number"))))
         .collect()
 }
 
@@ -35,10 +29,7 @@ fn dataset_spec(args: &BenchArgs) -> Result<DatasetSpec> {
             range_ratio: args.random_range_ratio,
         },
         DatasetName::Sharegpt => DatasetSpec::ShareGpt {
-            path: args
-                .dataset_path
-                .clone()
-                .ok_or_else(|| LoadtestError::Config("--dataset-name sharegpt needs --dataset-path".into()))?,
+            path: args.dataset_path.clone().ok_or_else(|| LoadtestError::Config("--dataset-name sharegpt needs --dataset-path".into()))?,
             output_len: args.sharegpt_output_len,
         },
         DatasetName::Prefix => DatasetSpec::Prefix {
@@ -113,9 +104,7 @@ pub async fn run(args: &BenchArgs) -> Result<()> {
     let cfg = config(args, &tokenizer_path.display().to_string(), spec.name()).await?;
     let pool = cfg.num_prompts.unwrap_or(DURATION_POOL);
     let requests = dataset::build(&spec, &counter, pool, cfg.seed)?;
-    let mean = |f: &dyn Fn(&crate::SampleRequest) -> usize| {
-        requests.iter().map(f).sum::<usize>() as f64 / requests.len() as f64
-    };
+    let mean = |f: &dyn Fn(&crate::SampleRequest) -> usize| requests.iter().map(f).sum::<usize>() as f64 / requests.len() as f64;
     println!(
         "{} requests prepared ({}): mean {:.1} prompt tokens, {:.1} output tokens; target {} model {}",
         requests.len(),
@@ -201,8 +190,18 @@ mod tests {
         };
         assert_eq!((prefix_len, suffix_len, num_prefixes, output_len), (300, 20, 3, 7));
         // Our own spellings say the same; the output length then comes from --random-output-len.
-        let args =
-            bench(&["--dataset-name", "prefix", "--prefix-len", "300", "--suffix-len", "20", "--num-prefixes", "3", "--random-output-len", "99"]);
+        let args = bench(&[
+            "--dataset-name",
+            "prefix",
+            "--prefix-len",
+            "300",
+            "--suffix-len",
+            "20",
+            "--num-prefixes",
+            "3",
+            "--random-output-len",
+            "99",
+        ]);
         let DatasetSpec::Prefix { prefix_len, num_prefixes, suffix_len, output_len, .. } = dataset_spec(&args).unwrap() else {
             panic!("the prefix workload")
         };

@@ -29,10 +29,7 @@ impl Schedule {
             None
         } else {
             let scale = 1.0 / (rate * burstiness);
-            Some(
-                Gamma::new(burstiness, scale)
-                    .map_err(|e| LoadtestError::Config(format!("burstiness {burstiness}: {e}")))?,
-            )
+            Some(Gamma::new(burstiness, scale).map_err(|e| LoadtestError::Config(format!("burstiness {burstiness}: {e}")))?)
         };
         Ok(Self { gaps, rng: StdRng::seed_from_u64(seed), next: 0.0 })
     }
@@ -59,8 +56,7 @@ mod tests {
     }
 
     fn seeded_gaps(rate: f64, burstiness: f64, n: usize, seed: u64) -> Vec<f64> {
-        let times: Vec<f64> =
-            Schedule::new(rate, burstiness, seed).unwrap().take(n + 1).map(|d| d.as_secs_f64()).collect();
+        let times: Vec<f64> = Schedule::new(rate, burstiness, seed).unwrap().take(n + 1).map(|d| d.as_secs_f64()).collect();
         times.windows(2).map(|w| w[1] - w[0]).collect()
     }
 

@@ -115,12 +115,7 @@ impl Target {
         out
     }
 
-    async fn stream(
-        &self,
-        req: &SampleRequest,
-        start: Instant,
-        out: &mut RequestOutcome,
-    ) -> std::result::Result<(), Failure> {
+    async fn stream(&self, req: &SampleRequest, start: Instant, out: &mut RequestOutcome) -> std::result::Result<(), Failure> {
         let sent = self.client.post(&self.url).json(&self.body(req)).send().await;
         let mut resp = sent.map_err(|e| Failure::new(FailureKind::from_reqwest(&e, false), error_chain(&e)))?;
         let status = resp.status();
@@ -185,10 +180,7 @@ impl Target {
         }
         out.output_len = match usage {
             Some(n) => n as usize,
-            None => self
-                .counter
-                .completion_tokens(&text)
-                .map_err(|e| Failure::new(FailureKind::InvalidResponse, e.to_string()))?,
+            None => self.counter.completion_tokens(&text).map_err(|e| Failure::new(FailureKind::InvalidResponse, e.to_string()))?,
         };
         out.generated_text = text;
         Ok(())

@@ -96,13 +96,7 @@ pub fn max_in_flight(outcomes: &[RequestOutcome]) -> usize {
 }
 
 /// The result of a run from its outcomes (in request order) and its wall time in seconds.
-pub fn aggregate(
-    info: RunInfo,
-    outcomes: &[RequestOutcome],
-    duration: f64,
-    slo: Option<&Slo>,
-    percentiles: &[f64],
-) -> BenchResult {
+pub fn aggregate(info: RunInfo, outcomes: &[RequestOutcome], duration: f64, slo: Option<&Slo>, percentiles: &[f64]) -> BenchResult {
     let ok: Vec<&RequestOutcome> = outcomes.iter().filter(|o| o.is_ok()).collect();
     let ms = |f: &dyn Fn(&RequestOutcome) -> f64| ok.iter().map(|o| f(o) * 1000.0).collect::<Vec<f64>>();
     let ttft = ms(&|o| o.ttft);
@@ -152,10 +146,7 @@ pub fn aggregate(
         itls: outcomes.iter().map(|o| if o.is_ok() { o.itl.clone() } else { Vec::new() }).collect(),
         e2els: outcomes.iter().map(|o| if o.is_ok() { o.e2el } else { 0.0 }).collect(),
         generated_texts: outcomes.iter().map(|o| if o.is_ok() { o.generated_text.clone() } else { String::new() }).collect(),
-        errors: outcomes
-            .iter()
-            .map(|o| o.error.as_ref().map(|f| format!("{}: {}", f.kind, f.message)).unwrap_or_default())
-            .collect(),
+        errors: outcomes.iter().map(|o| o.error.as_ref().map(|f| format!("{}: {}", f.kind, f.message)).unwrap_or_default()).collect(),
     }
 }
 
@@ -233,8 +224,7 @@ mod tests {
         // Second 0: a and b; second 1: b and c (a failed request is not counted); second 2: b.
         assert_eq!(concurrent, 2);
         // Buckets start at the first send, not at zero.
-        let shifted: Vec<RequestOutcome> =
-            [a, b, c].iter().map(|o| RequestOutcome { sent_at: o.sent_at + 0.7, ..o.clone() }).collect();
+        let shifted: Vec<RequestOutcome> = [a, b, c].iter().map(|o| RequestOutcome { sent_at: o.sent_at + 0.7, ..o.clone() }).collect();
         assert_eq!(peaks(&shifted), (5.0, 2));
         assert_eq!(peaks(&[failed]), (0.0, 0));
         assert_eq!(peaks(&[]), (0.0, 0));
@@ -245,10 +235,7 @@ mod tests {
         // Two overlapping, then one that starts as the first ends, then a failed one inside.
         let span = |sent_at: f64, e2el: f64| RequestOutcome { sent_at, e2el, ..Default::default() };
         assert_eq!(max_in_flight(&[span(0.0, 1.0), span(0.5, 1.0), span(1.0, 1.0)]), 2);
-        let failed = RequestOutcome {
-            error: Some(crate::failure::Failure::new(crate::FailureKind::Timeout, "slow")),
-            ..span(0.6, 0.2)
-        };
+        let failed = RequestOutcome { error: Some(crate::failure::Failure::new(crate::FailureKind::Timeout, "slow")), ..span(0.6, 0.2) };
         assert_eq!(max_in_flight(&[span(0.0, 1.0), span(0.5, 1.0), span(1.0, 1.0), failed]), 3);
         // The per-second count of vLLM sees all three of these in second 0; only one runs at once.
         let serial = [span(0.0, 0.2), span(0.3, 0.2), span(0.6, 0.2)].map(|o| RequestOutcome { ttft: 0.1, ..o });

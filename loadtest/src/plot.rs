@@ -10,8 +10,7 @@ use crate::{BenchResult, LoadtestError, Result};
 
 /// Enough points for a smooth curve, few enough for a small file.
 const MAX_POINTS: usize = 2000;
-const COLORS: [RGBColor; 4] =
-    [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
+const COLORS: [RGBColor; 4] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
 
 struct Series {
     name: String,
@@ -111,10 +110,7 @@ pub fn sweep_plots(dir: &Path, results: &[BenchResult]) -> Result<Vec<PathBuf>> 
         requests.push(line("goodput", &|r| r.request_goodput));
     }
     requests.push(line("offered load", &|r| Some(r.info.request_rate)));
-    let tokens = [
-        line("output tokens/s", &|r| Some(r.output_throughput)),
-        line("total tokens/s", &|r| Some(r.total_token_throughput)),
-    ];
+    let tokens = [line("output tokens/s", &|r| Some(r.output_throughput)), line("total tokens/s", &|r| Some(r.total_token_throughput))];
 
     let a = dir.join("throughput_vs_rate.svg");
     line_chart(&a, "Throughput and goodput vs request rate", "request rate (req/s)", "requests/s", &requests, true)?;

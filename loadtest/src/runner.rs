@@ -25,11 +25,7 @@ pub struct RunReport {
 
 /// Runs `cfg` with `requests` (used again from the start when the run needs more of them).
 /// Returns an error only for a configuration that cannot run; failed requests are counted.
-pub async fn run_benchmark(
-    cfg: &BenchConfig,
-    requests: &[SampleRequest],
-    counter: Arc<TokenCounter>,
-) -> Result<RunReport> {
+pub async fn run_benchmark(cfg: &BenchConfig, requests: &[SampleRequest], counter: Arc<TokenCounter>) -> Result<RunReport> {
     cfg.validate()?;
     if requests.is_empty() {
         return Err(LoadtestError::Dataset("no requests to send".into()));
@@ -134,12 +130,10 @@ fn progress_bar(cfg: &BenchConfig) -> ProgressBar {
     }
     let bar = match cfg.num_prompts {
         Some(n) => ProgressBar::with_draw_target(Some(n as u64), ProgressDrawTarget::stderr()).with_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} requests [{elapsed_precise}<{eta_precise}]")
-                .expect("a valid template"),
+            ProgressStyle::with_template("{bar:40} {pos}/{len} requests [{elapsed_precise}<{eta_precise}]").expect("a valid template"),
         ),
-        None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()).with_style(
-            ProgressStyle::with_template("{spinner} {pos} requests [{elapsed_precise}]").expect("a valid template"),
-        ),
+        None => ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr())
+            .with_style(ProgressStyle::with_template("{spinner} {pos} requests [{elapsed_precise}]").expect("a valid template")),
     };
     bar.enable_steady_tick(Duration::from_millis(200));
     bar

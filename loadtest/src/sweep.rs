@@ -10,8 +10,7 @@ pub fn parse_rates(text: &str) -> Result<Vec<f64>> {
     let rates = text
         .split(',')
         .map(|r| {
-            let rate: f64 =
-                r.trim().parse().map_err(|_| LoadtestError::Config(format!("--sweep: {r:?} is not a rate")))?;
+            let rate: f64 = r.trim().parse().map_err(|_| LoadtestError::Config(format!("--sweep: {r:?} is not a rate")))?;
             if rate.is_nan() || rate <= 0.0 {
                 return Err(LoadtestError::Config(format!("--sweep: rate {r} must be positive")));
             }

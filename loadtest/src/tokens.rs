@@ -20,10 +20,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     }
     if path.is_file() && path.extension().is_some_and(|e| e == "json") {
         if path.file_name().is_some_and(|n| n != "tokenizer.json") {
-            return Err(LoadtestError::Config(format!(
-                "{}: a tokenizer file must be named tokenizer.json",
-                path.display()
-            )));
+            return Err(LoadtestError::Config(format!("{}: a tokenizer file must be named tokenizer.json", path.display())));
         }
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         return Ok(Tokenizer::from_folder(dir)?);

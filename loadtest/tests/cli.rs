@@ -47,16 +47,7 @@ async fn a_run_writes_a_vllm_shaped_result_and_plots() {
         "--label",
         "nightly",
     ]));
-    a.extend(args(&[
-        "--save-result",
-        "--result-dir",
-        d,
-        "--result-filename",
-        "run.json",
-        "--plot-dir",
-        d,
-        "--disable-tqdm",
-    ]));
+    a.extend(args(&["--save-result", "--result-dir", d, "--result-filename", "run.json", "--plot-dir", d, "--disable-tqdm"]));
     let out = tokio::task::spawn_blocking(move || loadtest(a)).await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -139,20 +130,10 @@ async fn a_sweep_runs_each_rate_and_compare_reads_the_results() {
     let server = spawn(|_| Behavior::timed(10, 2)).await;
     let dir = common::scratch();
     let d = dir.path().to_str().unwrap();
-    let mut a =
-        args(&["--base-url", &format!("{}/v1", server.url()), "--model", MODEL, "--endpoint", "/v1/chat/completions"]);
+    let mut a = args(&["--base-url", &format!("{}/v1", server.url()), "--model", MODEL, "--endpoint", "/v1/chat/completions"]);
     a.extend(args(&["--random-input-len", "16", "--random-output-len", "3", "--num-prompts", "6", "--sweep", "20,40"]));
     a.extend(args(&["--goodput", "ttft:1000", "e2el:5000"]));
-    a.extend(args(&[
-        "--save-result",
-        "--result-dir",
-        d,
-        "--result-filename",
-        "s.json",
-        "--plot-dir",
-        d,
-        "--disable-tqdm",
-    ]));
+    a.extend(args(&["--save-result", "--result-dir", d, "--result-filename", "s.json", "--plot-dir", d, "--disable-tqdm"]));
     let out = tokio::task::spawn_blocking(move || loadtest(a)).await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (slow, fast) = (dir.path().join("s-rate20.json"), dir.path().join("s-rate40.json"));
@@ -169,8 +150,7 @@ async fn a_sweep_runs_each_rate_and_compare_reads_the_results() {
         assert_eq!(r["request_goodput"], r["request_throughput"], "{}", path.display());
     }
     let svg = std::fs::read_to_string(dir.path().join("throughput_vs_rate.svg")).unwrap();
-    let texts: Vec<&str> =
-        svg.split("<text").skip(1).filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim())).collect();
+    let texts: Vec<&str> = svg.split("<text").skip(1).filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim())).collect();
     for series in ["request throughput", "goodput", "offered load"] {
         assert!(texts.contains(&series), "no {series} series in the plot: {texts:?}");
     }

@@ -39,8 +39,7 @@ fn random_prompt_lengths_hit_the_target() {
 #[test]
 fn shared_prefix_prompts_share_their_prefix_tokens() {
     let counter = counter();
-    let spec =
-        DatasetSpec::Prefix { prefix_len: 256, num_prefixes: 3, suffix_len: 16, output_len: 8, range_ratio: 0.0 };
+    let spec = DatasetSpec::Prefix { prefix_len: 256, num_prefixes: 3, suffix_len: 16, output_len: 8, range_ratio: 0.0 };
     let requests = dataset::build(&spec, &counter, 12, 1).unwrap();
     let ids: Vec<Vec<u32>> = requests.iter().map(|r| counter.tokenizer().encode(&r.prompt).unwrap()).collect();
     for (i, r) in requests.iter().enumerate() {

@@ -15,18 +15,12 @@ pub(super) struct Shape {
 }
 
 /// Request `i` uses prefix `i % num_prefixes`, so every prefix is used about equally often.
-pub(super) fn build(
-    shape: &Shape,
-    counter: &TokenCounter,
-    count: usize,
-    rng: &mut impl Rng,
-) -> Result<Vec<SampleRequest>> {
+pub(super) fn build(shape: &Shape, counter: &TokenCounter, count: usize, rng: &mut impl Rng) -> Result<Vec<SampleRequest>> {
     if shape.num_prefixes == 0 || shape.prefix_len == 0 {
         return Err(LoadtestError::Config("--num-prefixes and --prefix-len must be at least 1".into()));
     }
-    let prefixes: Vec<String> = (0..shape.num_prefixes)
-        .map(|_| random_text(counter, rng, shape.prefix_len).map(|(text, _)| text))
-        .collect::<Result<_>>()?;
+    let prefixes: Vec<String> =
+        (0..shape.num_prefixes).map(|_| random_text(counter, rng, shape.prefix_len).map(|(text, _)| text)).collect::<Result<_>>()?;
     (0..count)
         .map(|i| {
             let suffix_len = uniform_len(shape.suffix_len, shape.range_ratio, rng).max(1);

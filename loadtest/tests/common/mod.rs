@@ -52,12 +52,7 @@ pub enum Behavior {
 
 impl Behavior {
     pub fn timed(ttft_ms: u64, itl_ms: u64) -> Self {
-        Behavior::Stream {
-            ttft: Duration::from_millis(ttft_ms),
-            itl: Duration::from_millis(itl_ms),
-            usage: true,
-            token: " the",
-        }
+        Behavior::Stream { ttft: Duration::from_millis(ttft_ms), itl: Duration::from_millis(itl_ms), usage: true, token: " the" }
     }
 }
 
@@ -107,10 +102,7 @@ pub async fn spawn(plan: impl Fn(usize) -> Behavior + Send + Sync + 'static) -> 
     let app = Router::new()
         .route("/v1/completions", post(complete))
         .route("/v1/chat/completions", post(complete))
-        .route(
-            "/v1/models",
-            get(|| async { Json(json!({"object": "list", "data": [{"id": MODEL, "object": "model"}]})) }),
-        )
+        .route("/v1/models", get(|| async { Json(json!({"object": "list", "data": [{"id": MODEL, "object": "model"}]})) }))
         .with_state(shared);
     // The server runs on its own runtime, as a separate process would, so its timers do not
     // queue behind the client's work.
@@ -155,8 +147,7 @@ async fn complete(State(s): State<Shared>, uri: Uri, Json(body): Json<Value>) ->
     s.arrivals.lock().unwrap().push(now);
     let i = s.count.fetch_add(1, Ordering::SeqCst);
     let chat = uri.path().contains("chat");
-    let max_tokens =
-        body.get("max_tokens").or(body.get("max_completion_tokens")).and_then(Value::as_u64).unwrap_or(16) as usize;
+    let max_tokens = body.get("max_tokens").or(body.get("max_completion_tokens")).and_then(Value::as_u64).unwrap_or(16) as usize;
     let prompt_tokens = 1;
     let behavior = (s.plan)(i);
     // Each step is (when, what); `None` breaks the connection.

@@ -20,7 +20,6 @@ use tandem_transfer::{HandoffRegistry, KvReceiver, QuicIdentity, TransportKind};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -61,7 +60,12 @@ impl KvReceivers {
     /// with a port of their own. `lease` bounds each incoming transfer; QUIC presents
     /// `quic_identity` (or a certificate it generates). A transport that cannot start here (UCX
     /// with no usable device, say) is left out with a warning, so the others still receive.
-    pub async fn bind(kinds: &[TransportKind], listen: SocketAddr, lease: Duration, quic_identity: Option<&QuicIdentity>) -> anyhow::Result<Self> {
+    pub async fn bind(
+        kinds: &[TransportKind],
+        listen: SocketAddr,
+        lease: Duration,
+        quic_identity: Option<&QuicIdentity>,
+    ) -> anyhow::Result<Self> {
         let registry = HandoffRegistry::new();
         let (mut receivers, mut entries) = (Vec::new(), Vec::new());
         for &kind in kinds {
@@ -92,7 +96,13 @@ impl KvReceivers {
 /// requested, then runs its phases: not ready (the registry and `Info` say draining), drain (the
 /// streams in flight run to their end), stop (the server, then the receivers, end and are
 /// joined). The receivers outlive the drain, so requests still waiting for their blocks get them.
-pub async fn run(engine: EngineHandle, cfg: DecodeConfig, listener: TcpListener, kv: KvReceivers, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(
+    engine: EngineHandle,
+    cfg: DecodeConfig,
+    listener: TcpListener,
+    kv: KvReceivers,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let KvReceivers { registry, receivers, advertised: kv_addr } = kv;
     tracing::info!(addr = %listener.local_addr()?, %kv_addr, worker = %cfg.worker_id, "decode worker serving");
     for r in receivers {
@@ -180,63 +190,66 @@ impl Decode for Service {
             cancelled.fetch_add(1, Ordering::Relaxed);
             tracing::info!("decode cancelled by the caller");
         };
-        self.shutdown.spawn(async move {
-            let _inflight = inflight;
-            let arrived = tokio::select! {
-                _ = tx.closed() => return hung_up(),
-                a = tokio::time::timeout(lease, pending.arrived()) => a,
-            };
-            let incoming = match arrived {
-                Ok(Some(incoming)) => incoming,
-                Ok(None) => return,
-                Err(_) => {
-                    tracing::warn!(wait = ?lease, "kv blocks never arrived");
-                    let error = ApiError::new(ErrorCode::Timeout, format!("kv blocks did not arrive within {lease:?}"));
-                    let _ = tx.send(Err(error.to_status())).await;
-                    return;
-                }
-            };
-            let h = incoming.handoff;
-            let mut events = match engine.import(req, h.kv, h.first_token).await {
-                Ok(events) => {
-                    let _ = incoming.verdict.send(Ok(()));
-                    events
-                }
-                Err(e) => {
-                    let _ = incoming.verdict.send(Err(e.to_string()));
-                    let error = ApiError::new(e.code(), format!("kv import failed: {e}"));
-                    let _ = tx.send(Err(error.to_status())).await;
-                    return;
-                }
-            };
-            loop {
-                let next = tokio::select! {
-                    // The gateway hung up: dropping `events` cancels the sequence.
+        self.shutdown.spawn(
+            async move {
+                let _inflight = inflight;
+                let arrived = tokio::select! {
                     _ = tx.closed() => return hung_up(),
-                    e = events.next() => e,
+                    a = tokio::time::timeout(lease, pending.arrived()) => a,
                 };
-                let out = match next {
-                    Some(Event::Token { token, logprobs, .. }) => event(token_event::Event::Token(token_message(token, logprobs))),
-                    Some(Event::Finished { reason, usage, .. }) => {
-                        completed.fetch_add(1, Ordering::Relaxed);
-                        let _ = tx.send(event(token_event::Event::Finished(finished_message(reason, usage)))).await;
+                let incoming = match arrived {
+                    Ok(Some(incoming)) => incoming,
+                    Ok(None) => return,
+                    Err(_) => {
+                        tracing::warn!(wait = ?lease, "kv blocks never arrived");
+                        let error = ApiError::new(ErrorCode::Timeout, format!("kv blocks did not arrive within {lease:?}"));
+                        let _ = tx.send(Err(error.to_status())).await;
                         return;
                     }
-                    Some(Event::Failed { error, .. }) => Err(error.to_status()),
-                    Some(Event::Prefilled { .. }) | None => Err(Status::internal("decode engine stopped")),
                 };
-                let last = out.is_err();
-                if tx.send(out).await.is_err() {
-                    if !last {
-                        hung_up();
+                let h = incoming.handoff;
+                let mut events = match engine.import(req, h.kv, h.first_token).await {
+                    Ok(events) => {
+                        let _ = incoming.verdict.send(Ok(()));
+                        events
                     }
-                    return;
-                }
-                if last {
-                    return;
+                    Err(e) => {
+                        let _ = incoming.verdict.send(Err(e.to_string()));
+                        let error = ApiError::new(e.code(), format!("kv import failed: {e}"));
+                        let _ = tx.send(Err(error.to_status())).await;
+                        return;
+                    }
+                };
+                loop {
+                    let next = tokio::select! {
+                        // The gateway hung up: dropping `events` cancels the sequence.
+                        _ = tx.closed() => return hung_up(),
+                        e = events.next() => e,
+                    };
+                    let out = match next {
+                        Some(Event::Token { token, logprobs, .. }) => event(token_event::Event::Token(token_message(token, logprobs))),
+                        Some(Event::Finished { reason, usage, .. }) => {
+                            completed.fetch_add(1, Ordering::Relaxed);
+                            let _ = tx.send(event(token_event::Event::Finished(finished_message(reason, usage)))).await;
+                            return;
+                        }
+                        Some(Event::Failed { error, .. }) => Err(error.to_status()),
+                        Some(Event::Prefilled { .. }) | None => Err(Status::internal("decode engine stopped")),
+                    };
+                    let last = out.is_err();
+                    if tx.send(out).await.is_err() {
+                        if !last {
+                            hung_up();
+                        }
+                        return;
+                    }
+                    if last {
+                        return;
+                    }
                 }
             }
-        }.instrument(span));
+            .instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

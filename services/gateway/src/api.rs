@@ -112,11 +112,20 @@ fn check_model(s: &AppState, model: &str) -> Result<(), ApiError> {
     if model == s.cfg.model_name {
         Ok(())
     } else {
-        Err(ApiError { code: ErrorCode::ModelNotFound, message: format!("the model `{model}` does not exist; this server serves `{}`", s.cfg.model_name), param: Some("model".into()) })
+        Err(ApiError {
+            code: ErrorCode::ModelNotFound,
+            message: format!("the model `{model}` does not exist; this server serves `{}`", s.cfg.model_name),
+            param: Some("model".into()),
+        })
     }
 }
 
-fn sampling(f: &SamplingFields, max_tokens: Option<u32>, default_max: usize, logprobs: Option<u32>) -> Result<(SamplingParams, usize), ApiError> {
+fn sampling(
+    f: &SamplingFields,
+    max_tokens: Option<u32>,
+    default_max: usize,
+    logprobs: Option<u32>,
+) -> Result<(SamplingParams, usize), ApiError> {
     if max_tokens == Some(0) {
         return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1"));
     }
@@ -160,7 +169,9 @@ fn check_length(prompt: usize, max_tokens: usize, context: usize, param: &str) -
     if prompt + max_tokens > context {
         return Err(ApiError {
             code: ErrorCode::ContextLengthExceeded,
-            message: format!("this model's maximum context length is {context} tokens; the prompt has {prompt} and max_tokens asks for {max_tokens}"),
+            message: format!(
+                "this model's maximum context length is {context} tokens; the prompt has {prompt} and max_tokens asks for {max_tokens}"
+            ),
             param: Some(param.into()),
         });
     }
@@ -175,7 +186,10 @@ fn flatten(content: &Option<MessageContent>, i: usize) -> Result<String, ApiErro
             .iter()
             .map(|p| match (p.kind.as_str(), &p.text) {
                 ("text", Some(t)) => Ok(t.as_str()),
-                _ => Err(ApiError::invalid(format!("messages[{i}].content"), format!("content part of type `{}` is not supported; send text", p.kind))),
+                _ => Err(ApiError::invalid(
+                    format!("messages[{i}].content"),
+                    format!("content part of type `{}` is not supported; send text", p.kind),
+                )),
             })
             .collect::<Result<Vec<_>, _>>()
             .map(|v| v.concat()),
@@ -418,7 +432,9 @@ fn stream_response(s: S, job: Job, id: String, rxs: Vec<choice::ChoiceRx>) -> Ss
     let chat = job.chat;
     let opening: Vec<SseEvent> = if chat {
         (0..n_choices)
-            .map(|i| chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None))
+            .map(|i| {
+                chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None)
+            })
             .collect()
     } else {
         Vec::new()

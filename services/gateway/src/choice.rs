@@ -189,7 +189,6 @@ async fn pick_with_retry<T>(retrying: bool, mut pick: impl FnMut() -> Option<T>)
     None
 }
 
-
 async fn drive(
     state: &AppState,
     spec: ChoiceSpec,
@@ -217,7 +216,9 @@ async fn drive(
     let need_blocks = (spec.prompt.len() + spec.params.max_tokens).div_ceil(bs);
     let mut tried = Vec::new();
     let (decode, mut stream) = loop {
-        let decode = pick_with_retry(!tried.is_empty(), || state.workers.pick_decode(need_blocks, &tried)).await.ok_or_else(|| unavailable("decode"))?;
+        let decode = pick_with_retry(!tried.is_empty(), || state.workers.pick_decode(need_blocks, &tried))
+            .await
+            .ok_or_else(|| unavailable("decode"))?;
         match DecodeClient::new(decode.channel.clone()).generate(trace::request(g.clone(), &spec.request_id, &spec.trace)).await {
             Ok(s) => break (decode, s.into_inner()),
             Err(s) => {
@@ -239,9 +240,11 @@ async fn drive(
 
     let mut tried = Vec::new();
     let (prefill, resp) = loop {
-        let choice = pick_with_retry(!tried.is_empty(), || state.workers.pick_prefill(&overlap, spec.prompt.len(), bs, state.cfg.route_load_weight, &tried))
-            .await
-            .ok_or_else(|| unavailable("prefill"))?;
+        let choice = pick_with_retry(!tried.is_empty(), || {
+            state.workers.pick_prefill(&overlap, spec.prompt.len(), bs, state.cfg.route_load_weight, &tried)
+        })
+        .await
+        .ok_or_else(|| unavailable("prefill"))?;
         progress.record.prefill_worker = choice.lease.info.worker_id.clone();
         progress.phase(state, Phase::Prefill);
         let prefill_req = PrefillRequest {
@@ -340,7 +343,7 @@ async fn drive(
                 if stopped {
                     // Dropping the stream on return cancels the rest on the decode worker.
                     progress.record.finish_reason = Some("stop".into());
-        send(ChoiceEvent::Done { reason: FinishReason::Stop, usage: usage_for(detok.tokens) }).await?;
+                    send(ChoiceEvent::Done { reason: FinishReason::Stop, usage: usage_for(detok.tokens) }).await?;
                     return Ok(());
                 }
             }

@@ -50,7 +50,8 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection
             ApiError::new(ErrorCode::InvalidRequest, format!("could not read the request body: {e}"))
         }
     })?;
-    let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
+    let value: Value =
+        serde_json::from_slice(&body).map_err(|e| ApiError::new(ErrorCode::InvalidRequest, format!("invalid JSON body: {e}")))?;
     if !value.is_object() {
         return Err(ApiError::new(ErrorCode::InvalidRequest, "the request body must be a JSON object"));
     }
@@ -127,7 +128,10 @@ mod tests {
         assert!(e.message.contains("expected u32"), "{}", e.message);
         // A flattened sampling field, and one at depth.
         assert_eq!(param(chat(&format!(r#"{{"model":"m",{MSGS},"temperature":"hot"}}"#))).as_deref(), Some("temperature"));
-        assert_eq!(param(chat(&format!(r#"{{"model":"m",{MSGS},"stream_options":{{"include_usage":1}}}}"#))).as_deref(), Some("stream_options.include_usage"));
+        assert_eq!(
+            param(chat(&format!(r#"{{"model":"m",{MSGS},"stream_options":{{"include_usage":1}}}}"#))).as_deref(),
+            Some("stream_options.include_usage")
+        );
         assert_eq!(param(chat(r#"{"model":"m","messages":[{"role":"user","content":7}]}"#)).as_deref(), Some("messages[0].content"));
         assert_eq!(param(chat(r#"{"model":"m","messages":"hi"}"#)).as_deref(), Some("messages"));
         let c: Result<CompletionRequest, _> = parse_body(Ok(Bytes::from_static(br#"{"model":"m","prompt":"x","stop_token_ids":[-1]}"#)));

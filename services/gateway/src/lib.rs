@@ -15,10 +15,10 @@ use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tandem_runtime::Shutdown;
 use tandem_state::StateStore;
 use tandem_tokenizer::Tokenizer;
 use tokio::net::TcpListener;
-use tandem_runtime::Shutdown;
 use tokio_util::sync::CancellationToken;
 
 pub use metrics::Metrics;
@@ -63,7 +63,14 @@ pub async fn run(cfg: GatewayConfig, tokenizer: Tokenizer, listener: TcpListener
     let metrics = Metrics::new()?;
     let workers = WorkerPool::new(&cfg.prefill, &cfg.decode, &cfg.kv_stores)?;
     if cfg.discover {
-        shutdown.spawn(discover(workers.clone(), cfg.state.clone(), cfg.model_name.clone(), cfg.poll_interval, metrics.clone(), shutdown.stopping()));
+        shutdown.spawn(discover(
+            workers.clone(),
+            cfg.state.clone(),
+            cfg.model_name.clone(),
+            cfg.poll_interval,
+            metrics.clone(),
+            shutdown.stopping(),
+        ));
     }
     shutdown.spawn(workers.clone().poll(cfg.poll_interval, metrics.clone(), shutdown.stopping()));
     let cluster = cluster::Cluster::new(cfg.state.clone(), metrics.clone(), cfg.index_ttl, cfg.request_ttl);
@@ -79,7 +86,14 @@ pub async fn run(cfg: GatewayConfig, tokenizer: Tokenizer, listener: TcpListener
 
 /// Follows the registry: workers that join are polled and routed to, workers that leave are
 /// dropped. A store that cannot be read leaves the pool as it is.
-async fn discover(workers: WorkerPool, store: Arc<dyn StateStore>, model: String, every: Duration, metrics: Metrics, shutdown: CancellationToken) {
+async fn discover(
+    workers: WorkerPool,
+    store: Arc<dyn StateStore>,
+    model: String,
+    every: Duration,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
     // Long enough for every worker to heartbeat into a store that restarted empty.
     let grace = Duration::from_secs(5).max(every * 4);
     loop {

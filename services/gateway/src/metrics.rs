@@ -43,28 +43,49 @@ impl Metrics {
         let registry = Registry::new_custom(Some("tandem".into()), None)?;
         let running = IntGauge::new("requests_running", "Requests being served by the gateway")?;
         let waiting = IntGauge::new("requests_waiting", "Sequences queued in the workers, by their last report")?;
-        let ttft = Histogram::with_opts(HistogramOpts::new("time_to_first_token_seconds", "Time to first token").buckets(buckets(0.005, 2.0, 14)))?;
-        let itl = Histogram::with_opts(HistogramOpts::new("inter_token_latency_seconds", "Time between tokens").buckets(buckets(0.001, 2.0, 14)))?;
-        let e2e = Histogram::with_opts(HistogramOpts::new("e2e_request_latency_seconds", "Whole request latency").buckets(buckets(0.01, 2.0, 14)))?;
+        let ttft = Histogram::with_opts(
+            HistogramOpts::new("time_to_first_token_seconds", "Time to first token").buckets(buckets(0.005, 2.0, 14)),
+        )?;
+        let itl = Histogram::with_opts(
+            HistogramOpts::new("inter_token_latency_seconds", "Time between tokens").buckets(buckets(0.001, 2.0, 14)),
+        )?;
+        let e2e = Histogram::with_opts(
+            HistogramOpts::new("e2e_request_latency_seconds", "Whole request latency").buckets(buckets(0.01, 2.0, 14)),
+        )?;
         let prompt_tokens = IntCounter::new("prompt_tokens_total", "Prompt tokens processed")?;
         let generation_tokens = IntCounter::new("generation_tokens_total", "Tokens generated")?;
         let cached_prompt_tokens = IntCounter::new("prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache")?;
         let kv_blocks_in_use = IntGaugeVec::new(Opts::new("kv_blocks_in_use", "KV blocks held by sequences, by pool"), &["role"])?;
-        let kv_transfer_bytes = IntCounterVec::new(Opts::new("kv_transfer_bytes_total", "KV bytes handed from prefill to decode"), &["transport"])?;
+        let kv_transfer_bytes =
+            IntCounterVec::new(Opts::new("kv_transfer_bytes_total", "KV bytes handed from prefill to decode"), &["transport"])?;
         let handoff_failures = IntCounter::new("kv_handoff_failures_total", "KV handoffs that failed or timed out")?;
-        let prefill_time = Histogram::with_opts(HistogramOpts::new("prefill_seconds", "Prompt computation on the prefill worker, first token included").buckets(buckets(0.005, 2.0, 14)))?;
-        let handoff_time = Histogram::with_opts(HistogramOpts::new("kv_handoff_seconds", "KV transfer from prefill to decode, verdict included").buckets(buckets(0.0001, 2.0, 16)))?;
+        let prefill_time = Histogram::with_opts(
+            HistogramOpts::new("prefill_seconds", "Prompt computation on the prefill worker, first token included")
+                .buckets(buckets(0.005, 2.0, 14)),
+        )?;
+        let handoff_time = Histogram::with_opts(
+            HistogramOpts::new("kv_handoff_seconds", "KV transfer from prefill to decode, verdict included")
+                .buckets(buckets(0.0001, 2.0, 16)),
+        )?;
         let requests = IntCounterVec::new(Opts::new("requests_total", "Finished requests by outcome"), &["outcome"])?;
         let workers = IntGaugeVec::new(Opts::new("workers", "Workers in routing, by role"), &["role"])?;
-        let prefix_routed_blocks = IntCounter::new("prefix_index_hit_blocks_total", "Prompt blocks the chosen prefill worker held, by the prefix index")?;
-        let store_pulled_blocks = IntCounter::new("kv_store_pulled_blocks_total", "Prompt blocks prefill workers fetched from the block store instead of computing")?;
+        let prefix_routed_blocks =
+            IntCounter::new("prefix_index_hit_blocks_total", "Prompt blocks the chosen prefill worker held, by the prefix index")?;
+        let store_pulled_blocks = IntCounter::new(
+            "kv_store_pulled_blocks_total",
+            "Prompt blocks prefill workers fetched from the block store instead of computing",
+        )?;
         let store_offload_shed_blocks = IntCounter::new(
             "kv_store_offload_shed_blocks_total",
             "Prompt blocks prefill workers did not offload to the block store because their offloads in flight filled the budget",
         )?;
         let state_errors = IntCounter::new("state_store_errors_total", "State store calls that failed or timed out")?;
-        let state_dropped_writes = IntCounter::new("state_store_dropped_writes_total", "State writes dropped while the store was down or behind")?;
-        let retries = IntCounterVec::new(Opts::new("worker_retries_total", "Requests moved to another worker before any token was sent, by role"), &["role"])?;
+        let state_dropped_writes =
+            IntCounter::new("state_store_dropped_writes_total", "State writes dropped while the store was down or behind")?;
+        let retries = IntCounterVec::new(
+            Opts::new("worker_retries_total", "Requests moved to another worker before any token was sent, by role"),
+            &["role"],
+        )?;
         registry.register(Box::new(running.clone()))?;
         registry.register(Box::new(waiting.clone()))?;
         registry.register(Box::new(ttft.clone()))?;

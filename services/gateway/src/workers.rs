@@ -214,7 +214,12 @@ impl WorkerPool {
 
     /// The KV block size the prefill workers use (they must agree for the prefix index).
     pub fn block_size(&self) -> Option<usize> {
-        self.lock().iter().filter(|w| w.role == Role::Prefill).filter_map(|w| w.info.as_ref()).map(|i| i.block_size as usize).find(|b| *b > 0)
+        self.lock()
+            .iter()
+            .filter(|w| w.role == Role::Prefill)
+            .filter_map(|w| w.info.as_ref())
+            .map(|i| i.block_size as usize)
+            .find(|b| *b > 0)
     }
 
     fn lease(&self, w: &mut WorkerSpec) -> Lease {
@@ -227,7 +232,14 @@ impl WorkerPool {
     /// prompt's blocks in the prefix index and `pending` the sequences it runs and queues plus the
     /// requests this gateway sent since its last report. So a cached prefix draws requests until
     /// the queue there costs more than recomputing elsewhere. Ties go to the less loaded worker.
-    pub fn pick_prefill(&self, overlap: &HashMap<String, usize>, prompt_tokens: usize, block_size: usize, load_weight: f64, exclude: &[u64]) -> Option<PrefillChoice> {
+    pub fn pick_prefill(
+        &self,
+        overlap: &HashMap<String, usize>,
+        prompt_tokens: usize,
+        block_size: usize,
+        load_weight: f64,
+        exclude: &[u64],
+    ) -> Option<PrefillChoice> {
         let mut ws = self.lock();
         let best = ws
             .iter_mut()
@@ -307,8 +319,7 @@ impl WorkerPool {
         metrics.waiting.set(waiting);
         metrics.kv_blocks_in_use.with_label_values(&["prefill"]).set(used[0]);
         metrics.kv_blocks_in_use.with_label_values(&["decode"]).set(used[1]);
-        for role in [Role::Prefill, Role::Decode] {
-            let label = if role == Role::Prefill { "prefill" } else { "decode" };
+        for (role, label) in [(Role::Prefill, "prefill"), (Role::Decode, "decode"), (Role::Store, "kv-transfer")] {
             metrics.workers.with_label_values(&[label]).set(ws.iter().filter(|w| w.role == role && w.routable()).count() as i64);
         }
     }
@@ -329,7 +340,15 @@ mod tests {
     use super::*;
 
     fn info(id: &str, running: u32, free: u32) -> WorkerInfo {
-        WorkerInfo { worker_id: id.into(), running, free_blocks: free, total_blocks: 100, block_size: 16, max_context: 2048, ..Default::default() }
+        WorkerInfo {
+            worker_id: id.into(),
+            running,
+            free_blocks: free,
+            total_blocks: 100,
+            block_size: 16,
+            max_context: 2048,
+            ..Default::default()
+        }
     }
 
     fn pool(prefill: &[(&str, u32)], decode: &[(&str, u32, u32)]) -> WorkerPool {
@@ -389,10 +408,14 @@ mod tests {
             ..Default::default()
         };
         pool.sync(&[rec("d1", 3001, false), rec("d2", 3002, false)], "m", Duration::from_millis(100));
-        pool.sync(&[rec("other", 3003, false)].map(|mut r| {
-            r.model = "another-model".into();
-            r
-        }), "m", Duration::from_secs(100));
+        pool.sync(
+            &[rec("other", 3003, false)].map(|mut r| {
+                r.model = "another-model".into();
+                r
+            }),
+            "m",
+            Duration::from_secs(100),
+        );
         assert_eq!(pool.snapshot().len(), 2, "workers of another model are not ours");
         for w in pool.lock().iter_mut() {
             w.info = Some(info(&format!("d{}", w.url.chars().last().unwrap()), 0, 100));

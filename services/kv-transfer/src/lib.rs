@@ -66,7 +66,15 @@ pub async fn run(cfg: KvTransferConfig, listener: TcpListener, shutdown: Shutdow
     let record = move || {
         let n = lock(&record_store).len() as u32;
         let draining = draining.is_draining();
-        WorkerRecord { id: id.clone(), role: "kv-transfer".into(), addr: addr.clone(), total_blocks: n, draining, updated_ms: now_ms(), ..Default::default() }
+        WorkerRecord {
+            id: id.clone(),
+            role: "kv-transfer".into(),
+            addr: addr.clone(),
+            total_blocks: n,
+            draining,
+            updated_ms: now_ms(),
+            ..Default::default()
+        }
     };
     let (republish_state, republish_store, holder) = (cfg.state.clone(), store.clone(), cfg.worker_id.clone());
     let on_new = move || {

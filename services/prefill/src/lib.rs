@@ -125,10 +125,16 @@ pub async fn run(engine: EngineHandle, cfg: PrefillConfig, listener: TcpListener
         shutdown.spawn(withdraw_evicted(svc.clone(), state, shutdown.stopping()));
     }
     let (r, n) = (svc.clone(), svc.clone());
-    let membership = Membership::start(&shutdown, svc.cfg.state.clone(), svc.cfg.heartbeat, move || r.record(), move || {
-        let svc = n.clone();
-        async move { svc.republish().await }
-    });
+    let membership = Membership::start(
+        &shutdown,
+        svc.cfg.state.clone(),
+        svc.cfg.heartbeat,
+        move || r.record(),
+        move || {
+            let svc = n.clone();
+            async move { svc.republish().await }
+        },
+    );
     let idle = || {
         let load = svc.engine.load();
         svc.inflight.count() == 0 && load.running + load.waiting == 0
@@ -354,15 +360,10 @@ impl Service {
                     let prefill_millis = started.elapsed().as_secs_f64() * 1e3;
                     let first_token = first.ok_or_else(|| Status::internal("prefill produced no token"))?;
                     let handoff = Handoff { request_id: g.request_id.clone(), first_token: first_token.id, kv: *kv };
-                    let report = self
-                        .cfg
-                        .transport
-                        .send(&r.decode_kv_addr, &handoff, self.cfg.handoff_lease)
-                        .await
-                        .map_err(|e| {
-                            tracing::warn!(error = %e, "kv handoff failed");
-                            ApiError::new(ErrorCode::KvHandoffFailed, format!("kv handoff failed: {e}")).to_status()
-                        })?;
+                    let report = self.cfg.transport.send(&r.decode_kv_addr, &handoff, self.cfg.handoff_lease).await.map_err(|e| {
+                        tracing::warn!(error = %e, "kv handoff failed");
+                        ApiError::new(ErrorCode::KvHandoffFailed, format!("kv handoff failed: {e}")).to_status()
+                    })?;
                     tracing::info!(
                         transport = %report.transport, bytes = report.bytes,
                         transfer_ms = report.millis, prefill_ms = prefill_millis, pulled, "kv handed off"

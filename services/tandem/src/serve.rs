@@ -10,10 +10,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use tandem_engine::{Batcher, BatcherConfig, CpuEngine, Engine, EngineConfig, EngineHandle};
+use tandem_runtime::{stop_signal, Device, Shutdown};
 use tandem_tokenizer::{ModelFiles, Tokenizer};
 use tandem_transfer::TransportKind;
 use tokio::net::TcpListener;
-use tandem_runtime::{stop_signal, Shutdown};
 
 use crate::default_model;
 
@@ -25,13 +25,13 @@ pub struct EngineArgs {
     /// Name clients use for the model (and part of the KV layout, so all workers must agree).
     #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
-    /// Memory for the KV cache, in MiB (default: 512 on the CPU; on a GPU, what 90% of its
+    /// Memory for the KV cache, in MiB (default: 256 on the CPU, as `tandem up` gives; on a GPU, what 90% of its
     /// memory leaves after the weights).
     #[arg(long, env = "TANDEM_KV_CACHE_MB")]
     pub kv_cache_mb: Option<usize>,
     /// Where the engine runs: `cpu`, or `cuda:N` for an NVIDIA GPU (bf16).
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
-    pub device: String,
+    pub device: Device,
     #[arg(long, env = "TANDEM_BLOCK_SIZE", default_value_t = 16)]
     pub block_size: usize,
     /// Most tokens in one forward pass.
@@ -184,27 +184,33 @@ fn model_files(model: Option<&str>, served: Option<&str>) -> Result<ModelFiles> 
 
 fn load_engine(role: &str, args: &EngineArgs) -> Result<EngineHandle> {
     let files = model_files(args.model.as_deref(), args.served_model_name.as_deref())?;
-    let engine = open_engine(&files, &args.device, args.block_size, args.kv_cache_mb)?;
+    let engine = open_engine(&files, args.device, args.block_size, args.kv_cache_mb)?;
     let batcher = Batcher::new(engine, BatcherConfig { max_batch_tokens: args.max_batch_tokens, ..BatcherConfig::default() });
     Ok(EngineHandle::spawn(&format!("{role}-engine"), batcher))
 }
 
-/// The engine for `device` (`cpu` or `cuda:N`).
-pub(crate) fn open_engine(files: &ModelFiles, device: &str, block_size: usize, kv_cache_mb: Option<usize>) -> Result<Box<dyn Engine>> {
-    if device == "cpu" {
-        let cfg = EngineConfig { block_size, kv_cache_bytes: kv_cache_mb.unwrap_or(512) << 20, max_context: None };
-        let engine = CpuEngine::load(files, &cfg).with_context(|| format!("loading {}", files.name))?;
-        return Ok(Box::new(engine));
-    }
-    #[cfg(feature = "cuda")]
-    if let Some(ordinal) = tandem_cuda::parse_device(device) {
-        let cfg = tandem_cuda::CudaConfig { device: ordinal, block_size, kv_cache_bytes: kv_cache_mb.map(|mb| mb << 20), ..Default::default() };
-        let engine = tandem_cuda::CudaEngine::load(files, &cfg).with_context(|| format!("loading {} onto {device}", files.name))?;
-        return Ok(Box::new(engine));
-    }
-    anyhow::bail!("--device {device}: expected cpu or cuda:N{}", if cfg!(feature = "cuda") { "" } else { " (this build has no CUDA support)" })
-}
+/// KV cache of a CPU worker when none is given, in MiB (`tandem up` gives each worker the same).
+pub(crate) const DEFAULT_CPU_KV_CACHE_MB: usize = 256;
 
+/// The engine for `device`.
+pub(crate) fn open_engine(files: &ModelFiles, device: Device, block_size: usize, kv_cache_mb: Option<usize>) -> Result<Box<dyn Engine>> {
+    match device {
+        Device::Cpu => {
+            let cfg = EngineConfig { block_size, kv_cache_bytes: kv_cache_mb.unwrap_or(DEFAULT_CPU_KV_CACHE_MB) << 20, max_context: None };
+            let engine = CpuEngine::load(files, &cfg).with_context(|| format!("loading {}", files.name))?;
+            Ok(Box::new(engine))
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => {
+            let kv_cache_bytes = kv_cache_mb.map(|mb| mb << 20);
+            let cfg = tandem_cuda::CudaConfig { device: ordinal, block_size, kv_cache_bytes, ..Default::default() };
+            let engine = tandem_cuda::CudaEngine::load(files, &cfg).with_context(|| format!("loading {} onto {device}", files.name))?;
+            Ok(Box::new(engine))
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => anyhow::bail!("--device {device}: this build has no CUDA support"),
+    }
+}
 
 fn worker_id(common: &Common, role: &str, addr: &std::net::SocketAddr) -> String {
     common.worker_id.clone().unwrap_or_else(|| format!("{role}-{}-{}", host_name(), addr.port()))
@@ -252,7 +258,8 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
     let shutdown = shutdown(&args.common);
     let listener = TcpListener::bind(&args.common.listen).await?;
     let addr = listener.local_addr()?;
-    let kv_listen: std::net::SocketAddr = tokio::net::lookup_host(&args.kv_listen).await?.next().context("--kv-listen resolves to nothing")?;
+    let kv_listen: std::net::SocketAddr =
+        tokio::net::lookup_host(&args.kv_listen).await?.next().context("--kv-listen resolves to nothing")?;
     let lease = Duration::from_millis(args.handoff_lease_ms);
     let kv = tandem_decode::KvReceivers::bind(&args.kv_transport, kv_listen, lease, args.quic.identity()?.as_ref()).await?;
     let engine = load_engine("decode", &args.engine)?;

@@ -26,16 +26,17 @@ pub struct UpArgs {
     pub prefill: usize,
     #[arg(long, default_value_t = 1)]
     pub decode: usize,
-    /// KV cache per worker, in MiB.
-    #[arg(long, default_value_t = 256)]
+    /// KV cache per worker, in MiB (on a GPU every worker shares the device, so give each its
+    /// part).
+    #[arg(long, env = "TANDEM_KV_CACHE_MB", default_value_t = crate::serve::DEFAULT_CPU_KV_CACHE_MB)]
     pub kv_cache_mb: usize,
     /// Longest a KV handoff may take before its request fails.
     #[arg(long, default_value_t = 10_000)]
     pub handoff_lease_ms: u64,
     /// Where the prefill and decode engines run: `cpu`, or `cuda:N` (all workers on that GPU,
     /// each with `--kv-cache-mb` of KV cache).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
+    pub device: tandem_runtime::Device,
     /// Keep the cluster state in this Redis (the services register there, and more workers
     /// started elsewhere with the same URL join); without it the gateway keeps it in process.
     #[arg(long, env = "TANDEM_REDIS_URL")]
@@ -97,7 +98,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         let mut a = vec![role.to_string()];
         a.extend(model_args.clone());
         a.extend(["--kv-cache-mb".into(), args.kv_cache_mb.to_string(), "--handoff-lease-ms".into(), args.handoff_lease_ms.to_string()]);
-        a.extend(["--device".into(), args.device.clone()]);
+        a.extend(["--device".into(), args.device.to_string()]);
         a
     };
 

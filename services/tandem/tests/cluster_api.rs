@@ -28,7 +28,8 @@ async fn chat_completion_with_usage() {
 #[tokio::test(flavor = "multi_thread")]
 async fn completion_length_and_logprobs() {
     let c = shared();
-    let body = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 3, "ignore_eos": true});
+    let body =
+        json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 3, "ignore_eos": true});
     let (status, v) = post(&c.base, "/v1/completions", &body).await;
     assert_eq!(status, 200, "{v}");
     let ch = &v["choices"][0];
@@ -51,7 +52,10 @@ async fn completion_length_and_logprobs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn streaming_chat_ends_with_done_and_usage() {
     let c = shared();
-    let body = chat_body("Tell me a story.", json!({"max_tokens": 12, "stream": true, "stream_options": {"include_usage": true}, "temperature": 0}));
+    let body = chat_body(
+        "Tell me a story.",
+        json!({"max_tokens": 12, "stream": true, "stream_options": {"include_usage": true}, "temperature": 0}),
+    );
     let resp = client().post(format!("{}/v1/chat/completions", c.base)).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
@@ -60,7 +64,10 @@ async fn streaming_chat_ends_with_done_and_usage() {
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert!(!text.is_empty());
-    let finish: Vec<&Value> = chunks.iter().filter(|c| !c["choices"][0]["finish_reason"].is_null() && c["choices"].as_array().is_some_and(|a| !a.is_empty())).collect();
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .filter(|c| !c["choices"][0]["finish_reason"].is_null() && c["choices"].as_array().is_some_and(|a| !a.is_empty()))
+        .collect();
     assert_eq!(finish.len(), 1);
     let last = chunks.last().unwrap();
     assert!(last["choices"].as_array().unwrap().is_empty());
@@ -94,7 +101,9 @@ async fn n_choices_and_seed_reproducibility() {
     let body = |seed: i64| chat_body("Write a word.", json!({"max_tokens": 8, "temperature": 1.0, "seed": seed, "n": 3}));
     let (status, a) = post(&c.base, "/v1/chat/completions", &body(42)).await;
     assert_eq!(status, 200, "{a}");
-    let texts = |v: &Value| v["choices"].as_array().unwrap().iter().map(|c| c["message"]["content"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let texts = |v: &Value| {
+        v["choices"].as_array().unwrap().iter().map(|c| c["message"]["content"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
     let ta = texts(&a);
     assert_eq!(ta.len(), 3);
     assert_eq!(a["choices"][2]["index"], 2);
@@ -110,7 +119,13 @@ async fn n_choices_and_seed_reproducibility() {
 async fn bad_input_gets_openai_errors() {
     let c = shared();
     let http = client();
-    let raw = http.post(format!("{}/v1/chat/completions", c.base)).body("{not json").header("content-type", "application/json").send().await.unwrap();
+    let raw = http
+        .post(format!("{}/v1/chat/completions", c.base))
+        .body("{not json")
+        .header("content-type", "application/json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(raw.status(), 400);
     let v: Value = raw.json().await.unwrap();
     assert_eq!(v["error"]["type"], "invalid_request_error");
@@ -181,7 +196,8 @@ async fn models_health_ready_metrics() {
     ] {
         assert!(m.contains(name), "missing {name} in\n{m}");
     }
-    let bytes: f64 = m.lines().find(|l| l.starts_with("tandem_kv_transfer_bytes_total")).unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    let bytes: f64 =
+        m.lines().find(|l| l.starts_with("tandem_kv_transfer_bytes_total")).unwrap().rsplit(' ').next().unwrap().parse().unwrap();
     assert!(bytes > 0.0, "the handoff moved bytes");
 }
 
@@ -307,7 +323,10 @@ async fn trace_context_reaches_every_worker() {
         assert_eq!(t.flags, TraceContext::SAMPLED);
         assert_ne!(t.trace_id, incoming.trace_id);
         let choice = format!("{}-0", r.headers()["x-request-id"].to_str().unwrap());
-        eventually("the decode worker logs the new trace id", std::time::Duration::from_secs(10), || async { logged(&c.decode[0], &t, &choice) }).await;
+        eventually("the decode worker logs the new trace id", std::time::Duration::from_secs(10), || async {
+            logged(&c.decode[0], &t, &choice)
+        })
+        .await;
         seen.push(t.trace_id);
     }
     assert_ne!(seen[0], seen[1], "each request starts its own trace");
@@ -333,14 +352,16 @@ async fn min_tokens_and_stop_token_ids() {
 
     // stop_token_ids: a token the greedy output has at position k ends it right there.
     let full_text = full["choices"][0]["text"].as_str().unwrap().to_string();
-    let tokens: Vec<String> = full["choices"][0]["logprobs"]["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+    let tokens: Vec<String> =
+        full["choices"][0]["logprobs"]["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
     assert_eq!(tokens.len(), 10, "{full}");
     // The first token, past the first two, that is its own single id and not seen before.
     let (k, id) = (2..tokens.len())
         .find_map(|k| {
             let t = &tokens[k];
             let ids = tokenizer().encode(t).ok()?;
-            (ids.len() == 1 && !t.trim().is_empty() && !tokens[..k].contains(t) && tokenizer().decode(&ids).ok()? == *t).then(|| (k, ids[0]))
+            (ids.len() == 1 && !t.trim().is_empty() && !tokens[..k].contains(t) && tokenizer().decode(&ids).ok()? == *t)
+                .then(|| (k, ids[0]))
         })
         .unwrap_or_else(|| panic!("no usable token in {tokens:?}"));
     let mut stop_at = probe.clone();

@@ -123,7 +123,12 @@ async fn killed_decode_worker_ends_its_requests_with_an_error() {
     assert!(rest.trim_end().ends_with("data: [DONE]"));
 
     // New requests are refused cleanly, with a hint to retry.
-    let r = client().post(format!("{}/v1/completions", c.base)).json(&json!({"model": MODEL, "prompt": "x", "max_tokens": 2})).send().await.unwrap();
+    let r = client()
+        .post(format!("{}/v1/completions", c.base))
+        .json(&json!({"model": MODEL, "prompt": "x", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
 }
@@ -179,7 +184,11 @@ async fn a_silent_decode_peer_fails_the_prefill_within_its_lease() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
-    assert_eq!(tandem_protocol::ApiError::from_status(&err).code, tandem_protocol::ErrorCode::KvHandoffFailed, "classified where it happened");
+    assert_eq!(
+        tandem_protocol::ApiError::from_status(&err).code,
+        tandem_protocol::ErrorCode::KvHandoffFailed,
+        "classified where it happened"
+    );
     assert!(err.message().contains("lease"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(3));
     assert!(idle(&prefill_info(&p).await), "the prefill frees its blocks on failure");
@@ -187,7 +196,10 @@ async fn a_silent_decode_peer_fails_the_prefill_within_its_lease() {
 
     // And a decode peer that is not there at all.
     let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let err = client.prefill(PrefillRequest { request: Some(generate("gone-1", 0)), decode_kv_addr: gone, ..Default::default() }).await.unwrap_err();
+    let err = client
+        .prefill(PrefillRequest { request: Some(generate("gone-1", 0)), decode_kv_addr: gone, ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
     assert!(idle(&prefill_info(&p).await));
 }
@@ -211,17 +223,31 @@ async fn a_stalled_block_store_costs_offloads_never_a_request() {
     let prefill =
         start(&["prefill", "--kv-cache-mb", "64", "--handoff-lease-ms", "5000", "--store-timeout-ms", "300", "--offload-budget-mb", "1"]);
     let decode = start(&["decode", "--kv-cache-mb", "64", "--handoff-lease-ms", "5000"]);
+    // The gateway polls once, at start: it would otherwise notice the stalled store within a
+    // poll and stop offering it, and then nothing would be offloaded at all.
     let gw = start(&[
-        "gateway", "--listen", "127.0.0.1:0", "--poll-interval-ms", "200",
-        "--prefill", &prefill.field("grpc"), "--decode", &decode.field("grpc"), "--kv-store", &store.field("grpc"),
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--poll-interval-ms",
+        "600000",
+        "--prefill",
+        &prefill.field("grpc"),
+        "--decode",
+        &decode.field("grpc"),
+        "--kv-store",
+        &store.field("grpc"),
     ]);
     let base = format!("http://{}", gw.field("http"));
-    wait_for("the gateway is ready", Duration::from_secs(60), || http_status(&base, "/ready") == Some(200));
+    wait_for("the gateway routes to all three", Duration::from_secs(60), || {
+        http_status(&base, "/ready") == Some(200) && metric(&base, "tandem_workers{role=\"kv-transfer\"}") == Some(1.0)
+    });
     // Long enough for two full blocks of 16 tokens.
     let prompt = |i: usize| format!("Request {i}: list the planets of the solar system in order, with one fact about each of them.");
     let complete = |i: usize| {
         let base = base.clone();
-        let body = json!({"model": MODEL, "prompt": prompt(i), "max_tokens": 6, "temperature": 0});
+        // Never ended by the first token, so every request hands its blocks over (and offloads them).
+        let body = json!({"model": MODEL, "prompt": prompt(i), "max_tokens": 6, "temperature": 0, "ignore_eos": true});
         async move {
             let (status, v) = post(&base, "/v1/completions", &body).await;
             assert_eq!(status, 200, "{v}");
@@ -245,5 +271,6 @@ async fn a_stalled_block_store_costs_offloads_never_a_request() {
     signal(&store, "-CONT");
     let before = store_blocks(&store).await;
     complete(100).await;
-    eventually("offloads land again once the store answers", Duration::from_secs(10), || async { store_blocks(&store).await > before }).await;
+    eventually("offloads land again once the store answers", Duration::from_secs(10), || async { store_blocks(&store).await > before })
+        .await;
 }

@@ -117,7 +117,8 @@ async fn a_new_prefill_worker_pulls_a_prefix_from_the_block_store() {
     assert!(status.success(), "drained cleanly: {status}");
     let base = c.base.clone();
     wait_for("the gateway routes to the newcomer only", Duration::from_secs(20), || {
-        metric(&base, "tandem_workers{role=\"prefill\"}") == Some(1.0) && redis_members(&redis).iter().filter(|m| m.starts_with("prefill-")).count() == 1
+        metric(&base, "tandem_workers{role=\"prefill\"}") == Some(1.0)
+            && redis_members(&redis).iter().filter(|m| m.starts_with("prefill-")).count() == 1
     });
 
     let (again, _) = timed(&c.base, &chat(&system, "Name a ship.", 8)).await;
@@ -130,11 +131,20 @@ async fn a_new_prefill_worker_pulls_a_prefix_from_the_block_store() {
 
 fn redis_members(redis: &RedisServer) -> Vec<String> {
     // Members whose record is still live (the set is pruned lazily).
-    redis.cli(&["SMEMBERS", "tandem:workers"]).into_iter().filter(|id| !redis.cli(&["GET", &format!("tandem:worker:{id}")]).is_empty()).collect()
+    redis
+        .cli(&["SMEMBERS", "tandem:workers"])
+        .into_iter()
+        .filter(|id| !redis.cli(&["GET", &format!("tandem:worker:{id}")]).is_empty())
+        .collect()
 }
 
 /// Requests sent two at a time until `stop`; every one must succeed.
-fn background_load(base: String, stop: Arc<AtomicBool>, done: Arc<AtomicUsize>, failed: Arc<std::sync::Mutex<Vec<String>>>) -> Vec<tokio::task::JoinHandle<()>> {
+fn background_load(
+    base: String,
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+    failed: Arc<std::sync::Mutex<Vec<String>>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
     (0..2)
         .map(|i| {
             let (base, stop, done, failed) = (base.clone(), stop.clone(), done.clone(), failed.clone());
@@ -212,7 +222,9 @@ async fn decode_workers_join_drain_and_die_under_load() {
     // A killed worker: out of routing once its heartbeat lapses; new requests avoid it.
     c.decode.push(start(&worker_args("decode", &c.redis_url)));
     let base = c.base.clone();
-    wait_for("the third decode worker is routed to", Duration::from_secs(15), || metric(&base, "tandem_workers{role=\"decode\"}") == Some(2.0));
+    wait_for("the third decode worker is routed to", Duration::from_secs(15), || {
+        metric(&base, "tandem_workers{role=\"decode\"}") == Some(2.0)
+    });
     stop.store(true, Ordering::SeqCst);
     for h in load {
         h.await.unwrap();

@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
+use futures::StreamExt;
 use serde_json::json;
 
 /// A failed assertion must not leave the cluster running (its children follow it down).
@@ -35,7 +36,13 @@ fn up() -> (KillOnDrop, String) {
     );
     let mut lines = BufReader::new(up.0.stdout.take().unwrap()).lines();
     let line = lines.next().expect("tandem up printed nothing").unwrap();
-    let base = line.split("at ").nth(1).and_then(|s| s.split_whitespace().next()).expect("endpoint in the first line").trim_end_matches("/v1").to_string();
+    let base = line
+        .split("at ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("endpoint in the first line")
+        .trim_end_matches("/v1")
+        .to_string();
     assert!(line.contains("SmolLM2-135M-Instruct"), "{line}");
     (up, base)
 }
@@ -105,10 +112,33 @@ async fn tandem_up_serves_and_stops_on_ctrl_c() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn tandem_up_stops_every_service_on_sigterm() {
+async fn tandem_up_stops_every_service_on_sigterm_after_the_streams_in_flight() {
     let (mut up, base) = up();
     assert_eq!(http_status(&base, "/ready"), Some(200));
-    // A supervisor stopping `up` alone: it takes its children down itself.
+    // Two streams are under way when the stop comes; each must still run to its end.
+    let mut readers = Vec::new();
+    for i in 0..2 {
+        let body = json!({"model": MODEL, "prompt": format!("Story {i}: once upon a time"), "max_tokens": 40,
+                          "ignore_eos": true, "temperature": 0, "stream": true});
+        let resp = client().post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.bytes_stream();
+        let first = body.next().await.expect("a first chunk").unwrap();
+        readers.push(tokio::spawn(async move {
+            let mut text = String::from_utf8_lossy(&first).into_owned();
+            while let Some(chunk) = body.next().await {
+                text.push_str(&String::from_utf8_lossy(&chunk.expect("the stream was cut")));
+            }
+            text
+        }));
+    }
+    // A supervisor stopping `up` alone: it takes its children down itself, after they drain.
     let pid = up.0.id().to_string();
-    stop_with(&mut up, &base, "-TERM", &pid);
+    tokio::task::block_in_place(|| stop_with(&mut up, &base, "-TERM", &pid));
+    for r in readers {
+        let text = r.await.unwrap();
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        assert!(!text.contains("\"error\""), "a stream in flight got an error instead of its end: {text}");
+        assert!(text.contains("\"finish_reason\":\"length\""), "the stream did not run to its 40 tokens: {text}");
+    }
 }

@@ -179,7 +179,24 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
             (kvh as u32, nseq as u32, splits as u32),
             128,
             0,
-            &[&qkv_buf.ptr, &q_stride, &cache_buf.ptr, &m(bt_off), &mb, &m(ctx_off), &part_o.ptr, &part_ml.ptr, &layer_i, &layers_i, &heads_i, &kvh_i, &bs_i, &split_i, &splits_i, &scale32],
+            &[
+                &qkv_buf.ptr,
+                &q_stride,
+                &cache_buf.ptr,
+                &m(bt_off),
+                &mb,
+                &m(ctx_off),
+                &part_o.ptr,
+                &part_ml.ptr,
+                &layer_i,
+                &layers_i,
+                &heads_i,
+                &kvh_i,
+                &bs_i,
+                &split_i,
+                &splits_i,
+                &scale32,
+            ],
         )?;
         gpu.launch(
             &gpu.k.attn_combine,
@@ -196,7 +213,25 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
             (n_tiles, heads as u32, 1),
             128,
             0,
-            &[&qkv_buf.ptr, &q_stride, &cache_buf.ptr, &m(bt_off), &mb, &m(tiles_off), &m(qs_off), &m(ql_off), &m(ctx_off), &out_buf.ptr, &out_stride, &layer_i, &layers_i, &heads_i, &kvh_i, &bs_i, &scale32],
+            &[
+                &qkv_buf.ptr,
+                &q_stride,
+                &cache_buf.ptr,
+                &m(bt_off),
+                &mb,
+                &m(tiles_off),
+                &m(qs_off),
+                &m(ql_off),
+                &m(ctx_off),
+                &out_buf.ptr,
+                &out_stride,
+                &layer_i,
+                &layers_i,
+                &heads_i,
+                &kvh_i,
+                &bs_i,
+                &scale32,
+            ],
         )?;
         gpu.sync()?;
     }
@@ -411,7 +446,8 @@ pub fn sampling(gpu: &Gpu) -> Result<Vec<Check>> {
     let again = draw(42)?;
     let other = draw(43)?;
     let mut checks = Vec::new();
-    let argmax = |row: &[f32]| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(i, _)| i as i32).unwrap_or(0);
+    let argmax =
+        |row: &[f32]| row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(i, _)| i as i32).unwrap_or(0);
     let greedy_ok = (0..8).all(|r| first[r] == argmax(&logits[r * vocab..(r + 1) * vocab]));
     checks.push(Check {
         name: "sampling: temperature 0 and top-k 1 pick the argmax".into(),

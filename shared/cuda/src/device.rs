@@ -161,14 +161,6 @@ impl std::fmt::Debug for Gpu {
 
 const WORKSPACE_BYTES: usize = 64 << 20;
 
-/// Parses `cuda:N` (or `cuda`, meaning 0).
-pub fn parse_device(spec: &str) -> Option<usize> {
-    match spec {
-        "cuda" => Some(0),
-        s => s.strip_prefix("cuda:").and_then(|n| n.parse().ok()),
-    }
-}
-
 impl Gpu {
     pub fn open(ordinal: usize) -> Result<Self> {
         let count = crate::driver_device_count()

@@ -245,7 +245,8 @@ impl CudaEngine {
             let real_rows: usize = plan_items.len();
             let decode_only = plan_items.iter().all(|p| p.tokens.len() == 1 && p.last_logit && !p.all_logits);
             let graph_key = if self.use_graphs && decode_only {
-                bucket_for(real_rows).map(|b| (b, ctx_bucket(plan_items.iter().map(|p| p.start + 1).max().unwrap_or(1), self.info.max_context)))
+                bucket_for(real_rows)
+                    .map(|b| (b, ctx_bucket(plan_items.iter().map(|p| p.start + 1).max().unwrap_or(1), self.info.max_context)))
             } else {
                 None
             };
@@ -258,7 +259,11 @@ impl CudaEngine {
             drop(plan_items);
             drop(states);
             if plan.meta.len() > self.scratch.cap_meta {
-                return Err(CudaError::Unsupported(format!("pass metadata of {} entries exceeds {}", plan.meta.len(), self.scratch.cap_meta)));
+                return Err(CudaError::Unsupported(format!(
+                    "pass metadata of {} entries exceeds {}",
+                    plan.meta.len(),
+                    self.scratch.cap_meta
+                )));
             }
             self.gpu.upload(self.scratch.meta.ptr, &plan.meta)?;
             match graph_key {
@@ -502,9 +507,8 @@ impl Engine for CudaEngine {
 
     fn insert_cached(&mut self, parent: BlockHash, tokens: &[u32], blocks: &[Vec<u8>]) -> tandem_engine::Result<usize> {
         let (gpu, cache, bb) = (&self.gpu, &self.cache, self.block_bytes);
-        let added = self.seqs.insert_cached(parent, tokens, blocks, bb, |b, data| {
-            gpu.upload(cache.at(b as usize * bb, 1), data).map_err(dev)
-        })?;
+        let added =
+            self.seqs.insert_cached(parent, tokens, blocks, bb, |b, data| gpu.upload(cache.at(b as usize * bb, 1), data).map_err(dev))?;
         self.gpu.sync().map_err(dev)?;
         Ok(added)
     }

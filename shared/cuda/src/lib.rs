@@ -11,15 +11,15 @@
 //! - The CUDA driver and libraries are loaded at run time (cudarc's dynamic loading), so this
 //!   crate builds and its host-side logic is tested on machines without a GPU.
 
+pub mod bench;
+pub mod checks;
 mod device;
 mod engine;
 mod model;
-pub mod bench;
-pub mod checks;
 pub mod plan;
 pub mod shard;
 
-pub use device::{parse_device, Gpu};
+pub use device::Gpu;
 pub use engine::{CudaConfig, CudaEngine, DeviceSampling};
 
 #[derive(Debug, thiserror::Error)]

@@ -198,7 +198,12 @@ impl Weights {
         let per_layer: usize = layers
             .iter()
             .map(|l| {
-                l.attn_norm.bytes + l.qkv.bytes + l.o.bytes + l.mlp_norm.bytes + l.gate_up.bytes + l.down.bytes
+                l.attn_norm.bytes
+                    + l.qkv.bytes
+                    + l.o.bytes
+                    + l.mlp_norm.bytes
+                    + l.gate_up.bytes
+                    + l.down.bytes
                     + l.qkv_bias.as_ref().map_or(0, |b| b.bytes)
                     + l.q_norm.as_ref().map_or(0, |b| b.bytes)
                     + l.k_norm.as_ref().map_or(0, |b| b.bytes)
@@ -234,7 +239,15 @@ pub struct Scratch {
 }
 
 impl Scratch {
-    pub fn new(gpu: &Gpu, d: &Dims, cap_tokens: usize, cap_seqs: usize, cap_logits: usize, max_blocks: usize, max_splits: usize) -> Result<Self> {
+    pub fn new(
+        gpu: &Gpu,
+        d: &Dims,
+        cap_tokens: usize,
+        cap_seqs: usize,
+        cap_logits: usize,
+        max_blocks: usize,
+        max_splits: usize,
+    ) -> Result<Self> {
         let t = cap_tokens.max(cap_seqs);
         let cap_meta = 3 * t + cap_seqs * max_blocks + 3 * cap_seqs + 2 * (t.div_ceil(crate::plan::TILE_ROWS) + cap_seqs) + cap_logits;
         Ok(Self {
@@ -259,10 +272,24 @@ impl Scratch {
     }
 
     pub fn bytes(&self) -> usize {
-        [&self.x, &self.h, &self.qkv, &self.attn, &self.gu, &self.act, &self.hl, &self.logits, &self.sampled, &self.sample_params, &self.meta, &self.part_o, &self.part_ml]
-            .iter()
-            .map(|b| b.bytes)
-            .sum()
+        [
+            &self.x,
+            &self.h,
+            &self.qkv,
+            &self.attn,
+            &self.gu,
+            &self.act,
+            &self.hl,
+            &self.logits,
+            &self.sampled,
+            &self.sample_params,
+            &self.meta,
+            &self.part_o,
+            &self.part_ml,
+        ]
+        .iter()
+        .map(|b| b.bytes)
+        .sum()
     }
 }
 
@@ -355,7 +382,13 @@ impl Model {
         mark(gpu, "embed")?;
         for (li, l) in self.w.layers.iter().enumerate() {
             let li = li as i32;
-            gpu.launch(&k.rms_norm, (n as u32, 1, 1), threads(hid), 0, &[&s.x.ptr, &null, &l.attn_norm.ptr, &s.h.ptr, &(hid as i32), &eps])?;
+            gpu.launch(
+                &k.rms_norm,
+                (n as u32, 1, 1),
+                threads(hid),
+                0,
+                &[&s.x.ptr, &null, &l.attn_norm.ptr, &s.h.ptr, &(hid as i32), &eps],
+            )?;
             gpu.linear(s.h.ptr, l.qkv.ptr, s.qkv.ptr, n, width, hid, Dt::Bf16, false)?;
             mark(gpu, "qkv")?;
             gpu.launch(
@@ -462,14 +495,22 @@ impl Model {
         if r == 0 {
             return Ok(());
         }
-        gpu.launch(&k.rms_norm, (r as u32, 1, 1), threads(hid), 0, &[&s.x.ptr, &meta(p.off.logit_rows), &self.w.norm.ptr, &s.hl.ptr, &(hid as i32), &eps])?;
+        gpu.launch(
+            &k.rms_norm,
+            (r as u32, 1, 1),
+            threads(hid),
+            0,
+            &[&s.x.ptr, &meta(p.off.logit_rows), &self.w.norm.ptr, &s.hl.ptr, &(hid as i32), &eps],
+        )?;
         let head_w = self.w.lm_head.as_ref().unwrap_or(&self.w.embed).ptr;
         gpu.linear(s.hl.ptr, head_w, s.logits.ptr, r, d.vocab, hid, Dt::F32, false)?;
         let vocab = d.vocab as i32;
         match head {
             Head::Logits => {}
             Head::Argmax => gpu.launch(&k.argmax, (r as u32, 1, 1), 1024, 0, &[&s.logits.ptr, &vocab, &s.sampled.ptr])?,
-            Head::Sample => gpu.launch(&k.sample, (r as u32, 1, 1), 1024, 0, &[&s.logits.ptr, &vocab, &s.sample_params.ptr, &s.sampled.ptr])?,
+            Head::Sample => {
+                gpu.launch(&k.sample, (r as u32, 1, 1), 1024, 0, &[&s.logits.ptr, &vocab, &s.sample_params.ptr, &s.sampled.ptr])?
+            }
         }
         mark(gpu, "lm_head+sampling")?;
         Ok(())

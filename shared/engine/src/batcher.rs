@@ -6,9 +6,9 @@ use std::collections::VecDeque;
 use tandem_protocol::{ApiError, ErrorCode, FinishReason, SamplingParams};
 
 use crate::engine::{Engine, ForwardItem, SeqId};
-use tandem_protocol::KvExport;
 use crate::sampling::{sample, SampleContext, Sampled, TokenLogprobs};
 use crate::{EngineError, Result};
+use tandem_protocol::KvExport;
 
 /// What the batcher does with a sequence once its prompt is in the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,15 +41,30 @@ pub struct Usage {
 
 #[derive(Debug, Clone)]
 pub enum Event {
-    Token { id: SeqId, token: u32, logprobs: Option<TokenLogprobs> },
+    Token {
+        id: SeqId,
+        token: u32,
+        logprobs: Option<TokenLogprobs>,
+    },
     /// The sequence ended; its blocks are released.
-    Finished { id: SeqId, reason: FinishReason, usage: Usage },
+    Finished {
+        id: SeqId,
+        reason: FinishReason,
+        usage: Usage,
+    },
     /// Prefill-only mode: the prompt is cached and the first token sampled (it came as a
     /// `Token` event just before); here is the KV to hand over. Blocks are released.
-    Prefilled { id: SeqId, kv: Box<KvExport>, usage: Usage },
+    Prefilled {
+        id: SeqId,
+        kv: Box<KvExport>,
+        usage: Usage,
+    },
     /// The sequence could not run; its blocks are released. The error is classified here, where
     /// its cause is known.
-    Failed { id: SeqId, error: ApiError },
+    Failed {
+        id: SeqId,
+        error: ApiError,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -99,9 +99,7 @@ impl ModelConfig {
                 original_max_position: s.original_max_position_embeddings.unwrap_or(8192),
             }),
             Some(s) if matches!(s.rope_type.as_deref(), None | Some("default")) => None,
-            Some(s) => {
-                return Err(EngineError::Config(format!("unsupported rope_scaling type `{}`", s.rope_type.unwrap_or_default())))
-            }
+            Some(s) => return Err(EngineError::Config(format!("unsupported rope_scaling type `{}`", s.rope_type.unwrap_or_default()))),
             None => None,
         };
         let cfg = Self {
@@ -133,9 +131,7 @@ impl ModelConfig {
             "mistral" => Family::Mistral,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
-            other => {
-                return Err(EngineError::Config(format!("unsupported GGUF architecture `{other}` (llama, mistral, qwen2, qwen3)")))
-            }
+            other => return Err(EngineError::Config(format!("unsupported GGUF architecture `{other}` (llama, mistral, qwen2, qwen3)"))),
         };
         let n = |key: &str| -> Result<usize> { num(get(content, &format!("{arch}.{key}"))?) };
         let opt = |key: &str| content.metadata.get(&format!("{arch}.{key}"));
@@ -217,9 +213,5 @@ fn get<'a>(content: &'a Content, key: &str) -> Result<&'a Value> {
 }
 
 fn num(v: &Value) -> Result<usize> {
-    v.to_u64()
-        .or_else(|_| v.to_u32().map(u64::from))
-        .or_else(|_| v.to_i32().map(|x| x as u64))
-        .map(|x| x as usize)
-        .map_err(cfg_err)
+    v.to_u64().or_else(|_| v.to_u32().map(u64::from)).or_else(|_| v.to_i32().map(|x| x as u64)).map(|x| x as usize).map_err(cfg_err)
 }

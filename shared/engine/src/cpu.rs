@@ -6,11 +6,11 @@ use tandem_tokenizer::ModelFiles;
 
 use crate::config::ModelConfig;
 use crate::engine::{Engine, EngineInfo, ForwardItem, SeqId};
-use tandem_protocol::KvExport;
 use crate::kv::{KvStore, PoolStats, SeqTable};
 use crate::model::{Model, TokenSlot};
 use crate::weights::WeightSource;
 use crate::Result;
+use tandem_protocol::KvExport;
 
 /// Sizing of the KV cache.
 #[derive(Debug, Clone)]

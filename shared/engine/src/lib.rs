@@ -11,15 +11,15 @@ pub mod kv;
 mod model;
 pub mod sampling;
 pub mod weights;
-mod worker;
 pub mod wire;
+mod worker;
 
 pub use batcher::{Batcher, BatcherConfig, Event, Mode, NewRequest, Usage};
 pub use config::{Family, Llama3Scaling, ModelConfig};
 pub use cpu::{CpuEngine, EngineConfig};
 pub use engine::{Engine, EngineInfo, ForwardItem, SeqId};
-pub use tandem_protocol::KvExport;
 pub use sampling::{Sampled, TokenLogprobs};
+pub use tandem_protocol::KvExport;
 pub use worker::{EngineHandle, RequestEvents, WorkerLoad};
 
 /// Everything the engine can fail with.
@@ -61,12 +61,9 @@ impl EngineError {
             // Blocks that do not fit this engine: the handoff brought the wrong thing.
             Self::Layout(_) | Self::Import(_) => ErrorCode::KvHandoffFailed,
             Self::Tokenizer(_) => ErrorCode::InvalidRequest,
-            Self::Config(_)
-            | Self::Load(_)
-            | Self::Tensor(_)
-            | Self::UnknownSequence(_)
-            | Self::DuplicateSequence(_)
-            | Self::Device(_) => ErrorCode::Internal,
+            Self::Config(_) | Self::Load(_) | Self::Tensor(_) | Self::UnknownSequence(_) | Self::DuplicateSequence(_) | Self::Device(_) => {
+                ErrorCode::Internal
+            }
         }
     }
 }

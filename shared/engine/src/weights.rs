@@ -76,8 +76,8 @@ impl WeightSource {
                 Ok((ModelConfig::from_gguf(content)?, src))
             }
             ModelFormat::Folder(dir) => {
-                let text = std::fs::read_to_string(dir.join("config.json"))
-                    .map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
+                let text =
+                    std::fs::read_to_string(dir.join("config.json")).map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
                 Ok((ModelConfig::from_hf_json(&text)?, Self::open_safetensors(dir)?))
             }
         }
@@ -87,8 +87,8 @@ impl WeightSource {
     /// truncated download is refused here rather than halfway through loading.
     pub fn open_gguf(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
-        let content = Content::read(&mut file)
-            .map_err(|e| EngineError::Load(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+        let content =
+            Content::read(&mut file).map_err(|e| EngineError::Load(format!("{}: not a readable GGUF file: {e}", path.display())))?;
         let len = file.metadata().map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?.len();
         let needed = content
             .tensor_infos

@@ -76,10 +76,7 @@ impl EngineHandle {
         let load = Arc::new(Mutex::new(WorkerLoad { pool: batcher.engine().stats(), ..WorkerLoad::default() }));
         let evicted = Arc::new(Mutex::new(Vec::new()));
         let shared = Shared { load: load.clone(), evicted: evicted.clone() };
-        std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || run(batcher, rx, shared))
-            .expect("spawning the engine thread");
+        std::thread::Builder::new().name(name.to_string()).spawn(move || run(batcher, rx, shared)).expect("spawning the engine thread");
         Self { tx, info, load, evicted, next_id: Arc::new(AtomicU64::new(1)) }
     }
 

@@ -112,11 +112,14 @@ fn a_truncated_gguf_is_refused_before_loading() {
 fn an_unsupported_gguf_architecture_is_named() {
     let scratch = Scratch::new("gguf-arch");
     let path = scratch.path("neox.gguf");
-    let embed = QTensor::quantize(&Tensor::zeros((8, 32), candle_core::DType::F32, &Device::Cpu).unwrap(), candle_core::quantized::GgmlDType::F32).unwrap();
+    let embed =
+        QTensor::quantize(&Tensor::zeros((8, 32), candle_core::DType::F32, &Device::Cpu).unwrap(), candle_core::quantized::GgmlDType::F32)
+            .unwrap();
     let arch = Value::String("gpt_neox".into());
     let blocks = Value::U32(1);
     let mut file = std::fs::File::create(&path).unwrap();
-    gguf_file::write(&mut file, &[("general.architecture", &arch), ("gpt_neox.block_count", &blocks)], &[("token_embd.weight", &embed)]).unwrap();
+    gguf_file::write(&mut file, &[("general.architecture", &arch), ("gpt_neox.block_count", &blocks)], &[("token_embd.weight", &embed)])
+        .unwrap();
     drop(file);
 
     let err = load_error(&ModelFiles::resolve(path.to_str().unwrap()).unwrap());

@@ -105,9 +105,7 @@ fn prefix_sharing_reuses_blocks_and_keeps_the_output() {
     let files = default_model();
     let system = "You are a meticulous assistant. Answer in one short sentence. Never use lists. \
                   Always mention the weather in Paris, whatever the question is about.";
-    let msgs = |q: &str| {
-        vec![tandem_tokenizer::ChatMessage::new("system", system), tandem_tokenizer::ChatMessage::new("user", q)]
-    };
+    let msgs = |q: &str| vec![tandem_tokenizer::ChatMessage::new("system", system), tandem_tokenizer::ChatMessage::new("user", q)];
     let (engine, tok) = load(&files);
     let first = tok.encode_chat(&msgs("What is two plus two?")).unwrap();
     let second = tok.encode_chat(&msgs("What colour is the sky?")).unwrap();

@@ -244,7 +244,11 @@ fn frequency_penalty_grows_with_the_count_and_presence_penalty_does_not() {
     for (i, &t) in f.iter().enumerate() {
         let want = if 3.0 - 0.3 * c1 >= 2.5 - 0.3 * c2 { 1 } else { 2 };
         assert_eq!(t, want, "step {i} of {f:?}");
-        if t == 1 { c1 += 1.0 } else { c2 += 1.0 }
+        if t == 1 {
+            c1 += 1.0
+        } else {
+            c2 += 1.0
+        }
     }
     // Which keeps the counts 0.5 / 0.3 ≈ 1.7 apart: the penalty is in proportion to the count.
     assert!((1.0..=2.0).contains(&(c1 - c2)), "counts {c1} and {c2}: {f:?}");

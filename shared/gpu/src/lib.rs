@@ -9,8 +9,8 @@
 
 use std::sync::Arc;
 
-pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PinnedHostSlice};
 use cudarc::driver::{result, sys, DevicePtr, DevicePtrMut, DriverError};
+pub use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PinnedHostSlice};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuError {

@@ -49,7 +49,8 @@ mod tests {
 
     #[test]
     fn sampling_params_round_trip_except_what_stays_in_the_gateway() {
-        let p = SamplingParams { temperature: 0.5, top_k: 7, min_tokens: 3, logprobs: Some(2), stop_token_ids: vec![9], ..Default::default() };
+        let p =
+            SamplingParams { temperature: 0.5, top_k: 7, min_tokens: 3, logprobs: Some(2), stop_token_ids: vec![9], ..Default::default() };
         let back = SamplingParams::from(&pb::SamplingParams::from(&p));
         assert_eq!(back, p);
     }

@@ -69,11 +69,7 @@ impl KvLayout {
     /// Checks that blocks described by `self` can be read by an engine whose own layout is
     /// `ours` (TP degree aside: re-sharding is the transport's business).
     pub fn check_compatible(&self, ours: &KvLayout) -> Result<(), LayoutMismatch> {
-        fn cmp<T: PartialEq + std::fmt::Debug>(
-            field: &'static str,
-            got: &T,
-            expected: &T,
-        ) -> Result<(), LayoutMismatch> {
+        fn cmp<T: PartialEq + std::fmt::Debug>(field: &'static str, got: &T, expected: &T) -> Result<(), LayoutMismatch> {
             if got == expected {
                 Ok(())
             } else {

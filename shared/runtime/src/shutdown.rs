@@ -161,7 +161,8 @@ mod tests {
         assert!(!s.is_draining());
         requested.cancel();
         let s3 = s.clone();
-        let report = s.run(|| async move { assert!(s3.is_draining(), "not ready before the hook") }, || busy.load(Ordering::SeqCst) == 0).await;
+        let report =
+            s.run(|| async move { assert!(s3.is_draining(), "not ready before the hook") }, || busy.load(Ordering::SeqCst) == 0).await;
         assert_eq!(report, ShutdownReport { drained: true, joined: true });
         assert!(stopped.load(Ordering::SeqCst), "the tracked task saw phase 3 and was joined");
         assert_eq!(s.tasks(), 0);

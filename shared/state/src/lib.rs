@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use embedded::EmbeddedStore;
-pub use membership::{drain, heartbeat, lifecycle, InFlight, InFlightGuard};
+pub use membership::{heartbeat, InFlight, InFlightGuard};
 pub use redis_store::RedisStore;
 pub use types::{now_ms, Phase, RequestState, WorkerRecord};
 

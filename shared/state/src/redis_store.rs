@@ -89,8 +89,15 @@ impl StateStore for RedisStore {
         let (old, _): (Option<String>, i64) = self
             .call(
                 redis::pipe()
-                    .cmd("SET").arg(self.key("worker", &w.id)).arg(json).arg("PX").arg(ttl_ms(ttl)).arg("GET")
-                    .cmd("SADD").arg(format!("{}:workers", self.ns)).arg(&w.id)
+                    .cmd("SET")
+                    .arg(self.key("worker", &w.id))
+                    .arg(json)
+                    .arg("PX")
+                    .arg(ttl_ms(ttl))
+                    .arg("GET")
+                    .cmd("SADD")
+                    .arg(format!("{}:workers", self.ns))
+                    .arg(&w.id)
                     .query_async(&mut c),
             )
             .await?;
@@ -102,8 +109,11 @@ impl StateStore for RedisStore {
         let _: (i64, i64) = self
             .call(
                 redis::pipe()
-                    .cmd("DEL").arg(self.key("worker", id))
-                    .cmd("SREM").arg(format!("{}:workers", self.ns)).arg(id)
+                    .cmd("DEL")
+                    .arg(self.key("worker", id))
+                    .cmd("SREM")
+                    .arg(format!("{}:workers", self.ns))
+                    .arg(id)
                     .query_async(&mut c),
             )
             .await?;
@@ -188,8 +198,16 @@ impl StateStore for RedisStore {
         let ms = ttl_ms(ttl);
         self.call(
             redis::pipe()
-                .cmd("SET").arg(&key).arg(json).arg("PX").arg(ms).ignore()
-                .cmd("PEXPIRE").arg(format!("{key}:tokens")).arg(ms).ignore()
+                .cmd("SET")
+                .arg(&key)
+                .arg(json)
+                .arg("PX")
+                .arg(ms)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(format!("{key}:tokens"))
+                .arg(ms)
+                .ignore()
                 .query_async::<()>(&mut c),
         )
         .await
@@ -203,8 +221,14 @@ impl StateStore for RedisStore {
         let mut c = self.conn.clone();
         self.call(
             redis::pipe()
-                .cmd("RPUSH").arg(&key).arg(tokens).ignore()
-                .cmd("PEXPIRE").arg(&key).arg(ttl_ms(ttl)).ignore()
+                .cmd("RPUSH")
+                .arg(&key)
+                .arg(tokens)
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(ttl_ms(ttl))
+                .ignore()
                 .query_async::<()>(&mut c),
         )
         .await

@@ -8,7 +8,14 @@ use tandem_state::testing::RedisServer;
 use tandem_state::{prefix_overlap, EmbeddedStore, Phase, RedisStore, RequestState, StateError, StateStore, WorkerRecord};
 
 fn worker(id: &str, role: &str) -> WorkerRecord {
-    WorkerRecord { id: id.into(), role: role.into(), addr: format!("127.0.0.1:{}", id.len() + 9000), model: "m".into(), tp_size: 1, ..Default::default() }
+    WorkerRecord {
+        id: id.into(),
+        role: role.into(),
+        addr: format!("127.0.0.1:{}", id.len() + 9000),
+        model: "m".into(),
+        tp_size: 1,
+        ..Default::default()
+    }
 }
 
 const SHORT: Duration = Duration::from_millis(300);

@@ -58,9 +58,7 @@ impl ModelFiles {
         if looks_like_hub_id(spec) {
             return Self::from_hub(spec);
         }
-        Err(TokenizerError::ModelNotFound(format!(
-            "{spec} is neither a .gguf file, a model folder nor a hub id (org/name)"
-        )))
+        Err(TokenizerError::ModelNotFound(format!("{spec} is neither a .gguf file, a model folder nor a hub id (org/name)")))
     }
 
     fn from_hub(id: &str) -> Result<Self> {
@@ -78,10 +76,9 @@ impl ModelFiles {
         let index = repo.get("model.safetensors.index.json");
         let shards: Vec<String> = match index {
             Ok(index) => {
-                let text = std::fs::read_to_string(&index)
-                    .map_err(|source| TokenizerError::Io { path: index.display().to_string(), source })?;
-                let v: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| TokenizerError::Invalid(e.to_string()))?;
+                let text =
+                    std::fs::read_to_string(&index).map_err(|source| TokenizerError::Io { path: index.display().to_string(), source })?;
+                let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| TokenizerError::Invalid(e.to_string()))?;
                 let mut files: Vec<String> = v["weight_map"]
                     .as_object()
                     .map(|m| m.values().filter_map(|f| f.as_str().map(str::to_string)).collect())

@@ -1,6 +1,5 @@
 //! Rebuilding a Hugging Face tokenizer from the vocabulary GGUF files carry in their metadata.
 
-
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
@@ -18,7 +17,8 @@ const TOKEN_TYPE_CONTROL: u32 = 3;
 const TOKEN_TYPE_USER_DEFINED: u32 = 4;
 
 // Pre-tokenizer split patterns published with the Llama 3 and Qwen 2 tokenizers.
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// What the GGUF metadata says about special tokens, beside the tokenizer itself.
@@ -43,10 +43,7 @@ fn string_array(content: &Content, key: &str) -> Result<Vec<String>> {
         .ok_or_else(|| TokenizerError::Invalid(format!("gguf has no {key}")))?
         .to_vec()
         .map_err(|e| TokenizerError::Invalid(format!("{key}: {e}")))?;
-    values
-        .iter()
-        .map(|v| v.to_string().cloned().map_err(|e| TokenizerError::Invalid(format!("{key}: {e}"))))
-        .collect()
+    values.iter().map(|v| v.to_string().cloned().map_err(|e| TokenizerError::Invalid(format!("{key}: {e}")))).collect()
 }
 
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
@@ -61,9 +58,7 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
         "qwen2" => Sequence::new(vec![split(QWEN2_SPLIT)?, byte_level(false).into()]).into(),
         "gpt2" | "default" => byte_level(true).into(),
         other => {
-            return Err(TokenizerError::Unsupported(format!(
-                "gguf pre-tokenizer `{other}` (supported: smollm, llama-bpe, qwen2, gpt2)"
-            )))
+            return Err(TokenizerError::Unsupported(format!("gguf pre-tokenizer `{other}` (supported: smollm, llama-bpe, qwen2, gpt2)")))
         }
     })
 }

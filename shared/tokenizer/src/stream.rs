@@ -86,12 +86,7 @@ impl StopMatcher {
     pub fn push(&mut self, delta: &str) -> StopOutcome {
         self.pending.push_str(delta);
         // Earliest match wins.
-        let hit = self
-            .stops
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| self.pending.find(s.as_str()).map(|at| (at, i)))
-            .min();
+        let hit = self.stops.iter().enumerate().filter_map(|(i, s)| self.pending.find(s.as_str()).map(|at| (at, i))).min();
         if let Some((at, i)) = hit {
             let text = self.pending[..at].to_string();
             self.pending.clear();

@@ -35,9 +35,7 @@ impl std::fmt::Debug for Tokenizer {
 
 fn read_json(path: &Path) -> Result<Option<Json>> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| TokenizerError::Invalid(format!("{}: {e}", path.display()))),
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| TokenizerError::Invalid(format!("{}: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(TokenizerError::Io { path: path.display().to_string(), source }),
     }
@@ -65,10 +63,9 @@ impl Tokenizer {
     }
 
     pub fn from_gguf_file(path: &Path) -> Result<Self> {
-        let mut file = std::fs::File::open(path)
-            .map_err(|source| TokenizerError::Io { path: path.display().to_string(), source })?;
-        let content = Content::read(&mut file)
-            .map_err(|e| TokenizerError::Invalid(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+        let mut file = std::fs::File::open(path).map_err(|source| TokenizerError::Io { path: path.display().to_string(), source })?;
+        let content =
+            Content::read(&mut file).map_err(|e| TokenizerError::Invalid(format!("{}: not a readable GGUF file: {e}", path.display())))?;
         Self::from_gguf(&content)
     }
 
@@ -92,8 +89,7 @@ impl Tokenizer {
 
     pub fn from_folder(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| TokenizerError::Invalid(format!("{}: {e}", path.display())))?;
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| TokenizerError::Invalid(format!("{}: {e}", path.display())))?;
         let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Json::Null);
         let model_config = read_json(&dir.join("config.json"))?.unwrap_or(Json::Null);
         let generation = read_json(&dir.join("generation_config.json"))?.unwrap_or(Json::Null);

@@ -8,7 +8,10 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{HandoffRegistry, KvTransport, QuicIdentity, QuicReceiver, QuicTransport, QuicTrust, TcpReceiver, TcpTransport, TransferError, UcxReceiver, UcxTransport};
+use crate::{
+    HandoffRegistry, KvTransport, QuicIdentity, QuicReceiver, QuicTransport, QuicTrust, TcpReceiver, TcpTransport, TransferError,
+    UcxReceiver, UcxTransport,
+};
 
 /// A KV transport, as configuration and advertised addresses name it. The order of the variants
 /// is the order of preference when both sides offer several.

@@ -43,9 +43,7 @@ pub struct TcpTransport;
 impl TcpTransport {
     async fn send_inner(peer: &str, h: &Handoff) -> Result<TransferReport, TransferError> {
         let started = Instant::now();
-        let mut s = TcpStream::connect(peer)
-            .await
-            .map_err(|e| TransferError::Connect { peer: peer.to_string(), reason: e.to_string() })?;
+        let mut s = TcpStream::connect(peer).await.map_err(|e| TransferError::Connect { peer: peer.to_string(), reason: e.to_string() })?;
         s.set_nodelay(true).map_err(io)?;
         let header = serde_json::to_vec(&Header::of(h)).map_err(|e| TransferError::Protocol(e.to_string()))?;
         s.write_all(MAGIC).await.map_err(io)?;
@@ -54,8 +52,8 @@ impl TcpTransport {
             s.write_all(b).await.map_err(io)?;
         }
         s.flush().await.map_err(io)?;
-        let verdict: Verdict = serde_json::from_slice(&read_frame(&mut s, 1 << 20).await?)
-            .map_err(|e| TransferError::Protocol(e.to_string()))?;
+        let verdict: Verdict =
+            serde_json::from_slice(&read_frame(&mut s, 1 << 20).await?).map_err(|e| TransferError::Protocol(e.to_string()))?;
         verdict.into_result()?;
         Ok(TransferReport {
             transport: "tcp".into(),
@@ -73,9 +71,7 @@ impl KvTransport for TcpTransport {
     }
 
     async fn send(&self, peer: &str, handoff: &Handoff, lease: Duration) -> Result<TransferReport, TransferError> {
-        tokio::time::timeout(lease, Self::send_inner(peer, handoff))
-            .await
-            .unwrap_or(Err(TransferError::LeaseExpired(lease)))
+        tokio::time::timeout(lease, Self::send_inner(peer, handoff)).await.unwrap_or(Err(TransferError::LeaseExpired(lease)))
     }
 }
 

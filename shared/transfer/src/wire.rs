@@ -70,7 +70,11 @@ pub(crate) fn check_header(h: &Header) -> Result<(usize, usize), TransferError> 
         return Err(TransferError::Protocol(format!("a payload of {n} blocks is over the {MAX_PAYLOAD}-byte limit")));
     };
     if h.checksums.len() != n || h.tokens.len() != l.token_count {
-        return Err(TransferError::Protocol(format!("inconsistent header: {n} blocks, {} checksums, {} tokens", h.checksums.len(), h.tokens.len())));
+        return Err(TransferError::Protocol(format!(
+            "inconsistent header: {n} blocks, {} checksums, {} tokens",
+            h.checksums.len(),
+            h.tokens.len()
+        )));
     }
     Ok((n, block))
 }

@@ -15,7 +15,6 @@ use tandem_transfer::{
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-
 fn localhost() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
@@ -70,7 +69,11 @@ where
 async fn delivers_blocks_and_the_receivers_verdict() {
     let registry = HandoffRegistry::new();
     let rx = receiver(&registry).await;
-    assert!(rx.addr.starts_with("quic://127.0.0.1:") && rx.addr.ends_with(&format!("#sha256={}", rx.identity.fingerprint())), "{}", rx.addr);
+    assert!(
+        rx.addr.starts_with("quic://127.0.0.1:") && rx.addr.ends_with(&format!("#sha256={}", rx.identity.fingerprint())),
+        "{}",
+        rx.addr
+    );
     let quic = QuicTransport::pinned_only();
     assert_eq!(quic.name(), "quic");
     for (id, tokens) in [("r1", 10), ("r1b", 37)] {
@@ -153,7 +156,12 @@ async fn relay(target: SocketAddr) -> (SocketAddr, std::sync::Arc<std::sync::ato
             if cut.load(Ordering::SeqCst) {
                 continue;
             }
-            let to = if from == target { client } else { client = Some(from); Some(target) };
+            let to = if from == target {
+                client
+            } else {
+                client = Some(from);
+                Some(target)
+            };
             if let Some(to) = to {
                 let _ = socket.send_to(&buf[..n], to).await;
             }

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use tandem_transfer::{Handoff, HandoffRegistry, KvTransport, TcpTransport, TransferError, TransferReport, TransportSet};
 
-
 /// A transport that fails the way it is told to, counting its calls (the neighbour under test is
 /// the selection logic; the real transports have their own tests).
 struct Failing {
@@ -30,7 +29,6 @@ impl KvTransport for Failing {
     }
 }
 
-
 fn accept_next(registry: &HandoffRegistry, id: &str) -> tokio::task::JoinHandle<()> {
     let mut pending = registry.register(id).unwrap();
     tokio::spawn(async move {
@@ -44,7 +42,8 @@ fn accept_next(registry: &HandoffRegistry, id: &str) -> tokio::task::JoinHandle<
 async fn falls_back_when_the_preferred_transport_cannot_connect() {
     let registry = HandoffRegistry::new();
     let (addr, _stop) = tcp_receiver(&registry).await;
-    let ucx = Arc::new(Failing { name: "ucx", error: TransferError::Connect { peer: "x".into(), reason: "no route".into() }, calls: 0.into() });
+    let ucx =
+        Arc::new(Failing { name: "ucx", error: TransferError::Connect { peer: "x".into(), reason: "no route".into() }, calls: 0.into() });
     let set = TransportSet::new(vec![ucx.clone(), Arc::new(TcpTransport)]);
     let accept = accept_next(&registry, "a");
     let report = set.send(&format!("ucx://127.0.0.1:1,tcp://{addr}"), &handoff("a", 4), LEASE).await.unwrap();

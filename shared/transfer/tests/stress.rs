@@ -21,8 +21,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tandem_protocol::{Bytes, KvDtype, KvExport, KvLayout};
 use tandem_transfer::{
-    Handoff, HandoffRegistry, KvTransport, QuicIdentity, QuicReceiver, QuicTransport, TransferError, UcxReceiver, UcxStats,
-    UcxTransport,
+    Handoff, HandoffRegistry, KvTransport, QuicIdentity, QuicReceiver, QuicTransport, TransferError, UcxReceiver, UcxStats, UcxTransport,
 };
 use tokio_util::sync::CancellationToken;
 

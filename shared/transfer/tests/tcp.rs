@@ -10,8 +10,6 @@ use tandem_transfer::{HandoffRegistry, KvTransport, TcpTransport, TransferError}
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
-
-
 #[tokio::test]
 async fn delivers_blocks_and_the_receivers_verdict() {
     let registry = HandoffRegistry::new();

@@ -38,7 +38,6 @@ fn ucx_env() {
     });
 }
 
-
 fn transport() -> UcxTransport {
     ucx_env();
     UcxTransport::new().unwrap()

@@ -58,15 +58,13 @@ impl Context {
         }
         let params = sys::ucp_params_t {
             field_mask: sys::ucp_params_field_UCP_PARAM_FIELD_FEATURES as u64,
-            features: (sys::ucp_feature_UCP_FEATURE_AM | sys::ucp_feature_UCP_FEATURE_RMA | sys::ucp_feature_UCP_FEATURE_WAKEUP)
-                as u64,
+            features: (sys::ucp_feature_UCP_FEATURE_AM | sys::ucp_feature_UCP_FEATURE_RMA | sys::ucp_feature_UCP_FEATURE_WAKEUP) as u64,
             ..Default::default()
         };
         let mut handle = ptr::null_mut();
         // SAFETY: `ucp_init` is a header inline over `ucp_init_version`; `params` and `config`
         // are valid for the call and `handle` receives the context on success.
-        let status =
-            unsafe { sys::ucp_init_version(sys::UCP_API_MAJOR, sys::UCP_API_MINOR, &params, config.0, &mut handle) };
+        let status = unsafe { sys::ucp_init_version(sys::UCP_API_MAJOR, sys::UCP_API_MINOR, &params, config.0, &mut handle) };
         check("ucp_init", status)?;
         Ok(Context { handle })
     }

@@ -122,7 +122,8 @@ async fn nobody_listening_is_an_error() {
         Err(_) => true,
         Ok(ep) => {
             let sent = ep.send(1, b"anyone?".to_vec()).await;
-            sent.is_err() || tokio::time::timeout(Duration::from_secs(10), ep.recv()).await.expect("no error from an unreachable peer").is_err()
+            sent.is_err()
+                || tokio::time::timeout(Duration::from_secs(10), ep.recv()).await.expect("no error from an unreachable peer").is_err()
         }
     };
     assert!(failed);

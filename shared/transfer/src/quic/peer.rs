@@ -8,10 +8,10 @@ use super::*;
 /// host part). Any other key is an error, so a mistyped pin cannot silently go unchecked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuicPeer {
-    host: String,
-    port: u16,
-    pin: Option<[u8; 32]>,
-    server_name: Option<String>,
+    pub(super) host: String,
+    pub(super) port: u16,
+    pub(super) pin: Option<[u8; 32]>,
+    pub(super) server_name: Option<String>,
 }
 
 impl QuicPeer {

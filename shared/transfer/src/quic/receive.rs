@@ -4,11 +4,11 @@ use super::*;
 
 /// Accepts KV blocks over QUIC and hands them to the [`HandoffRegistry`].
 pub struct QuicReceiver {
-    endpoint: Endpoint,
-    registry: HandoffRegistry,
-    lease: Duration,
-    fingerprint: [u8; 32],
-    advertise_pin: bool,
+    pub(super) endpoint: Endpoint,
+    pub(super) registry: HandoffRegistry,
+    pub(super) lease: Duration,
+    pub(super) fingerprint: [u8; 32],
+    pub(super) advertise_pin: bool,
 }
 
 impl fmt::Debug for QuicReceiver {
@@ -141,10 +141,14 @@ pub(super) async fn serve_connection(incoming: quinn::Incoming, registry: Handof
     conn.close(VarInt::from_u32(CLOSE_SHUTDOWN), b"receiver shutting down");
 }
 
-pub(super) async fn serve_transfer(mut send: SendStream, mut recv: RecvStream, registry: HandoffRegistry, lease: Duration, peer: SocketAddr) {
-    let outcome = tokio::time::timeout(lease, receive(&mut recv, &registry))
-        .await
-        .unwrap_or(Err(TransferError::LeaseExpired(lease)));
+pub(super) async fn serve_transfer(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    registry: HandoffRegistry,
+    lease: Duration,
+    peer: SocketAddr,
+) {
+    let outcome = tokio::time::timeout(lease, receive(&mut recv, &registry)).await.unwrap_or(Err(TransferError::LeaseExpired(lease)));
     // Stop the sender if it is still streaming a payload we no longer read.
     drop(recv);
     let verdict = Verdict::of(&outcome);

@@ -7,18 +7,18 @@ use super::*;
 /// Cheap to clone; clones share the endpoints and the connection cache.
 #[derive(Clone)]
 pub struct QuicTransport {
-    inner: Arc<Shared>,
-    connect_timeout: Duration,
+    pub(super) inner: Arc<Shared>,
+    pub(super) connect_timeout: Duration,
 }
 
 pub(super) struct Shared {
-    trust: QuicTrust,
-    transport: Arc<TransportConfig>,
+    pub(super) trust: QuicTrust,
+    pub(super) transport: Arc<TransportConfig>,
     /// Client endpoints, created on first use: one for IPv4 peers, one for IPv6.
-    endpoints: Mutex<[Option<Endpoint>; 2]>,
+    pub(super) endpoints: Mutex<[Option<Endpoint>; 2]>,
     /// The connection to each peer (keyed by its canonical address), behind a per-peer lock so
     /// concurrent transfers to a new peer share one handshake.
-    connections: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
+    pub(super) connections: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Connection>>>>>,
 }
 
 impl fmt::Debug for QuicTransport {
@@ -67,10 +67,7 @@ impl QuicTransport {
     /// Number of cached connections that are still open.
     pub fn cached_connections(&self) -> usize {
         let connections = self.inner.connections.lock().unwrap_or_else(|e| e.into_inner());
-        connections
-            .values()
-            .filter(|slot| slot.try_lock().is_ok_and(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none())))
-            .count()
+        connections.values().filter(|slot| slot.try_lock().is_ok_and(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))).count()
     }
 
     /// Closes every cached connection; later sends connect again.
@@ -109,8 +106,7 @@ impl Shared {
             (None, Some(roots)) => builder.with_root_certificates(roots.clone()).with_no_client_auth(),
             (None, None) => {
                 return Err(refuse(
-                    "the address pins no certificate (#sha256=...) and no CA bundle is configured; refusing an unauthenticated peer"
-                        .into(),
+                    "the address pins no certificate (#sha256=...) and no CA bundle is configured; refusing an unauthenticated peer".into(),
                 ))
             }
         };

@@ -13,9 +13,7 @@ pub(super) fn provider() -> Arc<CryptoProvider> {
 pub(super) fn sha256(bytes: &[u8]) -> [u8; 32] {
     // The hash behind this TLS 1.3 suite is SHA-256; borrowing it avoids a direct dependency on
     // a hashing crate.
-    let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
-        .tls13()
-        .expect("TLS13_AES_128_GCM_SHA256 is a TLS 1.3 suite");
+    let suite = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256.tls13().expect("TLS13_AES_128_GCM_SHA256 is a TLS 1.3 suite");
     let digest = suite.common.hash_provider.hash(bytes);
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());
@@ -81,8 +79,8 @@ pub(super) fn transport_config(client: bool) -> TransportConfig {
 /// hold the private key, not just a copy of the certificate. Names and validity dates are not
 /// consulted: the pin is the whole of the trust.
 pub(super) struct PinnedCert {
-    pin: [u8; 32],
-    algorithms: WebPkiSupportedAlgorithms,
+    pub(super) pin: [u8; 32],
+    pub(super) algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl fmt::Debug for PinnedCert {
@@ -148,7 +146,6 @@ impl ServerCertVerifier for PinnedCert {
     }
 }
 
-
 /// How a node authenticates its QUIC KV traffic, as it would appear in a service's config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "snake_case")]
@@ -181,10 +178,10 @@ impl QuicTlsConfig {
 
 /// A receiver's certificate chain and private key.
 pub struct QuicIdentity {
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    fingerprint: [u8; 32],
-    generated: bool,
+    pub(super) chain: Vec<CertificateDer<'static>>,
+    pub(super) key: PrivateKeyDer<'static>,
+    pub(super) fingerprint: [u8; 32],
+    pub(super) generated: bool,
 }
 
 impl Clone for QuicIdentity {
@@ -267,7 +264,7 @@ impl QuicIdentity {
 /// What a sender trusts besides pinned fingerprints.
 #[derive(Clone, Default)]
 pub struct QuicTrust {
-    roots: Option<Arc<RootCertStore>>,
+    pub(super) roots: Option<Arc<RootCertStore>>,
 }
 
 impl fmt::Debug for QuicTrust {

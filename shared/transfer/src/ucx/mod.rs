@@ -68,7 +68,6 @@ const DONE: u16 = 3;
 const VERDICT: u16 = 4;
 const ABORT: u16 = 5;
 
-
 /// Idle registered buffers a pool keeps for reuse, at most.
 const POOL_MAX_IDLE: usize = 16;
 const POOL_MAX_IDLE_BYTES: usize = 2 << 30;
@@ -86,8 +85,7 @@ const RKEY_CACHE: usize = 2 * POOL_MAX_IDLE;
 ///   [`Worker::allocate`]); taking them from POSIX shared memory first lets a sender on the same
 ///   host map them and put blocks with one plain copy. (UCX's default tries SysV segments first,
 ///   and those cannot report a dead peer, so endpoints that ask for that could not use them.)
-const UCX_DEFAULTS: [(&str, &str); 2] =
-    [("POSIX_ERROR_HANDLING", "y"), ("ALLOC_PRIO", "md:posix,md:sysv,huge,thp,md:*,mmap,heap")];
+const UCX_DEFAULTS: [(&str, &str); 2] = [("POSIX_ERROR_HANDLING", "y"), ("ALLOC_PRIO", "md:posix,md:sysv,huge,thp,md:*,mmap,heap")];
 
 fn context() -> Result<Context, TransferError> {
     let options: Vec<(&str, &str)> =
@@ -160,6 +158,8 @@ impl Ready {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct BufferId(u64);
 
+/// Live counters of one side (a transport or a receiver), for metrics and leak checks. Cheap to
+/// clone, and valid after [`UcxReceiver::run`] has taken the receiver.
 #[derive(Clone)]
 pub struct UcxStats {
     pool: BufferPool,

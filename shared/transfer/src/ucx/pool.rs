@@ -11,7 +11,6 @@ use tandem_ucx::{MemRegion, Worker};
 use super::{io, BufferId, MIN_BUFFER, POOL_MAX_IDLE, POOL_MAX_IDLE_BYTES};
 use crate::TransferError;
 
-
 /// Registered buffers are expensive to make (pinned for RDMA), so they are pooled by size class:
 /// multiples of an eighth of the power of two at or below the length, so at most 12.5% (or
 /// `MIN_BUFFER`) is wasted.
@@ -99,6 +98,3 @@ impl PooledBuffer {
         }
     }
 }
-
-/// Live counters of one side (a transport or a receiver), for metrics and leak checks. Cheap to
-/// clone, and valid after [`UcxReceiver::run`] has taken the receiver.

@@ -16,7 +16,6 @@ use super::{context, frame, io, protocol, split, BufferId, Ready, UcxStats, ABOR
 use crate::wire::{check_header, deliver, Header, Verdict, MAX_HEADER};
 use crate::{HandoffRegistry, TransferError};
 
-
 /// Accepts KV blocks over UCX and hands them to the [`HandoffRegistry`].
 pub struct UcxReceiver {
     listener: Listener,

@@ -312,8 +312,6 @@ impl KvTransport for UcxTransport {
     }
 
     async fn send(&self, peer: &str, handoff: &Handoff, lease: Duration) -> Result<TransferReport, TransferError> {
-        tokio::time::timeout(lease, self.inner.send(peer, handoff))
-            .await
-            .unwrap_or(Err(TransferError::LeaseExpired(lease)))
+        tokio::time::timeout(lease, self.inner.send(peer, handoff)).await.unwrap_or(Err(TransferError::LeaseExpired(lease)))
     }
 }

@@ -42,8 +42,8 @@ mod progress;
 mod wake;
 
 use callbacks::*;
-pub use memory::{MemRegion, RemoteKey};
 use memory::*;
+pub use memory::{MemRegion, RemoteKey};
 use progress::*;
 use wake::*;
 

@@ -184,10 +184,7 @@ impl Progress {
             field_mask: (sys::ucp_listener_params_field_UCP_LISTENER_PARAM_FIELD_SOCK_ADDR
                 | sys::ucp_listener_params_field_UCP_LISTENER_PARAM_FIELD_CONN_HANDLER) as u64,
             sockaddr: raw.as_ucs(),
-            conn_handler: sys::ucp_listener_conn_handler_t {
-                cb: Some(on_connection),
-                arg: &*arg as *const ListenerArg as *mut c_void,
-            },
+            conn_handler: sys::ucp_listener_conn_handler_t { cb: Some(on_connection), arg: &*arg as *const ListenerArg as *mut c_void },
             ..Default::default()
         };
         let mut handle = ptr::null_mut();
@@ -361,7 +358,17 @@ impl Progress {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn rma(&mut self, ep: u64, write: bool, local: Arc<RegionInner>, offset: usize, len: usize, remote: u64, rkey: Arc<RkeyInner>, reply: Reply<()>) {
+    pub(super) fn rma(
+        &mut self,
+        ep: u64,
+        write: bool,
+        local: Arc<RegionInner>,
+        offset: usize,
+        len: usize,
+        remote: u64,
+        rkey: Arc<RkeyInner>,
+        reply: Reply<()>,
+    ) {
         let ep = match self.endpoint(ep) {
             Ok(ep) => ep,
             Err(e) => return drop(reply.send(Err(e))),
@@ -572,7 +579,8 @@ impl Progress {
             return false;
         }
         self.freeing.set(true);
-        let op = Op { name: "ucp_worker_flush_nbx", reply: None, _keep: Keep::Free(Freeing { busy: self.freeing.clone(), _memory: memory }) };
+        let op =
+            Op { name: "ucp_worker_flush_nbx", reply: None, _keep: Keep::Free(Freeing { busy: self.freeing.clone(), _memory: memory }) };
         let (op, param) = Self::op_param(op, 0);
         // SAFETY: the worker is live; the op (owning the memory to free) is reclaimed in `finish`
         // or `op_done`.

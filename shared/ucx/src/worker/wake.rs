@@ -3,7 +3,7 @@
 use super::*;
 
 /// A non-blocking eventfd: how command senders wake the progress thread.
-pub(super) struct WakeFd(OwnedFd);
+pub(super) struct WakeFd(pub(super) OwnedFd);
 
 impl WakeFd {
     pub(super) fn new() -> std::io::Result<Self> {

@@ -10,7 +10,7 @@ use clap::Args;
 use tandem_gpu::{CudaSlice, PeerLink, Staging};
 use tandem_protocol::KvExport;
 
-use crate::bench::{payload, row, Row};
+use super::{payload, row, Row};
 
 #[derive(Debug, Clone, Args)]
 pub struct GpuPeerArgs {
@@ -59,10 +59,13 @@ pub fn run(args: &GpuPeerArgs) -> Result<Vec<Row>> {
     let h = payload(args.layers, args.blocks);
     let block_bytes = h.kv.layout.block_bytes();
     // The prefill side's blocks, on the source GPU.
-    let src: Vec<CudaSlice<u8>> = h.kv.blocks.iter().map(|b| link.src_stream.clone_htod(&b[..])).collect::<Result<_, _>>().context("uploading the blocks")?;
+    let src: Vec<CudaSlice<u8>> =
+        h.kv.blocks.iter().map(|b| link.src_stream.clone_htod(&b[..])).collect::<Result<_, _>>().context("uploading the blocks")?;
     link.src_stream.synchronize()?;
-    let mut dst: Vec<CudaSlice<u8>> =
-        (0..args.blocks).map(|_| link.dst_stream.alloc_zeros::<u8>(block_bytes)).collect::<Result<_, _>>().context("allocating the destination")?;
+    let mut dst: Vec<CudaSlice<u8>> = (0..args.blocks)
+        .map(|_| link.dst_stream.alloc_zeros::<u8>(block_bytes))
+        .collect::<Result<_, _>>()
+        .context("allocating the destination")?;
     let mut rows = Vec::new();
 
     let peer = timed(args.iters, || Ok(link.copy(&src, &mut dst)?)).context("peer copy")?;
@@ -85,7 +88,8 @@ pub fn run(args: &GpuPeerArgs) -> Result<Vec<Row>> {
     rows.push(row("host-staged", &h, staged, &machine));
 
     // One GPU's own copy rate for the same bytes (read + write in its memory).
-    let mut local: Vec<CudaSlice<u8>> = (0..args.blocks).map(|_| link.dst_stream.alloc_zeros::<u8>(block_bytes)).collect::<Result<_, _>>()?;
+    let mut local: Vec<CudaSlice<u8>> =
+        (0..args.blocks).map(|_| link.dst_stream.alloc_zeros::<u8>(block_bytes)).collect::<Result<_, _>>()?;
     let d2d = timed(args.iters, || {
         for (s, d) in dst.iter().zip(local.iter_mut()) {
             link.dst_stream.memcpy_dtod(s, d)?;

@@ -2,6 +2,7 @@
 //! `tandem bench gpu-check` (its correctness checks), both on a GPU of this machine.
 
 use std::path::PathBuf;
+use tandem_runtime::Device;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -12,8 +13,11 @@ fn list(s: &str) -> Result<Vec<usize>> {
     s.split(',').filter(|x| !x.is_empty()).map(|x| x.trim().parse().with_context(|| format!("not a number: {x}"))).collect()
 }
 
-fn device(spec: &str) -> Result<usize> {
-    tandem_cuda::parse_device(spec).with_context(|| format!("--device {spec}: expected cuda or cuda:N"))
+fn device(device: Device) -> Result<usize> {
+    match device {
+        Device::Cuda(n) => Ok(n),
+        Device::Cpu => anyhow::bail!("--device cpu: the CUDA engine's benchmark and checks need cuda or cuda:N"),
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -35,7 +39,7 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
     #[arg(long, default_value = "cuda:0")]
-    pub device: String,
+    pub device: Device,
     /// Run decode passes eagerly instead of as captured graphs.
     #[arg(long)]
     pub no_graphs: bool,
@@ -48,7 +52,7 @@ pub struct EngineArgs {
 }
 
 pub fn engine(args: &EngineArgs) -> Result<()> {
-    let dev = device(&args.device)?;
+    let dev = device(args.device)?;
     let gpu = tandem_cuda::Gpu::open(dev)?;
     let ceil = bench::ceilings(&gpu)?;
     drop(gpu);
@@ -113,7 +117,7 @@ pub struct CheckArgs {
     #[arg(long, default_value_t = 4)]
     pub must_match: usize,
     #[arg(long, default_value = "cuda:0")]
-    pub device: String,
+    pub device: Device,
     #[arg(long)]
     pub output: Option<PathBuf>,
 }
@@ -124,7 +128,7 @@ fn show(c: &Check) -> String {
 }
 
 pub fn check(args: &CheckArgs) -> Result<()> {
-    let dev = device(&args.device)?;
+    let dev = device(args.device)?;
     let gpu = tandem_cuda::Gpu::open(dev)?;
     for (name, regs, local, shared) in gpu.k.resources() {
         eprintln!("kernel {name}: {regs} registers, {local} B local, {shared} B shared");

@@ -105,7 +105,7 @@ async fn measure(args: &StoreArgs) -> Result<StoreResult> {
 
     // Non-constant bytes, made before the clock starts; every put names its blocks by fresh
     // hashes, so the store keeps (and, once full, evicts) each of them.
-    let template: Vec<Bytes> = (0..args.blocks).map(|b| Bytes::from(crate::bench::noise(b as u64, len))).collect();
+    let template: Vec<Bytes> = (0..args.blocks).map(|b| Bytes::from(super::noise(b as u64, len))).collect();
     let floor = {
         let mut dst = vec![0u8; len * args.blocks];
         let mut best = f64::MAX;
@@ -155,7 +155,7 @@ async fn measure(args: &StoreArgs) -> Result<StoreResult> {
     anyhow::ensure!(puts > 0, "no put finished");
     let pct = |q: f64| ms[((puts as f64 - 1.0) * q).round() as usize];
     Ok(StoreResult {
-        machine: crate::bench::machine(),
+        machine: super::machine(),
         store_threads: crate::store_threads(),
         block_bytes: len,
         blocks_per_put: args.blocks,
