@@ -227,8 +227,9 @@ impl WorkerPool {
         Lease { pool: self.clone(), key: w.key, channel: w.channel.clone(), info: w.info.clone().expect("routable workers have info") }
     }
 
-    /// The prefill worker where this prompt costs least: `cost = (prompt_tokens − cached_tokens)
-    /// + load_weight × pending`, where `cached_tokens` is the worker's unbroken leading run of the
+    /// The prefill worker where this prompt costs least:
+    /// `cost = (prompt_tokens − cached_tokens) + load_weight × pending`, where `cached_tokens` is
+    /// the worker's unbroken leading run of the
     /// prompt's blocks in the prefix index and `pending` the sequences it runs and queues plus the
     /// requests this gateway sent since its last report. So a cached prefix draws requests until
     /// the queue there costs more than recomputing elsewhere. Ties go to the less loaded worker.

@@ -41,7 +41,7 @@ impl<V> Lru<V> {
         if let Some((_, _, t)) = self.items.get_mut(key) {
             self.order.remove(t);
             *t = self.tick;
-            self.order.insert(self.tick, key.clone());
+            self.order.insert(self.tick, *key);
         }
     }
 
@@ -57,7 +57,7 @@ impl<V> Lru<V> {
         }
         self.used += size;
         self.tick += 1;
-        self.order.insert(self.tick, key.clone());
+        self.order.insert(self.tick, key);
         self.items.insert(key, (value, size, self.tick));
         out
     }

@@ -280,7 +280,7 @@ async fn the_cluster_rides_out_a_redis_restart() {
     for h in load {
         h.await.unwrap();
     }
-    let failed = failed.lock().unwrap();
+    let failed = std::mem::take(&mut *failed.lock().unwrap());
     assert!(failed.is_empty(), "requests failed across the restart: {failed:?}");
     // And routing uses the index again.
     let hits = metric(&c.base, "tandem_prefix_index_hit_blocks_total").unwrap();

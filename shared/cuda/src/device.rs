@@ -251,7 +251,7 @@ impl Gpu {
         if n == 0 {
             return Ok(());
         }
-        if n <= GEMV_MAX && cols % 8 == 0 {
+        if n <= GEMV_MAX && cols.is_multiple_of(8) {
             return self.gemv(x, w, y, n, rows, cols, out, accumulate);
         }
         self.gemm(w, Dt::Bf16, x, Dt::Bf16, y, out, rows, n, cols, accumulate)
@@ -260,7 +260,7 @@ impl Gpu {
     /// The matrix-vector kernel: `y[n × rows] (+)= x[n × cols] · Wᵀ` for `n ≤ GEMV_MAX`.
     #[allow(clippy::too_many_arguments)]
     fn gemv(&self, x: u64, w: u64, y: u64, n: usize, rows: usize, cols: usize, out: Dt, accumulate: bool) -> Result<()> {
-        if n == 0 || n > GEMV_MAX || cols % 8 != 0 {
+        if n == 0 || n > GEMV_MAX || !cols.is_multiple_of(8) {
             return Err(CudaError::Unsupported(format!("matrix-vector kernel for {n} rows of {cols}")));
         }
         let mode: i32 = match (out, accumulate) {

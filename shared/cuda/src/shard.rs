@@ -18,7 +18,7 @@ impl Tp {
 
     /// The rank's share of `n` equal units (heads, FFN rows); `None` if they do not divide.
     pub fn share(&self, n: usize) -> Option<Range<usize>> {
-        if self.size == 0 || n % self.size != 0 {
+        if self.size == 0 || !n.is_multiple_of(self.size) {
             return None;
         }
         let per = n / self.size;

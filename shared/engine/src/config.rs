@@ -167,10 +167,10 @@ impl ModelConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(EngineError::Config(format!("heads ({}) must be a multiple of kv heads ({})", self.heads, self.kv_heads)));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(EngineError::Config(format!("head dim {} must be even for RoPE", self.head_dim)));
         }
         Ok(())

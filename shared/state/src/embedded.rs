@@ -39,7 +39,7 @@ impl StateStore for EmbeddedStore {
     async fn register_worker(&self, w: &WorkerRecord, ttl: Duration) -> Result<bool> {
         let now = Instant::now();
         let old = self.lock().workers.insert(w.id.clone(), (w.clone(), now + ttl));
-        Ok(!old.is_some_and(|(_, until)| until > now))
+        Ok(old.is_none_or(|(_, until)| until <= now))
     }
 
     async fn remove_worker(&self, id: &str) -> Result<()> {
@@ -100,7 +100,7 @@ impl StateStore for EmbeddedStore {
         inner.requests.insert(r.id.clone(), (RequestState { tokens, ..r.clone() }, until));
         // Expired requests go when others are written, so the map stays bounded.
         let now = Instant::now();
-        if inner.requests.len() % 256 == 0 {
+        if inner.requests.len().is_multiple_of(256) {
             inner.requests.retain(|_, (_, until)| *until > now);
         }
         Ok(())

@@ -113,7 +113,7 @@ impl TcpReceiver {
             let lease = self.lease;
             tokio::spawn(async move {
                 let outcome = tokio::time::timeout(lease, receive(&mut stream, &registry)).await;
-                let verdict = Verdict::of(&outcome.unwrap_or_else(|_| Err(TransferError::LeaseExpired(lease))));
+                let verdict = Verdict::of(&outcome.unwrap_or(Err(TransferError::LeaseExpired(lease))));
                 if let Some(e) = &verdict.error {
                     tracing::warn!(%peer, error = %e, "kv transfer refused");
                 }

@@ -60,7 +60,7 @@ async fn pair(kind: Kind) -> Pair {
             let r = tandem_transfer::TcpReceiver::new(listener, registry.clone(), LEASE);
             let addr = r.local_addr().unwrap().to_string();
             tokio::spawn(r.run(stop.clone()));
-            (Arc::new(tandem_transfer::TcpTransport::default()), addr, None)
+            (Arc::new(tandem_transfer::TcpTransport), addr, None)
         }
         Kind::Quic => {
             let identity = QuicIdentity::generate(&[]).unwrap();

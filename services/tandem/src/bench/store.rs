@@ -34,6 +34,10 @@ pub struct StoreArgs {
     /// The store's memory budget, in MiB (it evicts, as a full store does, once past it).
     #[arg(long, default_value_t = 1024)]
     pub memory_mb: usize,
+    /// The `tandem` binary to run the store with (default: this one); another build's, to
+    /// compare stores in one run on one machine.
+    #[arg(long)]
+    pub store_binary: Option<std::path::PathBuf>,
     /// Also write the JSON result to this file.
     #[arg(long)]
     pub output: Option<std::path::PathBuf>,
@@ -42,7 +46,10 @@ pub struct StoreArgs {
 #[derive(Debug, Clone, Serialize)]
 pub struct StoreResult {
     pub machine: String,
-    pub store_threads: usize,
+    /// The binary that ran the store.
+    pub store_binary: String,
+    /// Runtime threads of the store (this build's; unknown for another binary).
+    pub store_threads: Option<usize>,
     pub block_bytes: usize,
     pub blocks_per_put: usize,
     pub concurrency: usize,
@@ -80,7 +87,11 @@ fn block_bytes(layers: usize) -> usize {
 async fn measure(args: &StoreArgs) -> Result<StoreResult> {
     use tokio::io::AsyncBufReadExt;
     let len = block_bytes(args.layers);
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+    let binary = match &args.store_binary {
+        Some(b) => b.clone(),
+        None => std::env::current_exe()?,
+    };
+    let mut child = tokio::process::Command::new(&binary)
         .args(["kv-transfer", "--listen", "127.0.0.1:0", "--memory-mb", &args.memory_mb.to_string(), "--managed"])
         .env("RUST_LOG", "error")
         .stdin(std::process::Stdio::piped())
@@ -156,7 +167,8 @@ async fn measure(args: &StoreArgs) -> Result<StoreResult> {
     let pct = |q: f64| ms[((puts as f64 - 1.0) * q).round() as usize];
     Ok(StoreResult {
         machine: super::machine(),
-        store_threads: crate::store_threads(),
+        store_binary: binary.display().to_string(),
+        store_threads: args.store_binary.is_none().then(crate::store_threads),
         block_bytes: len,
         blocks_per_put: args.blocks,
         concurrency: args.concurrency,

@@ -48,8 +48,6 @@ pub struct TransferArgs {
     pub output: Option<std::path::PathBuf>,
 }
 
-/// One result row.
-
 /// The receiving process: serves `transport` on loopback, prints `READY addr=…`, accepts the
 /// awaited handoffs, and exits when they have all arrived or stdin closes.
 pub(super) async fn receive(args: ReceiveArgs) -> Result<()> {

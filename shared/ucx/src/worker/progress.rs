@@ -469,7 +469,7 @@ impl Progress {
             field_mask: (sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_LENGTH
                 | sys::ucp_mem_map_params_field_UCP_MEM_MAP_PARAM_FIELD_FLAGS) as u64,
             length: len,
-            flags: sys::UCP_MEM_MAP_ALLOCATE as u32,
+            flags: sys::UCP_MEM_MAP_ALLOCATE,
             ..Default::default()
         };
         let mut memh = ptr::null_mut();
