@@ -30,7 +30,7 @@ pub struct GatewayConfig {
     /// Workers and block stores given on the command line.
     pub prefill: Vec<String>,
     pub decode: Vec<String>,
-    pub kv_stores: Vec<String>,
+    pub block_stores: Vec<String>,
     /// The cluster state: Redis, or the embedded store.
     pub state: Arc<dyn StateStore>,
     /// Find workers in the store's registry (as well as those given).
@@ -61,7 +61,7 @@ pub(crate) struct AppState {
 /// streams included, finish), stop (the server and the worker polls end and are joined).
 pub async fn run(cfg: GatewayConfig, tokenizer: Tokenizer, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
     let metrics = Metrics::new()?;
-    let workers = WorkerPool::new(&cfg.prefill, &cfg.decode, &cfg.kv_stores)?;
+    let workers = WorkerPool::new(&cfg.prefill, &cfg.decode, &cfg.block_stores)?;
     if cfg.discover {
         shutdown.spawn(discover(
             workers.clone(),

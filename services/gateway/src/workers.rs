@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_protocol::pb::decode_client::DecodeClient;
-use tandem_protocol::pb::kv_store_client::KvStoreClient;
+use tandem_protocol::pb::block_store_client::BlockStoreClient;
 use tandem_protocol::pb::prefill_client::PrefillClient;
 use tandem_protocol::pb::{InfoRequest, WorkerInfo};
 use tandem_state::WorkerRecord;
@@ -23,8 +23,8 @@ use crate::Metrics;
 pub enum Role {
     Prefill,
     Decode,
-    /// The kv-transfer block store.
-    Store,
+    /// The block store (the `kv-transfer` service).
+    BlockStore,
 }
 
 impl Role {
@@ -32,7 +32,7 @@ impl Role {
         match s {
             "prefill" => Some(Role::Prefill),
             "decode" => Some(Role::Decode),
-            "kv-transfer" => Some(Role::Store),
+            "kv-transfer" => Some(Role::BlockStore),
             _ => None,
         }
     }
@@ -125,7 +125,7 @@ impl WorkerPool {
     /// Workers given on the command line.
     pub fn new(prefill: &[String], decode: &[String], stores: &[String]) -> anyhow::Result<Self> {
         let pool = Self { workers: Arc::new(Mutex::new(Vec::new())), next_key: Arc::new(Mutex::new(0)) };
-        for (role, urls) in [(Role::Prefill, prefill), (Role::Decode, decode), (Role::Store, stores)] {
+        for (role, urls) in [(Role::Prefill, prefill), (Role::Decode, decode), (Role::BlockStore, stores)] {
             for url in urls {
                 pool.add(role, url, false)?;
             }
@@ -205,7 +205,7 @@ impl WorkerPool {
     pub fn max_context(&self) -> Option<usize> {
         self.lock()
             .iter()
-            .filter(|w| w.role != Role::Store && w.routable())
+            .filter(|w| w.role != Role::BlockStore && w.routable())
             .filter_map(|w| w.info.as_ref())
             .map(|i| i.max_context as usize)
             .filter(|c| *c > 0)
@@ -273,7 +273,7 @@ impl WorkerPool {
 
     /// A healthy block store: its id and address.
     pub fn store(&self) -> Option<(String, String)> {
-        self.lock().iter().find(|w| w.role == Role::Store && w.routable()).map(|w| (w.id().to_string(), w.url.clone()))
+        self.lock().iter().find(|w| w.role == Role::BlockStore && w.routable()).map(|w| (w.id().to_string(), w.url.clone()))
     }
 
     /// Takes a worker out of routing until its next successful poll.
@@ -289,7 +289,7 @@ impl WorkerPool {
             match w.role {
                 Role::Prefill => PrefillClient::new(w.channel.clone()).info(InfoRequest {}).await,
                 Role::Decode => DecodeClient::new(w.channel.clone()).info(InfoRequest {}).await,
-                Role::Store => KvStoreClient::new(w.channel.clone()).info(InfoRequest {}).await,
+                Role::BlockStore => BlockStoreClient::new(w.channel.clone()).info(InfoRequest {}).await,
             }
         };
         match tokio::time::timeout(Duration::from_secs(1), call).await {
@@ -307,7 +307,7 @@ impl WorkerPool {
         for (s, info) in snapshot.iter().zip(infos) {
             let Some(w) = ws.iter_mut().find(|w| w.key == s.key) else { continue };
             if let Some(i) = &info {
-                if w.role != Role::Store {
+                if w.role != Role::BlockStore {
                     waiting += i.waiting as i64;
                     used[(w.role == Role::Decode) as usize] += i.total_blocks.saturating_sub(i.free_blocks) as i64;
                 }
@@ -320,7 +320,7 @@ impl WorkerPool {
         metrics.waiting.set(waiting);
         metrics.kv_blocks_in_use.with_label_values(&["prefill"]).set(used[0]);
         metrics.kv_blocks_in_use.with_label_values(&["decode"]).set(used[1]);
-        for (role, label) in [(Role::Prefill, "prefill"), (Role::Decode, "decode"), (Role::Store, "kv-transfer")] {
+        for (role, label) in [(Role::Prefill, "prefill"), (Role::Decode, "decode"), (Role::BlockStore, "kv-transfer")] {
             metrics.workers.with_label_values(&[label]).set(ws.iter().filter(|w| w.role == role && w.routable()).count() as i64);
         }
     }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tandem_protocol::pb::kv_store_server::{KvStore, KvStoreServer};
+use tandem_protocol::pb::block_store_server::{BlockStore as BlockStoreApi, BlockStoreServer};
 use tandem_protocol::pb::{GetBlocksRequest, GetBlocksResponse, InfoRequest, PutBlocksRequest, PutBlocksResponse, WorkerInfo};
 use tandem_runtime::{Membership, Shutdown};
 use tandem_state::{now_ms, InFlight, StateStore, WorkerRecord};
@@ -89,7 +89,7 @@ pub async fn run(cfg: KvTransferConfig, listener: TcpListener, shutdown: Shutdow
     };
     let membership = Membership::start(&shutdown, cfg.state.clone(), cfg.heartbeat, record, on_new);
     let server = tonic::transport::Server::builder()
-        .add_service(KvStoreServer::new(svc).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30))
+        .add_service(BlockStoreServer::new(svc).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.stopping().cancelled_owned());
     let server = shutdown.spawn(server);
     shutdown.run(|| membership.announce(), || inflight.count() == 0).await;
@@ -119,7 +119,7 @@ impl Service {
 }
 
 #[tonic::async_trait]
-impl KvStore for Service {
+impl BlockStoreApi for Service {
     async fn put(&self, request: Request<PutBlocksRequest>) -> Result<Response<PutBlocksResponse>, Status> {
         let _inflight = self.inflight.enter();
         let r = request.into_inner();

@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_engine::wire::{finished_message, new_request, token_message, worker_info};
+use tandem_engine::grpc::{finished_message, new_request, token_message, worker_info};
 use tandem_engine::{EngineHandle, Event, Mode};
-use tandem_protocol::pb::kv_store_client::KvStoreClient;
+use tandem_protocol::pb::block_store_client::BlockStoreClient;
 use tandem_protocol::pb::prefill_server::{Prefill, PrefillServer};
 use tandem_protocol::pb::{self, GetBlocksRequest, InfoRequest, PrefillRequest, PrefillResponse, PutBlocksRequest, WorkerInfo};
 use tandem_protocol::{block_hashes, trace, ApiError, BlockHash, ErrorCode, KvExport, TraceContext, ROOT_HASH};
@@ -93,7 +93,7 @@ struct Service {
     shutdown: Shutdown,
     inflight: InFlight,
     counters: Arc<Counters>,
-    stores: Mutex<HashMap<String, KvStoreClient<Channel>>>,
+    stores: Mutex<HashMap<String, BlockStoreClient<Channel>>>,
     offloaded: Mutex<Recent>,
     offload_budget: Arc<tokio::sync::Semaphore>,
 }
@@ -197,7 +197,7 @@ impl Service {
         }
     }
 
-    fn store(&self, addr: &str) -> Result<KvStoreClient<Channel>, Status> {
+    fn store(&self, addr: &str) -> Result<BlockStoreClient<Channel>, Status> {
         let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = stores.get(addr) {
             return Ok(c.clone());
@@ -208,7 +208,7 @@ impl Service {
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .connect_lazy();
-        let c = KvStoreClient::new(channel).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30);
+        let c = BlockStoreClient::new(channel).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30);
         stores.insert(addr.to_string(), c.clone());
         Ok(c)
     }

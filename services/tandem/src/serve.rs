@@ -139,9 +139,9 @@ pub struct GatewayArgs {
     /// Decode workers (host:port), repeatable.
     #[arg(long)]
     pub decode: Vec<String>,
-    /// Block stores (kv-transfer, host:port), repeatable.
-    #[arg(long)]
-    pub kv_store: Vec<String>,
+    /// Block stores (`tandem kv-transfer`, host:port), repeatable.
+    #[arg(long, alias = "kv-store")]
+    pub block_store: Vec<String>,
     /// Keep cluster state in this Redis and find workers in its registry; without it the state
     /// lives in this process and the workers are those given.
     #[arg(long, env = "TANDEM_REDIS_URL")]
@@ -308,7 +308,7 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
         model_name: files.name.clone(),
         prefill: args.prefill,
         decode: args.decode,
-        kv_stores: args.kv_store,
+        block_stores: args.block_store,
         discover: args.redis.is_some(),
         state,
         index_ttl: Duration::from_secs(args.index_ttl_s),

@@ -136,7 +136,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         for a in &decode_addrs {
             gw.extend(["--decode".into(), a.clone()]);
         }
-        gw.extend(["--kv-store".into(), kv_addr]);
+        gw.extend(["--block-store".into(), kv_addr]);
     }
     let (gateway, f) = spawn("gateway", &gw).await?;
     services.push(gateway);

@@ -210,7 +210,7 @@ fn signal(p: &Proc, sig: &str) {
 }
 
 async fn store_blocks(store: &Proc) -> u32 {
-    let mut c = tandem_protocol::pb::kv_store_client::KvStoreClient::connect(format!("http://{}", store.field("grpc"))).await.unwrap();
+    let mut c = tandem_protocol::pb::block_store_client::BlockStoreClient::connect(format!("http://{}", store.field("grpc"))).await.unwrap();
     c.info(InfoRequest {}).await.unwrap().into_inner().total_blocks
 }
 
@@ -235,7 +235,7 @@ async fn a_stalled_block_store_costs_offloads_never_a_request() {
         &prefill.field("grpc"),
         "--decode",
         &decode.field("grpc"),
-        "--kv-store",
+        "--block-store",
         &store.field("grpc"),
     ]);
     let base = format!("http://{}", gw.field("http"));

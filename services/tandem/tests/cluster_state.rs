@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 use tandem_protocol::pb::decode_client::DecodeClient;
-use tandem_protocol::pb::kv_store_client::KvStoreClient;
+use tandem_protocol::pb::block_store_client::BlockStoreClient;
 use tandem_protocol::pb::prefill_client::PrefillClient;
 use tandem_protocol::pb::{InfoRequest, WorkerInfo};
 use tandem_state::testing::RedisServer;
@@ -28,7 +28,7 @@ async fn info(p: &Proc) -> WorkerInfo {
         true => DecodeClient::connect(url).await.unwrap().info(InfoRequest {}).await.unwrap().into_inner(),
         false => match PrefillClient::connect(url.clone()).await.unwrap().info(InfoRequest {}).await {
             Ok(i) => i.into_inner(),
-            Err(_) => KvStoreClient::connect(url).await.unwrap().info(InfoRequest {}).await.unwrap().into_inner(),
+            Err(_) => BlockStoreClient::connect(url).await.unwrap().info(InfoRequest {}).await.unwrap().into_inner(),
         },
     }
 }

@@ -11,7 +11,9 @@
 //! - The CUDA driver and libraries are loaded at run time (cudarc's dynamic loading), so this
 //!   crate builds and its host-side logic is tested on machines without a GPU.
 
+#[cfg(feature = "harness")]
 pub mod bench;
+#[cfg(feature = "harness")]
 pub mod checks;
 mod device;
 mod engine;

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use crate::kv::{BlockId, KvStore};
+use crate::kv::{BlockId, KvCache};
 
 /// Where one query token reads its keys from.
 #[derive(Debug, Clone, Copy)]
@@ -71,7 +71,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 pub(crate) fn paged_attention(
     q: &[f32],
     queries: &[QueryCtx<'_>],
-    store: &KvStore,
+    store: &KvCache,
     layer: usize,
     heads: usize,
     kv_heads: usize,
@@ -121,7 +121,7 @@ mod tests {
     #[test]
     fn paged_layout_does_not_change_the_result() {
         let (heads, kv_heads, d, bs) = (4, 2, 8, 4);
-        let mut store = KvStore::new(8, bs, 1, kv_heads, d);
+        let mut store = KvCache::new(8, bs, 1, kv_heads, d);
         let n = 11;
         let val = |i: usize| ((i * 7919) % 101) as f32 / 50.0 - 1.0;
         let keys: Vec<Vec<f32>> = (0..n).map(|t| (0..kv_heads * d).map(|c| val(t * 31 + c)).collect()).collect();

@@ -6,7 +6,7 @@ use tandem_tokenizer::ModelFiles;
 
 use crate::config::ModelConfig;
 use crate::engine::{Engine, EngineInfo, ForwardItem, SeqId};
-use crate::kv::{KvStore, PoolStats, SeqTable};
+use crate::kv::{KvCache, PoolStats, SeqTable};
 use crate::model::{Model, TokenSlot};
 use crate::weights::WeightSource;
 use crate::Result;
@@ -32,7 +32,7 @@ pub struct CpuEngine {
     model: Model,
     info: EngineInfo,
     seqs: SeqTable,
-    store: KvStore,
+    store: KvCache,
 }
 
 impl std::fmt::Debug for CpuEngine {
@@ -68,7 +68,7 @@ impl CpuEngine {
             block_size = cfg.block_size, max_context, "cpu engine ready"
         );
         Ok(Self {
-            store: KvStore::new(num_blocks, cfg.block_size, c.layers, c.kv_heads, c.head_dim),
+            store: KvCache::new(num_blocks, cfg.block_size, c.layers, c.kv_heads, c.head_dim),
             seqs: SeqTable::new(num_blocks, cfg.block_size, max_context),
             model,
             info,

@@ -11,7 +11,7 @@ pub mod kv;
 mod model;
 pub mod sampling;
 pub mod weights;
-pub mod wire;
+pub mod grpc;
 mod worker;
 
 pub use batcher::{Batcher, BatcherConfig, Event, Mode, NewRequest, Usage};

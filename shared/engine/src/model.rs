@@ -4,7 +4,7 @@ use candle_core::{Device, Tensor};
 
 use crate::attention::{apply_rope, head_rms_norm, paged_attention, QueryCtx};
 use crate::config::ModelConfig;
-use crate::kv::{BlockId, KvStore};
+use crate::kv::{BlockId, KvCache};
 use crate::weights::{Linear, WeightSource};
 use crate::Result;
 
@@ -78,7 +78,7 @@ impl Model {
 
     /// Runs `tokens` through the model, writing their keys and values into `store`, and returns
     /// the logits of the tokens listed in `logit_rows` (indices into `tokens`).
-    pub fn forward(&self, tokens: &[TokenSlot<'_>], store: &mut KvStore, logit_rows: &[usize]) -> Result<Vec<Vec<f32>>> {
+    pub fn forward(&self, tokens: &[TokenSlot<'_>], store: &mut KvCache, logit_rows: &[usize]) -> Result<Vec<Vec<f32>>> {
         let c = &self.cfg;
         let (n, d) = (tokens.len(), c.head_dim);
         let eps = c.rms_eps;

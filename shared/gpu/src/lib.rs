@@ -6,6 +6,12 @@
 //!
 //! The CUDA driver is loaded at run time (cudarc's dynamic loading), so this builds and links on
 //! machines without CUDA; calls fail with [`GpuError`] there.
+//!
+//! Who uses it: today only `tandem bench gpu-peer`, which measures the copy. Its user on the
+//! request path is to be the KV handoff between a prefill and a decode worker on GPUs of one host
+//! (a [`crate::PeerLink`] copy instead of GPU → host → UCX → host → GPU), through the transfer
+//! layer, together with the CUDA engine's export and import; until then it stays a crate of its
+//! own so that the transfer crate does not link the CUDA driver bindings.
 
 use std::sync::Arc;
 

@@ -8,14 +8,12 @@ mod convert;
 mod error;
 mod kv;
 pub mod openai;
-mod reshard;
 mod sampling;
 pub mod trace;
 
 pub use blocks::{block_hashes, chain_hash, BlockHash, ROOT_HASH};
 pub use error::{ApiError, ErrorCode};
 pub use kv::{Bytes, KvDtype, KvExport, KvLayout, LayoutMismatch};
-pub use reshard::{reshard, ReshardError};
 pub use sampling::{FinishReason, SamplingParams, SamplingParamsError, MAX_TOP_LOGPROBS};
 pub use trace::{TraceContext, TRACEPARENT_HEADER};
 

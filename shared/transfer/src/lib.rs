@@ -6,6 +6,7 @@
 mod kind;
 mod quic;
 mod registry;
+mod reshard;
 mod select;
 mod tcp;
 mod ucx;
@@ -18,6 +19,7 @@ use tandem_protocol::KvExport;
 
 pub use kind::{bind_receiver, sender, KvReceiver, TransportKind};
 pub use quic::{QuicIdentity, QuicPeer, QuicReceiver, QuicTlsConfig, QuicTransport, QuicTrust};
+pub use reshard::{reshard, ReshardError};
 pub use registry::{HandoffRegistry, Incoming, PendingHandoff};
 pub use select::{format_peer, parse_peer, PeerAddr, TransportSet};
 pub use tcp::{TcpReceiver, TcpTransport};

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
-use tandem_protocol::pb::kv_store_client::KvStoreClient;
+use tandem_protocol::pb::block_store_client::BlockStoreClient;
 use tandem_protocol::pb::PutBlocksRequest;
 use tandem_protocol::Bytes;
 
@@ -112,7 +112,7 @@ async fn measure(args: &StoreArgs) -> Result<StoreResult> {
     .context("the store did not start")??
     .context("the store exited before it was ready")?;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
-    let client = KvStoreClient::new(channel).max_encoding_message_size(1 << 30).max_decoding_message_size(1 << 30);
+    let client = BlockStoreClient::new(channel).max_encoding_message_size(1 << 30).max_decoding_message_size(1 << 30);
 
     // Non-constant bytes, made before the clock starts; every put names its blocks by fresh
     // hashes, so the store keeps (and, once full, evicts) each of them.

@@ -3,8 +3,8 @@
 
 mod pool;
 mod seqs;
-mod store;
+mod cache;
 
 pub use pool::{BlockId, BlockPool, PoolStats};
 pub use seqs::{SeqState, SeqTable};
-pub(crate) use store::KvStore;
+pub(crate) use cache::KvCache;

@@ -1,7 +1,8 @@
 //! Re-sharding on synthetic tensors whose every element names its own coordinates, so any
 //! misplaced byte shows up.
 
-use tandem_protocol::{reshard, Bytes, KvDtype, KvExport, KvLayout, ReshardError};
+use tandem_protocol::{Bytes, KvDtype, KvExport, KvLayout};
+use tandem_transfer::{reshard, ReshardError};
 
 const LAYERS: usize = 3;
 const HEADS: usize = 12;

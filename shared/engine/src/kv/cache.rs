@@ -5,7 +5,7 @@
 use super::BlockId;
 
 #[derive(Debug)]
-pub(crate) struct KvStore {
+pub(crate) struct KvCache {
     data: Vec<f32>,
     pub block_size: usize,
     pub layers: usize,
@@ -13,7 +13,7 @@ pub(crate) struct KvStore {
     pub row: usize,
 }
 
-impl KvStore {
+impl KvCache {
     pub fn new(num_blocks: usize, block_size: usize, layers: usize, kv_heads: usize, head_dim: usize) -> Self {
         let row = kv_heads * head_dim;
         Self { data: vec![0.0; num_blocks * layers * 2 * block_size * row], block_size, layers, row }

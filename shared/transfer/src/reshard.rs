@@ -7,7 +7,7 @@
 //! heads). Both degrees must divide the KV head count. Runs of heads that stay together are
 //! copied as one slice, so a p → 1 gather is one copy per (layer, k|v, slot, source rank).
 
-use crate::{Bytes, KvExport, KvLayout};
+use tandem_protocol::{Bytes, KvExport, KvLayout};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReshardError {
