@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tandem_protocol::pb::decode_client::DecodeClient;
 use tandem_protocol::pb::block_store_client::BlockStoreClient;
+use tandem_protocol::pb::decode_client::DecodeClient;
 use tandem_protocol::pb::prefill_client::PrefillClient;
 use tandem_protocol::pb::{InfoRequest, WorkerInfo};
 use tandem_state::WorkerRecord;

@@ -59,6 +59,15 @@ struct Counters {
     offload_failed: AtomicU64,
 }
 
+/// Connections a prefill worker opens to each block store, used in turn.
+pub const STORE_CONNECTIONS: usize = 4;
+
+/// Clients of one block store, one per connection, and the one to use next.
+struct StorePool {
+    clients: Vec<BlockStoreClient<Channel>>,
+    next: usize,
+}
+
 /// Offload bytes in flight, in KiB (a semaphore's permits), bounded by the configured budget.
 const KIB: usize = 1024;
 
@@ -93,7 +102,7 @@ struct Service {
     shutdown: Shutdown,
     inflight: InFlight,
     counters: Arc<Counters>,
-    stores: Mutex<HashMap<String, BlockStoreClient<Channel>>>,
+    stores: Mutex<HashMap<String, StorePool>>,
     offloaded: Mutex<Recent>,
     offload_budget: Arc<tokio::sync::Semaphore>,
 }
@@ -197,20 +206,26 @@ impl Service {
         }
     }
 
+    /// A client of the block store at `addr`, round robin over [`STORE_CONNECTIONS`] connections:
+    /// one HTTP/2 connection carries about a gigabyte a second of puts, less than a busy prefill
+    /// worker offloads (see `tandem bench store`).
     fn store(&self, addr: &str) -> Result<BlockStoreClient<Channel>, Status> {
         let mut stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = stores.get(addr) {
-            return Ok(c.clone());
+        if let Some(pool) = stores.get_mut(addr) {
+            pool.next = (pool.next + 1) % pool.clients.len();
+            return Ok(pool.clients[pool.next].clone());
         }
         let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-        let channel = tonic::transport::Endpoint::from_shared(url)
+        let endpoint = tonic::transport::Endpoint::from_shared(url)
             .map_err(|e| Status::invalid_argument(format!("store address {addr}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let c = BlockStoreClient::new(channel).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30);
-        stores.insert(addr.to_string(), c.clone());
-        Ok(c)
+            .tcp_nodelay(true);
+        let clients: Vec<_> = (0..STORE_CONNECTIONS)
+            .map(|_| BlockStoreClient::new(endpoint.connect_lazy()).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30))
+            .collect();
+        let first = clients[0].clone();
+        stores.insert(addr.to_string(), StorePool { clients, next: 0 });
+        Ok(first)
     }
 
     /// Fetches the prompt's leading blocks the store holds beyond what this cache has. Returns how

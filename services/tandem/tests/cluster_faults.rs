@@ -210,7 +210,8 @@ fn signal(p: &Proc, sig: &str) {
 }
 
 async fn store_blocks(store: &Proc) -> u32 {
-    let mut c = tandem_protocol::pb::block_store_client::BlockStoreClient::connect(format!("http://{}", store.field("grpc"))).await.unwrap();
+    let mut c =
+        tandem_protocol::pb::block_store_client::BlockStoreClient::connect(format!("http://{}", store.field("grpc"))).await.unwrap();
     c.info(InfoRequest {}).await.unwrap().into_inner().total_blocks
 }
 

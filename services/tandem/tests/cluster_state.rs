@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use tandem_protocol::pb::decode_client::DecodeClient;
 use tandem_protocol::pb::block_store_client::BlockStoreClient;
+use tandem_protocol::pb::decode_client::DecodeClient;
 use tandem_protocol::pb::prefill_client::PrefillClient;
 use tandem_protocol::pb::{InfoRequest, WorkerInfo};
 use tandem_state::testing::RedisServer;

@@ -7,11 +7,11 @@ mod batcher;
 mod config;
 mod cpu;
 mod engine;
+pub mod grpc;
 pub mod kv;
 mod model;
 pub mod sampling;
 pub mod weights;
-pub mod grpc;
 mod worker;
 
 pub use batcher::{Batcher, BatcherConfig, Event, Mode, NewRequest, Usage};

@@ -19,8 +19,8 @@ use tandem_protocol::KvExport;
 
 pub use kind::{bind_receiver, sender, KvReceiver, TransportKind};
 pub use quic::{QuicIdentity, QuicPeer, QuicReceiver, QuicTlsConfig, QuicTransport, QuicTrust};
-pub use reshard::{reshard, ReshardError};
 pub use registry::{HandoffRegistry, Incoming, PendingHandoff};
+pub use reshard::{reshard, ReshardError};
 pub use select::{format_peer, parse_peer, PeerAddr, TransportSet};
 pub use tcp::{TcpReceiver, TcpTransport};
 pub use ucx::{UcxReceiver, UcxStats, UcxTransport};

@@ -28,6 +28,10 @@ pub struct StoreArgs {
     /// Puts in flight at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
+    /// HTTP/2 connections the puts are spread over (a prefill worker opens
+    /// `tandem_prefill::STORE_CONNECTIONS` to each store).
+    #[arg(long, default_value_t = 1)]
+    pub connections: usize,
     /// How long to load the store.
     #[arg(long, default_value_t = 10.0)]
     pub seconds: f64,
@@ -53,6 +57,7 @@ pub struct StoreResult {
     pub block_bytes: usize,
     pub blocks_per_put: usize,
     pub concurrency: usize,
+    pub connections: usize,
     pub seconds: f64,
     pub puts: usize,
     pub puts_per_s: f64,
@@ -111,8 +116,11 @@ async fn measure(args: &StoreArgs) -> Result<StoreResult> {
     .await
     .context("the store did not start")??
     .context("the store exited before it was ready")?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
-    let client = BlockStoreClient::new(channel).max_encoding_message_size(1 << 30).max_decoding_message_size(1 << 30);
+    let mut clients = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;
+        clients.push(BlockStoreClient::new(channel).max_encoding_message_size(1 << 30).max_decoding_message_size(1 << 30));
+    }
 
     // Non-constant bytes, made before the clock starts; every put names its blocks by fresh
     // hashes, so the store keeps (and, once full, evicts) each of them.
@@ -135,7 +143,7 @@ async fn measure(args: &StoreArgs) -> Result<StoreResult> {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..args.concurrency {
-        let (mut client, blocks) = (client.clone(), template.clone());
+        let (mut client, blocks) = (clients[c % clients.len()].clone(), template.clone());
         tasks.push(tokio::spawn(async move {
             let mut ms = Vec::new();
             let mut n = 0u64;
@@ -172,6 +180,7 @@ async fn measure(args: &StoreArgs) -> Result<StoreResult> {
         block_bytes: len,
         blocks_per_put: args.blocks,
         concurrency: args.concurrency,
+        connections: args.connections.max(1),
         seconds,
         puts,
         puts_per_s: puts as f64 / seconds,
