@@ -19,7 +19,7 @@ impl std::str::FromStr for Device {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Self::Cuda)
-                .ok_or_else(|| format!("`{other}`: expected cpu, cuda or cuda:N")),
+                .ok_or_else(|| format!("`{other}`: expected cpu or cuda:N (`cuda` alone is cuda:0)")),
         }
     }
 }
