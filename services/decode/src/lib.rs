@@ -214,7 +214,7 @@ impl Decode for Service {
                         events
                     }
                     Err(e) => {
-                        let _ = incoming.verdict.send(Err(e.to_string()));
+                        let _ = incoming.verdict.send(Err(ApiError::from(&e)));
                         let error = ApiError::new(e.code(), format!("kv import failed: {e}"));
                         let _ = tx.send(Err(error.to_status())).await;
                         return;

@@ -2,7 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
-pub mod default_model;
+pub use tandem_tokenizer::default_model;
 mod generate;
 mod serve;
 mod transports;

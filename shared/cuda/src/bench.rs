@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use tandem_engine::{Engine, Family, ForwardItem, Llama3Scaling, ModelConfig};
+use tandem_engine::{Family, ForwardItem, Llama3Scaling, ModelConfig, PagedEngine};
 
 use crate::device::{Dt, Gpu};
-use crate::{CudaConfig, CudaEngine, Result};
+use crate::{CudaConfig, CudaEngine, DevicePasses, Result};
 
 /// A named model shape.
 pub fn shape(name: &str) -> Option<ModelConfig> {
@@ -158,9 +158,9 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
         graphs: spec.graphs,
         ..Default::default()
     };
-    let mut engine = CudaEngine::random(&spec.shape, c.clone(), 7, &cfg)?;
+    let mut engine = PagedEngine::new(CudaEngine::random(&spec.shape, c.clone(), 7, &cfg)?);
     let kv_per_token = engine.info().layout.block_bytes() / engine.info().block_size;
-    let weights = engine.weight_step_bytes();
+    let weights = engine.backend().weight_step_bytes();
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let mut rows = Vec::new();
     let gpu = ceil.gpu.clone();
@@ -196,7 +196,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
                 row.error = Some(format!(
                     "does not fit: {:.1} GB of KV needed, {:.1} GB of cache",
                     (blocks_needed * engine.info().layout.block_bytes()) as f64 / 1e9,
-                    (engine.kv_blocks() * engine.info().layout.block_bytes()) as f64 / 1e9
+                    (engine.info().kv_blocks * engine.info().layout.block_bytes()) as f64 / 1e9
                 ));
                 push(&mut rows, row);
                 continue;

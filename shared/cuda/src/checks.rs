@@ -12,12 +12,12 @@ use std::path::Path;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use tandem_engine::{CpuEngine, Engine, EngineConfig, ForwardItem};
+use tandem_engine::{CpuEngine, EngineConfig, ForwardItem, PagedEngine};
 use tandem_tokenizer::{ModelFiles, ModelFormat};
 
 use crate::device::Gpu;
 use crate::plan::{decode_split, TILE_ROWS};
-use crate::{CudaConfig, CudaEngine, CudaError, Result};
+use crate::{CudaConfig, CudaEngine, CudaError, DevicePasses, Result};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -301,7 +301,7 @@ pub fn reference_models(dir: &Path, device: usize) -> Result<Vec<Check>> {
         // Weights and config only: the reference works on token ids, no tokenizer needed.
         let files = ModelFiles { format: ModelFormat::Folder(path.clone()), name: name.clone() };
         let cfg = CudaConfig { device, kv_cache_bytes: Some(256 << 20), max_step_tokens: 512, ..Default::default() };
-        let mut engine = CudaEngine::load(&files, &cfg)?;
+        let mut engine = PagedEngine::new(CudaEngine::load(&files, &cfg)?);
         let (mut prefill_out, mut prefill_ref, mut decode_out, mut decode_ref) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut greedy_same, mut greedy_total) = (0usize, 0usize);
         for (pi, prompt) in reference.prompts.iter().enumerate() {
@@ -368,9 +368,9 @@ pub fn reference_models(dir: &Path, device: usize) -> Result<Vec<Check>> {
 pub fn greedy_vs_cpu(model: &str, prompts: &[&str], tokens: usize, must_match: usize, device: usize) -> Result<Vec<Check>> {
     let files = ModelFiles::resolve(model).map_err(|e| CudaError::Engine(e.into()))?;
     let tokenizer = tandem_tokenizer::Tokenizer::load(&files).map_err(|e| CudaError::Engine(e.into()))?;
-    let mut cpu = CpuEngine::load(&files, &EngineConfig::default())?;
+    let mut cpu = PagedEngine::new(CpuEngine::load(&files, &EngineConfig::default())?);
     let cfg = CudaConfig { device, kv_cache_bytes: Some(512 << 20), max_step_tokens: 1024, ..Default::default() };
-    let mut gpu = CudaEngine::load(&files, &cfg)?;
+    let mut gpu = PagedEngine::new(CudaEngine::load(&files, &cfg)?);
     let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(i, _)| i as u32).unwrap_or(0);
     let mut checks = Vec::new();
     for (pi, text) in prompts.iter().enumerate() {

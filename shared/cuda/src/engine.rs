@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 
 use cudarc::driver::{sys, CudaGraph};
-use tandem_engine::kv::{PoolStats, SeqTable};
+use tandem_engine::kv::{BlockId, SeqTable};
 use tandem_engine::weights::WeightSource;
-use tandem_engine::{Engine, EngineError, EngineInfo, ForwardItem, KvExport, ModelConfig, SeqId};
-use tandem_protocol::{BlockHash, KvDtype, KvLayout};
+use tandem_engine::{Engine, EngineError, EngineInfo, ForwardItem, ModelConfig, PagedEngine, SeqId};
+use tandem_protocol::{Bytes, KvDtype, KvLayout};
 use tandem_tokenizer::ModelFiles;
 
 use crate::device::{Buf, Gpu};
@@ -66,7 +66,6 @@ unsafe impl Send for Graph {}
 pub struct CudaEngine {
     graphs: HashMap<(usize, usize), Graph>,
     info: EngineInfo,
-    seqs: SeqTable,
     model: Model,
     scratch: Scratch,
     cache: Buf,
@@ -156,7 +155,7 @@ impl CudaEngine {
         gpu.fill_bf16(cache.ptr, num_blocks * block_bytes / 2, 0x5eed, 1.0, 0.0)?;
         gpu.sync()?;
         let max_context = max_context.min(num_blocks * bs);
-        let info = EngineInfo { model_name, vocab_size: c.vocab_size, max_context, block_size: bs, layout };
+        let info = EngineInfo { model_name, vocab_size: c.vocab_size, max_context, block_size: bs, kv_blocks: num_blocks, layout };
         tracing::info!(
             gpu = %gpu.name, model = %info.model_name, weights_gb = weights.total_bytes as f64 / 1e9,
             kv_blocks = num_blocks, kv_gb = (num_blocks * block_bytes) as f64 / 1e9,
@@ -166,7 +165,6 @@ impl CudaEngine {
         Ok(Self {
             graphs: HashMap::new(),
             info,
-            seqs: SeqTable::new(num_blocks, bs, max_context),
             model: Model { cfg: c, d, w: weights, layers, block_size: bs },
             scratch,
             cache,
@@ -185,20 +183,11 @@ impl CudaEngine {
         self.model.w.step_bytes
     }
 
-    pub fn kv_blocks(&self) -> usize {
-        self.seqs.stats().total_blocks
-    }
-
-    /// Runs a pass and returns, per item, the logits it asked for (`head` = Logits) or, per
-    /// logit row, the token chosen on the device (`head` = Argmax/Sample).
-    fn run_items(&mut self, items: &[ForwardItem], head: Head) -> Result<Passed> {
-        self.seqs.reserve(items).map_err(CudaError::Engine)?;
-        // Tokens are committed only after their pass ran: a failed pass leaves each sequence
-        // as it was, holding the blocks reserved for it (a retry reuses them).
-        self.run_reserved(items, head)
-    }
-
-    fn run_reserved(&mut self, items: &[ForwardItem], head: Head) -> Result<Passed> {
+    /// Runs a pass over items whose blocks `seqs` has reserved and returns, per item, the logits
+    /// it asked for (`head` = Logits) or, per logit row, the token chosen on the device (`head` =
+    /// Argmax/Sample). Tokens are committed chunk by chunk, after the chunk ran: a failed pass
+    /// leaves each sequence as it was, holding the blocks reserved for it (a retry reuses them).
+    fn run_reserved(&mut self, seqs: &mut SeqTable, items: &[ForwardItem], head: Head) -> Result<Passed> {
         let cap_t = self.scratch.cap_tokens;
         let cap_s = self.scratch.cap_seqs;
         let mut done = vec![0usize; items.len()];
@@ -230,7 +219,7 @@ impl CudaEngine {
             if chunk.is_empty() {
                 break;
             }
-            let states: Vec<_> = chunk.iter().map(|&(i, _, _)| self.seqs.get(items[i].seq)).collect::<std::result::Result<_, _>>()?;
+            let states: Vec<_> = chunk.iter().map(|&(i, _, _)| seqs.get(items[i].seq)).collect::<std::result::Result<_, _>>()?;
             let plan_items: Vec<PlanItem<'_>> = chunk
                 .iter()
                 .zip(&states)
@@ -302,7 +291,7 @@ impl CudaEngine {
                 .iter()
                 .map(|&(i, from, to)| ForwardItem { seq: items[i].seq, tokens: items[i].tokens[from..to].to_vec(), all_logits: false })
                 .collect();
-            self.seqs.commit(&partial);
+            seqs.commit(&partial);
             for &(i, _, to) in &chunk {
                 done[i] = to;
             }
@@ -327,26 +316,27 @@ impl CudaEngine {
     /// Registers a sequence whose `tokens` are taken as already in the cache, without computing
     /// them: benchmarks measure decode at a given context this way (the cache holds random
     /// values from start-up, never zeros).
-    pub fn adopt(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
-        self.seqs.add(seq, &[])?;
+    pub fn adopt(seqs: &mut SeqTable, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        seqs.add(seq, &[])?;
         let item = [ForwardItem { seq, tokens: tokens.to_vec(), all_logits: false }];
-        if let Err(e) = self.seqs.reserve(&item) {
-            self.seqs.release(seq);
+        if let Err(e) = seqs.reserve(&item) {
+            seqs.release(seq);
             return Err(e.into());
         }
-        self.seqs.commit(&item);
+        seqs.commit(&item);
         Ok(())
     }
 
-    /// Runs a pass and returns each item's greedy next token, chosen on the device.
-    pub fn forward_greedy(&mut self, items: &[ForwardItem]) -> Result<Vec<u32>> {
-        let out = self.run_items(items, Head::Argmax)?;
+    /// Runs a pass over reserved items and returns each item's greedy next token, chosen on the
+    /// device.
+    pub fn forward_greedy(&mut self, seqs: &mut SeqTable, items: &[ForwardItem]) -> Result<Vec<u32>> {
+        let out = self.run_reserved(seqs, items, Head::Argmax)?;
         Ok(out.tokens.into_iter().map(|t| t.last().copied().unwrap_or(0)).collect())
     }
 
     /// Runs a pass and samples each item's next token on the device: per item, temperature,
     /// top-p, min-p, top-k (0 = off), a seed and a counter (the token's position works).
-    pub fn forward_sampled(&mut self, items: &[ForwardItem], params: &[DeviceSampling]) -> Result<Vec<u32>> {
+    pub fn forward_sampled(&mut self, seqs: &mut SeqTable, items: &[ForwardItem], params: &[DeviceSampling]) -> Result<Vec<u32>> {
         if params.len() != items.len() || items.iter().any(|it| it.all_logits) {
             return Err(CudaError::Unsupported("one sampling row per item, last-token logits only".into()));
         }
@@ -362,16 +352,16 @@ impl CudaEngine {
         // Graph passes end in argmax; sampling runs eagerly after the logits.
         let saved = self.use_graphs;
         self.use_graphs = false;
-        let out = self.run_items(items, Head::Sample);
+        let out = seqs.reserve(items).map_err(CudaError::from).and_then(|()| self.run_reserved(seqs, items, Head::Sample));
         self.use_graphs = saved;
         Ok(out?.tokens.into_iter().map(|t| t.last().copied().unwrap_or(0)).collect())
     }
 
     /// Runs one pass eagerly with an event after each stage and returns device milliseconds per
     /// stage, summed over the layers (benchmark breakdowns). The pass's tokens are not committed.
-    pub fn profile_pass(&mut self, items: &[ForwardItem]) -> Result<Vec<(&'static str, f64)>> {
-        self.seqs.reserve(items)?;
-        let states: Vec<_> = items.iter().map(|it| self.seqs.get(it.seq)).collect::<std::result::Result<_, _>>()?;
+    pub fn profile_pass(&mut self, seqs: &mut SeqTable, items: &[ForwardItem]) -> Result<Vec<(&'static str, f64)>> {
+        seqs.reserve(items)?;
+        let states: Vec<_> = items.iter().map(|it| seqs.get(it.seq)).collect::<std::result::Result<_, _>>()?;
         let plan_items: Vec<PlanItem<'_>> = items
             .iter()
             .zip(&states)
@@ -443,73 +433,63 @@ impl Engine for CudaEngine {
         &self.info
     }
 
-    fn add_sequence(&mut self, seq: SeqId, prompt: &[u32]) -> tandem_engine::Result<usize> {
-        self.seqs.add(seq, prompt)
+    fn forward(&mut self, seqs: &mut SeqTable, items: &[ForwardItem]) -> tandem_engine::Result<Vec<Vec<Vec<f32>>>> {
+        Ok(self.run_reserved(seqs, items, Head::Logits).map_err(dev)?.logits)
     }
 
-    fn forward(&mut self, items: &[ForwardItem]) -> tandem_engine::Result<Vec<Vec<Vec<f32>>>> {
-        Ok(self.run_items(items, Head::Logits).map_err(dev)?.logits)
+    fn forward_argmax(&mut self, seqs: &mut SeqTable, items: &[ForwardItem]) -> Option<tandem_engine::Result<Vec<u32>>> {
+        Some(self.forward_greedy(seqs, items).map_err(dev))
     }
 
-    fn forward_argmax(&mut self, items: &[ForwardItem]) -> Option<tandem_engine::Result<Vec<u32>>> {
-        Some(self.forward_greedy(items).map_err(dev))
-    }
-
-    fn release(&mut self, seq: SeqId) {
-        self.seqs.release(seq);
-    }
-
-    fn seq_len(&self, seq: SeqId) -> Option<usize> {
-        self.seqs.seq_len(seq)
-    }
-
-    fn export(&self, seq: SeqId) -> tandem_engine::Result<KvExport> {
-        let (layout, s) = self.seqs.export_plan(seq, &self.info.layout)?;
-        let mut blocks = Vec::with_capacity(layout.num_blocks());
-        for &b in &s.blocks[..layout.num_blocks()] {
+    fn read_blocks(&self, blocks: &[BlockId]) -> tandem_engine::Result<Vec<Bytes>> {
+        let mut out = Vec::with_capacity(blocks.len());
+        for &b in blocks {
             let mut bytes = vec![0u8; self.block_bytes];
             self.gpu.download(&mut bytes, self.cache.at(b as usize * self.block_bytes, 1)).map_err(dev)?;
-            blocks.push(tandem_protocol::Bytes::from(bytes));
+            out.push(Bytes::from(bytes));
         }
-        let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
-        Ok(KvExport { layout, tokens: s.tokens.clone(), blocks, checksums })
+        Ok(out)
     }
 
-    fn import(&mut self, seq: SeqId, kv: &KvExport) -> tandem_engine::Result<()> {
-        let blocks = self.seqs.begin_import(seq, kv, &self.info.layout, self.block_bytes)?;
-        for (&b, bytes) in blocks.iter().zip(&kv.blocks) {
-            if let Err(e) = self.gpu.upload(self.cache.at(b as usize * self.block_bytes, 1), bytes) {
-                self.seqs.finish_import(seq, &[], blocks);
-                self.seqs.release(seq);
-                return Err(dev(e));
-            }
+    fn write_blocks(&mut self, writes: &[(BlockId, &[u8])]) -> tandem_engine::Result<()> {
+        for &(b, bytes) in writes {
+            self.gpu.upload(self.cache.at(b as usize * self.block_bytes, 1), bytes).map_err(dev)?;
         }
-        self.gpu.sync().map_err(dev)?;
-        self.seqs.finish_import(seq, &kv.tokens, blocks);
-        Ok(())
+        self.gpu.sync().map_err(dev)
+    }
+}
+
+/// The device's own passes on an engine with its sequence table (benchmarks and checks): each
+/// reserves the items' blocks, then runs.
+pub trait DevicePasses {
+    /// Each item's greedy next token, chosen on the device.
+    fn forward_greedy(&mut self, items: &[ForwardItem]) -> Result<Vec<u32>>;
+    /// See [`CudaEngine::forward_sampled`].
+    fn forward_sampled(&mut self, items: &[ForwardItem], params: &[DeviceSampling]) -> Result<Vec<u32>>;
+    /// See [`CudaEngine::profile_pass`].
+    fn profile_pass(&mut self, items: &[ForwardItem]) -> Result<Vec<(&'static str, f64)>>;
+    /// See [`CudaEngine::adopt`].
+    fn adopt(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()>;
+}
+
+impl DevicePasses for PagedEngine<CudaEngine> {
+    fn forward_greedy(&mut self, items: &[ForwardItem]) -> Result<Vec<u32>> {
+        let (engine, seqs) = self.parts_mut();
+        seqs.reserve(items)?;
+        engine.forward_greedy(seqs, items)
     }
 
-    fn stats(&self) -> PoolStats {
-        self.seqs.stats()
+    fn forward_sampled(&mut self, items: &[ForwardItem], params: &[DeviceSampling]) -> Result<Vec<u32>> {
+        let (engine, seqs) = self.parts_mut();
+        engine.forward_sampled(seqs, items, params)
     }
 
-    fn cached_prefix(&self, hashes: &[BlockHash]) -> usize {
-        self.seqs.cached_prefix(hashes)
+    fn profile_pass(&mut self, items: &[ForwardItem]) -> Result<Vec<(&'static str, f64)>> {
+        let (engine, seqs) = self.parts_mut();
+        engine.profile_pass(seqs, items)
     }
 
-    fn cached_hashes(&self) -> Vec<BlockHash> {
-        self.seqs.cached_hashes()
-    }
-
-    fn take_evicted(&mut self) -> Vec<BlockHash> {
-        self.seqs.take_evicted()
-    }
-
-    fn insert_cached(&mut self, parent: BlockHash, tokens: &[u32], blocks: &[Vec<u8>]) -> tandem_engine::Result<usize> {
-        let (gpu, cache, bb) = (&self.gpu, &self.cache, self.block_bytes);
-        let added =
-            self.seqs.insert_cached(parent, tokens, blocks, bb, |b, data| gpu.upload(cache.at(b as usize * bb, 1), data).map_err(dev))?;
-        self.gpu.sync().map_err(dev)?;
-        Ok(added)
+    fn adopt(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        CudaEngine::adopt(self.parts_mut().1, seq, tokens)
     }
 }

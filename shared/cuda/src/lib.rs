@@ -22,7 +22,7 @@ pub mod plan;
 pub mod shard;
 
 pub use device::Gpu;
-pub use engine::{CudaConfig, CudaEngine, DeviceSampling};
+pub use engine::{CudaConfig, CudaEngine, DevicePasses, DeviceSampling};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use tandem_protocol::{ApiError, ErrorCode, FinishReason, SamplingParams};
 
-use crate::engine::{Engine, ForwardItem, SeqId};
+use crate::engine::{Engine, ForwardItem, PagedEngine, SeqId};
 use crate::sampling::{sample, SampleContext, Sampled, TokenLogprobs};
 use crate::{EngineError, Result};
 use tandem_protocol::KvExport;
@@ -114,7 +114,7 @@ impl Running {
 }
 
 pub struct Batcher {
-    engine: Box<dyn Engine>,
+    engine: PagedEngine,
     cfg: BatcherConfig,
     waiting: VecDeque<Running>,
     running: Vec<Running>,
@@ -140,15 +140,20 @@ enum Out {
 
 impl Batcher {
     pub fn new(engine: Box<dyn Engine>, cfg: BatcherConfig) -> Self {
+        Self::from_paged(PagedEngine::from_box(engine), cfg)
+    }
+
+    /// A batcher over an engine whose sequence table may already hold sequences.
+    pub fn from_paged(engine: PagedEngine, cfg: BatcherConfig) -> Self {
         Self { engine, cfg, waiting: VecDeque::new(), running: Vec::new(), preemptions: 0 }
     }
 
-    pub fn engine(&self) -> &dyn Engine {
-        self.engine.as_ref()
+    pub fn engine(&self) -> &PagedEngine {
+        &self.engine
     }
 
-    pub fn engine_mut(&mut self) -> &mut dyn Engine {
-        self.engine.as_mut()
+    pub fn engine_mut(&mut self) -> &mut PagedEngine {
+        &mut self.engine
     }
 
     pub fn waiting(&self) -> usize {

@@ -1,16 +1,15 @@
 //! The CPU backend: candle matmuls (quantized GGUF or dense safetensors), own attention loops,
 //! a block-paged KV store in f32.
 
-use tandem_protocol::{BlockHash, KvDtype, KvLayout};
+use tandem_protocol::{Bytes, KvDtype, KvLayout};
 use tandem_tokenizer::ModelFiles;
 
 use crate::config::ModelConfig;
-use crate::engine::{Engine, EngineInfo, ForwardItem, SeqId};
-use crate::kv::{KvCache, PoolStats, SeqTable};
+use crate::engine::{Engine, EngineInfo, ForwardItem};
+use crate::kv::{BlockId, KvCache, SeqTable};
 use crate::model::{Model, TokenSlot};
 use crate::weights::WeightSource;
 use crate::Result;
-use tandem_protocol::KvExport;
 
 /// Sizing of the KV cache.
 #[derive(Debug, Clone)]
@@ -31,13 +30,12 @@ impl Default for EngineConfig {
 pub struct CpuEngine {
     model: Model,
     info: EngineInfo,
-    seqs: SeqTable,
     store: KvCache,
 }
 
 impl std::fmt::Debug for CpuEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CpuEngine").field("info", &self.info).field("sequences", &self.seqs.len()).finish_non_exhaustive()
+        f.debug_struct("CpuEngine").field("info", &self.info).finish_non_exhaustive()
     }
 }
 
@@ -62,17 +60,13 @@ impl CpuEngine {
         };
         let num_blocks = (cfg.kv_cache_bytes / layout.block_bytes()).max(1);
         let max_context = cfg.max_context.unwrap_or(c.max_context).min(c.max_context).min(num_blocks * cfg.block_size);
-        let info = EngineInfo { model_name, vocab_size: c.vocab_size, max_context, block_size: cfg.block_size, layout };
+        let info =
+            EngineInfo { model_name, vocab_size: c.vocab_size, max_context, block_size: cfg.block_size, kv_blocks: num_blocks, layout };
         tracing::info!(
             model = %info.model_name, layers = c.layers, hidden = c.hidden, kv_blocks = num_blocks,
             block_size = cfg.block_size, max_context, "cpu engine ready"
         );
-        Ok(Self {
-            store: KvCache::new(num_blocks, cfg.block_size, c.layers, c.kv_heads, c.head_dim),
-            seqs: SeqTable::new(num_blocks, cfg.block_size, max_context),
-            model,
-            info,
-        })
+        Ok(Self { store: KvCache::new(num_blocks, cfg.block_size, c.layers, c.kv_heads, c.head_dim), model, info })
     }
 
     pub fn model_config(&self) -> &ModelConfig {
@@ -85,16 +79,11 @@ impl Engine for CpuEngine {
         &self.info
     }
 
-    fn add_sequence(&mut self, id: SeqId, prompt: &[u32]) -> Result<usize> {
-        self.seqs.add(id, prompt)
-    }
-
-    fn forward(&mut self, items: &[ForwardItem]) -> Result<Vec<Vec<Vec<f32>>>> {
-        self.seqs.reserve(items)?;
+    fn forward(&mut self, seqs: &mut SeqTable, items: &[ForwardItem]) -> Result<Vec<Vec<Vec<f32>>>> {
         let mut slots = Vec::new();
         let mut logit_rows = Vec::new();
         for it in items {
-            let s = self.seqs.get(it.seq)?;
+            let s = seqs.get(it.seq)?;
             let start = s.tokens.len();
             for (j, &token) in it.tokens.iter().enumerate() {
                 if it.all_logits || j + 1 == it.tokens.len() {
@@ -105,7 +94,7 @@ impl Engine for CpuEngine {
         }
         let logits = self.model.forward(&slots, &mut self.store, &logit_rows)?;
         drop(slots);
-        self.seqs.commit(items);
+        seqs.commit(items);
 
         let mut rows = logits.into_iter();
         Ok(items
@@ -117,55 +106,14 @@ impl Engine for CpuEngine {
             .collect())
     }
 
-    fn release(&mut self, id: SeqId) {
-        self.seqs.release(id);
+    fn read_blocks(&self, blocks: &[BlockId]) -> Result<Vec<Bytes>> {
+        Ok(blocks.iter().map(|&b| Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(self.store.block(b)))).collect())
     }
 
-    fn seq_len(&self, id: SeqId) -> Option<usize> {
-        self.seqs.seq_len(id)
-    }
-
-    fn export(&self, id: SeqId) -> Result<KvExport> {
-        let (layout, s) = self.seqs.export_plan(id, &self.info.layout)?;
-        let blocks: Vec<tandem_protocol::Bytes> = s.blocks[..layout.num_blocks()]
-            .iter()
-            .map(|&b| tandem_protocol::Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(self.store.block(b))))
-            .collect();
-        let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
-        Ok(KvExport { layout, tokens: s.tokens.clone(), blocks, checksums })
-    }
-
-    fn import(&mut self, id: SeqId, kv: &KvExport) -> Result<()> {
-        let blocks = self.seqs.begin_import(id, kv, &self.info.layout, self.store.block_elems() * 4)?;
-        for (&b, bytes) in blocks.iter().zip(&kv.blocks) {
+    fn write_blocks(&mut self, writes: &[(BlockId, &[u8])]) -> Result<()> {
+        for &(b, bytes) in writes {
             bytemuck::cast_slice_mut::<f32, u8>(self.store.block_mut(b)).copy_from_slice(bytes);
         }
-        self.seqs.finish_import(id, &kv.tokens, blocks);
         Ok(())
-    }
-
-    fn stats(&self) -> PoolStats {
-        self.seqs.stats()
-    }
-
-    fn cached_prefix(&self, hashes: &[BlockHash]) -> usize {
-        self.seqs.cached_prefix(hashes)
-    }
-
-    fn cached_hashes(&self) -> Vec<BlockHash> {
-        self.seqs.cached_hashes()
-    }
-
-    fn take_evicted(&mut self) -> Vec<BlockHash> {
-        self.seqs.take_evicted()
-    }
-
-    fn insert_cached(&mut self, parent: BlockHash, tokens: &[u32], blocks: &[Vec<u8>]) -> Result<usize> {
-        let store = &mut self.store;
-        let bytes = store.block_elems() * 4;
-        self.seqs.insert_cached(parent, tokens, blocks, bytes, |b, data| {
-            bytemuck::cast_slice_mut::<f32, u8>(store.block_mut(b)).copy_from_slice(data);
-            Ok(())
-        })
     }
 }

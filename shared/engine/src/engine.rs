@@ -1,8 +1,10 @@
-//! The `Engine` seam: what the batcher and the services need from a model backend.
+//! The `Engine` seam: what a model backend must do. Everything about sequences (which blocks
+//! hold which tokens, prefix sharing, export and import checks) is written once, in
+//! [`PagedEngine`], over any backend.
 
-use tandem_protocol::{BlockHash, KvExport, KvLayout};
+use tandem_protocol::{BlockHash, Bytes, KvExport, KvLayout};
 
-use crate::kv::PoolStats;
+use crate::kv::{BlockId, PoolStats, SeqTable};
 use crate::Result;
 
 pub type SeqId = u64;
@@ -15,6 +17,8 @@ pub struct EngineInfo {
     pub vocab_size: usize,
     pub max_context: usize,
     pub block_size: usize,
+    /// Blocks in the KV cache.
+    pub kv_blocks: usize,
     /// This engine's KV layout; `token_count` is zero.
     pub layout: KvLayout,
 }
@@ -28,55 +32,159 @@ pub struct ForwardItem {
     pub all_logits: bool,
 }
 
-/// A model backend with a paged KV cache. Implementations run on their own thread; callers
+/// A model backend over a paged KV cache of `info().kv_blocks` blocks: forward passes, and the
+/// bytes of blocks. Which block belongs to which sequence is the [`SeqTable`]'s business, which
+/// [`PagedEngine`] keeps and hands to each pass. Implementations run on their own thread; callers
 /// drive them through the [`crate::Batcher`].
 pub trait Engine: Send {
     fn info(&self) -> &EngineInfo;
 
-    /// Registers a sequence about to prefill `prompt`. Cached blocks holding a prefix of the
-    /// prompt are shared instead of recomputed; returns how many prompt tokens they cover (always
-    /// fewer than the whole prompt, so the last token is computed and yields logits).
-    fn add_sequence(&mut self, seq: SeqId, prompt: &[u32]) -> Result<usize>;
-
-    /// One forward pass over many sequences at different positions. For each item, returns the
-    /// logits of its last token, or of every token when `all_logits` is set. Either all items
-    /// get their blocks or the call fails with `OutOfBlocks` and changes nothing.
-    fn forward(&mut self, items: &[ForwardItem]) -> Result<Vec<Vec<Vec<f32>>>>;
+    /// One forward pass over many sequences at different positions; every item's blocks are
+    /// already reserved in `seqs`. For each item, returns the logits of its last token, or of
+    /// every token when `all_logits` is set. The backend commits (`SeqTable::commit`) the tokens
+    /// it ran, once their KV is written; a failed pass leaves uncommitted what did not run.
+    fn forward(&mut self, seqs: &mut SeqTable, items: &[ForwardItem]) -> Result<Vec<Vec<Vec<f32>>>>;
 
     /// A forward pass that also picks each item's greedy next token (the first largest logit of
     /// its last token) where the logits are, sparing their trip to the host. `None`: this engine
     /// has no such path, and the caller samples from [`Engine::forward`]'s logits. Items whose
     /// chunk ends mid-prompt get a placeholder the caller ignores.
-    fn forward_argmax(&mut self, _items: &[ForwardItem]) -> Option<Result<Vec<u32>>> {
+    fn forward_argmax(&mut self, _seqs: &mut SeqTable, _items: &[ForwardItem]) -> Option<Result<Vec<u32>>> {
         None
     }
 
+    /// The bytes of each block, in the layout `info().layout` describes.
+    fn read_blocks(&self, blocks: &[BlockId]) -> Result<Vec<Bytes>>;
+
+    /// Overwrites each block with its bytes (`layout.block_bytes()` each, already checked).
+    fn write_blocks(&mut self, writes: &[(BlockId, &[u8])]) -> Result<()>;
+}
+
+/// A backend and its sequence table: the operations the services need, written once for every
+/// backend.
+pub struct PagedEngine<E: Engine + ?Sized = dyn Engine> {
+    seqs: SeqTable,
+    engine: Box<E>,
+}
+
+impl<E: Engine + ?Sized> std::fmt::Debug for PagedEngine<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PagedEngine").field("info", self.engine.info()).field("sequences", &self.seqs.len()).finish_non_exhaustive()
+    }
+}
+
+impl<E: Engine + 'static> PagedEngine<E> {
+    pub fn new(engine: E) -> Self {
+        Self::from_box(Box::new(engine))
+    }
+
+    /// The same engine behind the trait object the batcher drives.
+    pub fn into_dyn(self) -> PagedEngine {
+        PagedEngine { seqs: self.seqs, engine: self.engine }
+    }
+}
+
+impl<E: Engine + ?Sized> PagedEngine<E> {
+    pub fn from_box(engine: Box<E>) -> Self {
+        let i = engine.info();
+        Self { seqs: SeqTable::new(i.kv_blocks, i.block_size, i.max_context), engine }
+    }
+
+    pub fn info(&self) -> &EngineInfo {
+        self.engine.info()
+    }
+
+    pub fn backend(&self) -> &E {
+        &self.engine
+    }
+
+    /// The backend with the table its passes need, for backend-specific passes (benchmarks,
+    /// device checks).
+    pub fn parts_mut(&mut self) -> (&mut E, &mut SeqTable) {
+        (&mut self.engine, &mut self.seqs)
+    }
+
+    /// Registers a sequence about to prefill `prompt`. Cached blocks holding a prefix of the
+    /// prompt are shared instead of recomputed; returns how many prompt tokens they cover (always
+    /// fewer than the whole prompt, so the last token is computed and yields logits).
+    pub fn add_sequence(&mut self, seq: SeqId, prompt: &[u32]) -> Result<usize> {
+        self.seqs.add(seq, prompt)
+    }
+
+    /// See [`Engine::forward`]. Either all items get their blocks or the call fails with
+    /// `OutOfBlocks` and changes nothing.
+    pub fn forward(&mut self, items: &[ForwardItem]) -> Result<Vec<Vec<Vec<f32>>>> {
+        self.seqs.reserve(items)?;
+        self.engine.forward(&mut self.seqs, items)
+    }
+
+    /// See [`Engine::forward_argmax`].
+    pub fn forward_argmax(&mut self, items: &[ForwardItem]) -> Option<Result<Vec<u32>>> {
+        if let Err(e) = self.seqs.reserve(items) {
+            return Some(Err(e));
+        }
+        self.engine.forward_argmax(&mut self.seqs, items)
+    }
+
     /// Drops a sequence; its full blocks stay cached for prefix reuse until evicted.
-    fn release(&mut self, seq: SeqId);
+    pub fn release(&mut self, seq: SeqId) {
+        self.seqs.release(seq);
+    }
 
     /// Tokens whose KV the sequence holds.
-    fn seq_len(&self, seq: SeqId) -> Option<usize>;
+    pub fn seq_len(&self, seq: SeqId) -> Option<usize> {
+        self.seqs.seq_len(seq)
+    }
 
-    fn export(&self, seq: SeqId) -> Result<KvExport>;
+    pub fn export(&self, seq: SeqId) -> Result<KvExport> {
+        let (layout, s) = self.seqs.export_plan(seq, &self.engine.info().layout)?;
+        let blocks = self.engine.read_blocks(&s.blocks[..layout.num_blocks()])?;
+        let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
+        Ok(KvExport { layout, tokens: s.tokens.clone(), blocks, checksums })
+    }
 
     /// Creates `seq` from another engine's export; decoding then continues as if this engine
     /// had run the prefill.
-    fn import(&mut self, seq: SeqId, kv: &KvExport) -> Result<()>;
+    pub fn import(&mut self, seq: SeqId, kv: &KvExport) -> Result<()> {
+        let layout = &self.engine.info().layout;
+        let blocks = self.seqs.begin_import(seq, kv, layout, layout.block_bytes())?;
+        let writes: Vec<(BlockId, &[u8])> = blocks.iter().copied().zip(kv.blocks.iter().map(|b| &b[..])).collect();
+        if let Err(e) = self.engine.write_blocks(&writes) {
+            // The sequence never existed: its blocks go back to the pool.
+            self.seqs.finish_import(seq, &[], blocks);
+            self.seqs.release(seq);
+            return Err(e);
+        }
+        self.seqs.finish_import(seq, &kv.tokens, blocks);
+        Ok(())
+    }
 
-    fn stats(&self) -> PoolStats;
+    pub fn stats(&self) -> PoolStats {
+        self.seqs.stats()
+    }
 
     /// How many leading blocks of a hash chain the cache holds.
-    fn cached_prefix(&self, hashes: &[BlockHash]) -> usize;
+    pub fn cached_prefix(&self, hashes: &[BlockHash]) -> usize {
+        self.seqs.cached_prefix(hashes)
+    }
 
     /// Every hash the cache holds, for republishing the prefix index.
-    fn cached_hashes(&self) -> Vec<BlockHash>;
+    pub fn cached_hashes(&self) -> Vec<BlockHash> {
+        self.seqs.cached_hashes()
+    }
 
     /// Hashes evicted since the last call, for withdrawing them from the prefix index.
-    fn take_evicted(&mut self) -> Vec<BlockHash>;
+    pub fn take_evicted(&mut self) -> Vec<BlockHash> {
+        self.seqs.take_evicted()
+    }
 
     /// Adds full blocks fetched from elsewhere (the cluster's block store) to the prefix cache:
     /// block `i` holds `tokens[i*bs..(i+1)*bs]` and chains from the block before it, the first
     /// from `parent`. They stay cached, unreferenced, until a sequence uses them or they are
     /// evicted. Returns how many were new.
-    fn insert_cached(&mut self, parent: BlockHash, tokens: &[u32], blocks: &[Vec<u8>]) -> Result<usize>;
+    pub fn insert_cached(&mut self, parent: BlockHash, tokens: &[u32], blocks: &[Vec<u8>]) -> Result<usize> {
+        let engine = &mut self.engine;
+        let bytes = engine.info().layout.block_bytes();
+        self.seqs.insert_cached(parent, tokens, blocks, bytes, |b, data| engine.write_blocks(&[(b, data)]))
+    }
 }

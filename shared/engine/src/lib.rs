@@ -11,13 +11,14 @@ pub mod grpc;
 pub mod kv;
 mod model;
 pub mod sampling;
+pub mod testing;
 pub mod weights;
 mod worker;
 
 pub use batcher::{Batcher, BatcherConfig, Event, Mode, NewRequest, Usage};
 pub use config::{Family, Llama3Scaling, ModelConfig};
 pub use cpu::{CpuEngine, EngineConfig};
-pub use engine::{Engine, EngineInfo, ForwardItem, SeqId};
+pub use engine::{Engine, EngineInfo, ForwardItem, PagedEngine, SeqId};
 pub use sampling::{Sampled, TokenLogprobs};
 pub use tandem_protocol::KvExport;
 pub use worker::{EngineHandle, RequestEvents, WorkerLoad};

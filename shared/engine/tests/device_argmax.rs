@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::*;
-use tandem_engine::kv::PoolStats;
-use tandem_engine::{Batcher, BatcherConfig, CpuEngine, Engine, EngineInfo, ForwardItem, KvExport, SeqId};
-use tandem_protocol::{BlockHash, SamplingParams};
+use tandem_engine::kv::{BlockId, SeqTable};
+use tandem_engine::{Batcher, BatcherConfig, CpuEngine, Engine, EngineInfo, ForwardItem};
+use tandem_protocol::{Bytes, SamplingParams};
 
 /// The CPU engine with an argmax path of its own (the first largest logit, as on the GPU).
 struct ArgmaxEngine {
@@ -23,15 +23,12 @@ impl Engine for ArgmaxEngine {
     fn info(&self) -> &EngineInfo {
         self.inner.info()
     }
-    fn add_sequence(&mut self, seq: SeqId, prompt: &[u32]) -> tandem_engine::Result<usize> {
-        self.inner.add_sequence(seq, prompt)
+    fn forward(&mut self, seqs: &mut SeqTable, items: &[ForwardItem]) -> tandem_engine::Result<Vec<Vec<Vec<f32>>>> {
+        self.inner.forward(seqs, items)
     }
-    fn forward(&mut self, items: &[ForwardItem]) -> tandem_engine::Result<Vec<Vec<Vec<f32>>>> {
-        self.inner.forward(items)
-    }
-    fn forward_argmax(&mut self, items: &[ForwardItem]) -> Option<tandem_engine::Result<Vec<u32>>> {
+    fn forward_argmax(&mut self, seqs: &mut SeqTable, items: &[ForwardItem]) -> Option<tandem_engine::Result<Vec<u32>>> {
         self.used.fetch_add(1, Ordering::SeqCst);
-        Some(self.inner.forward(items).map(|all| {
+        Some(self.inner.forward(seqs, items).map(|all| {
             all.iter()
                 .map(|rows| {
                     rows.last().map_or(0, |row| {
@@ -47,32 +44,11 @@ impl Engine for ArgmaxEngine {
                 .collect()
         }))
     }
-    fn release(&mut self, seq: SeqId) {
-        self.inner.release(seq)
+    fn read_blocks(&self, blocks: &[BlockId]) -> tandem_engine::Result<Vec<Bytes>> {
+        self.inner.read_blocks(blocks)
     }
-    fn seq_len(&self, seq: SeqId) -> Option<usize> {
-        self.inner.seq_len(seq)
-    }
-    fn export(&self, seq: SeqId) -> tandem_engine::Result<KvExport> {
-        self.inner.export(seq)
-    }
-    fn import(&mut self, seq: SeqId, kv: &KvExport) -> tandem_engine::Result<()> {
-        self.inner.import(seq, kv)
-    }
-    fn stats(&self) -> PoolStats {
-        self.inner.stats()
-    }
-    fn cached_prefix(&self, hashes: &[BlockHash]) -> usize {
-        self.inner.cached_prefix(hashes)
-    }
-    fn cached_hashes(&self) -> Vec<BlockHash> {
-        self.inner.cached_hashes()
-    }
-    fn take_evicted(&mut self) -> Vec<BlockHash> {
-        self.inner.take_evicted()
-    }
-    fn insert_cached(&mut self, parent: BlockHash, tokens: &[u32], blocks: &[Vec<u8>]) -> tandem_engine::Result<usize> {
-        self.inner.insert_cached(parent, tokens, blocks)
+    fn write_blocks(&mut self, writes: &[(BlockId, &[u8])]) -> tandem_engine::Result<()> {
+        self.inner.write_blocks(writes)
     }
 }
 
@@ -82,8 +58,8 @@ fn prompts(tok: &tandem_tokenizer::Tokenizer) -> Vec<Vec<u32>> {
 }
 
 fn run(wrapped: bool, params: &[SamplingParams]) -> (std::collections::BTreeMap<u64, Vec<u32>>, usize) {
-    let (engine, tok) = load(&default_model());
-    let used = Arc::new(AtomicUsize::new(0));
+    let (files, used) = (default_model(), Arc::new(AtomicUsize::new(0)));
+    let (engine, tok) = (CpuEngine::load(&files, &small_cache()).unwrap(), tandem_tokenizer::Tokenizer::load(&files).unwrap());
     let engine: Box<dyn Engine> = if wrapped { Box::new(ArgmaxEngine { inner: engine, used: used.clone() }) } else { Box::new(engine) };
     // A small token budget splits the long prompt into chunks that end mid-prompt.
     let mut b = Batcher::new(engine, BatcherConfig { max_batch_tokens: 64, ..BatcherConfig::default() });

@@ -11,7 +11,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use tandem_engine::{Engine, ForwardItem};
+use tandem_engine::ForwardItem;
 
 const LOGIT_TOLERANCE: f32 = 1.0;
 /// Mean absolute difference over every compared relative logit.

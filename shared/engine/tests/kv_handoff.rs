@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use tandem_engine::{Engine, EngineError, Event, ForwardItem, Mode};
+use tandem_engine::{EngineError, Event, ForwardItem, Mode};
 
 fn prompt(tok: &tandem_tokenizer::Tokenizer, text: &str) -> Vec<u32> {
     tok.encode_chat(&[tandem_tokenizer::ChatMessage::new("user", text)]).unwrap()
@@ -144,7 +144,7 @@ fn a_tiny_cache_refuses_clearly_and_shares_fairly() {
     let tok = tandem_tokenizer::Tokenizer::load(&files).unwrap();
     // Room for two blocks (32 tokens): layers × k|v × block × kv heads × head dim × f32.
     let cfg = tandem_engine::EngineConfig { kv_cache_bytes: 2 * 30 * 2 * 16 * 3 * 64 * 4, ..Default::default() };
-    let engine = tandem_engine::CpuEngine::load(&files, &cfg).unwrap();
+    let engine = tandem_engine::PagedEngine::new(tandem_engine::CpuEngine::load(&files, &cfg).unwrap());
     assert_eq!(engine.stats().total_blocks, 2);
     assert_eq!(engine.info().max_context, 32);
     let mut b = batcher(engine);

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use tandem_engine::{Batcher, BatcherConfig, CpuEngine, Engine, ForwardItem};
+use tandem_engine::{Batcher, BatcherConfig, CpuEngine, ForwardItem, PagedEngine};
 use tandem_engine::{Mode, NewRequest};
 use tandem_protocol::SamplingParams;
 use tandem_tokenizer::{ChatMessage, ModelFiles, ModelFormat, Tokenizer};
@@ -27,7 +27,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 fn check(name: &str) {
     let (files, r) = reference(name);
-    let mut engine = CpuEngine::load(&files, &small_cache()).unwrap();
+    let mut engine = PagedEngine::new(CpuEngine::load(&files, &small_cache()).unwrap());
     let tokens = ids(&r["tokens"]);
     engine.add_sequence(1, &tokens).unwrap();
     let logits = engine.forward(&[ForwardItem { seq: 1, tokens: tokens.clone(), all_logits: true }]).unwrap().remove(0);
@@ -45,7 +45,7 @@ fn check(name: &str) {
     engine.release(1);
 
     // Greedy continuation through the batcher (prefill, then one token per step).
-    let mut b = Batcher::new(Box::new(engine), BatcherConfig::default());
+    let mut b = Batcher::from_paged(engine.into_dyn(), BatcherConfig::default());
     b.add(NewRequest { id: 2, prompt: tokens, params: SamplingParams::greedy(8), seed: 0, eos_ids: vec![], mode: Mode::Full });
     assert_eq!(run_all(&mut b).remove(&2).unwrap(), ids(&r["greedy"]), "{name}: greedy tokens");
 }

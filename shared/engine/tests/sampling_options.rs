@@ -3,90 +3,16 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use tandem_engine::kv::PoolStats;
-use tandem_engine::{Batcher, BatcherConfig, Engine, EngineError, EngineInfo, Event, ForwardItem, KvExport, Mode, NewRequest, SeqId};
-use tandem_protocol::{BlockHash, FinishReason, KvDtype, KvLayout, SamplingParams};
+use tandem_engine::testing::ScriptedEngine;
+use tandem_engine::{Batcher, BatcherConfig, Event, Mode, NewRequest};
+use tandem_protocol::{FinishReason, SamplingParams};
 
 const VOCAB: usize = 16;
 const EOS: u32 = 0;
 
-type Logits = Box<dyn Fn(&[u32]) -> Vec<f32> + Send>;
-
-/// An engine without a model: the logits after a sequence are whatever `logits` says for it.
-struct Scripted {
-    info: EngineInfo,
-    logits: Logits,
-    seqs: HashMap<SeqId, Vec<u32>>,
-}
-
-impl Scripted {
-    fn new(logits: impl Fn(&[u32]) -> Vec<f32> + Send + 'static) -> Self {
-        let layout = KvLayout {
-            model_id: "scripted".into(),
-            num_layers: 1,
-            kv_heads: 1,
-            head_dim: 2,
-            dtype: KvDtype::F32,
-            block_size: 16,
-            tp_rank: 0,
-            tp_size: 1,
-            token_count: 0,
-        };
-        let info = EngineInfo { model_name: "scripted".into(), vocab_size: VOCAB, max_context: 1024, block_size: 16, layout };
-        Self { info, logits: Box::new(logits), seqs: HashMap::new() }
-    }
-}
-
-impl Engine for Scripted {
-    fn info(&self) -> &EngineInfo {
-        &self.info
-    }
-    fn add_sequence(&mut self, seq: SeqId, _prompt: &[u32]) -> tandem_engine::Result<usize> {
-        self.seqs.insert(seq, Vec::new());
-        Ok(0)
-    }
-    fn forward(&mut self, items: &[ForwardItem]) -> tandem_engine::Result<Vec<Vec<Vec<f32>>>> {
-        let mut out = Vec::new();
-        for it in items {
-            let seq = self.seqs.get_mut(&it.seq).ok_or(EngineError::UnknownSequence(it.seq))?;
-            let mut rows = Vec::new();
-            for (j, &t) in it.tokens.iter().enumerate() {
-                seq.push(t);
-                if it.all_logits || j + 1 == it.tokens.len() {
-                    rows.push((self.logits)(seq));
-                }
-            }
-            out.push(rows);
-        }
-        Ok(out)
-    }
-    fn release(&mut self, seq: SeqId) {
-        self.seqs.remove(&seq);
-    }
-    fn seq_len(&self, seq: SeqId) -> Option<usize> {
-        self.seqs.get(&seq).map(Vec::len)
-    }
-    fn export(&self, _seq: SeqId) -> tandem_engine::Result<KvExport> {
-        Err(EngineError::Import("a scripted engine holds no KV".into()))
-    }
-    fn import(&mut self, _seq: SeqId, _kv: &KvExport) -> tandem_engine::Result<()> {
-        Err(EngineError::Import("a scripted engine holds no KV".into()))
-    }
-    fn stats(&self) -> PoolStats {
-        PoolStats::default()
-    }
-    fn cached_prefix(&self, _hashes: &[BlockHash]) -> usize {
-        0
-    }
-    fn cached_hashes(&self) -> Vec<BlockHash> {
-        Vec::new()
-    }
-    fn take_evicted(&mut self) -> Vec<BlockHash> {
-        Vec::new()
-    }
-    fn insert_cached(&mut self, _parent: BlockHash, _tokens: &[u32], _blocks: &[Vec<u8>]) -> tandem_engine::Result<usize> {
-        Ok(0)
-    }
+/// An engine without a model: the logits after a sequence are whatever the function says.
+fn scripted(logits: impl Fn(&[u32]) -> Vec<f32> + Send + Sync + 'static) -> ScriptedEngine {
+    ScriptedEngine::new("scripted", VOCAB, 64, logits)
 }
 
 /// EOS is by far the most likely next token (p ≈ 0.99 at temperature 1), then 1, 2, 3, ...
@@ -107,7 +33,7 @@ struct Finished {
 }
 
 /// Runs one request per params on `engine`; returns each one's tokens and finish reason.
-fn run(engine: Scripted, prompt: &[u32], params: &[SamplingParams]) -> Vec<Finished> {
+fn run(engine: ScriptedEngine, prompt: &[u32], params: &[SamplingParams]) -> Vec<Finished> {
     let mut b = Batcher::new(Box::new(engine), BatcherConfig::default());
     for (i, p) in params.iter().enumerate() {
         let seed = p.seed.unwrap_or(0);
@@ -141,17 +67,17 @@ fn sampled(max_tokens: usize, seed: u64) -> SamplingParams {
 #[test]
 fn min_tokens_holds_back_eos_until_reached() {
     // Without min_tokens, EOS comes first.
-    let r = run(Scripted::new(eos_first), &[5, 6], &[SamplingParams::greedy(10)]);
+    let r = run(scripted(eos_first), &[5, 6], &[SamplingParams::greedy(10)]);
     assert_eq!((r[0].tokens.clone(), r[0].reason), (vec![EOS], FinishReason::Stop));
 
     let greedy = SamplingParams { min_tokens: 5, ..SamplingParams::greedy(10) };
-    let r = run(Scripted::new(eos_first), &[5, 6], &[greedy]);
+    let r = run(scripted(eos_first), &[5, 6], &[greedy]);
     assert_eq!(r[0].tokens, vec![1, 1, 1, 1, 1, EOS], "the next best token until min_tokens, then EOS");
     assert_eq!((r[0].reason, r[0].completion_tokens), (FinishReason::Stop, 6));
 
     // Sampled: EOS is drawn almost every time it is allowed, and never before min_tokens.
     let params: Vec<_> = (0..40).map(|seed| SamplingParams { min_tokens: 4, ..sampled(10, seed) }).collect();
-    let runs = run(Scripted::new(eos_first), &[5, 6], &params);
+    let runs = run(scripted(eos_first), &[5, 6], &params);
     for (seed, f) in runs.iter().enumerate() {
         assert!(!f.tokens[..4].contains(&EOS), "seed {seed}: EOS before min_tokens: {:?}", f.tokens);
         assert!(f.tokens.len() > 4, "seed {seed}: {:?}", f.tokens);
@@ -164,7 +90,7 @@ fn min_tokens_holds_back_eos_until_reached() {
 fn min_tokens_holds_back_stop_token_ids_too() {
     // Counting from 1: 2, 3, 4, ... with 4 a stop token.
     let p = SamplingParams { stop_token_ids: vec![4], min_tokens: 4, ..SamplingParams::greedy(12) };
-    let r = run(Scripted::new(counting), &[1], &[p]);
+    let r = run(scripted(counting), &[1], &[p]);
     let stop_at = r[0].tokens.iter().position(|&t| t == 4).expect("4 comes once allowed");
     assert!(stop_at >= 4, "stop token before min_tokens: {:?}", r[0].tokens);
     assert_eq!((stop_at + 1, r[0].reason), (r[0].tokens.len(), FinishReason::Stop), "{:?}", r[0].tokens);
@@ -173,30 +99,30 @@ fn min_tokens_holds_back_stop_token_ids_too() {
 #[test]
 fn stop_token_ids_end_at_the_first_one() {
     let stops = SamplingParams { stop_token_ids: vec![9, 5, 7], ..SamplingParams::greedy(20) };
-    let r = run(Scripted::new(counting), &[1], &[SamplingParams::greedy(6), stops.clone()]);
+    let r = run(scripted(counting), &[1], &[SamplingParams::greedy(6), stops.clone()]);
     // Without stop tokens the count runs to max_tokens.
     assert_eq!((r[0].tokens.clone(), r[0].reason), (vec![2, 3, 4, 5, 6, 7], FinishReason::Length));
     // With them it ends on the first one reached (5), which is the last token sent.
     assert_eq!((r[1].tokens.clone(), r[1].reason, r[1].completion_tokens), (vec![2, 3, 4, 5], FinishReason::Stop, 4));
 
     // ignore_eos concerns EOS only: stop tokens still stop.
-    let r = run(Scripted::new(counting), &[1], &[SamplingParams { ignore_eos: true, ..stops }]);
+    let r = run(scripted(counting), &[1], &[SamplingParams { ignore_eos: true, ..stops }]);
     assert_eq!((r[0].tokens.clone(), r[0].reason), (vec![2, 3, 4, 5], FinishReason::Stop));
 }
 
 #[test]
 fn ignore_eos_runs_to_max_tokens_past_eos() {
     // Counting from 13 wraps through EOS (0) after 14 and 15.
-    let r = run(Scripted::new(counting), &[13], &[SamplingParams::greedy(8)]);
+    let r = run(scripted(counting), &[13], &[SamplingParams::greedy(8)]);
     assert_eq!((r[0].tokens.clone(), r[0].reason), (vec![14, 15, EOS], FinishReason::Stop));
 
     let p = SamplingParams { ignore_eos: true, ..SamplingParams::greedy(8) };
-    let r = run(Scripted::new(counting), &[13], std::slice::from_ref(&p));
+    let r = run(scripted(counting), &[13], std::slice::from_ref(&p));
     assert_eq!(r[0].tokens, vec![14, 15, EOS, 1, 2, 3, 4, 5]);
     assert_eq!((r[0].reason, r[0].completion_tokens), (FinishReason::Length, 8));
 
     // EOS the most likely token at every step: all of max_tokens still come.
-    let r = run(Scripted::new(eos_first), &[5], &[SamplingParams { max_tokens: 7, ..p }]);
+    let r = run(scripted(eos_first), &[5], &[SamplingParams { max_tokens: 7, ..p }]);
     assert_eq!((r[0].tokens.clone(), r[0].reason), (vec![EOS; 7], FinishReason::Length));
 }
 
@@ -208,12 +134,12 @@ fn top_k_draws_only_the_k_most_likely_tokens() {
     let by_rank: Vec<u32> = (1..VOCAB as u32).rev().collect();
     for k in [2usize, 3, 5] {
         let params: Vec<_> = (0..40).map(|seed| SamplingParams { top_k: k as u32, ..sampled(10, seed) }).collect();
-        let seen: BTreeSet<u32> = run(Scripted::new(flat), &[1], &params).into_iter().flat_map(|f| f.tokens).collect();
+        let seen: BTreeSet<u32> = run(scripted(flat), &[1], &params).into_iter().flat_map(|f| f.tokens).collect();
         let want: BTreeSet<u32> = by_rank[..k].iter().copied().collect();
         assert_eq!(seen, want, "top_k {k} over 400 draws");
     }
     let params: Vec<_> = (0..40).map(|seed| sampled(10, seed)).collect();
-    let seen: BTreeSet<u32> = run(Scripted::new(flat), &[1], &params).into_iter().flat_map(|f| f.tokens).collect();
+    let seen: BTreeSet<u32> = run(scripted(flat), &[1], &params).into_iter().flat_map(|f| f.tokens).collect();
     assert!(seen.len() > 10, "without top_k most tokens turn up: {seen:?}");
 }
 
@@ -232,7 +158,7 @@ fn frequency_penalty_grows_with_the_count_and_presence_penalty_does_not() {
     let n = 12;
     let presence = SamplingParams { presence_penalty: 0.3, ..SamplingParams::greedy(n) };
     let frequency = SamplingParams { frequency_penalty: 0.3, ..SamplingParams::greedy(n) };
-    let r = run(Scripted::new(two), &[1, 1, 1, 1], &[SamplingParams::greedy(n), presence, frequency]);
+    let r = run(scripted(two), &[1, 1, 1, 1], &[SamplingParams::greedy(n), presence, frequency]);
 
     assert_eq!(r[0].tokens, vec![1; n], "no penalty: always the leader");
     // Presence: a flat 0.3 once seen, less than the lead, whatever the count.

@@ -3,6 +3,7 @@
 //! so the gateway never links the engine.
 #![forbid(unsafe_code)]
 
+pub mod default_model;
 mod files;
 mod from_gguf;
 mod stream;

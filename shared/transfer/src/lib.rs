@@ -15,7 +15,7 @@ mod wire;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tandem_protocol::KvExport;
+use tandem_protocol::{ErrorCode, KvExport};
 
 pub use kind::{bind_receiver, sender, KvReceiver, TransportKind};
 pub use quic::{QuicIdentity, QuicPeer, QuicReceiver, QuicTlsConfig, QuicTransport, QuicTrust};
@@ -51,8 +51,10 @@ pub enum TransferError {
     LeaseExpired(Duration),
     #[error("connection lost: {0}")]
     Io(String),
-    #[error("peer refused the blocks: {0}")]
-    Refused(String),
+    /// The receiver checked the blocks and would not take them; `code` says why, as the
+    /// receiver classified it (a full cache, a bad block, a request no longer waiting).
+    #[error("peer refused the blocks ({}): {message}", code.name())]
+    Refused { code: ErrorCode, message: String },
     #[error("malformed transfer: {0}")]
     Protocol(String),
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use tandem_protocol::{ApiError, ErrorCode};
 use tokio::sync::oneshot;
 
 use crate::Handoff;
@@ -12,7 +13,7 @@ use crate::Handoff;
 #[derive(Debug)]
 pub struct Incoming {
     pub handoff: Handoff,
-    pub verdict: oneshot::Sender<Result<(), String>>,
+    pub verdict: oneshot::Sender<Result<(), ApiError>>,
 }
 
 /// Requests waiting for their KV blocks, by request id.
@@ -68,12 +69,12 @@ impl HandoffRegistry {
         match tx {
             Some(tx) => {
                 if let Err(incoming) = tx.send(incoming) {
-                    let _ = incoming.verdict.send(Err("request was cancelled".into()));
+                    let _ = incoming.verdict.send(Err(ApiError::new(ErrorCode::Cancelled, "request was cancelled")));
                 }
             }
             None => {
                 let msg = format!("no request {} is waiting for blocks", incoming.handoff.request_id);
-                let _ = incoming.verdict.send(Err(msg));
+                let _ = incoming.verdict.send(Err(ApiError::new(ErrorCode::NotFound, msg)));
             }
         }
     }

@@ -93,11 +93,13 @@ impl TcpReceiver {
         self.listener.local_addr()
     }
 
-    /// Serves until `shutdown` fires.
+    /// Serves until `shutdown` fires, then waits for the transfers in flight (each bounded by
+    /// the lease) to deliver their verdicts.
     pub async fn run(self, shutdown: CancellationToken) {
+        let transfers = tokio_util::task::TaskTracker::new();
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
                 a = self.listener.accept() => a,
             };
             let (mut stream, peer) = match accepted {
@@ -111,7 +113,7 @@ impl TcpReceiver {
             };
             let registry = self.registry.clone();
             let lease = self.lease;
-            tokio::spawn(async move {
+            transfers.spawn(async move {
                 let outcome = tokio::time::timeout(lease, receive(&mut stream, &registry)).await;
                 let verdict = Verdict::of(&outcome.unwrap_or(Err(TransferError::LeaseExpired(lease))));
                 if let Some(e) = &verdict.error {
@@ -122,6 +124,8 @@ impl TcpReceiver {
                 }
             });
         }
+        transfers.close();
+        transfers.wait().await;
     }
 }
 

@@ -3,7 +3,7 @@
 //! hand-over to the waiting request.
 
 use serde::{Deserialize, Serialize};
-use tandem_protocol::{Bytes, KvExport, KvLayout};
+use tandem_protocol::{Bytes, ErrorCode, KvExport, KvLayout};
 use tokio::sync::oneshot;
 
 use crate::{Handoff, HandoffRegistry, Incoming, TransferError};
@@ -36,13 +36,19 @@ impl Header {
 pub(crate) struct Verdict {
     pub ok: bool,
     pub error: Option<String>,
+    /// The refusal's [`ErrorCode`] name (absent from senders that predate it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
 }
 
 impl Verdict {
     pub fn of(outcome: &Result<(), TransferError>) -> Self {
         match outcome {
-            Ok(()) => Verdict { ok: true, error: None },
-            Err(e) => Verdict { ok: false, error: Some(e.to_string()) },
+            Ok(()) => Verdict { ok: true, error: None, code: None },
+            Err(TransferError::Refused { code, message }) => {
+                Verdict { ok: false, error: Some(message.clone()), code: Some(code.name().to_string()) }
+            }
+            Err(e) => Verdict { ok: false, error: Some(e.to_string()), code: None },
         }
     }
 
@@ -50,7 +56,8 @@ impl Verdict {
         if self.ok {
             Ok(())
         } else {
-            Err(TransferError::Refused(self.error.unwrap_or_default()))
+            let code = self.code.as_deref().and_then(ErrorCode::from_name).unwrap_or(ErrorCode::KvHandoffFailed);
+            Err(TransferError::Refused { code, message: self.error.unwrap_or_default() })
         }
     }
 }
@@ -84,13 +91,17 @@ pub(crate) fn check_header(h: &Header) -> Result<(usize, usize), TransferError> 
 pub(crate) async fn deliver(registry: &HandoffRegistry, h: Header, blocks: Vec<Bytes>) -> Result<(), TransferError> {
     let kv = KvExport { layout: h.layout, tokens: h.tokens, blocks, checksums: h.checksums };
     if let Some(bad) = kv.first_corrupt_block() {
-        return Err(TransferError::Refused(format!("block {bad} fails its checksum")));
+        return Err(refused(ErrorCode::KvHandoffFailed, format!("block {bad} fails its checksum")));
     }
     let (tx, rx) = oneshot::channel();
     registry.deliver(Incoming { handoff: Handoff { request_id: h.request_id, first_token: h.first_token, kv }, verdict: tx });
     match rx.await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(TransferError::Refused(e)),
-        Err(_) => Err(TransferError::Refused("receiver dropped the blocks".into())),
+        Ok(Err(e)) => Err(TransferError::Refused { code: e.code, message: e.message }),
+        Err(_) => Err(refused(ErrorCode::Internal, "receiver dropped the blocks")),
     }
+}
+
+fn refused(code: ErrorCode, message: impl Into<String>) -> TransferError {
+    TransferError::Refused { code, message: message.into() }
 }

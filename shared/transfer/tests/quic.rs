@@ -4,6 +4,7 @@
 mod common;
 
 use common::{handoff, LEASE};
+use tandem_protocol::{ApiError, ErrorCode};
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -214,12 +215,14 @@ async fn a_refusal_reaches_the_sender() {
     let quic = QuicTransport::pinned_only();
     // Nobody registered r2.
     let err = quic.send(&rx.addr, &handoff("r2", 5), LEASE).await.unwrap_err();
-    assert!(matches!(&err, TransferError::Refused(m) if m.contains("no request r2")), "{err}");
+    assert!(matches!(&err, TransferError::Refused { code: ErrorCode::NotFound, message: m } if m.contains("no request r2")), "{err}");
     // Registered, then the receiver turns the blocks down (e.g. out of KV blocks).
     let mut pending = registry.register("r3").unwrap();
-    tokio::spawn(async move { pending.arrived().await.unwrap().verdict.send(Err("out of blocks".into())).unwrap() });
+    tokio::spawn(async move {
+        pending.arrived().await.unwrap().verdict.send(Err(ApiError::new(ErrorCode::OutOfKvBlocks, "out of blocks"))).unwrap()
+    });
     let err = quic.send(&rx.addr, &handoff("r3", 5), LEASE).await.unwrap_err();
-    assert!(matches!(&err, TransferError::Refused(m) if m.contains("out of blocks")), "{err}");
+    assert!(matches!(&err, TransferError::Refused { code: ErrorCode::OutOfKvBlocks, message: m } if m.contains("out of blocks")), "{err}");
     assert_eq!(registry.waiting(), 0);
 }
 
@@ -231,7 +234,7 @@ async fn corrupted_payload_is_detected() {
     let mut bad = handoff("r4", 8);
     common::corrupt(&mut bad.kv, 1, 3);
     let err = QuicTransport::pinned_only().send(&rx.addr, &bad, LEASE).await.unwrap_err();
-    assert!(matches!(&err, TransferError::Refused(m) if m.contains("checksum")), "{err}");
+    assert!(matches!(&err, TransferError::Refused { code: ErrorCode::KvHandoffFailed, message: m } if m.contains("checksum")), "{err}");
     // Corrupt blocks never reach the waiting request.
     assert!(tokio::time::timeout(Duration::from_millis(100), pending.arrived()).await.is_err());
     drop(pending);

@@ -165,7 +165,11 @@ fn receive(registry: &HandoffRegistry, id: String, seed: u64, tokens: usize, how
         }
         tally.bytes_checked.fetch_add(kv.total_bytes() as u64, Ordering::Relaxed);
         match how {
-            Receiving::Refuse => drop(incoming.verdict.send(Err("out of KV cache blocks".into()))),
+            Receiving::Refuse => drop(
+                incoming
+                    .verdict
+                    .send(Err(tandem_protocol::ApiError::new(tandem_protocol::ErrorCode::OutOfKvBlocks, "out of KV cache blocks"))),
+            ),
             Receiving::Slow => {
                 tokio::time::sleep(Duration::from_micros(seed % 8000)).await;
                 let _ = incoming.verdict.send(Ok(()));
@@ -201,9 +205,9 @@ async fn send(pair: &Pair, h: Handoff, deadline: Option<Duration>, expect_ok: bo
             assert!(expect_ok, "{}: accepted by a receiver that refuses", h.request_id);
             tally.accepted.fetch_add(1, Ordering::Relaxed);
         }
-        Err(TransferError::Refused(why)) => {
+        Err(TransferError::Refused { code, message: why }) => {
             assert!(!why.contains("checksum"), "{}: {why}", h.request_id);
-            if why.contains("out of KV cache blocks") {
+            if code == tandem_protocol::ErrorCode::OutOfKvBlocks {
                 tally.refused.fetch_add(1, Ordering::Relaxed);
             } else {
                 tally.withdrawn.fetch_add(1, Ordering::Relaxed);

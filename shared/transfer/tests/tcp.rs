@@ -3,6 +3,7 @@
 mod common;
 
 use common::{handoff, tcp_receiver, LEASE};
+use tandem_protocol::{ApiError, ErrorCode};
 
 use std::time::{Duration, Instant};
 
@@ -39,12 +40,14 @@ async fn a_refusal_reaches_the_sender() {
     let (addr, _stop) = tcp_receiver(&registry).await;
     // Nobody registered r2.
     let err = TcpTransport.send(&addr, &handoff("r2", 5), LEASE).await.unwrap_err();
-    assert!(matches!(&err, TransferError::Refused(m) if m.contains("no request r2")), "{err}");
+    assert!(matches!(&err, TransferError::Refused { code: ErrorCode::NotFound, message: m } if m.contains("no request r2")), "{err}");
     // Registered, then the receiver turns the blocks down (e.g. out of KV blocks).
     let mut pending = registry.register("r3").unwrap();
-    tokio::spawn(async move { pending.arrived().await.unwrap().verdict.send(Err("out of blocks".into())).unwrap() });
+    tokio::spawn(async move {
+        pending.arrived().await.unwrap().verdict.send(Err(ApiError::new(ErrorCode::OutOfKvBlocks, "out of blocks"))).unwrap()
+    });
     let err = TcpTransport.send(&addr, &handoff("r3", 5), LEASE).await.unwrap_err();
-    assert!(matches!(&err, TransferError::Refused(m) if m.contains("out of blocks")), "{err}");
+    assert!(matches!(&err, TransferError::Refused { code: ErrorCode::OutOfKvBlocks, message: m } if m.contains("out of blocks")), "{err}");
 }
 
 #[tokio::test]
@@ -55,7 +58,7 @@ async fn corrupted_payload_is_detected() {
     let mut bad = handoff("r4", 8);
     common::corrupt(&mut bad.kv, 1, 3);
     let err = TcpTransport.send(&addr, &bad, LEASE).await.unwrap_err();
-    assert!(matches!(&err, TransferError::Refused(m) if m.contains("checksum")), "{err}");
+    assert!(matches!(&err, TransferError::Refused { code: ErrorCode::KvHandoffFailed, message: m } if m.contains("checksum")), "{err}");
 }
 
 #[tokio::test]

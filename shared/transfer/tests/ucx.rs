@@ -4,6 +4,7 @@
 mod common;
 
 use common::{handoff, LEASE};
+use tandem_protocol::{ApiError, ErrorCode};
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -121,17 +122,19 @@ async fn a_refusal_reaches_the_sender() {
     let ucx = transport();
     // Nobody registered r2.
     let err = ucx.send(&addr, &handoff("r2", 5), LEASE).await.unwrap_err();
-    assert!(matches!(&err, TransferError::Refused(m) if m.contains("no request r2")), "{err}");
+    assert!(matches!(&err, TransferError::Refused { code: ErrorCode::NotFound, message: m } if m.contains("no request r2")), "{err}");
     // Registered, then the receiver turns the blocks down (e.g. out of KV blocks).
     let mut pending = registry.register("r3").unwrap();
-    tokio::spawn(async move { pending.arrived().await.unwrap().verdict.send(Err("out of blocks".into())).unwrap() });
+    tokio::spawn(async move {
+        pending.arrived().await.unwrap().verdict.send(Err(ApiError::new(ErrorCode::OutOfKvBlocks, "out of blocks"))).unwrap()
+    });
     let err = ucx.send(&addr, &handoff("r3", 5), LEASE).await.unwrap_err();
-    assert!(matches!(&err, TransferError::Refused(m) if m.contains("out of blocks")), "{err}");
+    assert!(matches!(&err, TransferError::Refused { code: ErrorCode::OutOfKvBlocks, message: m } if m.contains("out of blocks")), "{err}");
     // An inconsistent header is refused before any payload moves.
     let mut bad = handoff("r3b", 8);
     bad.kv.checksums.pop();
     let err = ucx.send(&addr, &bad, LEASE).await.unwrap_err();
-    assert!(matches!(&err, TransferError::Refused(m) if m.contains("inconsistent header")), "{err}");
+    assert!(matches!(&err, TransferError::Refused { message: m, .. } if m.contains("inconsistent header")), "{err}");
     no_buffers_in_use(&[&ucx.stats(), &received]).await;
 }
 
@@ -144,7 +147,10 @@ async fn corrupted_payload_is_detected() {
     let mut bad = handoff("r4", 8);
     common::corrupt(&mut bad.kv, 1, 3);
     let err = ucx.send(&addr, &bad, LEASE).await.unwrap_err();
-    assert!(matches!(&err, TransferError::Refused(m) if m.contains("block 1 fails its checksum")), "{err}");
+    assert!(
+        matches!(&err, TransferError::Refused { code: ErrorCode::KvHandoffFailed, message: m } if m.contains("block 1 fails its checksum")),
+        "{err}"
+    );
     no_buffers_in_use(&[&ucx.stats(), &received]).await;
 }
 

@@ -8,7 +8,7 @@ use anyhow::{ensure, Context, Result};
 use clap::Args;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
-use tandem_engine::{Engine, ForwardItem, SeqId};
+use tandem_engine::{ForwardItem, PagedEngine, SeqId};
 use tandem_tokenizer::ModelFiles;
 
 use crate::default_model;
@@ -56,7 +56,8 @@ pub fn run(args: &CpuArgs) -> Result<()> {
     ensure!(args.prompt_len > 0 && args.gen > 0 && args.reps > 0, "--prompt-len, --gen and --reps must be positive");
     let spec = default_model::resolve_spec(args.model.as_deref())?;
     let files = ModelFiles::resolve(&spec)?;
-    let mut engine = crate::serve::open_engine(&files, tandem_runtime::Device::Cpu, 16, None).context("loading the model")?;
+    let mut engine =
+        PagedEngine::from_box(crate::serve::open_engine(&files, tandem_runtime::Device::Cpu, 16, None).context("loading the model")?);
     let vocab = engine.info().vocab_size as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let (mut prefill_ms, mut decode_ms) = (Vec::new(), Vec::new());
@@ -66,11 +67,11 @@ pub fn run(args: &CpuArgs) -> Result<()> {
         let seq: SeqId = rep as u64;
         engine.add_sequence(seq, &prompt)?;
         let t = Instant::now();
-        let mut next = step(engine.as_mut(), seq, prompt)?;
+        let mut next = step(&mut engine, seq, prompt)?;
         let prefill = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         for _ in 0..args.gen {
-            next = step(engine.as_mut(), seq, vec![next])?;
+            next = step(&mut engine, seq, vec![next])?;
         }
         let decode = t.elapsed().as_secs_f64() * 1e3;
         engine.release(seq);
@@ -101,7 +102,7 @@ pub fn run(args: &CpuArgs) -> Result<()> {
 }
 
 /// One forward pass of `tokens` on `seq`; the greedy next token.
-fn step(engine: &mut dyn Engine, seq: SeqId, tokens: Vec<u32>) -> Result<u32> {
+fn step(engine: &mut PagedEngine, seq: SeqId, tokens: Vec<u32>) -> Result<u32> {
     let logits = engine.forward(&[ForwardItem { seq, tokens, all_logits: false }])?;
     let last = logits.first().and_then(|l| l.last()).context("the engine returned no logits")?;
     let best = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).context("empty logits")?;

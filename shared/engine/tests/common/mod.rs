@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use tandem_engine::{Batcher, BatcherConfig, CpuEngine, EngineConfig, Event, Mode, NewRequest};
+use tandem_engine::{Batcher, BatcherConfig, CpuEngine, EngineConfig, Event, Mode, NewRequest, PagedEngine};
 use tandem_protocol::SamplingParams;
 use tandem_tokenizer::{ModelFiles, Tokenizer};
 
@@ -28,8 +28,9 @@ pub fn small_cache() -> EngineConfig {
     EngineConfig { kv_cache_bytes: 96 << 20, ..EngineConfig::default() }
 }
 
-pub fn load(files: &ModelFiles) -> (CpuEngine, Tokenizer) {
-    (CpuEngine::load(files, &small_cache()).unwrap(), Tokenizer::load(files).unwrap())
+/// The CPU engine with its sequence table, and the model's tokenizer.
+pub fn load(files: &ModelFiles) -> (PagedEngine<CpuEngine>, Tokenizer) {
+    (PagedEngine::new(CpuEngine::load(files, &small_cache()).unwrap()), Tokenizer::load(files).unwrap())
 }
 
 pub fn greedy_request(id: u64, prompt: Vec<u32>, max_tokens: usize, tok: &Tokenizer) -> NewRequest {
@@ -51,6 +52,6 @@ pub fn run_all(batcher: &mut Batcher) -> std::collections::BTreeMap<u64, Vec<u32
     out
 }
 
-pub fn batcher(engine: CpuEngine) -> Batcher {
-    Batcher::new(Box::new(engine), BatcherConfig::default())
+pub fn batcher(engine: PagedEngine<CpuEngine>) -> Batcher {
+    Batcher::from_paged(engine.into_dyn(), BatcherConfig::default())
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use tandem_ucx::{Endpoint, Listener, Worker};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::pool::{BufferPool, PooledBuffer};
 use super::{context, frame, io, protocol, split, BufferId, Ready, UcxStats, ABORT, DONE, OFFER, READY, VERDICT};
@@ -52,22 +53,26 @@ impl UcxReceiver {
 
     /// Serves until `shutdown` fires.
     pub async fn run(self, shutdown: CancellationToken) {
+        // Connections, and through them their transfers: joined before this returns.
+        let connections = TaskTracker::new();
         loop {
             let accepted = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
                 a = self.listener.accept() => a,
             };
             let ep = match accepted {
                 Ok(ep) => ep,
                 Err(e) => {
                     tracing::warn!(error = %e, "ucx kv receiver stopped accepting");
-                    return;
+                    break;
                 }
             };
             self.stats.connections.fetch_add(1, Ordering::Relaxed);
             let conn = Connection { ep: Arc::new(ep), registry: self.registry.clone(), lease: self.lease, pool: self.pool.clone() };
-            tokio::spawn(conn.serve(shutdown.child_token()));
+            connections.spawn(conn.serve(shutdown.child_token()));
         }
+        connections.close();
+        connections.wait().await;
     }
 }
 
@@ -102,6 +107,8 @@ impl Connection {
         // Buffers of transfers that ended before the sender was done writing into them.
         let mut held: HashMap<u64, PooledBuffer> = HashMap::new();
         let (finished_tx, mut finished) = mpsc::unbounded_channel::<(u64, Option<PooledBuffer>)>();
+        // Each transfer ends within its lease; the connection waits for them before it closes.
+        let running = TaskTracker::new();
         loop {
             let received = tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -130,7 +137,7 @@ impl Connection {
                 OFFER if !transfers.contains_key(&xfer) && !held.contains_key(&xfer) => {
                     let (end_tx, end) = oneshot::channel();
                     transfers.insert(xfer, Slot { end: Some(end_tx), sender_done: false });
-                    tokio::spawn(self.clone().transfer(xfer, body.to_vec(), end, finished_tx.clone()));
+                    running.spawn(self.clone().transfer(xfer, body.to_vec(), end, finished_tx.clone()));
                 }
                 // The sender flushed before either: none of this transfer's puts are in flight.
                 DONE | ABORT => {
@@ -160,6 +167,8 @@ impl Connection {
         for buffer in keep {
             self.ep.retain(buffer.into_region());
         }
+        running.close();
+        running.wait().await;
     }
 
     async fn transfer(

@@ -1,14 +1,23 @@
 //! The OpenAI API through the whole disaggregated path: gateway → prefill → KV handoff → decode,
-//! every service its own process.
+//! on the real model, with every service running in this test process (`tandem-test-support`).
 
 mod common;
 
+use std::sync::OnceLock;
+
 use common::*;
 use serde_json::{json, Value};
+use tandem_test_support::TestCluster;
+
+/// One cluster for every test here: a prefill and a decode worker handing KV over UCX or TCP.
+fn cluster() -> &'static TestCluster {
+    static C: OnceLock<TestCluster> = OnceLock::new();
+    C.get_or_init(TestCluster::start)
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chat_completion_with_usage() {
-    let c = shared();
+    let c = cluster();
     let (status, v) = post(&c.base, "/v1/chat/completions", &chat_body("What is 2+2?", json!({"max_tokens": 20, "temperature": 0}))).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["object"], "chat.completion");
@@ -27,7 +36,7 @@ async fn chat_completion_with_usage() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn completion_length_and_logprobs() {
-    let c = shared();
+    let c = cluster();
     let body =
         json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 3, "ignore_eos": true});
     let (status, v) = post(&c.base, "/v1/completions", &body).await;
@@ -51,7 +60,7 @@ async fn completion_length_and_logprobs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn streaming_chat_ends_with_done_and_usage() {
-    let c = shared();
+    let c = cluster();
     let body = chat_body(
         "Tell me a story.",
         json!({"max_tokens": 12, "stream": true, "stream_options": {"include_usage": true}, "temperature": 0}),
@@ -80,7 +89,7 @@ async fn streaming_chat_ends_with_done_and_usage() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_strings_cut_the_text() {
-    let c = shared();
+    let c = cluster();
     let base = json!({"model": MODEL, "prompt": "Count: 1, 2, 3, 4, 5,", "max_tokens": 30, "temperature": 0, "ignore_eos": true});
     let (_, free) = post(&c.base, "/v1/completions", &base).await;
     let full = free["choices"][0]["text"].as_str().unwrap().to_string();
@@ -97,7 +106,7 @@ async fn stop_strings_cut_the_text() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn n_choices_and_seed_reproducibility() {
-    let c = shared();
+    let c = cluster();
     let body = |seed: i64| chat_body("Write a word.", json!({"max_tokens": 8, "temperature": 1.0, "seed": seed, "n": 3}));
     let (status, a) = post(&c.base, "/v1/chat/completions", &body(42)).await;
     assert_eq!(status, 200, "{a}");
@@ -117,7 +126,7 @@ async fn n_choices_and_seed_reproducibility() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gets_openai_errors() {
-    let c = shared();
+    let c = cluster();
     let http = client();
     let raw = http
         .post(format!("{}/v1/chat/completions", c.base))
@@ -175,7 +184,7 @@ async fn bad_input_gets_openai_errors() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn models_health_ready_metrics() {
-    let c = shared();
+    let c = cluster();
     let http = client();
     let models: Value = http.get(format!("{}/v1/models", c.base)).send().await.unwrap().json().await.unwrap();
     assert_eq!(models["data"][0]["id"], MODEL);
@@ -203,7 +212,7 @@ async fn models_health_ready_metrics() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn greedy_output_equals_tandem_generate() {
-    let c = shared();
+    let c = cluster();
     let prompt = "Give me three tips for staying healthy.";
     let out = tandem().args(["generate", "--prompt", prompt, "--max-tokens", "24"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -214,7 +223,7 @@ async fn greedy_output_equals_tandem_generate() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn official_openai_python_client_works() {
-    let c = shared();
+    let c = cluster();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
     // The interpreter `scripts/test.sh` made a virtual environment with the client for, if any.
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
@@ -240,7 +249,7 @@ fn raw_http(base: &str, request: &str) -> (u16, Value) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_routes_wrong_methods_and_huge_bodies_get_openai_errors() {
-    let c = shared();
+    let c = cluster();
     let http = client();
     let check = |v: &Value, code: &str| {
         let e = &v["error"];
@@ -274,71 +283,13 @@ async fn unknown_routes_wrong_methods_and_huge_bodies_get_openai_errors() {
     check(&v, "request_too_large");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn trace_context_reaches_every_worker() {
-    use tandem_protocol::TraceContext;
-    let c = shared();
-    let incoming = TraceContext::new_root();
-    let r = client()
-        .post(format!("{}/v1/chat/completions", c.base))
-        .header("traceparent", incoming.to_string())
-        .json(&chat_body("Hello!", json!({"max_tokens": 3})))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    // The trace id is kept; the span is the gateway's own.
-    let back = TraceContext::parse(r.headers()["traceparent"].to_str().unwrap()).unwrap();
-    assert_eq!((back.trace_id, back.flags), (incoming.trace_id, incoming.flags));
-    assert_ne!(back.span_id, incoming.span_id);
-    let request_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
-    let v: Value = r.json().await.unwrap();
-    assert_eq!(v["id"], request_id);
-
-    // Each worker put the trace id and the request id on its span for the request.
-    let logged = |p: &Proc, trace: &TraceContext, choice: &str| {
-        let (t, id) = (format!("trace_id={}", trace.trace_id_hex()), format!("request_id={choice}"));
-        p.log_lines().iter().any(|l| l.contains(&t) && l.contains(&id))
-    };
-    let choice = format!("{request_id}-0");
-    for (role, p) in [("prefill", &c.prefill[0]), ("decode", &c.decode[0])] {
-        eventually(&format!("the {role} worker logs the request under its trace id"), std::time::Duration::from_secs(10), || async {
-            logged(p, &incoming, &choice)
-        })
-        .await;
-    }
-
-    // Without a traceparent, or with a malformed one, the gateway starts a trace: new ids,
-    // sampled, and the workers see that one.
-    let zero = "00-00000000000000000000000000000000-00f067aa0ba902b7-01";
-    let mut seen = Vec::new();
-    for header in [None, Some(zero)] {
-        let mut req = client().post(format!("{}/v1/completions", c.base)).json(&json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2}));
-        if let Some(h) = header {
-            req = req.header("traceparent", h);
-        }
-        let r = req.send().await.unwrap();
-        assert_eq!(r.status(), 200);
-        let t = TraceContext::parse(r.headers()["traceparent"].to_str().unwrap()).unwrap();
-        assert_eq!(t.flags, TraceContext::SAMPLED);
-        assert_ne!(t.trace_id, incoming.trace_id);
-        let choice = format!("{}-0", r.headers()["x-request-id"].to_str().unwrap());
-        eventually("the decode worker logs the new trace id", std::time::Duration::from_secs(10), || async {
-            logged(&c.decode[0], &t, &choice)
-        })
-        .await;
-        seen.push(t.trace_id);
-    }
-    assert_ne!(seen[0], seen[1], "each request starts its own trace");
-}
-
 fn completion_tokens(v: &Value) -> u64 {
     v["usage"]["completion_tokens"].as_u64().unwrap_or_else(|| panic!("no usage in {v}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn min_tokens_and_stop_token_ids() {
-    let c = shared();
+    let c = cluster();
     // Left alone, greedy decoding ends this answer early, on an end-of-sequence token.
     let ask = |extra: Value| chat_body("Reply with one word: yes or no?", extra);
     let probe = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 10, "temperature": 0, "ignore_eos": true, "logprobs": 0});
@@ -392,7 +343,7 @@ async fn min_tokens_and_stop_token_ids() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chat_logprobs_and_max_completion_tokens() {
-    let c = shared();
+    let c = cluster();
     // max_completion_tokens wins over max_tokens.
     let body = chat_body(
         "Name three colours.",
@@ -429,7 +380,7 @@ async fn chat_logprobs_and_max_completion_tokens() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn top_k_min_p_and_repetition_penalty_shape_the_sampling() {
-    let c = shared();
+    let c = cluster();
     let body = |extra: Value| {
         let mut b = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 10, "ignore_eos": true});
         for (k, v) in extra.as_object().unwrap() {
