@@ -20,7 +20,7 @@ use tandem_protocol::{ApiError, ErrorCode, SamplingParams, TraceContext, REQUEST
 use tandem_tokenizer::ChatMessage;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::choice::{self, ChoiceEvent, ChoiceSpec, TokenOut, Usage};
+use crate::disagg::{self, ChoiceEvent, ChoiceSpec, ChoiceUsage, TokenOut};
 use crate::error::{parse_body, too_large, HttpError, MAX_BODY_BYTES};
 use crate::workers::Role;
 use crate::AppState;
@@ -288,7 +288,7 @@ async fn completions(State(s): State<S>, Extension(trace): Extension<TraceContex
 }
 
 /// Starts every choice: prompt `p`, sample `j` becomes choice `p * n + j`.
-fn start_choices(s: &S, job: &Job, id: &str) -> Vec<choice::ChoiceRx> {
+fn start_choices(s: &S, job: &Job, id: &str) -> Vec<disagg::ChoiceRx> {
     let base_seed = job.params.seed.unwrap_or_else(rand::random);
     let mut out = Vec::new();
     for (p, prompt) in job.prompts.iter().enumerate() {
@@ -301,7 +301,7 @@ fn start_choices(s: &S, job: &Job, id: &str) -> Vec<choice::ChoiceRx> {
                 seed: base_seed.wrapping_add(index as u64),
                 trace: job.trace,
             };
-            out.push(choice::start(s.clone(), spec));
+            out.push(disagg::start(s.clone(), spec));
         }
     }
     out
@@ -342,7 +342,7 @@ fn usage_json(prompt_tokens: usize, completion_tokens: usize, cached: usize) -> 
 
 /// Usage of a whole request, from each choice's usage by choice index: each prompt counted
 /// once (with the cache hits of its first choice), every choice's completion counted.
-fn total_usage(job: &Job, usages: &[Option<Usage>]) -> Value {
+fn total_usage(job: &Job, usages: &[Option<ChoiceUsage>]) -> Value {
     let prompt: usize = job.prompts.iter().map(Vec::len).sum();
     let completion: usize = usages.iter().flatten().map(|u| u.completion_tokens).sum();
     let cached: usize = usages.iter().step_by(job.n.max(1)).flatten().map(|u| u.cached_tokens).sum();
@@ -378,7 +378,7 @@ async fn respond(s: S, job: Job) -> Response {
     resp
 }
 
-async fn collect(s: &S, job: &Job, id: &str, rxs: Vec<choice::ChoiceRx>) -> Result<Value, ApiError> {
+async fn collect(s: &S, job: &Job, id: &str, rxs: Vec<disagg::ChoiceRx>) -> Result<Value, ApiError> {
     let mut choices = Vec::new();
     let mut usages = vec![None; rxs.len()];
     for (index, mut rx) in rxs.into_iter().enumerate() {
@@ -415,7 +415,7 @@ async fn collect(s: &S, job: &Job, id: &str, rxs: Vec<choice::ChoiceRx>) -> Resu
     }))
 }
 
-fn stream_response(s: S, job: Job, id: String, rxs: Vec<choice::ChoiceRx>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+fn stream_response(s: S, job: Job, id: String, rxs: Vec<disagg::ChoiceRx>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
     let created = now();
     let model = s.cfg.model_name.clone();
     let object = if job.chat { "chat.completion.chunk" } else { "text_completion" };
@@ -439,7 +439,7 @@ fn stream_response(s: S, job: Job, id: String, rxs: Vec<choice::ChoiceRx>) -> Ss
     } else {
         Vec::new()
     };
-    let state = (merged, vec![None::<Usage>; n_choices], job, false, vec![0usize; n_choices]);
+    let state = (merged, vec![None::<ChoiceUsage>; n_choices], job, false, vec![0usize; n_choices]);
     let body = stream::unfold(state, move |(mut merged, mut usages, job, done, mut offsets)| {
         let chunk = chunk.clone();
         async move {

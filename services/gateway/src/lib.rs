@@ -5,8 +5,8 @@
 #![forbid(unsafe_code)]
 
 mod api;
-mod choice;
 mod cluster;
+mod disagg;
 mod error;
 mod metrics;
 mod workers;
