@@ -9,6 +9,7 @@ mod cluster;
 mod disagg;
 mod error;
 mod metrics;
+mod render;
 mod workers;
 
 use std::future::IntoFuture;
