@@ -1,27 +1,23 @@
 //! HTTP routes: the OpenAI endpoints, health, readiness and metrics.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Extension, Request, State};
 use axum::http::{header, HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures::stream::{self, Stream, StreamExt};
-use serde_json::{json, Value};
-use tandem_protocol::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, PromptSpec, SamplingFields};
+use serde::Serialize;
+use tandem_protocol::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, Model, ModelList, PromptSpec, SamplingFields};
 use tandem_protocol::{ApiError, ErrorCode, SamplingParams, TraceContext, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use tandem_tokenizer::ChatMessage;
-use tokio_stream::wrappers::ReceiverStream;
 
-use crate::choice::{self, ChoiceEvent, ChoiceSpec, TokenOut, Usage};
+use crate::disagg::{self, ChoiceSpec};
 use crate::error::{parse_body, too_large, HttpError, MAX_BODY_BYTES};
+use crate::render::{self, now, ChatRenderer, CompletionRenderer, Envelope, Renderer, UsageTally};
 use crate::workers::Role;
 use crate::AppState;
 
@@ -66,26 +62,27 @@ async fn edge(mut req: Request, next: Next) -> Response {
     resp
 }
 
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:032x}", rand::random::<u128>())
 }
 
-async fn models(State(s): State<S>) -> Json<Value> {
-    Json(json!({
-        "object": "list",
-        "data": [{"id": s.cfg.model_name, "object": "model", "created": now(), "owned_by": "tandem",
-                  "max_model_len": s.workers.max_context()}],
-    }))
+async fn models(State(s): State<S>) -> Json<ModelList> {
+    Json(ModelList::new(vec![Model::new(&s.cfg.model_name, now(), "tandem", s.workers.max_context())]))
+}
+
+/// `/ready`'s body: what the gateway can route to, and whether it is on its way out. The fields
+/// are in the order they have always been written in.
+#[derive(Serialize)]
+struct Readiness {
+    decode_workers: usize,
+    draining: bool,
+    prefill_workers: usize,
 }
 
 async fn ready(State(s): State<S>) -> Response {
     let (p, d) = (s.workers.healthy(Role::Prefill), s.workers.healthy(Role::Decode));
     let draining = s.shutdown.is_draining();
-    let body = Json(json!({"prefill_workers": p, "decode_workers": d, "draining": draining}));
+    let body = Json(Readiness { decode_workers: d, draining, prefill_workers: p });
     if p > 0 && d > 0 && !draining {
         body.into_response()
     } else {
@@ -104,7 +101,6 @@ struct Job {
     n: usize,
     stream: bool,
     include_usage: bool,
-    chat: bool,
     trace: TraceContext,
 }
 
@@ -227,12 +223,11 @@ async fn chat(State(s): State<S>, Extension(trace): Extension<TraceContext>, bod
             n,
             stream: r.sampling.stream.unwrap_or(false),
             include_usage: r.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
-            chat: true,
             trace,
         })
     })();
     match job {
-        Ok(job) => respond(s, job).await,
+        Ok(job) => respond::<ChatRenderer>(s, job).await,
         Err(e) => HttpError(e).into_response(),
     }
 }
@@ -277,18 +272,17 @@ async fn completions(State(s): State<S>, Extension(trace): Extension<TraceContex
             n,
             stream: r.sampling.stream.unwrap_or(false),
             include_usage: r.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
-            chat: false,
             trace,
         })
     })();
     match job {
-        Ok(job) => respond(s, job).await,
+        Ok(job) => respond::<CompletionRenderer>(s, job).await,
         Err(e) => HttpError(e).into_response(),
     }
 }
 
 /// Starts every choice: prompt `p`, sample `j` becomes choice `p * n + j`.
-fn start_choices(s: &S, job: &Job, id: &str) -> Vec<choice::ChoiceRx> {
+fn start_choices(s: &S, job: &Job, id: &str) -> Vec<disagg::ChoiceRx> {
     let base_seed = job.params.seed.unwrap_or_else(rand::random);
     let mut out = Vec::new();
     for (p, prompt) in job.prompts.iter().enumerate() {
@@ -301,58 +295,18 @@ fn start_choices(s: &S, job: &Job, id: &str) -> Vec<choice::ChoiceRx> {
                 seed: base_seed.wrapping_add(index as u64),
                 trace: job.trace,
             };
-            out.push(choice::start(s.clone(), spec));
+            out.push(disagg::start(s.clone(), spec));
         }
     }
     out
 }
 
-fn chat_logprobs(tokens: &[TokenOut]) -> Value {
-    let entry = |text: &str, lp: f32| json!({"token": text, "logprob": lp, "bytes": text.as_bytes()});
-    json!({"content": tokens.iter().map(|t| {
-        let mut e = entry(&t.text, t.logprob);
-        e["top_logprobs"] = t.top.iter().map(|(tt, l)| entry(tt, *l)).collect();
-        e
-    }).collect::<Vec<_>>()})
-}
-
-fn completion_logprobs(tokens: &[TokenOut], offset: usize) -> Value {
-    let mut text_offset = Vec::new();
-    let mut at = offset;
-    for t in tokens {
-        text_offset.push(at);
-        at += t.text.len();
-    }
-    json!({
-        "tokens": tokens.iter().map(|t| t.text.clone()).collect::<Vec<_>>(),
-        "token_logprobs": tokens.iter().map(|t| t.logprob).collect::<Vec<_>>(),
-        "top_logprobs": tokens.iter().map(|t| t.top.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
-        "text_offset": text_offset,
-    })
-}
-
-fn usage_json(prompt_tokens: usize, completion_tokens: usize, cached: usize) -> Value {
-    json!({
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    })
-}
-
-/// Usage of a whole request, from each choice's usage by choice index: each prompt counted
-/// once (with the cache hits of its first choice), every choice's completion counted.
-fn total_usage(job: &Job, usages: &[Option<Usage>]) -> Value {
-    let prompt: usize = job.prompts.iter().map(Vec::len).sum();
-    let completion: usize = usages.iter().flatten().map(|u| u.completion_tokens).sum();
-    let cached: usize = usages.iter().step_by(job.n.max(1)).flatten().map(|u| u.cached_tokens).sum();
-    usage_json(prompt, completion, cached)
-}
-
 /// Most choices one request may start (prompts × n).
 const MAX_CHOICES: usize = 64;
 
-async fn respond(s: S, job: Job) -> Response {
+/// Starts the job's choices and answers with them, whole or as a stream, in the shapes of the
+/// endpoint `R` renders.
+async fn respond<R: Renderer>(s: S, job: Job) -> Response {
     if job.prompts.len() * job.n > MAX_CHOICES {
         let e = ApiError::invalid("prompt", format!("at most {MAX_CHOICES} choices (prompts × n) per request"));
         return HttpError(e).into_response();
@@ -361,14 +315,17 @@ async fn respond(s: S, job: Job) -> Response {
     if s.workers.healthy(Role::Prefill) == 0 || s.workers.healthy(Role::Decode) == 0 {
         return HttpError(ApiError::new(ErrorCode::Unavailable, "no prefill or decode worker is available; retry shortly")).into_response();
     }
-    let id = new_id(if job.chat { "chatcmpl" } else { "cmpl" });
+    let id = new_id(R::ID_PREFIX);
     let rxs = start_choices(&s, &job, &id);
     let id_header = HeaderValue::from_str(&id).ok();
+    let renderer = R::new(job.params.logprobs.is_some());
+    let envelope = Envelope { id, model: s.cfg.model_name.clone() };
+    let usage = UsageTally::new(&job.prompts, job.n);
     let mut resp = if job.stream {
-        stream_response(s, job, id, rxs).into_response()
+        render::sse(renderer, envelope, job.include_usage, usage, rxs).into_response()
     } else {
-        match collect(&s, &job, &id, rxs).await {
-            Ok(v) => Json(v).into_response(),
+        match render::collect(&renderer, envelope, usage, rxs).await {
+            Ok(body) => Json(body).into_response(),
             Err(e) => HttpError(e).into_response(),
         }
     };
@@ -376,119 +333,4 @@ async fn respond(s: S, job: Job) -> Response {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     resp
-}
-
-async fn collect(s: &S, job: &Job, id: &str, rxs: Vec<choice::ChoiceRx>) -> Result<Value, ApiError> {
-    let mut choices = Vec::new();
-    let mut usages = vec![None; rxs.len()];
-    for (index, mut rx) in rxs.into_iter().enumerate() {
-        let (mut text, mut tokens, mut finish) = (String::new(), Vec::new(), None);
-        while let Some(ev) = rx.recv().await {
-            match ev? {
-                ChoiceEvent::Delta { text: t, tokens: ts } => {
-                    text.push_str(&t);
-                    tokens.extend(ts);
-                }
-                ChoiceEvent::Done { reason, usage } => {
-                    finish = Some(reason);
-                    usages[index] = Some(usage);
-                }
-            }
-        }
-        let finish = finish.ok_or_else(|| ApiError::new(ErrorCode::Internal, "choice ended without a finish reason"))?;
-        let want_lp = job.params.logprobs.is_some();
-        choices.push(if job.chat {
-            json!({"index": index, "message": {"role": "assistant", "content": text},
-                   "logprobs": if want_lp { chat_logprobs(&tokens) } else { Value::Null }, "finish_reason": finish.as_str()})
-        } else {
-            json!({"index": index, "text": text, "logprobs": if want_lp { completion_logprobs(&tokens, 0) } else { Value::Null },
-                   "finish_reason": finish.as_str()})
-        });
-    }
-    Ok(json!({
-        "id": id,
-        "object": if job.chat { "chat.completion" } else { "text_completion" },
-        "created": now(),
-        "model": s.cfg.model_name,
-        "choices": choices,
-        "usage": total_usage(job, &usages),
-    }))
-}
-
-fn stream_response(s: S, job: Job, id: String, rxs: Vec<choice::ChoiceRx>) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let created = now();
-    let model = s.cfg.model_name.clone();
-    let object = if job.chat { "chat.completion.chunk" } else { "text_completion" };
-    let chunk = move |choices: Value, usage: Option<Value>| {
-        let mut c = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
-        if job.include_usage {
-            c["usage"] = usage.unwrap_or(Value::Null);
-        }
-        SseEvent::default().data(c.to_string())
-    };
-    let n_choices = rxs.len();
-    let merged = stream::select_all(rxs.into_iter().enumerate().map(|(i, rx)| ReceiverStream::new(rx).map(move |e| (i, e))));
-    let want_lp = job.params.logprobs.is_some();
-    let chat = job.chat;
-    let opening: Vec<SseEvent> = if chat {
-        (0..n_choices)
-            .map(|i| {
-                chunk(json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None)
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let state = (merged, vec![None::<Usage>; n_choices], job, false, vec![0usize; n_choices]);
-    let body = stream::unfold(state, move |(mut merged, mut usages, job, done, mut offsets)| {
-        let chunk = chunk.clone();
-        async move {
-            if done {
-                return None;
-            }
-            let mut end = false;
-            let events: Vec<SseEvent> = match merged.next().await {
-                Some((i, Ok(ChoiceEvent::Delta { text, tokens }))) => {
-                    if text.is_empty() && tokens.is_empty() {
-                        Vec::new()
-                    } else {
-                        let c = if chat {
-                            json!([{"index": i, "delta": {"content": text}, "logprobs": if want_lp { chat_logprobs(&tokens) } else { Value::Null }, "finish_reason": null}])
-                        } else {
-                            let lp = if want_lp { completion_logprobs(&tokens, offsets[i]) } else { Value::Null };
-                            json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": null}])
-                        };
-                        offsets[i] += text.len();
-                        vec![chunk(c, None)]
-                    }
-                }
-                Some((i, Ok(ChoiceEvent::Done { reason, usage }))) => {
-                    usages[i] = Some(usage);
-                    let c = if chat {
-                        json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": reason.as_str()}])
-                    } else {
-                        json!([{"index": i, "text": "", "logprobs": null, "finish_reason": reason.as_str()}])
-                    };
-                    vec![chunk(c, None)]
-                }
-                Some((_, Err(e))) => {
-                    // The HTTP status is already sent: report in-band, then end the stream.
-                    end = true;
-                    vec![SseEvent::default().data(e.body().to_string()), SseEvent::default().data("[DONE]")]
-                }
-                None => {
-                    let mut out = Vec::new();
-                    if job.include_usage {
-                        out.push(chunk(json!([]), Some(total_usage(&job, &usages))));
-                    }
-                    out.push(SseEvent::default().data("[DONE]"));
-                    return Some((stream::iter(out.into_iter().map(Ok)), (merged, usages, job, true, offsets)));
-                }
-            };
-            Some((stream::iter(events.into_iter().map(Ok)), (merged, usages, job, end, offsets)))
-        }
-    })
-    .flatten();
-    let opening = stream::iter(opening.into_iter().map(Ok));
-    Sse::new(opening.chain(body)).keep_alive(KeepAlive::default())
 }

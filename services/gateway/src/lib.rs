@@ -5,10 +5,11 @@
 #![forbid(unsafe_code)]
 
 mod api;
-mod choice;
 mod cluster;
+mod disagg;
 mod error;
 mod metrics;
+mod render;
 mod workers;
 
 use std::future::IntoFuture;

@@ -28,12 +28,18 @@ pub enum Role {
 }
 
 impl Role {
+    const ALL: [Role; 3] = [Role::Prefill, Role::Decode, Role::BlockStore];
+
     fn parse(s: &str) -> Option<Self> {
-        match s {
-            "prefill" => Some(Role::Prefill),
-            "decode" => Some(Role::Decode),
-            "kv-transfer" => Some(Role::BlockStore),
-            _ => None,
+        Self::ALL.into_iter().find(|r| r.name() == s)
+    }
+
+    /// The name a worker registers its role under, and the `role` label of the metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+            Role::BlockStore => "kv-transfer",
         }
     }
 }
@@ -320,8 +326,8 @@ impl WorkerPool {
         metrics.waiting.set(waiting);
         metrics.kv_blocks_in_use.with_label_values(&["prefill"]).set(used[0]);
         metrics.kv_blocks_in_use.with_label_values(&["decode"]).set(used[1]);
-        for (role, label) in [(Role::Prefill, "prefill"), (Role::Decode, "decode"), (Role::BlockStore, "kv-transfer")] {
-            metrics.workers.with_label_values(&[label]).set(ws.iter().filter(|w| w.role == role && w.routable()).count() as i64);
+        for role in Role::ALL {
+            metrics.workers.with_label_values(&[role.name()]).set(ws.iter().filter(|w| w.role == role && w.routable()).count() as i64);
         }
     }
 

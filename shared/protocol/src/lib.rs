@@ -1,6 +1,6 @@
 //! Declarative types every Tandem service agrees on: the generated gRPC contract, OpenAI request
-//! types, error codes, sampling parameters, trace context, the KV layout descriptor and the
-//! chained block hash that names a KV block across the cluster.
+//! and response types, error codes, sampling parameters, trace context, the KV layout descriptor
+//! and the chained block hash that names a KV block across the cluster.
 #![forbid(unsafe_code)]
 
 mod blocks;

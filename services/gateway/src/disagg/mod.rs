@@ -1,0 +1,267 @@
+//! Disaggregated serving of one choice, start to finish. The prompt's KV is computed on one
+//! worker and the tokens on another, so every choice runs three steps: open the decode stream
+//! (the decode worker then expects the KV), run the prefill, which computes the prompt and hands
+//! its KV to that decode worker, then relay the tokens as text until the sequence ends or a stop
+//! string matches. This is the one place that splits a request across the two pools and stitches
+//! the halves back together, the disaggregation the module is named for. Dropping the receiver
+//! cancels the choice everywhere.
+//!
+//! [`retry`] holds the rule both pools share for a worker that refuses; [`relay`] the last step.
+
+mod relay;
+mod retry;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tandem_protocol::pb::decode_client::DecodeClient;
+use tandem_protocol::pb::prefill_client::PrefillClient;
+use tandem_protocol::pb::{self, GenerateRequest, PrefillRequest};
+use tandem_protocol::{block_hashes, trace, ApiError, ErrorCode, FinishReason, SamplingParams, TraceContext};
+use tandem_state::{now_ms, Phase, RequestState};
+use tokio::sync::mpsc;
+use tonic::codec::Streaming;
+use tracing::Instrument;
+
+use crate::workers::{Lease, PrefillChoice, Role};
+use crate::AppState;
+use relay::{Detok, Relay};
+
+pub(crate) struct ChoiceSpec {
+    pub request_id: String,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+    pub seed: u64,
+    /// The gateway's span of the request; every worker call carries it as `traceparent`.
+    pub trace: TraceContext,
+}
+
+/// A token as the client sees it in `logprobs`.
+#[derive(Debug, Clone)]
+pub(crate) struct TokenOut {
+    pub text: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+/// What one choice used: its completion, and the prompt tokens its prefill found cached.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ChoiceUsage {
+    pub completion_tokens: usize,
+    pub cached_tokens: usize,
+}
+
+#[derive(Debug)]
+pub(crate) enum ChoiceEvent {
+    Delta { text: String, tokens: Vec<TokenOut> },
+    Done { reason: FinishReason, usage: ChoiceUsage },
+}
+
+pub(crate) type ChoiceRx = mpsc::Receiver<Result<ChoiceEvent, ApiError>>;
+type ChoiceTx = mpsc::Sender<Result<ChoiceEvent, ApiError>>;
+
+/// Starts a choice on its own task; its text, its end and any error arrive on the receiver.
+pub(crate) fn start(state: Arc<AppState>, spec: ChoiceSpec) -> ChoiceRx {
+    let (tx, rx) = mpsc::channel(256);
+    let span = tracing::info_span!("request", request_id = %spec.request_id, trace_id = %spec.trace.trace_id_hex());
+    let tasks = state.shutdown.clone();
+    tasks.spawn(
+        async move {
+            state.metrics.running.inc();
+            let started = Instant::now();
+            let mut progress = Progress::new(&state, &spec);
+            let outcome = tokio::select! {
+                // The client went away: returning drops the gRPC calls, which cancels both workers.
+                _ = tx.closed() => Err(ApiError::new(ErrorCode::Cancelled, "client disconnected")),
+                r = tokio::time::timeout(state.cfg.request_timeout, drive(&state, spec, &tx, started, &mut progress)) => {
+                    r.unwrap_or_else(|_| Err(ApiError::new(ErrorCode::Timeout, format!("request exceeded {:?}", state.cfg.request_timeout))))
+                }
+            };
+            state.metrics.running.dec();
+            let label = match &outcome {
+                Ok(()) => "ok",
+                Err(e) if e.code == ErrorCode::Cancelled => "cancelled",
+                Err(_) => "error",
+            };
+            state.metrics.requests.with_label_values(&[label]).inc();
+            progress.flush(&state);
+            match &outcome {
+                Ok(()) => progress.phase(&state, Phase::Done),
+                Err(e) => {
+                    progress.record.error = Some(e.message.clone());
+                    progress.phase(&state, if e.code == ErrorCode::Cancelled { Phase::Cancelled } else { Phase::Failed });
+                }
+            }
+            match outcome {
+                Ok(()) => state.metrics.e2e.observe(started.elapsed().as_secs_f64()),
+                Err(e) => {
+                    if e.code != ErrorCode::Cancelled {
+                        tracing::warn!(error = %e, "request failed");
+                    }
+                    let _ = tx.send(Err(e)).await;
+                }
+            }
+        }
+        .instrument(span),
+    );
+    rx
+}
+
+/// The request's state as the cluster store sees it; tokens go out in batches.
+struct Progress {
+    record: RequestState,
+    unflushed: Vec<u32>,
+}
+
+impl Progress {
+    const BATCH: usize = 16;
+
+    /// Records the choice as queued.
+    fn new(state: &AppState, spec: &ChoiceSpec) -> Self {
+        let params = serde_json::to_value(&spec.params).unwrap_or_default();
+        let record = RequestState::new(&spec.request_id, &state.cfg.model_name, spec.prompt.clone(), spec.seed, params);
+        state.cluster.put_request(&record);
+        Self { record, unflushed: Vec::new() }
+    }
+
+    fn token(&mut self, state: &AppState, id: u32) {
+        self.unflushed.push(id);
+        if self.unflushed.len() >= Self::BATCH {
+            self.flush(state);
+        }
+    }
+
+    fn flush(&mut self, state: &AppState) {
+        state.cluster.append_tokens(&self.record.id, std::mem::take(&mut self.unflushed));
+    }
+
+    fn phase(&mut self, state: &AppState, phase: Phase) {
+        self.record.phase = phase;
+        self.record.updated_ms = now_ms();
+        state.cluster.put_request(&self.record);
+    }
+}
+
+async fn drive(state: &AppState, spec: ChoiceSpec, tx: &ChoiceTx, started: Instant, progress: &mut Progress) -> Result<(), ApiError> {
+    let g = GenerateRequest {
+        request_id: spec.request_id.clone(),
+        prompt: spec.prompt.clone(),
+        params: Some((&spec.params).into()),
+        seed: spec.seed,
+        eos_ids: state.tokenizer.eos_ids().to_vec(),
+        kv_wait_ms: state.cfg.request_timeout.as_millis().min(u32::MAX as u128) as u32,
+    };
+    let cached = CachedPrefix::look_up(state, &spec.prompt).await;
+    let (decode, tokens) = open_decode(state, &spec, &g, cached.block_size).await?;
+    progress.record.decode_worker = decode.info.worker_id.clone();
+    let prefilled = prefill(state, &spec, g, &decode, &cached, progress).await?;
+    let relay = Relay {
+        state,
+        tx,
+        detok: Detok::new(&state.tokenizer, spec.params.stop.clone(), spec.params.logprobs.is_some()),
+        cached_tokens: prefilled.cached_tokens as usize,
+        progress,
+    };
+    relay.run(decode, tokens, prefilled, started).await
+}
+
+/// Where the prompt's leading blocks are cached, by the prefix index: what routes the prefill.
+struct CachedPrefix {
+    block_size: usize,
+    /// Leading reusable blocks each worker (and the block store) holds, by worker id.
+    overlap: HashMap<String, usize>,
+    /// A healthy block store (id, address) and how many of the blocks it holds.
+    store: Option<(String, String)>,
+    store_blocks: usize,
+}
+
+impl CachedPrefix {
+    async fn look_up(state: &AppState, prompt: &[u32]) -> Self {
+        let block_size = state.workers.block_size().unwrap_or(16);
+        // The prompt's last token is always computed, so only the blocks before it are reusable.
+        let reusable = block_hashes(&prompt[..prompt.len() - 1], block_size);
+        let overlap = state.cluster.overlap(&reusable).await;
+        let store = state.workers.store();
+        let store_blocks = store.as_ref().and_then(|(id, _)| overlap.get(id)).copied().unwrap_or(0);
+        Self { block_size, overlap, store, store_blocks }
+    }
+}
+
+/// Opens the generate stream on a decode worker with room for the whole sequence. The worker
+/// registers the request before it answers, so the prefill's KV cannot arrive unexpected.
+async fn open_decode(
+    state: &AppState,
+    spec: &ChoiceSpec,
+    g: &GenerateRequest,
+    block_size: usize,
+) -> Result<(Lease, Streaming<pb::TokenEvent>), ApiError> {
+    let need_blocks = (spec.prompt.len() + spec.params.max_tokens).div_ceil(block_size);
+    retry::pick_and_call(
+        state,
+        Role::Decode,
+        |tried| state.workers.pick_decode(need_blocks, tried),
+        |decode: &Lease| {
+            let mut client = DecodeClient::new(decode.channel.clone());
+            let request = trace::request(g.clone(), &spec.request_id, &spec.trace);
+            async move { client.generate(request).await }
+        },
+    )
+    .await
+}
+
+/// Runs the prefill on the worker where the prompt costs least: it computes what no cache holds,
+/// hands the KV to `decode`, and answers with the first token. Afterwards the prefix index learns
+/// who holds the prompt's blocks now. The prefill worker's lease ends with this step.
+async fn prefill(
+    state: &AppState,
+    spec: &ChoiceSpec,
+    g: GenerateRequest,
+    decode: &Lease,
+    cached: &CachedPrefix,
+    progress: &mut Progress,
+) -> Result<pb::PrefillResponse, ApiError> {
+    let m = &state.metrics;
+    let request = PrefillRequest {
+        request: Some(g),
+        decode_kv_addr: decode.info.kv_addr.clone(),
+        store_addr: cached.store.as_ref().map(|(_, url)| url.clone()).unwrap_or_default(),
+        store_prefix_blocks: cached.store_blocks as u32,
+    };
+    let pick = |tried: &[u64]| {
+        state.workers.pick_prefill(&cached.overlap, spec.prompt.len(), cached.block_size, state.cfg.route_load_weight, tried)
+    };
+    let call = |choice: &PrefillChoice| {
+        progress.record.prefill_worker = choice.lease.info.worker_id.clone();
+        progress.phase(state, Phase::Prefill);
+        let mut client = PrefillClient::new(choice.lease.channel.clone());
+        let request = trace::request(request.clone(), &spec.request_id, &spec.trace);
+        async move { client.prefill(request).await }
+    };
+    let (chosen, resp) = retry::pick_and_call(state, Role::Prefill, pick, call).await.inspect_err(|e| {
+        if e.code == ErrorCode::KvHandoffFailed {
+            m.handoff_failures.inc();
+        }
+    })?;
+    m.prefix_routed_blocks.inc_by(chosen.cached_blocks as u64);
+    m.store_pulled_blocks.inc_by(resp.pulled_blocks as u64);
+    m.store_offload_shed_blocks.inc_by(resp.offload_shed_blocks as u64);
+    // The prefill worker now caches the prompt's full blocks; the store will hold the leading
+    // ones it was sent. The index is a hint: a stale entry costs a worse route or a short fetch.
+    let full = block_hashes(&spec.prompt, cached.block_size);
+    state.cluster.publish(&chosen.lease.info.worker_id, full.clone());
+    if let Some((store_id, _)) = &cached.store {
+        let n = (resp.offloaded_blocks as usize).min(full.len());
+        state.cluster.publish(store_id, full[..n].to_vec());
+    }
+    progress.record.cached_tokens = resp.cached_tokens as usize;
+    progress.phase(state, Phase::Decode);
+    m.prefill_time.observe(resp.prefill_millis / 1e3);
+    if let Some(t) = &resp.transfer {
+        m.kv_transfer_bytes.with_label_values(&[t.transport.as_str()]).inc_by(t.bytes);
+        m.handoff_time.observe(t.millis / 1e3);
+    }
+    m.prompt_tokens.inc_by(spec.prompt.len() as u64);
+    m.cached_prompt_tokens.inc_by(resp.cached_tokens as u64);
+    Ok(resp)
+}

@@ -1,0 +1,157 @@
+//! The last step of a choice: the prefill's first token, then the decode worker's stream, turned
+//! into text for the client until the sequence ends or a stop string matches.
+
+use std::time::Instant;
+
+use tandem_protocol::pb::{self, token_event};
+use tandem_protocol::{ApiError, ErrorCode, FinishReason};
+use tandem_tokenizer::{DecodeStream, StopMatcher, Tokenizer};
+use tonic::codec::Streaming;
+
+use super::{ChoiceEvent, ChoiceTx, ChoiceUsage, Progress, TokenOut};
+use crate::workers::Lease;
+use crate::AppState;
+
+/// One choice's tokens on their way to the client.
+pub(super) struct Relay<'a> {
+    pub state: &'a AppState,
+    pub tx: &'a ChoiceTx,
+    pub progress: &'a mut Progress,
+    pub detok: Detok<'a>,
+    /// Prompt tokens the prefill did not compute, reported in every usage of this choice.
+    pub cached_tokens: usize,
+}
+
+impl Relay<'_> {
+    /// Sends the first token, then every token of `stream` until the decode worker finishes.
+    /// `decode` is held to the end, so the worker counts as busy with this choice meanwhile;
+    /// returning early drops `stream`, which cancels the sequence on the decode worker.
+    pub async fn run(
+        mut self,
+        decode: Lease,
+        mut stream: Streaming<pb::TokenEvent>,
+        prefilled: pb::PrefillResponse,
+        started: Instant,
+    ) -> Result<(), ApiError> {
+        let state = self.state;
+        let metrics = &state.metrics;
+        let first = prefilled.first_token.ok_or_else(|| ApiError::new(ErrorCode::Internal, "prefill returned no token"))?;
+        metrics.ttft.observe(started.elapsed().as_secs_f64());
+        metrics.generation_tokens.inc();
+        let mut last = Instant::now();
+        if self.token(&first).await? {
+            return Ok(());
+        }
+        // The first token may already have ended the sequence; then no KV was handed over.
+        let mut finished = prefilled.finished;
+        while finished.is_none() {
+            match next_event(state, &decode, &mut stream).await? {
+                Some(token_event::Event::Token(t)) => {
+                    let now = Instant::now();
+                    metrics.itl.observe((now - last).as_secs_f64());
+                    metrics.generation_tokens.inc();
+                    last = now;
+                    if self.token(&t).await? {
+                        return Ok(());
+                    }
+                }
+                Some(token_event::Event::Finished(f)) => finished = Some(f),
+                None => {}
+            }
+        }
+        let f = finished.expect("loop ends when finished");
+        let (text, stopped) = self.detok.finish();
+        if !text.is_empty() {
+            self.send(ChoiceEvent::Delta { text, tokens: Vec::new() }).await?;
+        }
+        let reason = if f.finish_reason == "length" && !stopped { FinishReason::Length } else { FinishReason::Stop };
+        let completion = f.usage.map(|u| u.completion_tokens as usize).unwrap_or(self.detok.tokens);
+        self.done(reason, completion).await
+    }
+
+    /// Records and sends one token's text; true when a stop string ended the choice there (its
+    /// end already sent).
+    async fn token(&mut self, t: &pb::Token) -> Result<bool, ApiError> {
+        self.progress.token(self.state, t.id);
+        let (delta, stopped) = self.detok.push(t)?;
+        self.send(delta).await?;
+        if stopped {
+            self.done(FinishReason::Stop, self.detok.tokens).await?;
+        }
+        Ok(stopped)
+    }
+
+    async fn done(&mut self, reason: FinishReason, completion_tokens: usize) -> Result<(), ApiError> {
+        self.progress.record.finish_reason = Some(reason.as_str().to_string());
+        let usage = ChoiceUsage { completion_tokens, cached_tokens: self.cached_tokens };
+        self.send(ChoiceEvent::Done { reason, usage }).await
+    }
+
+    async fn send(&self, e: ChoiceEvent) -> Result<(), ApiError> {
+        self.tx.send(Ok(e)).await.map_err(|_| ApiError::new(ErrorCode::Cancelled, "client disconnected"))
+    }
+}
+
+/// The decode stream's next event. A worker that vanished mid-stream (the connection reset, or
+/// the transport gave up) leaves routing, and the request fails as unavailable.
+async fn next_event(
+    state: &AppState,
+    decode: &Lease,
+    stream: &mut Streaming<pb::TokenEvent>,
+) -> Result<Option<token_event::Event>, ApiError> {
+    match stream.message().await {
+        Ok(Some(e)) => Ok(e.event),
+        Ok(None) => Err(ApiError::new(ErrorCode::Internal, "decode worker ended the stream early")),
+        Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
+            state.workers.mark_down(decode);
+            Err(ApiError::new(ErrorCode::Unavailable, format!("decode worker failed mid-request: {}", s.message())))
+        }
+        Err(s) => Err(ApiError::from_status(&s)),
+    }
+}
+
+/// Text assembly for one choice: incremental detokenization, then stop strings.
+pub(super) struct Detok<'a> {
+    tokenizer: &'a Tokenizer,
+    stream: DecodeStream,
+    stop: StopMatcher,
+    want_logprobs: bool,
+    /// Tokens pushed so far: the completion's length when the worker reports none.
+    tokens: usize,
+}
+
+impl<'a> Detok<'a> {
+    pub fn new(tokenizer: &'a Tokenizer, stop: Vec<String>, want_logprobs: bool) -> Self {
+        Self { tokenizer, stream: DecodeStream::new(), stop: StopMatcher::new(stop), want_logprobs, tokens: 0 }
+    }
+
+    /// Returns the text to send and whether a stop string ended the choice.
+    fn push(&mut self, t: &pb::Token) -> Result<(ChoiceEvent, bool), ApiError> {
+        self.tokens += 1;
+        let internal = |e: tandem_tokenizer::TokenizerError| ApiError::new(ErrorCode::Internal, e.to_string());
+        let piece = self.stream.step(self.tokenizer, t.id).map_err(internal)?.unwrap_or_default();
+        let out = self.stop.push(&piece);
+        let mut tokens = Vec::new();
+        if self.want_logprobs {
+            if let Some(lp) = &t.logprobs {
+                let text = |id: u32| self.tokenizer.decode(&[id]).unwrap_or_default();
+                tokens.push(TokenOut {
+                    text: text(t.id),
+                    logprob: lp.logprob,
+                    top: lp.top.iter().map(|a| (text(a.token), a.logprob)).collect(),
+                });
+            }
+        }
+        Ok((ChoiceEvent::Delta { text: out.text, tokens }, out.stopped.is_some()))
+    }
+
+    /// Flushes held-back text; true if a stop string completed in it.
+    fn finish(&mut self) -> (String, bool) {
+        let tail = self.stream.finish(self.tokenizer).ok().flatten().unwrap_or_default();
+        let out = self.stop.push(&tail);
+        if out.stopped.is_some() {
+            return (out.text, true);
+        }
+        (out.text + &self.stop.finish(), false)
+    }
+}

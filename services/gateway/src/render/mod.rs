@@ -1,0 +1,116 @@
+//! Choices as OpenAI responses: each endpoint has a [`Renderer`] that shapes its choices and
+//! chunks; a whole response is [`collect`]ed, a stream goes out as server-sent events ([`sse`]).
+//! The wire types themselves live in `tandem_protocol::openai`.
+
+mod chat;
+mod completion;
+mod sse;
+#[cfg(test)]
+mod tests;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tandem_protocol::openai::{Choice, CompletionResponse, Usage};
+use tandem_protocol::{ApiError, ErrorCode, FinishReason};
+
+use crate::disagg::{ChoiceEvent, ChoiceRx, ChoiceUsage, TokenOut};
+
+pub(crate) use chat::ChatRenderer;
+pub(crate) use completion::CompletionRenderer;
+pub(crate) use sse::sse;
+
+/// One endpoint's shapes. A renderer lives as long as its request, so it may keep what a
+/// stream needs between chunks.
+pub(crate) trait Renderer: Send + 'static {
+    /// How this endpoint's response ids begin (`chatcmpl-…`, `cmpl-…`).
+    const ID_PREFIX: &'static str;
+    type Choice: Choice;
+    type Chunk: Choice;
+
+    /// A renderer for one request; `logprobs` says whether the client asked for them.
+    fn new(logprobs: bool) -> Self;
+
+    /// Choice `index` whole, for a response that is not streamed.
+    fn choice(&self, index: usize, text: String, tokens: &[TokenOut], finish: FinishReason) -> Self::Choice;
+
+    /// What a stream sends for choice `index` before its first token, if anything.
+    fn opening(&self, index: usize) -> Option<Self::Chunk>;
+
+    /// New text of choice `index`, with the tokens it came from.
+    fn delta(&mut self, index: usize, text: String, tokens: &[TokenOut]) -> Self::Chunk;
+
+    /// The end of choice `index`.
+    fn finish(&self, index: usize, reason: FinishReason) -> Self::Chunk;
+}
+
+/// What every response and chunk of one request repeats.
+#[derive(Debug, Clone)]
+pub(crate) struct Envelope {
+    pub id: String,
+    pub model: String,
+}
+
+/// Seconds since the Unix epoch, as OpenAI's `created`.
+pub(crate) fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Usage of a whole request from each choice's, by choice index (prompt `p`, sample `j` is
+/// choice `p * n + j`): each prompt counted once, with the cache hits of its first choice, and
+/// every choice's completion counted.
+#[derive(Debug, Clone)]
+pub(crate) struct UsageTally {
+    prompt_tokens: usize,
+    n: usize,
+    choices: Vec<Option<ChoiceUsage>>,
+}
+
+impl UsageTally {
+    pub fn new(prompts: &[Vec<u32>], n: usize) -> Self {
+        Self { prompt_tokens: prompts.iter().map(Vec::len).sum(), n, choices: vec![None; prompts.len() * n] }
+    }
+
+    /// How many choices the request has.
+    pub fn choices(&self) -> usize {
+        self.choices.len()
+    }
+
+    pub fn record(&mut self, index: usize, usage: ChoiceUsage) {
+        self.choices[index] = Some(usage);
+    }
+
+    pub fn total(&self) -> Usage {
+        let completion = self.choices.iter().flatten().map(|u| u.completion_tokens).sum();
+        let cached = self.choices.iter().step_by(self.n.max(1)).flatten().map(|u| u.cached_tokens).sum();
+        Usage::new(self.prompt_tokens, completion, cached)
+    }
+}
+
+/// Waits for every choice, in order, and renders the whole response. The first error fails the
+/// request; the receivers it drops cancel the choices still running.
+pub(crate) async fn collect<R: Renderer>(
+    renderer: &R,
+    envelope: Envelope,
+    mut usage: UsageTally,
+    rxs: Vec<ChoiceRx>,
+) -> Result<CompletionResponse<R::Choice>, ApiError> {
+    let mut choices = Vec::with_capacity(rxs.len());
+    for (index, mut rx) in rxs.into_iter().enumerate() {
+        let (mut text, mut tokens, mut finish) = (String::new(), Vec::new(), None);
+        while let Some(event) = rx.recv().await {
+            match event? {
+                ChoiceEvent::Delta { text: t, tokens: ts } => {
+                    text.push_str(&t);
+                    tokens.extend(ts);
+                }
+                ChoiceEvent::Done { reason, usage: u } => {
+                    finish = Some(reason);
+                    usage.record(index, u);
+                }
+            }
+        }
+        let finish = finish.ok_or_else(|| ApiError::new(ErrorCode::Internal, "choice ended without a finish reason"))?;
+        choices.push(renderer.choice(index, text, &tokens, finish));
+    }
+    Ok(CompletionResponse::new(envelope.id, now(), envelope.model, choices, usage.total()))
+}
