@@ -44,11 +44,12 @@ fn check_latencies(report: &RunReport, num_prompts: usize) {
             within(&key, r.latency[&key], truth);
         }
         // The tail also holds the test machine's own hiccups: a burst of 64 new connections takes
-        // tens of milliseconds to open on a small, busy machine, and the fake server's timers slip
-        // by as much, so the tail and single requests get 40%. The means and medians above are
-        // the accuracy claim; these only catch a request that is wildly off.
+        // tens of milliseconds to open on a small, busy machine, and the fake server's 25 ms
+        // timers slip by as much (a p99 inter-token gap of 40 ms has been seen on two cores), so
+        // the tail may be up to twice the truth. The means and medians above are the accuracy
+        // claim; this only catches a unit or bookkeeping error, which is off by far more.
         let key = format!("p99_{metric}_ms");
-        within_tol(&key, r.latency[&key], truth, 0.40);
+        within_tol(&key, r.latency[&key], truth, 1.0);
     }
     for o in &report.outcomes {
         within_tol("request ttft", o.ttft * 1e3, TTFT_MS, 0.40);

@@ -2,7 +2,9 @@
 //! clone builds with cargo alone.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read when the script runs, not when it was compiled: a compiled script may be reused for
+    // another checkout of the same sources.
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let proto = root.join("tandem/v1/tandem.proto");
     println!("cargo:rerun-if-changed={}", proto.display());
     // Build scripts are single-threaded, so setting a variable here races with nothing.

@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 fn main() -> anyhow::Result<()> {
+    tandem_runtime::require_cpu_features();
     let cli = tandem::Cli::parse_args();
     tandem::init_logging(cli.default_log_level());
     tandem::run(cli)

@@ -1,7 +1,8 @@
 //! The batcher's greedy fast path: when every sequence that gets a token wants plain argmax, it
 //! asks the engine to pick tokens where the logits are (`Engine::forward_argmax`; the CUDA engine
-//! does it on the GPU). Here a wrapper gives the CPU engine such a path, counting its use, and
-//! the tokens must equal the ordinary host-sampled run.
+//! does it on the GPU). Here a wrapper gives an engine such a path, counting its use, and the
+//! tokens must equal the ordinary host-sampled run: on the real model for plain greedy requests,
+//! and on a scripted engine with pseudo-random logits for the requests that must stay on the host.
 
 mod common;
 
@@ -10,16 +11,17 @@ use std::sync::Arc;
 
 use common::*;
 use tandem_engine::kv::{BlockId, SeqTable};
-use tandem_engine::{Batcher, BatcherConfig, CpuEngine, Engine, EngineInfo, ForwardItem};
+use tandem_engine::testing::ScriptedEngine;
+use tandem_engine::{Batcher, BatcherConfig, CpuEngine, Engine, EngineInfo, ForwardItem, Mode, NewRequest};
 use tandem_protocol::{Bytes, SamplingParams};
 
-/// The CPU engine with an argmax path of its own (the first largest logit, as on the GPU).
-struct ArgmaxEngine {
-    inner: CpuEngine,
+/// An engine with an argmax path of its own (the first largest logit, as on the GPU).
+struct ArgmaxEngine<E> {
+    inner: E,
     used: Arc<AtomicUsize>,
 }
 
-impl Engine for ArgmaxEngine {
+impl<E: Engine> Engine for ArgmaxEngine<E> {
     fn info(&self) -> &EngineInfo {
         self.inner.info()
     }
@@ -57,18 +59,58 @@ fn prompts(tok: &tandem_tokenizer::Tokenizer) -> Vec<Vec<u32>> {
     ["The capital of France is", "def add(a, b):", long.as_str()].iter().map(|p| tok.encode(p).unwrap()).collect()
 }
 
-fn run(wrapped: bool, params: &[SamplingParams]) -> (std::collections::BTreeMap<u64, Vec<u32>>, usize) {
-    let (files, used) = (default_model(), Arc::new(AtomicUsize::new(0)));
-    let (engine, tok) = (CpuEngine::load(&files, &small_cache()).unwrap(), tandem_tokenizer::Tokenizer::load(&files).unwrap());
+/// Runs one request per params on `engine` (wrapped with an argmax path or not); returns each
+/// request's tokens and how many passes took the argmax path.
+fn run_on<E: Engine + 'static>(
+    engine: E,
+    wrapped: bool,
+    prompts: Vec<Vec<u32>>,
+    eos: &[u32],
+    params: &[SamplingParams],
+) -> (std::collections::BTreeMap<u64, Vec<u32>>, usize) {
+    let used = Arc::new(AtomicUsize::new(0));
     let engine: Box<dyn Engine> = if wrapped { Box::new(ArgmaxEngine { inner: engine, used: used.clone() }) } else { Box::new(engine) };
     // A small token budget splits the long prompt into chunks that end mid-prompt.
     let mut b = Batcher::new(engine, BatcherConfig { max_batch_tokens: 64, ..BatcherConfig::default() });
-    for (i, (prompt, p)) in prompts(&tok).into_iter().zip(params).enumerate() {
-        let mut req = greedy_request(i as u64 + 1, prompt, 12, &tok);
-        req.params = p.clone();
-        b.add(req);
+    for (i, (prompt, p)) in prompts.into_iter().zip(params).enumerate() {
+        b.add(NewRequest {
+            id: i as u64 + 1,
+            prompt,
+            params: p.clone(),
+            seed: p.seed.unwrap_or(0),
+            eos_ids: eos.to_vec(),
+            mode: Mode::Full,
+        });
     }
     (run_all(&mut b), used.load(Ordering::SeqCst))
+}
+
+fn run(wrapped: bool, params: &[SamplingParams]) -> (std::collections::BTreeMap<u64, Vec<u32>>, usize) {
+    let files = default_model();
+    let (engine, tok) = (CpuEngine::load(&files, &small_cache()).unwrap(), tandem_tokenizer::Tokenizer::load(&files).unwrap());
+    run_on(engine, wrapped, prompts(&tok), tok.eos_ids(), params)
+}
+
+/// Logits that look random but depend only on the sequence: sampling, penalties and logprobs
+/// all have something to work with.
+fn hashed_logits(seq: &[u32]) -> Vec<f32> {
+    let mut h = seq.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &t| (h ^ u64::from(t)).wrapping_mul(0x0100_0000_01b3));
+    (0..VOCAB)
+        .map(|_| {
+            h ^= h << 13;
+            h ^= h >> 7;
+            h ^= h << 17;
+            (h % 1000) as f32 / 100.0
+        })
+        .collect()
+}
+
+const VOCAB: usize = 256;
+
+fn run_scripted(wrapped: bool, params: &[SamplingParams]) -> (std::collections::BTreeMap<u64, Vec<u32>>, usize) {
+    let engine = ScriptedEngine::new("scripted", VOCAB, 256, hashed_logits);
+    let prompts = vec![vec![1, 2, 3, 4, 5], vec![7, 8, 9], (10..190).collect()];
+    run_on(engine, wrapped, prompts, &[], params)
 }
 
 #[test]
@@ -91,11 +133,11 @@ fn logprobs_penalties_and_sampling_stay_on_the_host() {
     sampled.seed = Some(3);
     for p in [with_logprobs, penalised, sampled] {
         let params = vec![SamplingParams::greedy(12), SamplingParams::greedy(12), p.clone()];
-        let (host, _) = run(false, &params);
-        let (device, _) = run(true, &params);
+        let (host, _) = run_scripted(false, &params);
+        let (device, _) = run_scripted(true, &params);
         assert_eq!(host, device, "{p:?}");
         // With that request alone, no step may pick its tokens on the engine.
-        let (_, used) = run(true, &[p.clone(), p.clone(), p]);
+        let (_, used) = run_scripted(true, &[p.clone(), p.clone(), p]);
         assert_eq!(used, 0);
     }
 }

@@ -4,11 +4,13 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod cpu;
 mod membership;
 mod shutdown;
 mod signals;
 
 pub use config::Device;
+pub use cpu::require_cpu_features;
 pub use membership::Membership;
 pub use shutdown::{Shutdown, ShutdownReport};
 pub use signals::stop_signal;
