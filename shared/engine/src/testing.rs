@@ -127,3 +127,43 @@ impl Engine for ScriptedEngine {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::PagedEngine;
+    use tandem_protocol::KvExport;
+
+    fn prefilled(tokens: &[u32]) -> (PagedEngine<ScriptedEngine>, KvExport) {
+        let mut e = PagedEngine::new(ScriptedEngine::counting("m", 64, 8));
+        e.add_sequence(1, tokens).unwrap();
+        e.forward(&[ForwardItem { seq: 1, tokens: tokens.to_vec(), all_logits: false }]).unwrap();
+        let kv = e.export(1).unwrap();
+        (e, kv)
+    }
+
+    fn next_after_import(kv: &KvExport) -> Result<Vec<Vec<Vec<f32>>>> {
+        let mut e = PagedEngine::new(ScriptedEngine::counting("m", 64, 8));
+        e.import(7, kv)?;
+        e.forward(&[ForwardItem { seq: 7, tokens: vec![40], all_logits: false }])
+    }
+
+    #[test]
+    fn an_imported_sequence_decodes_on() {
+        let (_, kv) = prefilled(&(1..=20).collect::<Vec<_>>());
+        let logits = next_after_import(&kv).unwrap();
+        let best = logits[0][0].iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+        assert_eq!(best, 41, "counting continues after the imported tokens");
+    }
+
+    #[test]
+    fn blocks_that_do_not_hold_the_sequence_fail_the_next_pass() {
+        let tokens: Vec<u32> = (1..=20).collect();
+        let (_, mut kv) = prefilled(&tokens);
+        // Blocks swapped in transit, checksums recomputed so the import's own checks pass.
+        kv.blocks.swap(0, 1);
+        kv.checksums = kv.blocks.iter().map(|b| KvExport::checksum(b)).collect();
+        let err = next_after_import(&kv).unwrap_err();
+        assert!(matches!(err, crate::EngineError::Import(_)), "{err}");
+    }
+}
