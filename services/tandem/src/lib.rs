@@ -17,6 +17,10 @@ pub use generate::GenerateArgs;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Log lines as `text` or as `json`, one object per line with the request's span fields
+    /// (`request_id`, `trace_id`) at the top level; `tandem up` passes it to every service.
+    #[arg(long, global = true, env = "TANDEM_LOG_FORMAT", default_value = "text")]
+    pub log_format: tandem_runtime::LogFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,8 +76,8 @@ impl Cli {
 
 /// Logs go to stderr, so stdout carries only a command's output (see
 /// [`tandem_runtime::init_logging`]).
-pub fn init_logging(default_level: &str) {
-    tandem_runtime::init_logging(default_level);
+pub fn init_logging(default_level: &str, format: tandem_runtime::LogFormat) {
+    tandem_runtime::init_logging(default_level, format);
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -83,7 +87,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", default_model::ensure_default()?.display());
             Ok(())
         }
-        Command::Up(args) => runtime(2)?.block_on(up::run(args)),
+        Command::Up(args) => {
+            // The services inherit the format through the environment (before any thread runs).
+            std::env::set_var("TANDEM_LOG_FORMAT", cli.log_format.to_string());
+            runtime(2)?.block_on(up::run(args))
+        }
         Command::Gateway(args) => runtime(2)?.block_on(serve::gateway(args)),
         Command::Prefill(args) => runtime(2)?.block_on(serve::prefill(args)),
         Command::Decode(args) => runtime(2)?.block_on(serve::decode(args)),

@@ -1,5 +1,5 @@
 //! Trace context across processes: what the gateway receives in `traceparent` reaches the span
-//! each worker process logs for the request.
+//! each worker process logs for the request, in text logs and in JSON lines.
 
 mod common;
 
@@ -62,4 +62,42 @@ async fn trace_context_reaches_every_worker() {
         seen.push(t.trace_id);
     }
     assert_ne!(seen[0], seen[1], "each request starts its own trace");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_put_the_request_and_trace_ids_on_every_worker_line() {
+    use tandem_protocol::TraceContext;
+    let json = [("TANDEM_LOG_FORMAT", "json")];
+    let engine = ["--kv-cache-mb", "64"];
+    let prefill = start_env(&[&["prefill"][..], &engine].concat(), &json);
+    let decode = start_env(&[&["decode"][..], &engine].concat(), &json);
+    let (p, d) = (prefill.field("grpc"), decode.field("grpc"));
+    let gateway = start_env(&["gateway", "--listen", "127.0.0.1:0", "--poll-interval-ms", "200", "--prefill", &p, "--decode", &d], &json);
+    let base = format!("http://{}", gateway.field("http"));
+    eventually("the gateway is ready", std::time::Duration::from_secs(60), || async { http_status(&base, "/ready") == Some(200) }).await;
+
+    let incoming = TraceContext::new_root();
+    let r = client()
+        .post(format!("{base}/v1/completions"))
+        .header("traceparent", incoming.to_string())
+        .json(&json!({"model": MODEL, "prompt": "Hello", "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let choice = format!("{}-0", r.headers()["x-request-id"].to_str().unwrap());
+    let trace = incoming.trace_id_hex();
+    for (role, p) in [("prefill", &prefill), ("decode", &decode)] {
+        eventually(&format!("the {role} worker logs a JSON line for the request"), std::time::Duration::from_secs(10), || async {
+            p.log_lines()
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .any(|v| v["trace_id"] == trace && v["request_id"] == choice)
+        })
+        .await;
+        // Every line the service wrote is one JSON object.
+        for line in p.log_lines() {
+            assert!(serde_json::from_str::<Value>(&line).is_ok_and(|v| v.is_object()), "{role}: not a JSON line: {line}");
+        }
+    }
 }

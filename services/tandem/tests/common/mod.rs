@@ -83,10 +83,16 @@ impl Drop for Proc {
 
 /// Starts `tandem <args> --managed` and waits for its READY line.
 pub fn start(args: &[&str]) -> Proc {
+    start_env(args, &[])
+}
+
+/// As [`start`], with these environment variables set for the service.
+pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut child = tandem()
         .args(args)
         .arg("--managed")
         .env("RUST_LOG", LOG_FILTER)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
