@@ -152,3 +152,22 @@ pub(crate) fn row(transport: &str, h: &Handoff, mut ms: Vec<f64>, machine: &str)
         machine: machine.to_string(),
     }
 }
+
+/// Reads `child`'s stdout until a line starting with `prefix` (a service's or a helper's READY
+/// line) and returns the rest of it; fails if the child exits first or takes over 30 s. The
+/// child's stdout is consumed by this.
+pub(crate) async fn await_ready(child: &mut tokio::process::Child, prefix: &str, what: &str) -> Result<String> {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("child stdout")?).lines();
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(l) = lines.next_line().await? {
+            if let Some(rest) = l.strip_prefix(prefix) {
+                return Ok::<_, std::io::Error>(Some(rest.trim().to_string()));
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .with_context(|| format!("{what} did not start"))??
+    .with_context(|| format!("{what} exited before it was ready"))
+}

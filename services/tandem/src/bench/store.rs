@@ -90,7 +90,6 @@ fn block_bytes(layers: usize) -> usize {
 }
 
 async fn measure(args: &StoreArgs) -> Result<StoreResult> {
-    use tokio::io::AsyncBufReadExt;
     let len = block_bytes(args.layers);
     let binary = match &args.store_binary {
         Some(b) => b.clone(),
@@ -104,18 +103,7 @@ async fn measure(args: &StoreArgs) -> Result<StoreResult> {
         .stderr(std::process::Stdio::inherit())
         .kill_on_drop(true)
         .spawn()?;
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("child stdout")?).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(l) = lines.next_line().await? {
-            if let Some(a) = l.strip_prefix("READY kv-transfer grpc=") {
-                return Ok::<_, std::io::Error>(Some(a.trim().to_string()));
-            }
-        }
-        Ok(None)
-    })
-    .await
-    .context("the store did not start")??
-    .context("the store exited before it was ready")?;
+    let addr = super::await_ready(&mut child, "READY kv-transfer grpc=", "the store").await?;
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.tcp_nodelay(true).connect().await?;

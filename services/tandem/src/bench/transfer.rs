@@ -86,7 +86,6 @@ pub(super) async fn receive(args: ReceiveArgs) -> Result<()> {
 
 /// Starts the receiving process for `kind`; returns it and the address to send to.
 async fn spawn_receiver(kind: TransportKind, count: usize) -> Result<(tokio::process::Child, String)> {
-    use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
         .args(["bench", "transfer-receive", "--transport", kind.name(), "--count", &count.to_string()])
         .stdin(std::process::Stdio::piped())
@@ -94,18 +93,7 @@ async fn spawn_receiver(kind: TransportKind, count: usize) -> Result<(tokio::pro
         .stderr(std::process::Stdio::inherit())
         .kill_on_drop(true)
         .spawn()?;
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("child stdout")?).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(l) = lines.next_line().await? {
-            if let Some(a) = l.strip_prefix("READY addr=") {
-                return Ok::<_, std::io::Error>(Some(a.to_string()));
-            }
-        }
-        Ok(None)
-    })
-    .await
-    .context("the receiver did not start")??
-    .with_context(|| format!("the {kind} receiver exited before it was ready"))?;
+    let addr = super::await_ready(&mut child, "READY addr=", &format!("the {kind} receiver")).await?;
     Ok((child, addr))
 }
 
