@@ -235,16 +235,7 @@ pub fn client() -> reqwest::Client {
 }
 
 /// Status code of a GET, with plain blocking sockets (callable from inside async tests).
-pub fn http_status(base: &str, path: &str) -> Option<u16> {
-    use std::io::{Read, Write};
-    let addr = base.trim_start_matches("http://");
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).ok()?;
-    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
-}
+pub use tandem_test_support::http_status;
 
 pub async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
     let r = client().post(format!("{base}{path}")).json(body).send().await.unwrap();
