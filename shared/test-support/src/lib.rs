@@ -25,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 /// The name the default model is served under.
 pub const MODEL: &str = default_model::DEFAULT_MODEL;
 
-/// Makes a worker's engine: called once per prefill and decode worker.
-pub type EngineFactory = Arc<dyn Fn(&ModelFiles, usize) -> Result<Box<dyn Engine>> + Send + Sync>;
+/// Makes a worker's engine: called once per prefill and decode worker with the model's files, its
+/// tokenizer's vocabulary size and the KV cache budget in MiB.
+pub type EngineFactory = Arc<dyn Fn(&ModelFiles, usize, usize) -> Result<Box<dyn Engine>> + Send + Sync>;
 
 /// What a cluster is made of; [`ClusterBuilder::start`] starts it.
 pub struct ClusterBuilder {
@@ -50,7 +51,7 @@ impl Default for ClusterBuilder {
             decode: 1,
             block_store: false,
             redis: None,
-            engine: Arc::new(|files: &ModelFiles, kv_cache_mb: usize| -> Result<Box<dyn Engine>> {
+            engine: Arc::new(|files: &ModelFiles, _vocab: usize, kv_cache_mb: usize| -> Result<Box<dyn Engine>> {
                 let cfg = EngineConfig { kv_cache_bytes: kv_cache_mb << 20, ..EngineConfig::default() };
                 Ok(Box::new(CpuEngine::load(files, &cfg)?))
             }),
@@ -95,10 +96,7 @@ impl ClusterBuilder {
     /// Workers run a scripted engine instead of the model (the gateway still tokenizes with the
     /// default model's tokenizer, so `make` gets its vocabulary size).
     pub fn scripted(mut self, make: impl Fn(usize) -> ScriptedEngine + Send + Sync + 'static) -> Self {
-        self.engine = Arc::new(move |files: &ModelFiles, _| -> Result<Box<dyn Engine>> {
-            let vocab = Tokenizer::load(files)?.vocab_size();
-            Ok(Box::new(make(vocab)))
-        });
+        self.engine = Arc::new(move |_: &ModelFiles, vocab: usize, _| -> Result<Box<dyn Engine>> { Ok(Box::new(make(vocab))) });
         self
     }
 
@@ -134,6 +132,9 @@ impl ClusterBuilder {
         let path = default_model::ensure_default()?;
         let mut files = ModelFiles::resolve(&path.display().to_string())?;
         files.name = MODEL.to_string();
+        // Loaded once: the gateway tokenizes with it, and a scripted engine takes its vocabulary.
+        let tokenizer = Tokenizer::load(&files)?;
+        let vocab = tokenizer.vocab_size();
         let state = |url: &Option<String>| -> Result<Option<Arc<dyn tandem_state::StateStore>>> {
             url.as_deref().map(|u| tandem_state::open(Some(u)).context("opening Redis")).transpose()
         };
@@ -159,7 +160,7 @@ impl ClusterBuilder {
         let mut prefill = Vec::new();
         for i in 0..self.prefill {
             let (listener, addr) = bind().await?;
-            let engine = self.engine_handle(&files, &format!("prefill-{i}"))?;
+            let engine = self.engine_handle(&files, vocab, &format!("prefill-{i}"))?;
             let senders = self.transports.iter().map(|&k| tandem_transfer::sender(k, None)).collect::<Result<Vec<_>, _>>()?;
             let cfg = tandem_prefill::PrefillConfig {
                 worker_id: format!("prefill-{}", addr.port()),
@@ -181,7 +182,7 @@ impl ClusterBuilder {
             let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
             let kv = tandem_decode::KvReceivers::bind(&self.transports, loopback, self.handoff_lease, None).await?;
             let kv_addr = kv.advertised().to_string();
-            let engine = self.engine_handle(&files, &format!("decode-{i}"))?;
+            let engine = self.engine_handle(&files, vocab, &format!("decode-{i}"))?;
             let cfg = tandem_decode::DecodeConfig {
                 worker_id: format!("decode-{}", addr.port()),
                 addr: addr.to_string(),
@@ -210,14 +211,13 @@ impl ClusterBuilder {
             request_timeout: self.request_timeout,
             poll_interval: self.poll_interval,
         };
-        let tokenizer = Tokenizer::load(&files)?;
         let gateway = Service::spawn("gateway", addr, None, self.drain_timeout, |sd| tandem_gateway::run(cfg, tokenizer, listener, sd));
         let base = format!("http://{addr}");
         Ok(TestCluster { base, prefill, decode, block_store, gateway, runtime: None })
     }
 
-    fn engine_handle(&self, files: &ModelFiles, name: &str) -> Result<EngineHandle> {
-        let engine = (self.engine)(files, self.kv_cache_mb)?;
+    fn engine_handle(&self, files: &ModelFiles, vocab: usize, name: &str) -> Result<EngineHandle> {
+        let engine = (self.engine)(files, vocab, self.kv_cache_mb)?;
         Ok(EngineHandle::spawn(name, Batcher::new(engine, BatcherConfig::default())))
     }
 }
