@@ -122,20 +122,14 @@ def llama_cpp_baseline(model_path):
             "mean_ttft_ms": statistics.mean(ttfts), "decode_tokens_per_s": statistics.mean(rates)}
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs/benchmarks/cpu_serving.json"))
-    ap.add_argument("--port", type=int, default=8077)
-    args = ap.parse_args()
-    binary = os.path.join(ROOT, "target/release/tandem")
-    subprocess.run(["cargo", "build", "--release", "-p", "tandem"], cwd=ROOT, check=True)
-    model_path = subprocess.run([binary, "fetch-model"], capture_output=True, text=True, check=True).stdout.strip()
-    up = subprocess.Popen([binary, "up", "--port", str(args.port)], stdout=subprocess.PIPE, text=True)
+def measure(binary, port):
+    """Starts `tandem up` from `binary` and runs both concurrency levels against it."""
+    up = subprocess.Popen([binary, "up", "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    levels = {}
     try:
         up.stdout.readline()
-        base = f"http://127.0.0.1:{args.port}"
+        base = f"http://127.0.0.1:{port}"
         stream_one(base, "warm up")
-        levels = {}
         for concurrency, n in [(1, 8), (8, 16)]:
             before = urllib.request.urlopen(f"{base}/metrics").read().decode()
             levels[str(concurrency)] = run_level(base, concurrency, n)
@@ -148,15 +142,33 @@ def main():
     finally:
         up.terminate()
         up.wait(timeout=30)
+    return levels
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs/benchmarks/cpu_serving.json"))
+    ap.add_argument("--port", type=int, default=8077)
+    ap.add_argument("--binary", action="append", default=[],
+                    help="LABEL=PATH: measure these builds of tandem one after the other in this run (no cargo build)")
+    args = ap.parse_args()
+    builds = [b.split("=", 1) for b in args.binary]
+    if not builds:
+        subprocess.run(["cargo", "build", "--release", "-p", "tandem"], cwd=ROOT, check=True)
+        builds = [("tandem", os.path.join(ROOT, "target/release/tandem"))]
+    model_path = subprocess.run([builds[-1][1], "fetch-model"], capture_output=True, text=True, check=True).stdout.strip()
+    measured = {label: measure(binary, args.port) for label, binary in builds}
     result = {
         "benchmark": "cpu_serving",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'}), no GPU",
         "model": MODEL + " (GGUF Q4_1)",
         "setup": "tandem up: 1 prefill + 1 decode worker + gateway, separate processes on loopback, TCP KV transport",
         "workload": f"{len(PROMPTS)} chat prompts, {MAX_TOKENS} output tokens each (ignore_eos), greedy, streamed",
-        "concurrency": levels,
+        "concurrency": measured[builds[-1][0]],
         "baseline": llama_cpp_baseline(model_path),
     }
+    if len(builds) > 1:
+        result["builds"] = measured
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

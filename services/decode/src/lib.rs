@@ -90,6 +90,13 @@ impl KvReceivers {
     pub fn advertised(&self) -> &str {
         &self.advertised
     }
+
+    /// Receives blocks into the memory the engine imports from best, if it has any.
+    pub fn use_memory_of(&self, engine: &EngineHandle) {
+        if let Some(memory) = engine.block_memory() {
+            self.registry.use_memory(memory);
+        }
+    }
 }
 
 /// Serves the decode gRPC API on `listener` (KV blocks arrive through `kv`) until `shutdown` is
@@ -120,7 +127,7 @@ pub async fn run(
     });
     let server = tonic::transport::Server::builder()
         .add_service(DecodeServer::from_arc(svc.clone()))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.stopping().cancelled_owned());
+        .serve_with_incoming_shutdown(tandem_runtime::no_delay(listener), shutdown.stopping().cancelled_owned());
     let server = shutdown.spawn(server);
     let r = svc.clone();
     let membership = Membership::start(&shutdown, svc.cfg.state.clone(), svc.cfg.heartbeat, move || r.record(), || async {});

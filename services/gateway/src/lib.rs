@@ -77,7 +77,14 @@ pub async fn run(cfg: GatewayConfig, tokenizer: Tokenizer, listener: TcpListener
     let cluster = cluster::Cluster::new(cfg.state.clone(), metrics.clone(), cfg.index_ttl, cfg.request_ttl);
     let state = Arc::new(AppState { cfg, tokenizer, workers, metrics, cluster, shutdown: shutdown.clone() });
     tracing::info!(addr = %listener.local_addr()?, model = %state.cfg.model_name, state = state.cfg.state.kind(), "gateway serving");
-    let server = axum::serve(listener, api::router(state.clone())).with_graceful_shutdown(shutdown.stopping().cancelled_owned());
+    let server = axum::serve(
+        // Every SSE event is its own small write: sent at once, never held back for an ACK.
+        axum::serve::ListenerExt::tap_io(listener, |s| {
+            let _ = s.set_nodelay(true);
+        }),
+        api::router(state.clone()),
+    )
+    .with_graceful_shutdown(shutdown.stopping().cancelled_owned());
     let server = shutdown.spawn(server.into_future());
     let running = state.metrics.running.clone();
     shutdown.run(|| async {}, || running.get() == 0).await;

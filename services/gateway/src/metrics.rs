@@ -17,7 +17,11 @@ pub struct Metrics {
     pub kv_transfer_bytes: IntCounterVec,
     pub handoff_failures: IntCounter,
     pub prefill_time: Histogram,
+    pub prefill_queue_time: Histogram,
+    pub prefill_compute_time: Histogram,
+    pub export_time: Histogram,
     pub handoff_time: Histogram,
+    pub decode_first_token_time: Histogram,
     pub requests: IntCounterVec,
     pub workers: IntGaugeVec,
     pub prefix_routed_blocks: IntCounter,
@@ -63,6 +67,15 @@ impl Metrics {
             HistogramOpts::new("prefill_seconds", "Prompt computation on the prefill worker, first token included")
                 .buckets(buckets(0.005, 2.0, 14)),
         )?;
+        let stage = |name: &str, help: &str| Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets(0.0001, 2.0, 18)));
+        let prefill_queue_time = stage("prefill_queue_seconds", "Wait on the prefill worker before the prompt's first forward pass")?;
+        let prefill_compute_time =
+            stage("prefill_compute_seconds", "Forward passes on the prefill worker, from the prompt's first to its first token")?;
+        let export_time = stage("kv_export_seconds", "Reading a prompt's KV blocks out of the prefill worker's cache")?;
+        let decode_first_token_time = stage(
+            "decode_first_token_seconds",
+            "From the prefill's answer to the decode worker's first token (KV import, then a decode step)",
+        )?;
         let handoff_time = Histogram::with_opts(
             HistogramOpts::new("kv_handoff_seconds", "KV transfer from prefill to decode, verdict included")
                 .buckets(buckets(0.0001, 2.0, 16)),
@@ -100,6 +113,10 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(prefill_time.clone()))?;
         registry.register(Box::new(handoff_time.clone()))?;
+        registry.register(Box::new(prefill_queue_time.clone()))?;
+        registry.register(Box::new(prefill_compute_time.clone()))?;
+        registry.register(Box::new(export_time.clone()))?;
+        registry.register(Box::new(decode_first_token_time.clone()))?;
         registry.register(Box::new(workers.clone()))?;
         registry.register(Box::new(prefix_routed_blocks.clone()))?;
         registry.register(Box::new(store_pulled_blocks.clone()))?;
@@ -121,7 +138,11 @@ impl Metrics {
             kv_transfer_bytes,
             handoff_failures,
             prefill_time,
+            prefill_queue_time,
+            prefill_compute_time,
+            export_time,
             handoff_time,
+            decode_first_token_time,
             requests,
             workers,
             prefix_routed_blocks,

@@ -90,7 +90,7 @@ pub async fn run(cfg: KvTransferConfig, listener: TcpListener, shutdown: Shutdow
     let membership = Membership::start(&shutdown, cfg.state.clone(), cfg.heartbeat, record, on_new);
     let server = tonic::transport::Server::builder()
         .add_service(BlockStoreServer::new(svc).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.stopping().cancelled_owned());
+        .serve_with_incoming_shutdown(tandem_runtime::no_delay(listener), shutdown.stopping().cancelled_owned());
     let server = shutdown.spawn(server);
     shutdown.run(|| membership.announce(), || inflight.count() == 0).await;
     server.await??;

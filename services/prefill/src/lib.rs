@@ -128,7 +128,7 @@ pub async fn run(engine: EngineHandle, cfg: PrefillConfig, listener: TcpListener
     });
     let server = tonic::transport::Server::builder()
         .add_service(PrefillServer::from_arc(svc.clone()))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown.stopping().cancelled_owned());
+        .serve_with_incoming_shutdown(tandem_runtime::no_delay(listener), shutdown.stopping().cancelled_owned());
     let server = shutdown.spawn(server);
     if let Some(state) = svc.cfg.state.clone() {
         shutdown.spawn(withdraw_evicted(svc.clone(), state, shutdown.stopping()));
@@ -369,12 +369,21 @@ impl Service {
                         pulled_blocks: pulled as u32,
                         offloaded_blocks: 0,
                         offload_shed_blocks: 0,
+                        ..PrefillResponse::default()
                     }));
                 }
-                Event::Prefilled { kv, usage, .. } => {
+                Event::Prefilled { kv, usage, timing, .. } => {
                     let prefill_millis = started.elapsed().as_secs_f64() * 1e3;
                     let first_token = first.ok_or_else(|| Status::internal("prefill produced no token"))?;
-                    let handoff = Handoff { request_id: g.request_id.clone(), first_token: first_token.id, kv: *kv };
+                    // Checksums off the engine's thread, on a thread that may block.
+                    let kv = tokio::task::spawn_blocking(move || {
+                        let mut kv = *kv;
+                        kv.seal();
+                        kv
+                    })
+                    .await
+                    .map_err(|e| Status::internal(format!("sealing the kv export: {e}")))?;
+                    let handoff = Handoff { request_id: g.request_id.clone(), first_token: first_token.id, kv };
                     let report = self.cfg.transport.send(&r.decode_kv_addr, &handoff, self.cfg.handoff_lease).await.map_err(|e| {
                         tracing::warn!(error = %e, "kv handoff failed");
                         ApiError::new(ErrorCode::KvHandoffFailed, format!("kv handoff failed: {e}")).to_status()
@@ -400,6 +409,9 @@ impl Service {
                         pulled_blocks: pulled as u32,
                         offloaded_blocks: offloaded as u32,
                         offload_shed_blocks: shed as u32,
+                        queue_millis: timing.queue.as_secs_f64() * 1e3,
+                        compute_millis: timing.compute.as_secs_f64() * 1e3,
+                        export_millis: timing.export.as_secs_f64() * 1e3,
                     }));
                 }
                 Event::Failed { error, .. } => return Err(error.to_status()),

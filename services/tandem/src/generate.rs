@@ -48,7 +48,7 @@ fn stream(args: GenerateArgs) -> Result<()> {
     let spec = default_model::resolve_spec(args.model.as_deref())?;
     let files = ModelFiles::resolve(&spec)?;
     let tokenizer = Tokenizer::load(&files)?;
-    let engine = crate::serve::open_engine(&files, args.device, 16, None).context("loading the model")?;
+    let engine = crate::serve::open_engine(&files, args.device, 16, None, &BatcherConfig::default()).context("loading the model")?;
 
     let prompt =
         if args.raw { tokenizer.encode(&args.prompt)? } else { tokenizer.encode_chat(&[ChatMessage::new("user", args.prompt.clone())])? };

@@ -21,6 +21,10 @@ pub struct Cli {
     /// (`request_id`, `trace_id`) at the top level; `tandem up` passes it to every service.
     #[arg(long, global = true, env = "TANDEM_LOG_FORMAT", default_value = "text")]
     pub log_format: tandem_runtime::LogFormat,
+    /// Threads of a service's async runtime (gRPC and HTTP servers, KV receivers, streams); the
+    /// engine has a thread of its own beside them. Default: one per core this process may use.
+    #[arg(long, global = true, env = "TANDEM_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub worker_threads: Option<u16>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +85,7 @@ pub fn init_logging(default_level: &str, format: tandem_runtime::LogFormat) {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let threads = cli.worker_threads.map_or_else(service_threads, usize::from);
     match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::FetchModel => {
@@ -90,13 +95,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => {
             // The services inherit the format through the environment (before any thread runs).
             std::env::set_var("TANDEM_LOG_FORMAT", cli.log_format.to_string());
+            if let Some(n) = cli.worker_threads {
+                std::env::set_var("TANDEM_WORKER_THREADS", n.to_string());
+            }
+            // Only supervises its children: two threads are plenty.
             runtime(2)?.block_on(up::run(args))
         }
-        Command::Gateway(args) => runtime(2)?.block_on(serve::gateway(args)),
-        Command::Prefill(args) => runtime(2)?.block_on(serve::prefill(args)),
-        Command::Decode(args) => runtime(2)?.block_on(serve::decode(args)),
-        // The block store has no engine thread beside it: every core it is given can serve puts.
-        Command::KvTransfer(args) => runtime(store_threads())?.block_on(serve::kv_transfer(args)),
+        Command::Gateway(args) => runtime(threads)?.block_on(serve::gateway(args)),
+        Command::Prefill(args) => runtime(threads)?.block_on(serve::prefill(args)),
+        Command::Decode(args) => runtime(threads)?.block_on(serve::decode(args)),
+        Command::KvTransfer(args) => {
+            runtime(cli.worker_threads.map_or_else(store_threads, usize::from))?.block_on(serve::kv_transfer(args))
+        }
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
@@ -105,6 +115,14 @@ fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
 }
 
+/// A service's runtime threads by default: one per core this process may use (at least two, so
+/// a blocking moment on one never stalls the others).
+fn service_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
+}
+
+/// The block store's: as a service's, at most eight (puts scale no further, see `tandem bench
+/// store`).
 pub(crate) fn store_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
 }

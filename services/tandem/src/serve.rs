@@ -34,9 +34,25 @@ pub struct EngineArgs {
     pub device: Device,
     #[arg(long, env = "TANDEM_BLOCK_SIZE", default_value_t = 16)]
     pub block_size: usize,
-    /// Most tokens in one forward pass.
-    #[arg(long, default_value_t = 512)]
-    pub max_batch_tokens: usize,
+    /// Most tokens in one forward pass; longer prompts are computed in chunks, and more prompts
+    /// share a pass up to it (default: 512 on the CPU, 8192 on a GPU).
+    #[arg(long, visible_alias = "max-num-batched-tokens")]
+    pub max_batch_tokens: Option<usize>,
+    /// Most sequences running at once, in one decode batch (default: 64 on the CPU, 256 on a
+    /// GPU, the largest batch its decode graphs are captured for).
+    #[arg(long)]
+    pub max_num_seqs: Option<usize>,
+}
+
+impl EngineArgs {
+    /// The batcher's limits: what was asked, else what suits the device.
+    pub(crate) fn batcher_config(&self) -> BatcherConfig {
+        let (tokens, seqs) = match self.device {
+            Device::Cpu => (512, 64),
+            Device::Cuda(_) => (8192, 256),
+        };
+        BatcherConfig { max_batch_tokens: self.max_batch_tokens.unwrap_or(tokens), max_running: self.max_num_seqs.unwrap_or(seqs) }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -184,18 +200,26 @@ fn model_files(model: Option<&str>, served: Option<&str>) -> Result<ModelFiles> 
 
 fn load_engine(role: &str, args: &EngineArgs) -> Result<EngineHandle> {
     let files = model_files(args.model.as_deref(), args.served_model_name.as_deref())?;
-    let engine = open_engine(&files, args.device, args.block_size, args.kv_cache_mb)?;
-    let batcher = Batcher::new(engine, BatcherConfig { max_batch_tokens: args.max_batch_tokens, ..BatcherConfig::default() });
+    let limits = args.batcher_config();
+    let engine = open_engine(&files, args.device, args.block_size, args.kv_cache_mb, &limits)?;
+    let batcher = Batcher::new(engine, limits);
     Ok(EngineHandle::spawn(&format!("{role}-engine"), batcher))
 }
 
 /// KV cache of a CPU worker when none is given, in MiB (`tandem up` gives each worker the same).
 pub(crate) const DEFAULT_CPU_KV_CACHE_MB: usize = 256;
 
-/// The engine for `device`.
-pub(crate) fn open_engine(files: &ModelFiles, device: Device, block_size: usize, kv_cache_mb: Option<usize>) -> Result<Box<dyn Engine>> {
+/// The engine for `device`, sized for passes within `limits`.
+pub(crate) fn open_engine(
+    files: &ModelFiles,
+    device: Device,
+    block_size: usize,
+    kv_cache_mb: Option<usize>,
+    limits: &BatcherConfig,
+) -> Result<Box<dyn Engine>> {
     match device {
         Device::Cpu => {
+            let _ = limits; // the CPU engine sizes its buffers per pass
             let cfg = EngineConfig { block_size, kv_cache_bytes: kv_cache_mb.unwrap_or(DEFAULT_CPU_KV_CACHE_MB) << 20, max_context: None };
             let engine = CpuEngine::load(files, &cfg).with_context(|| format!("loading {}", files.name))?;
             Ok(Box::new(engine))
@@ -203,7 +227,14 @@ pub(crate) fn open_engine(files: &ModelFiles, device: Device, block_size: usize,
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
             let kv_cache_bytes = kv_cache_mb.map(|mb| mb << 20);
-            let cfg = tandem_cuda::CudaConfig { device: ordinal, block_size, kv_cache_bytes, ..Default::default() };
+            let cfg = tandem_cuda::CudaConfig {
+                device: ordinal,
+                block_size,
+                kv_cache_bytes,
+                max_batch: limits.max_running,
+                max_step_tokens: limits.max_batch_tokens,
+                ..Default::default()
+            };
             let engine = tandem_cuda::CudaEngine::load(files, &cfg).with_context(|| format!("loading {} onto {device}", files.name))?;
             Ok(Box::new(engine))
         }
@@ -263,6 +294,7 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
     let lease = Duration::from_millis(args.handoff_lease_ms);
     let kv = tandem_decode::KvReceivers::bind(&args.kv_transport, kv_listen, lease, args.quic.identity()?.as_ref()).await?;
     let engine = load_engine("decode", &args.engine)?;
+    kv.use_memory_of(&engine);
     let c = &args.common;
     let cfg = tandem_decode::DecodeConfig {
         worker_id: worker_id(c, "decode", &addr),

@@ -37,6 +37,12 @@ pub struct UpArgs {
     /// each with `--kv-cache-mb` of KV cache).
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
     pub device: tandem_runtime::Device,
+    /// KV transports between the workers, in the prefill workers' order of preference. On one
+    /// machine TCP comes first: over loopback it moves a handoff on as many threads as there are
+    /// handoffs, while UCX without RDMA hardware copies every handoff on its one progress thread
+    /// (see docs/performance.md); `ucx` first suits workers on hosts with InfiniBand or RoCE.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "tcp,ucx", env = "TANDEM_KV_TRANSPORT")]
+    pub kv_transport: Vec<tandem_transfer::TransportKind>,
     /// Keep the cluster state in this Redis (the services register there, and more workers
     /// started elsewhere with the same URL join); without it the gateway keeps it in process.
     #[arg(long, env = "TANDEM_REDIS_URL")]
@@ -99,6 +105,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
         a.extend(model_args.clone());
         a.extend(["--kv-cache-mb".into(), args.kv_cache_mb.to_string(), "--handoff-lease-ms".into(), args.handoff_lease_ms.to_string()]);
         a.extend(["--device".into(), args.device.to_string()]);
+        let transports: Vec<String> = args.kv_transport.iter().map(|t| t.to_string()).collect();
+        a.extend(["--kv-transport".into(), transports.join(",")]);
         a
     };
 

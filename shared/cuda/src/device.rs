@@ -203,7 +203,8 @@ impl Gpu {
         }
         // SAFETY: `dst` points into an allocation of this context at least `size_of_val(src)`
         // bytes long (callers size buffers from the same counts); the copy is ordered on the
-        // stream and completes before `memcpy_htod_async` returns for pageable memory.
+        // stream and completes before `memcpy_htod_async` returns for pageable memory. From
+        // page-locked memory it runs later: callers keep `src` alive until they synchronise.
         unsafe {
             cudarc::driver::result::memcpy_htod_async(dst, src, self.stream.cu_stream())?;
         }
@@ -219,6 +220,18 @@ impl Gpu {
             cudarc::driver::result::memcpy_dtoh_async(dst, src, self.stream.cu_stream())?;
         }
         self.stream.synchronize()?;
+        Ok(())
+    }
+
+    /// Queues a copy from the device into `dst` and returns at once: `dst` must be page-locked
+    /// memory that nothing reads until the stream is synchronised.
+    pub fn download_async(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        // SAFETY: `src` points into an allocation of this context at least `dst.len()` bytes
+        // long (callers size both from the same block size); the caller keeps `dst` unread and
+        // alive until it synchronises the stream.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(dst, src, self.stream.cu_stream())?;
+        }
         Ok(())
     }
 

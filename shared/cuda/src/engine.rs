@@ -2,16 +2,18 @@
 //! captured decode graphs.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use cudarc::driver::{sys, CudaGraph};
 use tandem_engine::kv::{BlockId, SeqTable};
 use tandem_engine::weights::WeightSource;
 use tandem_engine::{Engine, EngineError, EngineInfo, ForwardItem, ModelConfig, PagedEngine, SeqId};
-use tandem_protocol::{Bytes, KvDtype, KvLayout};
+use tandem_protocol::{BlockMemory, Bytes, KvDtype, KvLayout};
 use tandem_tokenizer::ModelFiles;
 
 use crate::device::{Buf, Gpu};
 use crate::model::{Dims, Head, Model, PassShape, Scratch, Weights};
+use crate::pinned::{Filling, LazySlots};
 use crate::plan::{bucket_for, ctx_bucket, decode_split, Plan, PlanItem, BUCKETS};
 use crate::shard::Tp;
 use crate::{CudaError, Result};
@@ -32,6 +34,12 @@ pub struct CudaConfig {
     pub max_step_tokens: usize,
     /// Capture decode passes as CUDA graphs.
     pub graphs: bool,
+    /// Page-locked host memory that blocks read out of the cache (exports) are copied into, at
+    /// most; allocated on the first export. Past it, exports fall back to pageable memory.
+    pub export_pinned_bytes: usize,
+    /// Page-locked host memory that arriving blocks are received into before their import, at
+    /// most; allocated on the first handoff received. Past it, they arrive in pageable memory.
+    pub import_pinned_bytes: usize,
 }
 
 impl Default for CudaConfig {
@@ -45,6 +53,8 @@ impl Default for CudaConfig {
             max_batch: 256,
             max_step_tokens: 8192,
             graphs: true,
+            export_pinned_bytes: 1 << 30,
+            import_pinned_bytes: 1 << 30,
         }
     }
 }
@@ -71,6 +81,9 @@ pub struct CudaEngine {
     cache: Buf,
     block_bytes: usize,
     use_graphs: bool,
+    /// Slots exported blocks are copied into, and arriving ones received into.
+    exports: LazySlots,
+    imports: Arc<LazySlots>,
     gpu: Gpu,
 }
 
@@ -170,6 +183,9 @@ impl CudaEngine {
             cache,
             block_bytes,
             use_graphs: cfg.graphs,
+            // Never more than the cache itself holds.
+            exports: LazySlots::new(&gpu.ctx, block_bytes, (cfg.export_pinned_bytes / block_bytes).min(num_blocks), "kv exports"),
+            imports: Arc::new(LazySlots::new(&gpu.ctx, block_bytes, (cfg.import_pinned_bytes / block_bytes).min(num_blocks), "kv imports")),
             gpu,
         })
     }
@@ -442,8 +458,28 @@ impl Engine for CudaEngine {
     }
 
     fn read_blocks(&self, blocks: &[BlockId]) -> tandem_engine::Result<Vec<Bytes>> {
+        // Into page-locked slots, one asynchronous copy each and one wait for all; blocks beyond
+        // the free slots go the pageable way.
+        let mut filling = match self.exports.get() {
+            Some(p) => p.take(blocks.len()),
+            None => Filling::none(),
+        };
+        let pinned = filling.len();
+        for (i, &b) in blocks[..pinned].iter().enumerate() {
+            // SAFETY: the copy is synchronised below before the slots are read or handed out.
+            let dst = unsafe { filling.dst(i) };
+            if let Err(e) = self.gpu.download_async(dst, self.cache.at(b as usize * self.block_bytes, 1)) {
+                // Copies already queued may still write into the slots: let them land first.
+                let _ = self.gpu.sync();
+                return Err(dev(e));
+            }
+        }
         let mut out = Vec::with_capacity(blocks.len());
-        for &b in blocks {
+        if pinned > 0 {
+            self.gpu.sync().map_err(dev)?;
+            out.extend(filling.into_bytes());
+        }
+        for &b in &blocks[pinned..] {
             let mut bytes = vec![0u8; self.block_bytes];
             self.gpu.download(&mut bytes, self.cache.at(b as usize * self.block_bytes, 1)).map_err(dev)?;
             out.push(Bytes::from(bytes));
@@ -451,9 +487,18 @@ impl Engine for CudaEngine {
         Ok(out)
     }
 
+    fn block_memory(&self) -> Option<Arc<dyn BlockMemory>> {
+        Some(self.imports.clone())
+    }
+
     fn write_blocks(&mut self, writes: &[(BlockId, &[u8])]) -> tandem_engine::Result<()> {
+        // From page-locked memory (blocks received into `block_memory`) each copy is queued and
+        // runs asynchronously; the sources must outlive them, so every path out waits for them.
         for &(b, bytes) in writes {
-            self.gpu.upload(self.cache.at(b as usize * self.block_bytes, 1), bytes).map_err(dev)?;
+            if let Err(e) = self.gpu.upload(self.cache.at(b as usize * self.block_bytes, 1), bytes) {
+                let _ = self.gpu.sync();
+                return Err(dev(e));
+            }
         }
         self.gpu.sync().map_err(dev)
     }

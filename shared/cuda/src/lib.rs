@@ -18,6 +18,7 @@ pub mod checks;
 mod device;
 mod engine;
 mod model;
+mod pinned;
 pub mod plan;
 pub mod shard;
 

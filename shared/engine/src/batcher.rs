@@ -2,6 +2,7 @@
 //! decode token plus as many prefill tokens as the budget allows into one forward pass.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use tandem_protocol::{ApiError, ErrorCode, FinishReason, SamplingParams};
 
@@ -53,11 +54,13 @@ pub enum Event {
         usage: Usage,
     },
     /// Prefill-only mode: the prompt is cached and the first token sampled (it came as a
-    /// `Token` event just before); here is the KV to hand over. Blocks are released.
+    /// `Token` event just before); here is the KV to hand over, not yet sealed with its
+    /// checksums ([`KvExport::seal`]). Blocks are released.
     Prefilled {
         id: SeqId,
         kv: Box<KvExport>,
         usage: Usage,
+        timing: PrefillTiming,
     },
     /// The sequence could not run; its blocks are released. The error is classified here, where
     /// its cause is known.
@@ -65,6 +68,17 @@ pub enum Event {
         id: SeqId,
         error: ApiError,
     },
+}
+
+/// Where a prefill-only request's time went on the engine thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PrefillTiming {
+    /// From joining the batcher's queue to its first forward pass.
+    pub queue: Duration,
+    /// From its first forward pass to the end of the pass that sampled its first token.
+    pub compute: Duration,
+    /// Reading its KV blocks out of the cache (with their checksums).
+    pub export: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -88,11 +102,14 @@ struct Running {
     output: Vec<u32>,
     fed: usize,
     cached: usize,
+    /// When it joined the queue, and when it first ran.
+    queued: Instant,
+    started: Option<Instant>,
 }
 
 impl Running {
     fn new(req: NewRequest) -> Self {
-        Self { req, output: Vec::new(), fed: 0, cached: 0 }
+        Self { req, output: Vec::new(), fed: 0, cached: 0, queued: Instant::now(), started: None }
     }
 
     fn known(&self) -> usize {
@@ -192,7 +209,8 @@ impl Batcher {
             }
         }
         let fed = req.prompt.len();
-        self.running.push(Running { req, output: vec![first], fed, cached: 0 });
+        let now = Instant::now();
+        self.running.push(Running { req, output: vec![first], fed, cached: 0, queued: now, started: Some(now) });
         Ok(())
     }
 
@@ -307,6 +325,7 @@ impl Batcher {
     pub fn step(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
         self.admit(&mut events);
+        let pass_started = Instant::now();
         let (plan, logits) = loop {
             let mut plan = self.plan();
             if plan.is_empty() {
@@ -337,6 +356,11 @@ impl Batcher {
             }
         };
 
+        let passed = Instant::now();
+        for (i, _) in &plan {
+            let r = &mut self.running[*i];
+            r.started.get_or_insert(pass_started);
+        }
         let outs: Vec<Out> = match logits {
             Pass::Logits(l) => l.into_iter().map(Out::Rows).collect(),
             Pass::Tokens(t) => t.into_iter().map(Out::Token).collect(),
@@ -381,8 +405,17 @@ impl Batcher {
                     done.push(r.req.id);
                 }
                 (None, Mode::PrefillOnly) => {
-                    match self.engine.export(r.req.id) {
-                        Ok(kv) => events.push(Event::Prefilled { id: r.req.id, kv: Box::new(kv), usage }),
+                    let started = r.started.unwrap_or(pass_started);
+                    let exporting = Instant::now();
+                    match self.engine.export_unsealed(r.req.id) {
+                        Ok(kv) => {
+                            let timing = PrefillTiming {
+                                queue: started.saturating_duration_since(r.queued),
+                                compute: passed.saturating_duration_since(started),
+                                export: exporting.elapsed(),
+                            };
+                            events.push(Event::Prefilled { id: r.req.id, kv: Box::new(kv), usage, timing })
+                        }
                         Err(e) => events.push(Event::Failed { id: r.req.id, error: (&e).into() }),
                     }
                     done.push(r.req.id);

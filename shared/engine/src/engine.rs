@@ -2,7 +2,9 @@
 //! hold which tokens, prefix sharing, export and import checks) is written once, in
 //! [`PagedEngine`], over any backend.
 
-use tandem_protocol::{BlockHash, Bytes, KvExport, KvLayout};
+use std::sync::Arc;
+
+use tandem_protocol::{BlockHash, BlockMemory, Bytes, KvExport, KvLayout};
 
 use crate::kv::{BlockId, PoolStats, SeqTable};
 use crate::Result;
@@ -58,6 +60,12 @@ pub trait Engine: Send {
 
     /// Overwrites each block with its bytes (`layout.block_bytes()` each, already checked).
     fn write_blocks(&mut self, writes: &[(BlockId, &[u8])]) -> Result<()>;
+
+    /// Memory that blocks to import are best received into (for a GPU, page-locked host memory
+    /// its copies read at full speed); `None`: the heap is as good.
+    fn block_memory(&self) -> Option<Arc<dyn BlockMemory>> {
+        None
+    }
 }
 
 /// A backend and its sequence table: the operations the services need, written once for every
@@ -136,15 +144,24 @@ impl<E: Engine + ?Sized> PagedEngine<E> {
         self.seqs.seq_len(seq)
     }
 
+    /// The sequence's KV blocks, with their checksums.
     pub fn export(&self, seq: SeqId) -> Result<KvExport> {
+        let mut kv = self.export_unsealed(seq)?;
+        kv.seal();
+        Ok(kv)
+    }
+
+    /// As [`Self::export`] without the checksums (`checksums` is empty): the engine's thread
+    /// only copies the blocks out, and the sender seals them ([`KvExport::seal`]) on its own.
+    pub fn export_unsealed(&self, seq: SeqId) -> Result<KvExport> {
         let (layout, s) = self.seqs.export_plan(seq, &self.engine.info().layout)?;
         let blocks = self.engine.read_blocks(&s.blocks[..layout.num_blocks()])?;
-        let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
-        Ok(KvExport { layout, tokens: s.tokens.clone(), blocks, checksums })
+        Ok(KvExport { layout, tokens: s.tokens.clone(), blocks, checksums: Vec::new() })
     }
 
     /// Creates `seq` from another engine's export; decoding then continues as if this engine
-    /// had run the prefill.
+    /// had run the prefill. The blocks' checksums are not checked here: every KV receiver checks
+    /// them on arrival, off the engine's thread, before it delivers them.
     pub fn import(&mut self, seq: SeqId, kv: &KvExport) -> Result<()> {
         let layout = &self.engine.info().layout;
         let blocks = self.seqs.begin_import(seq, kv, layout, layout.block_bytes())?;

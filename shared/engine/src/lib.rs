@@ -15,7 +15,7 @@ pub mod testing;
 pub mod weights;
 mod worker;
 
-pub use batcher::{Batcher, BatcherConfig, Event, Mode, NewRequest, Usage};
+pub use batcher::{Batcher, BatcherConfig, Event, Mode, NewRequest, PrefillTiming, Usage};
 pub use config::{Family, Llama3Scaling, ModelConfig};
 pub use cpu::{CpuEngine, EngineConfig};
 pub use engine::{Engine, EngineInfo, ForwardItem, PagedEngine, SeqId};

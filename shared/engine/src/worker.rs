@@ -11,7 +11,7 @@ use crate::batcher::{Batcher, Event, NewRequest};
 use crate::engine::{EngineInfo, SeqId};
 use crate::kv::PoolStats;
 use crate::Result;
-use tandem_protocol::{BlockHash, KvExport};
+use tandem_protocol::{BlockHash, BlockMemory, KvExport};
 
 enum Command {
     Submit { req: NewRequest, events: mpsc::UnboundedSender<Event> },
@@ -39,6 +39,7 @@ pub struct EngineHandle {
     load: Arc<Mutex<WorkerLoad>>,
     evicted: Arc<Mutex<Vec<BlockHash>>>,
     next_id: Arc<AtomicU64>,
+    block_memory: Option<Arc<dyn BlockMemory>>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -73,15 +74,21 @@ impl EngineHandle {
     pub fn spawn(name: &str, batcher: Batcher) -> Self {
         let (tx, rx) = std::sync::mpsc::channel();
         let info = Arc::new(batcher.engine().info().clone());
+        let block_memory = batcher.engine().backend().block_memory();
         let load = Arc::new(Mutex::new(WorkerLoad { pool: batcher.engine().stats(), ..WorkerLoad::default() }));
         let evicted = Arc::new(Mutex::new(Vec::new()));
         let shared = Shared { load: load.clone(), evicted: evicted.clone() };
         std::thread::Builder::new().name(name.to_string()).spawn(move || run(batcher, rx, shared)).expect("spawning the engine thread");
-        Self { tx, info, load, evicted, next_id: Arc::new(AtomicU64::new(1)) }
+        Self { tx, info, load, evicted, next_id: Arc::new(AtomicU64::new(1)), block_memory }
     }
 
     pub fn info(&self) -> &EngineInfo {
         &self.info
+    }
+
+    /// See [`crate::Engine::block_memory`].
+    pub fn block_memory(&self) -> Option<Arc<dyn BlockMemory>> {
+        self.block_memory.clone()
     }
 
     pub fn load(&self) -> WorkerLoad {

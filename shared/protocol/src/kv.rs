@@ -85,6 +85,22 @@ impl KvLayout {
     }
 }
 
+/// Memory that arriving KV blocks are received into, chosen by the engine that will import them:
+/// page-locked host memory a GPU copies from at the link's full speed, without the driver
+/// staging every block through a bounce buffer on the engine's own thread.
+pub trait BlockMemory: Send + Sync + std::fmt::Debug {
+    /// A buffer of `len` bytes for one block, or `None` (none free, or another size: the
+    /// receiver then uses the heap).
+    fn buffer(&self, len: usize) -> Option<Box<dyn ReceiveBuffer>>;
+}
+
+/// One block's memory, written by a receiver and then frozen into the block's bytes.
+pub trait ReceiveBuffer: Send {
+    fn as_mut_slice(&mut self) -> &mut [u8];
+    /// The written bytes; the memory returns to its owner when the last view of them drops.
+    fn freeze(self: Box<Self>) -> Bytes;
+}
+
 /// A sequence's KV cache as bytes: what the prefill hands to the decode.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KvExport {
@@ -102,6 +118,14 @@ pub struct KvExport {
 impl KvExport {
     pub fn checksum(bytes: &[u8]) -> u64 {
         xxhash_rust::xxh3::xxh3_64(bytes)
+    }
+
+    /// Computes the blocks' checksums, unless they are already there (an export read out of a
+    /// cache leaves them to whoever sends it, off the engine's thread).
+    pub fn seal(&mut self) {
+        if self.checksums.len() != self.blocks.len() {
+            self.checksums = self.blocks.iter().map(|b| Self::checksum(b)).collect();
+        }
     }
 
     /// Index of the first block whose bytes do not match its checksum.

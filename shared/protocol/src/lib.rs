@@ -13,7 +13,7 @@ pub mod trace;
 
 pub use blocks::{block_hashes, chain_hash, BlockHash, ROOT_HASH};
 pub use error::{ApiError, ErrorCode};
-pub use kv::{Bytes, KvDtype, KvExport, KvLayout, LayoutMismatch};
+pub use kv::{BlockMemory, Bytes, KvDtype, KvExport, KvLayout, LayoutMismatch, ReceiveBuffer};
 pub use sampling::{FinishReason, SamplingParams, SamplingParamsError, MAX_TOP_LOGPROBS};
 pub use trace::{TraceContext, TRACEPARENT_HEADER};
 

@@ -7,6 +7,7 @@ mod config;
 mod cpu;
 mod logging;
 mod membership;
+mod net;
 mod shutdown;
 mod signals;
 
@@ -14,5 +15,6 @@ pub use config::Device;
 pub use cpu::require_cpu_features;
 pub use logging::{init_logging, LogFormat};
 pub use membership::Membership;
+pub use net::no_delay;
 pub use shutdown::{Shutdown, ShutdownReport};
 pub use signals::stop_signal;

@@ -2,9 +2,9 @@
 //! each arrival to the request that waits for it and relays the verdict to the sender.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use tandem_protocol::{ApiError, ErrorCode};
+use tandem_protocol::{ApiError, BlockMemory, Bytes, ErrorCode, ReceiveBuffer};
 use tokio::sync::oneshot;
 
 use crate::Handoff;
@@ -16,10 +16,34 @@ pub struct Incoming {
     pub verdict: oneshot::Sender<Result<(), ApiError>>,
 }
 
-/// Requests waiting for their KV blocks, by request id.
+/// Requests waiting for their KV blocks, by request id, and the memory their blocks arrive in.
 #[derive(Debug, Clone, Default)]
 pub struct HandoffRegistry {
     pending: Arc<Mutex<HashMap<String, oneshot::Sender<Incoming>>>>,
+    /// Set once, by whichever clone: the receivers hold clones from before the engine loads.
+    memory: Arc<OnceLock<Arc<dyn BlockMemory>>>,
+}
+
+/// Where one arriving block is read into: the importing engine's memory, or the heap.
+pub(crate) enum BlockBuf {
+    Engine(Box<dyn ReceiveBuffer>),
+    Heap(Vec<u8>),
+}
+
+impl BlockBuf {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            BlockBuf::Engine(b) => b.as_mut_slice(),
+            BlockBuf::Heap(v) => v,
+        }
+    }
+
+    pub fn freeze(self) -> Bytes {
+        match self {
+            BlockBuf::Engine(b) => b.freeze(),
+            BlockBuf::Heap(v) => Bytes::from(v),
+        }
+    }
 }
 
 /// A registration; dropping it withdraws the request, so late blocks are refused.
@@ -46,6 +70,20 @@ impl Drop for PendingHandoff {
 impl HandoffRegistry {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// From now on, receives blocks into `memory` where it has room (the receivers that read
+    /// blocks off a stream: TCP and QUIC). Only the first call counts.
+    pub fn use_memory(&self, memory: Arc<dyn BlockMemory>) {
+        let _ = self.memory.set(memory);
+    }
+
+    /// A buffer for one arriving block of `len` bytes.
+    pub(crate) fn block_buffer(&self, len: usize) -> BlockBuf {
+        match self.memory.get().and_then(|m| m.buffer(len)) {
+            Some(b) => BlockBuf::Engine(b),
+            None => BlockBuf::Heap(vec![0u8; len]),
+        }
     }
 
     /// Registers `request_id`; `None` if that id is already waiting.

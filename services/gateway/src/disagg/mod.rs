@@ -258,6 +258,9 @@ async fn prefill(
     progress.phase(state, Phase::Decode);
     m.prefill_time.observe(resp.prefill_millis / 1e3);
     if let Some(t) = &resp.transfer {
+        m.prefill_queue_time.observe(resp.queue_millis / 1e3);
+        m.prefill_compute_time.observe(resp.compute_millis / 1e3);
+        m.export_time.observe(resp.export_millis / 1e3);
         m.kv_transfer_bytes.with_label_values(&[t.transport.as_str()]).inc_by(t.bytes);
         m.handoff_time.observe(t.millis / 1e3);
     }

@@ -44,10 +44,14 @@ impl Relay<'_> {
         }
         // The first token may already have ended the sequence; then no KV was handed over.
         let mut finished = prefilled.finished;
+        let mut first_decoded = true;
         while finished.is_none() {
             match next_event(state, &decode, &mut stream).await? {
                 Some(token_event::Event::Token(t)) => {
                     let now = Instant::now();
+                    if std::mem::take(&mut first_decoded) {
+                        metrics.decode_first_token_time.observe((now - last).as_secs_f64());
+                    }
                     metrics.itl.observe((now - last).as_secs_f64());
                     metrics.generation_tokens.inc();
                     last = now;

@@ -56,8 +56,10 @@ pub fn run(args: &CpuArgs) -> Result<()> {
     ensure!(args.prompt_len > 0 && args.gen > 0 && args.reps > 0, "--prompt-len, --gen and --reps must be positive");
     let spec = default_model::resolve_spec(args.model.as_deref())?;
     let files = ModelFiles::resolve(&spec)?;
-    let mut engine =
-        PagedEngine::from_box(crate::serve::open_engine(&files, tandem_runtime::Device::Cpu, 16, None).context("loading the model")?);
+    let mut engine = PagedEngine::from_box(
+        crate::serve::open_engine(&files, tandem_runtime::Device::Cpu, 16, None, &tandem_engine::BatcherConfig::default())
+            .context("loading the model")?,
+    );
     let vocab = engine.info().vocab_size as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let (mut prefill_ms, mut decode_ms) = (Vec::new(), Vec::new());

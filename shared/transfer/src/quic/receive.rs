@@ -179,9 +179,10 @@ pub(super) async fn receive(s: &mut RecvStream, registry: &HandoffRegistry) -> R
     let (n, block) = check_header(&h)?;
     let mut blocks = Vec::with_capacity(n);
     for _ in 0..n {
-        let mut b = vec![0u8; block];
-        s.read_exact(&mut b).await.map_err(lost)?;
-        blocks.push(b.into());
+        // Straight into the importing engine's memory where it has room.
+        let mut b = registry.block_buffer(block);
+        s.read_exact(b.as_mut_slice()).await.map_err(lost)?;
+        blocks.push(b.freeze());
     }
     deliver(registry, h, blocks).await
 }

@@ -1,0 +1,33 @@
+//! Sockets as the services accept them.
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::{Stream, StreamExt};
+
+/// The connections `listener` accepts, with Nagle's algorithm off: a server that streams small
+/// messages (a token each) must send each when it is written, not hold it back until the peer
+/// acknowledges the one before (with delayed acknowledgements, tens of milliseconds).
+pub fn no_delay(listener: TcpListener) -> impl Stream<Item = std::io::Result<TcpStream>> {
+    TcpListenerStream::new(listener).map(|accepted| {
+        let stream = accepted?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(async move { TcpStream::connect(addr).await.unwrap() });
+        let mut incoming = std::pin::pin!(no_delay(listener));
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap());
+        // A plain accept leaves it on, which is what the wrapper is for.
+        assert!(!client.await.unwrap().nodelay().unwrap());
+    }
+}
