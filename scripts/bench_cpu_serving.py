@@ -87,9 +87,14 @@ def summarize(results, wall):
 
 
 def metric_sum(text, name):
-    m = re.search(rf"^{name}_sum (\S+)$", text, re.M)
-    c = re.search(rf"^{name}_count (\S+)$", text, re.M)
-    return float(m.group(1)), float(c.group(1))
+    """(sum, count) of a histogram, over all its label sets."""
+    total, count = 0.0, 0.0
+    for m in re.finditer(rf"^{name}_(sum|count)(?:{{[^}}]*}})? (\S+)$", text, re.M):
+        if m.group(1) == "sum":
+            total += float(m.group(2))
+        else:
+            count += float(m.group(2))
+    return total, count
 
 
 def run_level(base, concurrency, n):

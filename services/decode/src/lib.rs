@@ -33,6 +33,8 @@ pub struct DecodeConfig {
     pub handoff_lease: Duration,
     /// Longest wait for a request's KV blocks when the gateway does not say.
     pub default_kv_wait: Duration,
+    /// Where this worker serves its metrics (advertised in the registry); empty: nowhere.
+    pub metrics_addr: String,
 }
 
 struct Service {
@@ -146,6 +148,7 @@ impl Service {
             draining: self.shutdown.is_draining(),
             completed: self.completed.load(Ordering::Relaxed),
             cancelled: self.cancelled.load(Ordering::Relaxed),
+            metrics_addr: self.cfg.metrics_addr.clone(),
             ..worker_info(&self.engine, &self.cfg.worker_id, "decode", &self.kv_addr)
         }
     }

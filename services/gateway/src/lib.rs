@@ -61,7 +61,7 @@ pub(crate) struct AppState {
 /// ready (`/ready` answers 503, so load balancers stop sending), drain (the requests in flight,
 /// streams included, finish), stop (the server and the worker polls end and are joined).
 pub async fn run(cfg: GatewayConfig, tokenizer: Tokenizer, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
-    let metrics = Metrics::new()?;
+    let metrics = Metrics::new(&cfg.model_name)?;
     let workers = WorkerPool::new(&cfg.prefill, &cfg.decode, &cfg.block_stores)?;
     if cfg.discover {
         shutdown.spawn(discover(

@@ -1,10 +1,83 @@
-//! Prometheus metrics served at `/metrics`.
+//! Prometheus metrics served at `/metrics`: the request latencies and sizes under the names and
+//! buckets vLLM's server uses (`vllm:*`, labelled `model_name`), so that dashboards and alerts
+//! written for vLLM read the gateway unchanged; the rest is Tandem's own (`tandem_*`).
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Request-level metrics under vLLM's names, types and buckets.
+#[derive(Clone)]
+pub struct VllmMetrics {
+    registry: Registry,
+    pub ttft: Histogram,
+    /// vLLM observes every inter-token gap into both of these (the second is its older name).
+    pub itl: Histogram,
+    pub tpot: Histogram,
+    pub e2e: Histogram,
+    pub success: IntCounterVec,
+    pub prompt_tokens: Histogram,
+    pub generation_tokens: Histogram,
+}
+
+/// vLLM's buckets for the time to the first token, inter-token gaps and whole requests (seconds).
+const VLLM_TTFT: [f64; 22] =
+    [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0];
+const VLLM_ITL: [f64; 19] = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+const VLLM_REQUEST: [f64; 21] =
+    [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0];
+
+/// 1, 2, 5, 10, 20, 50, … up to `max` (vLLM's token-count buckets; it stops at the model's
+/// context length).
+fn buckets_1_2_5(max: u64) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut scale = 1u64;
+    loop {
+        for m in [1, 2, 5] {
+            let v = m * scale;
+            if v > max {
+                return out;
+            }
+            out.push(v as f64);
+        }
+        scale *= 10;
+    }
+}
+
+impl VllmMetrics {
+    /// Longest context the token-count buckets reach.
+    const MAX_TOKENS: u64 = 1 << 20;
+
+    fn new(model_name: &str) -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help).const_label("model_name", model_name);
+        let hist = |name: &str, help: &str, buckets: Vec<f64>| -> prometheus::Result<Histogram> {
+            let h = Histogram::with_opts(HistogramOpts::from(opts(name, help)).buckets(buckets))?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", VLLM_TTFT.to_vec())?;
+        let itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", VLLM_ITL.to_vec())?;
+        let tpot = hist(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds (the same gaps as vllm:inter_token_latency_seconds).",
+            VLLM_ITL.to_vec(),
+        )?;
+        let e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", VLLM_REQUEST.to_vec())?;
+        let prompt_tokens = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", buckets_1_2_5(Self::MAX_TOKENS))?;
+        let generation_tokens =
+            hist("vllm:request_generation_tokens", "Number of generation tokens processed.", buckets_1_2_5(Self::MAX_TOKENS))?;
+        let success =
+            IntCounterVec::new(opts("vllm:request_success_total", "Count of successfully processed requests."), &["finished_reason"])?;
+        registry.register(Box::new(success.clone()))?;
+        Ok(Self { registry, ttft, itl, tpot, e2e, success, prompt_tokens, generation_tokens })
+    }
+}
 
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    pub vllm: VllmMetrics,
     pub running: IntGauge,
     pub waiting: IntGauge,
     pub ttft: Histogram,
@@ -20,7 +93,7 @@ pub struct Metrics {
     pub prefill_queue_time: Histogram,
     pub prefill_compute_time: Histogram,
     pub export_time: Histogram,
-    pub handoff_time: Histogram,
+    pub handoff_time: HistogramVec,
     pub decode_first_token_time: Histogram,
     pub requests: IntCounterVec,
     pub workers: IntGaugeVec,
@@ -43,7 +116,7 @@ fn buckets(min: f64, factor: f64, n: usize) -> Vec<f64> {
 }
 
 impl Metrics {
-    pub fn new() -> prometheus::Result<Self> {
+    pub fn new(model_name: &str) -> prometheus::Result<Self> {
         let registry = Registry::new_custom(Some("tandem".into()), None)?;
         let running = IntGauge::new("requests_running", "Requests being served by the gateway")?;
         let waiting = IntGauge::new("requests_waiting", "Sequences queued in the workers, by their last report")?;
@@ -76,9 +149,10 @@ impl Metrics {
             "decode_first_token_seconds",
             "From the prefill's answer to the decode worker's first token (KV import, then a decode step)",
         )?;
-        let handoff_time = Histogram::with_opts(
-            HistogramOpts::new("kv_handoff_seconds", "KV transfer from prefill to decode, verdict included")
+        let handoff_time = HistogramVec::new(
+            HistogramOpts::new("kv_handoff_seconds", "KV transfer from prefill to decode, verdict included, by transport")
                 .buckets(buckets(0.0001, 2.0, 16)),
+            &["transport"],
         )?;
         let requests = IntCounterVec::new(Opts::new("requests_total", "Finished requests by outcome"), &["outcome"])?;
         let workers = IntGaugeVec::new(Opts::new("workers", "Workers in routing, by role"), &["role"])?;
@@ -126,6 +200,7 @@ impl Metrics {
         registry.register(Box::new(retries.clone()))?;
         Ok(Self {
             registry,
+            vllm: VllmMetrics::new(model_name)?,
             running,
             waiting,
             ttft,
@@ -156,7 +231,9 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        let mut families = self.vllm.registry.gather();
+        families.extend(self.registry.gather());
+        let _ = TextEncoder::new().encode(&families, &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
 }

@@ -47,6 +47,8 @@ pub struct PrefillConfig {
     pub heartbeat: Duration,
     /// How long a republished prefix-index entry lives (as long as the gateway's).
     pub index_ttl: Duration,
+    /// Where this worker serves its metrics (advertised in the registry); empty: nowhere.
+    pub metrics_addr: String,
 }
 
 #[derive(Debug, Default)]
@@ -189,6 +191,7 @@ impl Service {
             offloaded_blocks: self.counters.offloaded.load(Ordering::Relaxed),
             offload_shed_blocks: self.counters.offload_shed.load(Ordering::Relaxed),
             offload_failed_blocks: self.counters.offload_failed.load(Ordering::Relaxed),
+            metrics_addr: self.cfg.metrics_addr.clone(),
             ..worker_info(&self.engine, &self.cfg.worker_id, "prefill", "")
         }
     }

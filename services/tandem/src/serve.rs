@@ -79,10 +79,21 @@ pub struct Common {
     pub managed: bool,
 }
 
+/// A worker's metrics endpoint.
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// Where to serve Prometheus metrics over HTTP (`/metrics`); the bound address is in the
+    /// registry record and the READY line.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub metrics_listen: String,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct PrefillArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Upper bound of one KV handoff, verdict included.
@@ -110,6 +121,8 @@ pub struct PrefillArgs {
 pub struct DecodeArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Where KV blocks arrive over TCP; the other transports listen on the same host.
@@ -264,11 +277,22 @@ fn ready(role: &str, fields: &str) {
     println!("READY {role} {fields}");
 }
 
+/// Binds the worker's metrics endpoint and serves its engine's metrics there; returns the address.
+async fn worker_metrics(args: &MetricsArgs, role: &'static str, engine: &EngineHandle, shutdown: &Shutdown) -> Result<String> {
+    let listener =
+        TcpListener::bind(&args.metrics_listen).await.with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
+    let addr = listener.local_addr()?;
+    let engine = engine.clone();
+    tandem_runtime::serve_metrics(listener, move || tandem_engine::metrics::render(&engine, role), shutdown);
+    Ok(addr.to_string())
+}
+
 pub async fn prefill(args: PrefillArgs) -> Result<()> {
     let shutdown = shutdown(&args.common);
     let listener = TcpListener::bind(&args.common.listen).await?;
     let addr = listener.local_addr()?;
     let engine = load_engine("prefill", &args.engine)?;
+    let metrics_addr = worker_metrics(&args.metrics, "prefill", &engine, &shutdown).await?;
     let c = &args.common;
     let cfg = tandem_prefill::PrefillConfig {
         worker_id: worker_id(c, "prefill", &addr),
@@ -280,8 +304,9 @@ pub async fn prefill(args: PrefillArgs) -> Result<()> {
         state: state_store(c.redis.as_deref())?,
         heartbeat: Duration::from_millis(c.heartbeat_ms),
         index_ttl: Duration::from_secs(args.index_ttl_s),
+        metrics_addr: metrics_addr.clone(),
     };
-    ready("prefill", &format!("grpc={addr}"));
+    ready("prefill", &format!("grpc={addr} metrics={metrics_addr}"));
     tandem_prefill::run(engine, cfg, listener, shutdown).await
 }
 
@@ -295,6 +320,7 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
     let kv = tandem_decode::KvReceivers::bind(&args.kv_transport, kv_listen, lease, args.quic.identity()?.as_ref()).await?;
     let engine = load_engine("decode", &args.engine)?;
     kv.use_memory_of(&engine);
+    let metrics_addr = worker_metrics(&args.metrics, "decode", &engine, &shutdown).await?;
     let c = &args.common;
     let cfg = tandem_decode::DecodeConfig {
         worker_id: worker_id(c, "decode", &addr),
@@ -303,8 +329,9 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
         heartbeat: Duration::from_millis(c.heartbeat_ms),
         handoff_lease: Duration::from_millis(args.handoff_lease_ms),
         default_kv_wait: Duration::from_secs(600),
+        metrics_addr: metrics_addr.clone(),
     };
-    ready("decode", &format!("grpc={addr} kv={}", kv.advertised()));
+    ready("decode", &format!("grpc={addr} kv={} metrics={metrics_addr}", kv.advertised()));
     tandem_decode::run(engine, cfg, listener, kv, shutdown).await
 }
 

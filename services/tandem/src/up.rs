@@ -120,16 +120,17 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let (kv, kv_fields) = spawn("kv-transfer", &[&["kv-transfer".to_string()][..], &redis].concat()).await?;
     let kv_addr = field(&kv_fields, "grpc")?;
     services.push(kv);
-    let mut prefill_addrs = Vec::new();
+    let (mut prefill_addrs, mut decode_addrs, mut metrics) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..args.prefill {
         let (s, f) = spawn(&format!("prefill-{i}"), &engine_args("prefill")).await?;
         prefill_addrs.push(field(&f, "grpc")?);
+        metrics.push(format!("{} http://{}/metrics", s.name, field(&f, "metrics")?));
         services.push(s);
     }
-    let mut decode_addrs = Vec::new();
     for i in 0..args.decode {
         let (s, f) = spawn(&format!("decode-{i}"), &engine_args("decode")).await?;
         decode_addrs.push(field(&f, "grpc")?);
+        metrics.push(format!("{} http://{}/metrics", s.name, field(&f, "metrics")?));
         services.push(s);
     }
     let mut gw = vec!["gateway".to_string(), "--listen".into(), format!("{}:{}", args.host, args.port)];
@@ -154,6 +155,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let (mut interrupt, mut term) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
     // The one line on stdout: where to point clients.
     println!("tandem is serving {served} at http://{http}/v1 (prefill: {}, decode: {}); Ctrl-C stops it", args.prefill, args.decode);
+    // Beside the logs, for whoever scrapes them: where each worker serves its metrics.
+    eprintln!("metrics: gateway http://{http}/metrics, {}", metrics.join(", "));
 
     let exited = async {
         loop {

@@ -101,3 +101,89 @@ async fn json_logs_put_the_request_and_trace_ids_on_every_worker_line() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_worker_serves_its_metrics_under_vllm_names() {
+    let c = shared();
+    // The same system prompt twice: the second prefill finds its leading blocks cached.
+    for _ in 0..2 {
+        let r = client()
+            .post(format!("{}/v1/chat/completions", c.base))
+            .json(&chat_body("Hello!", json!({"max_tokens": 3})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let model = format!("{{model_name=\"{MODEL}\"}}");
+    for (role, p) in [("prefill", &c.prefill[0]), ("decode", &c.decode[0])] {
+        let base = format!("http://{}", p.field("metrics"));
+        let page = http_get(&base, "/metrics").unwrap_or_else(|| panic!("the {role} worker serves /metrics"));
+        let value = |name: &str| {
+            let full = format!("{name}{model}");
+            metric(&base, &full).unwrap_or_else(|| panic!("{role}: no {full} in\n{page}"))
+        };
+        for gauge in ["vllm:num_requests_running", "vllm:num_requests_waiting"] {
+            assert!(value(gauge) >= 0.0);
+        }
+        let usage = value("vllm:kv_cache_usage_perc");
+        assert!((0.0..=1.0).contains(&usage), "{role}: usage {usage}");
+        assert_eq!(value("vllm:gpu_cache_usage_perc"), usage);
+        assert!(value("vllm:num_preemptions_total") >= 0.0);
+        assert!(page.contains(&format!("tandem_kv_blocks{{role=\"{role}\",state=\"free\"}}")), "{page}");
+    }
+    // The prefill worker looked up both prompts in its prefix cache and found the second's
+    // leading blocks; the decode worker imports its sequences and looks up nothing.
+    let prefill = format!("http://{}", c.prefill[0].field("metrics"));
+    let queried = metric(&prefill, &format!("vllm:prefix_cache_queries_total{model}")).unwrap();
+    let hits = metric(&prefill, &format!("vllm:prefix_cache_hits_total{model}")).unwrap();
+    assert!(queried > 0.0 && hits > 0.0 && hits < queried, "queried {queried}, hits {hits}");
+    let decode = format!("http://{}", c.decode[0].field("metrics"));
+    assert_eq!(metric(&decode, &format!("vllm:prefix_cache_queries_total{model}")), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_metric_the_grafana_dashboard_queries_is_exported() {
+    let c = shared();
+    let r = client()
+        .post(format!("{}/v1/chat/completions", c.base))
+        .json(&chat_body("Hi there", json!({"max_tokens": 2})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Every family the gateway and each worker export, with its type.
+    let mut exported = std::collections::HashMap::new();
+    let bases = [c.base.clone(), format!("http://{}", c.prefill[0].field("metrics")), format!("http://{}", c.decode[0].field("metrics"))];
+    for base in &bases {
+        let page = http_get(base, "/metrics").unwrap_or_else(|| panic!("{base}/metrics"));
+        for line in page.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let (name, kind) = line.split_once(' ').unwrap();
+            exported.insert(name.to_string(), kind.to_string());
+        }
+    }
+    let dashboard: Value = serde_json::from_str(include_str!("../../../compose/grafana/tandem-dashboard.json")).unwrap();
+    let mut queries: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_string()))
+        .collect();
+    queries.extend(dashboard["templating"]["list"].as_array().unwrap().iter().filter_map(|v| v["query"].as_str().map(str::to_string)));
+    let mut checked = 0;
+    for q in &queries {
+        // Metric names are the identifiers of ours in the query: `vllm:…` or `tandem_…`.
+        let names = q
+            .split(|ch: char| !(ch.is_ascii_alphanumeric() || ch == '_' || ch == ':'))
+            .filter(|w| w.starts_with("vllm:") || w.starts_with("tandem_"));
+        for name in names {
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s).filter(|base| exported.get(*base).is_some_and(|k| k == "histogram")))
+                .unwrap_or(name);
+            assert!(exported.contains_key(family), "the dashboard queries {name}, which nothing exports (in `{q}`)");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 20, "only {checked} metric references found: is the dashboard parsed right?");
+}

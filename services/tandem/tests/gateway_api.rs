@@ -211,6 +211,37 @@ async fn models_health_ready_metrics() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn request_metrics_under_vllm_names_and_buckets() {
+    let c = cluster();
+    let (status, v) =
+        post(&c.base, "/v1/completions", &json!({"model": MODEL, "prompt": "Hello", "max_tokens": 3, "ignore_eos": true})).await;
+    assert_eq!(status, 200, "{v}");
+    let m = client().get(format!("{}/metrics", c.base)).send().await.unwrap().text().await.unwrap();
+    let sample = |line: &str| -> f64 {
+        let found = m.lines().find(|l| l.starts_with(line)).unwrap_or_else(|| panic!("missing {line} in\n{m}"));
+        found.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let model = format!("model_name=\"{MODEL}\"");
+    // vLLM's bucket bounds, first and last, on each latency histogram.
+    for (name, first, last) in [
+        ("vllm:time_to_first_token_seconds", "0.001", "2560"),
+        ("vllm:inter_token_latency_seconds", "0.01", "80"),
+        ("vllm:time_per_output_token_seconds", "0.01", "80"),
+        ("vllm:e2e_request_latency_seconds", "0.3", "7680"),
+    ] {
+        for le in [first, last, "+Inf"] {
+            sample(&format!("{name}_bucket{{{model},le=\"{le}\"}}"));
+        }
+        assert!(sample(&format!("{name}_count{{{model}}}")) >= 1.0, "{name}");
+    }
+    // This request ran out of its budget: counted under that reason, with its token counts.
+    assert!(sample(&format!("vllm:request_success_total{{finished_reason=\"length\",{model}}}")) >= 1.0);
+    assert!(sample(&format!("vllm:request_generation_tokens_sum{{{model}}}")) >= 3.0);
+    assert!(sample(&format!("vllm:request_prompt_tokens_bucket{{{model},le=\"1\"}}")) >= 0.0);
+    assert!(sample(&format!("vllm:request_prompt_tokens_sum{{{model}}}")) >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn greedy_output_equals_tandem_generate() {
     let c = cluster();
     let prompt = "Give me three tips for staying healthy.";

@@ -136,6 +136,8 @@ pub struct Batcher {
     waiting: VecDeque<Running>,
     running: Vec<Running>,
     preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache as requests were admitted, and those found.
+    prefix_lookups: (u64, u64),
 }
 
 impl std::fmt::Debug for Batcher {
@@ -162,7 +164,7 @@ impl Batcher {
 
     /// A batcher over an engine whose sequence table may already hold sequences.
     pub fn from_paged(engine: PagedEngine, cfg: BatcherConfig) -> Self {
-        Self { engine, cfg, waiting: VecDeque::new(), running: Vec::new(), preemptions: 0 }
+        Self { engine, cfg, waiting: VecDeque::new(), running: Vec::new(), preemptions: 0, prefix_lookups: (0, 0) }
     }
 
     pub fn engine(&self) -> &PagedEngine {
@@ -184,6 +186,12 @@ impl Batcher {
     /// Sequences whose cache was dropped to make room for others and later recomputed.
     pub fn preemptions(&self) -> u64 {
         self.preemptions
+    }
+
+    /// Prompt tokens looked up in the prefix cache on admission (recomputes after preemption
+    /// not counted), and those found there.
+    pub fn prefix_lookups(&self) -> (u64, u64) {
+        self.prefix_lookups
     }
 
     pub fn has_work(&self) -> bool {
@@ -252,6 +260,8 @@ impl Batcher {
                 Ok(cached) => {
                     if r.output.is_empty() {
                         r.cached = cached;
+                        self.prefix_lookups.0 += r.req.prompt.len() as u64;
+                        self.prefix_lookups.1 += cached as u64;
                     }
                     r.fed = cached;
                     self.running.push(r);

@@ -9,6 +9,7 @@ mod cpu;
 mod engine;
 pub mod grpc;
 pub mod kv;
+pub mod metrics;
 mod model;
 pub mod sampling;
 pub mod testing;

@@ -29,6 +29,9 @@ pub struct WorkerLoad {
     pub waiting: usize,
     pub pool: PoolStats,
     pub preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache, and those found there.
+    pub prefix_queried_tokens: u64,
+    pub prefix_hit_tokens: u64,
 }
 
 /// A cheap, cloneable handle to the engine thread.
@@ -195,6 +198,8 @@ fn run(mut batcher: Batcher, rx: std::sync::mpsc::Receiver<Command>, shared: Sha
             waiting: batcher.waiting(),
             pool: batcher.engine().stats(),
             preemptions: batcher.preemptions(),
+            prefix_queried_tokens: batcher.prefix_lookups().0,
+            prefix_hit_tokens: batcher.prefix_lookups().1,
         };
     }
 }

@@ -15,6 +15,6 @@ pub use config::Device;
 pub use cpu::require_cpu_features;
 pub use logging::{init_logging, LogFormat};
 pub use membership::Membership;
-pub use net::no_delay;
+pub use net::{no_delay, serve_metrics};
 pub use shutdown::{Shutdown, ShutdownReport};
 pub use signals::stop_signal;

@@ -1,6 +1,8 @@
-//! Sockets as the services accept them.
+//! Sockets as the services accept them, and the metrics endpoint every worker serves.
 
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::Shutdown;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::{Stream, StreamExt};
 
@@ -13,6 +15,27 @@ pub fn no_delay(listener: TcpListener) -> impl Stream<Item = std::io::Result<Tcp
         stream.set_nodelay(true)?;
         Ok(stream)
     })
+}
+
+/// Serves `GET /metrics` on `listener` (the Prometheus text format, `render` called at each
+/// scrape) until the service stops.
+pub fn serve_metrics(listener: TcpListener, render: impl Fn() -> String + Clone + Send + Sync + 'static, shutdown: &Shutdown) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let render = render.clone();
+            async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], render()) }
+        }),
+    );
+    let stopping = shutdown.stopping();
+    shutdown.spawn(async move {
+        let listener = axum::serve::ListenerExt::tap_io(listener, |s| {
+            let _ = s.set_nodelay(true);
+        });
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopping.cancelled_owned()).await {
+            tracing::warn!(error = %e, "the metrics endpoint stopped");
+        }
+    });
 }
 
 #[cfg(test)]

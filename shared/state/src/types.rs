@@ -23,6 +23,7 @@ impl WorkerRecord {
             running: info.running,
             waiting: info.waiting,
             draining: info.draining,
+            metrics_addr: info.metrics_addr.clone(),
             updated_ms: now_ms(),
         }
     }
@@ -50,6 +51,9 @@ pub struct WorkerRecord {
     /// Finishing its work before it leaves: routing sends it nothing new.
     #[serde(default)]
     pub draining: bool,
+    /// Where it serves Prometheus metrics (`host:port`, path `/metrics`); empty if it does not.
+    #[serde(default)]
+    pub metrics_addr: String,
     pub updated_ms: u64,
 }
 

@@ -172,6 +172,7 @@ impl ClusterBuilder {
                 state: state(&self.redis)?,
                 heartbeat,
                 index_ttl,
+                metrics_addr: String::new(),
             };
             prefill.push(Service::spawn("prefill", addr, None, self.drain_timeout, |sd| tandem_prefill::run(engine, cfg, listener, sd)));
         }
@@ -190,6 +191,7 @@ impl ClusterBuilder {
                 heartbeat,
                 handoff_lease: self.handoff_lease,
                 default_kv_wait: self.request_timeout,
+                metrics_addr: String::new(),
             };
             decode.push(Service::spawn("decode", addr, Some(kv_addr), self.drain_timeout, |sd| {
                 tandem_decode::run(engine, cfg, listener, kv, sd)

@@ -94,7 +94,15 @@ pub(crate) fn start(state: Arc<AppState>, spec: ChoiceSpec) -> ChoiceRx {
                 }
             }
             match outcome {
-                Ok(()) => state.metrics.e2e.observe(started.elapsed().as_secs_f64()),
+                Ok(()) => {
+                    let (m, r, generated) = (&state.metrics, &progress.record, progress.generated);
+                    let e2e = started.elapsed().as_secs_f64();
+                    m.e2e.observe(e2e);
+                    m.vllm.e2e.observe(e2e);
+                    m.vllm.success.with_label_values(&[r.finish_reason.as_deref().unwrap_or("stop")]).inc();
+                    m.vllm.prompt_tokens.observe(r.prompt.len() as f64);
+                    m.vllm.generation_tokens.observe(generated as f64);
+                }
                 Err(e) => {
                     if e.code != ErrorCode::Cancelled {
                         tracing::warn!(error = %e, "request failed");
@@ -112,6 +120,8 @@ pub(crate) fn start(state: Arc<AppState>, spec: ChoiceSpec) -> ChoiceRx {
 struct Progress {
     record: RequestState,
     unflushed: Vec<u32>,
+    /// Tokens generated so far.
+    generated: usize,
 }
 
 impl Progress {
@@ -122,10 +132,11 @@ impl Progress {
         let params = serde_json::to_value(&spec.params).unwrap_or_default();
         let record = RequestState::new(&spec.request_id, &state.cfg.model_name, spec.prompt.clone(), spec.seed, params);
         state.cluster.put_request(&record);
-        Self { record, unflushed: Vec::new() }
+        Self { record, unflushed: Vec::new(), generated: 0 }
     }
 
     fn token(&mut self, state: &AppState, id: u32) {
+        self.generated += 1;
         self.unflushed.push(id);
         if self.unflushed.len() >= Self::BATCH {
             self.flush(state);
@@ -262,7 +273,7 @@ async fn prefill(
         m.prefill_compute_time.observe(resp.compute_millis / 1e3);
         m.export_time.observe(resp.export_millis / 1e3);
         m.kv_transfer_bytes.with_label_values(&[t.transport.as_str()]).inc_by(t.bytes);
-        m.handoff_time.observe(t.millis / 1e3);
+        m.handoff_time.with_label_values(&[t.transport.as_str()]).observe(t.millis / 1e3);
     }
     m.prompt_tokens.inc_by(spec.prompt.len() as u64);
     m.cached_prompt_tokens.inc_by(resp.cached_tokens as u64);

@@ -36,7 +36,9 @@ impl Relay<'_> {
         let state = self.state;
         let metrics = &state.metrics;
         let first = prefilled.first_token.ok_or_else(|| ApiError::new(ErrorCode::Internal, "prefill returned no token"))?;
-        metrics.ttft.observe(started.elapsed().as_secs_f64());
+        let ttft = started.elapsed().as_secs_f64();
+        metrics.ttft.observe(ttft);
+        metrics.vllm.ttft.observe(ttft);
         metrics.generation_tokens.inc();
         let mut last = Instant::now();
         if self.token(&first).await? {
@@ -52,7 +54,10 @@ impl Relay<'_> {
                     if std::mem::take(&mut first_decoded) {
                         metrics.decode_first_token_time.observe((now - last).as_secs_f64());
                     }
-                    metrics.itl.observe((now - last).as_secs_f64());
+                    let gap = (now - last).as_secs_f64();
+                    metrics.itl.observe(gap);
+                    metrics.vllm.itl.observe(gap);
+                    metrics.vllm.tpot.observe(gap);
                     metrics.generation_tokens.inc();
                     last = now;
                     if self.token(&t).await? {
