@@ -8,6 +8,7 @@
 mod store;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,10 +32,59 @@ pub struct KvTransferConfig {
     pub heartbeat: Duration,
     /// How long a prefix-index entry lives without being renewed.
     pub index_ttl: Duration,
+    /// Where to serve Prometheus metrics (`/metrics`), and that address as advertised in the
+    /// registry; `None`: nowhere.
+    pub metrics: Option<(TcpListener, String)>,
+}
+
+/// What the store did, for its metrics.
+#[derive(Debug, Default)]
+struct Counters {
+    put_blocks: AtomicU64,
+    stored_blocks: AtomicU64,
+    requested_blocks: AtomicU64,
+    served_blocks: AtomicU64,
+    evicted_blocks: AtomicU64,
+}
+
+/// The store's metrics page: its size by tier and what it did, as `tandem_kv_store_*`.
+fn render(store: &Mutex<BlockStore>, c: &Counters) -> String {
+    use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+    let (blocks, memory, disk) = {
+        let s = lock(store);
+        (s.len(), s.memory_bytes(), s.disk_bytes())
+    };
+    let registry = Registry::new();
+    let opts = |name: &str, help: &str| Opts::new(name, help).const_label("role", "kv-transfer");
+    if let Ok(g) = IntGauge::with_opts(opts("tandem_kv_store_blocks", "Blocks the store holds, both tiers")) {
+        g.set(blocks as i64);
+        let _ = registry.register(Box::new(g));
+    }
+    if let Ok(g) = IntGaugeVec::new(opts("tandem_kv_store_bytes", "Bytes the store holds, by tier"), &["tier"]) {
+        g.with_label_values(&["memory"]).set(memory as i64);
+        g.with_label_values(&["disk"]).set(disk as i64);
+        let _ = registry.register(Box::new(g));
+    }
+    for (name, help, v) in [
+        ("tandem_kv_store_put_blocks_total", "Blocks offered to the store", &c.put_blocks),
+        ("tandem_kv_store_stored_blocks_total", "Blocks the store took (new to it)", &c.stored_blocks),
+        ("tandem_kv_store_requested_blocks_total", "Blocks prefill workers asked the store for", &c.requested_blocks),
+        ("tandem_kv_store_served_blocks_total", "Blocks the store had and sent", &c.served_blocks),
+        ("tandem_kv_store_evicted_blocks_total", "Blocks dropped from the store for room", &c.evicted_blocks),
+    ] {
+        if let Ok(counter) = IntCounter::with_opts(opts(name, help)) {
+            counter.inc_by(v.load(Ordering::Relaxed));
+            let _ = registry.register(Box::new(counter));
+        }
+    }
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&registry.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
 }
 
 struct Service {
     store: Arc<Mutex<BlockStore>>,
+    counters: Arc<Counters>,
     worker_id: String,
     state: Option<Arc<dyn StateStore>>,
     index_ttl: Duration,
@@ -53,8 +103,16 @@ pub async fn run(cfg: KvTransferConfig, listener: TcpListener, shutdown: Shutdow
     tracing::info!(addr = %listener.local_addr()?, memory_bytes = cfg.memory_bytes, disk = ?cfg.disk, "kv-transfer store serving");
     let store = Arc::new(Mutex::new(store));
     let inflight = InFlight::default();
+    let counters = Arc::new(Counters::default());
+    let mut metrics_addr = String::new();
+    if let Some((listener, advertised)) = cfg.metrics {
+        let (store, counters) = (store.clone(), counters.clone());
+        tandem_runtime::serve_metrics(listener, move || render(&store, &counters), &shutdown);
+        metrics_addr = advertised;
+    }
     let svc = Service {
         store: store.clone(),
+        counters,
         worker_id: cfg.worker_id.clone(),
         state: cfg.state.clone(),
         index_ttl: cfg.index_ttl,
@@ -72,6 +130,7 @@ pub async fn run(cfg: KvTransferConfig, listener: TcpListener, shutdown: Shutdow
             addr: addr.clone(),
             total_blocks: n,
             draining,
+            metrics_addr: metrics_addr.clone(),
             updated_ms: now_ms(),
             ..Default::default()
         }
@@ -127,6 +186,7 @@ impl BlockStoreApi for Service {
             return Err(Status::invalid_argument("one hash per block"));
         }
         let layout = layout_id(&r.layout_json);
+        let offered = r.hashes.len();
         let (mut stored, mut gone) = (Vec::new(), Vec::new());
         {
             let mut store = lock(&self.store);
@@ -140,6 +200,10 @@ impl BlockStoreApi for Service {
         }
         let n = stored.len() as u32;
         gone.retain(|h| !stored.contains(h));
+        let c = &self.counters;
+        c.put_blocks.fetch_add(offered as u64, Ordering::Relaxed);
+        c.stored_blocks.fetch_add(n as u64, Ordering::Relaxed);
+        c.evicted_blocks.fetch_add(gone.len() as u64, Ordering::Relaxed);
         self.index(stored, gone);
         Ok(Response::new(PutBlocksResponse { stored: n }))
     }
@@ -148,6 +212,8 @@ impl BlockStoreApi for Service {
         let _inflight = self.inflight.enter();
         let r = request.into_inner();
         let (blocks, gone) = lock(&self.store).get_prefix(layout_id(&r.layout_json), &r.hashes);
+        self.counters.requested_blocks.fetch_add(r.hashes.len() as u64, Ordering::Relaxed);
+        self.counters.served_blocks.fetch_add(blocks.len() as u64, Ordering::Relaxed);
         self.index(Vec::new(), gone);
         Ok(Response::new(GetBlocksResponse { blocks }))
     }

@@ -142,6 +142,8 @@ pub struct DecodeArgs {
 pub struct KvTransferArgs {
     #[command(flatten)]
     pub common: Common,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     #[arg(long, default_value_t = 1024)]
     pub memory_mb: usize,
     /// A disk tier below memory: blocks pushed out of memory go here (emptied at start).
@@ -340,6 +342,9 @@ pub async fn kv_transfer(args: KvTransferArgs) -> Result<()> {
     let listener = TcpListener::bind(&args.common.listen).await?;
     let addr = listener.local_addr()?;
     let c = &args.common;
+    let m = &args.metrics.metrics_listen;
+    let metrics = TcpListener::bind(m).await.with_context(|| format!("binding --metrics-listen {m}"))?;
+    let metrics_addr = metrics.local_addr()?.to_string();
     let cfg = tandem_kv_transfer::KvTransferConfig {
         worker_id: worker_id(c, "kv-transfer", &addr),
         addr: advertised(c, &addr),
@@ -348,8 +353,9 @@ pub async fn kv_transfer(args: KvTransferArgs) -> Result<()> {
         state: state_store(c.redis.as_deref())?,
         heartbeat: Duration::from_millis(c.heartbeat_ms),
         index_ttl: Duration::from_secs(args.index_ttl_s),
+        metrics: Some((metrics, metrics_addr.clone())),
     };
-    ready("kv-transfer", &format!("grpc={addr}"));
+    ready("kv-transfer", &format!("grpc={addr} metrics={metrics_addr}"));
     tandem_kv_transfer::run(cfg, listener, shutdown).await
 }
 

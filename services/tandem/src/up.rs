@@ -119,8 +119,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let mut services = Vec::new();
     let (kv, kv_fields) = spawn("kv-transfer", &[&["kv-transfer".to_string()][..], &redis].concat()).await?;
     let kv_addr = field(&kv_fields, "grpc")?;
+    let kv_metrics = format!("{} http://{}/metrics", kv.name, field(&kv_fields, "metrics")?);
     services.push(kv);
-    let (mut prefill_addrs, mut decode_addrs, mut metrics) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut prefill_addrs, mut decode_addrs, mut metrics) = (Vec::new(), Vec::new(), vec![kv_metrics]);
     for i in 0..args.prefill {
         let (s, f) = spawn(&format!("prefill-{i}"), &engine_args("prefill")).await?;
         prefill_addrs.push(field(&f, "grpc")?);

@@ -136,6 +136,19 @@ async fn a_new_prefill_worker_pulls_a_prefix_from_the_block_store() {
     assert!(cached_tokens(&again) >= (full_blocks as u64 - 1) * 16, "usage: {}", again["usage"]);
     assert!(metric(&c.base, "tandem_kv_store_pulled_blocks_total").unwrap() >= (full_blocks - 1) as f64);
     assert_eq!(text(&again), text(&first), "greedy output over fetched blocks matches the computed one");
+
+    // The store's own metrics saw the same: the offload arrive and the prefix go out.
+    let store = format!("http://{}", c.kv.field("metrics"));
+    let store_metric = |name: &str| metric(&store, &format!("{name}{{role=\"kv-transfer\"}}")).unwrap_or_else(|| panic!("no {name}"));
+    assert!(store_metric("tandem_kv_store_stored_blocks_total") >= full_blocks as f64);
+    assert!(store_metric("tandem_kv_store_served_blocks_total") >= (full_blocks - 1) as f64);
+    assert!(store_metric("tandem_kv_store_blocks") >= full_blocks as f64);
+    // Every worker advertises where its metrics are, in its registry record.
+    for id in redis_members(&redis) {
+        let record: serde_json::Value = serde_json::from_str(&redis.cli(&["GET", &format!("tandem:worker:{id}")]).join("")).unwrap();
+        let at = record["metrics_addr"].as_str().unwrap_or_default().to_string();
+        assert!(http_get(&format!("http://{at}"), "/metrics").is_some_and(|page| page.contains("tandem_")), "{id} advertises {at:?}");
+    }
 }
 
 fn redis_members(redis: &RedisServer) -> Vec<String> {

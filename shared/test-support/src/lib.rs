@@ -151,6 +151,7 @@ impl ClusterBuilder {
                 state: state(&self.redis)?,
                 heartbeat,
                 index_ttl,
+                metrics: None,
             };
             Some(Service::spawn("block-store", addr, None, self.drain_timeout, |sd| tandem_kv_transfer::run(cfg, listener, sd)))
         } else {
