@@ -279,14 +279,20 @@ fn ready(role: &str, fields: &str) {
     println!("READY {role} {fields}");
 }
 
-/// Binds the worker's metrics endpoint and serves its engine's metrics there; returns the address.
-async fn worker_metrics(args: &MetricsArgs, role: &'static str, engine: &EngineHandle, shutdown: &Shutdown) -> Result<String> {
+/// The metrics endpoint's listener and its bound address.
+async fn bind_metrics(args: &MetricsArgs) -> Result<(TcpListener, String)> {
     let listener =
         TcpListener::bind(&args.metrics_listen).await.with_context(|| format!("binding --metrics-listen {}", args.metrics_listen))?;
-    let addr = listener.local_addr()?;
+    let addr = listener.local_addr()?.to_string();
+    Ok((listener, addr))
+}
+
+/// Binds the worker's metrics endpoint and serves its engine's metrics there; returns the address.
+async fn worker_metrics(args: &MetricsArgs, role: &'static str, engine: &EngineHandle, shutdown: &Shutdown) -> Result<String> {
+    let (listener, addr) = bind_metrics(args).await?;
     let engine = engine.clone();
     tandem_runtime::serve_metrics(listener, move || tandem_engine::metrics::render(&engine, role), shutdown);
-    Ok(addr.to_string())
+    Ok(addr)
 }
 
 pub async fn prefill(args: PrefillArgs) -> Result<()> {
@@ -342,9 +348,7 @@ pub async fn kv_transfer(args: KvTransferArgs) -> Result<()> {
     let listener = TcpListener::bind(&args.common.listen).await?;
     let addr = listener.local_addr()?;
     let c = &args.common;
-    let m = &args.metrics.metrics_listen;
-    let metrics = TcpListener::bind(m).await.with_context(|| format!("binding --metrics-listen {m}"))?;
-    let metrics_addr = metrics.local_addr()?.to_string();
+    let (metrics, metrics_addr) = bind_metrics(&args.metrics).await?;
     let cfg = tandem_kv_transfer::KvTransferConfig {
         worker_id: worker_id(c, "kv-transfer", &addr),
         addr: advertised(c, &addr),

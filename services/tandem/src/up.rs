@@ -119,19 +119,21 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let mut services = Vec::new();
     let (kv, kv_fields) = spawn("kv-transfer", &[&["kv-transfer".to_string()][..], &redis].concat()).await?;
     let kv_addr = field(&kv_fields, "grpc")?;
-    let kv_metrics = format!("{} http://{}/metrics", kv.name, field(&kv_fields, "metrics")?);
+    // Where each service serves its metrics, to print once all are up.
+    let metrics_url = |s: &Service, f: &[(String, String)]| field(f, "metrics").map(|at| format!("{} http://{at}/metrics", s.name));
+    let kv_metrics = metrics_url(&kv, &kv_fields)?;
     services.push(kv);
     let (mut prefill_addrs, mut decode_addrs, mut metrics) = (Vec::new(), Vec::new(), vec![kv_metrics]);
     for i in 0..args.prefill {
         let (s, f) = spawn(&format!("prefill-{i}"), &engine_args("prefill")).await?;
         prefill_addrs.push(field(&f, "grpc")?);
-        metrics.push(format!("{} http://{}/metrics", s.name, field(&f, "metrics")?));
+        metrics.push(metrics_url(&s, &f)?);
         services.push(s);
     }
     for i in 0..args.decode {
         let (s, f) = spawn(&format!("decode-{i}"), &engine_args("decode")).await?;
         decode_addrs.push(field(&f, "grpc")?);
-        metrics.push(format!("{} http://{}/metrics", s.name, field(&f, "metrics")?));
+        metrics.push(metrics_url(&s, &f)?);
         services.push(s);
     }
     let mut gw = vec!["gateway".to_string(), "--listen".into(), format!("{}:{}", args.host, args.port)];

@@ -117,10 +117,7 @@ impl Filling {
     /// The caller writes into it only through a copy it synchronises before
     /// [`Filling::into_bytes`], and reads nothing from it meanwhile.
     pub unsafe fn dst(&mut self, i: usize) -> &mut [u8] {
-        let s = &self.slots[i];
-        // SAFETY: the slot is owned here, exclusively (see `Slot`); the caller's contract covers
-        // the device writing into it.
-        unsafe { std::slice::from_raw_parts_mut(s.ptr(), s.arena.slot) }
+        self.slots[i].as_mut_slice()
     }
 
     /// The filled slots as bytes; each slot returns to the arena when its last clone drops.
