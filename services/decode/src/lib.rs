@@ -13,7 +13,8 @@ use tandem_engine::grpc::{finished_message, new_request, token_message, worker_i
 use tandem_engine::{EngineHandle, Event, Mode};
 use tandem_protocol::pb::decode_server::{Decode, DecodeServer};
 use tandem_protocol::pb::{token_event, GenerateRequest, InfoRequest, TokenEvent, WorkerInfo};
-use tandem_protocol::{trace, ApiError, ErrorCode, TraceContext};
+use tandem_protocol::{trace, ApiError, ErrorCode};
+use tandem_runtime::telemetry::{self, KeyValue};
 use tandem_runtime::{Membership, Shutdown};
 use tandem_state::{InFlight, StateStore, WorkerRecord};
 use tandem_transfer::{HandoffRegistry, KvReceiver, QuicIdentity, TransportKind};
@@ -160,6 +161,10 @@ impl Service {
 
 type EventResult = Result<TokenEvent, Status>;
 
+/// A `tokens` event on the generate span every this many tokens (a span per token would cost
+/// more than the token).
+const TOKEN_EVENT_EVERY: u64 = 32;
+
 fn event(e: token_event::Event) -> EventResult {
     Ok(TokenEvent { event: Some(e) })
 }
@@ -173,14 +178,24 @@ impl Decode for Service {
             return Err(ApiError::new(ErrorCode::WorkerDraining, format!("decode worker {} is draining", self.cfg.worker_id)).to_status());
         }
         let inflight = self.inflight.enter();
-        let trace = TraceContext::from_metadata(request.metadata());
         let id = trace::request_id(request.metadata()).map(str::to_string);
+        let span = tracing::info_span!(
+            "decode",
+            otel.name = "tandem.v1.Decode/Generate",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "tandem.v1.Decode",
+            rpc.method = "Generate",
+            request_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            tandem.worker_id = self.cfg.worker_id.as_str(),
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        telemetry::continue_trace(&span, |k| trace::metadata_str(request.metadata(), k));
         let g = request.into_inner();
         let request_id = id.unwrap_or_else(|| g.request_id.clone());
-        let span = tracing::info_span!("decode", request_id = %request_id, trace_id = tracing::field::Empty);
-        if let Some(t) = trace {
-            span.record("trace_id", tracing::field::display(t.trace_id_hex()));
-        }
+        span.record("request_id", tracing::field::display(&request_id));
         span.in_scope(|| tracing::info!(prompt_tokens = g.prompt.len(), "decode stream opened"));
         let req = new_request(&self.engine, &g, Mode::Full).map_err(|e| e.to_status())?;
         let lease = match g.kv_wait_ms {
@@ -196,67 +211,118 @@ impl Decode for Service {
         let engine = self.engine.clone();
         let completed = self.completed.clone();
         let cancelled = self.cancelled.clone();
+        let traced = span.clone();
         let hung_up = move || {
             cancelled.fetch_add(1, Ordering::Relaxed);
             tracing::info!("decode cancelled by the caller");
+            telemetry::fail(&traced, ErrorCode::Cancelled.name(), "cancelled by the caller");
+        };
+        let traced = span.clone();
+        let failed = move |e: &Status| {
+            let e = ApiError::from_status(e);
+            telemetry::fail(&traced, e.code.name(), e.message);
         };
         self.shutdown.spawn(
             async move {
                 let _inflight = inflight;
+                let waiting = tracing::info_span!("kv_wait", otel.name = "wait for kv blocks");
                 let arrived = tokio::select! {
                     _ = tx.closed() => return hung_up(),
-                    a = tokio::time::timeout(lease, pending.arrived()) => a,
+                    a = tokio::time::timeout(lease, pending.arrived()).instrument(waiting.clone()) => a,
                 };
+                drop(waiting);
                 let incoming = match arrived {
                     Ok(Some(incoming)) => incoming,
                     Ok(None) => return,
                     Err(_) => {
                         tracing::warn!(wait = ?lease, "kv blocks never arrived");
-                        let error = ApiError::new(ErrorCode::Timeout, format!("kv blocks did not arrive within {lease:?}"));
-                        let _ = tx.send(Err(error.to_status())).await;
+                        let error = ApiError::new(ErrorCode::Timeout, format!("kv blocks did not arrive within {lease:?}")).to_status();
+                        failed(&error);
+                        let _ = tx.send(Err(error)).await;
                         return;
                     }
                 };
                 let h = incoming.handoff;
-                let mut events = match engine.import(req, h.kv, h.first_token).await {
+                let import = tracing::info_span!(
+                    "kv_import",
+                    otel.name = "kv import",
+                    tandem.kv.blocks = h.kv.blocks.len() as i64,
+                    tandem.kv.bytes = h.kv.blocks.iter().map(|b| b.len() as i64).sum::<i64>(),
+                    error.type = tracing::field::Empty,
+                );
+                let imported = engine.import(req, h.kv, h.first_token).instrument(import.clone()).await;
+                let mut events = match imported {
                     Ok(events) => {
                         let _ = incoming.verdict.send(Ok(()));
                         events
                     }
                     Err(e) => {
                         let _ = incoming.verdict.send(Err(ApiError::from(&e)));
-                        let error = ApiError::new(e.code(), format!("kv import failed: {e}"));
-                        let _ = tx.send(Err(error.to_status())).await;
+                        telemetry::fail(&import, e.code().name(), e.to_string());
+                        let error = ApiError::new(e.code(), format!("kv import failed: {e}")).to_status();
+                        failed(&error);
+                        let _ = tx.send(Err(error)).await;
                         return;
                     }
                 };
-                loop {
-                    let next = tokio::select! {
-                        // The gateway hung up: dropping `events` cancels the sequence.
-                        _ = tx.closed() => return hung_up(),
-                        e = events.next() => e,
-                    };
-                    let out = match next {
-                        Some(Event::Token { token, logprobs, .. }) => event(token_event::Event::Token(token_message(token, logprobs))),
-                        Some(Event::Finished { reason, usage, .. }) => {
-                            completed.fetch_add(1, Ordering::Relaxed);
-                            let _ = tx.send(event(token_event::Event::Finished(finished_message(reason, usage)))).await;
+                drop(import);
+                let generate = tracing::info_span!(
+                    "generate",
+                    otel.name = "generate",
+                    tandem.decode.first_token_ms = tracing::field::Empty,
+                    gen_ai.usage.output_tokens = tracing::field::Empty,
+                );
+                let imported_at = std::time::Instant::now();
+                let mut tokens = 0u64;
+                let decoding = async {
+                    loop {
+                        let next = tokio::select! {
+                            // The gateway hung up: dropping `events` cancels the sequence.
+                            _ = tx.closed() => return hung_up(),
+                            e = events.next() => e,
+                        };
+                        let out = match next {
+                            Some(Event::Token { token, logprobs, .. }) => {
+                                tokens += 1;
+                                if tokens == 1 {
+                                    tracing::Span::current()
+                                        .record("tandem.decode.first_token_ms", imported_at.elapsed().as_secs_f64() * 1e3);
+                                } else if tokens % TOKEN_EVENT_EVERY == 0 {
+                                    telemetry::event(
+                                        &tracing::Span::current(),
+                                        "tokens",
+                                        vec![KeyValue::new("tandem.decode.tokens", tokens as i64)],
+                                    );
+                                }
+                                event(token_event::Event::Token(token_message(token, logprobs)))
+                            }
+                            Some(Event::Finished { reason, usage, .. }) => {
+                                completed.fetch_add(1, Ordering::Relaxed);
+                                tracing::Span::current().record("gen_ai.usage.output_tokens", usage.completion_tokens as i64);
+                                let _ = tx.send(event(token_event::Event::Finished(finished_message(reason, usage)))).await;
+                                return;
+                            }
+                            Some(Event::Failed { error, .. }) => Err(error.to_status()),
+                            Some(Event::Prefilled { .. }) | None => Err(Status::internal("decode engine stopped")),
+                        };
+                        if let Err(e) = &out {
+                            failed(e);
+                        }
+                        let last = out.is_err();
+                        if tx.send(out).await.is_err() {
+                            if !last {
+                                hung_up();
+                            }
                             return;
                         }
-                        Some(Event::Failed { error, .. }) => Err(error.to_status()),
-                        Some(Event::Prefilled { .. }) | None => Err(Status::internal("decode engine stopped")),
-                    };
-                    let last = out.is_err();
-                    if tx.send(out).await.is_err() {
-                        if !last {
-                            hung_up();
+                        if last {
+                            return;
                         }
-                        return;
                     }
-                    if last {
-                        return;
-                    }
-                }
+                };
+                decoding.instrument(generate.clone()).await;
+                // The server span's own count: the first token came from the prefill worker.
+                tracing::Span::current().record("gen_ai.usage.output_tokens", tokens as i64);
             }
             .instrument(span),
         );

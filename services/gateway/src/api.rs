@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Extension, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -12,12 +12,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use tandem_protocol::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, Model, ModelList, PromptSpec, SamplingFields};
-use tandem_protocol::{ApiError, ErrorCode, SamplingParams, TraceContext, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
+use tandem_protocol::{ApiError, ErrorCode, SamplingParams, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use tandem_tokenizer::ChatMessage;
+use tracing::Instrument;
 
 use crate::disagg::{self, ChoiceSpec};
 use crate::error::{parse_body, too_large, HttpError, MAX_BODY_BYTES};
 use crate::render::{self, now, ChatRenderer, CompletionRenderer, Envelope, Renderer, UsageTally};
+use crate::spans;
 use crate::workers::Role;
 use crate::AppState;
 
@@ -43,20 +45,26 @@ pub(crate) fn router(state: S) -> Router {
 }
 
 /// Around every route: refuses a body declared over the limit before reading any of it, and
-/// places the request in a trace. The trace id of an incoming `traceparent` is kept (a malformed
-/// one is ignored) and a new one started otherwise; the gateway's span in it goes to the handler,
-/// on to every worker call, and back to the client as the response's `traceparent`.
-async fn edge(mut req: Request, next: Next) -> Response {
-    let incoming = req.headers().get(TRACEPARENT_HEADER).and_then(|v| v.to_str().ok()).and_then(TraceContext::parse);
-    let trace = incoming.map(|t| t.child()).unwrap_or_else(TraceContext::new_root);
+/// places each API call in a trace: its server span continues the trace of an incoming
+/// `traceparent` (a malformed one is ignored and a new trace starts), every worker call carries
+/// it on, and the response's `traceparent` names it. Health, readiness and metrics get no span.
+async fn edge(req: Request, next: Next) -> Response {
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let path = req.uri().path().to_string();
+    let span = path.starts_with("/v1/").then(|| {
+        let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_string();
+        spans::http(req.method().as_str(), &route, &path, req.headers())
+    });
+    let Some(span) = span else {
+        return next.run(req).await;
+    };
     let mut resp = if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         HttpError(too_large()).into_response()
     } else {
-        req.extensions_mut().insert(trace);
-        next.run(req).await
+        next.run(req).instrument(span.clone()).await
     };
-    if let Ok(v) = HeaderValue::from_str(&trace.to_string()) {
+    spans::http_status(&span, resp.status().as_u16());
+    if let Some(v) = tandem_runtime::telemetry::traceparent(&span).and_then(|t| HeaderValue::from_str(&t).ok()) {
         resp.headers_mut().insert(TRACEPARENT_HEADER, v);
     }
     resp
@@ -101,7 +109,8 @@ struct Job {
     n: usize,
     stream: bool,
     include_usage: bool,
-    trace: TraceContext,
+    /// The request's GenAI span: every choice runs under it.
+    span: tracing::Span,
 }
 
 fn check_model(s: &AppState, model: &str) -> Result<(), ApiError> {
@@ -192,8 +201,9 @@ fn flatten(content: &Option<MessageContent>, i: usize) -> Result<String, ApiErro
     }
 }
 
-async fn chat(State(s): State<S>, Extension(trace): Extension<TraceContext>, body: Result<Bytes, BytesRejection>) -> Response {
-    let job = (|| {
+async fn chat(State(s): State<S>, body: Result<Bytes, BytesRejection>) -> Response {
+    let span = spans::gen_ai("chat", &s.cfg.model_name);
+    let job = span.in_scope(|| {
         let r: ChatCompletionRequest = parse_body(body)?;
         check_model(&s, &r.model)?;
         if r.messages.is_empty() {
@@ -211,29 +221,41 @@ async fn chat(State(s): State<S>, Extension(trace): Extension<TraceContext>, bod
             return Err(ApiError::invalid("top_logprobs", "top_logprobs requires logprobs to be true"));
         }
         let logprobs = (r.logprobs == Some(true)).then(|| r.top_logprobs.unwrap_or(0));
-        let prompt = s.tokenizer.encode_chat(&messages).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+        let prompt = tracing::info_span!("tokenize", otel.name = "template and tokenize", tandem.messages = messages.len() as i64)
+            .in_scope(|| s.tokenizer.encode_chat(&messages))
+            .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
         let context = max_context(&s)?;
         let requested = r.max_completion_tokens.or(r.max_tokens);
         let default_max = context.saturating_sub(prompt.len()).max(1);
         let (params, n) = sampling(&r.sampling, requested, default_max, logprobs)?;
         check_length(prompt.len(), params.max_tokens, context, if requested.is_some() { "max_tokens" } else { "messages" })?;
+        spans::gen_ai_request(&span, &params, n);
         Ok(Job {
             prompts: vec![prompt],
             params,
             n,
             stream: r.sampling.stream.unwrap_or(false),
             include_usage: r.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
-            trace,
+            span: span.clone(),
         })
-    })();
+    });
+    answer::<ChatRenderer>(s, job, span).await
+}
+
+/// Runs a parsed job, or refuses the request, under its GenAI span.
+async fn answer<R: Renderer>(s: S, job: Result<Job, ApiError>, span: tracing::Span) -> Response {
     match job {
-        Ok(job) => respond::<ChatRenderer>(s, job).await,
-        Err(e) => HttpError(e).into_response(),
+        Ok(job) => respond::<R>(s, job).instrument(span).await,
+        Err(e) => {
+            spans::gen_ai_response(&span, "", &s.cfg.model_name, &tandem_protocol::openai::Usage::new(0, 0, 0), Vec::new(), Some(&e));
+            HttpError(e).into_response()
+        }
     }
 }
 
-async fn completions(State(s): State<S>, Extension(trace): Extension<TraceContext>, body: Result<Bytes, BytesRejection>) -> Response {
-    let job = (|| {
+async fn completions(State(s): State<S>, body: Result<Bytes, BytesRejection>) -> Response {
+    let span = spans::gen_ai("text_completion", &s.cfg.model_name);
+    let job = span.in_scope(|| {
         let r: CompletionRequest = parse_body(body)?;
         check_model(&s, &r.model)?;
         if r.echo == Some(true) {
@@ -247,7 +269,11 @@ async fn completions(State(s): State<S>, Extension(trace): Extension<TraceContex
                 return Err(ApiError::invalid("logprobs", format!("logprobs must be between 0 and 5, got {n}")));
             }
         }
-        let encode = |t: &str| s.tokenizer.encode(t).map_err(|e| ApiError::invalid("prompt", e.to_string()));
+        let encode = |t: &str| {
+            tracing::info_span!("tokenize", otel.name = "tokenize")
+                .in_scope(|| s.tokenizer.encode(t))
+                .map_err(|e| ApiError::invalid("prompt", e.to_string()))
+        };
         let prompts = match &r.prompt {
             PromptSpec::Text(t) => vec![encode(t)?],
             PromptSpec::Texts(ts) => ts.iter().map(|t| encode(t)).collect::<Result<_, _>>()?,
@@ -266,19 +292,17 @@ async fn completions(State(s): State<S>, Extension(trace): Extension<TraceContex
         for p in &prompts {
             check_length(p.len(), params.max_tokens, context, if r.max_tokens.is_some() { "max_tokens" } else { "prompt" })?;
         }
+        spans::gen_ai_request(&span, &params, n);
         Ok(Job {
             prompts,
             params,
             n,
             stream: r.sampling.stream.unwrap_or(false),
             include_usage: r.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
-            trace,
+            span: span.clone(),
         })
-    })();
-    match job {
-        Ok(job) => respond::<CompletionRenderer>(s, job).await,
-        Err(e) => HttpError(e).into_response(),
-    }
+    });
+    answer::<CompletionRenderer>(s, job, span).await
 }
 
 /// Starts every choice: prompt `p`, sample `j` becomes choice `p * n + j`.
@@ -293,7 +317,6 @@ fn start_choices(s: &S, job: &Job, id: &str) -> Vec<disagg::ChoiceRx> {
                 prompt: prompt.clone(),
                 params: job.params.clone(),
                 seed: base_seed.wrapping_add(index as u64),
-                trace: job.trace,
             };
             out.push(disagg::start(s.clone(), spec));
         }
@@ -307,19 +330,22 @@ const MAX_CHOICES: usize = 64;
 /// Starts the job's choices and answers with them, whole or as a stream, in the shapes of the
 /// endpoint `R` renders.
 async fn respond<R: Renderer>(s: S, job: Job) -> Response {
+    let refuse = |e: ApiError| {
+        spans::gen_ai_response(&job.span, "", &s.cfg.model_name, &tandem_protocol::openai::Usage::new(0, 0, 0), Vec::new(), Some(&e));
+        HttpError(e).into_response()
+    };
     if job.prompts.len() * job.n > MAX_CHOICES {
-        let e = ApiError::invalid("prompt", format!("at most {MAX_CHOICES} choices (prompts × n) per request"));
-        return HttpError(e).into_response();
+        return refuse(ApiError::invalid("prompt", format!("at most {MAX_CHOICES} choices (prompts × n) per request")));
     }
     // Refuse before a stream commits to 200.
     if s.workers.healthy(Role::Prefill) == 0 || s.workers.healthy(Role::Decode) == 0 {
-        return HttpError(ApiError::new(ErrorCode::Unavailable, "no prefill or decode worker is available; retry shortly")).into_response();
+        return refuse(ApiError::new(ErrorCode::Unavailable, "no prefill or decode worker is available; retry shortly"));
     }
     let id = new_id(R::ID_PREFIX);
     let rxs = start_choices(&s, &job, &id);
     let id_header = HeaderValue::from_str(&id).ok();
     let renderer = R::new(job.params.logprobs.is_some());
-    let envelope = Envelope { id, model: s.cfg.model_name.clone() };
+    let envelope = Envelope { id, model: s.cfg.model_name.clone(), span: job.span.clone() };
     let usage = UsageTally::new(&job.prompts, job.n);
     let mut resp = if job.stream {
         render::sse(renderer, envelope, job.include_usage, usage, rxs).into_response()

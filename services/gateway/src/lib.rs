@@ -10,6 +10,7 @@ mod disagg;
 mod error;
 mod metrics;
 mod render;
+mod spans;
 mod workers;
 
 use std::future::IntoFuture;

@@ -79,14 +79,12 @@ pub struct Metrics {
     registry: Registry,
     pub vllm: VllmMetrics,
     pub running: IntGauge,
-    pub waiting: IntGauge,
     pub ttft: Histogram,
     pub itl: Histogram,
     pub e2e: Histogram,
     pub prompt_tokens: IntCounter,
     pub generation_tokens: IntCounter,
     pub cached_prompt_tokens: IntCounter,
-    pub kv_blocks_in_use: IntGaugeVec,
     pub kv_transfer_bytes: IntCounterVec,
     pub handoff_failures: IntCounter,
     pub prefill_time: Histogram,
@@ -119,7 +117,6 @@ impl Metrics {
     pub fn new(model_name: &str) -> prometheus::Result<Self> {
         let registry = Registry::new_custom(Some("tandem".into()), None)?;
         let running = IntGauge::new("requests_running", "Requests being served by the gateway")?;
-        let waiting = IntGauge::new("requests_waiting", "Sequences queued in the workers, by their last report")?;
         let ttft = Histogram::with_opts(
             HistogramOpts::new("time_to_first_token_seconds", "Time to first token").buckets(buckets(0.005, 2.0, 14)),
         )?;
@@ -132,7 +129,6 @@ impl Metrics {
         let prompt_tokens = IntCounter::new("prompt_tokens_total", "Prompt tokens processed")?;
         let generation_tokens = IntCounter::new("generation_tokens_total", "Tokens generated")?;
         let cached_prompt_tokens = IntCounter::new("prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache")?;
-        let kv_blocks_in_use = IntGaugeVec::new(Opts::new("kv_blocks_in_use", "KV blocks held by sequences, by pool"), &["role"])?;
         let kv_transfer_bytes =
             IntCounterVec::new(Opts::new("kv_transfer_bytes_total", "KV bytes handed from prefill to decode"), &["transport"])?;
         let handoff_failures = IntCounter::new("kv_handoff_failures_total", "KV handoffs that failed or timed out")?;
@@ -174,14 +170,12 @@ impl Metrics {
             &["role"],
         )?;
         registry.register(Box::new(running.clone()))?;
-        registry.register(Box::new(waiting.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
         registry.register(Box::new(itl.clone()))?;
         registry.register(Box::new(e2e.clone()))?;
         registry.register(Box::new(prompt_tokens.clone()))?;
         registry.register(Box::new(generation_tokens.clone()))?;
         registry.register(Box::new(cached_prompt_tokens.clone()))?;
-        registry.register(Box::new(kv_blocks_in_use.clone()))?;
         registry.register(Box::new(kv_transfer_bytes.clone()))?;
         registry.register(Box::new(handoff_failures.clone()))?;
         registry.register(Box::new(requests.clone()))?;
@@ -202,14 +196,12 @@ impl Metrics {
             registry,
             vllm: VllmMetrics::new(model_name)?,
             running,
-            waiting,
             ttft,
             itl,
             e2e,
             prompt_tokens,
             generation_tokens,
             cached_prompt_tokens,
-            kv_blocks_in_use,
             kv_transfer_bytes,
             handoff_failures,
             prefill_time,
@@ -234,6 +226,8 @@ impl Metrics {
         let mut families = self.vllm.registry.gather();
         families.extend(self.registry.gather());
         let _ = TextEncoder::new().encode(&families, &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
+        let mut page = String::from_utf8(buf).unwrap_or_default();
+        page.push_str(&tandem_runtime::telemetry::render_metrics());
+        page
     }
 }

@@ -113,6 +113,10 @@ pub struct PrefillChoice {
     pub lease: Lease,
     /// Leading prompt blocks the worker holds, by the prefix index.
     pub cached_blocks: usize,
+    /// Its cost, the lowest: prompt tokens left to compute plus the load weight times its queue.
+    pub cost: f64,
+    /// Prefill workers it was chosen among.
+    pub candidates: usize,
 }
 
 fn endpoint(url: &str) -> anyhow::Result<Channel> {
@@ -248,18 +252,20 @@ impl WorkerPool {
         exclude: &[u64],
     ) -> Option<PrefillChoice> {
         let mut ws = self.lock();
+        let mut candidates = 0;
         let best = ws
             .iter_mut()
             .filter(|w| w.role == Role::Prefill && w.routable() && !exclude.contains(&w.key))
+            .inspect(|_| candidates += 1)
             .map(|w| {
                 let cached = overlap.get(w.id()).copied().unwrap_or(0);
                 let cost = prompt_tokens.saturating_sub(cached * block_size) as f64 + load_weight * w.pending() as f64;
                 (cost, w.pending(), cached, w)
             })
             .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))?;
-        let (_, _, cached_blocks, w) = best;
+        let (cost, _, cached_blocks, w) = best;
         let lease = self.lease(w);
-        Some(PrefillChoice { lease, cached_blocks })
+        Some(PrefillChoice { lease, cached_blocks, cost, candidates })
     }
 
     /// The decode worker with the fewest sequences among those with room for `blocks` more KV
@@ -309,23 +315,13 @@ impl WorkerPool {
         let snapshot = self.snapshot();
         let infos = futures::future::join_all(snapshot.iter().map(Self::info)).await;
         let mut ws = self.lock();
-        let (mut waiting, mut used) = (0i64, [0i64; 2]);
         for (s, info) in snapshot.iter().zip(infos) {
             let Some(w) = ws.iter_mut().find(|w| w.key == s.key) else { continue };
-            if let Some(i) = &info {
-                if w.role != Role::BlockStore {
-                    waiting += i.waiting as i64;
-                    used[(w.role == Role::Decode) as usize] += i.total_blocks.saturating_sub(i.free_blocks) as i64;
-                }
-            }
             if info.is_none() && w.info.is_some() {
                 tracing::warn!(url = %w.url, "worker stopped answering");
             }
             w.info = info;
         }
-        metrics.waiting.set(waiting);
-        metrics.kv_blocks_in_use.with_label_values(&["prefill"]).set(used[0]);
-        metrics.kv_blocks_in_use.with_label_values(&["decode"]).set(used[1]);
         for role in Role::ALL {
             metrics.workers.with_label_values(&[role.name()]).set(ws.iter().filter(|w| w.role == role && w.routable()).count() as i64);
         }

@@ -177,10 +177,29 @@ impl Service {
     }
 }
 
+/// The server span of a block-store call, in the trace of the request that made it. The calls
+/// do not await while it is entered.
+fn server_span<T>(method: &'static str, request: &Request<T>) -> tracing::Span {
+    let span = tracing::info_span!(
+        "block_store",
+        otel.name = format!("tandem.v1.BlockStore/{method}"),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = "tandem.v1.BlockStore",
+        rpc.method = method,
+        trace_id = tracing::field::Empty,
+        tandem.store.blocks = tracing::field::Empty,
+    );
+    tandem_runtime::telemetry::continue_trace(&span, |k| tandem_protocol::trace::metadata_str(request.metadata(), k));
+    span
+}
+
 #[tonic::async_trait]
 impl BlockStoreApi for Service {
     async fn put(&self, request: Request<PutBlocksRequest>) -> Result<Response<PutBlocksResponse>, Status> {
         let _inflight = self.inflight.enter();
+        let span = server_span("Put", &request);
+        let _entered = span.enter();
         let r = request.into_inner();
         if r.hashes.len() != r.blocks.len() {
             return Err(Status::invalid_argument("one hash per block"));
@@ -205,13 +224,17 @@ impl BlockStoreApi for Service {
         c.stored_blocks.fetch_add(n as u64, Ordering::Relaxed);
         c.evicted_blocks.fetch_add(gone.len() as u64, Ordering::Relaxed);
         self.index(stored, gone);
+        span.record("tandem.store.blocks", n as i64);
         Ok(Response::new(PutBlocksResponse { stored: n }))
     }
 
     async fn get(&self, request: Request<GetBlocksRequest>) -> Result<Response<GetBlocksResponse>, Status> {
         let _inflight = self.inflight.enter();
+        let span = server_span("Get", &request);
+        let _entered = span.enter();
         let r = request.into_inner();
         let (blocks, gone) = lock(&self.store).get_prefix(layout_id(&r.layout_json), &r.hashes);
+        span.record("tandem.store.blocks", blocks.len() as i64);
         self.counters.requested_blocks.fetch_add(r.hashes.len() as u64, Ordering::Relaxed);
         self.counters.served_blocks.fetch_add(blocks.len() as u64, Ordering::Relaxed);
         self.index(Vec::new(), gone);

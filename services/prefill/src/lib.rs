@@ -12,14 +12,15 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tandem_engine::grpc::{finished_message, new_request, token_message, worker_info};
 use tandem_engine::{EngineHandle, Event, Mode};
 use tandem_protocol::pb::block_store_client::BlockStoreClient;
 use tandem_protocol::pb::prefill_server::{Prefill, PrefillServer};
 use tandem_protocol::pb::{self, GetBlocksRequest, InfoRequest, PrefillRequest, PrefillResponse, PutBlocksRequest, WorkerInfo};
-use tandem_protocol::{block_hashes, trace, ApiError, BlockHash, ErrorCode, KvExport, TraceContext, ROOT_HASH};
+use tandem_protocol::{block_hashes, trace, ApiError, BlockHash, ErrorCode, KvExport, ROOT_HASH};
+use tandem_runtime::telemetry::{self, KeyValue};
 use tandem_runtime::{Membership, Shutdown};
 use tandem_state::{InFlight, StateStore, WorkerRecord};
 use tandem_transfer::{Handoff, KvTransport};
@@ -101,6 +102,8 @@ struct Service {
     engine: EngineHandle,
     cfg: PrefillConfig,
     layout_json: String,
+    /// Bytes of one KV block.
+    block_bytes: usize,
     shutdown: Shutdown,
     inflight: InFlight,
     counters: Arc<Counters>,
@@ -117,10 +120,12 @@ pub async fn run(engine: EngineHandle, cfg: PrefillConfig, listener: TcpListener
     tracing::info!(%addr, worker = %cfg.worker_id, "prefill worker serving");
     let layout_json = serde_json::to_string(&engine.info().layout)?;
     let offload_budget = Arc::new(tokio::sync::Semaphore::new(budget_kib(cfg.offload_budget_bytes)));
+    let block_bytes = engine.info().layout.block_bytes();
     let svc = Arc::new(Service {
         engine,
         cfg,
         layout_json,
+        block_bytes,
         shutdown: shutdown.clone(),
         inflight: InFlight::default(),
         counters: Arc::default(),
@@ -245,7 +250,7 @@ impl Service {
         let fetch = async {
             let mut client = self.store(addr)?;
             let req = GetBlocksRequest { layout_json: self.layout_json.clone(), hashes: reusable[local..n].to_vec() };
-            Ok::<_, Status>(client.get(req).await?.into_inner().blocks)
+            Ok::<_, Status>(client.get(telemetry::grpc_request(req, &tracing::Span::current())).await?.into_inner().blocks)
         };
         let blocks = match tokio::time::timeout(self.cfg.store_timeout, fetch).await {
             Ok(Ok(b)) => b,
@@ -314,16 +319,28 @@ impl Service {
         let timeout = self.cfg.store_timeout;
         let store = addr.to_string();
         let counters = self.counters.clone();
-        self.shutdown.spawn(async move {
-            let outcome = tokio::time::timeout(timeout, client.put(req)).await;
-            drop(permit);
-            match outcome {
-                Ok(Ok(_)) => return,
-                Ok(Err(e)) => tracing::warn!(%store, error = %e, blocks = n, "offload to the block store failed"),
-                Err(_) => tracing::warn!(%store, blocks = n, "offload to the block store timed out"),
+        let span = tracing::info_span!(
+            "kv_store_offload",
+            otel.name = "block store offload",
+            tandem.store.blocks = n as i64,
+            tandem.store.bytes = bytes as i64,
+            error.type = tracing::field::Empty,
+        );
+        let traced = span.clone();
+        self.shutdown.spawn(
+            async move {
+                let outcome = tokio::time::timeout(timeout, client.put(telemetry::grpc_request(req, &tracing::Span::current()))).await;
+                drop(permit);
+                match outcome {
+                    Ok(Ok(_)) => return,
+                    Ok(Err(e)) => tracing::warn!(%store, error = %e, blocks = n, "offload to the block store failed"),
+                    Err(_) => tracing::warn!(%store, blocks = n, "offload to the block store timed out"),
+                }
+                telemetry::fail(&traced, "offload_failed", "the block store did not take the blocks");
+                counters.offload_failed.fetch_add(n as u64, Ordering::Relaxed);
             }
-            counters.offload_failed.fetch_add(n as u64, Ordering::Relaxed);
-        });
+            .instrument(span),
+        );
         (hashes.len(), 0)
     }
 }
@@ -332,13 +349,15 @@ impl Service {
 struct Abandoned<'a> {
     cancelled: &'a AtomicU64,
     armed: bool,
+    span: tracing::Span,
 }
 
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         if self.armed {
             self.cancelled.fetch_add(1, Ordering::Relaxed);
-            tracing::info!("prefill cancelled by the caller");
+            tracing::info!(parent: &self.span, "prefill cancelled by the caller");
+            telemetry::fail(&self.span, ErrorCode::Cancelled.name(), "cancelled by the caller");
         }
     }
 }
@@ -354,8 +373,23 @@ impl Service {
         tracing::info!(prompt_tokens = g.prompt.len(), decode = %r.decode_kv_addr, "prefill started");
         let req = new_request(&self.engine, &g, Mode::PrefillOnly).map_err(|e| e.to_status())?;
         let store_blocks = r.store_prefix_blocks as usize;
-        let pulled = if !r.store_addr.is_empty() && store_blocks > 0 { self.pull(&r.store_addr, &g.prompt, store_blocks).await } else { 0 };
+        let pulled = if !r.store_addr.is_empty() && store_blocks > 0 {
+            let fetch = tracing::info_span!(
+                "kv_store_fetch",
+                otel.name = "block store fetch",
+                tandem.store.offered_blocks = store_blocks as i64,
+                tandem.store.blocks = tracing::field::Empty,
+                tandem.store.bytes = tracing::field::Empty,
+            );
+            let pulled = self.pull(&r.store_addr, &g.prompt, store_blocks).instrument(fetch.clone()).await;
+            fetch.record("tandem.store.blocks", pulled as i64);
+            fetch.record("tandem.store.bytes", (pulled * self.block_bytes) as i64);
+            pulled
+        } else {
+            0
+        };
         // Dropping `events` (client gone, or this future dropped) cancels the request.
+        let submitted = SystemTime::now();
         let mut events = self.engine.submit(req);
         let mut first = None;
         while let Some(event) = events.next().await {
@@ -379,24 +413,56 @@ impl Service {
                     let prefill_millis = started.elapsed().as_secs_f64() * 1e3;
                     let first_token = first.ok_or_else(|| Status::internal("prefill produced no token"))?;
                     // Checksums off the engine's thread, on a thread that may block.
+                    engine_spans(&tracing::Span::current(), submitted, &timing, &usage);
+                    let transfer = tracing::info_span!(
+                        "kv_transfer",
+                        otel.name = "kv transfer",
+                        tandem.kv.peer = r.decode_kv_addr.as_str(),
+                        tandem.kv.transport = tracing::field::Empty,
+                        tandem.kv.blocks = kv.blocks.len() as i64,
+                        tandem.kv.bytes = tracing::field::Empty,
+                        tandem.kv.checksum_ms = tracing::field::Empty,
+                        tandem.kv.transfer_ms = tracing::field::Empty,
+                        tandem.kv.gbps = tracing::field::Empty,
+                        tandem.kv.verdict = tracing::field::Empty,
+                        error.type = tracing::field::Empty,
+                    );
+                    let sealing = Instant::now();
                     let kv = tokio::task::spawn_blocking(move || {
                         let mut kv = *kv;
                         kv.seal();
                         kv
                     })
+                    .instrument(transfer.clone())
                     .await
                     .map_err(|e| Status::internal(format!("sealing the kv export: {e}")))?;
+                    transfer.record("tandem.kv.checksum_ms", sealing.elapsed().as_secs_f64() * 1e3);
                     let handoff = Handoff { request_id: g.request_id.clone(), first_token: first_token.id, kv };
-                    let report = self.cfg.transport.send(&r.decode_kv_addr, &handoff, self.cfg.handoff_lease).await.map_err(|e| {
-                        tracing::warn!(error = %e, "kv handoff failed");
+                    let sent =
+                        self.cfg.transport.send(&r.decode_kv_addr, &handoff, self.cfg.handoff_lease).instrument(transfer.clone()).await;
+                    let report = sent.map_err(|e| {
+                        tracing::warn!(parent: &transfer, error = %e, "kv handoff failed");
+                        transfer.record("tandem.kv.verdict", "failed");
+                        telemetry::fail(&transfer, ErrorCode::KvHandoffFailed.name(), e.to_string());
                         ApiError::new(ErrorCode::KvHandoffFailed, format!("kv handoff failed: {e}")).to_status()
                     })?;
+                    transfer.record("tandem.kv.transport", report.transport.as_str());
+                    transfer.record("tandem.kv.bytes", report.bytes as i64);
+                    transfer.record("tandem.kv.transfer_ms", report.millis);
+                    if report.millis > 0.0 {
+                        transfer.record("tandem.kv.gbps", report.bytes as f64 / (report.millis * 1e6));
+                    }
+                    // The sender returns once the receiver has checked every block and took them.
+                    transfer.record("tandem.kv.verdict", "accepted");
+                    drop(transfer);
                     tracing::info!(
                         transport = %report.transport, bytes = report.bytes,
                         transfer_ms = report.millis, prefill_ms = prefill_millis, pulled, "kv handed off"
                     );
                     let (offloaded, shed) =
                         if r.store_addr.is_empty() { (0, 0) } else { self.offload(&r.store_addr, &handoff.kv, store_blocks) };
+                    tracing::Span::current().record("gen_ai.usage.input_tokens", usage.prompt_tokens as i64);
+                    tracing::Span::current().record("tandem.cached_tokens", usage.cached_tokens as i64);
                     self.counters.completed.fetch_add(1, Ordering::Relaxed);
                     return Ok(Response::new(PrefillResponse {
                         first_token: Some(first_token),
@@ -424,22 +490,61 @@ impl Service {
     }
 }
 
+/// The engine's part of a prefill, as spans reported after the fact (it ran on the engine's
+/// thread): the wait in the batcher's queue, the forward passes up to the first token, and the
+/// read-out of the KV blocks.
+fn engine_spans(parent: &tracing::Span, submitted: SystemTime, t: &tandem_engine::PrefillTiming, usage: &tandem_engine::Usage) {
+    let queued = submitted + t.queue;
+    let computed = queued + t.compute;
+    let exported = computed + t.export;
+    telemetry::past_span(parent, "engine queue", submitted, queued, Vec::new());
+    let computed_tokens = usage.prompt_tokens.saturating_sub(usage.cached_tokens);
+    telemetry::past_span(
+        parent,
+        "engine prefill",
+        queued,
+        computed,
+        vec![
+            KeyValue::new("tandem.prefill.computed_tokens", computed_tokens as i64),
+            KeyValue::new("tandem.prefill.cached_tokens", usage.cached_tokens as i64),
+            KeyValue::new("tandem.prefill.chunks", t.passes as i64),
+        ],
+    );
+    telemetry::past_span(parent, "kv export", computed, exported, Vec::new());
+}
+
 #[tonic::async_trait]
 impl Prefill for Service {
     async fn prefill(&self, request: Request<PrefillRequest>) -> Result<Response<PrefillResponse>, Status> {
-        let trace = TraceContext::from_metadata(request.metadata());
         let id = trace::request_id(request.metadata()).map(str::to_string);
+        let span = tracing::info_span!(
+            "prefill",
+            otel.name = "tandem.v1.Prefill/Prefill",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = "tandem.v1.Prefill",
+            rpc.method = "Prefill",
+            request_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            tandem.worker_id = self.cfg.worker_id.as_str(),
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            tandem.cached_tokens = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+        );
+        telemetry::continue_trace(&span, |k| trace::metadata_str(request.metadata(), k));
         let r = request.into_inner();
         let request_id = id.or_else(|| r.request.as_ref().map(|g| g.request_id.clone())).unwrap_or_default();
-        let span = tracing::info_span!("prefill", request_id = %request_id, trace_id = tracing::field::Empty);
-        if let Some(t) = trace {
-            span.record("trace_id", tracing::field::display(t.trace_id_hex()));
-        }
+        span.record("request_id", tracing::field::display(&request_id));
+        let traced = span.clone();
         async move {
             // Dropped before it answers (the gateway hung up): the guard counts it.
-            let mut abandoned = Abandoned { cancelled: &self.counters.cancelled, armed: true };
+            let mut abandoned = Abandoned { cancelled: &self.counters.cancelled, armed: true, span: traced.clone() };
             let out = self.compute(r).await;
             abandoned.armed = false;
+            if let Err(status) = &out {
+                let e = ApiError::from_status(status);
+                telemetry::fail(&traced, e.code.name(), e.message);
+            }
             out
         }
         .instrument(span)

@@ -25,6 +25,63 @@ pub struct Cli {
     /// engine has a thread of its own beside them. Default: one per core this process may use.
     #[arg(long, global = true, env = "TANDEM_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub worker_threads: Option<u16>,
+    #[command(flatten)]
+    pub traces: TraceArgs,
+}
+
+/// Where spans go and which are kept, by the OpenTelemetry environment variables (each with a
+/// flag); `tandem up` passes them to every service.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TraceArgs {
+    /// Send spans over OTLP to this collector (Jaeger v2 takes OTLP directly), for example
+    /// http://localhost:4317. Unset: no exporter.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// `grpc` (port 4317) or `http/protobuf` (port 4318).
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_PROTOCOL", default_value = "grpc")]
+    pub otlp_protocol: tandem_runtime::telemetry::OtlpProtocol,
+    /// The service name spans carry, instead of the role's own (`tandem-gateway`, `tandem-prefill`,
+    /// `tandem-decode`, `tandem-kv-store`). `tandem up` keeps each role's name.
+    #[arg(long, global = true, env = "OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
+    /// `parentbased_always_on` (default), `parentbased_traceidratio`, `traceidratio`,
+    /// `always_on`, `always_off`, `parentbased_always_off`.
+    #[arg(long, global = true, env = "OTEL_TRACES_SAMPLER")]
+    pub traces_sampler: Option<String>,
+    /// The ratio of the `traceidratio` samplers, between 0 and 1.
+    #[arg(long, global = true, env = "OTEL_TRACES_SAMPLER_ARG")]
+    pub traces_sampler_arg: Option<String>,
+    /// More resource attributes for every span, as `key=value,key=value`.
+    #[arg(long, global = true, env = "OTEL_RESOURCE_ATTRIBUTES")]
+    pub otel_resource_attributes: Option<String>,
+}
+
+impl TraceArgs {
+    pub fn config(&self) -> tandem_runtime::telemetry::TraceConfig {
+        tandem_runtime::telemetry::TraceConfig {
+            endpoint: self.otlp_endpoint.clone().filter(|e| !e.trim().is_empty()),
+            protocol: self.otlp_protocol,
+            service_name: self.otel_service_name.clone(),
+            sampler: self.traces_sampler.clone(),
+            sampler_arg: self.traces_sampler_arg.clone(),
+            resource_attributes: self.otel_resource_attributes.clone(),
+        }
+    }
+
+    /// Hands the settings to `tandem up`'s children through their environment (each service
+    /// keeps its own name).
+    fn pass_on(&self) {
+        let set = |k: &str, v: &Option<String>| match v {
+            Some(v) => std::env::set_var(k, v),
+            None => std::env::remove_var(k),
+        };
+        set("OTEL_EXPORTER_OTLP_ENDPOINT", &self.otlp_endpoint);
+        std::env::set_var("OTEL_EXPORTER_OTLP_PROTOCOL", self.otlp_protocol.to_string());
+        set("OTEL_TRACES_SAMPLER", &self.traces_sampler);
+        set("OTEL_TRACES_SAMPLER_ARG", &self.traces_sampler_arg);
+        set("OTEL_RESOURCE_ATTRIBUTES", &self.otel_resource_attributes);
+        std::env::remove_var("OTEL_SERVICE_NAME");
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,10 +135,10 @@ impl Cli {
     }
 }
 
-/// Logs go to stderr, so stdout carries only a command's output (see
-/// [`tandem_runtime::init_logging`]).
-pub fn init_logging(default_level: &str, format: tandem_runtime::LogFormat) {
-    tandem_runtime::init_logging(default_level, format);
+/// Logs go to stderr, so stdout carries only a command's output; spans go to the OTLP collector
+/// when one is configured (see [`tandem_runtime::telemetry`]). Fails on a malformed setting.
+pub fn init_telemetry(cli: &Cli) -> anyhow::Result<()> {
+    tandem_runtime::telemetry::init(cli.default_log_level(), cli.log_format, cli.traces.config()).map_err(anyhow::Error::msg)
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -95,6 +152,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => {
             // The services inherit the format through the environment (before any thread runs).
             std::env::set_var("TANDEM_LOG_FORMAT", cli.log_format.to_string());
+            cli.traces.pass_on();
             if let Some(n) = cli.worker_threads {
                 std::env::set_var("TANDEM_WORKER_THREADS", n.to_string());
             }

@@ -4,6 +4,6 @@
 fn main() -> anyhow::Result<()> {
     tandem_runtime::require_cpu_features();
     let cli = tandem::Cli::parse_args();
-    tandem::init_logging(cli.default_log_level(), cli.log_format);
+    tandem::init_telemetry(&cli)?;
     tandem::run(cli)
 }

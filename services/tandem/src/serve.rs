@@ -274,6 +274,24 @@ fn state_store(url: Option<&str>) -> Result<Option<Arc<dyn tandem_state::StateSt
     url.map(|u| tandem_state::open(Some(u)).with_context(|| format!("opening the state store at {u}"))).transpose()
 }
 
+/// Starts sending this process's spans to the OTLP collector, if one is configured.
+fn export_traces(service_name: &'static str, instance_id: &str, engine: Option<&EngineHandle>) -> Result<()> {
+    let id = tandem_runtime::telemetry::Identity {
+        service_name,
+        instance_id: instance_id.to_string(),
+        model: engine.map(|e| e.info().model_name.clone()),
+        // One rank per worker until tensor-parallel groups run.
+        tp_size: engine.map(|_| 1),
+    };
+    tandem_runtime::telemetry::start_export(id).map_err(anyhow::Error::msg)
+}
+
+/// Ends a service: its result, once the spans still queued are sent (a few seconds at most).
+fn finish(result: Result<()>) -> Result<()> {
+    tandem_runtime::telemetry::shutdown(Duration::from_secs(3));
+    result
+}
+
 fn ready(role: &str, fields: &str) {
     // Printed, not logged: it is the contract with `tandem up`.
     println!("READY {role} {fields}");
@@ -314,8 +332,9 @@ pub async fn prefill(args: PrefillArgs) -> Result<()> {
         index_ttl: Duration::from_secs(args.index_ttl_s),
         metrics_addr: metrics_addr.clone(),
     };
+    export_traces("tandem-prefill", &cfg.worker_id, Some(&engine))?;
     ready("prefill", &format!("grpc={addr} metrics={metrics_addr}"));
-    tandem_prefill::run(engine, cfg, listener, shutdown).await
+    finish(tandem_prefill::run(engine, cfg, listener, shutdown).await)
 }
 
 pub async fn decode(args: DecodeArgs) -> Result<()> {
@@ -339,8 +358,9 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
         default_kv_wait: Duration::from_secs(600),
         metrics_addr: metrics_addr.clone(),
     };
+    export_traces("tandem-decode", &cfg.worker_id, Some(&engine))?;
     ready("decode", &format!("grpc={addr} kv={} metrics={metrics_addr}", kv.advertised()));
-    tandem_decode::run(engine, cfg, listener, kv, shutdown).await
+    finish(tandem_decode::run(engine, cfg, listener, kv, shutdown).await)
 }
 
 pub async fn kv_transfer(args: KvTransferArgs) -> Result<()> {
@@ -359,8 +379,9 @@ pub async fn kv_transfer(args: KvTransferArgs) -> Result<()> {
         index_ttl: Duration::from_secs(args.index_ttl_s),
         metrics: Some((metrics, metrics_addr.clone())),
     };
+    export_traces("tandem-kv-store", &cfg.worker_id, None)?;
     ready("kv-transfer", &format!("grpc={addr} metrics={metrics_addr}"));
-    tandem_kv_transfer::run(cfg, listener, shutdown).await
+    finish(tandem_kv_transfer::run(cfg, listener, shutdown).await)
 }
 
 pub async fn gateway(args: GatewayArgs) -> Result<()> {
@@ -386,6 +407,14 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
         request_timeout: Duration::from_millis(args.request_timeout_ms),
         poll_interval: Duration::from_millis(args.poll_interval_ms),
     };
+    let instance = format!("gateway-{}-{}", host_name(), addr.port());
+    tandem_runtime::telemetry::start_export(tandem_runtime::telemetry::Identity {
+        service_name: "tandem-gateway",
+        instance_id: instance,
+        model: Some(cfg.model_name.clone()),
+        tp_size: None,
+    })
+    .map_err(anyhow::Error::msg)?;
     ready("gateway", &format!("http={addr}"));
-    tandem_gateway::run(cfg, tokenizer, listener, shutdown).await
+    finish(tandem_gateway::run(cfg, tokenizer, listener, shutdown).await)
 }

@@ -194,13 +194,12 @@ async fn models_health_ready_metrics() {
     let m = http.get(format!("{}/metrics", c.base)).send().await.unwrap().text().await.unwrap();
     for name in [
         "tandem_requests_running",
-        "tandem_requests_waiting",
         "tandem_time_to_first_token_seconds_bucket",
         "tandem_inter_token_latency_seconds_bucket",
         "tandem_e2e_request_latency_seconds_bucket",
         "tandem_prompt_tokens_total",
         "tandem_generation_tokens_total",
-        "tandem_kv_blocks_in_use",
+        "tandem_trace_spans_dropped_total{reason=\"queue_full\"}",
         "tandem_kv_transfer_bytes_total{transport=\"ucx\"}",
     ] {
         assert!(m.contains(name), "missing {name} in\n{m}");

@@ -79,6 +79,8 @@ pub struct PrefillTiming {
     pub compute: Duration,
     /// Reading its KV blocks out of the cache (with their checksums).
     pub export: Duration,
+    /// Forward passes the prompt took: more than one when it was computed in chunks.
+    pub passes: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -105,11 +107,13 @@ struct Running {
     /// When it joined the queue, and when it first ran.
     queued: Instant,
     started: Option<Instant>,
+    /// Forward passes it has been part of.
+    passes: u32,
 }
 
 impl Running {
     fn new(req: NewRequest) -> Self {
-        Self { req, output: Vec::new(), fed: 0, cached: 0, queued: Instant::now(), started: None }
+        Self { req, output: Vec::new(), fed: 0, cached: 0, queued: Instant::now(), started: None, passes: 0 }
     }
 
     fn known(&self) -> usize {
@@ -218,7 +222,7 @@ impl Batcher {
         }
         let fed = req.prompt.len();
         let now = Instant::now();
-        self.running.push(Running { req, output: vec![first], fed, cached: 0, queued: now, started: Some(now) });
+        self.running.push(Running { req, output: vec![first], fed, cached: 0, queued: now, started: Some(now), passes: 0 });
         Ok(())
     }
 
@@ -370,6 +374,7 @@ impl Batcher {
         for (i, _) in &plan {
             let r = &mut self.running[*i];
             r.started.get_or_insert(pass_started);
+            r.passes += 1;
         }
         let outs: Vec<Out> = match logits {
             Pass::Logits(l) => l.into_iter().map(Out::Rows).collect(),
@@ -423,6 +428,7 @@ impl Batcher {
                                 queue: started.saturating_duration_since(r.queued),
                                 compute: passed.saturating_duration_since(started),
                                 export: exporting.elapsed(),
+                                passes: r.passes,
                             };
                             events.push(Event::Prefilled { id: r.req.id, kv: Box::new(kv), usage, timing })
                         }

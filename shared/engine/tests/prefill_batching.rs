@@ -67,6 +67,8 @@ fn each_export_says_where_its_time_went_and_is_sealed_by_the_sender() {
     assert!(first.2.compute >= 2 * STEP, "{:?}", first.2);
     assert!(second.2.queue >= 2 * STEP, "{:?}", second.2);
     assert!(second.2.compute >= 2 * STEP && second.2.compute < 4 * STEP, "{:?}", second.2);
+    // Two 8-token chunks each.
+    assert_eq!((first.2.passes, second.2.passes), (2, 2));
 
     for (_, kv, _) in done {
         assert_eq!(kv.blocks.len(), 1);

@@ -15,7 +15,7 @@ pub use blocks::{block_hashes, chain_hash, BlockHash, ROOT_HASH};
 pub use error::{ApiError, ErrorCode};
 pub use kv::{BlockMemory, Bytes, KvDtype, KvExport, KvLayout, LayoutMismatch, ReceiveBuffer};
 pub use sampling::{FinishReason, SamplingParams, SamplingParamsError, MAX_TOP_LOGPROBS};
-pub use trace::{TraceContext, TRACEPARENT_HEADER};
+pub use trace::TRACEPARENT_HEADER;
 
 /// Code generated from `proto/tandem/v1/tandem.proto`.
 #[allow(clippy::all, missing_docs)]

@@ -1,6 +1,6 @@
 //! What every Tandem service runs on: one [`Shutdown`] (not ready, drain, stop, under one
 //! deadline, with the service's tasks tracked and joined), one [`Membership`] in the cluster
-//! registry, the signals a process stops on, and logging.
+//! registry, the signals a process stops on, logging and traces.
 #![forbid(unsafe_code)]
 
 mod config;
@@ -10,6 +10,7 @@ mod membership;
 mod net;
 mod shutdown;
 mod signals;
+pub mod telemetry;
 
 pub use config::Device;
 pub use cpu::require_cpu_features;

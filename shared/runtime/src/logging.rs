@@ -20,7 +20,8 @@ pub enum LogFormat {
     #[default]
     Text,
     /// One JSON object per line: `timestamp`, `level`, `target`, `message`, the event's fields,
-    /// the fields of its spans, and `span` (the innermost span's name).
+    /// the fields of its spans, `span` (the innermost span's name) and, with traces on, the
+    /// innermost span's `trace_id` and `span_id`.
     Json,
 }
 
@@ -77,6 +78,7 @@ where
 {
     fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         let mut line = Map::new();
+        let mut innermost = None;
         let mut stamp = String::new();
         SystemTime.format_time(&mut Writer::new(&mut stamp))?;
         line.insert("timestamp".into(), stamp.into());
@@ -84,17 +86,29 @@ where
         line.insert("target".into(), event.metadata().target().into());
         // Outer spans first, so an inner span's field of the same name wins.
         if let Some(scope) = ctx.event_scope() {
-            let mut innermost = None;
             for span in scope.from_root() {
                 if let Some(fields) = span.extensions().get::<FormattedFields<N>>() {
                     if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(fields) {
                         line.extend(map);
                     }
                 }
-                innermost = Some(span.name());
+                innermost = Some((span.name(), span.id()));
             }
-            if let Some(name) = innermost {
+            if let Some((name, _)) = innermost {
                 line.insert("span".into(), name.into());
+            }
+        }
+        // The innermost span's ids in the trace, when the tracing layer is installed (read after
+        // the loop: building them takes the span's extensions).
+        if let Some((_, id)) = innermost {
+            let cx = tracing::dispatcher::get_default(|d| tracing_opentelemetry::get_otel_context(&id, d));
+            if let Some(cx) = cx {
+                use opentelemetry::trace::TraceContextExt;
+                let sc = cx.span().span_context().clone();
+                if sc.is_valid() {
+                    line.insert("trace_id".into(), sc.trace_id().to_string().into());
+                    line.insert("span_id".into(), sc.span_id().to_string().into());
+                }
             }
         }
         event.record(&mut Fields(&mut line));

@@ -18,13 +18,17 @@ pub fn no_delay(listener: TcpListener) -> impl Stream<Item = std::io::Result<Tcp
 }
 
 /// Serves `GET /metrics` on `listener` (the Prometheus text format, `render` called at each
-/// scrape) until the service stops.
+/// scrape, followed by the trace export's counts) until the service stops.
 pub fn serve_metrics(listener: TcpListener, render: impl Fn() -> String + Clone + Send + Sync + 'static, shutdown: &Shutdown) {
     let app = axum::Router::new().route(
         "/metrics",
         axum::routing::get(move || {
             let render = render.clone();
-            async move { ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], render()) }
+            async move {
+                let mut page = render();
+                page.push_str(&crate::telemetry::render_metrics());
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], page)
+            }
         }),
     );
     let stopping = shutdown.stopping();

@@ -7,6 +7,10 @@
 //!
 //! What only separate processes prove (signals, a closed stdin, `tandem up` supervising its
 //! children, a worker killed with SIGKILL) is tested with the `tandem` binary instead.
+//!
+//! [`otlp`] is a trace receiver that keeps what it is sent, for the tests that check spans.
+
+pub mod otlp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -111,8 +115,11 @@ impl ClusterBuilder {
         self
     }
 
-    /// Starts every service and waits until the gateway routes to all the workers.
+    /// Starts every service and waits until the gateway routes to all the workers. Tracing is
+    /// installed as the `tandem` binary installs it (spans with trace ids, W3C propagation, no
+    /// exporter), with warnings logged.
     pub fn start(self) -> TestCluster {
+        let _ = tandem_runtime::telemetry::init("warn", tandem_runtime::LogFormat::Text, Default::default());
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("test-cluster")

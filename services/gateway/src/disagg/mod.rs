@@ -18,12 +18,14 @@ use std::time::Instant;
 use tandem_protocol::pb::decode_client::DecodeClient;
 use tandem_protocol::pb::prefill_client::PrefillClient;
 use tandem_protocol::pb::{self, GenerateRequest, PrefillRequest};
-use tandem_protocol::{block_hashes, trace, ApiError, ErrorCode, FinishReason, SamplingParams, TraceContext};
+use tandem_protocol::{block_hashes, ApiError, ErrorCode, FinishReason, SamplingParams};
+use tandem_runtime::telemetry;
 use tandem_state::{now_ms, Phase, RequestState};
 use tokio::sync::mpsc;
 use tonic::codec::Streaming;
 use tracing::Instrument;
 
+use crate::spans;
 use crate::workers::{Lease, PrefillChoice, Role};
 use crate::AppState;
 use relay::{Detok, Relay};
@@ -33,8 +35,6 @@ pub(crate) struct ChoiceSpec {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub seed: u64,
-    /// The gateway's span of the request; every worker call carries it as `traceparent`.
-    pub trace: TraceContext,
 }
 
 /// A token as the client sees it in `logprobs`.
@@ -64,8 +64,10 @@ type ChoiceTx = mpsc::Sender<Result<ChoiceEvent, ApiError>>;
 /// Starts a choice on its own task; its text, its end and any error arrive on the receiver.
 pub(crate) fn start(state: Arc<AppState>, spec: ChoiceSpec) -> ChoiceRx {
     let (tx, rx) = mpsc::channel(256);
-    let span = tracing::info_span!("request", request_id = %spec.request_id, trace_id = %spec.trace.trace_id_hex());
+    let span = tracing::info_span!("request", otel.name = "choice", request_id = %spec.request_id, trace_id = tracing::field::Empty);
+    span.record("trace_id", telemetry::trace_id(&span));
     let tasks = state.shutdown.clone();
+    let choice_span = span.clone();
     tasks.spawn(
         async move {
             state.metrics.running.inc();
@@ -107,6 +109,7 @@ pub(crate) fn start(state: Arc<AppState>, spec: ChoiceSpec) -> ChoiceRx {
                     if e.code != ErrorCode::Cancelled {
                         tracing::warn!(error = %e, "request failed");
                     }
+                    telemetry::fail(&choice_span, e.code.name(), e.message.clone());
                     let _ = tx.send(Err(e)).await;
                 }
             }
@@ -163,10 +166,28 @@ async fn drive(state: &AppState, spec: ChoiceSpec, tx: &ChoiceTx, started: Insta
         eos_ids: state.tokenizer.eos_ids().to_vec(),
         kv_wait_ms: state.cfg.request_timeout.as_millis().min(u32::MAX as u128) as u32,
     };
-    let cached = CachedPrefix::look_up(state, &spec.prompt).await;
-    let (decode, tokens) = open_decode(state, &spec, &g, cached.block_size).await?;
+    let route = tracing::info_span!(
+        "route",
+        otel.name = "route by prefix",
+        tandem.route.prompt_blocks = tracing::field::Empty,
+        tandem.route.holders = tracing::field::Empty,
+        tandem.route.best_overlap_blocks = tracing::field::Empty,
+        tandem.route.store_blocks = tracing::field::Empty,
+    );
+    let cached = CachedPrefix::look_up(state, &spec.prompt).instrument(route.clone()).await;
+    route.record("tandem.route.prompt_blocks", (spec.prompt.len() / cached.block_size) as i64);
+    route.record("tandem.route.holders", cached.overlap.len() as i64);
+    route.record("tandem.route.best_overlap_blocks", cached.overlap.values().copied().max().unwrap_or(0) as i64);
+    route.record("tandem.route.store_blocks", cached.store_blocks as i64);
+    drop(route);
+    // The decode call's span lasts as long as its token stream.
+    let decode_span = spans::grpc_client("Decode", "Generate");
+    let (decode, tokens) = open_decode(state, &spec, &g, cached.block_size, &decode_span).instrument(decode_span.clone()).await?;
     progress.record.decode_worker = decode.info.worker_id.clone();
-    let prefilled = prefill(state, &spec, g, &decode, &cached, progress).await?;
+    let prefill_span = spans::grpc_client("Prefill", "Prefill");
+    let prefilled = prefill(state, &spec, g, &decode, &cached, progress, &prefill_span).instrument(prefill_span.clone()).await;
+    let prefilled = prefilled.inspect_err(|e| telemetry::fail(&prefill_span, e.code.name(), e.message.clone()))?;
+    drop(prefill_span);
     let relay = Relay {
         state,
         tx,
@@ -174,7 +195,11 @@ async fn drive(state: &AppState, spec: ChoiceSpec, tx: &ChoiceTx, started: Insta
         cached_tokens: prefilled.cached_tokens as usize,
         progress,
     };
-    relay.run(decode, tokens, prefilled, started).await
+    let out = relay.run(decode, tokens, prefilled, started).instrument(decode_span.clone()).await;
+    if let Err(e) = &out {
+        telemetry::fail(&decode_span, e.code.name(), e.message.clone());
+    }
+    out
 }
 
 /// Where the prompt's leading blocks are cached, by the prefix index: what routes the prefill.
@@ -206,19 +231,26 @@ async fn open_decode(
     spec: &ChoiceSpec,
     g: &GenerateRequest,
     block_size: usize,
+    span: &tracing::Span,
 ) -> Result<(Lease, Streaming<pb::TokenEvent>), ApiError> {
     let need_blocks = (spec.prompt.len() + spec.params.max_tokens).div_ceil(block_size);
-    retry::pick_and_call(
+    let mut attempts = 0u64;
+    let out = retry::pick_and_call(
         state,
         Role::Decode,
         |tried| state.workers.pick_decode(need_blocks, tried),
         |decode: &Lease| {
+            attempts += 1;
+            span.record("tandem.worker_id", decode.info.worker_id.as_str());
+            span.record("tandem.route.free_blocks", decode.info.free_blocks as i64);
             let mut client = DecodeClient::new(decode.channel.clone());
-            let request = trace::request(g.clone(), &spec.request_id, &spec.trace);
+            let request = spans::grpc_request(g.clone(), &spec.request_id, span);
             async move { client.generate(request).await }
         },
     )
-    .await
+    .await;
+    span.record("tandem.attempts", attempts as i64);
+    out
 }
 
 /// Runs the prefill on the worker where the prompt costs least: it computes what no cache holds,
@@ -231,6 +263,7 @@ async fn prefill(
     decode: &Lease,
     cached: &CachedPrefix,
     progress: &mut Progress,
+    span: &tracing::Span,
 ) -> Result<pb::PrefillResponse, ApiError> {
     let m = &state.metrics;
     let request = PrefillRequest {
@@ -245,8 +278,12 @@ async fn prefill(
     let call = |choice: &PrefillChoice| {
         progress.record.prefill_worker = choice.lease.info.worker_id.clone();
         progress.phase(state, Phase::Prefill);
+        span.record("tandem.worker_id", choice.lease.info.worker_id.as_str());
+        span.record("tandem.route.candidates", choice.candidates as i64);
+        span.record("tandem.route.prefix_overlap_blocks", choice.cached_blocks as i64);
+        span.record("tandem.route.score", choice.cost);
         let mut client = PrefillClient::new(choice.lease.channel.clone());
-        let request = trace::request(request.clone(), &spec.request_id, &spec.trace);
+        let request = spans::grpc_request(request.clone(), &spec.request_id, span);
         async move { client.prefill(request).await }
     };
     let (chosen, resp) = retry::pick_and_call(state, Role::Prefill, pick, call).await.inspect_err(|e| {

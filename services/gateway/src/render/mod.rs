@@ -48,6 +48,15 @@ pub(crate) trait Renderer: Send + 'static {
 pub(crate) struct Envelope {
     pub id: String,
     pub model: String,
+    /// The request's GenAI span, told the outcome when the response is complete.
+    pub span: tracing::Span,
+}
+
+impl Envelope {
+    /// Puts the response's outcome on the request's span.
+    fn report(&self, usage: &UsageTally, error: Option<&ApiError>) {
+        crate::spans::gen_ai_response(&self.span, &self.id, &self.model, &usage.total(), usage.reasons(), error);
+    }
 }
 
 /// Seconds since the Unix epoch, as OpenAI's `created`.
@@ -63,11 +72,13 @@ pub(crate) struct UsageTally {
     prompt_tokens: usize,
     n: usize,
     choices: Vec<Option<ChoiceUsage>>,
+    reasons: Vec<Option<FinishReason>>,
 }
 
 impl UsageTally {
     pub fn new(prompts: &[Vec<u32>], n: usize) -> Self {
-        Self { prompt_tokens: prompts.iter().map(Vec::len).sum(), n, choices: vec![None; prompts.len() * n] }
+        let choices = prompts.len() * n;
+        Self { prompt_tokens: prompts.iter().map(Vec::len).sum(), n, choices: vec![None; choices], reasons: vec![None; choices] }
     }
 
     /// How many choices the request has.
@@ -75,8 +86,14 @@ impl UsageTally {
         self.choices.len()
     }
 
-    pub fn record(&mut self, index: usize, usage: ChoiceUsage) {
+    pub fn record(&mut self, index: usize, usage: ChoiceUsage, reason: FinishReason) {
         self.choices[index] = Some(usage);
+        self.reasons[index] = Some(reason);
+    }
+
+    /// Each finished choice's finish reason, in choice order.
+    pub fn reasons(&self) -> Vec<String> {
+        self.reasons.iter().flatten().map(|r| r.as_str().to_string()).collect()
     }
 
     pub fn total(&self) -> Usage {
@@ -95,22 +112,28 @@ pub(crate) async fn collect<R: Renderer>(
     rxs: Vec<ChoiceRx>,
 ) -> Result<CompletionResponse<R::Choice>, ApiError> {
     let mut choices = Vec::with_capacity(rxs.len());
-    for (index, mut rx) in rxs.into_iter().enumerate() {
-        let (mut text, mut tokens, mut finish) = (String::new(), Vec::new(), None);
-        while let Some(event) = rx.recv().await {
-            match event? {
-                ChoiceEvent::Delta { text: t, tokens: ts } => {
-                    text.push_str(&t);
-                    tokens.extend(ts);
-                }
-                ChoiceEvent::Done { reason, usage: u } => {
-                    finish = Some(reason);
-                    usage.record(index, u);
+    let outcome = async {
+        for (index, mut rx) in rxs.into_iter().enumerate() {
+            let (mut text, mut tokens, mut finish) = (String::new(), Vec::new(), None);
+            while let Some(event) = rx.recv().await {
+                match event? {
+                    ChoiceEvent::Delta { text: t, tokens: ts } => {
+                        text.push_str(&t);
+                        tokens.extend(ts);
+                    }
+                    ChoiceEvent::Done { reason, usage: u } => {
+                        finish = Some(reason);
+                        usage.record(index, u, reason);
+                    }
                 }
             }
+            let finish = finish.ok_or_else(|| ApiError::new(ErrorCode::Internal, "choice ended without a finish reason"))?;
+            choices.push(renderer.choice(index, text, &tokens, finish));
         }
-        let finish = finish.ok_or_else(|| ApiError::new(ErrorCode::Internal, "choice ended without a finish reason"))?;
-        choices.push(renderer.choice(index, text, &tokens, finish));
+        Ok(())
     }
+    .await;
+    envelope.report(&usage, outcome.as_ref().err());
+    outcome?;
     Ok(CompletionResponse::new(envelope.id, now(), envelope.model, choices, usage.total()))
 }

@@ -69,16 +69,18 @@ impl<R: Renderer> EventStream<R> {
                     vec![self.chunk(vec![c], None)]
                 }
                 Some((i, Ok(ChoiceEvent::Done { reason, usage }))) => {
-                    self.usage.record(i, usage);
+                    self.usage.record(i, usage, reason);
                     vec![self.chunk(vec![self.renderer.finish(i, reason)], None)]
                 }
                 Some((_, Err(e))) => {
                     // The HTTP status is already sent: report in-band, then end the stream.
                     self.phase = Phase::Ended;
+                    self.envelope.report(&self.usage, Some(&e));
                     vec![Event::default().data(e.body().to_string()), done()]
                 }
                 None => {
                     self.phase = Phase::Ended;
+                    self.envelope.report(&self.usage, None);
                     let mut out = Vec::new();
                     if self.include_usage {
                         out.push(self.chunk(Vec::new(), Some(self.usage.total())));

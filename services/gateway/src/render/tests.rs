@@ -26,7 +26,7 @@ const COMPLETION_LOGPROBS_AT_7: &str = r#"{"text_offset":[7,9],"token_logprobs":
 const NO_COMPLETION_LOGPROBS: &str = r#"{"text_offset":[],"token_logprobs":[],"tokens":[],"top_logprobs":[]}"#;
 
 fn envelope(id: &str) -> Envelope {
-    Envelope { id: id.into(), model: "m".into() }
+    Envelope { id: id.into(), model: "m".into(), span: tracing::Span::none() }
 }
 
 /// One receiver per choice, already holding all of its events.
@@ -196,7 +196,7 @@ async fn an_error_after_the_stream_started_goes_in_band_and_ends_it() {
 fn usage_counts_each_prompt_once_with_its_first_choices_cache_hits() {
     let mut tally = UsageTally::new(&[vec![1, 2], vec![3, 4, 5]], 2);
     for (i, (completion_tokens, cached_tokens)) in [(1, 2), (2, 9), (3, 1), (4, 7)].into_iter().enumerate() {
-        tally.record(i, ChoiceUsage { completion_tokens, cached_tokens });
+        tally.record(i, ChoiceUsage { completion_tokens, cached_tokens }, tandem_protocol::FinishReason::Stop);
     }
     let u = tally.total();
     assert_eq!((u.prompt_tokens, u.completion_tokens, u.total_tokens, u.prompt_tokens_details.cached_tokens), (5, 10, 15, 3));

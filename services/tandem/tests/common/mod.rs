@@ -288,3 +288,33 @@ pub fn tokenizer() -> &'static tandem_tokenizer::Tokenizer {
         tandem_tokenizer::Tokenizer::from_gguf_file(&path).expect("its tokenizer")
     })
 }
+
+/// A W3C `traceparent` as the tests read one: trace id, parent span id and flags, in hex.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Traceparent {
+    pub trace_id: String,
+    pub span_id: String,
+    pub flags: String,
+}
+
+impl Traceparent {
+    /// A new sampled one with random ids.
+    pub fn new_root() -> Self {
+        let r = || std::collections::hash_map::RandomState::new().hash_one(Instant::now());
+        use std::hash::BuildHasher;
+        Self { trace_id: format!("{:016x}{:016x}", r() | 1, r()), span_id: format!("{:016x}", r() | 1), flags: "01".into() }
+    }
+
+    pub fn parse(h: &str) -> Option<Self> {
+        let p: Vec<&str> = h.split('-').collect();
+        (p.len() == 4 && p[0] == "00" && p[1].len() == 32 && p[2].len() == 16 && p[3].len() == 2).then(|| Self {
+            trace_id: p[1].into(),
+            span_id: p[2].into(),
+            flags: p[3].into(),
+        })
+    }
+
+    pub fn header(&self) -> String {
+        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+    }
+}
