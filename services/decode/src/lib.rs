@@ -287,7 +287,7 @@ impl Decode for Service {
                                 if tokens == 1 {
                                     tracing::Span::current()
                                         .record("tandem.decode.first_token_ms", imported_at.elapsed().as_secs_f64() * 1e3);
-                                } else if tokens % TOKEN_EVENT_EVERY == 0 {
+                                } else if tokens.is_multiple_of(TOKEN_EVENT_EVERY) {
                                     telemetry::event(
                                         &tracing::Span::current(),
                                         "tokens",
