@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cpu_serving import MAX_TOKENS, MODEL, PROMPTS, run_level, stream_one  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LEVELS = [(1, 8), (8, 16)]
+LEVELS = [(1, 8), (8, 32)]
 
 
 def start_sink(binary):
@@ -31,6 +31,23 @@ def start_sink(binary):
     line = sink.stdout.readline().split()
     fields = dict(kv.split("=", 1) for kv in line[1:])
     return sink, fields["grpc"]
+
+
+def cpu_seconds(pid):
+    """User and system CPU time of `pid`'s children (the services `tandem up` started)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    except OSError:
+        return 0.0
+    for child in children:
+        try:
+            fields = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
 
 
 def one_round(binary, port, env):
@@ -41,7 +58,10 @@ def one_round(binary, port, env):
         stream_one(base, "warm up")
         out = {}
         for concurrency, n in LEVELS:
+            cpu = cpu_seconds(up.pid)
             out[str(concurrency)] = run_level(base, concurrency, n)
+            # The services' CPU time per output token: what the spans cost, free of queueing noise.
+            out[str(concurrency)]["cpu_ms_per_token"] = (cpu_seconds(up.pid) - cpu) * 1e3 / out[str(concurrency)]["output_tokens"]
         metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
         out["gateway_spans"] = {
             line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("tandem_trace_spans_")
@@ -87,9 +107,13 @@ def main():
                 "output_tokens_per_s": statistics.mean(x[c]["output_tokens_per_s"] for x in runs[label]),
                 "mean_ttft_ms": statistics.mean(x[c]["mean_ttft_ms"] for x in runs[label]),
                 "median_ttft_ms": statistics.mean(x[c]["median_ttft_ms"] for x in runs[label]),
+                "cpu_ms_per_token": statistics.mean(x[c]["cpu_ms_per_token"] for x in runs[label]),
+                "mean_ttft_ms_by_round": [x[c]["mean_ttft_ms"] for x in runs[label]],
+                "output_tokens_per_s_by_round": [x[c]["output_tokens_per_s"] for x in runs[label]],
             }
         row["throughput_on_over_off"] = row["on"]["output_tokens_per_s"] / row["off"]["output_tokens_per_s"]
         row["mean_ttft_on_over_off"] = row["on"]["mean_ttft_ms"] / row["off"]["mean_ttft_ms"]
+        row["cpu_per_token_on_over_off"] = row["on"]["cpu_ms_per_token"] / row["off"]["cpu_ms_per_token"]
         summary[f"concurrency_{c}"] = row
     result = {
         "benchmark": "tracing_overhead",
@@ -99,7 +123,7 @@ def main():
                  "on: every service exports spans over OTLP/gRPC to a local receiver (examples/otlp_sink), "
                  "parentbased_always_on; off: no exporter",
         "workload": f"{len(PROMPTS)} chat prompts, {MAX_TOKENS} output tokens each (ignore_eos), greedy, streamed; "
-                    f"concurrency 1 (8 requests) and 8 (16 requests) per round",
+                    f"concurrency 1 (8 requests) and 8 (32 requests) per round",
         "rounds": args.rounds,
         "summary": summary,
         "spans_received": received,
