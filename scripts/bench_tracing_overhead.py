@@ -27,7 +27,7 @@ LEVELS = [(1, 8), (8, 32)]
 
 
 def start_sink(binary):
-    sink = subprocess.Popen([binary], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    sink = subprocess.Popen([binary, "--stdin"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     line = sink.stdout.readline().split()
     fields = dict(kv.split("=", 1) for kv in line[1:])
     return sink, fields["grpc"]

@@ -63,9 +63,12 @@ impl KvReceivers {
     /// with a port of their own. `lease` bounds each incoming transfer; QUIC presents
     /// `quic_identity` (or a certificate it generates). A transport that cannot start here (UCX
     /// with no usable device, say) is left out with a warning, so the others still receive.
+    /// Senders are told the bound address, or `advertise_host` with the bound ports when given
+    /// (a receiver listening on a wildcard address, in a container or a pod).
     pub async fn bind(
         kinds: &[TransportKind],
         listen: SocketAddr,
+        advertise_host: Option<&str>,
         lease: Duration,
         quic_identity: Option<&QuicIdentity>,
     ) -> anyhow::Result<Self> {
@@ -74,7 +77,12 @@ impl KvReceivers {
         for &kind in kinds {
             let at = if kind == TransportKind::Tcp { listen } else { SocketAddr::new(listen.ip(), 0) };
             let bound = match tandem_transfer::bind_receiver(kind, at, &registry, lease, quic_identity).await {
-                Ok(r) => r.advertised().map(|a| (r, a)).map_err(|e| e.to_string()),
+                Ok(r) => match advertise_host {
+                    Some(host) => r.advertised_at(host),
+                    None => r.advertised(),
+                }
+                .map(|a| (r, a))
+                .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             match bound {

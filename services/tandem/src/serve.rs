@@ -128,6 +128,11 @@ pub struct DecodeArgs {
     /// Where KV blocks arrive over TCP; the other transports listen on the same host.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub kv_listen: String,
+    /// The host prefill workers reach the KV receivers at, when `--kv-listen` is a wildcard
+    /// address (`0.0.0.0:7000` in a container: give the pod's IP or the container's name); the
+    /// ports stay those bound. Default: the bound address.
+    #[arg(long)]
+    pub kv_advertise_host: Option<String>,
     /// KV transports to receive blocks with (all are advertised; senders pick).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
     pub kv_transport: Vec<TransportKind>,
@@ -344,7 +349,8 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
     let kv_listen: std::net::SocketAddr =
         tokio::net::lookup_host(&args.kv_listen).await?.next().context("--kv-listen resolves to nothing")?;
     let lease = Duration::from_millis(args.handoff_lease_ms);
-    let kv = tandem_decode::KvReceivers::bind(&args.kv_transport, kv_listen, lease, args.quic.identity()?.as_ref()).await?;
+    let advertise = args.kv_advertise_host.as_deref();
+    let kv = tandem_decode::KvReceivers::bind(&args.kv_transport, kv_listen, advertise, lease, args.quic.identity()?.as_ref()).await?;
     let engine = load_engine("decode", &args.engine)?;
     kv.use_memory_of(&engine);
     let metrics_addr = worker_metrics(&args.metrics, "decode", &engine, &shutdown).await?;

@@ -130,6 +130,8 @@ async fn every_worker_serves_its_metrics_under_vllm_names() {
         assert_eq!(value("vllm:gpu_cache_usage_perc"), usage);
         assert!(value("vllm:num_preemptions_total") >= 0.0);
         assert!(page.contains(&format!("tandem_kv_blocks{{role=\"{role}\",state=\"free\"}}")), "{page}");
+        let finished = metric(&base, &format!("tandem_worker_finished_total{{role=\"{role}\"}}")).unwrap_or(0.0);
+        assert!(finished >= 2.0, "{role}: both requests counted as finished, got {finished}");
     }
     // The prefill worker looked up both prompts in its prefix cache and found the second's
     // leading blocks; the decode worker imports its sequences and looks up nothing.

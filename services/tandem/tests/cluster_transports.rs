@@ -63,3 +63,36 @@ async fn ucx_is_the_default_and_carries_the_handoff() {
     assert!(carried(&base, "ucx") > 0.0, "the handoff went over UCX");
     assert_eq!(carried(&base, "tcp"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_decode_worker_on_a_wildcard_address_advertises_the_host_it_is_given() {
+    // As in a container: listen on every interface, tell senders a name that leads here.
+    let engine = ["--kv-cache-mb", "64", "--handoff-lease-ms", "5000"];
+    let wildcard = ["--kv-listen", "0.0.0.0:0", "--kv-advertise-host", "localhost"];
+    let p = start(&[&["prefill", "--kv-transport", "quic,tcp"][..], &engine].concat());
+    let d = start(&[&["decode", "--kv-transport", "quic,tcp"][..], &wildcard, &engine].concat());
+    let kv = d.field("kv");
+    let entries: Vec<&str> = kv.split(',').collect();
+    assert_eq!(entries.len(), 2, "both transports advertised: {kv}");
+    assert!(entries[0].starts_with("quic://localhost:") && entries[1].starts_with("tcp://localhost:"), "advertised {kv}");
+    assert!(!kv.contains("0.0.0.0"), "{kv}");
+    let g = start(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--poll-interval-ms",
+        "200",
+        "--prefill",
+        &p.field("grpc"),
+        "--decode",
+        &d.field("grpc"),
+    ]);
+    let base = format!("http://{}", g.field("http"));
+    wait_for("the cluster is ready", std::time::Duration::from_secs(60), || http_status(&base, "/ready") == Some(200));
+    one_request(&base).await;
+    assert!(carried(&base, "quic") > 0.0, "the handoff reached the advertised host");
+    // The worker's probes, on its metrics port.
+    let m = format!("http://{}", d.field("metrics"));
+    assert_eq!(http_status(&m, "/health"), Some(200));
+    assert_eq!(http_status(&m, "/ready"), Some(200));
+}

@@ -37,6 +37,16 @@ pub fn render(engine: &EngineHandle, role: &str) -> String {
     counter("vllm:num_preemptions_total", "Sequences whose KV was dropped for room and later recomputed", load.preemptions);
     counter("vllm:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache", load.prefix_queried_tokens);
     counter("vllm:prefix_cache_hits_total", "Prompt tokens found in the prefix cache", load.prefix_hit_tokens);
+    if let Ok(c) = IntCounter::with_opts(
+        Opts::new(
+            "tandem_worker_finished_total",
+            "Sequences this worker brought to their end: generated to a finish, or prefilled and handed over",
+        )
+        .const_label("role", role),
+    ) {
+        c.inc_by(load.finished);
+        let _ = registry.register(Box::new(c));
+    }
     if let Ok(requests) = IntGaugeVec::new(
         Opts::new("tandem_worker_requests", "This worker's sequences: running in its batch, waiting in its queue")
             .const_label("role", role),

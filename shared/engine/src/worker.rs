@@ -32,6 +32,8 @@ pub struct WorkerLoad {
     /// Prompt tokens looked up in the prefix cache, and those found there.
     pub prefix_queried_tokens: u64,
     pub prefix_hit_tokens: u64,
+    /// Sequences it brought to their end: finished, or prefilled and handed over.
+    pub finished: u64,
 }
 
 /// A cheap, cloneable handle to the engine thread.
@@ -161,6 +163,7 @@ struct Shared {
 
 fn run(mut batcher: Batcher, rx: std::sync::mpsc::Receiver<Command>, shared: Shared) {
     let mut routes = std::collections::HashMap::<SeqId, mpsc::UnboundedSender<Event>>::new();
+    let mut finished = 0u64;
     loop {
         // Block while idle; otherwise take whatever arrived and keep stepping.
         if !batcher.has_work() {
@@ -177,6 +180,7 @@ fn run(mut batcher: Batcher, rx: std::sync::mpsc::Receiver<Command>, shared: Sha
                 Event::Token { id, .. } | Event::Finished { id, .. } | Event::Prefilled { id, .. } | Event::Failed { id, .. } => *id,
             };
             let last = !matches!(event, Event::Token { .. });
+            finished += matches!(event, Event::Finished { .. } | Event::Prefilled { .. }) as u64;
             let delivered = routes.get(&id).is_some_and(|tx| tx.send(event).is_ok());
             if last {
                 routes.remove(&id);
@@ -200,6 +204,7 @@ fn run(mut batcher: Batcher, rx: std::sync::mpsc::Receiver<Command>, shared: Sha
             preemptions: batcher.preemptions(),
             prefix_queried_tokens: batcher.prefix_lookups().0,
             prefix_hit_tokens: batcher.prefix_lookups().1,
+            finished,
         };
     }
 }

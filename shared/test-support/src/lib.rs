@@ -189,7 +189,7 @@ impl ClusterBuilder {
         for i in 0..self.decode {
             let (listener, addr) = bind().await?;
             let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-            let kv = tandem_decode::KvReceivers::bind(&self.transports, loopback, self.handoff_lease, None).await?;
+            let kv = tandem_decode::KvReceivers::bind(&self.transports, loopback, None, self.handoff_lease, None).await?;
             let kv_addr = kv.advertised().to_string();
             let engine = self.engine_handle(&files, vocab, &format!("decode-{i}"))?;
             let cfg = tandem_decode::DecodeConfig {

@@ -158,6 +158,74 @@ impl OtlpSink {
     pub fn requests(&self) -> u64 {
         *self.requests.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Serves what was received on `listener` in the shape of Jaeger's query API, for a stack
+    /// that has this receiver where Jaeger would be: `GET /api/services` and
+    /// `GET /api/traces/{trace id}` (404 for a trace it has no span of).
+    pub fn serve_query(&self, listener: TcpListener) {
+        let (spans, list) = (self.spans.clone(), self.spans.clone());
+        let app = axum::Router::new()
+            .route(
+                "/api/services",
+                axum::routing::get(move || {
+                    let spans = list.clone();
+                    async move {
+                        let mut names: Vec<String> =
+                            spans.lock().unwrap_or_else(|e| e.into_inner()).iter().map(|s| s.service.clone()).collect();
+                        names.sort();
+                        names.dedup();
+                        axum::Json(json!({"data": names, "total": names.len()}))
+                    }
+                }),
+            )
+            .route(
+                "/api/traces/{id}",
+                axum::routing::get(move |axum::extract::Path(id): axum::extract::Path<String>| {
+                    let spans = spans.clone();
+                    async move {
+                        let trace: Vec<Span> =
+                            spans.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|s| s.trace_id == id).cloned().collect();
+                        if trace.is_empty() {
+                            return (
+                                axum::http::StatusCode::NOT_FOUND,
+                                axum::Json(json!({"data": [], "errors": [{"code": 404, "msg": "trace not found"}]})),
+                            );
+                        }
+                        (axum::http::StatusCode::OK, axum::Json(jaeger_trace(&id, &trace)))
+                    }
+                }),
+            );
+        let stopping = self.stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(stopping.cancelled_owned()).await;
+        });
+    }
+}
+
+/// One trace as Jaeger's query API returns it: spans with their references, tags and process.
+fn jaeger_trace(id: &str, spans: &[Span]) -> Value {
+    let mut services: Vec<&str> = spans.iter().map(|s| s.service.as_str()).collect();
+    services.sort();
+    services.dedup();
+    let process = |service: &str| format!("p{}", services.iter().position(|s| *s == service).unwrap_or(0) + 1);
+    let spans: Vec<Value> = spans
+        .iter()
+        .map(|s| {
+            let references: Vec<Value> = if s.parent_span_id.is_empty() {
+                Vec::new()
+            } else {
+                vec![json!({"refType": "CHILD_OF", "traceID": id, "spanID": s.parent_span_id})]
+            };
+            let tags: Vec<Value> = s.attributes.iter().map(|(k, v)| json!({"key": k, "value": v})).collect();
+            json!({
+                "traceID": id, "spanID": s.span_id, "operationName": s.name, "references": references,
+                "startTime": s.start_ns / 1000, "duration": s.end_ns.saturating_sub(s.start_ns) / 1000,
+                "tags": tags, "processID": process(&s.service),
+            })
+        })
+        .collect();
+    let processes: serde_json::Map<String, Value> = services.iter().map(|s| (process(s), json!({"serviceName": s, "tags": []}))).collect();
+    json!({"data": [{"traceID": id, "spans": spans, "processes": processes}], "total": 1})
 }
 
 fn keep(store: &Store, requests: &Mutex<u64>, req: ExportTraceServiceRequest) {

@@ -39,6 +39,15 @@ impl std::fmt::Display for TransportKind {
     }
 }
 
+/// `host` as it stands before `:port`: an IPv6 address in brackets.
+fn bracketed(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
+    }
+}
+
 /// The receiving side of one transport: bound, and ready to serve.
 #[async_trait::async_trait]
 pub trait KvReceiver: Send {
@@ -47,6 +56,10 @@ pub trait KvReceiver: Send {
     /// The entry senders reach it at (`scheme://host:port`, plus whatever a sender needs to
     /// trust it).
     fn advertised(&self) -> std::io::Result<String>;
+
+    /// The same entry naming `host` (a name or address that leads here), for a receiver bound to
+    /// a wildcard address, as in a container: the port stays the bound one.
+    fn advertised_at(&self, host: &str) -> std::io::Result<String>;
 
     /// Delivers arriving blocks into its registry until `shutdown` fires.
     async fn run(self: Box<Self>, shutdown: CancellationToken);
@@ -60,6 +73,10 @@ impl KvReceiver for TcpReceiver {
 
     fn advertised(&self) -> std::io::Result<String> {
         Ok(format!("tcp://{}", self.local_addr()?))
+    }
+
+    fn advertised_at(&self, host: &str) -> std::io::Result<String> {
+        Ok(format!("tcp://{}:{}", bracketed(host), self.local_addr()?.port()))
     }
 
     async fn run(self: Box<Self>, shutdown: CancellationToken) {
@@ -77,6 +94,10 @@ impl KvReceiver for QuicReceiver {
         self.advertised_addr().map(|a| if a.starts_with("quic://") { a } else { format!("quic://{a}") })
     }
 
+    fn advertised_at(&self, host: &str) -> std::io::Result<String> {
+        self.advertised_addr_for(host).map(|a| if a.starts_with("quic://") { a } else { format!("quic://{a}") })
+    }
+
     async fn run(self: Box<Self>, shutdown: CancellationToken) {
         QuicReceiver::run(*self, shutdown).await
     }
@@ -90,6 +111,10 @@ impl KvReceiver for UcxReceiver {
 
     fn advertised(&self) -> std::io::Result<String> {
         Ok(format!("ucx://{}", self.local_addr()?))
+    }
+
+    fn advertised_at(&self, host: &str) -> std::io::Result<String> {
+        Ok(format!("ucx://{}:{}", bracketed(host), self.local_addr()?.port()))
     }
 
     async fn run(self: Box<Self>, shutdown: CancellationToken) {
