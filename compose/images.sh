@@ -9,6 +9,7 @@
 #                                built on this machine, and the default model
 #   redis:7                      Debian's redis-server
 #   prom/prometheus:v2.53.0      Debian's prometheus
+#   nginx:1.27                   Debian's nginx (the load balancer in front of the gateways)
 #   jaegertracing/jaeger:2.5.0   a stand-in for Jaeger: an OTLP receiver (4317, 4318) that answers
 #                                Jaeger's query API on 16686 (tandem-test-support's otlp_sink)
 #
@@ -91,6 +92,7 @@ debian_image() {
 
 debian_image redis:7 redis-server 'CMD ["redis-server", "--protected-mode", "no"]'
 debian_image prom/prometheus:v2.53.0 prometheus 'ENTRYPOINT ["prometheus"]'
+debian_image nginx:1.27 nginx 'CMD ["nginx", "-g", "daemon off;"]'
 
 if ! have jaegertracing/jaeger:2.5.0; then
     if [ ! -x "$SINK" ]; then
@@ -110,4 +112,4 @@ DOCKERFILE
     rm -rf "$ctx"
 fi
 
-docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^(debian:bookworm-slim|tandem:latest|redis:7|prom/prometheus:v2.53.0|jaegertracing/jaeger:2.5.0) '
+docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep -E '^(debian:bookworm-slim|tandem:latest|redis:7|prom/prometheus:v2.53.0|nginx:1.27|jaegertracing/jaeger:2.5.0) '

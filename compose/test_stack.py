@@ -18,6 +18,9 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GATEWAY = "http://127.0.0.1:8000"
+# Two gateway replicas behind the stack's nginx, given on every `up` (compose would otherwise
+# converge the service back to one).
+GATEWAYS = ("--scale", "gateway=2")
 JAEGER = "http://127.0.0.1:16686"
 PROMETHEUS = "http://127.0.0.1:9090"
 MODEL = "SmolLM2-135M-Instruct"
@@ -102,7 +105,7 @@ def main():
     compose(p, "down", "-v", "--remove-orphans", check=False)
     started = time.time()
     try:
-        compose(p, "up", "-d", "--no-build")
+        compose(p, "up", "-d", "--no-build", *GATEWAYS)
         wait("the gateway routes to a prefill and a decode worker", 240, lambda: get(f"{GATEWAY}/ready")[0] == 200)
         result["stack_ready_s"] = time.time() - started
 
@@ -123,7 +126,7 @@ def main():
         with Trickle() as trickle:
             time.sleep(2)
             asked = time.time()
-            compose(p, "up", "-d", "--no-build", "--no-recreate", "--scale", "decode=2")
+            compose(p, "up", "-d", "--no-build", "--no-recreate", *GATEWAYS, "--scale", "decode=2")
             wait("the gateway routes to two decode workers", 120, lambda: decode_workers() == 2)
             result["scale_up_to_routable_s"] = time.time() - asked
             # The new worker's first request: both decode workers have finished some (as
@@ -133,7 +136,7 @@ def main():
             ]) == 2)
             result["scale_up_to_first_request_s"] = time.time() - asked
             asked = time.time()
-            compose(p, "up", "-d", "--no-build", "--no-recreate", "--scale", "decode=1")
+            compose(p, "up", "-d", "--no-build", "--no-recreate", *GATEWAYS, "--scale", "decode=1")
             result["scale_down_s"] = time.time() - asked
             wait("the gateway routes to one decode worker", 60, lambda: decode_workers() == 1)
             time.sleep(2)
@@ -149,6 +152,12 @@ def main():
             names = {p["serviceName"] for p in t["processes"].values()}
             return names if {"tandem-gateway", "tandem-prefill", "tandem-decode"} <= names else None
         result["trace_services"] = sorted(wait("the trace reaches Jaeger", 60, trace_services))
+
+        # Both gateways behind nginx took requests (every request counts on the one that served it).
+        def gateways_used():
+            used = [r for r in prometheus("sum by (instance) (tandem_requests_total)") if float(r["value"][1]) > 0]
+            return len(used) if len(used) == 2 else None
+        result["gateways_serving"] = wait("both gateways served requests", 60, gateways_used)
 
         # A Tandem metric in Prometheus, from a worker's own page.
         found = wait("Prometheus has scraped the workers", 60, lambda: prometheus("vllm:num_requests_running"))

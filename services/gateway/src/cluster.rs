@@ -27,6 +27,8 @@ enum Write {
 #[derive(Clone)]
 pub struct Cluster {
     store: Arc<dyn StateStore>,
+    /// Where the prefix index lives: `store`, shared by every gateway, or this gateway's own.
+    index: Arc<dyn StateStore>,
     down_until: Arc<Mutex<Option<Instant>>>,
     writes: mpsc::Sender<Write>,
     metrics: Metrics,
@@ -35,9 +37,17 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(store: Arc<dyn StateStore>, metrics: Metrics, index_ttl: Duration, request_ttl: Duration) -> Self {
+    /// `index`: a store of this gateway's own for the prefix index, instead of `store`.
+    pub fn new(
+        store: Arc<dyn StateStore>,
+        index: Option<Arc<dyn StateStore>>,
+        metrics: Metrics,
+        index_ttl: Duration,
+        request_ttl: Duration,
+    ) -> Self {
         let (writes, rx) = mpsc::channel(QUEUE);
-        let c = Self { store, down_until: Arc::new(Mutex::new(None)), writes, metrics, index_ttl, request_ttl };
+        let index = index.unwrap_or_else(|| store.clone());
+        let c = Self { store, index, down_until: Arc::new(Mutex::new(None)), writes, metrics, index_ttl, request_ttl };
         tokio::spawn(c.clone().write_loop(rx));
         c
     }
@@ -68,7 +78,7 @@ impl Cluster {
         if hashes.is_empty() || self.is_down() {
             return HashMap::new();
         }
-        match tokio::time::timeout(Duration::from_millis(250), self.store.block_holders(hashes)).await {
+        match tokio::time::timeout(Duration::from_millis(250), self.index.block_holders(hashes)).await {
             Ok(Ok(h)) => {
                 self.recovered();
                 prefix_overlap(&h)
@@ -117,7 +127,7 @@ impl Cluster {
             let r = match &w {
                 Write::Request(r) => self.store.put_request(r, self.request_ttl).await,
                 Write::Tokens(id, t) => self.store.append_tokens(id, t, self.request_ttl).await,
-                Write::Publish(holder, h) => self.store.publish_blocks(holder, h, self.index_ttl).await,
+                Write::Publish(holder, h) => self.index.publish_blocks(holder, h, self.index_ttl).await,
             };
             match r {
                 Ok(()) => self.recovered(),

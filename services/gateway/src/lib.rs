@@ -35,6 +35,9 @@ pub struct GatewayConfig {
     pub block_stores: Vec<String>,
     /// The cluster state: Redis, or the embedded store.
     pub state: Arc<dyn StateStore>,
+    /// A prefix index of this gateway's own (an embedded store), instead of the one in `state`
+    /// that every gateway shares.
+    pub local_index: Option<Arc<dyn StateStore>>,
     /// Find workers in the store's registry (as well as those given).
     pub discover: bool,
     /// How long prefix-index entries and finished request state live.
@@ -75,7 +78,7 @@ pub async fn run(cfg: GatewayConfig, tokenizer: Tokenizer, listener: TcpListener
         ));
     }
     shutdown.spawn(workers.clone().poll(cfg.poll_interval, metrics.clone(), shutdown.stopping()));
-    let cluster = cluster::Cluster::new(cfg.state.clone(), metrics.clone(), cfg.index_ttl, cfg.request_ttl);
+    let cluster = cluster::Cluster::new(cfg.state.clone(), cfg.local_index.clone(), metrics.clone(), cfg.index_ttl, cfg.request_ttl);
     let state = Arc::new(AppState { cfg, tokenizer, workers, metrics, cluster, shutdown: shutdown.clone() });
     tracing::info!(addr = %listener.local_addr()?, model = %state.cfg.model_name, state = state.cfg.state.kind(), "gateway serving");
     let server = axum::serve(

@@ -72,7 +72,7 @@ pub struct Common {
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_ms: u64,
     /// On stop, how long in-flight requests may take to finish before the process exits anyway.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, env = "TANDEM_DRAIN_TIMEOUT_S", default_value_t = 120)]
     pub drain_timeout_s: u64,
     /// Stop when stdin closes (used by `tandem up`).
     #[arg(long, hide = true)]
@@ -161,6 +161,12 @@ pub struct KvTransferArgs {
     pub index_ttl_s: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrefixIndex {
+    Shared,
+    Local,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct GatewayArgs {
     #[arg(long, default_value = "127.0.0.1:8000")]
@@ -185,6 +191,11 @@ pub struct GatewayArgs {
     /// How long prefix-index entries live unless renewed.
     #[arg(long, default_value_t = 600)]
     pub index_ttl_s: u64,
+    /// Where the prefix index lives: `shared`, in the cluster state every gateway uses (Redis
+    /// with `--redis`), or `local`, this gateway's own, which sees only the requests it routed
+    /// (docs/deploy.md measures what that costs with several gateways).
+    #[arg(long, value_enum, env = "TANDEM_PREFIX_INDEX", default_value = "shared")]
+    pub prefix_index: PrefixIndex,
     /// How long a finished request's state is kept.
     #[arg(long, default_value_t = 3600)]
     pub request_ttl_s: u64,
@@ -199,7 +210,7 @@ pub struct GatewayArgs {
     pub poll_interval_ms: u64,
     /// On stop, how long the requests in flight may take to finish before the process exits
     /// anyway.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, env = "TANDEM_DRAIN_TIMEOUT_S", default_value_t = 120)]
     pub drain_timeout_s: u64,
     #[arg(long, hide = true)]
     pub managed: bool,
@@ -407,6 +418,7 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
         block_stores: args.block_store,
         discover: args.redis.is_some(),
         state,
+        local_index: (args.prefix_index == PrefixIndex::Local).then(|| tandem_state::open(None)).transpose()?,
         index_ttl: Duration::from_secs(args.index_ttl_s),
         request_ttl: Duration::from_secs(args.request_ttl_s),
         route_load_weight: args.route_load_weight,

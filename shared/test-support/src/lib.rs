@@ -215,6 +215,7 @@ impl ClusterBuilder {
             block_stores: if discover { Vec::new() } else { block_store.iter().map(|s| s.addr.clone()).collect() },
             discover,
             state: tandem_state::open(self.redis.as_deref())?,
+            local_index: None,
             index_ttl,
             request_ttl: Duration::from_secs(3600),
             route_load_weight: 256.0,

@@ -63,7 +63,7 @@ impl ModelFiles {
 
     fn from_hub(id: &str) -> Result<Self> {
         let dl = |e: hf_hub::api::sync::ApiError| TokenizerError::Download(format!("{id}: {e}"));
-        let api = hf_hub::api::sync::Api::new().map_err(dl)?;
+        let api = hub_api().build().map_err(dl)?;
         let repo = api.model(id.to_string());
         let config = repo.get("config.json").map_err(dl)?;
         for f in &FOLDER_FILES[1..] {
@@ -114,6 +114,17 @@ fn looks_like_path(spec: &str) -> bool {
 fn looks_like_hub_id(spec: &str) -> bool {
     let mut parts = spec.split('/');
     matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() && !a.starts_with('.'))
+}
+
+/// The hub client as the Hugging Face tools configure it: the cache under `HF_HOME` (default
+/// `~/.cache/huggingface`), the endpoint from `HF_ENDPOINT`, and the token from `HF_TOKEN`, else
+/// the token file `huggingface-cli login` writes.
+fn hub_api() -> hf_hub::api::sync::ApiBuilder {
+    let api = hf_hub::api::sync::ApiBuilder::from_env();
+    match std::env::var("HF_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+        Some(token) => api.with_token(Some(token.trim().to_string())),
+        None => api,
+    }
 }
 
 #[cfg(test)]
