@@ -101,6 +101,12 @@ pub struct Metrics {
     pub state_errors: IntCounter,
     pub state_dropped_writes: IntCounter,
     pub retries: IntCounterVec,
+    /// Choices whose decode worker was lost mid-stream, by outcome (`resumed`, `gave_up`).
+    pub resumes: IntCounterVec,
+    /// From losing a decode worker to the resumed pass's first token.
+    pub resume_time: Histogram,
+    /// Context tokens a resumed pass computed again (not found in any cache).
+    pub resume_recomputed_tokens: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -169,6 +175,16 @@ impl Metrics {
             Opts::new("worker_retries_total", "Requests moved to another worker before any token was sent, by role"),
             &["role"],
         )?;
+        let resumes = IntCounterVec::new(
+            Opts::new("resumes_total", "Choices whose decode worker was lost mid-stream, by outcome (resumed, gave_up)"),
+            &["outcome"],
+        )?;
+        let resume_time = stage("resume_seconds", "From losing a decode worker mid-stream to the next token, from another one")?;
+        let resume_recomputed_tokens =
+            IntCounter::new("resume_recomputed_tokens_total", "Context tokens computed again to resume a choice on another decode worker")?;
+        registry.register(Box::new(resumes.clone()))?;
+        registry.register(Box::new(resume_time.clone()))?;
+        registry.register(Box::new(resume_recomputed_tokens.clone()))?;
         registry.register(Box::new(running.clone()))?;
         registry.register(Box::new(ttft.clone()))?;
         registry.register(Box::new(itl.clone()))?;
@@ -218,6 +234,9 @@ impl Metrics {
             state_errors,
             state_dropped_writes,
             retries,
+            resumes,
+            resume_time,
+            resume_recomputed_tokens,
         })
     }
 

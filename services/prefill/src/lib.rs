@@ -381,7 +381,7 @@ impl Service {
                 tandem.store.blocks = tracing::field::Empty,
                 tandem.store.bytes = tracing::field::Empty,
             );
-            let pulled = self.pull(&r.store_addr, &g.prompt, store_blocks).instrument(fetch.clone()).await;
+            let pulled = self.pull(&r.store_addr, &req.context(), store_blocks).instrument(fetch.clone()).await;
             fetch.record("tandem.store.blocks", pulled as i64);
             fetch.record("tandem.store.bytes", (pulled * self.block_bytes) as i64);
             pulled

@@ -2,7 +2,7 @@
 //! loopback: kv-transfer, N prefill workers, M decode workers and the gateway.
 
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -52,6 +52,9 @@ pub struct UpArgs {
 struct Service {
     name: String,
     child: Child,
+    /// Held apart from `child`: waiting on a child closes the stdin it holds, and a managed
+    /// service stops when its stdin closes.
+    stdin: Option<tokio::process::ChildStdin>,
 }
 
 /// Starts `tandem <args>` and waits for its READY line; returns the line's `key=value` fields.
@@ -86,7 +89,8 @@ async fn spawn(name: &str, args: &[String]) -> Result<(Service, Vec<(String, Str
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let fields = line.split_whitespace().skip(2).filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    Ok((Service { name: name.to_string(), child }, fields))
+    let stdin = child.stdin.take();
+    Ok((Service { name: name.to_string(), child, stdin }, fields))
 }
 
 fn field(fields: &[(String, String)], key: &str) -> Result<String> {
@@ -116,25 +120,36 @@ pub async fn run(args: UpArgs) -> Result<()> {
         a.extend(redis.clone());
         a
     };
-    let mut services = Vec::new();
-    let (kv, kv_fields) = spawn("kv-transfer", &[&["kv-transfer".to_string()][..], &redis].concat()).await?;
+    // Each worker is started once here, then kept running by its own supervisor.
+    let (stopping, stop_rx) = tokio::sync::watch::channel(false);
+    let mut supervisors = Vec::new();
+    let mut supervise = |s: Service, f: &[(String, String)], mut args: Vec<String>| -> Result<()> {
+        // A restart binds the same addresses, so whoever was given them reaches it again.
+        args.extend(["--listen".into(), field(f, "grpc")?, "--metrics-listen".into(), field(f, "metrics")?]);
+        supervisors.push(tokio::spawn(supervise(s, args, stop_rx.clone())));
+        Ok(())
+    };
+    let kv_args = [&["kv-transfer".to_string()][..], &redis].concat();
+    let (kv, kv_fields) = spawn("kv-transfer", &kv_args).await?;
     let kv_addr = field(&kv_fields, "grpc")?;
     // Where each service serves its metrics, to print once all are up.
     let metrics_url = |s: &Service, f: &[(String, String)]| field(f, "metrics").map(|at| format!("{} http://{at}/metrics", s.name));
-    let kv_metrics = metrics_url(&kv, &kv_fields)?;
-    services.push(kv);
-    let (mut prefill_addrs, mut decode_addrs, mut metrics) = (Vec::new(), Vec::new(), vec![kv_metrics]);
+    let mut metrics = vec![metrics_url(&kv, &kv_fields)?];
+    supervise(kv, &kv_fields, kv_args)?;
+    let (mut prefill_addrs, mut decode_addrs) = (Vec::new(), Vec::new());
     for i in 0..args.prefill {
-        let (s, f) = spawn(&format!("prefill-{i}"), &engine_args("prefill")).await?;
+        let a = engine_args("prefill");
+        let (s, f) = spawn(&format!("prefill-{i}"), &a).await?;
         prefill_addrs.push(field(&f, "grpc")?);
         metrics.push(metrics_url(&s, &f)?);
-        services.push(s);
+        supervise(s, &f, a)?;
     }
     for i in 0..args.decode {
-        let (s, f) = spawn(&format!("decode-{i}"), &engine_args("decode")).await?;
+        let a = engine_args("decode");
+        let (s, f) = spawn(&format!("decode-{i}"), &a).await?;
         decode_addrs.push(field(&f, "grpc")?);
         metrics.push(metrics_url(&s, &f)?);
-        services.push(s);
+        supervise(s, &f, a)?;
     }
     let mut gw = vec!["gateway".to_string(), "--listen".into(), format!("{}:{}", args.host, args.port)];
     gw.extend(model_args.clone());
@@ -150,8 +165,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
         }
         gw.extend(["--block-store".into(), kv_addr]);
     }
-    let (gateway, f) = spawn("gateway", &gw).await?;
-    services.push(gateway);
+    let (mut gateway, f) = spawn("gateway", &gw).await?;
     let http = field(&f, "http")?;
     wait_ready(&http).await?;
     // Listening before the endpoint is out: a Ctrl-C right after it still stops the cluster.
@@ -161,26 +175,74 @@ pub async fn run(args: UpArgs) -> Result<()> {
     // Beside the logs, for whoever scrapes them: where each worker serves its metrics.
     eprintln!("metrics: gateway http://{http}/metrics, {}", metrics.join(", "));
 
-    let exited = async {
-        loop {
-            for s in services.iter_mut() {
-                if let Ok(Some(status)) = s.child.try_wait() {
-                    return (s.name.clone(), status);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
+    // A worker or the block store that dies is restarted by its supervisor while the rest go on
+    // serving; only a signal, or the gateway (the cluster's one endpoint) exiting, stops it all.
     let outcome = tokio::select! {
         // Signals first: Ctrl-C reaches the children too, and one that exits on it is no failure.
         biased;
         _ = interrupt.recv() => Ok(()),
         _ = term.recv() => Ok(()),
-        (name, status) = exited => Err(anyhow::anyhow!("{name} exited ({status}); stopping the cluster")),
+        status = gateway.child.wait() => Err(anyhow::anyhow!("the gateway exited ({}); stopping the cluster", status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()))),
     };
-    stop(services).await;
+    let _ = stopping.send(true);
+    stop_child(&mut gateway).await;
+    for s in supervisors {
+        let _ = s.await;
+    }
     outcome
 }
+
+/// Restarts a worker's process whenever it exits, after a pause that doubles from one second up
+/// to [`MAX_BACKOFF`]; after [`MAX_RESTARTS`] restarts within [`RESTART_WINDOW`] it reports and
+/// leaves the worker down (a crash loop helps no one, and the others keep serving). Ends, with
+/// the process stopped, when `stop` turns true.
+async fn supervise(mut current: Service, args: Vec<String>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let name = current.name.clone();
+    let mut restarts: Vec<Instant> = Vec::new();
+    loop {
+        let status = tokio::select! {
+            _ = stopped(&mut stop) => {
+                stop_child(&mut current).await;
+                return;
+            }
+            status = current.child.wait() => status.map(|st| st.to_string()).unwrap_or_else(|e| e.to_string()),
+        };
+        eprintln!("{name} exited ({status})");
+        // Until a restart takes (a failed one counts, and makes the next pause longer).
+        current = loop {
+            restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
+            if restarts.len() >= MAX_RESTARTS {
+                eprintln!("{name}: {MAX_RESTARTS} restarts within {RESTART_WINDOW:?}; leaving it down");
+                stopped(&mut stop).await;
+                return;
+            }
+            let pause = (Duration::from_secs(1) * 2u32.pow(restarts.len() as u32)).min(MAX_BACKOFF);
+            eprintln!("{name}: restarting in {pause:?}");
+            restarts.push(Instant::now());
+            tokio::select! {
+                _ = stopped(&mut stop) => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            match spawn(&name, &args).await {
+                Ok((s, _)) => {
+                    eprintln!("{name} restarted");
+                    break s;
+                }
+                Err(e) => eprintln!("{name} did not restart: {e:#}"),
+            }
+        };
+    }
+}
+
+/// Until the cluster is asked to stop (or the one asking is gone).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await.is_ok();
+}
+
+/// Restarts a supervisor allows within [`RESTART_WINDOW`] before it leaves a worker down.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(600);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Waits until the gateway's `/ready` answers 200: it has heard from a prefill and a decode worker.
 async fn wait_ready(addr: &str) -> Result<()> {
@@ -201,16 +263,12 @@ async fn wait_ready(addr: &str) -> Result<()> {
     bail!("the gateway did not see its workers within 60 s")
 }
 
-/// Closes every child's stdin (they drain and exit), then kills what is left after a grace period.
-async fn stop(mut services: Vec<Service>) {
-    for s in services.iter_mut().rev() {
-        drop(s.child.stdin.take());
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    for s in services.iter_mut().rev() {
-        if tokio::time::timeout_at(deadline, s.child.wait()).await.is_err() {
-            eprintln!("{} did not stop in time; killing it", s.name);
-            let _ = s.child.kill().await;
-        }
+/// Closes the child's stdin (it drains and exits), then kills it if it is still there after a
+/// grace period.
+async fn stop_child(s: &mut Service) {
+    drop(s.stdin.take());
+    if tokio::time::timeout(Duration::from_secs(10), s.child.wait()).await.is_err() {
+        eprintln!("{} did not stop in time; killing it", s.name);
+        let _ = s.child.kill().await;
     }
 }

@@ -103,7 +103,7 @@ async fn client_disconnect_frees_blocks_in_both_pools() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn killed_decode_worker_ends_its_requests_with_an_error() {
+async fn a_killed_decode_worker_with_no_other_to_resume_on_ends_its_requests_with_an_error() {
     let mut c = Cluster::start(1, 1);
     let resp = client().post(format!("{}/v1/completions", c.base)).json(&long_completion(true)).send().await.unwrap();
     let mut body = resp.bytes_stream();
@@ -155,6 +155,7 @@ fn generate(id: &str, kv_wait_ms: u32) -> GenerateRequest {
         seed: 1,
         eos_ids: vec![2],
         kv_wait_ms,
+        resumed: vec![],
     }
 }
 

@@ -25,9 +25,14 @@ impl Drop for KillOnDrop {
 /// `tandem up` on a free port, in a process group of its own (as a shell runs a foreground job);
 /// returns it and its base URL once it serves.
 fn up() -> (KillOnDrop, String) {
+    up_with(&[])
+}
+
+fn up_with(extra: &[&str]) -> (KillOnDrop, String) {
     let mut up = KillOnDrop(
         tandem()
             .args(["up", "--port", "0", "--kv-cache-mb", "64"])
+            .args(extra)
             .process_group(0)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -141,4 +146,43 @@ async fn tandem_up_stops_every_service_on_sigterm_after_the_streams_in_flight() 
         assert!(!text.contains("\"error\""), "a stream in flight got an error instead of its end: {text}");
         assert!(text.contains("\"finish_reason\":\"length\""), "the stream did not run to its 40 tokens: {text}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tandem_up_restarts_a_killed_worker_and_keeps_serving() {
+    let (mut up, base) = up_with(&["--decode", "2"]);
+    let decodes = |up: &KillOnDrop| -> Vec<u32> {
+        children(up.0.id()).into_iter().filter(|(_, a)| a.get(1).is_some_and(|r| r == "decode")).map(|(p, _)| p).collect()
+    };
+    let before = decodes(&up);
+    assert_eq!(before.len(), 2);
+    let victim = before[0];
+    assert!(std::process::Command::new("kill").args(["-KILL", &victim.to_string()]).status().unwrap().success());
+
+    // The rest of the cluster goes on serving meanwhile.
+    let (status, v) = post(&base, "/v1/completions", &json!({"model": MODEL, "prompt": "Hello", "max_tokens": 4})).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(up.0.try_wait().unwrap().is_none(), "tandem up stopped when one worker died");
+
+    // The dead worker is back, at the address the gateway knows, and in routing again.
+    eventually("the killed decode worker is restarted and routable", Duration::from_secs(60), || {
+        let (now, base) = (decodes(&up), base.clone());
+        async move {
+            now.len() == 2
+                && !now.contains(&victim)
+                && http_get(&base, "/ready").is_some_and(|r| r.contains("\"decode_workers\":2"))
+        }
+    })
+    .await;
+    let (status, v) = post(&base, "/v1/completions", &json!({"model": MODEL, "prompt": "Hello again", "max_tokens": 4})).await;
+    assert_eq!(status, 200, "{v}");
+    let pid = up.0.id().to_string();
+    tokio::task::block_in_place(|| {
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while up.0.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "tandem up did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
 }

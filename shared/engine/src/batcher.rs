@@ -30,6 +30,18 @@ pub struct NewRequest {
     /// Tokens that end the sequence unless `ignore_eos` (EOS and end-of-turn tokens).
     pub eos_ids: Vec<u32>,
     pub mode: Mode,
+    /// Tokens this sequence already generated on a worker that failed (sent to the client):
+    /// they follow the prompt as output, so the sequence goes on where it stopped.
+    pub resumed: Vec<u32>,
+}
+
+impl NewRequest {
+    /// The tokens known before this worker samples anything: the prompt, then what was resumed.
+    pub fn context(&self) -> Vec<u32> {
+        let mut t = self.prompt.clone();
+        t.extend_from_slice(&self.resumed);
+        t
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -113,7 +125,8 @@ struct Running {
 
 impl Running {
     fn new(req: NewRequest) -> Self {
-        Self { req, output: Vec::new(), fed: 0, cached: 0, queued: Instant::now(), started: None, passes: 0 }
+        let output = req.resumed.clone();
+        Self { req, output, fed: 0, cached: 0, queued: Instant::now(), started: None, passes: 0 }
     }
 
     fn known(&self) -> usize {
@@ -207,10 +220,11 @@ impl Batcher {
         self.waiting.push_back(Running::new(req));
     }
 
-    /// Joins a sequence whose prompt was prefilled elsewhere. `kv.tokens` is the prompt; `first`
-    /// is the token the prefill sampled (already sent to the client), fed at the next step.
+    /// Joins a sequence whose prompt was prefilled elsewhere. `kv.tokens` is the prompt (and the
+    /// resumed tokens); `first` is the token the prefill sampled (already sent to the client),
+    /// fed at the next step.
     pub fn add_imported(&mut self, req: NewRequest, kv: &KvExport, first: u32) -> Result<()> {
-        if kv.tokens != req.prompt {
+        if kv.tokens.len() != req.prompt.len() + req.resumed.len() || kv.tokens != req.context() {
             return Err(EngineError::Import("transferred tokens differ from the request's prompt".into()));
         }
         // An arriving sequence takes blocks from locally admitted ones, as a local one would.
@@ -220,9 +234,11 @@ impl Batcher {
                 other => break other?,
             }
         }
-        let fed = req.prompt.len();
+        let fed = kv.tokens.len();
         let now = Instant::now();
-        self.running.push(Running { req, output: vec![first], fed, cached: 0, queued: now, started: Some(now), passes: 0 });
+        let mut output = req.resumed.clone();
+        output.push(first);
+        self.running.push(Running { req, output, fed, cached: 0, queued: now, started: Some(now), passes: 0 });
         Ok(())
     }
 
@@ -249,22 +265,22 @@ impl Batcher {
                 continue;
             }
             let vocab = self.engine.info().vocab_size;
-            if let Some(bad) = r.req.prompt.iter().find(|&&t| t as usize >= vocab) {
+            if let Some(bad) = r.req.prompt.iter().chain(&r.req.resumed).find(|&&t| t as usize >= vocab) {
                 let error = ApiError::invalid("prompt", format!("token id {bad} is outside the vocabulary of {vocab}"));
                 events.push(Event::Failed { id: r.req.id, error });
                 continue;
             }
-            if r.req.prompt.len() >= max {
-                let message = format!("prompt of {} tokens leaves no room in a context of {max}", r.req.prompt.len());
+            if r.req.prompt.len() + r.req.resumed.len() >= max {
+                let message = format!("prompt of {} tokens leaves no room in a context of {max}", r.req.prompt.len() + r.req.resumed.len());
                 events.push(Event::Failed { id: r.req.id, error: ApiError::new(ErrorCode::ContextLengthExceeded, message) });
                 continue;
             }
             let known: Vec<u32> = (0..r.known()).map(|i| r.token(i)).collect();
             match self.engine.add_sequence(r.req.id, &known) {
                 Ok(cached) => {
-                    if r.output.is_empty() {
+                    if r.output.len() == r.req.resumed.len() {
                         r.cached = cached;
-                        self.prefix_lookups.0 += r.req.prompt.len() as u64;
+                        self.prefix_lookups.0 += r.known() as u64;
                         self.prefix_lookups.1 += cached as u64;
                     }
                     r.fed = cached;

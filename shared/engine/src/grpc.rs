@@ -14,7 +14,15 @@ pub fn new_request(engine: &EngineHandle, r: &pb::GenerateRequest, mode: Mode) -
     if r.prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "empty prompt"));
     }
-    Ok(NewRequest { id: engine.next_id(), prompt: r.prompt.clone(), params, seed: r.seed, eos_ids: r.eos_ids.clone(), mode })
+    Ok(NewRequest {
+        id: engine.next_id(),
+        prompt: r.prompt.clone(),
+        params,
+        seed: r.seed,
+        eos_ids: r.eos_ids.clone(),
+        mode,
+        resumed: r.resumed.clone(),
+    })
 }
 
 pub fn token_message(token: u32, logprobs: Option<TokenLogprobs>) -> pb::Token {

@@ -163,6 +163,7 @@ fn a_prompt_longer_than_the_context_fails_that_request_only() {
         seed: 0,
         eos_ids: vec![],
         mode: Mode::Full,
+        resumed: Vec::new(),
     };
     // The fixture's context is 128 tokens.
     b.add(request(1, 200));

@@ -80,6 +80,7 @@ fn run_on<E: Engine + 'static>(
             seed: p.seed.unwrap_or(0),
             eos_ids: eos.to_vec(),
             mode: Mode::Full,
+            resumed: Vec::new(),
         });
     }
     (run_all(&mut b), used.load(Ordering::SeqCst))

@@ -46,7 +46,15 @@ fn check(name: &str) {
 
     // Greedy continuation through the batcher (prefill, then one token per step).
     let mut b = Batcher::from_paged(engine.into_dyn(), BatcherConfig::default());
-    b.add(NewRequest { id: 2, prompt: tokens, params: SamplingParams::greedy(8), seed: 0, eos_ids: vec![], mode: Mode::Full });
+    b.add(NewRequest {
+        id: 2,
+        prompt: tokens,
+        params: SamplingParams::greedy(8),
+        seed: 0,
+        eos_ids: vec![],
+        mode: Mode::Full,
+        resumed: Vec::new(),
+    });
     assert_eq!(run_all(&mut b).remove(&2).unwrap(), ids(&r["greedy"]), "{name}: greedy tokens");
 }
 

@@ -37,7 +37,15 @@ fn run(engine: ScriptedEngine, prompt: &[u32], params: &[SamplingParams]) -> Vec
     let mut b = Batcher::new(Box::new(engine), BatcherConfig::default());
     for (i, p) in params.iter().enumerate() {
         let seed = p.seed.unwrap_or(0);
-        b.add(NewRequest { id: i as u64, prompt: prompt.to_vec(), params: p.clone(), seed, eos_ids: vec![EOS], mode: Mode::Full });
+        b.add(NewRequest {
+            id: i as u64,
+            prompt: prompt.to_vec(),
+            params: p.clone(),
+            seed,
+            eos_ids: vec![EOS],
+            mode: Mode::Full,
+            resumed: Vec::new(),
+        });
     }
     let mut tokens: HashMap<u64, Vec<u32>> = HashMap::new();
     let mut done: HashMap<u64, (FinishReason, usize)> = HashMap::new();

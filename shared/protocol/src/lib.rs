@@ -12,7 +12,7 @@ mod sampling;
 pub mod trace;
 
 pub use blocks::{block_hashes, chain_hash, BlockHash, ROOT_HASH};
-pub use error::{ApiError, ErrorCode};
+pub use error::{ApiError, ErrorCode, ERROR_CODE_KEY};
 pub use kv::{BlockMemory, Bytes, KvDtype, KvExport, KvLayout, LayoutMismatch, ReceiveBuffer};
 pub use sampling::{FinishReason, SamplingParams, SamplingParamsError, MAX_TOP_LOGPROBS};
 pub use trace::TRACEPARENT_HEADER;

@@ -157,7 +157,36 @@ impl Progress {
     }
 }
 
+/// How many times one choice may move to another decode worker after losing its stream.
+const RESUMES: usize = 3;
+
 async fn drive(state: &AppState, spec: ChoiceSpec, tx: &ChoiceTx, started: Instant, progress: &mut Progress) -> Result<(), ApiError> {
+    let mut relay = Relay::new(state, tx, Detok::new(&state.tokenizer, spec.params.stop.clone(), spec.params.logprobs.is_some()), progress);
+    let mut resumes = 0;
+    loop {
+        let lost = match attempt(state, &spec, &mut relay, started).await? {
+            Some(lost) => lost,
+            None => return Ok(()),
+        };
+        // The decode worker went away mid-stream. What the client has is exactly the tokens
+        // relayed so far; the request goes on from there on another worker: the prompt and
+        // those tokens are prefilled again (mostly from the prefix cache and the block store)
+        // and the next token follows, drawn as the lost worker would have drawn it.
+        if resumes == RESUMES {
+            state.metrics.resumes.with_label_values(&["gave_up"]).inc();
+            return Err(lost);
+        }
+        resumes += 1;
+        tracing::warn!(error = %lost, tokens_sent = relay.emitted.len(), attempt = resumes, "decode stream lost; resuming on another worker");
+        relay.lost_at = Some(Instant::now());
+    }
+}
+
+/// One pass of the choice over a decode worker (and the prefill that feeds it): from the prompt,
+/// or from where the last pass's worker was lost. `Ok(Some(e))` when this worker's stream broke
+/// after the client got tokens from it, so the choice can go on elsewhere.
+async fn attempt(state: &AppState, spec: &ChoiceSpec, relay: &mut Relay<'_>, started: Instant) -> Result<Option<ApiError>, ApiError> {
+    let resumed = relay.emitted.clone();
     let g = GenerateRequest {
         request_id: spec.request_id.clone(),
         prompt: spec.prompt.clone(),
@@ -165,7 +194,9 @@ async fn drive(state: &AppState, spec: ChoiceSpec, tx: &ChoiceTx, started: Insta
         seed: spec.seed,
         eos_ids: state.tokenizer.eos_ids().to_vec(),
         kv_wait_ms: state.cfg.request_timeout.as_millis().min(u32::MAX as u128) as u32,
+        resumed: resumed.clone(),
     };
+    let context: Vec<u32> = spec.prompt.iter().chain(&resumed).copied().collect();
     let route = tracing::info_span!(
         "route",
         otel.name = "route by prefix",
@@ -174,36 +205,36 @@ async fn drive(state: &AppState, spec: ChoiceSpec, tx: &ChoiceTx, started: Insta
         tandem.route.best_overlap_blocks = tracing::field::Empty,
         tandem.route.store_blocks = tracing::field::Empty,
     );
-    let cached = CachedPrefix::look_up(state, &spec.prompt).instrument(route.clone()).await;
-    route.record("tandem.route.prompt_blocks", (spec.prompt.len() / cached.block_size) as i64);
+    let cached = CachedPrefix::look_up(state, &context).instrument(route.clone()).await;
+    route.record("tandem.route.prompt_blocks", (context.len() / cached.block_size) as i64);
     route.record("tandem.route.holders", cached.overlap.len() as i64);
     route.record("tandem.route.best_overlap_blocks", cached.overlap.values().copied().max().unwrap_or(0) as i64);
     route.record("tandem.route.store_blocks", cached.store_blocks as i64);
     drop(route);
     // The decode call's span lasts as long as its token stream.
     let decode_span = spans::grpc_client("Decode", "Generate");
-    let (decode, tokens) = open_decode(state, &spec, &g, cached.block_size, &decode_span).instrument(decode_span.clone()).await?;
-    progress.record.decode_worker = decode.info.worker_id.clone();
+    let (decode, tokens) = open_decode(state, spec, &g, cached.block_size, &decode_span).instrument(decode_span.clone()).await?;
+    relay.progress.record.decode_worker = decode.info.worker_id.clone();
     let prefill_span = spans::grpc_client("Prefill", "Prefill");
-    let prefilled = prefill(state, &spec, g, &decode, &cached, progress, &prefill_span).instrument(prefill_span.clone()).await;
+    let prefilled = prefill(state, spec, g, &decode, &cached, relay.progress, &prefill_span).instrument(prefill_span.clone()).await;
     let prefilled = prefilled.inspect_err(|e| telemetry::fail(&prefill_span, e.code.name(), e.message.clone()))?;
     drop(prefill_span);
-    let relay = Relay {
-        state,
-        tx,
-        detok: Detok::new(&state.tokenizer, spec.params.stop.clone(), spec.params.logprobs.is_some()),
-        cached_tokens: prefilled.cached_tokens as usize,
-        progress,
-    };
+    if relay.emitted.is_empty() {
+        relay.cached_tokens = prefilled.cached_tokens as usize;
+    }
     let out = relay.run(decode, tokens, prefilled, started).instrument(decode_span.clone()).await;
-    if let Err(e) = &out {
-        telemetry::fail(&decode_span, e.code.name(), e.message.clone());
+    match &out {
+        Err(e) => telemetry::fail(&decode_span, e.code.name(), e.message.clone()),
+        Ok(Some(e)) => telemetry::fail(&decode_span, e.code.name(), e.message.clone()),
+        Ok(None) => {}
     }
     out
 }
 
 /// Where the prompt's leading blocks are cached, by the prefix index: what routes the prefill.
 struct CachedPrefix {
+    /// The tokens to prefill: the prompt, and on a resumed pass the tokens already sent.
+    context: Vec<u32>,
     block_size: usize,
     /// Leading reusable blocks each worker (and the block store) holds, by worker id.
     overlap: HashMap<String, usize>,
@@ -220,7 +251,7 @@ impl CachedPrefix {
         let overlap = state.cluster.overlap(&reusable).await;
         let store = state.workers.store();
         let store_blocks = store.as_ref().and_then(|(id, _)| overlap.get(id)).copied().unwrap_or(0);
-        Self { block_size, overlap, store, store_blocks }
+        Self { context: prompt.to_vec(), block_size, overlap, store, store_blocks }
     }
 }
 
@@ -266,15 +297,15 @@ async fn prefill(
     span: &tracing::Span,
 ) -> Result<pb::PrefillResponse, ApiError> {
     let m = &state.metrics;
+    let context = &cached.context;
     let request = PrefillRequest {
         request: Some(g),
         decode_kv_addr: decode.info.kv_addr.clone(),
         store_addr: cached.store.as_ref().map(|(_, url)| url.clone()).unwrap_or_default(),
         store_prefix_blocks: cached.store_blocks as u32,
     };
-    let pick = |tried: &[u64]| {
-        state.workers.pick_prefill(&cached.overlap, spec.prompt.len(), cached.block_size, state.cfg.route_load_weight, tried)
-    };
+    let pick =
+        |tried: &[u64]| state.workers.pick_prefill(&cached.overlap, context.len(), cached.block_size, state.cfg.route_load_weight, tried);
     let call = |choice: &PrefillChoice| {
         progress.record.prefill_worker = choice.lease.info.worker_id.clone();
         progress.phase(state, Phase::Prefill);
@@ -296,13 +327,16 @@ async fn prefill(
     m.store_offload_shed_blocks.inc_by(resp.offload_shed_blocks as u64);
     // The prefill worker now caches the prompt's full blocks; the store will hold the leading
     // ones it was sent. The index is a hint: a stale entry costs a worse route or a short fetch.
-    let full = block_hashes(&spec.prompt, cached.block_size);
+    let full = block_hashes(context, cached.block_size);
     state.cluster.publish(&chosen.lease.info.worker_id, full.clone());
     if let Some((store_id, _)) = &cached.store {
         let n = (resp.offloaded_blocks as usize).min(full.len());
         state.cluster.publish(store_id, full[..n].to_vec());
     }
-    progress.record.cached_tokens = resp.cached_tokens as usize;
+    let first_pass = context.len() == spec.prompt.len();
+    if first_pass {
+        progress.record.cached_tokens = resp.cached_tokens as usize;
+    }
     progress.phase(state, Phase::Decode);
     m.prefill_time.observe(resp.prefill_millis / 1e3);
     if let Some(t) = &resp.transfer {
@@ -312,7 +346,12 @@ async fn prefill(
         m.kv_transfer_bytes.with_label_values(&[t.transport.as_str()]).inc_by(t.bytes);
         m.handoff_time.with_label_values(&[t.transport.as_str()]).observe(t.millis / 1e3);
     }
-    m.prompt_tokens.inc_by(spec.prompt.len() as u64);
-    m.cached_prompt_tokens.inc_by(resp.cached_tokens as u64);
+    // A resumed pass is counted by the resume metrics, not as another prompt.
+    if first_pass {
+        m.prompt_tokens.inc_by(spec.prompt.len() as u64);
+        m.cached_prompt_tokens.inc_by(resp.cached_tokens as u64);
+    } else {
+        m.resume_recomputed_tokens.inc_by(context.len().saturating_sub(resp.cached_tokens as usize) as u64);
+    }
     Ok(resp)
 }

@@ -12,44 +12,66 @@ use super::{ChoiceEvent, ChoiceTx, ChoiceUsage, Progress, TokenOut};
 use crate::workers::Lease;
 use crate::AppState;
 
-/// One choice's tokens on their way to the client.
+/// One choice's tokens on their way to the client, across every decode worker that serves it.
 pub(super) struct Relay<'a> {
     pub state: &'a AppState,
     pub tx: &'a ChoiceTx,
     pub progress: &'a mut Progress,
     pub detok: Detok<'a>,
-    /// Prompt tokens the prefill did not compute, reported in every usage of this choice.
+    /// Prompt tokens the first prefill did not compute, reported in every usage of this choice.
     pub cached_tokens: usize,
+    /// Every token the client has been sent, in order: where a resumed pass starts from.
+    pub emitted: Vec<u32>,
+    /// When the last decode worker was lost, until the resumed pass's first token.
+    pub lost_at: Option<Instant>,
 }
 
-impl Relay<'_> {
-    /// Sends the first token, then every token of `stream` until the decode worker finishes.
+impl<'a> Relay<'a> {
+    pub fn new(state: &'a AppState, tx: &'a ChoiceTx, detok: Detok<'a>, progress: &'a mut Progress) -> Self {
+        Self { state, tx, progress, detok, cached_tokens: 0, emitted: Vec::new(), lost_at: None }
+    }
+
+    /// Sends the prefill's token, then every token of `stream` until the decode worker finishes.
     /// `decode` is held to the end, so the worker counts as busy with this choice meanwhile;
     /// returning early drops `stream`, which cancels the sequence on the decode worker.
+    /// `Ok(Some(e))`: the worker was lost mid-stream, and the choice can resume elsewhere from
+    /// [`Self::emitted`].
     pub async fn run(
-        mut self,
+        &mut self,
         decode: Lease,
         mut stream: Streaming<pb::TokenEvent>,
         prefilled: pb::PrefillResponse,
         started: Instant,
-    ) -> Result<(), ApiError> {
+    ) -> Result<Option<ApiError>, ApiError> {
         let state = self.state;
         let metrics = &state.metrics;
         let first = prefilled.first_token.ok_or_else(|| ApiError::new(ErrorCode::Internal, "prefill returned no token"))?;
-        let ttft = started.elapsed().as_secs_f64();
-        metrics.ttft.observe(ttft);
-        metrics.vllm.ttft.observe(ttft);
+        match self.lost_at.take() {
+            Some(lost) => {
+                metrics.resume_time.observe(lost.elapsed().as_secs_f64());
+                metrics.resumes.with_label_values(&["resumed"]).inc();
+            }
+            None => {
+                let ttft = started.elapsed().as_secs_f64();
+                metrics.ttft.observe(ttft);
+                metrics.vllm.ttft.observe(ttft);
+            }
+        }
         metrics.generation_tokens.inc();
         let mut last = Instant::now();
         if self.token(&first).await? {
-            return Ok(());
+            return Ok(None);
         }
         // The first token may already have ended the sequence; then no KV was handed over.
         let mut finished = prefilled.finished;
         let mut first_decoded = true;
         while finished.is_none() {
-            match next_event(state, &decode, &mut stream).await? {
-                Some(token_event::Event::Token(t)) => {
+            let event = match next_event(state, &decode, &mut stream).await {
+                Ok(e) => e,
+                Err(Lost(e)) => return Ok(Some(e)),
+            };
+            match event {
+                Ok(Some(token_event::Event::Token(t))) => {
                     let now = Instant::now();
                     if std::mem::take(&mut first_decoded) {
                         metrics.decode_first_token_time.observe((now - last).as_secs_f64());
@@ -61,11 +83,12 @@ impl Relay<'_> {
                     metrics.generation_tokens.inc();
                     last = now;
                     if self.token(&t).await? {
-                        return Ok(());
+                        return Ok(None);
                     }
                 }
-                Some(token_event::Event::Finished(f)) => finished = Some(f),
-                None => {}
+                Ok(Some(token_event::Event::Finished(f))) => finished = Some(f),
+                Ok(None) => {}
+                Err(e) => return Err(e),
             }
         }
         let f = finished.expect("loop ends when finished");
@@ -75,13 +98,15 @@ impl Relay<'_> {
         }
         let reason = if f.finish_reason == "length" && !stopped { FinishReason::Length } else { FinishReason::Stop };
         let completion = f.usage.map(|u| u.completion_tokens as usize).unwrap_or(self.detok.tokens);
-        self.done(reason, completion).await
+        self.done(reason, completion).await?;
+        Ok(None)
     }
 
     /// Records and sends one token's text; true when a stop string ended the choice there (its
     /// end already sent).
     async fn token(&mut self, t: &pb::Token) -> Result<bool, ApiError> {
         self.progress.token(self.state, t.id);
+        self.emitted.push(t.id);
         let (delta, stopped) = self.detok.push(t)?;
         self.send(delta).await?;
         if stopped {
@@ -101,21 +126,26 @@ impl Relay<'_> {
     }
 }
 
-/// The decode stream's next event. A worker that vanished mid-stream (the connection reset, or
-/// the transport gave up) leaves routing, and the request fails as unavailable.
+/// The decode worker was lost mid-stream: its process died, the connection broke or went
+/// silent past the keepalive, or the stream ended without finishing. The choice can go on
+/// elsewhere.
+struct Lost(ApiError);
+
+/// The decode stream's next event. A worker that vanished mid-stream leaves routing and the
+/// stream counts as [`Lost`]; a refusal the worker answered with is the request's error.
 async fn next_event(
     state: &AppState,
     decode: &Lease,
     stream: &mut Streaming<pb::TokenEvent>,
-) -> Result<Option<token_event::Event>, ApiError> {
+) -> Result<Result<Option<token_event::Event>, ApiError>, Lost> {
     match stream.message().await {
-        Ok(Some(e)) => Ok(e.event),
-        Ok(None) => Err(ApiError::new(ErrorCode::Internal, "decode worker ended the stream early")),
-        Err(s) if s.code() == tonic::Code::Unavailable || s.code() == tonic::Code::Unknown => {
+        Ok(Some(e)) => Ok(Ok(e.event)),
+        Ok(None) => Err(Lost(ApiError::new(ErrorCode::Unavailable, "decode worker ended the stream early"))),
+        Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled) => {
             state.workers.mark_down(decode);
-            Err(ApiError::new(ErrorCode::Unavailable, format!("decode worker failed mid-request: {}", s.message())))
+            Err(Lost(ApiError::new(ErrorCode::Unavailable, format!("decode worker failed mid-request: {}", s.message()))))
         }
-        Err(s) => Err(ApiError::from_status(&s)),
+        Err(s) => Ok(Err(ApiError::from_status(&s))),
     }
 }
 

@@ -53,7 +53,7 @@ where
         let worker = pick_with_wait(!tried.is_empty(), || pick(&tried)).await.ok_or_else(|| unavailable(role))?;
         let e = match call(&worker).await {
             Ok(answer) => return Ok((worker, answer.into_inner())),
-            Err(status) => ApiError::from_status(&status),
+            Err(status) => call_error(&status),
         };
         if e.code.worker_down() {
             state.workers.mark_down(worker.lease());
@@ -65,6 +65,18 @@ where
         state.metrics.retries.with_label_values(&[role.name()]).inc();
         tried.push(worker.lease().key());
     }
+}
+
+/// A failed call's error. A status the worker did not answer with (no Tandem error code on it)
+/// and that says the call never got through or broke off (`Unknown` is what a refused or reset
+/// connection gives) means the worker is unreachable: counted as unavailable, so the request
+/// moves on and the worker leaves routing.
+fn call_error(status: &tonic::Status) -> ApiError {
+    let answered = status.metadata().contains_key(tandem_protocol::ERROR_CODE_KEY);
+    if !answered && matches!(status.code(), tonic::Code::Unknown | tonic::Code::Unavailable) {
+        return ApiError::new(ErrorCode::Unavailable, format!("worker unreachable: {}", status.message()));
+    }
+    ApiError::from_status(status)
 }
 
 fn unavailable(role: Role) -> ApiError {

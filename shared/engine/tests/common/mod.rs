@@ -34,7 +34,15 @@ pub fn load(files: &ModelFiles) -> (PagedEngine<CpuEngine>, Tokenizer) {
 }
 
 pub fn greedy_request(id: u64, prompt: Vec<u32>, max_tokens: usize, tok: &Tokenizer) -> NewRequest {
-    NewRequest { id, prompt, params: SamplingParams::greedy(max_tokens), seed: 0, eos_ids: tok.eos_ids().to_vec(), mode: Mode::Full }
+    NewRequest {
+        id,
+        prompt,
+        params: SamplingParams::greedy(max_tokens),
+        seed: 0,
+        eos_ids: tok.eos_ids().to_vec(),
+        mode: Mode::Full,
+        resumed: Vec::new(),
+    }
 }
 
 /// Runs the batcher to completion; returns the tokens of each request in id order.

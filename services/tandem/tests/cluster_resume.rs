@@ -1,0 +1,104 @@
+//! A decode worker killed mid-request: every stream it served resumes on the other decode worker
+//! from the last token its client received, and ends with the text an undisturbed run gives,
+//! greedy and seeded alike.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tandem_protocol::pb::decode_client::DecodeClient;
+use tandem_protocol::pb::InfoRequest;
+
+/// Four requests: three greedy, one sampled with a seed.
+fn bodies() -> Vec<Value> {
+    let base =
+        |prompt: &str| json!({"model": MODEL, "prompt": prompt, "max_tokens": 48, "ignore_eos": true, "stream": true, "temperature": 0});
+    let mut b = vec![
+        base("The old lighthouse keeper climbed the stairs and"),
+        base("In the kitchen, the recipe called for"),
+        base("The train left the station at dawn, carrying"),
+        base("A list of reasons to learn a second language:"),
+    ];
+    b[3]["temperature"] = json!(0.9);
+    b[3]["seed"] = json!(1234);
+    b
+}
+
+/// One streamed completion: its text and finish reason. `started` counts streams that got
+/// `warm` tokens; errors in the stream fail the test with the stream's content.
+async fn stream(base: String, body: Value, started: Arc<AtomicUsize>, warm: usize) -> (String, String) {
+    let resp = client().post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut bytes = resp.bytes_stream();
+    let (mut buf, mut counted) = (String::new(), false);
+    while let Some(chunk) = bytes.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.expect("the stream broke")));
+        if !counted && buf.matches("data: ").count() >= warm {
+            counted = true;
+            started.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let datas: Vec<&str> = buf.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(datas.last(), Some(&"[DONE]"), "{buf}");
+    let (mut text, mut reason) = (String::new(), String::new());
+    for d in datas.iter().filter(|d| **d != "[DONE]") {
+        let v: Value = serde_json::from_str(d).unwrap();
+        assert!(v.get("error").is_none(), "the stream carried an error: {v}");
+        if let Some(c) = v["choices"].get(0) {
+            text.push_str(c["text"].as_str().unwrap_or(""));
+            if let Some(r) = c["finish_reason"].as_str() {
+                reason = r.to_string();
+            }
+        }
+    }
+    (text, reason)
+}
+
+async fn run_all(base: &str, warm: usize, started: Arc<AtomicUsize>) -> Vec<tokio::task::JoinHandle<(String, String)>> {
+    bodies().into_iter().map(|b| tokio::spawn(stream(base.to_string(), b, started.clone(), warm))).collect()
+}
+
+async fn running(addr: &str) -> u32 {
+    let mut c = DecodeClient::connect(format!("http://{addr}")).await.unwrap();
+    c.info(InfoRequest {}).await.unwrap().into_inner().running
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_survive_a_killed_decode_worker_with_the_same_text() {
+    let mut c = Cluster::start(1, 2);
+    // Undisturbed, to compare with.
+    let mut expected = Vec::new();
+    for h in run_all(&c.base, 0, Arc::new(AtomicUsize::new(0))).await {
+        expected.push(h.await.unwrap());
+    }
+    assert!(expected.iter().all(|(t, r)| !t.is_empty() && r == "length"), "{expected:?}");
+
+    // Again, and kill one decode worker while every stream is under way.
+    let started = Arc::new(AtomicUsize::new(0));
+    let handles = run_all(&c.base, 4, started.clone()).await;
+    eventually("every stream is under way", Duration::from_secs(60), || {
+        let started = started.clone();
+        async move { started.load(Ordering::SeqCst) == 4 }
+    })
+    .await;
+    let victim = c.decode[0].field("grpc");
+    let on_victim = running(&victim).await;
+    assert!(on_victim > 0, "the worker to kill serves none of the streams");
+    c.decode[0].child.kill().unwrap();
+
+    let mut got = Vec::new();
+    for h in handles {
+        got.push(tokio::time::timeout(Duration::from_secs(120), h).await.expect("a stream hung").unwrap());
+    }
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert_eq!(g, e, "request {i}: the resumed text differs from the undisturbed run");
+    }
+    let resumed = metric(&c.base, "tandem_resumes_total{outcome=\"resumed\"}").unwrap_or(0.0);
+    assert_eq!(resumed, on_victim as f64, "every stream on the killed worker resumed once");
+    assert_eq!(metric(&c.base, "tandem_requests_total{outcome=\"error\"}").unwrap_or(0.0), 0.0);
+}
