@@ -9,13 +9,14 @@ use axum::http::{header, HeaderValue, Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Serialize;
 use tandem_protocol::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, Model, ModelList, PromptSpec, SamplingFields};
 use tandem_protocol::{ApiError, ErrorCode, SamplingParams, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use tandem_tokenizer::ChatMessage;
 use tracing::Instrument;
 
+use crate::access::{self, Caller, Refusal};
 use crate::disagg::{self, ChoiceSpec};
 use crate::error::{parse_body, too_large, HttpError, MAX_BODY_BYTES};
 use crate::render::{self, now, ChatRenderer, CompletionRenderer, Envelope, Renderer, UsageTally};
@@ -40,6 +41,7 @@ pub(crate) fn router(state: S) -> Router {
             HttpError(ApiError::new(ErrorCode::NotFound, format!("no route for {method} {}", uri.path())))
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.access.clone(), access::guard))
         .layer(middleware::from_fn(edge))
         .with_state(state)
 }
@@ -201,7 +203,7 @@ fn flatten(content: &Option<MessageContent>, i: usize) -> Result<String, ApiErro
     }
 }
 
-async fn chat(State(s): State<S>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn chat(State(s): State<S>, Extension(caller): Extension<Caller>, body: Result<Bytes, BytesRejection>) -> Response {
     let span = spans::gen_ai("chat", &s.cfg.model_name);
     let job = span.in_scope(|| {
         let r: ChatCompletionRequest = parse_body(body)?;
@@ -239,13 +241,13 @@ async fn chat(State(s): State<S>, body: Result<Bytes, BytesRejection>) -> Respon
             span: span.clone(),
         })
     });
-    answer::<ChatRenderer>(s, job, span).await
+    answer::<ChatRenderer>(s, caller, job, span).await
 }
 
 /// Runs a parsed job, or refuses the request, under its GenAI span.
-async fn answer<R: Renderer>(s: S, job: Result<Job, ApiError>, span: tracing::Span) -> Response {
+async fn answer<R: Renderer>(s: S, caller: Caller, job: Result<Job, ApiError>, span: tracing::Span) -> Response {
     match job {
-        Ok(job) => respond::<R>(s, job).instrument(span).await,
+        Ok(job) => respond::<R>(s, caller, job).instrument(span).await,
         Err(e) => {
             spans::gen_ai_response(&span, "", &s.cfg.model_name, &tandem_protocol::openai::Usage::new(0, 0, 0), Vec::new(), Some(&e));
             HttpError(e).into_response()
@@ -253,7 +255,7 @@ async fn answer<R: Renderer>(s: S, job: Result<Job, ApiError>, span: tracing::Sp
     }
 }
 
-async fn completions(State(s): State<S>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn completions(State(s): State<S>, Extension(caller): Extension<Caller>, body: Result<Bytes, BytesRejection>) -> Response {
     let span = spans::gen_ai("text_completion", &s.cfg.model_name);
     let job = span.in_scope(|| {
         let r: CompletionRequest = parse_body(body)?;
@@ -302,11 +304,11 @@ async fn completions(State(s): State<S>, body: Result<Bytes, BytesRejection>) ->
             span: span.clone(),
         })
     });
-    answer::<CompletionRenderer>(s, job, span).await
+    answer::<CompletionRenderer>(s, caller, job, span).await
 }
 
 /// Starts every choice: prompt `p`, sample `j` becomes choice `p * n + j`.
-fn start_choices(s: &S, job: &Job, id: &str) -> Vec<disagg::ChoiceRx> {
+fn start_choices(s: &S, job: &Job, id: &str, ticket: Arc<access::Ticket>) -> Vec<disagg::ChoiceRx> {
     let base_seed = job.params.seed.unwrap_or_else(rand::random);
     let mut out = Vec::new();
     for (p, prompt) in job.prompts.iter().enumerate() {
@@ -317,6 +319,7 @@ fn start_choices(s: &S, job: &Job, id: &str) -> Vec<disagg::ChoiceRx> {
                 prompt: prompt.clone(),
                 params: job.params.clone(),
                 seed: base_seed.wrapping_add(index as u64),
+                admission: Some(ticket.clone()),
             };
             out.push(disagg::start(s.clone(), spec));
         }
@@ -329,10 +332,17 @@ const MAX_CHOICES: usize = 64;
 
 /// Starts the job's choices and answers with them, whole or as a stream, in the shapes of the
 /// endpoint `R` renders.
-async fn respond<R: Renderer>(s: S, job: Job) -> Response {
+async fn respond<R: Renderer>(s: S, caller: Caller, job: Job) -> Response {
+    let refused = |e: &ApiError| {
+        spans::gen_ai_response(&job.span, "", &s.cfg.model_name, &tandem_protocol::openai::Usage::new(0, 0, 0), Vec::new(), Some(e));
+    };
     let refuse = |e: ApiError| {
-        spans::gen_ai_response(&job.span, "", &s.cfg.model_name, &tandem_protocol::openai::Usage::new(0, 0, 0), Vec::new(), Some(&e));
+        refused(&e);
         HttpError(e).into_response()
+    };
+    let refuse_for = |r: Refusal| {
+        refused(&r.error);
+        r.into_response()
     };
     if job.prompts.len() * job.n > MAX_CHOICES {
         return refuse(ApiError::invalid("prompt", format!("at most {MAX_CHOICES} choices (prompts × n) per request")));
@@ -341,8 +351,19 @@ async fn respond<R: Renderer>(s: S, job: Job) -> Response {
     if s.workers.healthy(Role::Prefill) == 0 || s.workers.healthy(Role::Decode) == 0 {
         return refuse(ApiError::new(ErrorCode::Unavailable, "no prefill or decode worker is available; retry shortly"));
     }
+    // What the request may cost the caller's token rate: its prompts and all it may generate.
+    let choices = job.prompts.len() * job.n;
+    let prompt_tokens: usize = job.prompts.iter().map(Vec::len).sum::<usize>() * job.n;
+    let ticket = match s.access.admit(prompt_tokens) {
+        Ok(t) => Arc::new(t),
+        Err(r) => return refuse_for(r),
+    };
+    // Charged once admitted: a request the cluster had no room for costs the caller nothing.
+    if let Err(r) = s.access.charge_tokens(caller, (prompt_tokens + job.params.max_tokens * choices) as u64) {
+        return refuse_for(r);
+    }
     let id = new_id(R::ID_PREFIX);
-    let rxs = start_choices(&s, &job, &id);
+    let rxs = start_choices(&s, &job, &id, ticket);
     let id_header = HeaderValue::from_str(&id).ok();
     let renderer = R::new(job.params.logprobs.is_some());
     let envelope = Envelope { id, model: s.cfg.model_name.clone(), span: job.span.clone() };

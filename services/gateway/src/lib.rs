@@ -4,6 +4,7 @@
 //! JSON response).
 #![forbid(unsafe_code)]
 
+mod access;
 mod api;
 mod cluster;
 mod disagg;
@@ -23,6 +24,7 @@ use tandem_tokenizer::Tokenizer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use access::AccessConfig;
 pub use metrics::Metrics;
 pub use workers::{WorkerPool, WorkerSpec};
 
@@ -50,6 +52,8 @@ pub struct GatewayConfig {
     pub request_timeout: Duration,
     /// How often workers are asked for their load and health.
     pub poll_interval: Duration,
+    /// API keys, per-key rate limits and admission bounds.
+    pub access: AccessConfig,
 }
 
 pub(crate) struct AppState {
@@ -58,6 +62,7 @@ pub(crate) struct AppState {
     pub workers: WorkerPool,
     pub metrics: Metrics,
     pub cluster: cluster::Cluster,
+    pub access: Arc<access::Access>,
     pub shutdown: Shutdown,
 }
 
@@ -79,7 +84,8 @@ pub async fn run(cfg: GatewayConfig, tokenizer: Tokenizer, listener: TcpListener
     }
     shutdown.spawn(workers.clone().poll(cfg.poll_interval, metrics.clone(), shutdown.stopping()));
     let cluster = cluster::Cluster::new(cfg.state.clone(), cfg.local_index.clone(), metrics.clone(), cfg.index_ttl, cfg.request_ttl);
-    let state = Arc::new(AppState { cfg, tokenizer, workers, metrics, cluster, shutdown: shutdown.clone() });
+    let access = Arc::new(access::Access::new(cfg.access.clone(), metrics.clone()));
+    let state = Arc::new(AppState { cfg, tokenizer, workers, metrics, cluster, access, shutdown: shutdown.clone() });
     tracing::info!(addr = %listener.local_addr()?, model = %state.cfg.model_name, state = state.cfg.state.kind(), "gateway serving");
     let server = axum::serve(
         // Every SSE event is its own small write: sent at once, never held back for an ACK.

@@ -101,6 +101,10 @@ pub struct Metrics {
     pub state_errors: IntCounter,
     pub state_dropped_writes: IntCounter,
     pub retries: IntCounterVec,
+    /// Requests refused at the door, by reason.
+    pub refused: IntCounterVec,
+    /// Admitted requests waiting for their first token.
+    pub waiting: IntGauge,
     /// Choices whose decode worker was lost mid-stream, by outcome (`resumed`, `gave_up`).
     pub resumes: IntCounterVec,
     /// From losing a decode worker to the resumed pass's first token.
@@ -182,6 +186,16 @@ impl Metrics {
         let resume_time = stage("resume_seconds", "From losing a decode worker mid-stream to the next token, from another one")?;
         let resume_recomputed_tokens =
             IntCounter::new("resume_recomputed_tokens_total", "Context tokens computed again to resume a choice on another decode worker")?;
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "refused_requests_total",
+                "Requests refused before any work, by reason (invalid_api_key, requests, tokens, queue_full, queued_tokens_full)",
+            ),
+            &["reason"],
+        )?;
+        let waiting = IntGauge::new("admission_waiting_requests", "Admitted requests waiting for their first token")?;
+        registry.register(Box::new(refused.clone()))?;
+        registry.register(Box::new(waiting.clone()))?;
         registry.register(Box::new(resumes.clone()))?;
         registry.register(Box::new(resume_time.clone()))?;
         registry.register(Box::new(resume_recomputed_tokens.clone()))?;
@@ -234,6 +248,8 @@ impl Metrics {
             state_errors,
             state_dropped_writes,
             retries,
+            refused,
+            waiting,
             resumes,
             resume_time,
             resume_recomputed_tokens,

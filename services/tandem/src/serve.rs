@@ -212,8 +212,58 @@ pub struct GatewayArgs {
     /// anyway.
     #[arg(long, env = "TANDEM_DRAIN_TIMEOUT_S", default_value_t = 120)]
     pub drain_timeout_s: u64,
+    #[command(flatten)]
+    pub access: AccessArgs,
     #[arg(long, hide = true)]
     pub managed: bool,
+}
+
+/// Who may call the gateway, how fast, and how much it takes on at once.
+#[derive(Debug, Clone, Args)]
+pub struct AccessArgs {
+    /// An accepted API key (repeatable; the variable takes a comma-separated list). With any key
+    /// set, every route but `--public-paths` needs `Authorization: Bearer KEY`.
+    #[arg(long = "api-key", env = "TANDEM_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// A file of accepted API keys, one a line (blank lines and `#` comments skipped).
+    #[arg(long, env = "TANDEM_API_KEY_FILE")]
+    pub api_key_file: Option<std::path::PathBuf>,
+    /// Routes open without a key.
+    #[arg(long, value_delimiter = ',', default_value = "/health,/ready,/metrics")]
+    pub public_paths: Vec<String>,
+    /// Requests a minute per API key (0: no limit); over it, 429 with Retry-After.
+    #[arg(long, env = "TANDEM_RATE_LIMIT_RPM", default_value_t = 0)]
+    pub rate_limit_rpm: u64,
+    /// Tokens a minute per API key, prompt plus max_tokens (0: no limit); over it, 429.
+    #[arg(long, env = "TANDEM_RATE_LIMIT_TPM", default_value_t = 0)]
+    pub rate_limit_tpm: u64,
+    /// Most requests waiting for their first token at once; past it, 503 with Retry-After.
+    #[arg(long, default_value_t = 1024)]
+    pub max_waiting_requests: usize,
+    /// Most prompt tokens waiting for their first token at once; past it, 503 with Retry-After.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_waiting_prompt_tokens: usize,
+}
+
+impl AccessArgs {
+    pub fn config(&self) -> Result<tandem_gateway::AccessConfig> {
+        let mut keys: Vec<String> = self.api_keys.iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect();
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading --api-key-file {}", path.display()))?;
+            keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string));
+            if keys.is_empty() {
+                anyhow::bail!("--api-key-file {} holds no key", path.display());
+            }
+        }
+        Ok(tandem_gateway::AccessConfig {
+            api_keys: keys,
+            public_paths: self.public_paths.clone(),
+            requests_per_minute: self.rate_limit_rpm,
+            tokens_per_minute: self.rate_limit_tpm,
+            max_waiting_requests: self.max_waiting_requests.max(1),
+            max_waiting_prompt_tokens: self.max_waiting_prompt_tokens.max(1),
+        })
+    }
 }
 
 /// A worker's shutdown: on Ctrl-C, SIGTERM or (managed) its stdin closing, under the drain
@@ -424,6 +474,7 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
         route_load_weight: args.route_load_weight,
         request_timeout: Duration::from_millis(args.request_timeout_ms),
         poll_interval: Duration::from_millis(args.poll_interval_ms),
+        access: args.access.config()?,
     };
     let instance = format!("gateway-{}-{}", host_name(), addr.port());
     tandem_runtime::telemetry::start_export(tandem_runtime::telemetry::Identity {

@@ -102,3 +102,36 @@ async fn streams_survive_a_killed_decode_worker_with_the_same_text() {
     assert_eq!(resumed, on_victim as f64, "every stream on the killed worker resumed once");
     assert_eq!(metric(&c.base, "tandem_requests_total{outcome=\"error\"}").unwrap_or(0.0), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prefill_worker_killed_mid_prompt_hands_the_request_to_another() {
+    use tandem_protocol::pb::prefill_client::PrefillClient;
+    let mut c = Cluster::start(2, 1);
+    // About 1,200 tokens: seconds of prefill on the CPU, time enough to kill its worker mid-way.
+    let prompt = "The history of the world is long and full of surprises. ".repeat(100);
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0});
+    let base = c.base.clone();
+    let request = tokio::spawn(async move { post(&base, "/v1/completions", &body).await });
+    let busy = |addr: String| async move {
+        let mut p = PrefillClient::connect(format!("http://{addr}")).await.unwrap();
+        p.info(InfoRequest {}).await.unwrap().into_inner().running > 0
+    };
+    let addrs: Vec<String> = c.prefill.iter().map(|p| p.field("grpc")).collect();
+    let mut victim = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while victim.is_none() && std::time::Instant::now() < deadline {
+        for (i, a) in addrs.iter().enumerate() {
+            if busy(a.clone()).await {
+                victim = Some(i);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let victim = victim.expect("no prefill worker took the prompt");
+    c.prefill[victim].child.kill().unwrap();
+    let (status, v) = tokio::time::timeout(Duration::from_secs(120), request).await.expect("the request hung").unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert!(v["choices"][0]["text"].as_str().is_some_and(|t| !t.is_empty()), "{v}");
+    let retried = metric(&c.base, "tandem_worker_retries_total{role=\"prefill\"}").unwrap_or(0.0);
+    assert_eq!(retried, 1.0, "the request moved to the other prefill worker once");
+}

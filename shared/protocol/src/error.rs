@@ -31,6 +31,11 @@ pub enum ErrorCode {
     Timeout,
     Cancelled,
     Internal,
+    /// No API key, or not one the gateway accepts.
+    InvalidApiKey,
+    /// The caller is over its request or token rate; retry after the time the response names.
+    #[serde(rename = "rate_limit_exceeded")]
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -44,6 +49,8 @@ impl ErrorCode {
             Self::Unavailable | Self::OutOfKvBlocks | Self::KvHandoffFailed | Self::WorkerDraining => 503,
             Self::Timeout => 504,
             Self::Internal => 500,
+            Self::InvalidApiKey => 401,
+            Self::RateLimited => 429,
         }
     }
 
@@ -58,6 +65,8 @@ impl ErrorCode {
             Self::Timeout => tonic::Code::DeadlineExceeded,
             Self::Cancelled => tonic::Code::Cancelled,
             Self::Internal => tonic::Code::Internal,
+            Self::InvalidApiKey => tonic::Code::Unauthenticated,
+            Self::RateLimited => tonic::Code::ResourceExhausted,
         }
     }
 
@@ -101,10 +110,12 @@ impl ErrorCode {
             Self::Timeout => "timeout",
             Self::Cancelled => "cancelled",
             Self::Internal => "internal",
+            Self::InvalidApiKey => "invalid_api_key",
+            Self::RateLimited => "rate_limit_exceeded",
         }
     }
 
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 15] = [
         Self::InvalidRequest,
         Self::ModelNotFound,
         Self::NotFound,
@@ -118,6 +129,8 @@ impl ErrorCode {
         Self::Timeout,
         Self::Cancelled,
         Self::Internal,
+        Self::InvalidApiKey,
+        Self::RateLimited,
     ];
 
     pub fn from_name(name: &str) -> Option<Self> {
@@ -132,7 +145,9 @@ impl ErrorCode {
             | Self::ModelNotFound
             | Self::NotFound
             | Self::MethodNotAllowed
-            | Self::RequestTooLarge => "invalid_request_error",
+            | Self::RequestTooLarge
+            | Self::InvalidApiKey => "invalid_request_error",
+            Self::RateLimited => "rate_limit_error",
             Self::Unavailable | Self::OutOfKvBlocks | Self::KvHandoffFailed | Self::WorkerDraining => "service_unavailable_error",
             Self::Timeout => "timeout_error",
             Self::Cancelled => "cancelled",

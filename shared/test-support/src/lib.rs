@@ -221,6 +221,7 @@ impl ClusterBuilder {
             route_load_weight: 256.0,
             request_timeout: self.request_timeout,
             poll_interval: self.poll_interval,
+            access: tandem_gateway::AccessConfig::default(),
         };
         let gateway = Service::spawn("gateway", addr, None, self.drain_timeout, |sd| tandem_gateway::run(cfg, tokenizer, listener, sd));
         let base = format!("http://{addr}");

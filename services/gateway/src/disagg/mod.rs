@@ -35,6 +35,9 @@ pub(crate) struct ChoiceSpec {
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     pub seed: u64,
+    /// The request's place among those waiting for a first token, held until this choice has
+    /// its own (or ends).
+    pub admission: Option<Arc<crate::access::Ticket>>,
 }
 
 /// A token as the client sees it in `logprobs`.
@@ -160,8 +163,9 @@ impl Progress {
 /// How many times one choice may move to another decode worker after losing its stream.
 const RESUMES: usize = 3;
 
-async fn drive(state: &AppState, spec: ChoiceSpec, tx: &ChoiceTx, started: Instant, progress: &mut Progress) -> Result<(), ApiError> {
+async fn drive(state: &AppState, mut spec: ChoiceSpec, tx: &ChoiceTx, started: Instant, progress: &mut Progress) -> Result<(), ApiError> {
     let mut relay = Relay::new(state, tx, Detok::new(&state.tokenizer, spec.params.stop.clone(), spec.params.logprobs.is_some()), progress);
+    relay.admission = spec.admission.take();
     let mut resumes = 0;
     loop {
         let lost = match attempt(state, &spec, &mut relay, started).await? {

@@ -24,11 +24,13 @@ pub(super) struct Relay<'a> {
     pub emitted: Vec<u32>,
     /// When the last decode worker was lost, until the resumed pass's first token.
     pub lost_at: Option<Instant>,
+    /// The request's admission, given back with the first token.
+    pub admission: Option<std::sync::Arc<crate::access::Ticket>>,
 }
 
 impl<'a> Relay<'a> {
     pub fn new(state: &'a AppState, tx: &'a ChoiceTx, detok: Detok<'a>, progress: &'a mut Progress) -> Self {
-        Self { state, tx, progress, detok, cached_tokens: 0, emitted: Vec::new(), lost_at: None }
+        Self { state, tx, progress, detok, cached_tokens: 0, emitted: Vec::new(), lost_at: None, admission: None }
     }
 
     /// Sends the prefill's token, then every token of `stream` until the decode worker finishes.
@@ -46,6 +48,7 @@ impl<'a> Relay<'a> {
         let state = self.state;
         let metrics = &state.metrics;
         let first = prefilled.first_token.ok_or_else(|| ApiError::new(ErrorCode::Internal, "prefill returned no token"))?;
+        self.admission = None;
         match self.lost_at.take() {
             Some(lost) => {
                 metrics.resume_time.observe(lost.elapsed().as_secs_f64());

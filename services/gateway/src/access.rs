@@ -1,0 +1,303 @@
+//! Who may call the API, how fast, and how much the cluster takes on at once.
+//!
+//! - API keys: with any configured, every route but the public ones (`/health`, `/ready` and
+//!   `/metrics` by default) needs `Authorization: Bearer KEY`; keys are compared in constant time,
+//!   and a missing or unknown one is a 401 (`invalid_api_key`).
+//! - Per-key rate limits, requests and tokens per minute (prompt plus `max_tokens`, charged when a
+//!   request is admitted): token buckets that refill continuously; over either, a 429 whose
+//!   `Retry-After` says when the bucket will hold enough again.
+//! - Admission: requests waiting for their first token (queued or in prefill) are bounded by
+//!   count and by prompt tokens; past either, a 503 whose `Retry-After` is the queue's size over
+//!   the rate at which it has been draining. An admitted request is not slowed by the ones
+//!   refused, which is the point: at twice the capacity the admitted ones keep their latency.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+use tandem_protocol::{ApiError, ErrorCode};
+
+use crate::error::HttpError;
+use crate::Metrics;
+
+/// What the operator configured.
+#[derive(Debug, Clone)]
+pub struct AccessConfig {
+    /// Accepted API keys; empty: the API is open.
+    pub api_keys: Vec<String>,
+    /// Paths that need no key even when keys are configured.
+    pub public_paths: Vec<String>,
+    /// Per key, requests and tokens per minute (0: unlimited).
+    pub requests_per_minute: u64,
+    pub tokens_per_minute: u64,
+    /// Most requests, and most prompt tokens, waiting for their first token at once.
+    pub max_waiting_requests: usize,
+    pub max_waiting_prompt_tokens: usize,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            public_paths: vec!["/health".into(), "/ready".into(), "/metrics".into()],
+            requests_per_minute: 0,
+            tokens_per_minute: 0,
+            max_waiting_requests: 1024,
+            max_waiting_prompt_tokens: 1 << 20,
+        }
+    }
+}
+
+/// The caller of one request, as the key check found it: the key's index, or none when the API
+/// is open (then limits are not per caller).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caller(pub Option<usize>);
+
+/// A refusal with the time after which trying again makes sense.
+pub(crate) struct Refusal {
+    pub error: ApiError,
+    pub retry_after: Duration,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut resp = HttpError(self.error).into_response();
+        let secs = self.retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            resp.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        resp
+    }
+}
+
+/// Refills at `per_minute / 60` a second up to `per_minute`.
+#[derive(Debug)]
+struct Bucket {
+    level: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(per_minute: u64) -> Self {
+        Self { level: per_minute as f64, at: Instant::now() }
+    }
+
+    /// Takes `n` if the bucket holds them; else how long until it will. A request larger than
+    /// the whole bucket is let through once the bucket is full, so it is slow, never impossible.
+    fn take(&mut self, n: u64, per_minute: u64) -> Result<(), Duration> {
+        let rate = per_minute as f64 / 60.0;
+        let now = Instant::now();
+        self.level = (self.level + now.duration_since(self.at).as_secs_f64() * rate).min(per_minute as f64);
+        self.at = now;
+        let want = (n as f64).min(per_minute as f64);
+        if self.level >= want {
+            self.level -= n as f64;
+            return Ok(());
+        }
+        Err(Duration::from_secs_f64((want - self.level) / rate))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    requests: usize,
+    tokens: usize,
+    /// When recent waiting requests left the queue, for the drain rate.
+    departures: VecDeque<Instant>,
+}
+
+/// How far back departures count toward the drain rate.
+const DRAIN_WINDOW: Duration = Duration::from_secs(30);
+
+pub(crate) struct Access {
+    cfg: AccessConfig,
+    buckets: Mutex<HashMap<Option<usize>, (Bucket, Bucket)>>,
+    waiting: Mutex<Waiting>,
+    metrics: Metrics,
+}
+
+impl Access {
+    pub fn new(cfg: AccessConfig, metrics: Metrics) -> Self {
+        Self { cfg, buckets: Mutex::new(HashMap::new()), waiting: Mutex::new(Waiting::default()), metrics }
+    }
+
+    /// The key a request presents, checked against every configured key in constant time.
+    fn caller(&self, req: &Request) -> Result<Caller, ApiError> {
+        if self.cfg.api_keys.is_empty() {
+            return Ok(Caller(None));
+        }
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .unwrap_or("");
+        // Every key is compared, found or not, so the time taken says nothing about which.
+        let mut found = None;
+        for (i, key) in self.cfg.api_keys.iter().enumerate() {
+            if bool::from(key.as_bytes().ct_eq(presented.as_bytes())) {
+                found = Some(i);
+            }
+        }
+        match found {
+            Some(i) if !presented.is_empty() => Ok(Caller(Some(i))),
+            _ => Err(ApiError::new(
+                ErrorCode::InvalidApiKey,
+                if presented.is_empty() { "no API key: send one as `Authorization: Bearer KEY`" } else { "the API key is not valid" },
+            )),
+        }
+    }
+
+    fn charge(&self, caller: Caller, requests: u64, tokens: u64) -> Result<(), Refusal> {
+        let (rpm, tpm) = (self.cfg.requests_per_minute, self.cfg.tokens_per_minute);
+        if rpm == 0 && tpm == 0 {
+            return Ok(());
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let (r, t) = buckets.entry(caller.0).or_insert_with(|| (Bucket::full(rpm), Bucket::full(tpm)));
+        let refuse = |what: &str, wait: Duration| {
+            self.metrics.refused.with_label_values(&[what]).inc();
+            Refusal {
+                error: ApiError::new(
+                    ErrorCode::RateLimited,
+                    format!("over the {what} per minute allowed for this key; retry in {wait:.1?}"),
+                ),
+                retry_after: wait,
+            }
+        };
+        if rpm > 0 && requests > 0 {
+            r.take(requests, rpm).map_err(|w| refuse("requests", w))?;
+        }
+        if tpm > 0 && tokens > 0 {
+            t.take(tokens, tpm).map_err(|w| refuse("tokens", w))?;
+        }
+        Ok(())
+    }
+
+    /// Charges a request's tokens (prompts plus what it may generate) to its caller.
+    pub fn charge_tokens(&self, caller: Caller, tokens: u64) -> Result<(), Refusal> {
+        self.charge(caller, 0, tokens)
+    }
+
+    /// Admits a request of `prompt_tokens` into the waiting set, or refuses it with how long the
+    /// waiting set has lately taken to drain that far.
+    pub fn admit(self: &Arc<Self>, prompt_tokens: usize) -> Result<Ticket, Refusal> {
+        let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let full_requests = w.requests + 1 > self.cfg.max_waiting_requests;
+        // One request larger than the whole token bound still gets in when nothing waits.
+        let full_tokens = w.requests > 0 && w.tokens + prompt_tokens > self.cfg.max_waiting_prompt_tokens;
+        if full_requests || full_tokens {
+            let now = Instant::now();
+            while w.departures.front().is_some_and(|t| now.duration_since(*t) > DRAIN_WINDOW) {
+                w.departures.pop_front();
+            }
+            let rate = w.departures.len() as f64 / DRAIN_WINDOW.as_secs_f64();
+            let retry_after =
+                if rate > 0.0 { Duration::from_secs_f64((w.requests as f64 / rate).clamp(1.0, 60.0)) } else { Duration::from_secs(5) };
+            let what = if full_requests { "queue_full" } else { "queued_tokens_full" };
+            self.metrics.refused.with_label_values(&[what]).inc();
+            return Err(Refusal {
+                error: ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!("the cluster is at capacity ({} requests, {} prompt tokens waiting); retry shortly", w.requests, w.tokens),
+                ),
+                retry_after,
+            });
+        }
+        w.requests += 1;
+        w.tokens += prompt_tokens;
+        self.metrics.waiting.set(w.requests as i64);
+        Ok(Ticket { access: self.clone(), tokens: prompt_tokens })
+    }
+
+    fn leave(&self, tokens: usize) {
+        let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        w.requests = w.requests.saturating_sub(1);
+        w.tokens = w.tokens.saturating_sub(tokens);
+        let now = Instant::now();
+        w.departures.push_back(now);
+        while w.departures.len() > 4096 || w.departures.front().is_some_and(|t| now.duration_since(*t) > DRAIN_WINDOW) {
+            w.departures.pop_front();
+        }
+        self.metrics.waiting.set(w.requests as i64);
+    }
+}
+
+/// A request's place among those waiting for a first token; leaving is dropping it (once every
+/// choice of the request holds no clone of it).
+pub(crate) struct Ticket {
+    access: Arc<Access>,
+    tokens: usize,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.access.leave(self.tokens);
+    }
+}
+
+/// Around every route: the key check and the per-key request rate, before anything is read.
+pub(crate) async fn guard(State(access): State<Arc<Access>>, mut req: Request, next: Next) -> Response {
+    if access.cfg.public_paths.iter().any(|p| p == req.uri().path()) {
+        req.extensions_mut().insert(Caller(None));
+        return next.run(req).await;
+    }
+    let caller = match access.caller(&req) {
+        Ok(c) => c,
+        Err(e) => {
+            access.metrics.refused.with_label_values(&["invalid_api_key"]).inc();
+            let mut resp = HttpError(e).into_response();
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    };
+    if let Err(r) = access.charge(caller, 1, 0) {
+        return r.into_response();
+    }
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_refills_at_its_rate_and_says_how_long_to_wait() {
+        let mut b = Bucket::full(60);
+        for _ in 0..60 {
+            b.take(1, 60).unwrap();
+        }
+        let wait = b.take(1, 60).unwrap_err();
+        assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1), "{wait:?}");
+        // A request larger than the bucket waits for a full bucket, then passes.
+        let mut b = Bucket::full(10);
+        b.take(100, 10).unwrap();
+        assert!(b.take(100, 10).unwrap_err() > Duration::from_secs(59));
+    }
+
+    #[test]
+    fn admission_bounds_requests_and_tokens_and_frees_on_drop() {
+        let cfg = AccessConfig { max_waiting_requests: 2, max_waiting_prompt_tokens: 100, ..AccessConfig::default() };
+        let a = Arc::new(Access::new(cfg, Metrics::new("m").unwrap()));
+        let t1 = a.admit(60).ok().unwrap();
+        // Over the token bound while another waits.
+        assert!(a.admit(50).is_err());
+        let t2 = a.admit(40).ok().unwrap();
+        // Over the request bound.
+        let refused = a.admit(1).err().unwrap();
+        assert_eq!(refused.error.code, ErrorCode::Unavailable);
+        drop((t1, t2));
+        // Alone, a prompt over the token bound still gets in.
+        let _big = a.admit(1000).ok().unwrap();
+        // Two left within the window: the retry estimate is the queue over that rate.
+        let refused = a.admit(1000).err().unwrap();
+        assert!(refused.retry_after >= Duration::from_secs(1) && refused.retry_after <= Duration::from_secs(60));
+    }
+}
