@@ -12,6 +12,7 @@ mod error;
 mod metrics;
 mod render;
 mod spans;
+pub mod tls;
 mod workers;
 
 use std::future::IntoFuture;
@@ -54,6 +55,8 @@ pub struct GatewayConfig {
     pub poll_interval: Duration,
     /// API keys, per-key rate limits and admission bounds.
     pub access: AccessConfig,
+    /// Serve HTTPS with this configuration instead of plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 pub(crate) struct AppState {
@@ -86,16 +89,24 @@ pub async fn run(cfg: GatewayConfig, tokenizer: Tokenizer, listener: TcpListener
     let cluster = cluster::Cluster::new(cfg.state.clone(), cfg.local_index.clone(), metrics.clone(), cfg.index_ttl, cfg.request_ttl);
     let access = Arc::new(access::Access::new(cfg.access.clone(), metrics.clone()));
     let state = Arc::new(AppState { cfg, tokenizer, workers, metrics, cluster, access, shutdown: shutdown.clone() });
-    tracing::info!(addr = %listener.local_addr()?, model = %state.cfg.model_name, state = state.cfg.state.kind(), "gateway serving");
-    let server = axum::serve(
-        // Every SSE event is its own small write: sent at once, never held back for an ACK.
-        axum::serve::ListenerExt::tap_io(listener, |s| {
-            let _ = s.set_nodelay(true);
-        }),
-        api::router(state.clone()),
-    )
-    .with_graceful_shutdown(shutdown.stopping().cancelled_owned());
-    let server = shutdown.spawn(server.into_future());
+    let https = state.cfg.tls.is_some();
+    tracing::info!(addr = %listener.local_addr()?, https, model = %state.cfg.model_name, state = state.cfg.state.kind(), "gateway serving");
+    let app = api::router(state.clone());
+    let stop = shutdown.stopping().cancelled_owned();
+    let server = match state.cfg.tls.clone() {
+        None => shutdown.spawn(
+            axum::serve(
+                // Every SSE event is its own small write: sent at once, never held back for an ACK.
+                axum::serve::ListenerExt::tap_io(listener, |s| {
+                    let _ = s.set_nodelay(true);
+                }),
+                app,
+            )
+            .with_graceful_shutdown(stop)
+            .into_future(),
+        ),
+        Some(cfg) => shutdown.spawn(axum::serve(tls::TlsListener::new(listener, cfg)?, app).with_graceful_shutdown(stop).into_future()),
+    };
     let running = state.metrics.running.clone();
     shutdown.run(|| async {}, || running.get() == 0).await;
     server.await??;

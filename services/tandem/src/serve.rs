@@ -214,6 +214,12 @@ pub struct GatewayArgs {
     pub drain_timeout_s: u64,
     #[command(flatten)]
     pub access: AccessArgs,
+    /// Serve HTTPS: a PEM certificate chain (with `--tls-key`).
+    #[arg(long, env = "TANDEM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, env = "TANDEM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
     #[arg(long, hide = true)]
     pub managed: bool,
 }
@@ -475,6 +481,10 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
         request_timeout: Duration::from_millis(args.request_timeout_ms),
         poll_interval: Duration::from_millis(args.poll_interval_ms),
         access: args.access.config()?,
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(tandem_gateway::tls::server_config(cert, key)?),
+            _ => None,
+        },
     };
     let instance = format!("gateway-{}-{}", host_name(), addr.port());
     tandem_runtime::telemetry::start_export(tandem_runtime::telemetry::Identity {

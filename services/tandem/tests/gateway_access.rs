@@ -107,3 +107,63 @@ async fn a_full_cluster_refuses_with_503_and_serves_what_it_admitted() {
     let (status, v) = post(&c.base, "/v1/completions", &json!({"model": MODEL, "prompt": "Hi", "max_tokens": 2})).await;
     assert_eq!(status, 200, "{v}");
 }
+
+/// One HTTP/1.1 GET over TLS, trusting only `ca`; returns the status line and body.
+async fn https_get(addr: &str, ca: &rustls::pki_types::CertificateDer<'static>, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await?;
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut out = String::new();
+    tls.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_gateway_serves_https_with_the_given_certificate() {
+    let dir = std::env::temp_dir().join(format!("tandem-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).unwrap();
+    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
+    let ca = certified.cert.der().clone();
+
+    let engine = ["--kv-cache-mb", "64"];
+    let prefill = start(&[&["prefill"][..], &engine].concat());
+    let decode = start(&[&["decode"][..], &engine].concat());
+    let (p, d) = (prefill.field("grpc"), decode.field("grpc"));
+    let gateway = start(&[
+        "gateway",
+        "--listen",
+        "127.0.0.1:0",
+        "--prefill",
+        &p,
+        "--decode",
+        &d,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let addr = gateway.field("http");
+    let models = https_get(&addr, &ca, "/v1/models").await.unwrap();
+    assert!(models.starts_with("HTTP/1.1 200"), "{models}");
+    assert!(models.contains(MODEL), "{models}");
+    // Plain HTTP on the TLS port gets no answer it could read as HTTP.
+    assert_eq!(http_status(&format!("http://{addr}"), "/health"), None);
+    // A client that does not trust the certificate refuses it.
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    assert!(https_get(&addr, other.cert.der(), "/health").await.is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}

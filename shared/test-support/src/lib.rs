@@ -222,6 +222,7 @@ impl ClusterBuilder {
             request_timeout: self.request_timeout,
             poll_interval: self.poll_interval,
             access: tandem_gateway::AccessConfig::default(),
+            tls: None,
         };
         let gateway = Service::spawn("gateway", addr, None, self.drain_timeout, |sd| tandem_gateway::run(cfg, tokenizer, listener, sd));
         let base = format!("http://{addr}");
