@@ -86,7 +86,7 @@ def case(args, gateways, index):
             "hit_rate": hit / prompt if prompt else None,
             "prefill_worker_hit_rate": worker_h / worker_q if worker_q else None,
             "index_routed_blocks": total("tandem_prefix_index_hit_blocks_total"),
-            "store_pulled_blocks": total("tandem_store_pulled_blocks_total"),
+            "store_pulled_blocks": total("tandem_kv_store_pulled_blocks_total"),
             "mean_ttft_ms": load.get("mean_ttft_ms"),
         }
     finally:
@@ -130,7 +130,7 @@ def main():
     print("\n index   gateways  hit rate  prefill-side  routed blocks  store pulls  failed")
     for c in cases:
         print(f" {c['prefix_index']:7} {c['gateways']:^8}  {c['hit_rate']:.3f}     {c['prefill_worker_hit_rate']:.3f}"
-              f"         {c['index_routed_blocks']:>6.0f}        {c['store_pulled_blocks']:>5.0f}      {c['requests_failed']}")
+              f"         {c['index_routed_blocks']:>6.0f}        {c.get('store_pulled_blocks', 0):>5.0f}      {c['requests_failed']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The compose stack, tested as a user runs it: up, the official `openai` client against
 127.0.0.1:8000, decode scaled from 1 to 2 and back under a steady trickle of requests with no
-failure, the request's trace at the Jaeger service, a Tandem metric in Prometheus, and down.
+failure, a decode and a prefill container killed under load with no failure and no changed
+token, the request's trace at the Jaeger service, a Tandem metric in Prometheus, and down.
 
 Reaches the containers only through the ports compose.yaml publishes on 127.0.0.1. Run by
 compose/test.sh after images.sh; writes what it measured to --out (JSON).
@@ -93,6 +94,94 @@ class Trickle:
         self.thread.join()
 
 
+def stream_text(prompt, max_tokens=64, warm=None):
+    """A greedy streamed completion's text; `warm` (an Event) is set after its fourth chunk."""
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True, "stream": True}).encode()
+    req = urllib.request.Request(f"{GATEWAY}/v1/completions", data=body, headers={"content-type": "application/json"})
+    text, chunks = "", 0
+    with urllib.request.urlopen(req, timeout=180) as r:
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            v = json.loads(line[6:])
+            if "error" in v:
+                raise AssertionError(f"the stream carried an error: {v}")
+            text += v["choices"][0].get("text") or ""
+            chunks += 1
+            if warm is not None and chunks == 4:
+                warm.set()
+    return text
+
+
+def in_threads(calls):
+    """Runs each (function, args) on a thread; returns their results (or exceptions) in order."""
+    out = [None] * len(calls)
+
+    def run(i, f, a):
+        try:
+            out[i] = f(*a)
+        except Exception as e:  # noqa: BLE001 - returned for the caller to judge
+            out[i] = e
+    threads = [threading.Thread(target=run, args=(i, f, a)) for i, (f, a) in enumerate(calls)]
+    for t in threads:
+        t.start()
+    return threads, out
+
+
+def completion(prompt, max_tokens=4):
+    body = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(f"{GATEWAY}/v1/completions", data=body, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=180) as r:
+        return json.loads(r.read())["choices"][0]["text"]
+
+
+def chaos(p, result):
+    """One kill of each kind under a steady trickle: a decode container while two streams run on
+    the decode pool, then a prefill container while two long prompts are being computed. Nothing
+    may fail, and the streams' text must equal the undisturbed run's."""
+    compose(p, "up", "-d", "--no-build", "--no-recreate", *GATEWAYS, "--scale", "decode=2", "--scale", "prefill=2")
+
+    def routable():
+        status, body = get(f"{GATEWAY}/ready")
+        return status == 200 and json.loads(body).get("decode_workers") == 2 and json.loads(body).get("prefill_workers") == 2
+    for _ in range(4):  # each gateway behind nginx, twice
+        wait("both gateways route to two decode and two prefill workers", 120, routable)
+    prompts = ["The lighthouse keeper climbed the stairs and", "In the kitchen, the recipe called for"]
+    expected = [stream_text(q) for q in prompts]
+    containers = lambda svc: compose(p, "ps", "-q", svc).stdout.split()  # noqa: E731
+    out = {}
+    with Trickle() as trickle:
+        warm = [threading.Event() for _ in prompts]
+        threads, texts = in_threads([(stream_text, (q, 64, w)) for q, w in zip(prompts, warm)])
+        for w in warm:
+            assert w.wait(120), "a stream did not start"
+        victim = containers("decode")[0]
+        subprocess.run(["docker", "kill", victim], check=True, capture_output=True)
+        for t in threads:
+            t.join()
+        differing = [i for i, (got, want) in enumerate(zip(texts, expected)) if got != want]
+        assert not differing, f"streams after a killed decode worker: {texts} against {expected}"
+        out["decode_kill"] = {"streams": len(prompts), "differing": 0}
+
+        long_prompt = "The history of the world is long and full of surprises. " * 60
+        threads, answers = in_threads([(completion, (f"{i} {long_prompt}",)) for i in range(2)])
+        time.sleep(1.0)  # both prompts reach a prefill worker
+        subprocess.run(["docker", "kill", containers("prefill")[0]], check=True, capture_output=True)
+        for t in threads:
+            t.join()
+        failures = [a for a in answers if not isinstance(a, str)]
+        assert not failures, f"requests during a killed prefill worker: {failures}"
+        out["prefill_kill"] = {"requests": len(answers), "failed": 0}
+        time.sleep(2)
+    out["trickle"] = {"ok": trickle.ok, "failed": trickle.failed}
+    assert trickle.failed == 0, (trickle.ok, trickle.failed, trickle.errors[:5])
+    resumed = prometheus('sum(tandem_resumes_total{outcome="resumed"})')
+    out["resumed_streams"] = int(float(resumed[0]["value"][1])) if resumed else 0
+    result["chaos"] = out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--project", default="tandemci")
@@ -158,6 +247,8 @@ def main():
             used = [r for r in prometheus("sum by (instance) (tandem_requests_total)") if float(r["value"][1]) > 0]
             return len(used) if len(used) == 2 else None
         result["gateways_serving"] = wait("both gateways served requests", 60, gateways_used)
+
+        chaos(p, result)
 
         # A Tandem metric in Prometheus, from a worker's own page.
         found = wait("Prometheus has scraped the workers", 60, lambda: prometheus("vllm:num_requests_running"))
