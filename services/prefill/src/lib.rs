@@ -50,6 +50,9 @@ pub struct PrefillConfig {
     pub index_ttl: Duration,
     /// Where this worker serves its metrics (advertised in the registry); empty: nowhere.
     pub metrics_addr: String,
+    /// Fault injection for reliability tests: flip a byte in every Nth handoff's KV after its
+    /// checksums are taken, so the decode worker must catch it (0: never).
+    pub corrupt_kv_every: u64,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +63,19 @@ struct Counters {
     offloaded: AtomicU64,
     offload_shed: AtomicU64,
     offload_failed: AtomicU64,
+    handoffs: AtomicU64,
+}
+
+/// `kv` with one byte of its first block flipped (its checksums left as they were).
+fn corrupted(mut kv: KvExport) -> KvExport {
+    if let Some(first) = kv.blocks.first_mut() {
+        let mut bytes = first.to_vec();
+        if let Some(b) = bytes.first_mut() {
+            *b ^= 0xff;
+        }
+        *first = bytes.into();
+    }
+    kv
 }
 
 /// Connections a prefill worker opens to each block store, used in turn.
@@ -437,6 +453,13 @@ impl Service {
                     .await
                     .map_err(|e| Status::internal(format!("sealing the kv export: {e}")))?;
                     transfer.record("tandem.kv.checksum_ms", sealing.elapsed().as_secs_f64() * 1e3);
+                    let n = self.counters.handoffs.fetch_add(1, Ordering::Relaxed) + 1;
+                    let kv = if self.cfg.corrupt_kv_every > 0 && n.is_multiple_of(self.cfg.corrupt_kv_every) {
+                        tracing::warn!("fault injection: corrupting this handoff's first block");
+                        corrupted(kv)
+                    } else {
+                        kv
+                    };
                     let handoff = Handoff { request_id: g.request_id.clone(), first_token: first_token.id, kv };
                     let sent =
                         self.cfg.transport.send(&r.decode_kv_addr, &handoff, self.cfg.handoff_lease).instrument(transfer.clone()).await;

@@ -115,6 +115,10 @@ pub struct PrefillArgs {
     /// How long a prefix-index entry this worker republishes lives (match the gateway's).
     #[arg(long, default_value_t = 600)]
     pub index_ttl_s: u64,
+    /// Fault injection, for reliability tests only: corrupt every Nth KV handoff after its
+    /// checksums are taken (0: never).
+    #[arg(long, env = "TANDEM_FAULT_CORRUPT_KV_EVERY", default_value_t = 0, hide = true)]
+    pub fault_corrupt_kv_every: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -403,6 +407,7 @@ pub async fn prefill(args: PrefillArgs) -> Result<()> {
         heartbeat: Duration::from_millis(c.heartbeat_ms),
         index_ttl: Duration::from_secs(args.index_ttl_s),
         metrics_addr: metrics_addr.clone(),
+        corrupt_kv_every: args.fault_corrupt_kv_every,
     };
     export_traces("tandem-prefill", &cfg.worker_id, Some(&engine))?;
     ready("prefill", &format!("grpc={addr} metrics={metrics_addr}"));

@@ -135,3 +135,30 @@ async fn a_prefill_worker_killed_mid_prompt_hands_the_request_to_another() {
     let retried = metric(&c.base, "tandem_worker_retries_total{role=\"prefill\"}").unwrap_or(0.0);
     assert_eq!(retried, 1.0, "the request moved to the other prefill worker once");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn corrupted_kv_is_caught_and_the_request_goes_on() {
+    // Every second handoff of this prefill worker has a flipped byte after its checksums.
+    let engine = ["--kv-cache-mb", "64"];
+    let prefill = start(&[&["prefill", "--fault-corrupt-kv-every", "2"][..], &engine].concat());
+    let decode = start(&[&["decode"][..], &engine].concat());
+    let (p, d) = (prefill.field("grpc"), decode.field("grpc"));
+    let gateway = start(&["gateway", "--listen", "127.0.0.1:0", "--prefill", &p, "--decode", &d]);
+    let base = format!("http://{}", gateway.field("http"));
+    eventually("the gateway routes", Duration::from_secs(60), || {
+        let base = base.clone();
+        async move { http_get(&base, "/ready").is_some_and(|r| r.contains("\"decode_workers\":1")) }
+    })
+    .await;
+    let body = json!({"model": MODEL, "prompt": "The recipe for bread begins with", "max_tokens": 12, "temperature": 0});
+    let mut texts = Vec::new();
+    for _ in 0..4 {
+        let (status, v) = post(&base, "/v1/completions", &body).await;
+        assert_eq!(status, 200, "{v}");
+        texts.push(v["choices"][0]["text"].as_str().unwrap().to_string());
+    }
+    assert!(texts.iter().all(|t| t == &texts[0]), "{texts:?}");
+    // Handoffs 2, 4 and 6 (of the second to fourth requests) were refused by the decode worker,
+    // and each request's pass was done again.
+    assert_eq!(metric(&base, "tandem_kv_handoff_failures_total"), Some(3.0));
+}

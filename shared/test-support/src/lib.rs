@@ -181,6 +181,7 @@ impl ClusterBuilder {
                 heartbeat,
                 index_ttl,
                 metrics_addr: String::new(),
+                corrupt_kv_every: 0,
             };
             prefill.push(Service::spawn("prefill", addr, None, self.drain_timeout, |sd| tandem_prefill::run(engine, cfg, listener, sd)));
         }

@@ -166,11 +166,21 @@ const RESUMES: usize = 3;
 async fn drive(state: &AppState, mut spec: ChoiceSpec, tx: &ChoiceTx, started: Instant, progress: &mut Progress) -> Result<(), ApiError> {
     let mut relay = Relay::new(state, tx, Detok::new(&state.tokenizer, spec.params.stop.clone(), spec.params.logprobs.is_some()), progress);
     relay.admission = spec.admission.take();
-    let mut resumes = 0;
+    let (mut resumes, mut pass) = (0, 0);
     loop {
-        let lost = match attempt(state, &spec, &mut relay, started).await? {
-            Some(lost) => lost,
-            None => return Ok(()),
+        let outcome = attempt(state, &spec, pass, &mut relay, started).await;
+        pass += 1;
+        let lost = match outcome {
+            Ok(Some(lost)) => lost,
+            Ok(None) => return Ok(()),
+            // The decode worker refused the KV (corrupt on the way, say) and gave the pass up:
+            // the pass starts over, on fresh workers, from the same point.
+            Err(e) if e.code == ErrorCode::KvHandoffFailed && resumes < RESUMES => {
+                resumes += 1;
+                tracing::warn!(error = %e, attempt = resumes, "kv handoff failed; starting the pass again");
+                continue;
+            }
+            Err(e) => return Err(e),
         };
         // The decode worker went away mid-stream. What the client has is exactly the tokens
         // relayed so far; the request goes on from there on another worker: the prompt and
@@ -189,10 +199,19 @@ async fn drive(state: &AppState, mut spec: ChoiceSpec, tx: &ChoiceTx, started: I
 /// One pass of the choice over a decode worker (and the prefill that feeds it): from the prompt,
 /// or from where the last pass's worker was lost. `Ok(Some(e))` when this worker's stream broke
 /// after the client got tokens from it, so the choice can go on elsewhere.
-async fn attempt(state: &AppState, spec: &ChoiceSpec, relay: &mut Relay<'_>, started: Instant) -> Result<Option<ApiError>, ApiError> {
+async fn attempt(
+    state: &AppState,
+    spec: &ChoiceSpec,
+    pass: usize,
+    relay: &mut Relay<'_>,
+    started: Instant,
+) -> Result<Option<ApiError>, ApiError> {
     let resumed = relay.emitted.clone();
+    // Each pass is its own request to the workers, so nothing of an earlier pass (a decode
+    // worker still holding its registration, say) can be mistaken for this one.
+    let request_id = if pass == 0 { spec.request_id.clone() } else { format!("{}.{pass}", spec.request_id) };
     let g = GenerateRequest {
-        request_id: spec.request_id.clone(),
+        request_id,
         prompt: spec.prompt.clone(),
         params: Some((&spec.params).into()),
         seed: spec.seed,
