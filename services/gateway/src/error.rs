@@ -85,7 +85,9 @@ fn named_field(msg: &str) -> Option<&str> {
 fn field_error(e: serde_path_to_error::Error<serde_json::Error>, value: &Value) -> ApiError {
     let msg = e.inner().to_string();
     let mut at = param_of(e.path());
-    if at.is_none() {
+    // (Not for a missing field: no sampling field is required, so the block's own errors would
+    // name another field, `ignore_eos.model` for a missing `model` beside a bad `ignore_eos`.)
+    if at.is_none() && named_field(&msg).is_none() {
         // The sampling fields are flattened into both request types, and serde reads flattened
         // fields from a buffer that hides where they failed: read that block alone to find out.
         if let Err(e) = serde_path_to_error::deserialize::<_, SamplingFields>(value) {
@@ -103,6 +105,10 @@ fn field_error(e: serde_path_to_error::Error<serde_json::Error>, value: &Value) 
     };
     ApiError { code: ErrorCode::InvalidRequest, message, param }
 }
+
+/// Bad request bodies through the whole router: property tests.
+#[cfg(test)]
+mod robustness;
 
 #[cfg(test)]
 mod tests {

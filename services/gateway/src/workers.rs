@@ -339,6 +339,16 @@ impl WorkerPool {
 }
 
 #[cfg(test)]
+impl WorkerPool {
+    /// Every worker reports `info`, as if it had answered a poll.
+    pub(crate) fn report(&self, info: &WorkerInfo) {
+        for w in self.lock().iter_mut() {
+            w.info = Some(info.clone());
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

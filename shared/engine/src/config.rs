@@ -110,7 +110,8 @@ impl ModelConfig {
             layers: c.num_hidden_layers,
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
-            head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
+            // `max(1)`: no division by zero here; `validate` refuses zero heads.
+            head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads.max(1)),
             rms_eps: c.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
@@ -150,7 +151,8 @@ impl ModelConfig {
             layers: n("block_count")?,
             heads,
             kv_heads: opt("attention.head_count_kv").map(num).transpose()?.unwrap_or(heads),
-            head_dim: opt("attention.key_length").map(num).transpose()?.unwrap_or(hidden / heads),
+            // `max(1)`: no division by zero here; `validate` refuses zero heads.
+            head_dim: opt("attention.key_length").map(num).transpose()?.unwrap_or(hidden / heads.max(1)),
             rms_eps: opt("attention.layer_norm_rms_epsilon").map(f).transpose()?.unwrap_or(1e-5) as f64,
             rope_theta: opt("rope.freq_base").map(f).transpose()?.unwrap_or(10_000.0),
             // Llama 3 GGUFs carry the scaling as a `rope_freqs` tensor instead.
@@ -167,6 +169,27 @@ impl ModelConfig {
     }
 
     fn validate(&self) -> Result<()> {
+        let sizes = [
+            ("vocab size", self.vocab_size),
+            ("hidden size", self.hidden),
+            ("intermediate size", self.intermediate),
+            ("layer count", self.layers),
+            ("head dim", self.head_dim),
+            ("max context", self.max_context),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(EngineError::Config(format!("{name} must be positive")));
+        }
+        // The loader multiplies these (tensor shapes, KV block sizes): the products must fit.
+        let products = [
+            self.heads.checked_mul(self.head_dim),
+            self.kv_heads.checked_mul(self.head_dim).and_then(|x| x.checked_mul(self.layers)).and_then(|x| x.checked_mul(8)),
+            self.vocab_size.checked_mul(self.hidden),
+            self.intermediate.checked_mul(self.hidden),
+        ];
+        if products.iter().any(Option::is_none) {
+            return Err(EngineError::Config(format!("model dimensions too large: {self:?}")));
+        }
         if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(EngineError::Config(format!("heads ({}) must be a multiple of kv heads ({})", self.heads, self.kv_heads)));
         }

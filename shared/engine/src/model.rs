@@ -41,31 +41,36 @@ pub(crate) struct TokenSlot<'a> {
 
 impl Model {
     pub fn load(cfg: ModelConfig, mut src: WeightSource) -> Result<Self> {
-        let embed = src.dense("model.embed_tokens.weight")?;
-        let mut layers = Vec::with_capacity(cfg.layers);
+        // Every tensor must have the shape the config implies (see `WeightSource::dense_of`).
+        let (h, ff, vocab, d) = (cfg.hidden, cfg.intermediate, cfg.vocab_size, cfg.head_dim);
+        let (qd, kvd) = (cfg.heads * d, cfg.kv_heads * d);
+        let embed = src.dense_of("model.embed_tokens.weight", &[vocab, h])?;
+        // Not `with_capacity(cfg.layers)`: the count comes from the file, and a missing layer
+        // ends the loop with an error long before a huge one would be allocated.
+        let mut layers = Vec::new();
         for i in 0..cfg.layers {
             let p = format!("model.layers.{i}");
-            let vec = |src: &mut WeightSource, name: &str| -> Result<Vec<f32>> { Ok(src.dense(name)?.flatten_all()?.to_vec1()?) };
+            let vec = |src: &mut WeightSource, name: &str| -> Result<Vec<f32>> { Ok(src.dense_of(name, &[d])?.flatten_all()?.to_vec1()?) };
             layers.push(Layer {
-                attn_norm: src.dense(&format!("{p}.input_layernorm.weight"))?,
-                q: src.linear(&format!("{p}.self_attn.q_proj"), cfg.qkv_bias)?,
-                k: src.linear(&format!("{p}.self_attn.k_proj"), cfg.qkv_bias)?,
-                v: src.linear(&format!("{p}.self_attn.v_proj"), cfg.qkv_bias)?,
-                o: src.linear(&format!("{p}.self_attn.o_proj"), false)?,
+                attn_norm: src.dense_of(&format!("{p}.input_layernorm.weight"), &[h])?,
+                q: src.linear(&format!("{p}.self_attn.q_proj"), cfg.qkv_bias, qd, h)?,
+                k: src.linear(&format!("{p}.self_attn.k_proj"), cfg.qkv_bias, kvd, h)?,
+                v: src.linear(&format!("{p}.self_attn.v_proj"), cfg.qkv_bias, kvd, h)?,
+                o: src.linear(&format!("{p}.self_attn.o_proj"), false, h, qd)?,
                 q_norm: if cfg.qk_norm { Some(vec(&mut src, &format!("{p}.self_attn.q_norm.weight"))?) } else { None },
                 k_norm: if cfg.qk_norm { Some(vec(&mut src, &format!("{p}.self_attn.k_norm.weight"))?) } else { None },
-                mlp_norm: src.dense(&format!("{p}.post_attention_layernorm.weight"))?,
-                gate: src.linear(&format!("{p}.mlp.gate_proj"), false)?,
-                up: src.linear(&format!("{p}.mlp.up_proj"), false)?,
-                down: src.linear(&format!("{p}.mlp.down_proj"), false)?,
+                mlp_norm: src.dense_of(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate: src.linear(&format!("{p}.mlp.gate_proj"), false, ff, h)?,
+                up: src.linear(&format!("{p}.mlp.up_proj"), false, ff, h)?,
+                down: src.linear(&format!("{p}.mlp.down_proj"), false, h, ff)?,
             });
         }
-        let norm = src.dense("model.norm.weight")?;
+        let norm = src.dense_of("model.norm.weight", &[h])?;
         let lm_head = if !cfg.tie_embeddings && src.contains("lm_head.weight") {
-            src.linear("lm_head", false)?
+            src.linear("lm_head", false, vocab, h)?
         } else {
             // Tied: the (possibly quantized) embedding matrix doubles as the output projection.
-            src.linear("model.embed_tokens", false)?
+            src.linear("model.embed_tokens", false, vocab, h)?
         };
         let mut inv_freq = cfg.rope_inv_freq();
         if let Some(factors) = src.rope_freq_factors()? {

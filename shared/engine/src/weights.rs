@@ -87,18 +87,23 @@ impl WeightSource {
     /// truncated download is refused here rather than halfway through loading.
     pub fn open_gguf(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?;
-        let content =
-            Content::read(&mut file).map_err(|e| EngineError::Load(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+        let content = tandem_tokenizer::read_gguf(&mut file)
+            .map_err(|e| EngineError::Load(format!("{}: not a readable GGUF file: {e}", path.display())))?;
         let len = file.metadata().map_err(|e| EngineError::Load(format!("{}: {e}", path.display())))?.len();
-        let needed = content
-            .tensor_infos
-            .values()
-            .map(|t| {
-                let bytes = t.shape.elem_count() / t.ggml_dtype.block_size() * t.ggml_dtype.type_size();
-                content.tensor_data_offset.saturating_add(t.offset).saturating_add(bytes as u64)
-            })
-            .max()
-            .unwrap_or(0);
+        let mut needed = 0u64;
+        for (name, t) in &content.tensor_infos {
+            // Checked: the dimensions are whatever the file says, and their product need not fit.
+            let bytes = t
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .and_then(|n| (n / t.ggml_dtype.block_size()).checked_mul(t.ggml_dtype.type_size()))
+                .ok_or_else(|| {
+                    EngineError::Load(format!("{}: tensor {name} of shape {:?} is too large", path.display(), t.shape.dims()))
+                })?;
+            needed = needed.max(content.tensor_data_offset.saturating_add(t.offset).saturating_add(bytes as u64));
+        }
         if needed > len {
             return Err(EngineError::Load(format!(
                 "{}: truncated GGUF file: its tensors need {needed} bytes, the file has {len}",
@@ -135,6 +140,15 @@ impl WeightSource {
         }
     }
 
+    /// A tensor as dense f32, of the shape the model's config implies: a file whose metadata
+    /// disagrees with its tensors is refused while loading, not by an index out of range in the
+    /// first forward pass.
+    pub fn dense_of(&mut self, hf: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.dense(hf)?;
+        check_shape(hf, t.dims(), shape)?;
+        Ok(t)
+    }
+
     /// A tensor as dense f32.
     pub fn dense(&mut self, hf: &str) -> Result<Tensor> {
         match self {
@@ -146,20 +160,23 @@ impl WeightSource {
         }
     }
 
-    /// A matrix for matmuls, kept in its stored (possibly quantized) type.
-    pub(crate) fn matrix(&mut self, hf: &str) -> Result<QMatMul> {
+    /// A matrix for matmuls of `[rows, cols]` (checked as in [`Self::dense_of`]), kept in its
+    /// stored (possibly quantized) type.
+    pub(crate) fn matrix(&mut self, hf: &str, rows: usize, cols: usize) -> Result<QMatMul> {
         match self {
             Self::Gguf { content, file } => {
                 let q = content.tensor(file, &gguf_name(hf), &Device::Cpu).map_err(|e| missing(hf, e))?;
+                check_shape(hf, q.shape().dims(), &[rows, cols])?;
                 Ok(QMatMul::from_qtensor(q)?)
             }
-            Self::Dense(_) => Ok(QMatMul::Tensor(self.dense(hf)?)),
+            Self::Dense(_) => Ok(QMatMul::Tensor(self.dense_of(hf, &[rows, cols])?)),
         }
     }
 
-    pub(crate) fn linear(&mut self, hf_prefix: &str, bias: bool) -> Result<Linear> {
-        let w = self.matrix(&format!("{hf_prefix}.weight"))?;
-        let b = if bias { Some(self.dense(&format!("{hf_prefix}.bias"))?) } else { None };
+    /// A linear layer from `cols` inputs to `rows` outputs.
+    pub(crate) fn linear(&mut self, hf_prefix: &str, bias: bool, rows: usize, cols: usize) -> Result<Linear> {
+        let w = self.matrix(&format!("{hf_prefix}.weight"), rows, cols)?;
+        let b = if bias { Some(self.dense_of(&format!("{hf_prefix}.bias"), &[rows])?) } else { None };
         Ok(Linear { w, b })
     }
 
@@ -171,6 +188,14 @@ impl WeightSource {
             }
             _ => Ok(None),
         }
+    }
+}
+
+fn check_shape(hf: &str, got: &[usize], want: &[usize]) -> Result<()> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(EngineError::Load(format!("tensor {hf} has shape {got:?}; the model's config implies {want:?}")))
     }
 }
 

@@ -95,7 +95,9 @@ pub(crate) fn vocab_from_gguf(content: &Content) -> Result<GgufVocab> {
             .enumerate()
             .filter_map(|(i, t)| {
                 let t = t.to_i32().map(|x| x as u32).or_else(|_| t.to_u32()).ok()?;
-                (t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED).then(|| AddedToken::from(tokens[i].clone(), true))
+                // `get`: the type list may be longer than the token list in a broken file.
+                let token = tokens.get(i)?;
+                (t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED).then(|| AddedToken::from(token.clone(), true))
             })
             .collect();
         tokenizer.add_special_tokens(special)?;

@@ -36,6 +36,18 @@ pub enum TokenizerError {
 
 pub type Result<T> = std::result::Result<T, TokenizerError>;
 
+/// Reads a GGUF file's header and metadata (what `Content::read` reads). A header the reader
+/// cannot take is an error, also where the reader panics instead of failing (candle 0.11 divides
+/// by a `general.alignment` of 0): a model file comes from outside, and a bad one must be refused,
+/// not bring the process down.
+pub fn read_gguf<R: std::io::Read + std::io::Seek>(
+    reader: &mut R,
+) -> std::result::Result<candle_core::quantized::gguf_file::Content, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| candle_core::quantized::gguf_file::Content::read(reader)))
+        .map_err(|_| "the GGUF reader failed on its header".to_string())?
+        .map_err(|e| e.to_string())
+}
+
 impl From<tokenizers::Error> for TokenizerError {
     fn from(e: tokenizers::Error) -> Self {
         TokenizerError::Tokenizer(e.to_string())

@@ -27,12 +27,23 @@ pub struct ChatTemplate {
 
 const NAME: &str = "chat";
 
+/// Instructions one render may run. A chat template comes with the model, not from clients, but
+/// a broken or hostile one (nested loops over `range(100000)`) must fail a request rather than
+/// hold its thread: the fuel ends any render after a second or so. Real templates spend a few
+/// dozen instructions a message, so this leaves room for conversations far larger than any
+/// request body the gateway accepts.
+const TEMPLATE_FUEL: u64 = 50_000_000;
+
 impl ChatTemplate {
     pub fn new(source: &str) -> Result<Self> {
         let mut env = minijinja::Environment::new();
         // The settings Hugging Face renders templates with.
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(TEMPLATE_FUEL));
+        // minijinja's default (and ceiling) recursion limit, said here so it stays a decision:
+        // a macro that calls itself fails at this depth instead of overflowing the stack.
+        env.set_recursion_limit(500);
         // Python string methods (`.strip()`, `.startswith()`, ...) that templates use.
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {

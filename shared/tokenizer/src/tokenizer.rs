@@ -64,8 +64,8 @@ impl Tokenizer {
 
     pub fn from_gguf_file(path: &Path) -> Result<Self> {
         let mut file = std::fs::File::open(path).map_err(|source| TokenizerError::Io { path: path.display().to_string(), source })?;
-        let content =
-            Content::read(&mut file).map_err(|e| TokenizerError::Invalid(format!("{}: not a readable GGUF file: {e}", path.display())))?;
+        let content = crate::read_gguf(&mut file)
+            .map_err(|e| TokenizerError::Invalid(format!("{}: not a readable GGUF file: {e}", path.display())))?;
         Self::from_gguf(&content)
     }
 

@@ -133,6 +133,19 @@ impl Ready {
         body
     }
 
+    /// Checks a READY against the payload about to be put: the length the sender has, in an
+    /// address range that exists (a receiver naming a buffer that ends past `u64::MAX` would make
+    /// the put offsets overflow).
+    fn check(&self, total: usize) -> Result<(), TransferError> {
+        if self.len != total as u64 {
+            return Err(protocol(format!("receiver expects {} bytes, the blocks hold {total}", self.len)));
+        }
+        if self.addr.checked_add(self.len).is_none() {
+            return Err(protocol(format!("receiver's buffer at {:#x} of {} bytes ends past the address space", self.addr, self.len)));
+        }
+        Ok(())
+    }
+
     fn decode(body: &[u8]) -> Result<Self, TransferError> {
         let short = || protocol("short READY");
         let (buffer, rest) = body.split_first_chunk::<8>().ok_or_else(short)?;
@@ -225,5 +238,32 @@ mod tests {
         assert_eq!((xfer, ready.buffer, ready.addr, ready.len, ready.rkey), (7, BufferId(5), 9, 10, vec![1, 2, 3]));
         assert!(split(&AmMessage { kind: DONE, data: vec![1, 2] }).is_none());
         assert!(Ready::decode(&[0; 20]).is_err());
+    }
+
+    #[test]
+    fn a_ready_past_the_end_of_the_address_space_is_refused() {
+        let ready = |addr, len| Ready { buffer: BufferId(1), addr, len, rkey: vec![] };
+        assert!(ready(4096, 100).check(100).is_ok());
+        assert!(ready(4096, 100).check(99).is_err());
+        let err = ready(u64::MAX - 10, 100).check(100).unwrap_err();
+        assert!(err.to_string().contains("past the address space"), "{err}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 512, failure_persistence: None, ..Default::default() })]
+
+        /// A READY or any other message from a peer, as arbitrary bytes: decoded or refused,
+        /// never a panic; what decodes is checked before any put.
+        #[test]
+        fn arbitrary_ready_messages_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64), total in 0usize..1 << 20) {
+            let m = AmMessage { kind: READY, data };
+            if let Some((_, body)) = split(&m) {
+                if let Ok(ready) = Ready::decode(body) {
+                    if ready.check(total).is_ok() {
+                        proptest::prop_assert!(ready.addr.checked_add(total as u64).is_some());
+                    }
+                }
+            }
+        }
     }
 }

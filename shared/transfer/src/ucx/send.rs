@@ -236,9 +236,7 @@ impl TransportInner {
             }
             other => return Err(protocol(format!("unexpected message {other} instead of READY"))),
         };
-        if ready.len != total as u64 {
-            return Err(protocol(format!("receiver expects {} bytes, the blocks hold {total}", ready.len)));
-        }
+        ready.check(total)?;
         if total > 0 {
             // Every block goes straight from where it lies into its place in the receiver's
             // buffer; the puts run concurrently and each holds its block until it is read.
