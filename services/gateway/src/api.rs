@@ -31,6 +31,8 @@ pub(crate) fn router(state: S) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -78,6 +80,66 @@ fn new_id(prefix: &str) -> String {
 
 async fn models(State(s): State<S>) -> Json<ModelList> {
     Json(ModelList::new(vec![Model::new(&s.cfg.model_name, now(), "tandem", s.workers.max_context())]))
+}
+
+#[derive(serde::Deserialize)]
+struct TokenizeRequest {
+    model: Option<String>,
+    prompt: Option<String>,
+    messages: Option<Vec<tandem_protocol::openai::ChatMessageIn>>,
+}
+
+/// vLLM's `/tokenize`: a prompt's token ids, or a chat's as its template renders it.
+async fn tokenize(State(s): State<S>, body: Result<Bytes, BytesRejection>) -> Response {
+    let run = || {
+        let r: TokenizeRequest = parse_body(body)?;
+        if let Some(m) = &r.model {
+            check_model(&s, m)?;
+        }
+        let tokens = match (&r.prompt, &r.messages) {
+            (Some(p), None) => s.tokenizer.encode(p).map_err(|e| ApiError::invalid("prompt", e.to_string()))?,
+            (None, Some(ms)) => {
+                let mut messages = Vec::with_capacity(ms.len());
+                for (i, m) in ms.iter().enumerate() {
+                    messages
+                        .push(ChatMessage::new(if m.role == "developer" { "system" } else { m.role.as_str() }, flatten(&m.content, i)?));
+                }
+                s.tokenizer.encode_chat(&messages).map_err(|e| ApiError::invalid("messages", e.to_string()))?
+            }
+            _ => return Err(ApiError::invalid("prompt", "give either `prompt` or `messages`")),
+        };
+        Ok(serde_json::json!({"count": tokens.len(), "max_model_len": s.workers.max_context(), "tokens": tokens}))
+    };
+    match run() {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => HttpError(e).into_response(),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct DetokenizeRequest {
+    model: Option<String>,
+    tokens: Vec<u32>,
+}
+
+/// vLLM's `/detokenize`: the text of token ids.
+async fn detokenize(State(s): State<S>, body: Result<Bytes, BytesRejection>) -> Response {
+    let run = || {
+        let r: DetokenizeRequest = parse_body(body)?;
+        if let Some(m) = &r.model {
+            check_model(&s, m)?;
+        }
+        let vocab = s.tokenizer.vocab_size() as u32;
+        if let Some(bad) = r.tokens.iter().find(|&&t| t >= vocab) {
+            return Err(ApiError::invalid("tokens", format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        let prompt = s.tokenizer.decode(&r.tokens).map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+        Ok(serde_json::json!({"prompt": prompt}))
+    };
+    match run() {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => HttpError(e).into_response(),
+    }
 }
 
 /// `/ready`'s body: what the gateway can route to, and whether it is on its way out. The fields
@@ -135,6 +197,9 @@ fn sampling(
 ) -> Result<(SamplingParams, usize), ApiError> {
     if max_tokens == Some(0) {
         return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1"));
+    }
+    if let Some((param, why)) = f.unsupported.first(f.n.unwrap_or(1)) {
+        return Err(ApiError::invalid(param, why));
     }
     let n = f.n.unwrap_or(1);
     if !(1..=16).contains(&n) {

@@ -449,3 +449,50 @@ async fn top_k_min_p_and_repetition_penalty_shape_the_sampling() {
     assert!(text(&plain).contains(" 6, 7"), "{plain}");
     assert_ne!(text(&repeated), text(&plain), "repetition_penalty had no effect");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokenize_detokenize_and_the_model_root() {
+    let c = cluster();
+    let (status, v) = post(&c.base, "/tokenize", &json!({"model": MODEL, "prompt": "The capital of France is"})).await;
+    assert_eq!(status, 200, "{v}");
+    let tokens: Vec<u32> = v["tokens"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+    assert_eq!(v["count"], tokens.len());
+    assert_eq!(tokens, tokenizer().encode("The capital of France is").unwrap());
+    assert!(v["max_model_len"].as_u64().unwrap() > 0);
+    let (status, v) = post(&c.base, "/detokenize", &json!({"model": MODEL, "tokens": tokens})).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["prompt"], "The capital of France is");
+    // A chat is counted as its template renders it, as /v1/chat/completions would.
+    let (status, v) = post(&c.base, "/tokenize", &json!({"messages": [{"role": "user", "content": "Hi"}]})).await;
+    assert_eq!(status, 200, "{v}");
+    let (_, chat) = post(&c.base, "/v1/chat/completions", &chat_body("Hi", json!({"max_tokens": 1}))).await;
+    assert_eq!(v["count"], chat["usage"]["prompt_tokens"]);
+    let (status, v) = post(&c.base, "/detokenize", &json!({"tokens": [u32::MAX]})).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("tokens")), "{v}");
+    let (status, v) = post(&c.base, "/tokenize", &json!({"model": "other", "prompt": "x"})).await;
+    assert_eq!(status, 404, "{v}");
+    let models: Value = client().get(format!("{}/v1/models", c.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["root"], MODEL);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parameters_not_carried_out_are_refused_by_name() {
+    let c = cluster();
+    for (extra, param) in [
+        (json!({"response_format": {"type": "json_object"}}), "response_format"),
+        (json!({"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]}), "tools"),
+        (json!({"logit_bias": {"42": 100}}), "logit_bias"),
+        (json!({"guided_choice": ["yes", "no"]}), "guided_choice"),
+    ] {
+        let (status, v) = post(&c.base, "/v1/chat/completions", &chat_body("Hi", extra.clone())).await;
+        assert_eq!(status, 400, "{extra}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("not supported"), "{v}");
+    }
+    let (status, v) = post(&c.base, "/v1/completions", &json!({"model": MODEL, "prompt": "x", "best_of": 4})).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("best_of")), "{v}");
+    // Their no-op values change nothing, so they pass.
+    let noop = json!({"max_tokens": 2, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "logit_bias": {}});
+    let (status, v) = post(&c.base, "/v1/chat/completions", &chat_body("Hi", noop)).await;
+    assert_eq!(status, 200, "{v}");
+}

@@ -65,6 +65,76 @@ pub struct SamplingFields {
     pub stop_token_ids: Option<Vec<u32>>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    /// Parameters clients send that this server does not carry out yet. Read only to refuse
+    /// them by name: ignoring them would answer with something the client did not ask for.
+    #[serde(flatten)]
+    pub unsupported: UnsupportedFields,
+}
+
+/// See [`SamplingFields::unsupported`].
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct UnsupportedFields {
+    pub response_format: Option<serde_json::Value>,
+    pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
+    pub functions: Option<serde_json::Value>,
+    pub function_call: Option<serde_json::Value>,
+    pub logit_bias: Option<serde_json::Value>,
+    pub best_of: Option<serde_json::Value>,
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<serde_json::Value>,
+    pub guided_choice: Option<serde_json::Value>,
+    pub guided_grammar: Option<serde_json::Value>,
+    pub structured_outputs: Option<serde_json::Value>,
+}
+
+impl UnsupportedFields {
+    /// The first parameter set to something other than its no-op value, and why it is refused.
+    /// `n` is the request's choices (a `best_of` equal to it asks for nothing more).
+    pub fn first(&self, n: u32) -> Option<(&'static str, String)> {
+        use serde_json::Value;
+        let set = |v: &Option<Value>| match v {
+            None | Some(Value::Null) => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(Value::Object(o)) => !o.is_empty(),
+            Some(Value::String(s)) => !s.is_empty(),
+            Some(_) => true,
+        };
+        let not_yet = |what: &str| format!("{what} is not supported by this server yet; the answer would not follow it");
+        if set(&self.response_format) && self.response_format.as_ref().and_then(|v| v.get("type")).and_then(Value::as_str) != Some("text") {
+            return Some(("response_format", not_yet("structured output (`response_format` json_object or json_schema)")));
+        }
+        for (name, v) in [("tools", &self.tools), ("functions", &self.functions)] {
+            if set(v) {
+                return Some((name, not_yet("tool calling")));
+            }
+        }
+        for (name, v) in [("tool_choice", &self.tool_choice), ("function_call", &self.function_call)] {
+            if set(v) && !matches!(v.as_ref().and_then(Value::as_str), Some("none" | "auto")) {
+                return Some((name, not_yet("tool calling")));
+            }
+        }
+        if set(&self.logit_bias) {
+            return Some(("logit_bias", not_yet("`logit_bias`")));
+        }
+        if let Some(b) = &self.best_of {
+            if !b.is_null() && b.as_u64() != Some(u64::from(n)) {
+                return Some(("best_of", not_yet("`best_of` larger than `n`")));
+            }
+        }
+        for (name, v) in [
+            ("guided_json", &self.guided_json),
+            ("guided_regex", &self.guided_regex),
+            ("guided_choice", &self.guided_choice),
+            ("guided_grammar", &self.guided_grammar),
+            ("structured_outputs", &self.structured_outputs),
+        ] {
+            if set(v) {
+                return Some((name, not_yet("guided decoding")));
+            }
+        }
+        None
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -117,5 +187,29 @@ mod tests {
         assert_eq!(r.sampling.top_k, Some(-1));
         let c: CompletionRequest = serde_json::from_str(r#"{"model":"m","prompt":[1,2,3],"logprobs":2}"#).unwrap();
         assert!(matches!(c.prompt, PromptSpec::Tokens(ref t) if t == &[1, 2, 3]));
+    }
+
+    #[test]
+    fn parameters_not_carried_out_are_named_and_no_ops_pass() {
+        let first = |body: &str| {
+            let r: ChatCompletionRequest = serde_json::from_str(body).unwrap();
+            r.sampling.unsupported.first(r.sampling.n.unwrap_or(1)).map(|(name, _)| name)
+        };
+        let base = r#""model":"m","messages":[]"#;
+        for (extra, refused) in [
+            (r#""response_format":{"type":"json_object"}"#, Some("response_format")),
+            (r#""response_format":{"type":"text"}"#, None),
+            (r#""tools":[{"type":"function","function":{"name":"f"}}]"#, Some("tools")),
+            (r#""tools":[],"tool_choice":"none""#, None),
+            (r#""tool_choice":"required""#, Some("tool_choice")),
+            (r#""logit_bias":{"50256":-100}"#, Some("logit_bias")),
+            (r#""logit_bias":{}"#, None),
+            (r#""best_of":3"#, Some("best_of")),
+            (r#""best_of":2,"n":2"#, None),
+            (r#""guided_choice":["a","b"]"#, Some("guided_choice")),
+            (r#""guided_json":null"#, None),
+        ] {
+            assert_eq!(first(&format!("{{{base},{extra}}}")), refused, "{extra}");
+        }
     }
 }

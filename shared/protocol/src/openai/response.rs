@@ -214,11 +214,16 @@ pub struct Model {
     pub max_model_len: Option<usize>,
     pub object: &'static str,
     pub owned_by: String,
+    /// The model this id serves (vLLM's field, which its benchmark reads for the tokenizer when
+    /// no model is named); no parent, as no adapters are served.
+    pub parent: Option<String>,
+    pub root: String,
 }
 
 impl Model {
     pub fn new(id: impl Into<String>, created: u64, owned_by: impl Into<String>, max_model_len: Option<usize>) -> Self {
-        Self { created, id: id.into(), max_model_len, object: "model", owned_by: owned_by.into() }
+        let id = id.into();
+        Self { created, root: id.clone(), id, max_model_len, object: "model", owned_by: owned_by.into(), parent: None }
     }
 }
 
@@ -267,7 +272,7 @@ mod tests {
         let list = ModelList::new(vec![Model::new("m", 1700000000, "tandem", Some(4096))]);
         assert_eq!(
             json(&list),
-            r#"{"data":[{"created":1700000000,"id":"m","max_model_len":4096,"object":"model","owned_by":"tandem"}],"object":"list"}"#
+            r#"{"data":[{"created":1700000000,"id":"m","max_model_len":4096,"object":"model","owned_by":"tandem","parent":null,"root":"m"}],"object":"list"}"#
         );
         let list = ModelList::new(vec![Model::new("m", 1700000000, "tandem", None)]);
         assert!(json(&list).contains(r#""max_model_len":null"#));
