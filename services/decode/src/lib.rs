@@ -4,6 +4,8 @@
 //! streams in flight run to their end, then it leaves.
 #![forbid(unsafe_code)]
 
+mod offload;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -47,6 +49,7 @@ struct Service {
     inflight: InFlight,
     completed: Arc<AtomicU64>,
     cancelled: Arc<AtomicU64>,
+    offload: Arc<offload::Offloader>,
 }
 
 /// The KV receivers a decode worker serves, one per transport: bound before the worker
@@ -126,7 +129,9 @@ pub async fn run(
     for r in receivers {
         shutdown.spawn(r.run(shutdown.stopping()));
     }
+    let offload = Arc::new(offload::Offloader::new(engine.clone())?);
     let svc = Arc::new(Service {
+        offload,
         engine,
         registry,
         kv_addr,
@@ -158,6 +163,8 @@ impl Service {
             completed: self.completed.load(Ordering::Relaxed),
             cancelled: self.cancelled.load(Ordering::Relaxed),
             metrics_addr: self.cfg.metrics_addr.clone(),
+            offloaded_blocks: self.offload.offloaded.load(Ordering::Relaxed),
+            offload_failed_blocks: self.offload.failed.load(Ordering::Relaxed),
             ..worker_info(&self.engine, &self.cfg.worker_id, "decode", &self.kv_addr)
         }
     }
@@ -217,6 +224,8 @@ impl Decode for Service {
             .ok_or_else(|| Status::already_exists(format!("request {} is already waiting for its blocks", g.request_id)))?;
         let (tx, rx) = mpsc::channel::<EventResult>(64);
         let engine = self.engine.clone();
+        let offload = self.offload.clone();
+        let store = g.store_addr.clone();
         let completed = self.completed.clone();
         let cancelled = self.cancelled.clone();
         let traced = span.clone();
@@ -258,7 +267,9 @@ impl Decode for Service {
                     tandem.kv.bytes = h.kv.blocks.iter().map(|b| b.len() as i64).sum::<i64>(),
                     error.type = tracing::field::Empty,
                 );
+                let (seq, cached) = (req.id, h.kv.tokens.len());
                 let imported = engine.import(req, h.kv, h.first_token).instrument(import.clone()).await;
+                let mut offloads = offload.follow(&store, seq, cached);
                 let mut events = match imported {
                     Ok(events) => {
                         let _ = incoming.verdict.send(Ok(()));
@@ -292,6 +303,11 @@ impl Decode for Service {
                         let out = match next {
                             Some(Event::Token { token, logprobs, .. }) => {
                                 tokens += 1;
+                                // Each token from the engine means the one before it is in the
+                                // cache now.
+                                if let Some(o) = offloads.as_mut() {
+                                    offload.progress(o, cached + tokens as usize);
+                                }
                                 if tokens == 1 {
                                     tracing::Span::current()
                                         .record("tandem.decode.first_token_ms", imported_at.elapsed().as_secs_f64() * 1e3);

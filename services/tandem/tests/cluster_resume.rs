@@ -14,10 +14,13 @@ use serde_json::{json, Value};
 use tandem_protocol::pb::decode_client::DecodeClient;
 use tandem_protocol::pb::InfoRequest;
 
+/// Tokens every stream has received when its decode worker is killed.
+const WARM: usize = 40;
+
 /// Four requests: three greedy, one sampled with a seed.
 fn bodies() -> Vec<Value> {
     let base =
-        |prompt: &str| json!({"model": MODEL, "prompt": prompt, "max_tokens": 48, "ignore_eos": true, "stream": true, "temperature": 0});
+        |prompt: &str| json!({"model": MODEL, "prompt": prompt, "max_tokens": 80, "ignore_eos": true, "stream": true, "temperature": 0});
     let mut b = vec![
         base("The old lighthouse keeper climbed the stairs and"),
         base("In the kitchen, the recipe called for"),
@@ -70,7 +73,10 @@ async fn running(addr: &str) -> u32 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_survive_a_killed_decode_worker_with_the_same_text() {
-    let mut c = Cluster::start(1, 2);
+    // With a block store: the decode workers send it each full block of generated tokens, so a
+    // resume computes little more than the last partial block.
+    let store = start(&["kv-transfer"]);
+    let mut c = Cluster::start_with(1, 2, &["--block-store", &store.field("grpc")]);
     // Undisturbed, to compare with.
     let mut expected = Vec::new();
     for h in run_all(&c.base, 0, Arc::new(AtomicUsize::new(0))).await {
@@ -80,7 +86,7 @@ async fn streams_survive_a_killed_decode_worker_with_the_same_text() {
 
     // Again, and kill one decode worker while every stream is under way.
     let started = Arc::new(AtomicUsize::new(0));
-    let handles = run_all(&c.base, 4, started.clone()).await;
+    let handles = run_all(&c.base, WARM, started.clone()).await;
     eventually("every stream is under way", Duration::from_secs(60), || {
         let started = started.clone();
         async move { started.load(Ordering::SeqCst) == 4 }
@@ -100,6 +106,11 @@ async fn streams_survive_a_killed_decode_worker_with_the_same_text() {
     }
     let resumed = metric(&c.base, "tandem_resumes_total{outcome=\"resumed\"}").unwrap_or(0.0);
     assert_eq!(resumed, on_victim as f64, "every stream on the killed worker resumed once");
+    // Each resumed context held at least WARM tokens (prompts of about ten, and the WARM sent);
+    // recomputing it all would cost that much. From the block store, at most the last two
+    // blocks (the one still filling, and one whose send may not have landed) are computed again.
+    let recomputed = metric(&c.base, "tandem_resume_recomputed_tokens_total").unwrap();
+    assert!(recomputed / resumed <= 32.0, "{recomputed} tokens recomputed for {resumed} resumes");
     assert_eq!(metric(&c.base, "tandem_requests_total{outcome=\"error\"}").unwrap_or(0.0), 0.0);
 }
 

@@ -159,6 +159,20 @@ impl<E: Engine + ?Sized> PagedEngine<E> {
         Ok(KvExport { layout, tokens: s.tokens.clone(), blocks, checksums: Vec::new() })
     }
 
+    /// A running sequence's full cache blocks from block `from` on, and the tokens of all its
+    /// full blocks (what their chain hashes are computed over). Blocks still filling are left
+    /// out: their KV is not final.
+    pub fn read_full_blocks(&self, seq: SeqId, from: usize) -> Result<(Vec<u32>, Vec<Bytes>)> {
+        let (layout, s) = self.seqs.export_plan(seq, &self.engine.info().layout)?;
+        let full = s.tokens.len() / layout.block_size;
+        let tokens = s.tokens[..full * layout.block_size].to_vec();
+        if from >= full {
+            return Ok((tokens, Vec::new()));
+        }
+        let blocks = self.engine.read_blocks(&s.blocks[from..full])?;
+        Ok((tokens, blocks))
+    }
+
     /// Creates `seq` from another engine's export; decoding then continues as if this engine
     /// had run the prefill. The blocks' checksums are not checked here: every KV receiver checks
     /// them on arrival, off the engine's thread, before it delivers them.

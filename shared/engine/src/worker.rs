@@ -20,6 +20,7 @@ enum Command {
     CachedPrefix { hashes: Vec<BlockHash>, reply: oneshot::Sender<usize> },
     CachedHashes { reply: oneshot::Sender<Vec<BlockHash>> },
     InsertCached { parent: BlockHash, tokens: Vec<u32>, blocks: Vec<Vec<u8>>, reply: oneshot::Sender<Result<usize>> },
+    ReadFullBlocks { seq: SeqId, from: usize, reply: oneshot::Sender<Result<(Vec<u32>, Vec<tandem_protocol::Bytes>)>> },
 }
 
 /// Load figures, refreshed after every step.
@@ -124,6 +125,14 @@ impl EngineHandle {
     /// Adds fetched full blocks to the prefix cache; see [`crate::Engine::insert_cached`].
     pub async fn insert_cached(&self, parent: BlockHash, tokens: Vec<u32>, blocks: Vec<Vec<u8>>) -> Result<usize> {
         self.ask(|reply| Command::InsertCached { parent, tokens, blocks, reply })
+            .await
+            .unwrap_or_else(|| Err(crate::EngineError::Import("engine thread stopped".into())))
+    }
+
+    /// A running sequence's full blocks from `from` on, with the tokens of all its full blocks;
+    /// see [`crate::PagedEngine::read_full_blocks`]. Read between two steps.
+    pub async fn read_full_blocks(&self, seq: SeqId, from: usize) -> Result<(Vec<u32>, Vec<tandem_protocol::Bytes>)> {
+        self.ask(|reply| Command::ReadFullBlocks { seq, from, reply })
             .await
             .unwrap_or_else(|| Err(crate::EngineError::Import("engine thread stopped".into())))
     }
@@ -236,6 +245,9 @@ fn apply(batcher: &mut Batcher, routes: &mut std::collections::HashMap<SeqId, mp
         }
         Command::InsertCached { parent, tokens, blocks, reply } => {
             let _ = reply.send(batcher.engine_mut().insert_cached(parent, &tokens, &blocks));
+        }
+        Command::ReadFullBlocks { seq, from, reply } => {
+            let _ = reply.send(batcher.engine().read_full_blocks(seq, from));
         }
     }
 }

@@ -218,6 +218,7 @@ async fn attempt(
         eos_ids: state.tokenizer.eos_ids().to_vec(),
         kv_wait_ms: state.cfg.request_timeout.as_millis().min(u32::MAX as u128) as u32,
         resumed: resumed.clone(),
+        store_addr: state.workers.store().map(|(_, url)| url).unwrap_or_default(),
     };
     let context: Vec<u32> = spec.prompt.iter().chain(&resumed).copied().collect();
     let route = tracing::info_span!(
@@ -228,7 +229,7 @@ async fn attempt(
         tandem.route.best_overlap_blocks = tracing::field::Empty,
         tandem.route.store_blocks = tracing::field::Empty,
     );
-    let cached = CachedPrefix::look_up(state, &context).instrument(route.clone()).await;
+    let cached = CachedPrefix::look_up(state, &context, !resumed.is_empty()).instrument(route.clone()).await;
     route.record("tandem.route.prompt_blocks", (context.len() / cached.block_size) as i64);
     route.record("tandem.route.holders", cached.overlap.len() as i64);
     route.record("tandem.route.best_overlap_blocks", cached.overlap.values().copied().max().unwrap_or(0) as i64);
@@ -267,13 +268,17 @@ struct CachedPrefix {
 }
 
 impl CachedPrefix {
-    async fn look_up(state: &AppState, prompt: &[u32]) -> Self {
+    /// `resumed`: the context holds tokens of an earlier pass, whose full blocks the lost decode
+    /// worker sent to the block store as they filled; the prefill is offered all of them, and
+    /// the store answers with the run it has.
+    async fn look_up(state: &AppState, prompt: &[u32], resumed: bool) -> Self {
         let block_size = state.workers.block_size().unwrap_or(16);
         // The prompt's last token is always computed, so only the blocks before it are reusable.
         let reusable = block_hashes(&prompt[..prompt.len() - 1], block_size);
         let overlap = state.cluster.overlap(&reusable).await;
         let store = state.workers.store();
-        let store_blocks = store.as_ref().and_then(|(id, _)| overlap.get(id)).copied().unwrap_or(0);
+        let indexed = store.as_ref().and_then(|(id, _)| overlap.get(id)).copied().unwrap_or(0);
+        let store_blocks = if resumed && store.is_some() { reusable.len() } else { indexed };
         Self { context: prompt.to_vec(), block_size, overlap, store, store_blocks }
     }
 }
