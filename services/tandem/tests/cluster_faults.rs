@@ -156,6 +156,7 @@ fn generate(id: &str, kv_wait_ms: u32) -> GenerateRequest {
         eos_ids: vec![2],
         kv_wait_ms,
         resumed: vec![],
+        store_addr: String::new(),
     }
 }
 
