@@ -347,7 +347,7 @@ fn advertised(common: &Common, addr: &std::net::SocketAddr) -> String {
 }
 
 fn state_store(url: Option<&str>) -> Result<Option<Arc<dyn tandem_state::StateStore>>> {
-    url.map(|u| tandem_state::open(Some(u)).with_context(|| format!("opening the state store at {u}"))).transpose()
+    url.map(|u| tandem_state::open(Some(u)).context("opening the state store (--redis)")).transpose()
 }
 
 /// Starts sending this process's spans to the OTLP collector, if one is configured.

@@ -42,7 +42,29 @@ impl RedisStore {
     }
 
     pub fn with_namespace(url: &str, ns: &str) -> Result<Self> {
-        let client = redis::Client::open(url).map_err(|e| StateError::Unavailable(format!("{url}: {e}")))?;
+        // `rediss://` is Redis over TLS, checked against the system's roots, or against the CA in
+        // `TANDEM_REDIS_CA_FILE` (PEM) for a server with a private one.
+        let ca = match std::env::var_os("TANDEM_REDIS_CA_FILE") {
+            Some(path) if url.starts_with("rediss://") => Some(
+                std::fs::read(&path)
+                    .map_err(|e| StateError::Unavailable(format!("TANDEM_REDIS_CA_FILE {}: {e}", path.to_string_lossy())))?,
+            ),
+            _ => None,
+        };
+        Self::with_tls(url, ns, ca)
+    }
+
+    /// As [`Self::with_namespace`], trusting `ca` (PEM) for a `rediss://` server.
+    pub fn with_tls(url: &str, ns: &str, ca: Option<Vec<u8>>) -> Result<Self> {
+        if url.starts_with("rediss://") && rustls::crypto::CryptoProvider::get_default().is_none() {
+            // The one provider Tandem builds rustls with; a lost race to install it is fine.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = match ca {
+            Some(root) => redis::Client::build_with_tls(url, redis::TlsCertificates { client_tls: None, root_cert: Some(root) }),
+            None => redis::Client::open(url),
+        }
+        .map_err(|e| StateError::Unavailable(format!("{}: {e}", redacted(url))))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(500)))
             .set_response_timeout(Some(Duration::from_millis(1000)))
@@ -244,5 +266,29 @@ impl StateStore for RedisStore {
         let mut r: RequestState = serde_json::from_str(&json).map_err(|e| StateError::Corrupt(e.to_string()))?;
         r.tokens = tokens;
         Ok(Some(r))
+    }
+}
+
+/// `url` with its password, if any, replaced: for error messages and logs.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(super::redacted("rediss://:s3cret@host:6380/0"), "rediss://:***@host:6380/0");
+        assert_eq!(super::redacted("redis://user:pw@h/"), "redis://user:***@h/");
+        assert_eq!(super::redacted("redis://h:6379/"), "redis://h:6379/");
     }
 }
