@@ -4,7 +4,8 @@
 Starts `tandem up` on the default model, measures its capacity (completed requests per second
 under a closed loop that keeps it busy), then offers twice that rate (Poisson arrivals, the load
 generator's `--request-rate`) for a fixed time, once with the admission bound effectively off
-(`TANDEM_MAX_WAITING_REQUESTS=100000`) and once with a small bound. Per run: requests admitted
+(`TANDEM_MAX_WAITING_REQUESTS=100000`), once with a small bound on waiting requests, and once
+with a bound on the predicted queue wait (`TANDEM_MAX_QUEUE_WAIT_MS`). Per run: requests admitted
 and refused, and the admitted ones' time to first token (median, p99) and goodput against a TTFT
 objective. Everything in one run on one machine.
 
@@ -64,8 +65,9 @@ def main():
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=16)
     ap.add_argument("--duration", type=int, default=60)
-    ap.add_argument("--bound", type=int, default=4, help="--max-waiting-requests for the bounded run")
-    ap.add_argument("--slo-ms", type=int, default=2000, help="time-to-first-token objective for goodput")
+    ap.add_argument("--bound", type=int, default=2, help="--max-waiting-requests for the bounded run")
+    ap.add_argument("--slo-ms", type=int, default=5000, help="time-to-first-token objective for goodput")
+    ap.add_argument("--max-wait-ms", type=int, default=2500, help="--max-queue-wait-ms for the wait-bounded run")
     ap.add_argument("--port", type=int, default=8310)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -82,22 +84,24 @@ def main():
     result["capacity_req_per_s"] = capacity
     rate = 2 * capacity
     result["offered_req_per_s"] = rate
-    for name, bound in [("unbounded", 100000), ("bounded", args.bound)]:
+    runs = [("unbounded", 100000, 0), ("bounded", args.bound, 0), ("wait_bounded", 100000, args.max_wait_ms)]
+    for name, bound, wait_ms in runs:
         time.sleep(2)
-        proc = up(args.binary, args.port, {"TANDEM_MAX_WAITING_REQUESTS": str(bound)})
+        proc = up(args.binary, args.port, {"TANDEM_MAX_WAITING_REQUESTS": str(bound), "TANDEM_MAX_QUEUE_WAIT_MS": str(wait_ms)})
         try:
             r = loadtest(args, args.port, ["--request-rate", f"{rate:.3f}", "--duration", str(args.duration)], name)
         finally:
             stop(proc)
         entry = summary(r)
         entry["max_waiting_requests"] = bound
+        entry["max_queue_wait_ms"] = wait_ms
         result["runs"][name] = entry
         print(name, json.dumps(entry), flush=True)
     print(f"\ncapacity {capacity:.2f} req/s, offered {rate:.2f} req/s")
-    print(" run        bound   completed  refused  median TTFT  p99 TTFT   goodput (req/s)")
+    print(" run            bound  wait bound  completed  refused  median TTFT  p99 TTFT   goodput (req/s)")
     for name, e in result["runs"].items():
-        print(f" {name:10} {e['max_waiting_requests']:>6} {e['completed']:>10} {e['failed']:>8}  {e['median_ttft_ms']:>9.0f} ms"
-              f" {e['p99_ttft_ms']:>7.0f} ms  {e['request_goodput'] or 0:.2f}")
+        print(f" {name:14} {e['max_waiting_requests']:>6} {e['max_queue_wait_ms']:>8} ms {e['completed']:>9} {e['failed']:>8}"
+              f"  {e['median_ttft_ms']:>9.0f} ms {e['p99_ttft_ms']:>7.0f} ms  {e['request_goodput'] or 0:.2f}")
     if args.out:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as f:

@@ -7,8 +7,9 @@
 //!   request is admitted): token buckets that refill continuously; over either, a 429 whose
 //!   `Retry-After` says when the bucket will hold enough again.
 //! - Admission: requests waiting for their first token (queued or in prefill) are bounded by
-//!   count and by prompt tokens; past either, a 503 whose `Retry-After` is the queue's size over
-//!   the rate at which it has been draining. An admitted request is not slowed by the ones
+//!   count and by prompt tokens, and optionally by the wait the queue predicts (its size over
+//!   the rate at which it has been draining); past any, a 503 whose `Retry-After` comes from that
+//!   rate. An admitted request is not slowed by the ones
 //!   refused, which is the point: at twice the capacity the admitted ones keep their latency.
 
 use std::collections::{HashMap, VecDeque};
@@ -38,6 +39,9 @@ pub struct AccessConfig {
     /// Most requests, and most prompt tokens, waiting for their first token at once.
     pub max_waiting_requests: usize,
     pub max_waiting_prompt_tokens: usize,
+    /// Refuse a request that would wait longer than this for its turn, as the queue's size over
+    /// its recent drain rate predicts (zero: no such bound). Ties admission to a TTFT objective.
+    pub max_queue_wait: Duration,
 }
 
 impl Default for AccessConfig {
@@ -49,6 +53,7 @@ impl Default for AccessConfig {
             tokens_per_minute: 0,
             max_waiting_requests: 1024,
             max_waiting_prompt_tokens: 1 << 20,
+            max_queue_wait: Duration::ZERO,
         }
     }
 }
@@ -189,18 +194,29 @@ impl Access {
     /// waiting set has lately taken to drain that far.
     pub fn admit(self: &Arc<Self>, prompt_tokens: usize) -> Result<Ticket, Refusal> {
         let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        while w.departures.front().is_some_and(|t| now.duration_since(*t) > DRAIN_WINDOW) {
+            w.departures.pop_front();
+        }
+        // Requests a second that recently left the queue; unknown (zero) until some have.
+        let rate = w.departures.len() as f64 / DRAIN_WINDOW.as_secs_f64();
+        let predicted_wait = (rate > 0.0).then(|| Duration::from_secs_f64(w.requests as f64 / rate));
         let full_requests = w.requests + 1 > self.cfg.max_waiting_requests;
         // One request larger than the whole token bound still gets in when nothing waits.
         let full_tokens = w.requests > 0 && w.tokens + prompt_tokens > self.cfg.max_waiting_prompt_tokens;
-        if full_requests || full_tokens {
-            let now = Instant::now();
-            while w.departures.front().is_some_and(|t| now.duration_since(*t) > DRAIN_WINDOW) {
-                w.departures.pop_front();
-            }
-            let rate = w.departures.len() as f64 / DRAIN_WINDOW.as_secs_f64();
-            let retry_after =
-                if rate > 0.0 { Duration::from_secs_f64((w.requests as f64 / rate).clamp(1.0, 60.0)) } else { Duration::from_secs(5) };
-            let what = if full_requests { "queue_full" } else { "queued_tokens_full" };
+        let too_long = !self.cfg.max_queue_wait.is_zero() && predicted_wait.is_some_and(|p| p > self.cfg.max_queue_wait);
+        if full_requests || full_tokens || too_long {
+            let retry_after = match predicted_wait {
+                Some(p) => p.saturating_sub(self.cfg.max_queue_wait).clamp(Duration::from_secs(1), Duration::from_secs(60)),
+                None => Duration::from_secs(5),
+            };
+            let what = if full_requests {
+                "queue_full"
+            } else if full_tokens {
+                "queued_tokens_full"
+            } else {
+                "queue_wait"
+            };
             self.metrics.refused.with_label_values(&[what]).inc();
             return Err(Refusal {
                 error: ApiError::new(
@@ -299,5 +315,22 @@ mod tests {
         // Two left within the window: the retry estimate is the queue over that rate.
         let refused = a.admit(1000).err().unwrap();
         assert!(refused.retry_after >= Duration::from_secs(1) && refused.retry_after <= Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_predicted_wait_over_the_bound_is_refused() {
+        let cfg = AccessConfig { max_queue_wait: Duration::from_secs(15), ..AccessConfig::default() };
+        let a = Arc::new(Access::new(cfg, Metrics::new("m").unwrap()));
+        // No rate known yet: admitted whatever waits.
+        let waiting: Vec<_> = (0..3).map(|_| a.admit(1).ok().unwrap()).collect();
+        // Three left in the last 30 s: 0.1 a second, so three waiting predict 30 s.
+        drop(waiting);
+        let held: Vec<_> = (0..2).map(|_| a.admit(1).ok().unwrap()).collect();
+        // One waiting predicted 10 s (within 15 s); two waiting predict 20 s: over it.
+        let refused = a.admit(1).err().unwrap();
+        assert!(refused.error.message.contains("capacity"), "{}", refused.error.message);
+        let secs = refused.retry_after.as_secs_f64();
+        assert!((secs - 5.0).abs() < 0.01, "retry after the wait beyond the bound: {secs}");
+        drop(held);
     }
 }

@@ -253,6 +253,10 @@ pub struct AccessArgs {
     /// Most prompt tokens waiting for their first token at once; past it, 503 with Retry-After.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_waiting_prompt_tokens: usize,
+    /// Refuse (503 with Retry-After) a request whose predicted wait for its turn, the requests
+    /// waiting over the rate they recently left the queue at, is longer than this (0: no bound).
+    #[arg(long, default_value_t = 0)]
+    pub max_queue_wait_ms: u64,
 }
 
 impl AccessArgs {
@@ -272,6 +276,7 @@ impl AccessArgs {
             tokens_per_minute: self.rate_limit_tpm,
             max_waiting_requests: self.max_waiting_requests.max(1),
             max_waiting_prompt_tokens: self.max_waiting_prompt_tokens.max(1),
+            max_queue_wait: Duration::from_millis(self.max_queue_wait_ms),
         })
     }
 }
