@@ -189,7 +189,7 @@ impl Metrics {
         let refused = IntCounterVec::new(
             Opts::new(
                 "refused_requests_total",
-                "Requests refused before any work, by reason (invalid_api_key, requests, tokens, queue_full, queued_tokens_full)",
+                "Requests refused before any work, by reason (invalid_api_key, requests, tokens, queue_full, queued_tokens_full, queue_wait)",
             ),
             &["reason"],
         )?;
