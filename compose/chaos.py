@@ -134,12 +134,33 @@ def faults(p):
             docker("unpause", c)
         return run
 
+    def disconnect(service, seconds):
+        def run():
+            c, net = container(p, service), f"{p}_default"
+            docker("network", "disconnect", net, c)
+            time.sleep(seconds)
+            docker("network", "connect", net, c)
+        return run
+
+    def corrupting_prefill(seconds):
+        # A third prefill worker whose every second handoff has a byte flipped after its
+        # checksums were taken; it drains and leaves when the fault is lifted.
+        def run():
+            out = compose(p, "run", "-d", "--no-deps", "-e", "TANDEM_FAULT_CORRUPT_KV_EVERY=2", "prefill")
+            cid = out.stdout.strip().splitlines()[-1]
+            time.sleep(seconds)
+            docker("stop", "-t", "60", cid)
+            docker("rm", "-f", cid)
+        return run
+
     return [
         ("kill a decode container", kill("decode")),
         ("kill a prefill container", kill("prefill")),
         ("pause a decode container for 15 s", pause("decode", 15)),
         ("pause a prefill container for 10 s", pause("prefill", 10)),
+        ("disconnect a prefill container from the network for 10 s", disconnect("prefill", 10)),
         ("restart Redis", lambda: docker("restart", "-t", "0", container(p, "redis"))),
+        ("a prefill worker corrupting every second handoff, for 30 s", corrupting_prefill(30)),
     ]
 
 

@@ -38,6 +38,10 @@ pub struct DecodeConfig {
     pub default_kv_wait: Duration,
     /// Where this worker serves its metrics (advertised in the registry); empty: nowhere.
     pub metrics_addr: String,
+    /// The bound on streams (and their context tokens) this worker has opened and not yet
+    /// produced a token for: waiting for their KV, or for a place in the batch. Past it a
+    /// stream is refused as `overloaded`.
+    pub queue: Arc<tandem_runtime::WorkQueue>,
 }
 
 struct Service {
@@ -141,7 +145,7 @@ pub async fn run(
         completed: Arc::new(AtomicU64::new(0)),
         cancelled: Arc::new(AtomicU64::new(0)),
     });
-    let server = tonic::transport::Server::builder()
+    let server = tandem_runtime::grpc::server()?
         .add_service(DecodeServer::from_arc(svc.clone()))
         .serve_with_incoming_shutdown(tandem_runtime::no_delay(listener), shutdown.stopping().cancelled_owned());
     let server = shutdown.spawn(server);
@@ -213,6 +217,10 @@ impl Decode for Service {
         span.record("request_id", tracing::field::display(&request_id));
         span.in_scope(|| tracing::info!(prompt_tokens = g.prompt.len(), "decode stream opened"));
         let req = new_request(&self.engine, &g, Mode::Full).map_err(|e| e.to_status())?;
+        // Given back with the stream's first token from the engine: it is in the batch then.
+        let mut queued = Some(self.cfg.queue.enter(g.prompt.len() + g.resumed.len()).map_err(|full| {
+            ApiError::new(ErrorCode::Overloaded, format!("decode worker {} is at its queue bound: {full}", self.cfg.worker_id)).to_status()
+        })?);
         let lease = match g.kv_wait_ms {
             0 => self.cfg.default_kv_wait,
             ms => Duration::from_millis(ms as u64),
@@ -309,6 +317,7 @@ impl Decode for Service {
                                     offload.progress(o, cached + tokens as usize);
                                 }
                                 if tokens == 1 {
+                                    queued.take();
                                     tracing::Span::current()
                                         .record("tandem.decode.first_token_ms", imported_at.elapsed().as_secs_f64() * 1e3);
                                 } else if tokens.is_multiple_of(TOKEN_EVENT_EVERY) {

@@ -65,8 +65,7 @@ impl Offloader {
         if let Some(c) = clients.get(addr) {
             return Some(c.clone());
         }
-        let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-        let endpoint = tonic::transport::Endpoint::from_shared(url).ok()?.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true);
+        let endpoint = tandem_runtime::grpc::endpoint(addr).ok()?.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true);
         let c = BlockStoreClient::new(endpoint.connect_lazy()).max_encoding_message_size(1 << 30);
         clients.insert(addr.to_string(), c.clone());
         Some(c)

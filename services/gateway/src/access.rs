@@ -39,8 +39,9 @@ pub struct AccessConfig {
     /// Most requests, and most prompt tokens, waiting for their first token at once.
     pub max_waiting_requests: usize,
     pub max_waiting_prompt_tokens: usize,
-    /// Refuse a request that would wait longer than this for its turn, as the queue's size over
-    /// its recent drain rate predicts (zero: no such bound). Ties admission to a TTFT objective.
+    /// Refuse a request that would wait longer than this for its first token, as the queue's
+    /// size (its own place included) over its recent drain rate predicts (zero: no such bound).
+    /// Ties admission to a TTFT objective.
     pub max_queue_wait: Duration,
 }
 
@@ -200,7 +201,9 @@ impl Access {
         }
         // Requests a second that recently left the queue; unknown (zero) until some have.
         let rate = w.departures.len() as f64 / DRAIN_WINDOW.as_secs_f64();
-        let predicted_wait = (rate > 0.0).then(|| Duration::from_secs_f64(w.requests as f64 / rate));
+        // Its own turn included: with that many ahead of it, the newcomer's first token comes
+        // after theirs and its own, which makes the bound comparable to a TTFT objective.
+        let predicted_wait = (rate > 0.0).then(|| Duration::from_secs_f64((w.requests + 1) as f64 / rate));
         let full_requests = w.requests + 1 > self.cfg.max_waiting_requests;
         // One request larger than the whole token bound still gets in when nothing waits.
         let full_tokens = w.requests > 0 && w.tokens + prompt_tokens > self.cfg.max_waiting_prompt_tokens;
@@ -319,14 +322,15 @@ mod tests {
 
     #[test]
     fn a_predicted_wait_over_the_bound_is_refused() {
-        let cfg = AccessConfig { max_queue_wait: Duration::from_secs(15), ..AccessConfig::default() };
+        let cfg = AccessConfig { max_queue_wait: Duration::from_secs(25), ..AccessConfig::default() };
         let a = Arc::new(Access::new(cfg, Metrics::new("m").unwrap()));
         // No rate known yet: admitted whatever waits.
         let waiting: Vec<_> = (0..3).map(|_| a.admit(1).ok().unwrap()).collect();
-        // Three left in the last 30 s: 0.1 a second, so three waiting predict 30 s.
+        // Three left in the last 30 s: 0.1 a second, so a request's first token is predicted
+        // 10 s per request ahead of it, plus 10 s for its own.
         drop(waiting);
         let held: Vec<_> = (0..2).map(|_| a.admit(1).ok().unwrap()).collect();
-        // One waiting predicted 10 s (within 15 s); two waiting predict 20 s: over it.
+        // With none and one waiting, 10 s and 20 s (within 25 s); with two, 30 s: over it.
         let refused = a.admit(1).err().unwrap();
         assert!(refused.error.message.contains("capacity"), "{}", refused.error.message);
         let secs = refused.retry_after.as_secs_f64();

@@ -15,7 +15,7 @@ use tandem_protocol::pb::prefill_client::PrefillClient;
 use tandem_protocol::pb::{InfoRequest, WorkerInfo};
 use tandem_state::WorkerRecord;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::Metrics;
 
@@ -120,9 +120,8 @@ pub struct PrefillChoice {
 }
 
 fn endpoint(url: &str) -> anyhow::Result<Channel> {
-    let url = if url.contains("://") { url.to_string() } else { format!("http://{url}") };
     // Keepalive pings notice a peer that vanished without closing the connection.
-    Ok(Endpoint::from_shared(url)?
+    Ok(tandem_runtime::grpc::endpoint(url)?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))

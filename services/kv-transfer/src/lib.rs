@@ -147,7 +147,7 @@ pub async fn run(cfg: KvTransferConfig, listener: TcpListener, shutdown: Shutdow
         }
     };
     let membership = Membership::start(&shutdown, cfg.state.clone(), cfg.heartbeat, record, on_new);
-    let server = tonic::transport::Server::builder()
+    let server = tandem_runtime::grpc::server()?
         .add_service(BlockStoreServer::new(svc).max_decoding_message_size(1 << 30).max_encoding_message_size(1 << 30))
         .serve_with_incoming_shutdown(tandem_runtime::no_delay(listener), shutdown.stopping().cancelled_owned());
     let server = shutdown.spawn(server);

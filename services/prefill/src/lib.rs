@@ -53,6 +53,12 @@ pub struct PrefillConfig {
     /// Fault injection for reliability tests: flip a byte in every Nth handoff's KV after its
     /// checksums are taken, so the decode worker must catch it (0: never).
     pub corrupt_kv_every: u64,
+    /// Fault injection for reliability tests: abort the process while its Nth handoff is being
+    /// sent, as a crash mid-transfer would (0: never).
+    pub exit_during_handoff: u64,
+    /// The bound on requests (and their prompt tokens) this worker has accepted and not yet
+    /// answered; past it a request is refused as `overloaded`.
+    pub queue: Arc<tandem_runtime::WorkQueue>,
 }
 
 #[derive(Debug, Default)]
@@ -76,6 +82,19 @@ fn corrupted(mut kv: KvExport) -> KvExport {
         *first = bytes.into();
     }
     kv
+}
+
+/// Fault injection: lets `send` run for a moment, then aborts the process, as a crash in the
+/// middle of a transfer would. Returns only if the send failed first.
+async fn die_during<T, E>(send: impl std::future::Future<Output = Result<T, E>>) -> Result<T, E> {
+    tokio::pin!(send);
+    tokio::select! {
+        out @ Err(_) = &mut send => out,
+        _ = tokio::time::sleep(Duration::from_millis(2)) => {
+            tracing::error!("fault injection: aborting the process during a kv handoff");
+            std::process::abort()
+        }
+    }
 }
 
 /// Connections a prefill worker opens to each block store, used in turn.
@@ -149,7 +168,7 @@ pub async fn run(engine: EngineHandle, cfg: PrefillConfig, listener: TcpListener
         offloaded: Mutex::new(Recent::default()),
         offload_budget,
     });
-    let server = tonic::transport::Server::builder()
+    let server = tandem_runtime::grpc::server()?
         .add_service(PrefillServer::from_arc(svc.clone()))
         .serve_with_incoming_shutdown(tandem_runtime::no_delay(listener), shutdown.stopping().cancelled_owned());
     let server = shutdown.spawn(server);
@@ -239,8 +258,7 @@ impl Service {
             pool.next = (pool.next + 1) % pool.clients.len();
             return Ok(pool.clients[pool.next].clone());
         }
-        let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
-        let endpoint = tonic::transport::Endpoint::from_shared(url)
+        let endpoint = tandem_runtime::grpc::endpoint(addr)
             .map_err(|e| Status::invalid_argument(format!("store address {addr}: {e}")))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true);
@@ -386,6 +404,11 @@ impl Service {
         let _inflight = self.inflight.enter();
         let started = Instant::now();
         let g = r.request.ok_or_else(|| Status::invalid_argument("missing request"))?;
+        // Held until this request is answered: a prefill worker's queue is every prompt it has
+        // accepted, computed or waiting.
+        let _queued = self.cfg.queue.enter(g.prompt.len() + g.resumed.len()).map_err(|full| {
+            ApiError::new(ErrorCode::Overloaded, format!("prefill worker {} is at its queue bound: {full}", self.cfg.worker_id)).to_status()
+        })?;
         tracing::info!(prompt_tokens = g.prompt.len(), decode = %r.decode_kv_addr, "prefill started");
         let req = new_request(&self.engine, &g, Mode::PrefillOnly).map_err(|e| e.to_status())?;
         let store_blocks = r.store_prefix_blocks as usize;
@@ -461,8 +484,8 @@ impl Service {
                         kv
                     };
                     let handoff = Handoff { request_id: g.request_id.clone(), first_token: first_token.id, kv };
-                    let sent =
-                        self.cfg.transport.send(&r.decode_kv_addr, &handoff, self.cfg.handoff_lease).instrument(transfer.clone()).await;
+                    let send = self.cfg.transport.send(&r.decode_kv_addr, &handoff, self.cfg.handoff_lease).instrument(transfer.clone());
+                    let sent = if n == self.cfg.exit_during_handoff { die_during(send).await } else { send.await };
                     let report = sent.map_err(|e| {
                         tracing::warn!(parent: &transfer, error = %e, "kv handoff failed");
                         transfer.record("tandem.kv.verdict", "failed");

@@ -77,6 +77,57 @@ pub struct Common {
     /// Stop when stdin closes (used by `tandem up`).
     #[arg(long, hide = true)]
     pub managed: bool,
+    #[command(flatten)]
+    pub grpc_tls: GrpcTlsArgs,
+}
+
+/// Mutual TLS on the cluster's gRPC (gateway, workers, block store): all or none of the three
+/// files; every service of a cluster must be given the same CA.
+#[derive(Debug, Clone, Args)]
+pub struct GrpcTlsArgs {
+    /// The cluster CA (PEM) that every peer's certificate must chain to.
+    #[arg(long, env = "TANDEM_GRPC_TLS_CA", requires_all = ["grpc_tls_cert", "grpc_tls_key"])]
+    pub grpc_tls_ca: Option<std::path::PathBuf>,
+    /// This service's certificate chain (PEM), presented to servers and clients alike.
+    #[arg(long, env = "TANDEM_GRPC_TLS_CERT", requires_all = ["grpc_tls_ca", "grpc_tls_key"])]
+    pub grpc_tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of `--grpc-tls-cert`.
+    #[arg(long, env = "TANDEM_GRPC_TLS_KEY", requires_all = ["grpc_tls_ca", "grpc_tls_cert"])]
+    pub grpc_tls_key: Option<std::path::PathBuf>,
+    /// The name a peer's certificate must carry, instead of the host it is reached at (for
+    /// workers at addresses no certificate lists, such as pod IPs).
+    #[arg(long, env = "TANDEM_GRPC_TLS_SERVER_NAME")]
+    pub grpc_tls_server_name: Option<String>,
+}
+
+impl GrpcTlsArgs {
+    /// Makes this process's gRPC servers and clients use mutual TLS, when configured.
+    pub fn apply(&self) -> Result<()> {
+        let (Some(ca), Some(cert), Some(key)) = (&self.grpc_tls_ca, &self.grpc_tls_cert, &self.grpc_tls_key) else {
+            return Ok(());
+        };
+        let tls = tandem_runtime::grpc::MutualTls::load(ca, cert, key, self.grpc_tls_server_name.clone()).map_err(anyhow::Error::msg)?;
+        tandem_runtime::grpc::use_mutual_tls(tls).map_err(anyhow::Error::msg)
+    }
+}
+
+/// A worker's own queue bound (see docs/reliability.md): requests it has accepted and not yet
+/// started to answer, and their prompt tokens.
+#[derive(Debug, Clone, Args)]
+pub struct QueueArgs {
+    /// Most requests queued here at once; past it a request is refused (`overloaded`) and the
+    /// gateway tries another worker.
+    #[arg(long, env = "TANDEM_MAX_QUEUED_REQUESTS", default_value_t = 1024)]
+    pub max_queued_requests: usize,
+    /// Most prompt tokens (context tokens, on a decode worker) queued here at once.
+    #[arg(long, env = "TANDEM_MAX_QUEUED_TOKENS", default_value_t = 1 << 20)]
+    pub max_queued_tokens: usize,
+}
+
+impl QueueArgs {
+    fn queue(&self) -> Arc<tandem_runtime::WorkQueue> {
+        tandem_runtime::WorkQueue::new(self.max_queued_requests, self.max_queued_tokens)
+    }
 }
 
 /// A worker's metrics endpoint.
@@ -119,6 +170,12 @@ pub struct PrefillArgs {
     /// checksums are taken (0: never).
     #[arg(long, env = "TANDEM_FAULT_CORRUPT_KV_EVERY", default_value_t = 0, hide = true)]
     pub fault_corrupt_kv_every: u64,
+    /// Fault injection, for reliability tests only: abort the process while its Nth KV handoff
+    /// is being sent (0: never).
+    #[arg(long, env = "TANDEM_FAULT_EXIT_DURING_HANDOFF", default_value_t = 0, hide = true)]
+    pub fault_exit_during_handoff: u64,
+    #[command(flatten)]
+    pub queue: QueueArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -145,6 +202,8 @@ pub struct DecodeArgs {
     /// Bound of one incoming KV transfer, from first byte to verdict.
     #[arg(long, default_value_t = 10_000)]
     pub handoff_lease_ms: u64,
+    #[command(flatten)]
+    pub queue: QueueArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -224,6 +283,8 @@ pub struct GatewayArgs {
     /// The PEM private key of `--tls-cert`.
     #[arg(long, env = "TANDEM_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub grpc_tls: GrpcTlsArgs,
     #[arg(long, hide = true)]
     pub managed: bool,
 }
@@ -253,8 +314,9 @@ pub struct AccessArgs {
     /// Most prompt tokens waiting for their first token at once; past it, 503 with Retry-After.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_waiting_prompt_tokens: usize,
-    /// Refuse (503 with Retry-After) a request whose predicted wait for its turn, the requests
-    /// waiting over the rate they recently left the queue at, is longer than this (0: no bound).
+    /// Refuse (503 with Retry-After) a request whose predicted wait for its first token, the
+    /// requests waiting (itself included) over the rate they recently left the queue at, is
+    /// longer than this (0: no bound). Set it a little under the TTFT objective.
     #[arg(long, default_value_t = 0)]
     pub max_queue_wait_ms: u64,
 }
@@ -386,20 +448,43 @@ async fn bind_metrics(args: &MetricsArgs) -> Result<(TcpListener, String)> {
     Ok((listener, addr))
 }
 
-/// Binds the worker's metrics endpoint and serves its engine's metrics there; returns the address.
-async fn worker_metrics(args: &MetricsArgs, role: &'static str, engine: &EngineHandle, shutdown: &Shutdown) -> Result<String> {
+/// Binds the worker's metrics endpoint and serves its engine's metrics there, with its queue's;
+/// returns the address.
+async fn worker_metrics(
+    args: &MetricsArgs,
+    role: &'static str,
+    engine: &EngineHandle,
+    queue: &Arc<tandem_runtime::WorkQueue>,
+    shutdown: &Shutdown,
+) -> Result<String> {
     let (listener, addr) = bind_metrics(args).await?;
-    let engine = engine.clone();
-    tandem_runtime::serve_metrics(listener, move || tandem_engine::metrics::render(&engine, role), shutdown);
+    let (engine, queue) = (engine.clone(), queue.clone());
+    tandem_runtime::serve_metrics(listener, move || tandem_engine::metrics::render(&engine, role) + &queue_metrics(&queue), shutdown);
     Ok(addr)
 }
 
+/// The worker's queue bound in Prometheus' text format.
+fn queue_metrics(queue: &tandem_runtime::WorkQueue) -> String {
+    let (requests, tokens) = queue.len();
+    format!(
+        "# HELP tandem_worker_queued_requests Requests this worker accepted and has not started to answer\n\
+         # TYPE tandem_worker_queued_requests gauge\ntandem_worker_queued_requests {requests}\n\
+         # HELP tandem_worker_queued_tokens Their prompt (or context) tokens\n\
+         # TYPE tandem_worker_queued_tokens gauge\ntandem_worker_queued_tokens {tokens}\n\
+         # HELP tandem_worker_queue_refused_total Requests refused as overloaded: the queue was at its bound\n\
+         # TYPE tandem_worker_queue_refused_total counter\ntandem_worker_queue_refused_total {}\n",
+        queue.refused()
+    )
+}
+
 pub async fn prefill(args: PrefillArgs) -> Result<()> {
+    args.common.grpc_tls.apply()?;
     let shutdown = shutdown(&args.common);
     let listener = TcpListener::bind(&args.common.listen).await?;
     let addr = listener.local_addr()?;
     let engine = load_engine("prefill", &args.engine)?;
-    let metrics_addr = worker_metrics(&args.metrics, "prefill", &engine, &shutdown).await?;
+    let queue = args.queue.queue();
+    let metrics_addr = worker_metrics(&args.metrics, "prefill", &engine, &queue, &shutdown).await?;
     let c = &args.common;
     let cfg = tandem_prefill::PrefillConfig {
         worker_id: worker_id(c, "prefill", &addr),
@@ -413,6 +498,8 @@ pub async fn prefill(args: PrefillArgs) -> Result<()> {
         index_ttl: Duration::from_secs(args.index_ttl_s),
         metrics_addr: metrics_addr.clone(),
         corrupt_kv_every: args.fault_corrupt_kv_every,
+        exit_during_handoff: args.fault_exit_during_handoff,
+        queue,
     };
     export_traces("tandem-prefill", &cfg.worker_id, Some(&engine))?;
     ready("prefill", &format!("grpc={addr} metrics={metrics_addr}"));
@@ -420,6 +507,7 @@ pub async fn prefill(args: PrefillArgs) -> Result<()> {
 }
 
 pub async fn decode(args: DecodeArgs) -> Result<()> {
+    args.common.grpc_tls.apply()?;
     let shutdown = shutdown(&args.common);
     let listener = TcpListener::bind(&args.common.listen).await?;
     let addr = listener.local_addr()?;
@@ -430,7 +518,8 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
     let kv = tandem_decode::KvReceivers::bind(&args.kv_transport, kv_listen, advertise, lease, args.quic.identity()?.as_ref()).await?;
     let engine = load_engine("decode", &args.engine)?;
     kv.use_memory_of(&engine);
-    let metrics_addr = worker_metrics(&args.metrics, "decode", &engine, &shutdown).await?;
+    let queue = args.queue.queue();
+    let metrics_addr = worker_metrics(&args.metrics, "decode", &engine, &queue, &shutdown).await?;
     let c = &args.common;
     let cfg = tandem_decode::DecodeConfig {
         worker_id: worker_id(c, "decode", &addr),
@@ -440,6 +529,7 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
         handoff_lease: Duration::from_millis(args.handoff_lease_ms),
         default_kv_wait: Duration::from_secs(600),
         metrics_addr: metrics_addr.clone(),
+        queue,
     };
     export_traces("tandem-decode", &cfg.worker_id, Some(&engine))?;
     ready("decode", &format!("grpc={addr} kv={} metrics={metrics_addr}", kv.advertised()));
@@ -447,6 +537,7 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
 }
 
 pub async fn kv_transfer(args: KvTransferArgs) -> Result<()> {
+    args.common.grpc_tls.apply()?;
     let shutdown = shutdown(&args.common);
     let listener = TcpListener::bind(&args.common.listen).await?;
     let addr = listener.local_addr()?;
@@ -468,6 +559,7 @@ pub async fn kv_transfer(args: KvTransferArgs) -> Result<()> {
 }
 
 pub async fn gateway(args: GatewayArgs) -> Result<()> {
+    args.grpc_tls.apply()?;
     let shutdown = Shutdown::new(stop_signal(args.managed), Duration::from_secs(args.drain_timeout_s));
     let files = model_files(args.model.as_deref(), args.served_model_name.as_deref())?;
     let tokenizer = Tokenizer::load(&files)?;

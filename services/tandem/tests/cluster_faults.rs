@@ -277,3 +277,82 @@ async fn a_stalled_block_store_costs_offloads_never_a_request() {
     eventually("offloads land again once the store answers", Duration::from_secs(10), || async { store_blocks(&store).await > before })
         .await;
 }
+
+/// A prefill worker that crashes while its KV is on the way to the decode worker: the gateway
+/// moves the request to the other prefill worker and the client gets the answer an undisturbed
+/// cluster gives. Nothing is left held on the decode side.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prefill_worker_killed_during_its_handoff_leaves_the_request_to_another() {
+    // The first worker aborts (SIGABRT) 2 ms into its first handoff: about 1,200 tokens of KV
+    // are still on their way then.
+    let mut c = Cluster::with_workers(&[&["--fault-exit-during-handoff", "1"], &[]], &[&[]], &[], &[]);
+    let text = "The history of the world is long and full of surprises. ".repeat(100);
+    let body =
+        |i: usize| json!({"model": MODEL, "prompt": format!("Chapter {i}. {text}"), "max_tokens": 8, "temperature": 0, "ignore_eos": true});
+    let complete = |i: usize| {
+        let (base, body) = (c.base.clone(), body(i));
+        async move {
+            let (status, v) = post(&base, "/v1/completions", &body).await;
+            assert_eq!(status, 200, "request {i} failed: {v}");
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        }
+    };
+    // Routing decides which worker takes which prompt; new prompts go on until the faulty
+    // worker has taken one (and died of it).
+    let mut answers = Vec::new();
+    for i in 0..6 {
+        answers.push(complete(i).await);
+        if c.prefill[0].exited() {
+            break;
+        }
+    }
+    let crashed = c.prefill[0].child.try_wait().unwrap().expect("the faulty worker never took a request");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(crashed.signal(), Some(6), "it died of the injected abort: {crashed:?}");
+    assert!(metric(&c.base, "tandem_worker_retries_total{role=\"prefill\"}").unwrap_or(0.0) >= 1.0);
+    // The same prompts again, on the surviving worker alone: the same greedy text.
+    for (i, answer) in answers.iter().enumerate() {
+        assert_eq!(&complete(i).await, answer, "request {i}");
+    }
+    wait_until("the decode worker is idle", || async { idle(&decode_info(&c.decode[0]).await) }).await;
+    assert!(idle(&prefill_info(&c.prefill[1]).await));
+}
+
+/// A worker's own queue bound: with room for one request, concurrent long prompts beyond it are
+/// refused by the worker as `overloaded` (503 with Retry-After once no other worker has room),
+/// counted in its metrics, and the accepted ones complete.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_at_its_queue_bound_refuses_as_overloaded() {
+    let one = ["--max-queued-requests", "1"];
+    for (role, c) in
+        [("prefill", Cluster::with_workers(&[&one], &[&[]], &[], &[])), ("decode", Cluster::with_workers(&[&[]], &[&one], &[], &[]))]
+    {
+        let prompt = "The history of the world is long and full of surprises. ".repeat(60);
+        let requests = (0..4).map(|i| {
+            let base = c.base.clone();
+            let body = json!({"model": MODEL, "prompt": format!("{i}. {prompt}"), "max_tokens": 2});
+            async move {
+                let resp = client().post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+                let (status, retry_after) = (resp.status().as_u16(), resp.headers().contains_key("retry-after"));
+                (status, retry_after, resp.json::<serde_json::Value>().await.unwrap())
+            }
+        });
+        let answers = futures::future::join_all(requests).await;
+        let ok = answers.iter().filter(|(s, _, _)| *s == 200).count();
+        let refused: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 503).collect();
+        assert!(ok >= 1, "{role}: {answers:?}");
+        assert!(!refused.is_empty(), "{role}: four at once past a bound of one: {answers:?}");
+        assert_eq!(ok + refused.len(), 4, "{role}: {answers:?}");
+        for (_, retry_after, v) in &refused {
+            assert!(*retry_after, "{role}: {v}");
+            assert_eq!(v["error"]["code"], "overloaded", "{role}: {v}");
+            assert!(v["error"]["message"].as_str().unwrap().contains("queue bound"), "{role}: {v}");
+        }
+        let worker = if role == "prefill" { &c.prefill[0] } else { &c.decode[0] };
+        let refused_count = metric(&format!("http://{}", worker.field("metrics")), "tandem_worker_queue_refused_total").unwrap();
+        assert!(refused_count >= refused.len() as f64, "{role}: {refused_count}");
+        // Nothing stays queued.
+        let queued = metric(&format!("http://{}", worker.field("metrics")), "tandem_worker_queued_requests").unwrap();
+        assert_eq!(queued, 0.0, "{role}");
+    }
+}

@@ -23,6 +23,9 @@ pub enum ErrorCode {
     Unavailable,
     /// The worker has no KV cache blocks left for the request (another worker may).
     OutOfKvBlocks,
+    /// The worker's queue is at its bound (requests or prompt tokens); another worker may have
+    /// room.
+    Overloaded,
     /// The KV handoff from prefill to decode failed or outlived its lease.
     KvHandoffFailed,
     /// The worker is draining before it stops and takes no new requests.
@@ -46,7 +49,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => 405,
             Self::RequestTooLarge => 413,
             Self::Cancelled => 499,
-            Self::Unavailable | Self::OutOfKvBlocks | Self::KvHandoffFailed | Self::WorkerDraining => 503,
+            Self::Unavailable | Self::OutOfKvBlocks | Self::Overloaded | Self::KvHandoffFailed | Self::WorkerDraining => 503,
             Self::Timeout => 504,
             Self::Internal => 500,
             Self::InvalidApiKey => 401,
@@ -61,7 +64,7 @@ impl ErrorCode {
             Self::MethodNotAllowed => tonic::Code::Unimplemented,
             Self::RequestTooLarge => tonic::Code::OutOfRange,
             Self::Unavailable | Self::KvHandoffFailed | Self::WorkerDraining => tonic::Code::Unavailable,
-            Self::OutOfKvBlocks => tonic::Code::ResourceExhausted,
+            Self::OutOfKvBlocks | Self::Overloaded => tonic::Code::ResourceExhausted,
             Self::Timeout => tonic::Code::DeadlineExceeded,
             Self::Cancelled => tonic::Code::Cancelled,
             Self::Internal => tonic::Code::Internal,
@@ -85,7 +88,7 @@ impl ErrorCode {
     /// leaving, or full. Not after a failed handoff: the decode side it was meant for has given
     /// the request up with it.
     pub fn retryable(self) -> bool {
-        matches!(self, Self::Unavailable | Self::OutOfKvBlocks | Self::WorkerDraining)
+        matches!(self, Self::Unavailable | Self::OutOfKvBlocks | Self::Overloaded | Self::WorkerDraining)
     }
 
     /// Whether the worker that answered with this code should leave routing until it is seen
@@ -105,6 +108,7 @@ impl ErrorCode {
             Self::ContextLengthExceeded => "context_length_exceeded",
             Self::Unavailable => "unavailable",
             Self::OutOfKvBlocks => "out_of_kv_blocks",
+            Self::Overloaded => "overloaded",
             Self::KvHandoffFailed => "kv_handoff_failed",
             Self::WorkerDraining => "worker_draining",
             Self::Timeout => "timeout",
@@ -115,7 +119,7 @@ impl ErrorCode {
         }
     }
 
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         Self::InvalidRequest,
         Self::ModelNotFound,
         Self::NotFound,
@@ -124,6 +128,7 @@ impl ErrorCode {
         Self::ContextLengthExceeded,
         Self::Unavailable,
         Self::OutOfKvBlocks,
+        Self::Overloaded,
         Self::KvHandoffFailed,
         Self::WorkerDraining,
         Self::Timeout,
@@ -148,7 +153,9 @@ impl ErrorCode {
             | Self::RequestTooLarge
             | Self::InvalidApiKey => "invalid_request_error",
             Self::RateLimited => "rate_limit_error",
-            Self::Unavailable | Self::OutOfKvBlocks | Self::KvHandoffFailed | Self::WorkerDraining => "service_unavailable_error",
+            Self::Unavailable | Self::OutOfKvBlocks | Self::Overloaded | Self::KvHandoffFailed | Self::WorkerDraining => {
+                "service_unavailable_error"
+            }
             Self::Timeout => "timeout_error",
             Self::Cancelled => "cancelled",
             Self::Internal => "server_error",

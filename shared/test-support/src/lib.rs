@@ -182,6 +182,8 @@ impl ClusterBuilder {
                 index_ttl,
                 metrics_addr: String::new(),
                 corrupt_kv_every: 0,
+                exit_during_handoff: 0,
+                queue: tandem_runtime::WorkQueue::new(1024, 1 << 20),
             };
             prefill.push(Service::spawn("prefill", addr, None, self.drain_timeout, |sd| tandem_prefill::run(engine, cfg, listener, sd)));
         }
@@ -201,6 +203,7 @@ impl ClusterBuilder {
                 handoff_lease: self.handoff_lease,
                 default_kv_wait: self.request_timeout,
                 metrics_addr: String::new(),
+                queue: tandem_runtime::WorkQueue::new(1024, 1 << 20),
             };
             decode.push(Service::spawn("decode", addr, Some(kv_addr), self.drain_timeout, |sd| {
                 tandem_decode::run(engine, cfg, listener, kv, sd)

@@ -49,8 +49,13 @@ where
     F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
 {
     let mut tried = Vec::new();
+    let mut last: Option<ApiError> = None;
     loop {
-        let worker = pick_with_wait(!tried.is_empty(), || pick(&tried)).await.ok_or_else(|| unavailable(role))?;
+        // With no other worker to go to, the request ends with what the last one said (full,
+        // draining), which says more than that none was left.
+        let Some(worker) = pick_with_wait(!tried.is_empty(), || pick(&tried)).await else {
+            return Err(last.unwrap_or_else(|| unavailable(role)));
+        };
         let e = match call(&worker).await {
             Ok(answer) => return Ok((worker, answer.into_inner())),
             Err(status) => call_error(&status),
@@ -64,6 +69,7 @@ where
         tracing::info!(role = role.name(), error = %e, code = e.code.name(), "worker refused; trying another");
         state.metrics.retries.with_label_values(&[role.name()]).inc();
         tried.push(worker.lease().key());
+        last = Some(e);
     }
 }
 

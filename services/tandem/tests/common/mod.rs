@@ -126,9 +126,16 @@ impl Cluster {
     }
 
     pub fn start_with(prefill: usize, decode: usize, gateway_extra: &[&str]) -> Self {
+        Self::with_workers(&vec![&[][..]; prefill], &vec![&[][..]; decode], gateway_extra, &[])
+    }
+
+    /// A worker per entry of `prefill` and `decode`, each with those extra arguments; every
+    /// process with the variables in `env`.
+    pub fn with_workers(prefill: &[&[&str]], decode: &[&[&str]], gateway_extra: &[&str], env: &[(&str, &str)]) -> Self {
         let engine = ["--kv-cache-mb", "64", "--handoff-lease-ms", "5000"];
-        let prefill: Vec<Proc> = (0..prefill).map(|_| start(&[&["prefill"][..], &engine].concat())).collect();
-        let decode: Vec<Proc> = (0..decode).map(|_| start(&[&["decode"][..], &engine].concat())).collect();
+        let worker = |role: &str, extra: &[&str]| start_env(&[&[role][..], &engine, extra].concat(), env);
+        let prefill: Vec<Proc> = prefill.iter().map(|extra| worker("prefill", extra)).collect();
+        let decode: Vec<Proc> = decode.iter().map(|extra| worker("decode", extra)).collect();
         let mut args = vec!["gateway".to_string(), "--listen".into(), "127.0.0.1:0".into(), "--poll-interval-ms".into(), "200".into()];
         for p in &prefill {
             args.extend(["--prefill".into(), p.field("grpc")]);
@@ -137,7 +144,7 @@ impl Cluster {
             args.extend(["--decode".into(), d.field("grpc")]);
         }
         args.extend(gateway_extra.iter().map(|s| s.to_string()));
-        let gateway = start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let gateway = start_env(&args.iter().map(String::as_str).collect::<Vec<_>>(), env);
         let base = format!("http://{}", gateway.field("http"));
         let c = Self { prefill, decode, gateway, base };
         c.wait_ready();
