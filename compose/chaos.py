@@ -164,6 +164,23 @@ def faults(p):
     ]
 
 
+COUNTERS = [
+    "tandem_kv_handoff_failures_total",
+    'tandem_resumes_total{outcome="resumed"}',
+    'tandem_worker_retries_total{role="prefill"}',
+    'tandem_worker_retries_total{role="decode"}',
+]
+
+
+def counters():
+    """The gateway's recovery counters: what it did about each fault."""
+    status, body = get(f"{GATEWAY}/metrics")
+    out = {}
+    for name in COUNTERS:
+        out[name] = next((float(line.split()[-1]) for line in body.splitlines() if line.startswith(name + " ")), 0.0) if status == 200 else None
+    return out
+
+
 def completions_per_window(records, start, end, window=5.0):
     out, t = [], start
     while t + window <= end:
@@ -197,6 +214,7 @@ def main():
             result["baseline_completions_per_5s"] = baseline
             for name, fault in faults(p):
                 time.sleep(args.lead)
+                before = counters()
                 began = time.time()
                 fault()
                 lifted = time.time()
@@ -208,6 +226,9 @@ def main():
                     until = max(lifted, began + 10.0)
                     during = [r["ttft"] for r in load.records if began <= r["start"] <= until and r["ttft"] is not None]
                 after = completions_per_window(load.records, lifted, done)
+                # The gateway that served the window (a restart of it would reset them).
+                now = counters()
+                recovered = {k: (now[k] - before[k]) if now[k] is not None and before[k] is not None else None for k in COUNTERS}
                 back = next((i * 5.0 for i, n in enumerate(after) if n >= 0.8 * baseline), None)
                 entry = {
                     "fault": name,
@@ -218,6 +239,7 @@ def main():
                     "fault_lasted_s": round(lifted - began, 1),
                     "throughput_back_after_s": back,
                     "errors": sorted({r["error"] for r in window if r["error"]})[:3],
+                    "gateway_recoveries": recovered,
                 }
                 print(json.dumps(entry), flush=True)
                 result["faults"].append(entry)

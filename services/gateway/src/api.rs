@@ -201,6 +201,7 @@ fn sampling(
     if let Some((param, why)) = f.unsupported.first(f.n.unwrap_or(1)) {
         return Err(ApiError::invalid(param, why));
     }
+    let constraint = f.output_format.constraint().map_err(|(param, why)| ApiError::invalid(param, why))?;
     let n = f.n.unwrap_or(1);
     if !(1..=16).contains(&n) {
         return Err(ApiError::invalid("n", format!("n must be between 1 and 16, got {n}")));
@@ -225,6 +226,7 @@ fn sampling(
         stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
         ignore_eos: f.ignore_eos.unwrap_or(false),
         logprobs,
+        constraint,
     };
     p.validate().map_err(|e| ApiError::invalid(e.param, e.message))?;
     Ok((p, n as usize))

@@ -64,7 +64,16 @@ fn stream(args: GenerateArgs) -> Result<()> {
     }
     let seed = params.seed.unwrap_or_else(rand::random);
     let mut batcher = Batcher::new(engine, BatcherConfig::default());
-    batcher.add(NewRequest { id: 1, prompt, params, seed, eos_ids: tokenizer.eos_ids().to_vec(), mode: Mode::Full, resumed: Vec::new() });
+    batcher.add(NewRequest {
+        id: 1,
+        prompt,
+        params,
+        seed,
+        eos_ids: tokenizer.eos_ids().to_vec(),
+        mode: Mode::Full,
+        resumed: Vec::new(),
+        grammar: None,
+    });
 
     let started = Instant::now();
     let mut first_token = None;

@@ -360,8 +360,25 @@ fn load_engine(role: &str, args: &EngineArgs) -> Result<EngineHandle> {
     let files = model_files(args.model.as_deref(), args.served_model_name.as_deref())?;
     let limits = args.batcher_config();
     let engine = open_engine(&files, args.device, args.block_size, args.kv_cache_mb, &limits)?;
+    let vocab = engine.info().vocab_size;
     let batcher = Batcher::new(engine, limits);
-    Ok(EngineHandle::spawn(&format!("{role}-engine"), batcher))
+    let handle = EngineHandle::spawn(&format!("{role}-engine"), batcher);
+    Ok(match constraints(&files, vocab) {
+        Ok(c) => {
+            tracing::info!(vocab, "structured output ready");
+            handle.with_constraints(Arc::new(c))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "structured output unavailable for this model");
+            handle
+        }
+    })
+}
+
+/// The structured-output compiler for the model's vocabulary.
+pub(crate) fn constraints(files: &ModelFiles, vocab: usize) -> Result<tandem_engine::Constraints> {
+    let tokenizer = Tokenizer::load(files)?;
+    tandem_engine::Constraints::new(&tokenizer.to_json()?, vocab, tokenizer.eos_ids()).map_err(anyhow::Error::msg)
 }
 
 /// KV cache of a CPU worker when none is given, in MiB (`tandem up` gives each worker the same).

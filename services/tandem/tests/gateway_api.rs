@@ -479,10 +479,8 @@ async fn tokenize_detokenize_and_the_model_root() {
 async fn parameters_not_carried_out_are_refused_by_name() {
     let c = cluster();
     for (extra, param) in [
-        (json!({"response_format": {"type": "json_object"}}), "response_format"),
         (json!({"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]}), "tools"),
         (json!({"logit_bias": {"42": 100}}), "logit_bias"),
-        (json!({"guided_choice": ["yes", "no"]}), "guided_choice"),
     ] {
         let (status, v) = post(&c.base, "/v1/chat/completions", &chat_body("Hi", extra.clone())).await;
         assert_eq!(status, 400, "{extra}: {v}");
@@ -495,4 +493,52 @@ async fn parameters_not_carried_out_are_refused_by_name() {
     let noop = json!({"max_tokens": 2, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "logit_bias": {}});
     let (status, v) = post(&c.base, "/v1/chat/completions", &chat_body("Hi", noop)).await;
     assert_eq!(status, 200, "{v}");
+}
+
+/// Structured output through the disaggregated path: the first token is drawn on the prefill
+/// worker and the rest on the decode worker, each under the same grammar, at temperature 1.
+#[tokio::test(flavor = "multi_thread")]
+async fn structured_output_always_fits_its_constraint() {
+    let c = cluster();
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 16},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+            "ok": {"type": "boolean"}
+        },
+        "required": ["name", "age", "tags", "ok"],
+        "additionalProperties": false
+    });
+    let format = json!({"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": true}});
+    for seed in 0..4 {
+        let body = chat_body("Describe a thing.", json!({"max_tokens": 120, "temperature": 1, "seed": seed, "response_format": format}));
+        let (status, v) = post(&c.base, "/v1/chat/completions", &body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+        let text = v["choices"][0]["message"]["content"].as_str().unwrap();
+        let o: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        assert_eq!(o.as_object().unwrap().len(), 4, "{o}");
+        assert!(o["name"].as_str().unwrap().chars().count() <= 16, "{o}");
+        assert!((0..=120).contains(&o["age"].as_i64().unwrap()), "{o}");
+        assert!(o["ok"].is_boolean(), "{o}");
+        assert!(o["tags"].as_array().unwrap().iter().all(|t| ["red", "green", "blue"].contains(&t.as_str().unwrap())), "{o}");
+    }
+    let body = chat_body("Pick one.", json!({"max_tokens": 8, "temperature": 1, "guided_choice": ["alpha", "beta", "gamma"]}));
+    let (status, v) = post(&c.base, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(["alpha", "beta", "gamma"].contains(&v["choices"][0]["message"]["content"].as_str().unwrap()), "{v}");
+    for (extra, param) in [
+        (json!({"response_format": {"type": "yaml"}}), "response_format.type"),
+        (json!({"guided_choice": []}), "guided_choice"),
+        (json!({"guided_regex": "a", "guided_choice": ["a"]}), "guided_choice"),
+    ] {
+        let (status, v) = post(&c.base, "/v1/chat/completions", &chat_body("Hi", extra.clone())).await;
+        assert_eq!((status, v["error"]["param"].as_str()), (400, Some(param)), "{extra}: {v}");
+    }
+    // A grammar that does not compile is the request's fault, found by the worker.
+    let (status, v) = post(&c.base, "/v1/chat/completions", &chat_body("Hi", json!({"guided_grammar": "start: ("}))).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("does not compile"), "{v}");
 }

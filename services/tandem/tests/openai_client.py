@@ -1,9 +1,77 @@
 """Checks Tandem with the official `openai` Python client: models, chat, completions,
-streaming, and the client's error classes. Usage: openai_client.py BASE_URL MODEL"""
+streaming, structured output, and the client's error classes.
+Usage: openai_client.py BASE_URL MODEL"""
 
+import json
 import sys
+from typing import Literal
 
 import openai
+import pydantic
+
+
+class Address(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=24)
+    postcode: int = pydantic.Field(ge=0, le=99999)
+
+
+class Person(pydantic.BaseModel):
+    """Nested, with an enum, integers and a boolean: what structured output must always fit."""
+
+    name: str = pydantic.Field(max_length=24)
+    age: int = pydantic.Field(ge=0, le=130)
+    member: bool
+    role: Literal["admin", "user", "guest"]
+    address: Address
+
+
+def structured_output(client: openai.OpenAI, model: str) -> None:
+    """At temperature 1 the small model would rarely write valid JSON of this shape unaided; the
+    constraint makes every answer parse and validate, streamed or not."""
+    ask = [{"role": "user", "content": "Describe a made-up person as JSON."}]
+    parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+    for seed in range(3):
+        r = parse(model=model, messages=ask, response_format=Person, temperature=1, seed=seed, max_tokens=200)
+        assert r.choices[0].finish_reason == "stop", r
+        assert isinstance(r.choices[0].message.parsed, Person), r
+
+    schema = {"type": "json_schema", "json_schema": {"name": "person", "schema": Person.model_json_schema(), "strict": True}}
+    for seed in range(2):
+        text = ""
+        stream = client.chat.completions.create(
+            model=model, messages=ask, response_format=schema, temperature=1, seed=seed, max_tokens=200, stream=True
+        )
+        for chunk in stream:
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+        Person.model_validate_json(text)
+
+    obj = client.chat.completions.create(
+        model=model, messages=ask, response_format={"type": "json_object"}, temperature=1, seed=7, max_tokens=120
+    )
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict), obj
+
+    choice = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Is this review positive? 'Great food.'"}],
+        temperature=1,
+        max_tokens=10,
+        extra_body={"guided_choice": ["positive", "negative", "neutral"]},
+    )
+    assert choice.choices[0].message.content in ("positive", "negative", "neutral"), choice
+
+    done = client.completions.create(
+        model=model, prompt="My phone number is", max_tokens=20, temperature=1, extra_body={"guided_regex": r" \d{3}-\d{4}"}
+    )
+    text = done.choices[0].text
+    assert len(text) == 9 and text[0] == " " and text[4] == "-" and text.replace("-", "").strip().isdigit(), text
+
+    try:
+        client.chat.completions.create(model=model, messages=ask, response_format={"type": "yaml"})
+        raise AssertionError("an unknown response_format was accepted")
+    except openai.BadRequestError as e:
+        assert "response_format" in str(e)
 
 
 def main() -> None:
@@ -56,6 +124,8 @@ def main() -> None:
     except openai.BadRequestError as e:
         assert e.status_code == 400
         assert "temperature" in str(e)
+
+    structured_output(client, model)
 
     print("all openai client checks passed")
 

@@ -33,6 +33,8 @@ pub struct NewRequest {
     /// Tokens this sequence already generated on a worker that failed (sent to the client):
     /// they follow the prompt as output, so the sequence goes on where it stopped.
     pub resumed: Vec<u32>,
+    /// Structured output: the grammar every token must fit, advanced over `resumed` already.
+    pub grammar: Option<crate::Grammar>,
 }
 
 impl NewRequest {
@@ -234,6 +236,10 @@ impl Batcher {
                 other => break other?,
             }
         }
+        let mut req = req;
+        if let Some(g) = req.grammar.as_mut() {
+            g.advance(first).map_err(|e| EngineError::Import(format!("the first token breaks the output constraint: {e}")))?;
+        }
         let fed = kv.tokens.len();
         let now = Instant::now();
         let mut output = req.resumed.clone();
@@ -338,6 +344,7 @@ impl Batcher {
                     && p.presence_penalty == 0.0
                     && p.frequency_penalty == 0.0
                     && p.logprobs.is_none()
+                    && r.req.grammar.is_none()
                     && r.output.len() >= p.min_tokens)
         })
     }
@@ -407,7 +414,12 @@ impl Batcher {
             let s = match out {
                 Out::Token(token) => Sampled { token, logprobs: None },
                 Out::Rows(mut rows) => {
-                    let Some(row) = rows.pop() else { continue };
+                    let Some(mut row) = rows.pop() else { continue };
+                    if let Some(Err(e)) = r.req.grammar.as_mut().map(|g| g.mask(&mut row)) {
+                        events.push(Event::Failed { id: r.req.id, error: ApiError::new(ErrorCode::InvalidRequest, e) });
+                        done.push(r.req.id);
+                        continue;
+                    }
                     let suppress: Vec<u32> = if r.output.len() < r.req.params.min_tokens {
                         r.req.eos_ids.iter().chain(&r.req.params.stop_token_ids).copied().collect()
                     } else {
@@ -417,11 +429,21 @@ impl Batcher {
                     sample(row, &r.req.params, &ctx)
                 }
             };
+            // The grammar follows every token drawn; once complete, nothing may follow.
+            let complete = match r.req.grammar.as_mut().map(|g| g.advance(s.token)) {
+                None => false,
+                Some(Ok(complete)) => complete,
+                Some(Err(e)) => {
+                    events.push(Event::Failed { id: r.req.id, error: ApiError::new(ErrorCode::Internal, e) });
+                    done.push(r.req.id);
+                    continue;
+                }
+            };
             r.output.push(s.token);
             events.push(Event::Token { id: r.req.id, token: s.token, logprobs: s.logprobs });
 
             let p = &r.req.params;
-            let is_stop = (!p.ignore_eos && r.req.eos_ids.contains(&s.token)) || p.stop_token_ids.contains(&s.token);
+            let is_stop = (!p.ignore_eos && r.req.eos_ids.contains(&s.token)) || p.stop_token_ids.contains(&s.token) || complete;
             let finish = if is_stop {
                 Some(FinishReason::Stop)
             } else if r.output.len() >= p.max_tokens || r.known() >= max_context {

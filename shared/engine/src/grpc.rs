@@ -14,6 +14,19 @@ pub fn new_request(engine: &EngineHandle, r: &pb::GenerateRequest, mode: Mode) -
     if r.prompt.is_empty() {
         return Err(ApiError::invalid("prompt", "empty prompt"));
     }
+    let wire = r.params.as_ref().map(|p| p.constraint.as_str()).unwrap_or_default();
+    if !wire.is_empty() && params.constraint.is_none() {
+        return Err(ApiError::invalid("response_format", "the output constraint is not readable"));
+    }
+    let grammar = match &params.constraint {
+        None => None,
+        Some(c) => {
+            let compiler = engine.constraints().ok_or_else(|| {
+                ApiError::invalid("response_format", "structured output is not available for this model (its tokenizer is not byte-level)")
+            })?;
+            Some(compiler.compile(c, &r.resumed)?)
+        }
+    };
     Ok(NewRequest {
         id: engine.next_id(),
         prompt: r.prompt.clone(),
@@ -22,6 +35,7 @@ pub fn new_request(engine: &EngineHandle, r: &pb::GenerateRequest, mode: Mode) -
         eos_ids: r.eos_ids.clone(),
         mode,
         resumed: r.resumed.clone(),
+        grammar,
     })
 }
 

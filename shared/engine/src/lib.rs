@@ -5,6 +5,7 @@
 mod attention;
 mod batcher;
 mod config;
+pub mod constraint;
 mod cpu;
 mod engine;
 pub mod grpc;
@@ -18,6 +19,7 @@ mod worker;
 
 pub use batcher::{Batcher, BatcherConfig, Event, Mode, NewRequest, PrefillTiming, Usage};
 pub use config::{Family, Llama3Scaling, ModelConfig};
+pub use constraint::{Constraints, Grammar};
 pub use cpu::{CpuEngine, EngineConfig};
 pub use engine::{Engine, EngineInfo, ForwardItem, PagedEngine, SeqId};
 pub use sampling::{Sampled, TokenLogprobs};

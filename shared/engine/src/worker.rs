@@ -46,6 +46,9 @@ pub struct EngineHandle {
     evicted: Arc<Mutex<Vec<BlockHash>>>,
     next_id: Arc<AtomicU64>,
     block_memory: Option<Arc<dyn BlockMemory>>,
+    /// Compiles structured-output constraints for this model (none: requests asking for one
+    /// are refused).
+    constraints: Option<Arc<crate::Constraints>>,
 }
 
 impl std::fmt::Debug for EngineHandle {
@@ -85,7 +88,17 @@ impl EngineHandle {
         let evicted = Arc::new(Mutex::new(Vec::new()));
         let shared = Shared { load: load.clone(), evicted: evicted.clone() };
         std::thread::Builder::new().name(name.to_string()).spawn(move || run(batcher, rx, shared)).expect("spawning the engine thread");
-        Self { tx, info, load, evicted, next_id: Arc::new(AtomicU64::new(1)), block_memory }
+        Self { tx, info, load, evicted, next_id: Arc::new(AtomicU64::new(1)), block_memory, constraints: None }
+    }
+
+    /// Serves structured output with these compiled constraints.
+    pub fn with_constraints(mut self, constraints: Arc<crate::Constraints>) -> Self {
+        self.constraints = Some(constraints);
+        self
+    }
+
+    pub fn constraints(&self) -> Option<&Arc<crate::Constraints>> {
+        self.constraints.as_ref()
     }
 
     pub fn info(&self) -> &EngineInfo {

@@ -164,6 +164,7 @@ fn a_prompt_longer_than_the_context_fails_that_request_only() {
         eos_ids: vec![],
         mode: Mode::Full,
         resumed: Vec::new(),
+        grammar: None,
     };
     // The fixture's context is 128 tokens.
     b.add(request(1, 200));

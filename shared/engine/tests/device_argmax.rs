@@ -81,6 +81,7 @@ fn run_on<E: Engine + 'static>(
             eos_ids: eos.to_vec(),
             mode: Mode::Full,
             resumed: Vec::new(),
+            grammar: None,
         });
     }
     (run_all(&mut b), used.load(Ordering::SeqCst))

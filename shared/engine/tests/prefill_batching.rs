@@ -12,7 +12,16 @@ const STEP: Duration = Duration::from_millis(20);
 
 fn request(id: u64, len: usize) -> NewRequest {
     let params = SamplingParams { temperature: 0.0, max_tokens: 8, ..SamplingParams::default() };
-    NewRequest { id, prompt: (1..=len as u32).collect(), params, seed: 0, eos_ids: vec![], mode: Mode::PrefillOnly, resumed: Vec::new() }
+    NewRequest {
+        id,
+        prompt: (1..=len as u32).collect(),
+        params,
+        seed: 0,
+        eos_ids: vec![],
+        mode: Mode::PrefillOnly,
+        resumed: Vec::new(),
+        grammar: None,
+    }
 }
 
 /// Steps until every request is exported; returns each one's export and timing, by id, and how

@@ -54,6 +54,7 @@ fn check(name: &str) {
         eos_ids: vec![],
         mode: Mode::Full,
         resumed: Vec::new(),
+        grammar: None,
     });
     assert_eq!(run_all(&mut b).remove(&2).unwrap(), ids(&r["greedy"]), "{name}: greedy tokens");
 }

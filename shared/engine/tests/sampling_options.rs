@@ -45,6 +45,7 @@ fn run(engine: ScriptedEngine, prompt: &[u32], params: &[SamplingParams]) -> Vec
             eos_ids: vec![EOS],
             mode: Mode::Full,
             resumed: Vec::new(),
+            grammar: None,
         });
     }
     let mut tokens: HashMap<u64, Vec<u32>> = HashMap::new();

@@ -18,6 +18,7 @@ impl From<&SamplingParams> for pb::SamplingParams {
             stop_token_ids: p.stop_token_ids.clone(),
             ignore_eos: p.ignore_eos,
             logprobs: p.logprobs,
+            constraint: p.constraint.as_ref().and_then(|c| serde_json::to_string(c).ok()).unwrap_or_default(),
         }
     }
 }
@@ -39,6 +40,9 @@ impl From<&pb::SamplingParams> for SamplingParams {
             stop_token_ids: p.stop_token_ids.clone(),
             ignore_eos: p.ignore_eos,
             logprobs: p.logprobs,
+            // An unreadable constraint is refused where requests are validated
+            // (`tandem_engine::grpc::new_request`), not dropped here.
+            constraint: (!p.constraint.is_empty()).then(|| serde_json::from_str(&p.constraint).ok()).flatten(),
         }
     }
 }
@@ -49,8 +53,15 @@ mod tests {
 
     #[test]
     fn sampling_params_round_trip_except_what_stays_in_the_gateway() {
-        let p =
-            SamplingParams { temperature: 0.5, top_k: 7, min_tokens: 3, logprobs: Some(2), stop_token_ids: vec![9], ..Default::default() };
+        let p = SamplingParams {
+            temperature: 0.5,
+            top_k: 7,
+            min_tokens: 3,
+            logprobs: Some(2),
+            stop_token_ids: vec![9],
+            constraint: Some(crate::Constraint::Regex { pattern: "[a-z]+".into() }),
+            ..Default::default()
+        };
         let back = SamplingParams::from(&pb::SamplingParams::from(&p));
         assert_eq!(back, p);
     }

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod blocks;
+pub mod constraint;
 mod convert;
 mod error;
 mod kv;
@@ -12,6 +13,7 @@ mod sampling;
 pub mod trace;
 
 pub use blocks::{block_hashes, chain_hash, BlockHash, ROOT_HASH};
+pub use constraint::Constraint;
 pub use error::{ApiError, ErrorCode, ERROR_CODE_KEY};
 pub use kv::{BlockMemory, Bytes, KvDtype, KvExport, KvLayout, LayoutMismatch, ReceiveBuffer};
 pub use sampling::{FinishReason, SamplingParams, SamplingParamsError, MAX_TOP_LOGPROBS};

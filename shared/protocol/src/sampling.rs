@@ -27,6 +27,8 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// `Some(n)`: return the chosen token's log-probability and the `n` most likely alternatives.
     pub logprobs: Option<u32>,
+    /// What the text must match (structured output); every step's logits are masked to it.
+    pub constraint: Option<crate::Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -46,6 +48,7 @@ impl Default for SamplingParams {
             stop_token_ids: Vec::new(),
             ignore_eos: false,
             logprobs: None,
+            constraint: None,
         }
     }
 }

@@ -235,7 +235,13 @@ impl ClusterBuilder {
 
     fn engine_handle(&self, files: &ModelFiles, vocab: usize, name: &str) -> Result<EngineHandle> {
         let engine = (self.engine)(files, vocab, self.kv_cache_mb)?;
-        Ok(EngineHandle::spawn(name, Batcher::new(engine, BatcherConfig::default())))
+        let logits = engine.info().vocab_size;
+        let handle = EngineHandle::spawn(name, Batcher::new(engine, BatcherConfig::default()));
+        // Structured output, as the `tandem` workers serve it.
+        let tokenizer = tandem_tokenizer::Tokenizer::load(files)?;
+        let constraints =
+            tandem_engine::Constraints::new(&tokenizer.to_json()?, logits, tokenizer.eos_ids()).map_err(anyhow::Error::msg)?;
+        Ok(handle.with_constraints(Arc::new(constraints)))
     }
 }
 

@@ -107,6 +107,12 @@ impl Tokenizer {
         Ok(Self { inner, bos, eos, eos_ids, add_bos: false, template })
     }
 
+    /// The tokenizer in Hugging Face's `tokenizer.json` form (what grammar engines read the
+    /// vocabulary's bytes from).
+    pub fn to_json(&self) -> Result<String> {
+        Ok(self.inner.to_string(false)?)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

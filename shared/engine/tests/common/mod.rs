@@ -42,6 +42,7 @@ pub fn greedy_request(id: u64, prompt: Vec<u32>, max_tokens: usize, tok: &Tokeni
         eos_ids: tok.eos_ids().to_vec(),
         mode: Mode::Full,
         resumed: Vec::new(),
+        grammar: None,
     }
 }
 

@@ -67,6 +67,9 @@ pub struct SamplingFields {
     pub stream_options: Option<StreamOptions>,
     /// Parameters clients send that this server does not carry out yet. Read only to refuse
     /// them by name: ignoring them would answer with something the client did not ask for.
+    /// Structured output (`response_format`, vLLM's `guided_*` and `structured_outputs`).
+    #[serde(flatten)]
+    pub output_format: crate::constraint::OutputFormatFields,
     #[serde(flatten)]
     pub unsupported: UnsupportedFields,
 }
@@ -74,18 +77,12 @@ pub struct SamplingFields {
 /// See [`SamplingFields::unsupported`].
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct UnsupportedFields {
-    pub response_format: Option<serde_json::Value>,
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
     pub functions: Option<serde_json::Value>,
     pub function_call: Option<serde_json::Value>,
     pub logit_bias: Option<serde_json::Value>,
     pub best_of: Option<serde_json::Value>,
-    pub guided_json: Option<serde_json::Value>,
-    pub guided_regex: Option<serde_json::Value>,
-    pub guided_choice: Option<serde_json::Value>,
-    pub guided_grammar: Option<serde_json::Value>,
-    pub structured_outputs: Option<serde_json::Value>,
 }
 
 impl UnsupportedFields {
@@ -101,9 +98,6 @@ impl UnsupportedFields {
             Some(_) => true,
         };
         let not_yet = |what: &str| format!("{what} is not supported by this server yet; the answer would not follow it");
-        if set(&self.response_format) && self.response_format.as_ref().and_then(|v| v.get("type")).and_then(Value::as_str) != Some("text") {
-            return Some(("response_format", not_yet("structured output (`response_format` json_object or json_schema)")));
-        }
         for (name, v) in [("tools", &self.tools), ("functions", &self.functions)] {
             if set(v) {
                 return Some((name, not_yet("tool calling")));
@@ -120,17 +114,6 @@ impl UnsupportedFields {
         if let Some(b) = &self.best_of {
             if !b.is_null() && b.as_u64() != Some(u64::from(n)) {
                 return Some(("best_of", not_yet("`best_of` larger than `n`")));
-            }
-        }
-        for (name, v) in [
-            ("guided_json", &self.guided_json),
-            ("guided_regex", &self.guided_regex),
-            ("guided_choice", &self.guided_choice),
-            ("guided_grammar", &self.guided_grammar),
-            ("structured_outputs", &self.structured_outputs),
-        ] {
-            if set(v) {
-                return Some((name, not_yet("guided decoding")));
             }
         }
         None
@@ -197,8 +180,7 @@ mod tests {
         };
         let base = r#""model":"m","messages":[]"#;
         for (extra, refused) in [
-            (r#""response_format":{"type":"json_object"}"#, Some("response_format")),
-            (r#""response_format":{"type":"text"}"#, None),
+            (r#""response_format":{"type":"json_object"}"#, None),
             (r#""tools":[{"type":"function","function":{"name":"f"}}]"#, Some("tools")),
             (r#""tools":[],"tool_choice":"none""#, None),
             (r#""tool_choice":"required""#, Some("tool_choice")),
@@ -206,8 +188,7 @@ mod tests {
             (r#""logit_bias":{}"#, None),
             (r#""best_of":3"#, Some("best_of")),
             (r#""best_of":2,"n":2"#, None),
-            (r#""guided_choice":["a","b"]"#, Some("guided_choice")),
-            (r#""guided_json":null"#, None),
+            (r#""guided_choice":["a","b"]"#, None),
         ] {
             assert_eq!(first(&format!("{{{base},{extra}}}")), refused, "{extra}");
         }
