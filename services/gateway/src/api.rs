@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Serialize;
+use tandem_protocol::openai::tools::{forced_call, read_tools, tools_prompt, Tool, ToolChoice};
 use tandem_protocol::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, Model, ModelList, PromptSpec, SamplingFields};
 use tandem_protocol::{ApiError, ErrorCode, SamplingParams, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use tandem_tokenizer::ChatMessage;
@@ -34,6 +35,7 @@ pub(crate) fn router(state: S) -> Router {
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/health", get(|| async { "ok" }))
+        .route("/version", get(|| async { axum::Json(serde_json::json!({"version": env!("CARGO_PKG_VERSION")})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
@@ -175,6 +177,8 @@ struct Job {
     include_usage: bool,
     /// The request's GenAI span: every choice runs under it.
     span: tracing::Span,
+    /// Chat with tools: the functions calls are read back for.
+    tools: Option<Arc<Vec<Tool>>>,
 }
 
 fn check_model(s: &AppState, model: &str) -> Result<(), ApiError> {
@@ -194,6 +198,7 @@ fn sampling(
     max_tokens: Option<u32>,
     default_max: usize,
     logprobs: Option<u32>,
+    vocab: usize,
 ) -> Result<(SamplingParams, usize), ApiError> {
     if max_tokens == Some(0) {
         return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1"));
@@ -202,6 +207,17 @@ fn sampling(
         return Err(ApiError::invalid(param, why));
     }
     let constraint = f.output_format.constraint().map_err(|(param, why)| ApiError::invalid(param, why))?;
+    let mut logit_bias = Vec::new();
+    for (token, &bias) in f.logit_bias.iter().flatten() {
+        let id = token.trim().parse::<u32>().ok().filter(|&id| (id as usize) < vocab).ok_or_else(|| {
+            ApiError::invalid(
+                "logit_bias",
+                format!("`{token}` is not a token id of this model's vocabulary (0 to {})", vocab.saturating_sub(1)),
+            )
+        })?;
+        logit_bias.push((id, bias));
+    }
+    logit_bias.sort_by_key(|&(t, _)| t);
     let n = f.n.unwrap_or(1);
     if !(1..=16).contains(&n) {
         return Err(ApiError::invalid("n", format!("n must be between 1 and 16, got {n}")));
@@ -227,6 +243,7 @@ fn sampling(
         ignore_eos: f.ignore_eos.unwrap_or(false),
         logprobs,
         constraint,
+        logit_bias,
     };
     p.validate().map_err(|e| ApiError::invalid(e.param, e.message))?;
     Ok((p, n as usize))
@@ -278,25 +295,68 @@ async fn chat(State(s): State<S>, Extension(caller): Extension<Caller>, body: Re
         if r.messages.is_empty() {
             return Err(ApiError::invalid("messages", "messages must not be empty"));
         }
-        let mut messages = Vec::with_capacity(r.messages.len());
+        let (tools, tool_choice) = read_tools(r.tools.as_ref(), r.tool_choice.as_ref()).map_err(|(p, m)| ApiError::invalid(p, m))?;
+        let calling = tool_choice != ToolChoice::None;
+        // A template that renders tools gets them as transformers passes them; for one that does
+        // not, the tools and the call format go in the system message, and earlier calls and
+        // their results are written in that format.
+        let native = s.tokenizer.template_takes_tools();
+        let mut messages = Vec::with_capacity(r.messages.len() + 1);
         for (i, m) in r.messages.iter().enumerate() {
             if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer" | "tool") {
                 return Err(ApiError::invalid(format!("messages[{i}].role"), format!("unknown role `{}`", m.role)));
             }
             let role = if m.role == "developer" { "system" } else { m.role.as_str() };
-            messages.push(ChatMessage::new(role, flatten(&m.content, i)?));
+            let mut content = flatten(&m.content, i)?;
+            let mut message = ChatMessage::new(role, String::new());
+            if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_empty()) {
+                if native {
+                    message.tool_calls = Some(serde_json::Value::Array(calls.clone()));
+                } else {
+                    for c in calls {
+                        let f = &c["function"];
+                        let args =
+                            f["arguments"].as_str().and_then(|a| serde_json::from_str(a).ok()).unwrap_or_else(|| f["arguments"].clone());
+                        let call = serde_json::json!({"name": f["name"], "arguments": args});
+                        content.push_str(&format!("\n<tool_call>\n{call}\n</tool_call>"));
+                    }
+                    content = content.trim_start().to_string();
+                }
+            }
+            if m.role == "tool" {
+                message.tool_call_id = m.tool_call_id.clone();
+                if !native {
+                    content = format!("<tool_response>\n{content}\n</tool_response>");
+                }
+            }
+            message.content = content;
+            messages.push(message);
+        }
+        if calling && !native {
+            let prompt = tools_prompt(&tools);
+            match messages.first_mut() {
+                Some(first) if first.role == "system" => first.content = format!("{}\n\n{prompt}", first.content),
+                _ => messages.insert(0, ChatMessage::new("system", prompt)),
+            }
         }
         if r.top_logprobs.is_some() && r.logprobs != Some(true) {
             return Err(ApiError::invalid("top_logprobs", "top_logprobs requires logprobs to be true"));
         }
         let logprobs = (r.logprobs == Some(true)).then(|| r.top_logprobs.unwrap_or(0));
+        let template_tools = (calling && native).then_some(r.tools.as_ref()).flatten();
         let prompt = tracing::info_span!("tokenize", otel.name = "template and tokenize", tandem.messages = messages.len() as i64)
-            .in_scope(|| s.tokenizer.encode_chat(&messages))
+            .in_scope(|| s.tokenizer.encode_chat_with_tools(&messages, template_tools))
             .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
         let context = max_context(&s)?;
         let requested = r.max_completion_tokens.or(r.max_tokens);
         let default_max = context.saturating_sub(prompt.len()).max(1);
-        let (params, n) = sampling(&r.sampling, requested, default_max, logprobs)?;
+        let (mut params, n) = sampling(&r.sampling, requested, default_max, logprobs, s.tokenizer.vocab_size())?;
+        if let Some(forced) = forced_call(&tools, &tool_choice) {
+            if params.constraint.is_some() {
+                return Err(ApiError::invalid("tool_choice", "a forced tool call cannot be combined with another output constraint"));
+            }
+            params.constraint = Some(forced);
+        }
         check_length(prompt.len(), params.max_tokens, context, if requested.is_some() { "max_tokens" } else { "messages" })?;
         spans::gen_ai_request(&span, &params, n);
         Ok(Job {
@@ -306,6 +366,7 @@ async fn chat(State(s): State<S>, Extension(caller): Extension<Caller>, body: Re
             stream: r.sampling.stream.unwrap_or(false),
             include_usage: r.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
             span: span.clone(),
+            tools: calling.then(|| Arc::new(tools)),
         })
     });
     answer::<ChatRenderer>(s, caller, job, span).await
@@ -357,7 +418,7 @@ async fn completions(State(s): State<S>, Extension(caller): Extension<Caller>, b
             return Err(ApiError::invalid("prompt", format!("token ids must be below the vocabulary size {vocab}")));
         }
         let context = max_context(&s)?;
-        let (params, n) = sampling(&r.sampling, r.max_tokens, 16, r.logprobs)?;
+        let (params, n) = sampling(&r.sampling, r.max_tokens, 16, r.logprobs, s.tokenizer.vocab_size())?;
         for p in &prompts {
             check_length(p.len(), params.max_tokens, context, if r.max_tokens.is_some() { "max_tokens" } else { "prompt" })?;
         }
@@ -369,6 +430,7 @@ async fn completions(State(s): State<S>, Extension(caller): Extension<Caller>, b
             stream: r.sampling.stream.unwrap_or(false),
             include_usage: r.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
             span: span.clone(),
+            tools: None,
         })
     });
     answer::<CompletionRenderer>(s, caller, job, span).await
@@ -432,7 +494,10 @@ async fn respond<R: Renderer>(s: S, caller: Caller, job: Job) -> Response {
     let id = new_id(R::ID_PREFIX);
     let rxs = start_choices(&s, &job, &id, ticket);
     let id_header = HeaderValue::from_str(&id).ok();
-    let renderer = R::new(job.params.logprobs.is_some());
+    let mut renderer = R::new(job.params.logprobs.is_some());
+    if let Some(tools) = &job.tools {
+        renderer = renderer.with_tools(tools.clone());
+    }
     let envelope = Envelope { id, model: s.cfg.model_name.clone(), span: job.span.clone() };
     let usage = UsageTally::new(&job.prompts, job.n);
     let mut resp = if job.stream {

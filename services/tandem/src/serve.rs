@@ -309,15 +309,15 @@ pub struct AccessArgs {
     #[arg(long, env = "TANDEM_RATE_LIMIT_TPM", default_value_t = 0)]
     pub rate_limit_tpm: u64,
     /// Most requests waiting for their first token at once; past it, 503 with Retry-After.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, env = "TANDEM_MAX_WAITING_REQUESTS", default_value_t = 1024)]
     pub max_waiting_requests: usize,
     /// Most prompt tokens waiting for their first token at once; past it, 503 with Retry-After.
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, env = "TANDEM_MAX_WAITING_PROMPT_TOKENS", default_value_t = 1 << 20)]
     pub max_waiting_prompt_tokens: usize,
     /// Refuse (503 with Retry-After) a request whose predicted wait for its first token, the
     /// requests waiting (itself included) over the rate they recently left the queue at, is
     /// longer than this (0: no bound). Set it a little under the TTFT objective.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "TANDEM_MAX_QUEUE_WAIT_MS", default_value_t = 0)]
     pub max_queue_wait_ms: u64,
 }
 

@@ -473,14 +473,16 @@ async fn tokenize_detokenize_and_the_model_root() {
     assert_eq!(status, 404, "{v}");
     let models: Value = client().get(format!("{}/v1/models", c.base)).send().await.unwrap().json().await.unwrap();
     assert_eq!(models["data"][0]["root"], MODEL);
+    let version: Value = client().get(format!("{}/version", c.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(version["version"], env!("CARGO_PKG_VERSION"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn parameters_not_carried_out_are_refused_by_name() {
     let c = cluster();
     for (extra, param) in [
-        (json!({"tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]}), "tools"),
-        (json!({"logit_bias": {"42": 100}}), "logit_bias"),
+        (json!({"functions": [{"name": "get_weather", "parameters": {}}]}), "functions"),
+        (json!({"function_call": {"name": "get_weather"}}), "function_call"),
     ] {
         let (status, v) = post(&c.base, "/v1/chat/completions", &chat_body("Hi", extra.clone())).await;
         assert_eq!(status, 400, "{extra}: {v}");
@@ -493,6 +495,34 @@ async fn parameters_not_carried_out_are_refused_by_name() {
     let noop = json!({"max_tokens": 2, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "logit_bias": {}});
     let (status, v) = post(&c.base, "/v1/chat/completions", &chat_body("Hi", noop)).await;
     assert_eq!(status, 200, "{v}");
+}
+
+/// `logit_bias` moves the draw: a greedy first token banned (−100) gives way to another, and a
+/// token favoured by +100 is drawn every time.
+#[tokio::test(flavor = "multi_thread")]
+async fn logit_bias_moves_the_draw() {
+    let c = cluster();
+    let first = |extra: Value| {
+        let mut body = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 3, "temperature": 0, "logprobs": 0});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        async move {
+            let (status, v) = post(&c.base, "/v1/completions", &body).await;
+            assert_eq!(status, 200, "{v}");
+            v["choices"][0]["logprobs"]["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect::<Vec<_>>()
+        }
+    };
+    let plain = first(json!({})).await;
+    let greedy = tokenizer().encode(&plain[0]).unwrap();
+    assert_eq!(greedy.len(), 1, "{plain:?}");
+    let banned = first(json!({"logit_bias": {greedy[0].to_string(): -100}})).await;
+    assert_ne!(banned[0], plain[0]);
+    let forced = tokenizer().encode(" Paris").unwrap()[0];
+    let favoured = first(json!({"logit_bias": {forced.to_string(): 100}, "temperature": 1, "seed": 3})).await;
+    assert!(favoured.iter().all(|t| tokenizer().encode(t).unwrap() == vec![forced]), "{favoured:?}");
+    for bias in [json!({"abc": 1}), json!({"1": 101}), json!({"999999999": 1})] {
+        let (status, v) = post(&c.base, "/v1/completions", &json!({"model": MODEL, "prompt": "x", "logit_bias": bias})).await;
+        assert_eq!((status, v["error"]["param"].as_str()), (400, Some("logit_bias")), "{v}");
+    }
 }
 
 /// Structured output through the disaggregated path: the first token is drawn on the prefill

@@ -25,6 +25,91 @@ class Person(pydantic.BaseModel):
     address: Address
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The time now in a timezone",
+        "parameters": {"type": "object", "properties": {"timezone": {"type": "string", "maxLength": 30}}, "required": ["timezone"]},
+    },
+}
+
+
+def check_weather_args(arguments: str) -> None:
+    args = json.loads(arguments)
+    assert set(args) == {"city", "unit"} and isinstance(args["city"], str) and args["unit"] in ("celsius", "fahrenheit"), args
+
+
+def tool_calls(client: openai.OpenAI, model: str) -> None:
+    """A named and a required call fit their schemas at temperature 1, streamed and not; a call's
+    result goes back through the template and the model answers."""
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(
+        model=model, messages=ask, tools=[WEATHER, CLOCK], tool_choice=named, temperature=1, seed=1, max_tokens=100
+    )
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls", r
+    call = choice.message.tool_calls[0]
+    assert call.type == "function" and call.id and call.function.name == "get_weather", call
+    check_weather_args(call.function.arguments)
+
+    for seed in range(2):
+        r = client.chat.completions.create(
+            model=model, messages=ask, tools=[WEATHER, CLOCK], tool_choice="required", temperature=1, seed=seed, max_tokens=100
+        )
+        c = r.choices[0].message.tool_calls[0]
+        assert c.function.name in ("get_weather", "get_time"), r
+        if c.function.name == "get_weather":
+            check_weather_args(c.function.arguments)
+        else:
+            assert isinstance(json.loads(c.function.arguments)["timezone"], str)
+
+    names, arguments, finish = [], "", None
+    stream = client.chat.completions.create(
+        model=model, messages=ask, tools=[WEATHER], tool_choice=named, temperature=1, seed=2, max_tokens=100, stream=True
+    )
+    for chunk in stream:
+        for ch in chunk.choices:
+            for tc in ch.delta.tool_calls or []:
+                if tc.function.name:
+                    names.append(tc.function.name)
+                arguments += tc.function.arguments or ""
+            finish = ch.finish_reason or finish
+    assert names == ["get_weather"] and finish == "tool_calls", (names, finish)
+    check_weather_args(arguments)
+
+    history = ask + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 degrees and sunny"},
+    ]
+    final = client.chat.completions.create(
+        model=model, messages=history, tools=[WEATHER, CLOCK], tool_choice="none", temperature=0, max_tokens=30
+    )
+    assert final.choices[0].message.content and final.choices[0].finish_reason in ("stop", "length"), final
+
+    try:
+        client.chat.completions.create(
+            model=model, messages=ask, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}
+        )
+        raise AssertionError("a tool_choice naming no tool was accepted")
+    except openai.BadRequestError as e:
+        assert "tool_choice" in str(e)
+
+
 def structured_output(client: openai.OpenAI, model: str) -> None:
     """At temperature 1 the small model would rarely write valid JSON of this shape unaided; the
     constraint makes every answer parse and validate, streamed or not."""
@@ -126,6 +211,7 @@ def main() -> None:
         assert "temperature" in str(e)
 
     structured_output(client, model)
+    tool_calls(client, model)
 
     print("all openai client checks passed")
 

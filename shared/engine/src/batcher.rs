@@ -345,6 +345,7 @@ impl Batcher {
                     && p.frequency_penalty == 0.0
                     && p.logprobs.is_none()
                     && r.req.grammar.is_none()
+                    && p.logit_bias.is_empty()
                     && r.output.len() >= p.min_tokens)
         })
     }

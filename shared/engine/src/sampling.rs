@@ -103,6 +103,11 @@ fn step_rng(seed: u64, step: usize) -> StdRng {
 /// Picks the next token. `logits` is consumed as scratch space.
 pub fn sample(mut logits: Vec<f32>, p: &SamplingParams, ctx: &SampleContext<'_>) -> Sampled {
     apply_penalties(&mut logits, p, ctx);
+    for &(t, bias) in &p.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += bias;
+        }
+    }
     for &t in ctx.suppress {
         if let Some(l) = logits.get_mut(t as usize) {
             *l = f32::NEG_INFINITY;

@@ -89,7 +89,7 @@ prop_compose! {
     ) -> pb::SamplingParams {
         pb::SamplingParams {
             temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,
-            max_tokens, min_tokens, stop_token_ids, ignore_eos, logprobs, constraint: String::new(),
+            max_tokens, min_tokens, stop_token_ids, ignore_eos, logprobs, constraint: String::new(), logit_bias: Default::default(),
         }
     }
 }

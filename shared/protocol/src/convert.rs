@@ -19,6 +19,7 @@ impl From<&SamplingParams> for pb::SamplingParams {
             ignore_eos: p.ignore_eos,
             logprobs: p.logprobs,
             constraint: p.constraint.as_ref().and_then(|c| serde_json::to_string(c).ok()).unwrap_or_default(),
+            logit_bias: p.logit_bias.iter().copied().collect(),
         }
     }
 }
@@ -43,6 +44,11 @@ impl From<&pb::SamplingParams> for SamplingParams {
             // An unreadable constraint is refused where requests are validated
             // (`tandem_engine::grpc::new_request`), not dropped here.
             constraint: (!p.constraint.is_empty()).then(|| serde_json::from_str(&p.constraint).ok()).flatten(),
+            logit_bias: {
+                let mut b: Vec<(u32, f32)> = p.logit_bias.iter().map(|(&t, &v)| (t, v)).collect();
+                b.sort_by_key(|&(t, _)| t);
+                b
+            },
         }
     }
 }
@@ -60,6 +66,7 @@ mod tests {
             logprobs: Some(2),
             stop_token_ids: vec![9],
             constraint: Some(crate::Constraint::Regex { pattern: "[a-z]+".into() }),
+            logit_bias: vec![(3, -100.0), (11, 2.5)],
             ..Default::default()
         };
         let back = SamplingParams::from(&pb::SamplingParams::from(&p));

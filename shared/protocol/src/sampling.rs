@@ -29,6 +29,8 @@ pub struct SamplingParams {
     pub logprobs: Option<u32>,
     /// What the text must match (structured output); every step's logits are masked to it.
     pub constraint: Option<crate::Constraint>,
+    /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`, −100 to 100).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -49,6 +51,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             logprobs: None,
             constraint: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -101,6 +104,14 @@ impl SamplingParams {
         )?;
         check(self.stop.len() <= 16, "stop", "at most 16 stop sequences are allowed".into())?;
         check(self.stop.iter().all(|s| !s.is_empty()), "stop", "stop sequences must not be empty".into())?;
+        check(self.logit_bias.len() <= 300, "logit_bias", "at most 300 tokens may be biased".into())?;
+        for &(t, b) in &self.logit_bias {
+            check(
+                b.is_finite() && (-100.0..=100.0).contains(&b),
+                "logit_bias",
+                format!("the bias of token {t} must be between -100 and 100, got {b}"),
+            )?;
+        }
         if let Some(n) = self.logprobs {
             check(n <= MAX_TOP_LOGPROBS, "top_logprobs", format!("at most {MAX_TOP_LOGPROBS} alternatives per position, got {n}"))?;
         }
@@ -116,6 +127,9 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` reached, or the context is full.
     Length,
+    /// The message is tool calls (chat, with `tools`).
+    #[serde(rename = "tool_calls")]
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -123,6 +137,7 @@ impl FinishReason {
         match self {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
         }
     }
 }

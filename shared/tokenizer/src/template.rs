@@ -7,15 +7,21 @@ use serde::{Deserialize, Serialize};
 use crate::{Result, TokenizerError};
 
 /// One message of a conversation, content already flattened to text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant message's tool calls (OpenAI's shape), for templates that render them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A `tool` message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self { role: role.into(), content: content.into() }
+        Self { role: role.into(), content: content.into(), tool_calls: None, tool_call_id: None }
     }
 }
 
@@ -23,6 +29,7 @@ impl ChatMessage {
 #[derive(Clone)]
 pub struct ChatTemplate {
     env: Arc<minijinja::Environment<'static>>,
+    takes_tools: bool,
 }
 
 const NAME: &str = "chat";
@@ -50,14 +57,34 @@ impl ChatTemplate {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
         env.add_template_owned(NAME, source.to_string()).map_err(|e| TokenizerError::Template(e.to_string()))?;
-        Ok(Self { env: Arc::new(env) })
+        // Templates that render tool definitions read a `tools` variable (as transformers passes
+        // it); one that never mentions it would drop them.
+        Ok(Self { env: Arc::new(env), takes_tools: source.contains("tools") })
+    }
+
+    /// Whether the template renders the `tools` it is given.
+    pub fn takes_tools(&self) -> bool {
+        self.takes_tools
     }
 
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool, bos_token: &str, eos_token: &str) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt, bos_token, eos_token)
+    }
+
+    /// As [`Self::render`], with the request's tools (OpenAI's `tools` list) as `tools`.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String> {
         let template = self.env.get_template(NAME).map_err(|e| TokenizerError::Template(e.to_string()))?;
         template
             .render(minijinja::context! {
                 messages => messages,
+                tools => tools,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => bos_token,
                 eos_token => eos_token,

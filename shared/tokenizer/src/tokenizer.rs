@@ -159,21 +159,42 @@ impl Tokenizer {
 
     /// Renders the model's own chat template.
     pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.apply_chat_template_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders the model's own chat template with the request's tools.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .template
             .as_ref()
             .ok_or_else(|| TokenizerError::Template("this model has no chat template; use a raw completion".into()))?;
-        template.render(
+        template.render_with_tools(
             messages,
+            tools,
             add_generation_prompt,
             self.bos.as_ref().map(|(t, _)| t.as_str()).unwrap_or(""),
             self.eos.as_deref().unwrap_or(""),
         )
     }
 
+    /// Whether the model's chat template renders tool definitions.
+    pub fn template_takes_tools(&self) -> bool {
+        self.template.as_ref().is_some_and(ChatTemplate::takes_tools)
+    }
+
     /// The template's output tokenized. The template writes its own special tokens, so the
     /// tokenizer's post-processor is skipped and BOS is never doubled.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
-        self.encode_with(&self.apply_chat_template(messages, true)?, false)
+        self.encode_chat_with_tools(messages, None)
+    }
+
+    /// As [`Self::encode_chat`], with the request's tools.
+    pub fn encode_chat_with_tools(&self, messages: &[ChatMessage], tools: Option<&serde_json::Value>) -> Result<Vec<u32>> {
+        self.encode_with(&self.apply_chat_template_with_tools(messages, tools, true)?, false)
     }
 }

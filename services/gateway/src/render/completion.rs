@@ -62,7 +62,7 @@ impl Renderer for CompletionRenderer {
         CompletionChoice { finish_reason: None, index, logprobs, text }
     }
 
-    fn finish(&self, index: usize, reason: FinishReason) -> CompletionChoice {
+    fn finish(&mut self, index: usize, reason: FinishReason) -> CompletionChoice {
         CompletionChoice { finish_reason: Some(reason), index, logprobs: None, text: String::new() }
     }
 }

@@ -40,7 +40,15 @@ pub(crate) trait Renderer: Send + 'static {
     fn delta(&mut self, index: usize, text: String, tokens: &[TokenOut]) -> Self::Chunk;
 
     /// The end of choice `index`.
-    fn finish(&self, index: usize, reason: FinishReason) -> Self::Chunk;
+    fn finish(&mut self, index: usize, reason: FinishReason) -> Self::Chunk;
+
+    /// Reads tool calls out of the text (chat with `tools`); other endpoints have none.
+    fn with_tools(self, _tools: std::sync::Arc<Vec<tandem_protocol::openai::tools::Tool>>) -> Self
+    where
+        Self: Sized,
+    {
+        self
+    }
 }
 
 /// What every response and chunk of one request repeats.

@@ -70,7 +70,8 @@ impl<R: Renderer> EventStream<R> {
                 }
                 Some((i, Ok(ChoiceEvent::Done { reason, usage }))) => {
                     self.usage.record(i, usage, reason);
-                    vec![self.chunk(vec![self.renderer.finish(i, reason)], None)]
+                    let c = self.renderer.finish(i, reason);
+                    vec![self.chunk(vec![c], None)]
                 }
                 Some((_, Err(e))) => {
                     // The HTTP status is already sent: report in-band, then end the stream.

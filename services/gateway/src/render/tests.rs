@@ -183,13 +183,15 @@ fn a_completion_chunk_of_another_choice() {
 async fn an_error_after_the_stream_started_goes_in_band_and_ends_it() {
     let rxs = choices(vec![vec![Err(ApiError::new(ErrorCode::Unavailable, "decode worker failed mid-request: gone"))]]);
     let events = sse_data::<CompletionRenderer>(false, true, UsageTally::new(&[vec![1]], 1), rxs).await;
+    // Compared as JSON: the key order of an object is serde_json's to choose (it keeps
+    // insertion order where a dependency enables that).
+    assert_eq!(events.len(), 2, "{events:?}");
+    let error: serde_json::Value = serde_json::from_str(&events[0]).unwrap();
     assert_eq!(
-        events,
-        [
-            r#"{"error":{"code":"unavailable","message":"decode worker failed mid-request: gone","param":null,"type":"service_unavailable_error"}}"#,
-            "[DONE]"
-        ]
+        error,
+        serde_json::json!({"error": {"message": "decode worker failed mid-request: gone", "type": "service_unavailable_error", "param": null, "code": "unavailable"}})
     );
+    assert_eq!(events[1], "[DONE]");
 }
 
 #[test]

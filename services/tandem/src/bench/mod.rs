@@ -1,6 +1,7 @@
 //! `tandem bench …`: benchmarks that print and save results (JSON), one module each, and what
 //! they share: the result rows of the transfer benchmarks, the machine's description, payloads.
 
+mod constraint;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod engine;
@@ -24,6 +25,8 @@ pub enum BenchCommand {
     Store(store::StoreArgs),
     /// Prefill and decode speed of the CPU engine on a model (the default unless --model).
     Cpu(cpu::CpuArgs),
+    /// What structured output costs per token on the CPU engine (constrained against not).
+    Constraint(constraint::ConstraintArgs),
     /// Decode and prefill speed of the CUDA engine on performance shapes (random weights).
     #[cfg(feature = "cuda")]
     Engine(engine::EngineArgs),
@@ -60,6 +63,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         #[cfg(feature = "cuda")]
         BenchCommand::GpuCheck(args) => engine::check(&args),
         BenchCommand::Cpu(args) => cpu::run(&args),
+        BenchCommand::Constraint(args) => constraint::run(&args),
         BenchCommand::Store(args) => store::run(&args),
         BenchCommand::GpuPeer(args) => {
             let rows = gpu_peer::run(&args)?;

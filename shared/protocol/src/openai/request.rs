@@ -45,6 +45,11 @@ pub struct ContentPart {
 pub struct ChatMessageIn {
     pub role: String,
     pub content: Option<MessageContent>,
+    /// An assistant message's calls, as an earlier response gave them.
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` message: the call it answers.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
 }
 
 /// Sampling fields shared by both endpoints, including the extensions vLLM users expect.
@@ -67,6 +72,8 @@ pub struct SamplingFields {
     pub stream_options: Option<StreamOptions>,
     /// Parameters clients send that this server does not carry out yet. Read only to refuse
     /// them by name: ignoring them would answer with something the client did not ask for.
+    /// OpenAI's `logit_bias`: token id (as a string key) to a bias from −100 to 100.
+    pub logit_bias: Option<std::collections::HashMap<String, f32>>,
     /// Structured output (`response_format`, vLLM's `guided_*` and `structured_outputs`).
     #[serde(flatten)]
     pub output_format: crate::constraint::OutputFormatFields,
@@ -81,7 +88,6 @@ pub struct UnsupportedFields {
     pub tool_choice: Option<serde_json::Value>,
     pub functions: Option<serde_json::Value>,
     pub function_call: Option<serde_json::Value>,
-    pub logit_bias: Option<serde_json::Value>,
     pub best_of: Option<serde_json::Value>,
 }
 
@@ -98,18 +104,17 @@ impl UnsupportedFields {
             Some(_) => true,
         };
         let not_yet = |what: &str| format!("{what} is not supported by this server yet; the answer would not follow it");
-        for (name, v) in [("tools", &self.tools), ("functions", &self.functions)] {
-            if set(v) {
-                return Some((name, not_yet("tool calling")));
-            }
-        }
-        for (name, v) in [("tool_choice", &self.tool_choice), ("function_call", &self.function_call)] {
+        // Chat reads `tools` and `tool_choice` itself; here they are a completion's.
+        for (name, v) in [("tools", &self.tools), ("tool_choice", &self.tool_choice)] {
             if set(v) && !matches!(v.as_ref().and_then(Value::as_str), Some("none" | "auto")) {
-                return Some((name, not_yet("tool calling")));
+                return Some((name, "tool calling is for /v1/chat/completions".to_string()));
             }
         }
-        if set(&self.logit_bias) {
-            return Some(("logit_bias", not_yet("`logit_bias`")));
+        if set(&self.functions) {
+            return Some(("functions", not_yet("the legacy `functions` API (use `tools`)")));
+        }
+        if set(&self.function_call) && !matches!(self.function_call.as_ref().and_then(Value::as_str), Some("none" | "auto")) {
+            return Some(("function_call", not_yet("the legacy `function_call` API (use `tool_choice`)")));
         }
         if let Some(b) = &self.best_of {
             if !b.is_null() && b.as_u64() != Some(u64::from(n)) {
@@ -124,6 +129,9 @@ impl UnsupportedFields {
 pub struct ChatCompletionRequest {
     pub model: String,
     pub messages: Vec<ChatMessageIn>,
+    /// Functions the model may call (see [`super::tools`]).
+    pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
     pub max_tokens: Option<u32>,
     pub max_completion_tokens: Option<u32>,
     pub logprobs: Option<bool>,
@@ -181,11 +189,9 @@ mod tests {
         let base = r#""model":"m","messages":[]"#;
         for (extra, refused) in [
             (r#""response_format":{"type":"json_object"}"#, None),
-            (r#""tools":[{"type":"function","function":{"name":"f"}}]"#, Some("tools")),
-            (r#""tools":[],"tool_choice":"none""#, None),
-            (r#""tool_choice":"required""#, Some("tool_choice")),
-            (r#""logit_bias":{"50256":-100}"#, Some("logit_bias")),
-            (r#""logit_bias":{}"#, None),
+            (r#""tools":[{"type":"function","function":{"name":"f"}}]"#, None),
+            (r#""functions":[{"name":"f"}]"#, Some("functions")),
+            (r#""logit_bias":{"50256":-100}"#, None),
             (r#""best_of":3"#, Some("best_of")),
             (r#""best_of":2,"n":2"#, None),
             (r#""guided_choice":["a","b"]"#, None),

@@ -109,8 +109,11 @@ impl Choice for ChatChoice {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessage {
-    pub content: String,
+    /// `null` when the message is only tool calls.
+    pub content: Option<String>,
     pub role: Role,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<super::tools::ToolCall>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -133,6 +136,8 @@ pub struct ChatDelta {
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<Role>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<super::tools::ToolCallDelta>>,
 }
 
 /// Chat logprobs: one entry per sampled token.
@@ -254,9 +259,9 @@ mod tests {
 
     #[test]
     fn a_chat_delta_leaves_out_what_it_does_not_add() {
-        let role = ChatDelta { content: Some(String::new()), role: Some(Role::Assistant) };
+        let role = ChatDelta { content: Some(String::new()), role: Some(Role::Assistant), tool_calls: None };
         assert_eq!(json(&role), r#"{"content":"","role":"assistant"}"#);
-        assert_eq!(json(&ChatDelta { content: Some("Hi".into()), role: None }), r#"{"content":"Hi"}"#);
+        assert_eq!(json(&ChatDelta { content: Some("Hi".into()), role: None, tool_calls: None }), r#"{"content":"Hi"}"#);
         assert_eq!(json(&ChatDelta::default()), "{}");
     }
 
