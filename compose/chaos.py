@@ -100,11 +100,16 @@ class Load:
             t.join()
 
 
-def container(p, service, index=0):
-    """A running container of `service` (stopped ones are left out)."""
+def containers(p, service):
+    """The running containers of `service` (stopped ones are left out)."""
     out = subprocess.run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={p}",
                           "--filter", f"label=com.docker.compose.service={service}"], capture_output=True, text=True, check=True)
-    return sorted(out.stdout.split())[index]
+    return sorted(out.stdout.split())
+
+
+def container(p, service, index=0):
+    """A running container of `service`."""
+    return containers(p, service)[index]
 
 
 def docker(*args):
@@ -143,11 +148,20 @@ def faults(p):
         return run
 
     def corrupting_prefill(seconds):
-        # A third prefill worker whose every second handoff has a byte flipped after its
-        # checksums were taken; it drains and leaves when the fault is lifted.
+        # For the window, the only prefill worker is one that flips a byte in every second
+        # handoff after its checksums were taken: it joins, then the two others drain and stop
+        # (so no cached prefix routes around it); it leaves when the fault is lifted.
         def run():
+            originals = containers(p, "prefill")
             out = compose(p, "run", "-d", "--no-deps", "-e", "TANDEM_FAULT_CORRUPT_KV_EVERY=2", "prefill")
             cid = out.stdout.strip().splitlines()[-1]
+
+            def joined():
+                status, body = get(f"{GATEWAY}/ready")
+                return status == 200 and json.loads(body).get("prefill_workers") == len(originals) + 1
+            wait("the corrupting prefill worker is routable", 180, joined)
+            for c in originals:
+                docker("stop", "-t", "60", c)
             time.sleep(seconds)
             docker("stop", "-t", "60", cid)
             docker("rm", "-f", cid)
@@ -196,6 +210,7 @@ def main():
     ap.add_argument("--lead", type=float, default=10.0)
     ap.add_argument("--recover", type=float, default=30.0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default=None, help="run only the faults whose name contains this; with --out, their entries replace those of the same name there")
     args = ap.parse_args()
     p = args.project
     compose(p, "down", "-v", "--remove-orphans", check=False)
@@ -213,6 +228,8 @@ def main():
             baseline = statistics.median(base) if base else 0
             result["baseline_completions_per_5s"] = baseline
             for name, fault in faults(p):
+                if args.only and args.only not in name:
+                    continue
                 time.sleep(args.lead)
                 before = counters()
                 began = time.time()
@@ -249,6 +266,12 @@ def main():
     print("\n fault                                   sent  failed  differing  p99 TTFT  back after")
     for f in result["faults"]:
         print(f" {f['fault']:38} {f['sent']:5} {f['failed']:7} {f['differing']:10}  {f['p99_ttft_during_s']}  {f['throughput_back_after_s']}")
+    if args.out and args.only and os.path.exists(args.out):
+        with open(args.out) as f:
+            earlier = json.load(f)
+        fresh = {e["fault"]: e for e in result["faults"]}
+        earlier["faults"] = [fresh.pop(e["fault"], e) for e in earlier["faults"]] + list(fresh.values())
+        result = earlier
     if args.out:
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
         with open(args.out, "w") as f:

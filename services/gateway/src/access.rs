@@ -7,12 +7,12 @@
 //!   request is admitted): token buckets that refill continuously; over either, a 429 whose
 //!   `Retry-After` says when the bucket will hold enough again.
 //! - Admission: requests waiting for their first token (queued or in prefill) are bounded by
-//!   count and by prompt tokens, and optionally by the wait the queue predicts (its size over
-//!   the rate at which it has been draining); past any, a 503 whose `Retry-After` comes from that
-//!   rate. An admitted request is not slowed by the ones
+//!   count and by prompt tokens, and optionally by the wait the queue predicts (the requests
+//!   ahead, and the newcomer itself, times the pace at which requests left the queue while the
+//!   cluster was busy); past any, a 503 whose `Retry-After` comes from that prediction. An admitted request is not slowed by the ones
 //!   refused, which is the point: at twice the capacity the admitted ones keep their latency.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -113,12 +113,18 @@ impl Bucket {
 struct Waiting {
     requests: usize,
     tokens: usize,
-    /// When recent waiting requests left the queue, for the drain rate.
-    departures: VecDeque<Instant>,
+    /// When the last waiting request left the queue, and whether some request has waited ever
+    /// since (the cluster was busy all along, so the time between departures is its pace).
+    last_departure: Option<Instant>,
+    busy_since_last: bool,
+    /// Seconds between departures while busy, smoothed: the queue's drain pace. Idle time does
+    /// not count, so a burst after a quiet spell is judged by how fast the cluster serves, not
+    /// by how little it was asked before.
+    pace: Option<f64>,
 }
 
-/// How far back departures count toward the drain rate.
-const DRAIN_WINDOW: Duration = Duration::from_secs(30);
+/// Weight of the newest interval in the smoothed pace (about the last ten departures count).
+const PACE_WEIGHT: f64 = 0.1;
 
 pub(crate) struct Access {
     cfg: AccessConfig,
@@ -195,15 +201,10 @@ impl Access {
     /// waiting set has lately taken to drain that far.
     pub fn admit(self: &Arc<Self>, prompt_tokens: usize) -> Result<Ticket, Refusal> {
         let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        while w.departures.front().is_some_and(|t| now.duration_since(*t) > DRAIN_WINDOW) {
-            w.departures.pop_front();
-        }
-        // Requests a second that recently left the queue; unknown (zero) until some have.
-        let rate = w.departures.len() as f64 / DRAIN_WINDOW.as_secs_f64();
         // Its own turn included: with that many ahead of it, the newcomer's first token comes
         // after theirs and its own, which makes the bound comparable to a TTFT objective.
-        let predicted_wait = (rate > 0.0).then(|| Duration::from_secs_f64((w.requests + 1) as f64 / rate));
+        // Unknown until the cluster has been seen busy.
+        let predicted_wait = w.pace.map(|pace| Duration::from_secs_f64((w.requests + 1) as f64 * pace));
         let full_requests = w.requests + 1 > self.cfg.max_waiting_requests;
         // One request larger than the whole token bound still gets in when nothing waits.
         let full_tokens = w.requests > 0 && w.tokens + prompt_tokens > self.cfg.max_waiting_prompt_tokens;
@@ -232,18 +233,24 @@ impl Access {
         w.requests += 1;
         w.tokens += prompt_tokens;
         self.metrics.waiting.set(w.requests as i64);
-        Ok(Ticket { access: self.clone(), tokens: prompt_tokens })
+        Ok(Ticket { access: self.clone(), tokens: prompt_tokens, admitted: Instant::now() })
     }
 
-    fn leave(&self, tokens: usize) {
+    fn leave(&self, tokens: usize, admitted: Instant) {
         let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
         w.requests = w.requests.saturating_sub(1);
         w.tokens = w.tokens.saturating_sub(tokens);
         let now = Instant::now();
-        w.departures.push_back(now);
-        while w.departures.len() > 4096 || w.departures.front().is_some_and(|t| now.duration_since(*t) > DRAIN_WINDOW) {
-            w.departures.pop_front();
+        if let (Some(last), true) = (w.last_departure, w.busy_since_last) {
+            let interval = now.duration_since(last).as_secs_f64();
+            w.pace = Some(w.pace.map_or(interval, |p| p + PACE_WEIGHT * (interval - p)));
+        } else if w.pace.is_none() {
+            // Before the cluster has been seen busy, the first request's own wait is the best
+            // guess at the pace (a cautious one: it is a whole request's time to first token).
+            w.pace = Some(now.duration_since(admitted).as_secs_f64());
         }
+        w.last_departure = Some(now);
+        w.busy_since_last = w.requests > 0;
         self.metrics.waiting.set(w.requests as i64);
     }
 }
@@ -253,11 +260,12 @@ impl Access {
 pub(crate) struct Ticket {
     access: Arc<Access>,
     tokens: usize,
+    admitted: Instant,
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.access.leave(self.tokens);
+        self.access.leave(self.tokens, self.admitted);
     }
 }
 
@@ -322,19 +330,26 @@ mod tests {
 
     #[test]
     fn a_predicted_wait_over_the_bound_is_refused() {
-        let cfg = AccessConfig { max_queue_wait: Duration::from_secs(25), ..AccessConfig::default() };
+        let cfg = AccessConfig { max_queue_wait: Duration::from_millis(300), ..AccessConfig::default() };
         let a = Arc::new(Access::new(cfg, Metrics::new("m").unwrap()));
-        // No rate known yet: admitted whatever waits.
-        let waiting: Vec<_> = (0..3).map(|_| a.admit(1).ok().unwrap()).collect();
-        // Three left in the last 30 s: 0.1 a second, so a request's first token is predicted
-        // 10 s per request ahead of it, plus 10 s for its own.
-        drop(waiting);
-        let held: Vec<_> = (0..2).map(|_| a.admit(1).ok().unwrap()).collect();
-        // With none and one waiting, 10 s and 20 s (within 25 s); with two, 30 s: over it.
+        // No pace known yet: admitted whatever waits.
+        let mut waiting: Vec<_> = (0..3).map(|_| a.admit(1).ok().unwrap()).collect();
+        // While busy, departures 200 ms apart, then one at once: a pace of about 0.18 s.
+        std::thread::sleep(Duration::from_millis(200));
+        drop(waiting.pop());
+        std::thread::sleep(Duration::from_millis(200));
+        drop(waiting.pop());
+        drop(waiting.pop());
+        // Idle time does not count: the queue was empty before this request came, so its
+        // departure 400 ms later is not a sample of the pace.
+        std::thread::sleep(Duration::from_millis(400));
+        let first = a.admit(1).ok().unwrap();
+        drop(first);
+        // A newcomer alone is predicted one pace (within 300 ms); behind one other, two: over.
+        let held = a.admit(1).ok().unwrap();
         let refused = a.admit(1).err().unwrap();
         assert!(refused.error.message.contains("capacity"), "{}", refused.error.message);
-        let secs = refused.retry_after.as_secs_f64();
-        assert!((secs - 5.0).abs() < 0.01, "retry after the wait beyond the bound: {secs}");
+        assert_eq!(refused.retry_after, Duration::from_secs(1), "the wait beyond the bound, at least a second");
         drop(held);
     }
 }

@@ -62,7 +62,7 @@ fn schema() -> serde_json::Value {
             "role": {"enum": ["admin", "user", "guest"]},
             "address": {
                 "type": "object",
-                "properties": {"city": {"type": "string", "maxLength": 24}, "postcode": {"type": "integer"}},
+                "properties": {"city": {"type": "string", "maxLength": 24}, "postcode": {"type": "integer", "minimum": 0, "maximum": 99999}},
                 "required": ["city", "postcode"],
                 "additionalProperties": false
             }
