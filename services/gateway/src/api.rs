@@ -103,8 +103,7 @@ async fn tokenize(State(s): State<S>, body: Result<Bytes, BytesRejection>) -> Re
             (None, Some(ms)) => {
                 let mut messages = Vec::with_capacity(ms.len());
                 for (i, m) in ms.iter().enumerate() {
-                    messages
-                        .push(ChatMessage::new(if m.role == "developer" { "system" } else { m.role.as_str() }, flatten(&m.content, i)?));
+                    messages.push(chat_message(m, i, s.tokenizer.template_takes_tools())?);
                 }
                 s.tokenizer.encode_chat(&messages).map_err(|e| ApiError::invalid("messages", e.to_string()))?
             }
@@ -287,6 +286,34 @@ fn flatten(content: &Option<MessageContent>, i: usize) -> Result<String, ApiErro
     }
 }
 
+/// One request message for the chat template. With a template that renders tools (`native`),
+/// an assistant's calls and a tool's answer go to it as they are; otherwise they are written
+/// into the text as the Hermes-style blocks the tools prompt asks for.
+fn chat_message(m: &tandem_protocol::openai::ChatMessageIn, i: usize, native: bool) -> Result<ChatMessage, ApiError> {
+    let role = if m.role == "developer" { "system" } else { m.role.as_str() };
+    let mut message = ChatMessage::new(role, flatten(&m.content, i)?);
+    if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_empty()) {
+        if native {
+            message.tool_calls = Some(serde_json::Value::Array(calls.clone()));
+        } else {
+            for c in calls {
+                let f = &c["function"];
+                let args = f["arguments"].as_str().and_then(|a| serde_json::from_str(a).ok()).unwrap_or_else(|| f["arguments"].clone());
+                let call = serde_json::json!({"name": f["name"], "arguments": args});
+                message.content.push_str(&format!("\n<tool_call>\n{call}\n</tool_call>"));
+            }
+            message.content = message.content.trim_start().to_string();
+        }
+    }
+    if m.role == "tool" {
+        message.tool_call_id = m.tool_call_id.clone();
+        if !native {
+            message.content = format!("<tool_response>\n{}\n</tool_response>", message.content);
+        }
+    }
+    Ok(message)
+}
+
 async fn chat(State(s): State<S>, Extension(caller): Extension<Caller>, body: Result<Bytes, BytesRejection>) -> Response {
     let span = spans::gen_ai("chat", &s.cfg.model_name);
     let job = span.in_scope(|| {
@@ -306,31 +333,7 @@ async fn chat(State(s): State<S>, Extension(caller): Extension<Caller>, body: Re
             if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer" | "tool") {
                 return Err(ApiError::invalid(format!("messages[{i}].role"), format!("unknown role `{}`", m.role)));
             }
-            let role = if m.role == "developer" { "system" } else { m.role.as_str() };
-            let mut content = flatten(&m.content, i)?;
-            let mut message = ChatMessage::new(role, String::new());
-            if let Some(calls) = m.tool_calls.as_ref().filter(|c| !c.is_empty()) {
-                if native {
-                    message.tool_calls = Some(serde_json::Value::Array(calls.clone()));
-                } else {
-                    for c in calls {
-                        let f = &c["function"];
-                        let args =
-                            f["arguments"].as_str().and_then(|a| serde_json::from_str(a).ok()).unwrap_or_else(|| f["arguments"].clone());
-                        let call = serde_json::json!({"name": f["name"], "arguments": args});
-                        content.push_str(&format!("\n<tool_call>\n{call}\n</tool_call>"));
-                    }
-                    content = content.trim_start().to_string();
-                }
-            }
-            if m.role == "tool" {
-                message.tool_call_id = m.tool_call_id.clone();
-                if !native {
-                    content = format!("<tool_response>\n{content}\n</tool_response>");
-                }
-            }
-            message.content = content;
-            messages.push(message);
+            messages.push(chat_message(m, i, native)?);
         }
         if calling && !native {
             let prompt = tools_prompt(&tools);
