@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -66,6 +67,13 @@ def one(prompt):
                     ttft = time.time() - sent
                 text += v["choices"][0].get("text") or ""
         return text, ttft, None
+    except urllib.error.HTTPError as e:
+        # The gateway's refusal says why (OpenAI's error shape).
+        try:
+            message = json.loads(e.read()).get("error", {}).get("message")
+        except Exception:  # noqa: BLE001 - a body that is not the error shape
+            message = None
+        return text, ttft, f"HTTP {e.code}: {message}"
     except Exception as e:  # noqa: BLE001 - every failure counts
         return text, ttft, repr(e)
 
@@ -163,6 +171,11 @@ def faults(p):
             for c in originals:
                 docker("stop", "-t", "60", c)
             time.sleep(seconds)
+            # Lifting the fault: the healthy workers come back first, so the stack is never left
+            # without a prefill worker; then the corrupting one drains and goes.
+            for c in originals:
+                docker("start", c)
+            wait("the healthy prefill workers are routable again", 180, joined)
             docker("stop", "-t", "60", cid)
             docker("rm", "-f", cid)
         return run

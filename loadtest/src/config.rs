@@ -2,7 +2,12 @@
 
 use std::time::Duration;
 
+use serde_json::{Map, Value};
+
 use crate::{LoadtestError, Result};
+
+/// The latencies a result can report statistics for, in the order they are printed.
+pub const METRICS: [&str; 4] = ["ttft", "tpot", "itl", "e2el"];
 
 /// One run against one target. Built from flags by `cli`, or directly by tests.
 #[derive(Debug, Clone)]
@@ -32,9 +37,26 @@ pub struct BenchConfig {
     pub seed: u64,
     /// Bound on one request, connect to `[DONE]`.
     pub request_timeout: Duration,
+    /// How long to wait for the target to serve a first request before the run; zero starts
+    /// at once.
+    pub ready_check_timeout: Duration,
+    /// Headers sent with every request (and with `GET /v1/models`), after `Content-Type` and
+    /// the `Authorization` that `OPENAI_API_KEY` gives, which they override.
+    pub headers: Vec<(String, String)>,
+    /// Accept any certificate of an `https://` target.
+    pub insecure: bool,
+    /// Send `ignore_eos: true`.
+    pub ignore_eos: bool,
+    /// Fields merged last into every request body: sampling parameters and `--extra-body`.
+    pub extra_body: Map<String, Value>,
     pub goodput: Option<Slo>,
-    /// Percentiles reported for every latency metric, e.g. `[90.0, 99.0]`.
+    /// Metrics whose mean, median, standard deviation and percentiles are reported, a subset
+    /// of `METRICS`.
+    pub percentile_metrics: Vec<String>,
+    /// Percentiles reported for each of `percentile_metrics`, e.g. `[99.0]`.
     pub percentiles: Vec<f64>,
+    /// Write the per-request lists to the result file.
+    pub save_detailed: bool,
     pub show_progress: bool,
     /// Labels for the result file.
     pub tokenizer_id: String,
@@ -58,8 +80,15 @@ impl BenchConfig {
             duration: None,
             seed: 0,
             request_timeout: Duration::from_secs(600),
+            ready_check_timeout: Duration::ZERO,
+            headers: Vec::new(),
+            insecure: false,
+            ignore_eos: false,
+            extra_body: Map::new(),
             goodput: None,
-            percentiles: vec![90.0, 99.0],
+            percentile_metrics: ["ttft", "tpot", "itl"].map(String::from).to_vec(),
+            percentiles: vec![99.0],
+            save_detailed: false,
             show_progress: false,
             tokenizer_id: String::new(),
             dataset_name: "random".into(),
@@ -103,8 +132,63 @@ impl BenchConfig {
         if self.percentiles.iter().any(|p| !(0.0..=100.0).contains(p)) {
             return bad("--metric-percentiles must lie in 0..=100");
         }
+        if let Some(m) = self.percentile_metrics.iter().find(|m| !METRICS.contains(&m.as_str())) {
+            return Err(LoadtestError::Config(format!("--percentile-metrics: {m:?} is not one of ttft, tpot, itl, e2el")));
+        }
         Ok(())
     }
+
+    /// Whether statistics of `metric` are reported.
+    pub fn reports(&self, metric: &str) -> bool {
+        self.percentile_metrics.iter().any(|m| m == metric)
+    }
+}
+
+/// `http://HOST:PORT` unless a base URL is given, which wins, as in `vllm bench serve`; an IPv6
+/// host is bracketed.
+pub fn target_url(base_url: Option<&str>, host: &str, port: u16) -> String {
+    match base_url {
+        Some(url) => url.to_string(),
+        None if host.contains(':') && !host.starts_with('[') => format!("http://[{host}]:{port}"),
+        None => format!("http://{host}:{port}"),
+    }
+}
+
+/// Parses `KEY=VALUE` headers; the key and value are trimmed, the value may hold `=`.
+pub fn parse_headers(items: &[String]) -> Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|item| {
+            let (k, v) = item
+                .split_once('=')
+                .filter(|(k, _)| !k.trim().is_empty())
+                .ok_or_else(|| LoadtestError::Config(format!("--header {item:?}: expected KEY=VALUE")))?;
+            Ok((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+/// The fields merged into every request body: the sampling parameters given, then
+/// `--extra-body` (a JSON object), whose fields win.
+pub fn request_extras(sampling: &[(&str, Option<Value>)], extra_body: Option<&str>) -> Result<Map<String, Value>> {
+    let mut body: Map<String, Value> = sampling.iter().filter_map(|(k, v)| Some((k.to_string(), v.clone()?))).collect();
+    if let Some(text) = extra_body {
+        let bad = |m: String| LoadtestError::Config(format!("--extra-body: {m}"));
+        match serde_json::from_str::<Value>(text).map_err(|e| bad(e.to_string()))? {
+            Value::Object(fields) => body.extend(fields),
+            other => return Err(bad(format!("expected a JSON object, got {other}"))),
+        }
+    }
+    Ok(body)
+}
+
+/// Parses `ttft,tpot,itl`.
+pub fn parse_metrics(text: &str) -> Result<Vec<String>> {
+    let metrics: Vec<String> = text.split(',').map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect();
+    if let Some(m) = metrics.iter().find(|m| !METRICS.contains(&m.as_str())) {
+        return Err(LoadtestError::Config(format!("--percentile-metrics: {m:?} is not one of ttft, tpot, itl, e2el")));
+    }
+    Ok(metrics)
 }
 
 /// Service-level objectives in milliseconds; a request is good when it meets every one given.
@@ -163,6 +247,41 @@ mod tests {
         assert_eq!(c.url("/v1/completions"), "http://h:1/v1/completions");
         c.base_url = "http://h:1".into();
         assert_eq!(c.url("/v1/models"), "http://h:1/v1/models");
+    }
+
+    #[test]
+    fn host_and_port_unless_a_base_url_wins() {
+        assert_eq!(target_url(None, "10.0.0.2", 9000), "http://10.0.0.2:9000");
+        assert_eq!(target_url(None, "::1", 8000), "http://[::1]:8000");
+        assert_eq!(target_url(Some("https://api.example.com/v1"), "10.0.0.2", 9000), "https://api.example.com/v1");
+    }
+
+    #[test]
+    fn headers_and_extra_body_parse() {
+        let h = parse_headers(&["x-a = 1".into(), "Authorization=Bearer a=b".into()]).unwrap();
+        assert_eq!(h, vec![("x-a".into(), "1".into()), ("Authorization".into(), "Bearer a=b".into())]);
+        assert!(parse_headers(&["novalue".into()]).is_err());
+        assert!(parse_headers(&["=v".into()]).is_err());
+        let sampling = [("temperature", Some(serde_json::json!(0.0))), ("top_p", None), ("top_k", Some(serde_json::json!(5)))];
+        let body = request_extras(&sampling, Some(r#"{"top_k": 7, "chat_template_kwargs": {"enable_thinking": false}}"#)).unwrap();
+        assert_eq!(
+            Value::Object(body),
+            serde_json::json!({"temperature": 0.0, "top_k": 7, "chat_template_kwargs": {"enable_thinking": false}})
+        );
+        assert!(request_extras(&[], Some("[1]")).is_err());
+        assert!(request_extras(&[], Some("{")).is_err());
+        assert!(request_extras(&[], None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn percentile_metrics_are_checked() {
+        assert_eq!(parse_metrics("ttft, e2el").unwrap(), vec!["ttft", "e2el"]);
+        assert!(parse_metrics("ttft,latency").is_err());
+        let mut c = BenchConfig::new("http://h:1", "m");
+        c.num_prompts = Some(1);
+        assert!(c.reports("tpot") && !c.reports("e2el"));
+        c.percentile_metrics = vec!["queue".into()];
+        assert!(c.validate().is_err());
     }
 
     #[test]

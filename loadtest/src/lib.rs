@@ -24,8 +24,8 @@ pub use config::{BenchConfig, Slo};
 pub use dataset::{DatasetSpec, SampleRequest};
 pub use failure::FailureKind;
 pub use result::BenchResult;
-pub use runner::{run_benchmark, RunReport};
-pub use tokens::{load_tokenizer, TokenCounter};
+pub use runner::{run_benchmark, wait_until_ready, RunReport};
+pub use tokens::{load_tokenizer, resolve_tokenizer, TokenCounter};
 
 /// Everything that can stop a benchmark before it starts or after it ends. Failures of single
 /// requests are not errors: they are counted in the result.

@@ -95,8 +95,16 @@ pub fn max_in_flight(outcomes: &[RequestOutcome]) -> usize {
     most as usize
 }
 
-/// The result of a run from its outcomes (in request order) and its wall time in seconds.
-pub fn aggregate(info: RunInfo, outcomes: &[RequestOutcome], duration: f64, slo: Option<&Slo>, percentiles: &[f64]) -> BenchResult {
+/// The result of a run from its outcomes (in request order) and its wall time in seconds, with
+/// statistics of the named `metrics` (of ttft, tpot, itl, e2el) only, as vLLM writes them.
+pub fn aggregate(
+    info: RunInfo,
+    outcomes: &[RequestOutcome],
+    duration: f64,
+    slo: Option<&Slo>,
+    metrics: &[String],
+    percentiles: &[f64],
+) -> BenchResult {
     let ok: Vec<&RequestOutcome> = outcomes.iter().filter(|o| o.is_ok()).collect();
     let ms = |f: &dyn Fn(&RequestOutcome) -> f64| ok.iter().map(|o| f(o) * 1000.0).collect::<Vec<f64>>();
     let ttft = ms(&|o| o.ttft);
@@ -107,6 +115,9 @@ pub fn aggregate(info: RunInfo, outcomes: &[RequestOutcome], duration: f64, slo:
 
     let mut latency = BTreeMap::new();
     for (name, values) in [("ttft", &ttft), ("tpot", &tpot), ("itl", &itl), ("e2el", &e2el)] {
+        if !metrics.iter().any(|m| m == name) {
+            continue;
+        }
         let s = stats(values, percentiles);
         latency.insert(format!("mean_{name}_ms"), s.mean);
         latency.insert(format!("median_{name}_ms"), s.median);
@@ -142,11 +153,14 @@ pub fn aggregate(info: RunInfo, outcomes: &[RequestOutcome], duration: f64, slo:
         failures_by_kind: count_by_kind(outcomes.iter().filter_map(|o| o.error.as_ref())),
         input_lens: outcomes.iter().map(|o| o.prompt_len).collect(),
         output_lens: outcomes.iter().map(|o| if o.is_ok() { o.output_len } else { 0 }).collect(),
+        start_times: outcomes.iter().map(|o| o.sent_at).collect(),
         ttfts: outcomes.iter().map(|o| if o.is_ok() { o.ttft } else { 0.0 }).collect(),
         itls: outcomes.iter().map(|o| if o.is_ok() { o.itl.clone() } else { Vec::new() }).collect(),
-        e2els: outcomes.iter().map(|o| if o.is_ok() { o.e2el } else { 0.0 }).collect(),
+        latencies: outcomes.iter().map(|o| if o.is_ok() { o.e2el } else { 0.0 }).collect(),
+        queue_times: outcomes.iter().map(|o| o.queue_time).collect(),
         generated_texts: outcomes.iter().map(|o| if o.is_ok() { o.generated_text.clone() } else { String::new() }).collect(),
         errors: outcomes.iter().map(|o| o.error.as_ref().map(|f| format!("{}: {}", f.kind, f.message)).unwrap_or_default()).collect(),
+        detailed: false,
     }
 }
 
@@ -187,7 +201,8 @@ mod tests {
         };
         let outcomes = [ok(0.1, 1.1, 11), ok(0.3, 1.3, 11), failed];
         let slo = Slo { ttft_ms: Some(200.0), ..Default::default() };
-        let r = aggregate(RunInfo::default(), &outcomes, 2.0, Some(&slo), &[99.0]);
+        let all: Vec<String> = crate::config::METRICS.map(String::from).to_vec();
+        let r = aggregate(RunInfo::default(), &outcomes, 2.0, Some(&slo), &all, &[99.0]);
         assert_eq!((r.completed, r.failed, r.num_prompts), (2, 1, 3));
         assert_eq!((r.total_input_tokens, r.total_output_tokens), (20, 22));
         assert_eq!(r.request_throughput, 1.0);
@@ -199,6 +214,31 @@ mod tests {
         assert_eq!(r.failures_by_kind["overloaded"], 1);
         assert_eq!(r.output_lens, vec![11, 11, 0]);
         assert!(r.errors[2].starts_with("overloaded"));
+        assert_eq!(r.latencies, vec![1.1, 1.3, 0.0]);
+    }
+
+    #[test]
+    fn only_the_chosen_metrics_and_percentiles_are_written() {
+        let outcomes = [ok(0.1, 1.1, 11), ok(0.3, 1.3, 11)];
+        let metrics = vec!["ttft".to_string(), "e2el".to_string()];
+        let r = aggregate(RunInfo::default(), &outcomes, 2.0, None, &metrics, &[50.0, 99.9]);
+        let mut keys: Vec<&str> = r.latency.keys().map(String::as_str).collect();
+        keys.sort();
+        let mut want = vec![
+            "mean_ttft_ms",
+            "median_ttft_ms",
+            "std_ttft_ms",
+            "p50_ttft_ms",
+            "p99.9_ttft_ms",
+            "mean_e2el_ms",
+            "median_e2el_ms",
+            "std_e2el_ms",
+            "p50_e2el_ms",
+            "p99.9_e2el_ms",
+        ];
+        want.sort();
+        assert_eq!(keys, want);
+        assert!((r.latency["p50_ttft_ms"] - 200.0).abs() < 1e-9);
     }
 
     fn at(sent_at: f64, ttft: f64, itl: &[f64]) -> RequestOutcome {

@@ -15,8 +15,9 @@ fn rule(title: &str, fill: char) -> String {
     format!("{left}{title}{right}\n")
 }
 
-/// The summary of `r`, ending with a line per kind of failure that happened.
-pub fn summary(r: &BenchResult, percentiles: &[f64]) -> String {
+/// The summary of `r` with the statistics of `metrics`, ending with a line per kind of failure
+/// that happened.
+pub fn summary(r: &BenchResult, metrics: &[String], percentiles: &[f64]) -> String {
     let mut s = rule("Serving Benchmark Result", '=');
     let mut row = |label: &str, value: String| {
         let _ = writeln!(s, "{:<40} {value:>9}", format!("{label}:"));
@@ -45,6 +46,9 @@ pub fn summary(r: &BenchResult, percentiles: &[f64]) -> String {
         ("itl", "ITL", "Inter-token Latency"),
         ("e2el", "E2EL", "End-to-end Latency"),
     ] {
+        if !metrics.iter().any(|m| m == key) {
+            continue;
+        }
         s.push_str(&rule(title, '-'));
         let value = |name: String| format!("{:.2}", r.latency.get(&name).copied().unwrap_or(0.0));
         let mut row = |label: String, value: String| {

@@ -1,5 +1,5 @@
 //! The result file. Field names follow `vllm bench serve`'s, so tools written for its files
-//! read ours; `max_in_flight`, `failures_by_kind` and `e2els` are our additions.
+//! read ours; `max_in_flight` and `failures_by_kind` are our additions.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -39,9 +39,14 @@ fn rate<S: Serializer>(r: &f64, s: S) -> std::result::Result<S::Ok, S::Error> {
     }
 }
 
+/// The per-request lists written only with `--save-detailed`, as vLLM leaves them out without
+/// it (`latencies` and `queue_times` it always writes).
+pub const DETAILED_FIELDS: [&str; 7] = ["input_lens", "output_lens", "start_times", "ttfts", "itls", "generated_texts", "errors"];
+
 /// One run's result. Latencies in the summary are milliseconds; the per-request lists
-/// (`ttfts`, `itls`, `e2els`) are seconds, one entry per request sent, in order, zero or empty
-/// for failed requests, whose `errors` entry says why (empty for completed ones).
+/// (`start_times`, `ttfts`, `itls`, `latencies`, `queue_times`) are seconds, one entry per
+/// request sent, in order, zero or empty for failed requests, whose `errors` entry says why
+/// (empty for completed ones).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BenchResult {
     #[serde(flatten)]
@@ -67,30 +72,47 @@ pub struct BenchResult {
     pub max_concurrent_requests: usize,
     /// Most requests in flight at one instant, failed ones included.
     pub max_in_flight: usize,
-    /// `mean_ttft_ms`, `median_ttft_ms`, `std_ttft_ms`, `p99_ttft_ms`, ... for ttft, tpot, itl
-    /// and e2el.
+    /// `mean_ttft_ms`, `median_ttft_ms`, `std_ttft_ms`, `p99_ttft_ms`, ... for each metric of
+    /// `--percentile-metrics`.
     #[serde(flatten)]
     pub latency: BTreeMap<String, f64>,
     pub failures_by_kind: BTreeMap<String, usize>,
     pub input_lens: Vec<usize>,
     pub output_lens: Vec<usize>,
+    /// Send times, seconds after the run's first send could go out.
+    pub start_times: Vec<f64>,
     pub ttfts: Vec<f64>,
     pub itls: Vec<Vec<f64>>,
-    pub e2els: Vec<f64>,
+    /// End-to-end latency of each request: send to `[DONE]`.
+    pub latencies: Vec<f64>,
+    /// Time each request waited for a `--max-concurrency` slot after its arrival time.
+    pub queue_times: Vec<f64>,
     pub generated_texts: Vec<String>,
     pub errors: Vec<String>,
+    /// Whether the file gets the `DETAILED_FIELDS` (`--save-detailed`).
+    #[serde(skip)]
+    pub detailed: bool,
 }
 
 impl BenchResult {
+    /// The result as written: without the `DETAILED_FIELDS` unless `detailed`.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::to_value(self).expect("a result always serializes")
+        let mut v = serde_json::to_value(self).expect("a result always serializes");
+        if !self.detailed {
+            if let Some(fields) = v.as_object_mut() {
+                for key in DETAILED_FIELDS {
+                    fields.remove(key);
+                }
+            }
+        }
+        v
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| LoadtestError::io(dir, e))?;
         }
-        let text = serde_json::to_string(self).expect("a result always serializes");
+        let text = serde_json::to_string(&self.to_json()).expect("a result always serializes");
         std::fs::write(path, text).map_err(|e| LoadtestError::io(path, e))
     }
 
@@ -155,6 +177,22 @@ mod tests {
         let labelled = RunInfo { label: Some("tandem-cpu".into()), ..info };
         assert_eq!(result(labelled.clone()).default_filename(), "tandem-cpu-4qps-m-20250101-000000.json");
         assert_eq!(result(labelled).to_json()["label"], "tandem-cpu");
+    }
+
+    #[test]
+    fn per_request_lists_need_save_detailed() {
+        let r = BenchResult { ttfts: vec![0.1], latencies: vec![0.5], errors: vec![String::new()], ..Default::default() };
+        let plain = r.to_json();
+        for key in DETAILED_FIELDS {
+            assert!(plain.get(key).is_none(), "{key} without --save-detailed");
+        }
+        assert_eq!(plain["latencies"], serde_json::json!([0.5]), "latencies are always written, as vLLM does");
+        assert!(plain.get("queue_times").is_some() && plain.get("e2els").is_none());
+        let detailed = BenchResult { detailed: true, ..r }.to_json();
+        for key in DETAILED_FIELDS {
+            assert!(detailed.get(key).is_some(), "{key} with --save-detailed");
+        }
+        assert!(detailed.get("detailed").is_none());
     }
 
     #[test]

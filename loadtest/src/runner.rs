@@ -82,10 +82,12 @@ pub async fn run_benchmark(cfg: &BenchConfig, requests: &[SampleRequest], counte
         }
         let (target, requests, progress) = (target.clone(), requests.clone(), progress.clone());
         let sent_at = start.elapsed().as_secs_f64();
+        let queue_time = (sent_at - offset.as_secs_f64()).max(0.0);
         tasks.spawn(async move {
             let mut outcome = target.send(&requests[i % requests.len()]).await;
             drop(permit);
             outcome.sent_at = sent_at;
+            outcome.queue_time = queue_time;
             progress.inc(1);
             (i, outcome)
         });
@@ -98,8 +100,35 @@ pub async fn run_benchmark(cfg: &BenchConfig, requests: &[SampleRequest], counte
 
     outcomes.sort_by_key(|(i, _)| *i);
     let outcomes: Vec<RequestOutcome> = outcomes.into_iter().map(|(_, o)| o).collect();
-    let result = aggregate(info, &outcomes, duration, cfg.goodput.as_ref(), &cfg.percentiles);
+    let mut result = aggregate(info, &outcomes, duration, cfg.goodput.as_ref(), &cfg.percentile_metrics, &cfg.percentiles);
+    result.detailed = cfg.save_detailed;
     Ok(RunReport { result, outcomes })
+}
+
+/// How often the ready check asks again.
+const READY_RETRY: Duration = Duration::from_secs(1);
+
+/// Sends `request` until the target serves it, for at most `timeout` (at least one try), as
+/// `vllm bench serve --ready-check-timeout-sec` does before its run. Returns the last failure
+/// when the target never served it.
+pub async fn wait_until_ready(cfg: &BenchConfig, request: &SampleRequest, counter: Arc<TokenCounter>, timeout: Duration) -> Result<()> {
+    let target = Target::new(cfg, counter)?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let outcome = target.send(request).await;
+        let Some(failure) = outcome.error else { return Ok(()) };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(LoadtestError::Target(format!(
+                "{} did not serve a first request within {:.0} s: {}: {}",
+                cfg.url(&cfg.endpoint),
+                timeout.as_secs_f64(),
+                failure.kind,
+                failure.message
+            )));
+        }
+        tokio::time::sleep(left.min(READY_RETRY)).await;
+    }
 }
 
 /// Sends `count` requests (the workload's, in turn) all at once under the concurrency cap, as

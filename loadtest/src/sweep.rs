@@ -52,16 +52,17 @@ pub fn table(results: &[BenchResult]) -> String {
     for r in results {
         let rate = if r.info.request_rate.is_finite() { format!("{:.2}", r.info.request_rate) } else { "inf".into() };
         let goodput = r.request_goodput.map(|g| format!("{g:.2}")).unwrap_or_else(|| "-".into());
-        let ms = |k: &str| r.latency.get(k).copied().unwrap_or(0.0);
+        // A metric left out of --percentile-metrics shows as "-".
+        let ms = |k: &str, digits: usize| r.latency.get(k).map(|v| format!("{v:.digits$}")).unwrap_or_else(|| "-".into());
         let _ = writeln!(
             s,
-            "{rate:>8} {:>9.2} {goodput:>9} {:>10.1} {:>12.1} {:>12.2} {:>11.2} {:>11.1} {:>7}",
+            "{rate:>8} {:>9.2} {goodput:>9} {:>10.1} {:>12} {:>12} {:>11} {:>11} {:>7}",
             r.request_throughput,
             r.output_throughput,
-            ms("median_ttft_ms"),
-            ms("median_tpot_ms"),
-            ms("median_itl_ms"),
-            ms("median_e2el_ms"),
+            ms("median_ttft_ms", 1),
+            ms("median_tpot_ms", 2),
+            ms("median_itl_ms", 2),
+            ms("median_e2el_ms", 1),
             r.failed
         );
     }

@@ -2,14 +2,96 @@
 
 use std::path::{Path, PathBuf};
 
+use tandem_tokenizer::default_model::{model_dir, DEFAULT_MODEL};
 use tandem_tokenizer::{ModelFiles, Tokenizer};
 
 use crate::{LoadtestError, Result};
 
-/// Where `tandem up` keeps its default model; its tokenizer is ours by default.
+/// The tokenizer files fetched from the hub: `tokenizer.json` is needed, the rest are read
+/// when present (special tokens, BOS and EOS).
+const HUB_FILES: [&str; 3] = ["tokenizer_config.json", "config.json", "generation_config.json"];
+
+/// The file of `tandem up`'s default model, in its model folder.
 pub fn default_tokenizer_path() -> PathBuf {
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-    home.join(".cache/tandem/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    model_dir().join(format!("{DEFAULT_MODEL}.Q4_1.gguf"))
+}
+
+/// Loads the tokenizer `spec` names: a local `.gguf`, `tokenizer.json` or model folder; a
+/// Hugging Face hub id (`org/name`), whose tokenizer files are read from the hub's cache or
+/// fetched into it (`HF_HOME`, `HF_ENDPOINT` and `HF_TOKEN` apply); or the name a model in
+/// Tandem's model folder is served under (`SmolLM2-135M-Instruct`). Blocks while it downloads.
+pub fn resolve_tokenizer(spec: &str) -> Result<Tokenizer> {
+    let path = Path::new(spec);
+    if path.exists() {
+        return load_tokenizer(path);
+    }
+    if let Some(local) = in_model_dir(spec) {
+        return load_tokenizer(&local);
+    }
+    if is_hub_id(spec) {
+        return from_hub(spec);
+    }
+    Err(LoadtestError::Config(format!(
+        "tokenizer {spec} does not exist (neither a file, a folder, a hub id nor a model in {})",
+        model_dir().display()
+    )))
+}
+
+/// `org/name`, and not written as a path or a file name.
+fn is_hub_id(spec: &str) -> bool {
+    let mut parts = spec.split('/');
+    let shaped = matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty());
+    let file =
+        Path::new(spec).extension().is_some_and(|e| ["gguf", "json", "safetensors", "bin"].iter().any(|x| e.eq_ignore_ascii_case(x)));
+    shaped && !file && !spec.starts_with(['.', '/', '~']) && !spec.contains('\\') && !spec.chars().any(char::is_whitespace)
+}
+
+/// A model of Tandem's model folder served as `name`: the folder `name`, the file `name.gguf`,
+/// or `name.<quantization>.gguf` (`tandem up` serves a file under its stem, its default model
+/// under its short name).
+fn in_model_dir(name: &str) -> Option<PathBuf> {
+    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        return None;
+    }
+    let dir = model_dir();
+    let folder = dir.join(name);
+    if folder.join("tokenizer.json").is_file() {
+        return Some(folder);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "gguf"))
+        .filter(|p| {
+            p.file_stem().and_then(|s| s.to_str()).is_some_and(|s| s == name || s.strip_prefix(name).is_some_and(|r| r.starts_with('.')))
+        })
+        .collect();
+    files.sort();
+    files.into_iter().next()
+}
+
+/// The tokenizer of a hub model, from the hub's cache when it is there, else fetched.
+fn from_hub(id: &str) -> Result<Tokenizer> {
+    let cached = hf_hub::Cache::from_env().model(id.to_string());
+    let dir = match cached.get("tokenizer.json") {
+        Some(file) => file.parent().map(Path::to_path_buf),
+        None => {
+            let fail = |e: hf_hub::api::sync::ApiError| LoadtestError::Config(format!("tokenizer {id} from the Hugging Face hub: {e}"));
+            let mut api = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false);
+            if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+                api = api.with_token(Some(token.trim().to_string()));
+            }
+            let repo = api.build().map_err(fail)?.model(id.to_string());
+            let file = repo.get("tokenizer.json").map_err(fail)?;
+            for optional in HUB_FILES {
+                // Absent files are fine: not every model has them.
+                let _ = repo.get(optional);
+            }
+            file.parent().map(Path::to_path_buf)
+        }
+    };
+    let dir = dir.ok_or_else(|| LoadtestError::Config(format!("tokenizer {id}: no folder for its files")))?;
+    Ok(Tokenizer::from_folder(&dir)?)
 }
 
 /// Loads a `.gguf` file, a `tokenizer.json` (its folder's `tokenizer_config.json` is read when
@@ -76,5 +158,28 @@ impl TokenCounter {
 
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.vocab_size()
+    }
+}
+
+#[cfg(test)]
+mod resolve_tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_and_paths_are_told_apart() {
+        for id in ["HuggingFaceTB/SmolLM2-135M-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"] {
+            assert!(is_hub_id(id), "{id}");
+        }
+        for not in ["./a/b", "/a/b", "~/m/x", "a/b/c", "models/x.gguf", "org/tokenizer.json", "SmolLM2", "a/"] {
+            assert!(!is_hub_id(not), "{not}");
+        }
+    }
+
+    #[test]
+    fn a_missing_spec_names_itself() {
+        let err = resolve_tokenizer("/nonexistent/model.gguf").expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/model.gguf does not exist"), "{err}");
+        let err = resolve_tokenizer("no-such-served-model").expect_err("missing");
+        assert!(err.to_string().contains("no-such-served-model does not exist"), "{err}");
     }
 }

@@ -29,6 +29,7 @@ async fn run(concurrency: usize, num_prompts: usize, behavior: Behavior, endpoin
     cfg.endpoint = endpoint.into();
     cfg.num_prompts = Some(num_prompts);
     cfg.max_concurrency = Some(concurrency);
+    cfg.percentile_metrics = tandem_loadtest::config::METRICS.map(String::from).to_vec();
     run_benchmark(&cfg, &requests, counter).await.unwrap()
 }
 

@@ -5,8 +5,8 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{counter, spawn, Behavior, MODEL};
-use serde_json::Value;
+use common::{counter, refused_addr, spawn, spawn_at, spawn_tls, Behavior, MODEL};
+use serde_json::{json, Value};
 
 fn loadtest(args: Vec<String>) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tandem-loadtest")).args(args).output().expect("run tandem-loadtest")
@@ -46,8 +46,19 @@ async fn a_run_writes_a_vllm_shaped_result_and_plots() {
         "3",
         "--label",
         "nightly",
+        "--percentile-metrics",
+        "ttft,tpot,itl,e2el",
+        "--metric-percentiles",
+        "90,99",
+        "--header",
+        "x-bench=nightly",
+        "--temperature",
+        "0",
+        "--extra-body",
+        r#"{"seed": 7, "top_k": 1}"#,
     ]));
-    a.extend(args(&["--save-result", "--result-dir", d, "--result-filename", "run.json", "--plot-dir", d, "--disable-tqdm"]));
+    a.extend(args(&["--save-result", "--save-detailed", "--result-dir", d, "--result-filename", "run.json", "--plot-dir", d]));
+    a.push("--disable-tqdm".into());
     let out = tokio::task::spawn_blocking(move || loadtest(a)).await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
@@ -77,8 +88,11 @@ async fn a_run_writes_a_vllm_shaped_result_and_plots() {
         "max_concurrent_requests",
         "input_lens",
         "output_lens",
+        "start_times",
         "ttfts",
         "itls",
+        "latencies",
+        "queue_times",
         "generated_texts",
         "errors",
         "failures_by_kind",
@@ -92,6 +106,20 @@ async fn a_run_writes_a_vllm_shaped_result_and_plots() {
         }
     }
     assert_eq!(r["model_id"], MODEL, "the model is asked from /v1/models");
+    let default_tokenizer = tandem_loadtest::tokens::default_tokenizer_path().display().to_string();
+    assert_eq!(r["tokenizer_id"], default_tokenizer.as_str(), "the tokenizer is the served model's root");
+    assert!(r.get("e2els").is_none(), "vLLM calls them latencies");
+    assert_eq!(r["latencies"].as_array().unwrap().len(), 8);
+    // Every request, warm-ups included, carries the header, the sampling parameters given and
+    // the extra body; the random dataset ignores EOS.
+    let seen = server.seen();
+    assert_eq!(seen.len(), 8 + 3);
+    for s in &seen {
+        assert_eq!(s.headers.get("x-bench").map(|v| v.to_str().unwrap()), Some("nightly"));
+        assert_eq!((&s.body["seed"], &s.body["top_k"], &s.body["temperature"]), (&json!(7), &json!(1), &json!(0.0)));
+        assert_eq!(s.body["ignore_eos"], true);
+        assert!(s.body.get("top_p").is_none(), "sampling parameters not given are not sent");
+    }
     assert_eq!(r["backend"], "openai");
     assert_eq!(r["endpoint_type"], "openai");
     assert_eq!(r["label"], "nightly");
@@ -161,7 +189,7 @@ async fn a_sweep_runs_each_rate_and_compare_reads_the_results() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rate_row = table.lines().find(|l| l.starts_with("request_rate")).unwrap_or_else(|| panic!("{table}"));
     assert!(rate_row.trim_end().ends_with("2.000"), "40 / 20 = 2: {rate_row}");
-    assert!(table.lines().any(|l| l.starts_with("p99_e2el_ms")), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("p99_ttft_ms")), "{table}");
 }
 
 #[test]
@@ -170,4 +198,136 @@ fn a_missing_tokenizer_is_a_clear_error() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("/nonexistent/model.gguf") && stderr.contains("does not exist"), "{stderr}");
+}
+
+/// Latency statistics in a result: `{stat}_{metric}_ms` keys.
+fn latency_keys(r: &Value) -> Vec<String> {
+    let mut keys: Vec<String> = r.as_object().unwrap().keys().filter(|k| k.ends_with("_ms")).cloned().collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defaults_follow_vllm_bench_serve() {
+    let _ = counter();
+    let server = spawn(|_| Behavior::timed(5, 2)).await;
+    let dir = common::scratch();
+    let d = dir.path().to_str().unwrap();
+    let port = server.addr.port().to_string();
+    // --host and --port instead of --base-url; the prefix workload under its old name and flags.
+    let mut a = args(&["--host", "127.0.0.1", "--port", &port, "--model", MODEL, "--dataset-name", "prefix"]);
+    a.extend(args(&["--prefix-len", "8", "--suffix-len", "4", "--num-prefixes", "2", "--output-len", "3", "--num-prompts", "4"]));
+    a.extend(args(&["--save-result", "--result-dir", d, "--result-filename", "r.json", "--disable-tqdm"]));
+    let out = tokio::task::spawn_blocking(move || loadtest(a)).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = read_json(&dir.path().join("r.json"));
+    assert_eq!(r["completed"], 4);
+    assert_eq!(r["dataset_name"], "prefix_repetition");
+    // Only ttft, tpot and itl, only p99.
+    let mut want: Vec<String> =
+        ["ttft", "tpot", "itl"].iter().flat_map(|m| ["mean", "median", "std", "p99"].map(|s| format!("{s}_{m}_ms"))).collect();
+    want.sort();
+    assert_eq!(latency_keys(&r), want);
+    // The per-request lists need --save-detailed; latencies and queue times are always there.
+    for key in ["input_lens", "output_lens", "start_times", "ttfts", "itls", "generated_texts", "errors"] {
+        assert!(r.get(key).is_none(), "{key} without --save-detailed");
+    }
+    assert_eq!(r["latencies"].as_array().unwrap().len(), 4);
+    assert_eq!(r["queue_times"].as_array().unwrap().len(), 4);
+    // No ignore_eos and no sampling parameter unless asked for.
+    for s in server.seen() {
+        for key in ["ignore_eos", "temperature", "top_p", "top_k"] {
+            assert!(s.body.get(key).is_none(), "{key} sent unasked: {}", s.body);
+        }
+        assert_eq!(s.body["max_tokens"], 3);
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("P99 ITL (ms)") && !stdout.contains("E2EL") && !stdout.contains("P90"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_eos_and_percentiles_are_chosen_by_flags() {
+    let _ = counter();
+    let server = spawn(|_| Behavior::timed(5, 2)).await;
+    let dir = common::scratch();
+    let d = dir.path().to_str().unwrap();
+    let mut a = args(&["--base-url", &server.url(), "--dataset-name", "prefix_repetition", "--ignore-eos"]);
+    a.extend(args(&["--prefix-repetition-prefix-len", "8", "--prefix-repetition-suffix-len", "4"]));
+    a.extend(args(&["--prefix-repetition-output-len", "2", "--num-prompts", "3"]));
+    a.extend(args(&["--percentile-metrics", "e2el,ttft", "--metric-percentiles", "50,99.9"]));
+    a.extend(args(&["--save-result", "--result-dir", d, "--result-filename", "r.json", "--disable-tqdm"]));
+    let out = tokio::task::spawn_blocking(move || loadtest(a)).await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = read_json(&dir.path().join("r.json"));
+    let mut want: Vec<String> =
+        ["ttft", "e2el"].iter().flat_map(|m| ["mean", "median", "std", "p50", "p99.9"].map(|s| format!("{s}_{m}_ms"))).collect();
+    want.sort();
+    assert_eq!(latency_keys(&r), want);
+    assert!(server.seen().iter().all(|s| s.body["ignore_eos"] == true && s.body["max_tokens"] == 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_targets_work() {
+    let _ = counter();
+    let server = spawn_tls(|_| Behavior::timed(5, 2));
+    let url = format!("https://localhost:{}", server.addr.port());
+    let a = args(&["--base-url", &url, "--insecure", "--random-input-len", "8", "--random-output-len", "2", "--num-prompts", "3"]);
+    let out = tokio::task::spawn_blocking(move || loadtest(a)).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.lines().any(|l| l.starts_with("Successful requests:") && l.trim_end().ends_with(" 3")), "{stdout}");
+    assert_eq!(server.seen().len(), 3);
+    // Without --insecure the self-signed certificate is refused.
+    let tokenizer = tandem_loadtest::tokens::default_tokenizer_path().display().to_string();
+    let mut a = args(&["--base-url", &url, "--model", MODEL, "--tokenizer", &tokenizer]);
+    a.extend(args(&["--random-input-len", "8", "--random-output-len", "2", "--num-prompts", "1"]));
+    let out = tokio::task::spawn_blocking(move || loadtest(a)).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.lines().any(|l| l.starts_with("Failed requests:") && l.trim_end().ends_with(" 1")), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ready_check_waits_for_a_late_target() {
+    let _ = counter();
+    let addr = refused_addr();
+    let tokenizer = tandem_loadtest::tokens::default_tokenizer_path().display().to_string();
+    let mut a = args(&["--base-url", &format!("http://{addr}"), "--model", MODEL, "--tokenizer", &tokenizer]);
+    a.extend(args(&["--random-input-len", "8", "--random-output-len", "2", "--num-prompts", "2", "--ready-check-timeout-sec", "30"]));
+    let run = tokio::task::spawn_blocking(move || loadtest(a));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let server = spawn_at(addr, |_| Behavior::timed(5, 2));
+    let out = run.await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("Initial test run completed"), "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("Failed requests:") && l.trim_end().ends_with(" 0")), "{stdout}");
+    // The test request, then the run's two.
+    assert_eq!(server.seen().len(), 3);
+}
+
+#[test]
+fn a_target_that_never_answers_fails_the_ready_check() {
+    // A port held open that never answers (a refused port could be taken by a neighbour's
+    // server meanwhile).
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let tokenizer = tandem_loadtest::tokens::default_tokenizer_path().display().to_string();
+    let started = std::time::Instant::now();
+    let mut a = args(&["--base-url", &url, "--model", "m", "--tokenizer", &tokenizer, "--num-prompts", "1"]);
+    a.extend(args(&["--request-timeout", "0.5", "--ready-check-timeout-sec", "1"]));
+    let out = loadtest(a);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("did not serve a first request within 1 s") && stderr.contains("timeout"), "{stderr}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+}
+
+#[test]
+fn without_a_served_tokenizer_the_error_names_the_flag() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let out = loadtest(args(&["--base-url", &url, "--model", "no-such-model", "--num-prompts", "1", "--request-timeout", "0.5"]));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--tokenizer") && stderr.contains("no-such-model"), "{stderr}");
 }

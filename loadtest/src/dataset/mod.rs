@@ -19,7 +19,7 @@ pub struct SampleRequest {
     pub prompt: String,
     /// Prompt tokens as the tokenizer counts them (BOS included when the model adds one).
     pub prompt_len: usize,
-    /// Tokens to generate (`max_tokens`; EOS is ignored).
+    /// Tokens to generate (`max_tokens`; all of them with `--ignore-eos`).
     pub output_len: usize,
 }
 
@@ -42,7 +42,7 @@ impl DatasetSpec {
         match self {
             DatasetSpec::Random { .. } => "random",
             DatasetSpec::ShareGpt { .. } => "sharegpt",
-            DatasetSpec::Prefix { .. } => "prefix",
+            DatasetSpec::Prefix { .. } => "prefix_repetition",
         }
     }
 }

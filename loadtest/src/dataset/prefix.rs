@@ -17,7 +17,7 @@ pub(super) struct Shape {
 /// Request `i` uses prefix `i % num_prefixes`, so every prefix is used about equally often.
 pub(super) fn build(shape: &Shape, counter: &TokenCounter, count: usize, rng: &mut impl Rng) -> Result<Vec<SampleRequest>> {
     if shape.num_prefixes == 0 || shape.prefix_len == 0 {
-        return Err(LoadtestError::Config("--num-prefixes and --prefix-len must be at least 1".into()));
+        return Err(LoadtestError::Config("--prefix-repetition-num-prefixes and --prefix-repetition-prefix-len must be at least 1".into()));
     }
     let prefixes: Vec<String> =
         (0..shape.num_prefixes).map(|_| random_text(counter, rng, shape.prefix_len).map(|(text, _)| text)).collect::<Result<_>>()?;

@@ -1,6 +1,7 @@
 //! A fake OpenAI-compatible server with scripted timing and faults, and the real tokenizer.
 #![allow(dead_code)]
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{StatusCode, Uri};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
@@ -58,16 +59,25 @@ impl Behavior {
 
 type Plan = Arc<dyn Fn(usize) -> Behavior + Send + Sync>;
 
+/// One request as the server saw it: its headers and its JSON body.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
 #[derive(Clone)]
 struct Shared {
     plan: Plan,
     count: Arc<AtomicUsize>,
     arrivals: Arc<Mutex<Vec<Instant>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 pub struct FakeServer {
     pub addr: SocketAddr,
     arrivals: Arc<Mutex<Vec<Instant>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -83,6 +93,11 @@ impl FakeServer {
         a.sort();
         a
     }
+
+    /// Every completion request received, in arrival order.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
 }
 
 impl Drop for FakeServer {
@@ -96,35 +111,116 @@ impl Drop for FakeServer {
     }
 }
 
-pub async fn spawn(plan: impl Fn(usize) -> Behavior + Send + Sync + 'static) -> FakeServer {
-    let shared = Shared { plan: Arc::new(plan), count: Arc::default(), arrivals: Arc::default() };
-    let arrivals = shared.arrivals.clone();
+/// `GET /v1/models` as vLLM answers it: the model's `root` is its path, here the default
+/// model's file, so the load generator finds its tokenizer there.
+fn models() -> Value {
+    let root = tandem_loadtest::tokens::default_tokenizer_path().display().to_string();
+    json!({"object": "list", "data": [{"id": MODEL, "object": "model", "root": root}]})
+}
+
+type Log<T> = Arc<Mutex<Vec<T>>>;
+
+/// The routes of the fake server, with its logs of arrivals and of requests seen.
+fn router(plan: impl Fn(usize) -> Behavior + Send + Sync + 'static) -> (Router, Log<Instant>, Log<Seen>) {
+    let shared = Shared { plan: Arc::new(plan), count: Arc::default(), arrivals: Arc::default(), seen: Arc::default() };
+    let (arrivals, seen) = (shared.arrivals.clone(), shared.seen.clone());
     let app = Router::new()
         .route("/v1/completions", post(complete))
         .route("/v1/chat/completions", post(complete))
-        .route("/v1/models", get(|| async { Json(json!({"object": "list", "data": [{"id": MODEL, "object": "model"}]})) }))
+        .route("/v1/models", get(|| async { Json(models()) }))
         .with_state(shared);
+    (app, arrivals, seen)
+}
+
+pub async fn spawn(plan: impl Fn(usize) -> Behavior + Send + Sync + 'static) -> FakeServer {
+    spawn_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), None, plan)
+}
+
+/// The fake server on this address (one where nothing listens yet).
+pub fn spawn_at(addr: SocketAddr, plan: impl Fn(usize) -> Behavior + Send + Sync + 'static) -> FakeServer {
+    spawn_on(std::net::TcpListener::bind(addr).unwrap(), None, plan)
+}
+
+/// The fake server over TLS, with a self-signed certificate for `localhost`.
+pub fn spawn_tls(plan: impl Fn(usize) -> Behavior + Send + Sync + 'static) -> FakeServer {
+    use tokio_rustls::rustls;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let key = rustls::pki_types::PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
+    let config =
+        rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(vec![certified.cert.der().clone()], key.into()).unwrap();
+    spawn_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), Some(Arc::new(config)), plan)
+}
+
+/// TLS over a TCP listener; connections whose handshake fails are dropped.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        loop {
+            let Ok((tcp, addr)) = self.tcp.accept().await else { continue };
+            let _ = tcp.set_nodelay(true);
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+fn spawn_on(
+    listener: std::net::TcpListener,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    plan: impl Fn(usize) -> Behavior + Send + Sync + 'static,
+) -> FakeServer {
+    let (app, arrivals, seen) = router(plan);
     // The server runs on its own runtime, as a separate process would, so its timers do not
     // queue behind the client's work.
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
-            // Like real servers, no Nagle delay between a chunk and the next.
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap().tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+            let tcp = tokio::net::TcpListener::from_std(listener).unwrap();
+            let stopped = async {
                 let _ = stopped.await;
-            });
-            let _ = tokio::time::timeout(Duration::from_secs(3600), serve).await;
+            };
+            let served = match tls {
+                // Like real servers, no Nagle delay between a chunk and the next.
+                None => {
+                    let listener = tcp.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
+                    tokio::time::timeout(
+                        Duration::from_secs(3600),
+                        axum::serve(listener, app).with_graceful_shutdown(stopped).into_future(),
+                    )
+                    .await
+                }
+                Some(config) => {
+                    let listener = TlsListener { tcp, acceptor: tokio_rustls::TlsAcceptor::from(config) };
+                    tokio::time::timeout(
+                        Duration::from_secs(3600),
+                        axum::serve(listener, app).with_graceful_shutdown(stopped).into_future(),
+                    )
+                    .await
+                }
+            };
+            let _ = served;
         });
         rt.shutdown_background();
     });
-    FakeServer { addr, arrivals, stop: Some(stop), thread: Some(thread) }
+    FakeServer { addr, arrivals, seen, stop: Some(stop), thread: Some(thread) }
 }
 
 /// An address where nothing listens.
@@ -142,9 +238,10 @@ fn chunk(chat: bool, text: &str) -> Bytes {
     Bytes::from(format!("data: {}\n\n", json!({"id": "x", "choices": [choice], "usage": null})))
 }
 
-async fn complete(State(s): State<Shared>, uri: Uri, Json(body): Json<Value>) -> Response {
+async fn complete(State(s): State<Shared>, uri: Uri, headers: HeaderMap, Json(body): Json<Value>) -> Response {
     let now = Instant::now();
     s.arrivals.lock().unwrap().push(now);
+    s.seen.lock().unwrap().push(Seen { headers, body: body.clone() });
     let i = s.count.fetch_add(1, Ordering::SeqCst);
     let chat = uri.path().contains("chat");
     let max_tokens = body.get("max_tokens").or(body.get("max_completion_tokens")).and_then(Value::as_u64).unwrap_or(16) as usize;

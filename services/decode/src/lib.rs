@@ -309,6 +309,8 @@ impl Decode for Service {
                             e = events.next() => e,
                         };
                         let out = match next {
+                            // Scored on the prefill worker, never here.
+                            Some(Event::PromptLogprobs { .. }) => continue,
                             Some(Event::Token { token, logprobs, .. }) => {
                                 tokens += 1;
                                 // Each token from the engine means the one before it is in the

@@ -9,7 +9,9 @@
 //! - Admission: requests waiting for their first token (queued or in prefill) are bounded by
 //!   count and by prompt tokens, and optionally by the wait the queue predicts (the requests
 //!   ahead, and the newcomer itself, times the pace at which requests left the queue while the
-//!   cluster was busy); past any, a 503 whose `Retry-After` comes from that prediction. An admitted request is not slowed by the ones
+//!   cluster was busy, with a margin for how much that pace varies, and never less than the
+//!   queue has already gone without a departure); past any, a 503 whose `Retry-After` comes
+//!   from that prediction. An admitted request is not slowed by the ones
 //!   refused, which is the point: at twice the capacity the admitted ones keep their latency.
 
 use std::collections::HashMap;
@@ -121,10 +123,72 @@ struct Waiting {
     /// not count, so a burst after a quiet spell is judged by how fast the cluster serves, not
     /// by how little it was asked before.
     pace: Option<f64>,
+    /// The intervals' variance about the pace, smoothed the same way (seconds squared).
+    pace_var: f64,
+    /// Since when requests have waited with none leaving (the later of the last departure and
+    /// the moment the queue stopped being empty); `None` while nothing waits.
+    stalled_since: Option<Instant>,
 }
 
 /// Weight of the newest interval in the smoothed pace (about the last ten departures count).
 const PACE_WEIGHT: f64 = 0.1;
+
+/// Standard deviations of margin in a predicted wait: with that many, about one admitted
+/// request in forty waits longer than predicted, where with none, one in two would.
+const WAIT_MARGIN_SD: f64 = 2.0;
+
+impl Waiting {
+    /// How long a newcomer would wait for its first token, its own turn included, or `None`
+    /// before anything is known (nothing waits and the cluster was never seen busy).
+    ///
+    /// With `n` waiting ahead: the interval now running (at least as long as it has run so
+    /// far, which is known before it ends: a queue that stopped draining is seen at once), then
+    /// `n` more at the pace, plus a margin for the intervals' spread that grows as the square
+    /// root of their count, as the spread of a sum of independent intervals does.
+    fn predicted_wait(&self, now: Instant) -> Option<Duration> {
+        let running = self.stalled_since.map_or(0.0, |t| now.duration_since(t).as_secs_f64());
+        let n = self.requests as f64;
+        let secs = match self.pace {
+            Some(pace) => pace.max(running) + n * pace + WAIT_MARGIN_SD * ((n + 1.0) * self.pace_var).sqrt(),
+            // Never seen drain: what has waited so far is the only measure.
+            None if self.requests > 0 => (n + 1.0) * running,
+            None => return None,
+        };
+        Some(Duration::from_secs_f64(secs))
+    }
+
+    /// A departure at `now` of a request admitted at `admitted`.
+    fn depart(&mut self, now: Instant, admitted: Instant) {
+        self.requests = self.requests.saturating_sub(1);
+        if let (Some(last), true) = (self.last_departure, self.busy_since_last) {
+            let interval = now.duration_since(last).as_secs_f64();
+            match self.pace {
+                Some(p) => {
+                    let d = interval - p;
+                    self.pace = Some(p + PACE_WEIGHT * d);
+                    self.pace_var = (1.0 - PACE_WEIGHT) * (self.pace_var + PACE_WEIGHT * d * d);
+                }
+                None => self.pace = Some(interval),
+            }
+        } else if self.pace.is_none() {
+            // Before the cluster has been seen busy, the first request's own wait is the best
+            // guess at the pace (a cautious one: it is a whole request's time to first token).
+            self.pace = Some(now.duration_since(admitted).as_secs_f64());
+        }
+        self.last_departure = Some(now);
+        self.busy_since_last = self.requests > 0;
+        self.stalled_since = (self.requests > 0).then_some(now);
+    }
+
+    /// An arrival at `now`.
+    fn arrive(&mut self, now: Instant, tokens: usize) {
+        if self.requests == 0 {
+            self.stalled_since = Some(now);
+        }
+        self.requests += 1;
+        self.tokens += tokens;
+    }
+}
 
 pub(crate) struct Access {
     cfg: AccessConfig,
@@ -200,11 +264,14 @@ impl Access {
     /// Admits a request of `prompt_tokens` into the waiting set, or refuses it with how long the
     /// waiting set has lately taken to drain that far.
     pub fn admit(self: &Arc<Self>, prompt_tokens: usize) -> Result<Ticket, Refusal> {
+        self.admit_at(prompt_tokens, Instant::now())
+    }
+
+    fn admit_at(self: &Arc<Self>, prompt_tokens: usize, now: Instant) -> Result<Ticket, Refusal> {
         let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
         // Its own turn included: with that many ahead of it, the newcomer's first token comes
         // after theirs and its own, which makes the bound comparable to a TTFT objective.
-        // Unknown until the cluster has been seen busy.
-        let predicted_wait = w.pace.map(|pace| Duration::from_secs_f64((w.requests + 1) as f64 * pace));
+        let predicted_wait = w.predicted_wait(now);
         let full_requests = w.requests + 1 > self.cfg.max_waiting_requests;
         // One request larger than the whole token bound still gets in when nothing waits.
         let full_tokens = w.requests > 0 && w.tokens + prompt_tokens > self.cfg.max_waiting_prompt_tokens;
@@ -230,27 +297,15 @@ impl Access {
                 retry_after,
             });
         }
-        w.requests += 1;
-        w.tokens += prompt_tokens;
+        w.arrive(now, prompt_tokens);
         self.metrics.waiting.set(w.requests as i64);
-        Ok(Ticket { access: self.clone(), tokens: prompt_tokens, admitted: Instant::now() })
+        Ok(Ticket { access: self.clone(), tokens: prompt_tokens, admitted: now })
     }
 
     fn leave(&self, tokens: usize, admitted: Instant) {
         let mut w = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
-        w.requests = w.requests.saturating_sub(1);
         w.tokens = w.tokens.saturating_sub(tokens);
-        let now = Instant::now();
-        if let (Some(last), true) = (w.last_departure, w.busy_since_last) {
-            let interval = now.duration_since(last).as_secs_f64();
-            w.pace = Some(w.pace.map_or(interval, |p| p + PACE_WEIGHT * (interval - p)));
-        } else if w.pace.is_none() {
-            // Before the cluster has been seen busy, the first request's own wait is the best
-            // guess at the pace (a cautious one: it is a whole request's time to first token).
-            w.pace = Some(now.duration_since(admitted).as_secs_f64());
-        }
-        w.last_departure = Some(now);
-        w.busy_since_last = w.requests > 0;
+        w.depart(Instant::now(), admitted);
         self.metrics.waiting.set(w.requests as i64);
     }
 }
@@ -328,28 +383,64 @@ mod tests {
         assert!(refused.retry_after >= Duration::from_secs(1) && refused.retry_after <= Duration::from_secs(60));
     }
 
+    fn ms(t: Instant, ms: u64) -> Instant {
+        t + Duration::from_millis(ms)
+    }
+
+    fn secs(d: Option<Duration>) -> f64 {
+        d.expect("a prediction").as_secs_f64()
+    }
+
+    #[test]
+    fn the_pace_is_learnt_from_busy_departures_only() {
+        let t = Instant::now();
+        let mut w = Waiting::default();
+        assert_eq!(w.predicted_wait(t), None, "nothing known, nothing waiting");
+        for _ in 0..3 {
+            w.arrive(t, 1);
+        }
+        // Never seen drain: only what has waited so far counts.
+        assert!((secs(w.predicted_wait(ms(t, 100))) - 0.4).abs() < 1e-9);
+        // The first departure seeds the pace with its wait; then 200 ms, then 0 ms apart.
+        w.depart(ms(t, 200), t);
+        w.depart(ms(t, 400), t);
+        w.depart(ms(t, 400), t);
+        let pace = w.pace.unwrap();
+        assert!((pace - 0.18).abs() < 1e-9, "{pace}");
+        assert!((w.pace_var - 0.0036).abs() < 1e-9, "{}", w.pace_var);
+        // Idle: one pace plus two standard deviations of margin.
+        assert!((secs(w.predicted_wait(ms(t, 800))) - 0.30).abs() < 1e-9);
+        // A request that came to an empty queue and left 400 ms later is not a sample.
+        w.arrive(ms(t, 800), 1);
+        w.depart(ms(t, 1200), ms(t, 800));
+        assert_eq!(w.pace, Some(pace));
+    }
+
+    #[test]
+    fn a_queue_that_stopped_draining_is_seen_before_anything_leaves() {
+        let t = Instant::now();
+        let mut w = Waiting { pace: Some(0.1), ..Waiting::default() };
+        w.arrive(t, 1);
+        // Just arrived: its interval and the newcomer's, at the pace.
+        assert!((secs(w.predicted_wait(t)) - 0.2).abs() < 1e-9);
+        // A second on, still nothing left: the running interval is at least that long.
+        assert!((secs(w.predicted_wait(ms(t, 1000))) - 1.1).abs() < 1e-9);
+    }
+
     #[test]
     fn a_predicted_wait_over_the_bound_is_refused() {
         let cfg = AccessConfig { max_queue_wait: Duration::from_millis(300), ..AccessConfig::default() };
         let a = Arc::new(Access::new(cfg, Metrics::new("m").unwrap()));
-        // No pace known yet: admitted whatever waits.
-        let mut waiting: Vec<_> = (0..3).map(|_| a.admit(1).ok().unwrap()).collect();
-        // While busy, departures 200 ms apart, then one at once: a pace of about 0.18 s.
-        std::thread::sleep(Duration::from_millis(200));
-        drop(waiting.pop());
-        std::thread::sleep(Duration::from_millis(200));
-        drop(waiting.pop());
-        drop(waiting.pop());
-        // Idle time does not count: the queue was empty before this request came, so its
-        // departure 400 ms later is not a sample of the pace.
-        std::thread::sleep(Duration::from_millis(400));
-        let first = a.admit(1).ok().unwrap();
-        drop(first);
-        // A newcomer alone is predicted one pace (within 300 ms); behind one other, two: over.
-        let held = a.admit(1).ok().unwrap();
-        let refused = a.admit(1).err().unwrap();
+        let t = Instant::now();
+        // Nothing known, nothing waiting: admitted.
+        let held = a.admit_at(1, t).ok().unwrap();
+        // Arrivals close behind it are admitted too, while what has waited is short...
+        let close = a.admit_at(1, ms(t, 50)).ok().unwrap();
+        // ...but a second on, three turns of at least a second each are predicted: refused,
+        // told to come back once the wait is within the bound.
+        let refused = a.admit_at(1, ms(t, 1000)).err().unwrap();
         assert!(refused.error.message.contains("capacity"), "{}", refused.error.message);
-        assert_eq!(refused.retry_after, Duration::from_secs(1), "the wait beyond the bound, at least a second");
-        drop(held);
+        assert_eq!(refused.retry_after, Duration::from_millis(2700));
+        drop((held, close));
     }
 }

@@ -178,6 +178,13 @@ struct Job {
     span: tracing::Span,
     /// Chat with tools: the functions calls are read back for.
     tools: Option<Arc<Vec<Tool>>>,
+    /// Completions with `echo`: the prompts' texts, which each choice starts with.
+    echo: Option<Vec<String>>,
+    /// `echo` with `max_tokens: 0`: the prompts only, no completion.
+    prompt_only: bool,
+    /// `prompt_logprobs` as the client asked it (the params may score the prompts for `echo`
+    /// alone).
+    asked_prompt_logprobs: Option<u32>,
 }
 
 fn check_model(s: &AppState, model: &str) -> Result<(), ApiError> {
@@ -243,8 +250,12 @@ fn sampling(
         logprobs,
         constraint,
         logit_bias,
+        prompt_logprobs: f.prompt_logprobs,
     };
     p.validate().map_err(|e| ApiError::invalid(e.param, e.message))?;
+    if p.prompt_logprobs.is_some() && f.stream == Some(true) {
+        return Err(ApiError::invalid("prompt_logprobs", "prompt_logprobs is not available with stream: true"));
+    }
     Ok((p, n as usize))
 }
 
@@ -370,6 +381,9 @@ async fn chat(State(s): State<S>, Extension(caller): Extension<Caller>, body: Re
             include_usage: r.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
             span: span.clone(),
             tools: calling.then(|| Arc::new(tools)),
+            echo: None,
+            prompt_only: false,
+            asked_prompt_logprobs: r.sampling.prompt_logprobs,
         })
     });
     answer::<ChatRenderer>(s, caller, job, span).await
@@ -391,9 +405,7 @@ async fn completions(State(s): State<S>, Extension(caller): Extension<Caller>, b
     let job = span.in_scope(|| {
         let r: CompletionRequest = parse_body(body)?;
         check_model(&s, &r.model)?;
-        if r.echo == Some(true) {
-            return Err(ApiError::invalid("echo", "echo is not supported"));
-        }
+        let echo = r.echo == Some(true);
         if r.suffix.is_some() {
             return Err(ApiError::invalid("suffix", "suffix is not supported"));
         }
@@ -421,10 +433,28 @@ async fn completions(State(s): State<S>, Extension(caller): Extension<Caller>, b
             return Err(ApiError::invalid("prompt", format!("token ids must be below the vocabulary size {vocab}")));
         }
         let context = max_context(&s)?;
-        let (params, n) = sampling(&r.sampling, r.max_tokens, 16, r.logprobs, s.tokenizer.vocab_size())?;
+        // `echo` with `max_tokens: 0` (how log-likelihoods are asked for): the workers still
+        // produce the one token a prefill ends with, which the client does not get.
+        let prompt_only = echo && r.max_tokens == Some(0);
+        let max_tokens = if prompt_only { Some(1) } else { r.max_tokens };
+        let (mut params, n) = sampling(&r.sampling, max_tokens, 16, r.logprobs, s.tokenizer.vocab_size())?;
+        if echo && params.logprobs.is_some() {
+            // The echoed prompt's tokens come with their log-probabilities too.
+            params.prompt_logprobs = params.prompt_logprobs.max(params.logprobs);
+        }
         for p in &prompts {
             check_length(p.len(), params.max_tokens, context, if r.max_tokens.is_some() { "max_tokens" } else { "prompt" })?;
         }
+        let echo = if echo {
+            let decode = |ids: &[u32]| s.tokenizer.decode(ids).map_err(|e| ApiError::invalid("prompt", e.to_string()));
+            Some(match &r.prompt {
+                PromptSpec::Text(t) => vec![t.clone()],
+                PromptSpec::Texts(ts) => ts.clone(),
+                PromptSpec::Tokens(_) | PromptSpec::TokenLists(_) => prompts.iter().map(|p| decode(p)).collect::<Result<_, _>>()?,
+            })
+        } else {
+            None
+        };
         spans::gen_ai_request(&span, &params, n);
         Ok(Job {
             prompts,
@@ -434,6 +464,9 @@ async fn completions(State(s): State<S>, Extension(caller): Extension<Caller>, b
             include_usage: r.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage),
             span: span.clone(),
             tools: None,
+            echo,
+            prompt_only,
+            asked_prompt_logprobs: r.sampling.prompt_logprobs,
         })
     });
     answer::<CompletionRenderer>(s, caller, job, span).await
@@ -452,6 +485,7 @@ fn start_choices(s: &S, job: &Job, id: &str, ticket: Arc<access::Ticket>) -> Vec
                 params: job.params.clone(),
                 seed: base_seed.wrapping_add(index as u64),
                 admission: Some(ticket.clone()),
+                prompt_only: job.prompt_only,
             };
             out.push(disagg::start(s.clone(), spec));
         }
@@ -497,16 +531,18 @@ async fn respond<R: Renderer>(s: S, caller: Caller, job: Job) -> Response {
     let id = new_id(R::ID_PREFIX);
     let rxs = start_choices(&s, &job, &id, ticket);
     let id_header = HeaderValue::from_str(&id).ok();
-    let mut renderer = R::new(job.params.logprobs.is_some());
+    let mut renderer = R::new(job.params.logprobs);
     if let Some(tools) = &job.tools {
         renderer = renderer.with_tools(tools.clone());
     }
+    // What the client asked of the prompts (the params may score them for `echo` alone).
+    renderer = renderer.with_prompt(job.echo.clone().map(|texts| render::Echo { texts, n: job.n }), job.asked_prompt_logprobs);
     let envelope = Envelope { id, model: s.cfg.model_name.clone(), span: job.span.clone() };
     let usage = UsageTally::new(&job.prompts, job.n);
     let mut resp = if job.stream {
         render::sse(renderer, envelope, job.include_usage, usage, rxs).into_response()
     } else {
-        match render::collect(&renderer, envelope, usage, rxs).await {
+        match render::collect(&mut renderer, envelope, usage, rxs).await {
             Ok(body) => Json(body).into_response(),
             Err(e) => HttpError(e).into_response(),
         }

@@ -430,9 +430,12 @@ impl Service {
         // Dropping `events` (client gone, or this future dropped) cancels the request.
         let submitted = SystemTime::now();
         let mut events = self.engine.submit(req);
-        let mut first = None;
+        let (mut first, mut prompt_logprobs) = (None, Vec::new());
         while let Some(event) = events.next().await {
             match event {
+                Event::PromptLogprobs { logprobs, .. } => {
+                    prompt_logprobs = logprobs.into_iter().map(|l| token_message(l.token, Some(l))).collect();
+                }
                 Event::Token { token, logprobs, .. } => first = Some(token_message(token, logprobs)),
                 Event::Finished { reason, usage, .. } => {
                     self.counters.completed.fetch_add(1, Ordering::Relaxed);
@@ -445,6 +448,7 @@ impl Service {
                         pulled_blocks: pulled as u32,
                         offloaded_blocks: 0,
                         offload_shed_blocks: 0,
+                        prompt_logprobs,
                         ..PrefillResponse::default()
                     }));
                 }
@@ -527,6 +531,7 @@ impl Service {
                         queue_millis: timing.queue.as_secs_f64() * 1e3,
                         compute_millis: timing.compute.as_secs_f64() * 1e3,
                         export_millis: timing.export.as_secs_f64() * 1e3,
+                        prompt_logprobs,
                     }));
                 }
                 Event::Failed { error, .. } => return Err(error.to_status()),

@@ -48,7 +48,8 @@ fn stream(args: GenerateArgs) -> Result<()> {
     let spec = default_model::resolve_spec(args.model.as_deref())?;
     let files = ModelFiles::resolve(&spec)?;
     let tokenizer = Tokenizer::load(&files)?;
-    let engine = crate::serve::open_engine(&files, args.device, 16, None, &BatcherConfig::default()).context("loading the model")?;
+    let engine = crate::serve::open_engine(&files, args.device, &crate::serve::Sizing::default(), &BatcherConfig::default())
+        .context("loading the model")?;
 
     let prompt =
         if args.raw { tokenizer.encode(&args.prompt)? } else { tokenizer.encode_chat(&[ChatMessage::new("user", args.prompt.clone())])? };
@@ -82,6 +83,7 @@ fn stream(args: GenerateArgs) -> Result<()> {
     loop {
         for event in batcher.step() {
             match event {
+                Event::PromptLogprobs { .. } => {}
                 Event::Token { token, .. } => {
                     first_token.get_or_insert_with(|| started.elapsed());
                     if tokenizer.eos_ids().contains(&token) {

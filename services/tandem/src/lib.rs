@@ -7,6 +7,7 @@ mod generate;
 mod serve;
 mod transports;
 mod up;
+mod vllm_serve;
 
 use clap::{Parser, Subcommand};
 
@@ -90,9 +91,20 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Fetch the default model (if missing) and print its path.
     FetchModel,
+    /// Fetch a model from the Hugging Face hub into its cache (`HF_HOME`, `HF_ENDPOINT` and
+    /// `HF_TOKEN` apply), with a progress bar on a terminal, and print where it is; a local file
+    /// or folder is only checked.
+    Download {
+        /// A hub id (`org/name`), a .gguf file, a model folder, or the default model's name.
+        model: String,
+    },
     /// Run the whole disaggregated cluster on this machine: gateway, prefill and decode workers
     /// and the KV store, each its own process.
     Up(up::UpArgs),
+    /// `tandem up` from a `vllm serve` command line: `tandem serve MODEL --port 8000
+    /// --max-model-len 4096 ...` (vLLM's flags that name something Tandem does not do are
+    /// refused by name).
+    Serve(vllm_serve::ServeArgs),
     /// Run the OpenAI-compatible HTTP gateway.
     Gateway(serve::GatewayArgs),
     /// Run a prefill worker.
@@ -128,8 +140,8 @@ impl Cli {
     /// Interactive commands stay quiet unless asked; services log progress.
     pub fn default_log_level(&self) -> &'static str {
         match self.command {
-            Command::Generate(_) | Command::FetchModel | Command::Bench(_) => "warn",
-            Command::Up(_) => "warn",
+            Command::Generate(_) | Command::FetchModel | Command::Download { .. } | Command::Bench(_) => "warn",
+            Command::Up(_) | Command::Serve(_) => "warn",
             _ => "info",
         }
     }
@@ -149,15 +161,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", default_model::ensure_default()?.display());
             Ok(())
         }
-        Command::Up(args) => {
-            // The services inherit the format through the environment (before any thread runs).
-            std::env::set_var("TANDEM_LOG_FORMAT", cli.log_format.to_string());
-            cli.traces.pass_on();
-            if let Some(n) = cli.worker_threads {
-                std::env::set_var("TANDEM_WORKER_THREADS", n.to_string());
+        Command::Download { model } => {
+            let spec = default_model::resolve_spec(Some(&model))?;
+            let files = tandem_tokenizer::ModelFiles::resolve(&spec)?;
+            let path = match &files.format {
+                tandem_tokenizer::ModelFormat::Gguf(p) | tandem_tokenizer::ModelFormat::Folder(p) => p,
+            };
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::Up(args) => up_cluster(&cli.traces, cli.log_format, cli.worker_threads, args),
+        Command::Serve(args) => {
+            if !args.api_keys.is_empty() {
+                // To the gateway through its environment, not its command line (which any
+                // local user can read), before any thread runs.
+                std::env::set_var("TANDEM_API_KEYS", args.api_keys.join(","));
             }
-            // Only supervises its children: two threads are plenty.
-            runtime(2)?.block_on(up::run(args))
+            let up = args.into_up()?;
+            up_cluster(&cli.traces, cli.log_format, cli.worker_threads, up)
         }
         Command::Gateway(args) => runtime(threads)?.block_on(serve::gateway(args)),
         Command::Prefill(args) => runtime(threads)?.block_on(serve::prefill(args)),
@@ -167,6 +188,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(cmd) => bench::run(cmd),
     }
+}
+
+/// `tandem up`: the services inherit the log format, trace settings and thread count through
+/// the environment (set before any thread runs).
+fn up_cluster(
+    traces: &TraceArgs,
+    log_format: tandem_runtime::LogFormat,
+    worker_threads: Option<u16>,
+    args: up::UpArgs,
+) -> anyhow::Result<()> {
+    std::env::set_var("TANDEM_LOG_FORMAT", log_format.to_string());
+    traces.pass_on();
+    if let Some(n) = worker_threads {
+        std::env::set_var("TANDEM_WORKER_THREADS", n.to_string());
+    }
+    // Only supervises its children: two threads are plenty.
+    runtime(2)?.block_on(up::run(args))
 }
 
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {

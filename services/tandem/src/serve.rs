@@ -42,9 +42,52 @@ pub struct EngineArgs {
     /// GPU, the largest batch its decode graphs are captured for).
     #[arg(long)]
     pub max_num_seqs: Option<usize>,
+    /// The longest context, prompt and output together, a request may have (default: the
+    /// model's own, or less where the KV cache cannot hold it).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// On a GPU, the share of its memory the engine takes, weights, activations and KV cache
+    /// together (the KV cache gets what is left; `--kv-cache-mb` overrides).
+    #[arg(long, default_value_t = 0.9, value_parser = fraction)]
+    pub gpu_memory_utilization: f64,
+}
+
+/// A number in (0, 1].
+fn fraction(s: &str) -> std::result::Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if v > 0.0 && v <= 1.0 {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not in (0, 1]"))
+    }
+}
+
+/// How an engine is sized: its KV blocks and cache, the longest context, and on a GPU the share
+/// of the device it may take.
+#[derive(Debug, Clone)]
+pub(crate) struct Sizing {
+    pub block_size: usize,
+    pub kv_cache_mb: Option<usize>,
+    pub max_context: Option<usize>,
+    pub memory_fraction: f64,
+}
+
+impl Default for Sizing {
+    fn default() -> Self {
+        Self { block_size: 16, kv_cache_mb: None, max_context: None, memory_fraction: 0.9 }
+    }
 }
 
 impl EngineArgs {
+    pub(crate) fn sizing(&self) -> Sizing {
+        Sizing {
+            block_size: self.block_size,
+            kv_cache_mb: self.kv_cache_mb,
+            max_context: self.max_model_len,
+            memory_fraction: self.gpu_memory_utilization,
+        }
+    }
+
     /// The batcher's limits: what was asked, else what suits the device.
     pub(crate) fn batcher_config(&self) -> BatcherConfig {
         let (tokens, seqs) = match self.device {
@@ -359,7 +402,7 @@ fn model_files(model: Option<&str>, served: Option<&str>) -> Result<ModelFiles> 
 fn load_engine(role: &str, args: &EngineArgs) -> Result<EngineHandle> {
     let files = model_files(args.model.as_deref(), args.served_model_name.as_deref())?;
     let limits = args.batcher_config();
-    let engine = open_engine(&files, args.device, args.block_size, args.kv_cache_mb, &limits)?;
+    let engine = open_engine(&files, args.device, &args.sizing(), &limits)?;
     let vocab = engine.info().vocab_size;
     let batcher = Batcher::new(engine, limits);
     let handle = EngineHandle::spawn(&format!("{role}-engine"), batcher);
@@ -385,17 +428,12 @@ pub(crate) fn constraints(files: &ModelFiles, vocab: usize) -> Result<tandem_eng
 pub(crate) const DEFAULT_CPU_KV_CACHE_MB: usize = 256;
 
 /// The engine for `device`, sized for passes within `limits`.
-pub(crate) fn open_engine(
-    files: &ModelFiles,
-    device: Device,
-    block_size: usize,
-    kv_cache_mb: Option<usize>,
-    limits: &BatcherConfig,
-) -> Result<Box<dyn Engine>> {
+pub(crate) fn open_engine(files: &ModelFiles, device: Device, sizing: &Sizing, limits: &BatcherConfig) -> Result<Box<dyn Engine>> {
+    let Sizing { block_size, kv_cache_mb, max_context, memory_fraction } = sizing.clone();
     match device {
         Device::Cpu => {
-            let _ = limits; // the CPU engine sizes its buffers per pass
-            let cfg = EngineConfig { block_size, kv_cache_bytes: kv_cache_mb.unwrap_or(DEFAULT_CPU_KV_CACHE_MB) << 20, max_context: None };
+            let _ = (limits, memory_fraction); // the CPU engine sizes its buffers per pass
+            let cfg = EngineConfig { block_size, kv_cache_bytes: kv_cache_mb.unwrap_or(DEFAULT_CPU_KV_CACHE_MB) << 20, max_context };
             let engine = CpuEngine::load(files, &cfg).with_context(|| format!("loading {}", files.name))?;
             Ok(Box::new(engine))
         }
@@ -406,6 +444,8 @@ pub(crate) fn open_engine(
                 device: ordinal,
                 block_size,
                 kv_cache_bytes,
+                memory_fraction,
+                max_context,
                 max_batch: limits.max_running,
                 max_step_tokens: limits.max_batch_tokens,
                 ..Default::default()

@@ -47,6 +47,47 @@ pub struct UpArgs {
     /// started elsewhere with the same URL join); without it the gateway keeps it in process.
     #[arg(long, env = "TANDEM_REDIS_URL")]
     pub redis: Option<String>,
+    #[command(flatten)]
+    pub engine: UpEngineArgs,
+}
+
+/// Engine settings every prefill and decode worker is given (each unset one keeps the worker's
+/// own default).
+#[derive(Debug, Clone, Default, Args)]
+pub struct UpEngineArgs {
+    /// The name clients use for the model (default: the model's).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Longest context, prompt and output together.
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Most sequences a worker runs at once.
+    #[arg(long)]
+    pub max_num_seqs: Option<usize>,
+    /// Most tokens in one forward pass.
+    #[arg(long, visible_alias = "max-num-batched-tokens")]
+    pub max_batch_tokens: Option<usize>,
+    /// On a GPU, the share of its memory each worker takes (with several workers on one GPU,
+    /// give each its part).
+    #[arg(long)]
+    pub gpu_memory_utilization: Option<f64>,
+}
+
+impl UpEngineArgs {
+    /// The flags that carry these settings to a worker.
+    fn worker_flags(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        let mut add = |flag: &str, v: Option<String>| {
+            if let Some(v) = v {
+                a.extend([flag.to_string(), v]);
+            }
+        };
+        add("--max-model-len", self.max_model_len.map(|v| v.to_string()));
+        add("--max-num-seqs", self.max_num_seqs.map(|v| v.to_string()));
+        add("--max-batch-tokens", self.max_batch_tokens.map(|v| v.to_string()));
+        add("--gpu-memory-utilization", self.gpu_memory_utilization.map(|v| v.to_string()));
+        a
+    }
 }
 
 struct Service {
@@ -75,16 +116,28 @@ async fn spawn(name: &str, args: &[String]) -> Result<(Service, Vec<(String, Str
         .with_context(|| format!("starting {name}"))?;
     let stdout = child.stdout.take().context("child stdout")?;
     let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(Duration::from_secs(300), async {
-        while let Some(line) = lines.next_line().await? {
-            if line.starts_with("READY ") {
-                return Ok::<_, std::io::Error>(Some(line));
+    // However long loading takes (a large model from a slow disk): a service that fails exits,
+    // and meanwhile the wait says what it is for.
+    let started = Instant::now();
+    let line = {
+        let ready = async {
+            while let Some(line) = lines.next_line().await? {
+                if line.starts_with("READY ") {
+                    return Ok::<_, std::io::Error>(Some(line));
+                }
+            }
+            Ok(None)
+        };
+        tokio::pin!(ready);
+        let mut note = tokio::time::interval_at(tokio::time::Instant::now() + STILL_WAITING, STILL_WAITING);
+        loop {
+            tokio::select! {
+                line = &mut ready => break line,
+                _ = note.tick() => eprintln!("{name}: still starting after {} s (loading the model)", started.elapsed().as_secs()),
             }
         }
-        Ok(None)
-    })
-    .await
-    .with_context(|| format!("{name} did not become ready"))??
+    }
+    .with_context(|| format!("{name} did not become ready"))?
     .with_context(|| format!("{name} exited before it was ready"))?;
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -92,6 +145,9 @@ async fn spawn(name: &str, args: &[String]) -> Result<(Service, Vec<(String, Str
     let stdin = child.stdin.take();
     Ok((Service { name: name.to_string(), child, stdin }, fields))
 }
+
+/// How often a service that is still starting is reported.
+const STILL_WAITING: Duration = Duration::from_secs(30);
 
 fn field(fields: &[(String, String)], key: &str) -> Result<String> {
     fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).with_context(|| format!("READY line without {key}"))
@@ -102,11 +158,16 @@ pub async fn run(args: UpArgs) -> Result<()> {
         bail!("need at least one prefill and one decode worker");
     }
     let model = default_model::resolve_spec(args.model.as_deref())?;
-    let served = default_model::served_name(args.model.as_deref(), &model);
+    // A model from the hub is fetched here, once, with its progress on this terminal; the
+    // workers then find it in the cache.
+    let spec = model.clone();
+    tokio::task::spawn_blocking(move || tandem_tokenizer::ModelFiles::resolve(&spec)).await.context("resolving the model")??;
+    let served = args.engine.served_model_name.clone().unwrap_or_else(|| default_model::served_name(args.model.as_deref(), &model));
     let model_args = vec!["--model".to_string(), model.clone(), "--served-model-name".into(), served.clone()];
     let engine_args = |role: &str| {
         let mut a = vec![role.to_string()];
         a.extend(model_args.clone());
+        a.extend(args.engine.worker_flags());
         a.extend(["--kv-cache-mb".into(), args.kv_cache_mb.to_string(), "--handoff-lease-ms".into(), args.handoff_lease_ms.to_string()]);
         a.extend(["--device".into(), args.device.to_string()]);
         let transports: Vec<String> = args.kv_transport.iter().map(|t| t.to_string()).collect();

@@ -572,3 +572,113 @@ async fn structured_output_always_fits_its_constraint() {
     assert_eq!(status, 400, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("does not compile"), "{v}");
 }
+
+/// Floats of a JSON list (`null`s as `None`).
+fn floats(v: &Value) -> Vec<Option<f64>> {
+    v.as_array().unwrap().iter().map(Value::as_f64).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn echo_scores_the_prompt_as_log_likelihood_evaluations_ask() {
+    let c = cluster();
+    let prompt = "The capital of France is";
+    // The model's own greedy continuation, with the log-probability of each token drawn.
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 1, "ignore_eos": true});
+    let (status, gen) = post(&c.base, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{gen}");
+    let continuation = gen["choices"][0]["text"].as_str().unwrap().to_string();
+    let drawn = floats(&gen["choices"][0]["logprobs"]["token_logprobs"]);
+
+    // lm-eval's shape: the text and its continuation echoed back, scored, nothing generated.
+    let text = format!("{prompt}{continuation}");
+    let body = json!({"model": MODEL, "prompt": text, "max_tokens": 0, "echo": true, "logprobs": 1, "temperature": 0});
+    let (status, v) = post(&c.base, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    let ch = &v["choices"][0];
+    assert_eq!(ch["text"], text.as_str(), "the prompt itself, nothing after it");
+    assert_eq!((ch["finish_reason"].as_str(), v["usage"]["completion_tokens"].as_u64()), (Some("length"), Some(0)), "{v}");
+    let ids = tokenizer().encode(&text).unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], ids.len());
+    let lp = &ch["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(tokens.len(), ids.len());
+    assert_eq!(tokens.concat(), text);
+    let scored = floats(&lp["token_logprobs"]);
+    // Nothing precedes the first token: no log-probability, no alternatives.
+    assert_eq!((scored[0], &lp["top_logprobs"][0]), (None, &Value::Null), "{lp}");
+    assert!(scored[1..].iter().all(|l| l.is_some_and(|l| l <= 0.0)), "{scored:?}");
+    // The continuation was the greedy one: each of its tokens is the most likely there, with the
+    // log-probability it had when it was drawn (prefill and decode compute it apart, so within
+    // float rounding), the test lm-eval's `is_greedy` makes.
+    let n = drawn.len();
+    let gen_tokens: Vec<&str> = gen["choices"][0]["logprobs"]["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(&tokens[tokens.len() - n..], &gen_tokens[..], "the continuation tokenizes as it was drawn");
+    for (i, want) in drawn.iter().enumerate() {
+        let at = tokens.len() - n + i;
+        let top = lp["top_logprobs"][at].as_object().unwrap();
+        assert_eq!(top.keys().collect::<Vec<_>>(), vec![tokens[at]], "greedy at {at}: {top:?}");
+        let (got, want) = (scored[at].unwrap(), want.unwrap());
+        assert!((got - want).abs() < 2e-2, "token {i} of the continuation: scored {got}, drawn {want}");
+    }
+
+    // Echo while generating: the prompt, then the completion, in one stream too.
+    let body =
+        json!({"model": MODEL, "prompt": prompt, "max_tokens": 4, "echo": true, "temperature": 0, "stream": true, "ignore_eos": true});
+    let resp = client().post(format!("{}/v1/completions", c.base)).json(&body).send().await.unwrap();
+    let (chunks, done) = sse(resp).await;
+    assert!(done);
+    let streamed: String = chunks.iter().map(|c| c["choices"][0]["text"].as_str().unwrap_or("")).collect();
+    assert!(streamed.starts_with(prompt) && streamed.len() > prompt.len(), "{streamed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prompt_logprobs_as_vllm_reports_them() {
+    let c = cluster();
+    let prompt = "The capital of France is";
+    let ids = tokenizer().encode(prompt).unwrap();
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 2});
+    let (status, v) = post(&c.base, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    let scored = v["choices"][0]["prompt_logprobs"].as_array().unwrap();
+    assert_eq!(scored.len(), ids.len());
+    assert_eq!(scored[0], Value::Null);
+    for (i, entry) in scored.iter().enumerate().skip(1) {
+        let m = entry.as_object().unwrap();
+        // The prompt's own token and the two most likely ones (fewer when it is one of them).
+        assert!((2..=3).contains(&m.len()), "{m:?}");
+        let own = &m[&ids[i].to_string()];
+        assert!(own["rank"].as_u64().unwrap() >= 1 && own["logprob"].as_f64().unwrap() <= 0.0, "{own}");
+        let best = m.values().map(|e| e["logprob"].as_f64().unwrap()).fold(f64::MIN, f64::max);
+        assert_eq!(own["rank"] == 1, (own["logprob"].as_f64().unwrap() - best).abs() < 1e-6, "{m:?}");
+    }
+    // The same for a chat, once for the request.
+    let (status, chat) = post(&c.base, "/v1/chat/completions", &chat_body("Hi", json!({"max_tokens": 1, "prompt_logprobs": 0}))).await;
+    assert_eq!(status, 200, "{chat}");
+    assert_eq!(chat["prompt_logprobs"].as_array().unwrap().len() as u64, chat["usage"]["prompt_tokens"].as_u64().unwrap());
+    // Not streamed, as in vLLM: refused by name.
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2, "prompt_logprobs": 1, "stream": true});
+    let (status, e) = post(&c.base, "/v1/completions", &body).await;
+    assert_eq!((status, e["error"]["param"].as_str()), (400, Some("prompt_logprobs")), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_reason_names_the_stop_string_and_system_fingerprint_is_there() {
+    let c = cluster();
+    let body = json!({"model": MODEL, "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let (_, free) = post(&c.base, "/v1/completions", &body).await;
+    let text = free["choices"][0]["text"].as_str().unwrap();
+    // Ended for length: no stop reason.
+    assert_eq!((free["choices"][0]["finish_reason"].as_str(), &free["choices"][0]["stop_reason"]), (Some("length"), &Value::Null));
+    assert!(free.as_object().unwrap().contains_key("system_fingerprint"), "{free}");
+    // A word of the free text as the stop string: it ends the choice and is its reason.
+    let word = text.split_whitespace().nth(1).expect("two words").to_string();
+    let mut body = body;
+    body["stop"] = json!([word.clone()]);
+    let (status, v) = post(&c.base, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["choices"][0]["finish_reason"].as_str(), v["choices"][0]["stop_reason"].as_str()),
+        (Some("stop"), Some(word.as_str())),
+        "{v}"
+    );
+}

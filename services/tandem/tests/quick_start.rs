@@ -29,16 +29,14 @@ fn up() -> (KillOnDrop, String) {
 }
 
 fn up_with(extra: &[&str]) -> (KillOnDrop, String) {
-    let mut up = KillOnDrop(
-        tandem()
-            .args(["up", "--port", "0", "--kv-cache-mb", "64"])
-            .args(extra)
-            .process_group(0)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let (up, base, line) = start(&[&["up", "--port", "0", "--kv-cache-mb", "64"], extra].concat());
+    assert!(line.contains("SmolLM2-135M-Instruct"), "{line}");
+    (up, base)
+}
+
+/// `tandem ARGS` that ends up serving: it, its base URL and the line that said so.
+fn start(args: &[&str]) -> (KillOnDrop, String, String) {
+    let mut up = KillOnDrop(tandem().args(args).process_group(0).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap());
     let mut lines = BufReader::new(up.0.stdout.take().unwrap()).lines();
     let line = lines.next().expect("tandem up printed nothing").unwrap();
     let base = line
@@ -48,8 +46,7 @@ fn up_with(extra: &[&str]) -> (KillOnDrop, String) {
         .expect("endpoint in the first line")
         .trim_end_matches("/v1")
         .to_string();
-    assert!(line.contains("SmolLM2-135M-Instruct"), "{line}");
-    (up, base)
+    (up, base, line)
 }
 
 /// The command line of every live process whose parent is `pid`, by pid.
@@ -185,4 +182,46 @@ async fn tandem_up_restarts_a_killed_worker_and_keeps_serving() {
             std::thread::sleep(Duration::from_millis(100));
         }
     });
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tandem_serve_takes_vllm_flags_and_refuses_what_it_cannot_do_by_name() {
+    // Refused before anything starts, naming the flag.
+    let out = tandem().args(["serve", "--tensor-parallel-size", "2"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tensor-parallel-size"), "{err}");
+
+    let (mut serve, base, line) = start(&[
+        "serve",
+        "--port",
+        "0",
+        "--served-model-name",
+        "smol",
+        "--max-model-len",
+        "300",
+        "--max-num-seqs",
+        "4",
+        "--api-key",
+        "k1",
+        "--enable-prefix-caching",
+        "--dtype",
+        "auto",
+    ]);
+    assert!(line.contains("smol"), "{line}");
+    // The key guards the API...
+    let models = client().get(format!("{base}/v1/models")).send().await.unwrap();
+    assert_eq!(models.status(), 401);
+    let authed = |path: &str| client().get(format!("{base}{path}")).bearer_auth("k1");
+    let models: serde_json::Value = authed("/v1/models").send().await.unwrap().json().await.unwrap();
+    // ...the name and the context are the ones given.
+    assert_eq!((models["data"][0]["id"].as_str(), models["data"][0]["max_model_len"].as_u64()), (Some("smol"), Some(300)), "{models}");
+    let ask = |body: serde_json::Value| client().post(format!("{base}/v1/completions")).bearer_auth("k1").json(&body).send();
+    let resp = ask(json!({"model": "smol", "prompt": "Hello", "max_tokens": 4})).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let resp = ask(json!({"model": "smol", "prompt": "Hello", "max_tokens": 400})).await.unwrap();
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    let pid = serve.0.id().to_string();
+    tokio::task::block_in_place(|| stop_with(&mut serve, &base, "-TERM", &pid));
 }

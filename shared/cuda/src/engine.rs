@@ -333,7 +333,7 @@ impl CudaEngine {
     /// them: benchmarks measure decode at a given context this way (the cache holds random
     /// values from start-up, never zeros).
     pub fn adopt(seqs: &mut SeqTable, seq: SeqId, tokens: &[u32]) -> Result<()> {
-        seqs.add(seq, &[])?;
+        seqs.add(seq, &[], true)?;
         let item = [ForwardItem { seq, tokens: tokens.to_vec(), all_logits: false }];
         if let Err(e) = seqs.reserve(&item) {
             seqs.release(seq);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tandem_protocol::{ApiError, ErrorCode, FinishReason, SamplingParams};
 
 use crate::engine::{Engine, ForwardItem, PagedEngine, SeqId};
-use crate::sampling::{sample, SampleContext, Sampled, TokenLogprobs};
+use crate::sampling::{prompt_logprob, sample, SampleContext, Sampled, TokenLogprobs};
 use crate::{EngineError, Result};
 use tandem_protocol::KvExport;
 
@@ -60,6 +60,12 @@ pub enum Event {
         id: SeqId,
         token: u32,
         logprobs: Option<TokenLogprobs>,
+    },
+    /// The prompt's log-probabilities (asked with `prompt_logprobs`): one per prompt token
+    /// after the first, sent once the whole prompt ran, just before the first `Token`.
+    PromptLogprobs {
+        id: SeqId,
+        logprobs: Vec<TokenLogprobs>,
     },
     /// The sequence ended; its blocks are released.
     Finished {
@@ -123,12 +129,21 @@ struct Running {
     started: Option<Instant>,
     /// Forward passes it has been part of.
     passes: u32,
+    /// The prompt's log-probabilities so far, while they are being computed (`prompt_logprobs`
+    /// asked, and not yet sent).
+    prompt_lp: Option<Vec<TokenLogprobs>>,
 }
+
+/// Most prompt tokens of a sequence computing its prompt log-probabilities in one pass: each
+/// brings a whole row of logits back, so the chunk stays small.
+const SCORED_CHUNK: usize = 256;
 
 impl Running {
     fn new(req: NewRequest) -> Self {
         let output = req.resumed.clone();
-        Self { req, output, fed: 0, cached: 0, queued: Instant::now(), started: None, passes: 0 }
+        // A resumed sequence's prompt was scored on its first run.
+        let prompt_lp = (req.params.prompt_logprobs.is_some() && req.resumed.is_empty()).then(Vec::new);
+        Self { req, output, fed: 0, cached: 0, queued: Instant::now(), started: None, passes: 0, prompt_lp }
     }
 
     fn known(&self) -> usize {
@@ -244,7 +259,7 @@ impl Batcher {
         let now = Instant::now();
         let mut output = req.resumed.clone();
         output.push(first);
-        self.running.push(Running { req, output, fed, cached: 0, queued: now, started: Some(now), passes: 0 });
+        self.running.push(Running { req, output, fed, cached: 0, queued: now, started: Some(now), passes: 0, prompt_lp: None });
         Ok(())
     }
 
@@ -282,7 +297,14 @@ impl Batcher {
                 continue;
             }
             let known: Vec<u32> = (0..r.known()).map(|i| r.token(i)).collect();
-            match self.engine.add_sequence(r.req.id, &known) {
+            // A prompt to score is computed whole: cached blocks would leave positions without
+            // logits.
+            let added = if r.prompt_lp.is_some() {
+                self.engine.add_sequence_uncached(r.req.id, &known)
+            } else {
+                self.engine.add_sequence(r.req.id, &known)
+            };
+            match added {
                 Ok(cached) => {
                     if r.output.len() == r.req.resumed.len() {
                         r.cached = cached;
@@ -310,8 +332,9 @@ impl Batcher {
             if budget == 0 {
                 break;
             }
-            let end = (r.fed + budget).min(r.known());
-            items.push((i, ForwardItem { seq: r.req.id, tokens: (r.fed..end).map(|j| r.token(j)).collect(), all_logits: false }));
+            let scored = r.prompt_lp.is_some();
+            let end = (r.fed + if scored { budget.min(SCORED_CHUNK) } else { budget }).min(r.known());
+            items.push((i, ForwardItem { seq: r.req.id, tokens: (r.fed..end).map(|j| r.token(j)).collect(), all_logits: scored }));
             budget -= end - r.fed;
         }
         items
@@ -324,6 +347,9 @@ impl Batcher {
         let mut r = self.running.remove(i);
         self.engine.release(r.req.id);
         r.fed = 0;
+        if let Some(lp) = r.prompt_lp.as_mut() {
+            lp.clear();
+        }
         self.preemptions += 1;
         tracing::debug!(seq = r.req.id, "preempted for lack of kv blocks");
         self.waiting.push_front(r);
@@ -338,15 +364,17 @@ impl Batcher {
         plan.iter().all(|(i, item)| {
             let r = &self.running[*i];
             let p = &r.req.params;
-            r.fed + item.tokens.len() < r.known()
-                || (p.is_greedy()
-                    && p.repetition_penalty == 1.0
-                    && p.presence_penalty == 0.0
-                    && p.frequency_penalty == 0.0
-                    && p.logprobs.is_none()
-                    && r.req.grammar.is_none()
-                    && p.logit_bias.is_empty()
-                    && r.output.len() >= p.min_tokens)
+            // A scored prompt needs every row of logits.
+            !item.all_logits
+                && (r.fed + item.tokens.len() < r.known()
+                    || (p.is_greedy()
+                        && p.repetition_penalty == 1.0
+                        && p.presence_penalty == 0.0
+                        && p.frequency_penalty == 0.0
+                        && p.logprobs.is_none()
+                        && r.req.grammar.is_none()
+                        && p.logit_bias.is_empty()
+                        && r.output.len() >= p.min_tokens))
         })
     }
 
@@ -408,9 +436,22 @@ impl Batcher {
         for ((i, item), out) in plan.into_iter().zip(outs) {
             let max_context = self.engine.info().max_context;
             let r = &mut self.running[i];
+            let first = r.fed;
             r.fed += item.tokens.len();
+            if let (Some(lp), Out::Rows(rows), Some(n)) = (r.prompt_lp.as_mut(), &out, r.req.params.prompt_logprobs) {
+                // Row j holds the logits after position first + j: the next prompt token's odds.
+                let prompt = &r.req.prompt;
+                for (j, row) in rows.iter().enumerate() {
+                    if let Some(&next) = prompt.get(first + j + 1) {
+                        lp.push(prompt_logprob(row, next, n as usize));
+                    }
+                }
+            }
             if r.fed < r.known() {
                 continue;
+            }
+            if let Some(logprobs) = r.prompt_lp.take() {
+                events.push(Event::PromptLogprobs { id: r.req.id, logprobs });
             }
             let s = match out {
                 Out::Token(token) => Sampled { token, logprobs: None },

@@ -116,7 +116,13 @@ impl<E: Engine + ?Sized> PagedEngine<E> {
     /// prompt are shared instead of recomputed; returns how many prompt tokens they cover (always
     /// fewer than the whole prompt, so the last token is computed and yields logits).
     pub fn add_sequence(&mut self, seq: SeqId, prompt: &[u32]) -> Result<usize> {
-        self.seqs.add(seq, prompt)
+        self.seqs.add(seq, prompt, true)
+    }
+
+    /// Registers a sequence whose whole prompt is computed, cached prefix or not (to score
+    /// every position of it).
+    pub fn add_sequence_uncached(&mut self, seq: SeqId, prompt: &[u32]) -> Result<usize> {
+        self.seqs.add(seq, prompt, false)
     }
 
     /// See [`Engine::forward`]. Either all items get their blocks or the call fails with

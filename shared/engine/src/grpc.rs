@@ -45,6 +45,7 @@ pub fn token_message(token: u32, logprobs: Option<TokenLogprobs>) -> pb::Token {
         logprobs: logprobs.map(|l| pb::Logprobs {
             logprob: l.logprob,
             top: l.top.into_iter().map(|(token, logprob)| pb::TopLogprob { token, logprob }).collect(),
+            rank: l.rank,
         }),
     }
 }

@@ -16,6 +16,10 @@ pub struct TokenLogprobs {
     pub logprob: f32,
     /// Most likely tokens first.
     pub top: Vec<(u32, f32)>,
+    /// 1 + how many tokens were more likely than `token`; 0 where not computed (sampled
+    /// tokens: OpenAI's shapes have no place for it).
+    #[serde(default)]
+    pub rank: u32,
 }
 
 /// What the sampler needs to know about the sequence so far.
@@ -63,7 +67,17 @@ fn log_softmax_top(logits: &[f32], chosen: u32, n: usize) -> TokenLogprobs {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let lse = max + logits.iter().map(|l| (l - max).exp()).sum::<f32>().ln();
     let top = top_n(logits, n).into_iter().map(|(t, l)| (t, l - lse)).collect();
-    TokenLogprobs { token: chosen, logprob: logits[chosen as usize] - lse, top }
+    TokenLogprobs { token: chosen, logprob: logits[chosen as usize] - lse, top, rank: 0 }
+}
+
+/// A prompt token's log-probability under the raw logits of the position before it (no
+/// penalties, no bias: how likely the model found the text), with its rank and the `n` most
+/// likely alternatives.
+pub fn prompt_logprob(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
+    let mut lp = log_softmax_top(logits, token, n);
+    let own = logits[token as usize];
+    lp.rank = 1 + logits.iter().filter(|&&l| l > own).count() as u32;
+    lp
 }
 
 /// The `n` largest entries, largest first; ties go to the lower id.

@@ -199,9 +199,13 @@ fn run(mut batcher: Batcher, rx: std::sync::mpsc::Receiver<Command>, shared: Sha
         }
         for event in batcher.step() {
             let id = match &event {
-                Event::Token { id, .. } | Event::Finished { id, .. } | Event::Prefilled { id, .. } | Event::Failed { id, .. } => *id,
+                Event::Token { id, .. }
+                | Event::PromptLogprobs { id, .. }
+                | Event::Finished { id, .. }
+                | Event::Prefilled { id, .. }
+                | Event::Failed { id, .. } => *id,
             };
-            let last = !matches!(event, Event::Token { .. });
+            let last = !matches!(event, Event::Token { .. } | Event::PromptLogprobs { .. });
             finished += matches!(event, Event::Finished { .. } | Event::Prefilled { .. }) as u64;
             let delivered = routes.get(&id).is_some_and(|tx| tx.send(event).is_ok());
             if last {

@@ -86,10 +86,12 @@ prop_compose! {
         repetition_penalty in float(), presence_penalty in float(), frequency_penalty in float(),
         max_tokens in uint(), min_tokens in uint(), stop_token_ids in tokens(), ignore_eos in any::<bool>(),
         logprobs in prop::option::of(prop_oneof![0u32..=MAX_TOP_LOGPROBS + 2, any::<u32>()]),
+        prompt_logprobs in prop::option::weighted(0.2, prop_oneof![0u32..=MAX_TOP_LOGPROBS + 2, any::<u32>()]),
     ) -> pb::SamplingParams {
         pb::SamplingParams {
             temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,
             max_tokens, min_tokens, stop_token_ids, ignore_eos, logprobs, constraint: String::new(), logit_bias: Default::default(),
+            prompt_logprobs,
         }
     }
 }
@@ -118,6 +120,7 @@ fn acceptable(r: &pb::GenerateRequest) -> bool {
         && p.max_tokens >= 1
         && p.min_tokens <= p.max_tokens
         && p.logprobs.is_none_or(|n| n <= MAX_TOP_LOGPROBS)
+        && p.prompt_logprobs.is_none_or(|n| n <= MAX_TOP_LOGPROBS)
         && !r.prompt.is_empty()
 }
 

@@ -20,6 +20,7 @@ impl From<&SamplingParams> for pb::SamplingParams {
             logprobs: p.logprobs,
             constraint: p.constraint.as_ref().and_then(|c| serde_json::to_string(c).ok()).unwrap_or_default(),
             logit_bias: p.logit_bias.iter().copied().collect(),
+            prompt_logprobs: p.prompt_logprobs,
         }
     }
 }
@@ -49,6 +50,7 @@ impl From<&pb::SamplingParams> for SamplingParams {
                 b.sort_by_key(|&(t, _)| t);
                 b
             },
+            prompt_logprobs: p.prompt_logprobs,
         }
     }
 }
@@ -67,6 +69,7 @@ mod tests {
             stop_token_ids: vec![9],
             constraint: Some(crate::Constraint::Regex { pattern: "[a-z]+".into() }),
             logit_bias: vec![(3, -100.0), (11, 2.5)],
+            prompt_logprobs: Some(0),
             ..Default::default()
         };
         let back = SamplingParams::from(&pb::SamplingParams::from(&p));

@@ -31,6 +31,10 @@ pub struct SamplingParams {
     pub constraint: Option<crate::Constraint>,
     /// Added to these tokens' logits before sampling (OpenAI's `logit_bias`, −100 to 100).
     pub logit_bias: Vec<(u32, f32)>,
+    /// `Some(n)`: the log-probability of each prompt token given the ones before it, with the
+    /// `n` most likely alternatives (vLLM's `prompt_logprobs`; also what `echo` with `logprobs`
+    /// reports for the prompt).
+    pub prompt_logprobs: Option<u32>,
 }
 
 impl Default for SamplingParams {
@@ -52,6 +56,7 @@ impl Default for SamplingParams {
             logprobs: None,
             constraint: None,
             logit_bias: Vec::new(),
+            prompt_logprobs: None,
         }
     }
 }
@@ -114,6 +119,9 @@ impl SamplingParams {
         }
         if let Some(n) = self.logprobs {
             check(n <= MAX_TOP_LOGPROBS, "top_logprobs", format!("at most {MAX_TOP_LOGPROBS} alternatives per position, got {n}"))?;
+        }
+        if let Some(n) = self.prompt_logprobs {
+            check(n <= MAX_TOP_LOGPROBS, "prompt_logprobs", format!("at most {MAX_TOP_LOGPROBS} alternatives per position, got {n}"))?;
         }
         Ok(())
     }

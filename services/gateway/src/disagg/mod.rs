@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tandem_protocol::openai::StopReason;
 use tandem_protocol::pb::decode_client::DecodeClient;
 use tandem_protocol::pb::prefill_client::PrefillClient;
 use tandem_protocol::pb::{self, GenerateRequest, PrefillRequest};
@@ -38,6 +39,9 @@ pub(crate) struct ChoiceSpec {
     /// The request's place among those waiting for a first token, held until this choice has
     /// its own (or ends).
     pub admission: Option<Arc<crate::access::Ticket>>,
+    /// Runs for its prompt only (`echo` with `max_tokens: 0`): the one token the workers must
+    /// produce is not the client's.
+    pub prompt_only: bool,
 }
 
 /// A token as the client sees it in `logprobs`.
@@ -46,6 +50,32 @@ pub(crate) struct TokenOut {
     pub text: String,
     pub logprob: f32,
     pub top: Vec<(String, f32)>,
+}
+
+/// A prompt token as the client sees it in `prompt_logprobs` (or, with `echo`, in `logprobs`):
+/// its log-probability given the tokens before it (`None` for the first token) and rank, and
+/// the most likely alternatives there.
+#[derive(Debug, Clone)]
+pub(crate) struct PromptTokenOut {
+    pub id: u32,
+    pub text: String,
+    pub logprob: Option<f32>,
+    pub rank: u32,
+    pub top: Vec<(u32, String, f32)>,
+}
+
+/// How a choice ended: OpenAI's reason, and vLLM's `stop_reason` (the stop string or stop token
+/// id, when one of them ended it).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Ending {
+    pub reason: FinishReason,
+    pub stop_reason: Option<StopReason>,
+}
+
+impl From<FinishReason> for Ending {
+    fn from(reason: FinishReason) -> Self {
+        Self { reason, stop_reason: None }
+    }
 }
 
 /// What one choice used: its completion, and the prompt tokens its prefill found cached.
@@ -57,8 +87,18 @@ pub(crate) struct ChoiceUsage {
 
 #[derive(Debug)]
 pub(crate) enum ChoiceEvent {
-    Delta { text: String, tokens: Vec<TokenOut> },
-    Done { reason: FinishReason, usage: ChoiceUsage },
+    /// The prompt's log-probabilities (asked for with `prompt_logprobs`), before any delta.
+    Prompt {
+        tokens: Vec<PromptTokenOut>,
+    },
+    Delta {
+        text: String,
+        tokens: Vec<TokenOut>,
+    },
+    Done {
+        ending: Ending,
+        usage: ChoiceUsage,
+    },
 }
 
 pub(crate) type ChoiceRx = mpsc::Receiver<Result<ChoiceEvent, ApiError>>;
@@ -166,6 +206,9 @@ const RESUMES: usize = 3;
 async fn drive(state: &AppState, mut spec: ChoiceSpec, tx: &ChoiceTx, started: Instant, progress: &mut Progress) -> Result<(), ApiError> {
     let mut relay = Relay::new(state, tx, Detok::new(&state.tokenizer, spec.params.stop.clone(), spec.params.logprobs.is_some()), progress);
     relay.admission = spec.admission.take();
+    relay.prompt_only = spec.prompt_only;
+    relay.stop_token_ids = spec.params.stop_token_ids.clone();
+    relay.scored_prompt = spec.params.prompt_logprobs.is_some().then(|| spec.prompt.clone());
     let (mut resumes, mut pass) = (0, 0);
     loop {
         let outcome = attempt(state, &spec, pass, &mut relay, started).await;
@@ -210,10 +253,16 @@ async fn attempt(
     // Each pass is its own request to the workers, so nothing of an earlier pass (a decode
     // worker still holding its registration, say) can be mistaken for this one.
     let request_id = if pass == 0 { spec.request_id.clone() } else { format!("{}.{pass}", spec.request_id) };
+    let mut params = pb::SamplingParams::from(&spec.params);
+    // The prompt is scored once, by the pass that sends the first token.
+    if relay.scored_prompt.is_none() {
+        params.prompt_logprobs = None;
+    }
+    let scoring = params.prompt_logprobs.is_some();
     let g = GenerateRequest {
         request_id,
         prompt: spec.prompt.clone(),
-        params: Some((&spec.params).into()),
+        params: Some(params),
         seed: spec.seed,
         eos_ids: state.tokenizer.eos_ids().to_vec(),
         kv_wait_ms: state.cfg.request_timeout.as_millis().min(u32::MAX as u128) as u32,
@@ -229,7 +278,11 @@ async fn attempt(
         tandem.route.best_overlap_blocks = tracing::field::Empty,
         tandem.route.store_blocks = tracing::field::Empty,
     );
-    let cached = CachedPrefix::look_up(state, &context, !resumed.is_empty()).instrument(route.clone()).await;
+    let mut cached = CachedPrefix::look_up(state, &context, !resumed.is_empty()).instrument(route.clone()).await;
+    if scoring {
+        // A scored prompt is computed whole (every position's logits): nothing to pull.
+        cached.store_blocks = 0;
+    }
     route.record("tandem.route.prompt_blocks", (context.len() / cached.block_size) as i64);
     route.record("tandem.route.holders", cached.overlap.len() as i64);
     route.record("tandem.route.best_overlap_blocks", cached.overlap.values().copied().max().unwrap_or(0) as i64);

@@ -3,12 +3,13 @@
 
 use std::time::Instant;
 
+use tandem_protocol::openai::StopReason;
 use tandem_protocol::pb::{self, token_event};
 use tandem_protocol::{ApiError, ErrorCode, FinishReason};
 use tandem_tokenizer::{DecodeStream, StopMatcher, Tokenizer};
 use tonic::codec::Streaming;
 
-use super::{ChoiceEvent, ChoiceTx, ChoiceUsage, Progress, TokenOut};
+use super::{ChoiceEvent, ChoiceTx, ChoiceUsage, Ending, Progress, PromptTokenOut, TokenOut};
 use crate::workers::Lease;
 use crate::AppState;
 
@@ -26,11 +27,53 @@ pub(super) struct Relay<'a> {
     pub lost_at: Option<Instant>,
     /// The request's admission, given back with the first token.
     pub admission: Option<std::sync::Arc<crate::access::Ticket>>,
+    /// The prompt, while its log-probabilities are asked for and not yet sent.
+    pub scored_prompt: Option<Vec<u32>>,
+    /// The choice is its prompt only: no token of the completion reaches the client.
+    pub prompt_only: bool,
+    /// The request's stop token ids: which one ended the choice is its `stop_reason`.
+    pub stop_token_ids: Vec<u32>,
 }
 
 impl<'a> Relay<'a> {
     pub fn new(state: &'a AppState, tx: &'a ChoiceTx, detok: Detok<'a>, progress: &'a mut Progress) -> Self {
-        Self { state, tx, progress, detok, cached_tokens: 0, emitted: Vec::new(), lost_at: None, admission: None }
+        Self {
+            state,
+            tx,
+            progress,
+            detok,
+            cached_tokens: 0,
+            emitted: Vec::new(),
+            lost_at: None,
+            admission: None,
+            scored_prompt: None,
+            prompt_only: false,
+            stop_token_ids: Vec::new(),
+        }
+    }
+
+    /// The prompt's log-probabilities from the prefill, for the client, before its first token.
+    async fn prompt_logprobs(&mut self, scored: &[pb::Token]) -> Result<(), ApiError> {
+        let Some(prompt) = self.scored_prompt.take() else { return Ok(()) };
+        if scored.len() + 1 != prompt.len() {
+            return Err(ApiError::new(
+                ErrorCode::Internal,
+                format!("the prefill scored {} prompt tokens of {}", scored.len(), prompt.len().saturating_sub(1)),
+            ));
+        }
+        let text = |id: u32| self.detok.tokenizer.decode(&[id]).unwrap_or_default();
+        let mut tokens = vec![PromptTokenOut { id: prompt[0], text: text(prompt[0]), logprob: None, rank: 0, top: Vec::new() }];
+        for t in scored {
+            let lp = t.logprobs.clone().unwrap_or_default();
+            tokens.push(PromptTokenOut {
+                id: t.id,
+                text: text(t.id),
+                logprob: Some(lp.logprob),
+                rank: lp.rank,
+                top: lp.top.iter().map(|a| (a.token, text(a.token), a.logprob)).collect(),
+            });
+        }
+        self.send(ChoiceEvent::Prompt { tokens }).await
     }
 
     /// Sends the prefill's token, then every token of `stream` until the decode worker finishes.
@@ -61,6 +104,7 @@ impl<'a> Relay<'a> {
             }
         }
         metrics.generation_tokens.inc();
+        self.prompt_logprobs(&prefilled.prompt_logprobs).await?;
         let mut last = Instant::now();
         if self.token(&first).await? {
             return Ok(None);
@@ -99,9 +143,17 @@ impl<'a> Relay<'a> {
         if !text.is_empty() {
             self.send(ChoiceEvent::Delta { text, tokens: Vec::new() }).await?;
         }
-        let reason = if f.finish_reason == "length" && !stopped { FinishReason::Length } else { FinishReason::Stop };
         let completion = f.usage.map(|u| u.completion_tokens as usize).unwrap_or(self.detok.tokens);
-        self.done(reason, completion).await?;
+        let ending = match stopped {
+            Some(s) => Ending { reason: FinishReason::Stop, stop_reason: Some(StopReason::Text(s)) },
+            None if f.finish_reason == "length" => FinishReason::Length.into(),
+            // The worker stopped at end-of-sequence, or at a stop token id (named as the reason).
+            None => {
+                let token = self.emitted.last().copied().filter(|t| self.stop_token_ids.contains(t));
+                Ending { reason: FinishReason::Stop, stop_reason: token.map(StopReason::Token) }
+            }
+        };
+        self.done(ending, completion).await?;
         Ok(None)
     }
 
@@ -112,19 +164,25 @@ impl<'a> Relay<'a> {
         self.emitted.push(t.id);
         let (delta, stopped) = self.detok.push(t)?;
         self.send(delta).await?;
-        if stopped {
-            self.done(FinishReason::Stop, self.detok.tokens).await?;
+        if let Some(s) = &stopped {
+            let ending = Ending { reason: FinishReason::Stop, stop_reason: Some(StopReason::Text(s.clone())) };
+            self.done(ending, self.detok.tokens).await?;
         }
-        Ok(stopped)
+        Ok(stopped.is_some())
     }
 
-    async fn done(&mut self, reason: FinishReason, completion_tokens: usize) -> Result<(), ApiError> {
-        self.progress.record.finish_reason = Some(reason.as_str().to_string());
+    async fn done(&mut self, ending: Ending, completion_tokens: usize) -> Result<(), ApiError> {
+        // A prompt-only choice asked for no token: it ends for length, having generated none.
+        let (ending, completion_tokens) = if self.prompt_only { (FinishReason::Length.into(), 0) } else { (ending, completion_tokens) };
+        self.progress.record.finish_reason = Some(ending.reason.as_str().to_string());
         let usage = ChoiceUsage { completion_tokens, cached_tokens: self.cached_tokens };
-        self.send(ChoiceEvent::Done { reason, usage }).await
+        self.send(ChoiceEvent::Done { ending, usage }).await
     }
 
     async fn send(&self, e: ChoiceEvent) -> Result<(), ApiError> {
+        if self.prompt_only && matches!(e, ChoiceEvent::Delta { .. }) {
+            return Ok(());
+        }
         self.tx.send(Ok(e)).await.map_err(|_| ApiError::new(ErrorCode::Cancelled, "client disconnected"))
     }
 }
@@ -157,6 +215,8 @@ pub(super) struct Detok<'a> {
     tokenizer: &'a Tokenizer,
     stream: DecodeStream,
     stop: StopMatcher,
+    /// The stop strings, to name the one that matched.
+    stops: Vec<String>,
     want_logprobs: bool,
     /// Tokens pushed so far: the completion's length when the worker reports none.
     tokens: usize,
@@ -164,11 +224,15 @@ pub(super) struct Detok<'a> {
 
 impl<'a> Detok<'a> {
     pub fn new(tokenizer: &'a Tokenizer, stop: Vec<String>, want_logprobs: bool) -> Self {
-        Self { tokenizer, stream: DecodeStream::new(), stop: StopMatcher::new(stop), want_logprobs, tokens: 0 }
+        Self { tokenizer, stream: DecodeStream::new(), stop: StopMatcher::new(stop.clone()), stops: stop, want_logprobs, tokens: 0 }
     }
 
-    /// Returns the text to send and whether a stop string ended the choice.
-    fn push(&mut self, t: &pb::Token) -> Result<(ChoiceEvent, bool), ApiError> {
+    fn stop_string(&self, i: usize) -> String {
+        self.stops.get(i).cloned().unwrap_or_default()
+    }
+
+    /// Returns the text to send and the stop string that ended the choice, if one did.
+    fn push(&mut self, t: &pb::Token) -> Result<(ChoiceEvent, Option<String>), ApiError> {
         self.tokens += 1;
         let internal = |e: tandem_tokenizer::TokenizerError| ApiError::new(ErrorCode::Internal, e.to_string());
         let piece = self.stream.step(self.tokenizer, t.id).map_err(internal)?.unwrap_or_default();
@@ -184,16 +248,16 @@ impl<'a> Detok<'a> {
                 });
             }
         }
-        Ok((ChoiceEvent::Delta { text: out.text, tokens }, out.stopped.is_some()))
+        Ok((ChoiceEvent::Delta { text: out.text, tokens }, out.stopped.map(|i| self.stop_string(i))))
     }
 
-    /// Flushes held-back text; true if a stop string completed in it.
-    fn finish(&mut self) -> (String, bool) {
+    /// Flushes held-back text, and names the stop string that completed in it, if one did.
+    fn finish(&mut self) -> (String, Option<String>) {
         let tail = self.stream.finish(self.tokenizer).ok().flatten().unwrap_or_default();
         let out = self.stop.push(&tail);
-        if out.stopped.is_some() {
-            return (out.text, true);
+        if let Some(i) = out.stopped {
+            return (out.text, Some(self.stop_string(i)));
         }
-        (out.text + &self.stop.finish(), false)
+        (out.text + &self.stop.finish(), None)
     }
 }

@@ -155,6 +155,7 @@ const FIELDS: &[&str] = &[
     "logprobs",
     "top_logprobs",
     "echo",
+    "prompt_logprobs",
     "suffix",
     "temperature",
     "top_p",
@@ -239,7 +240,9 @@ fn bad_fields() -> Vec<(Option<usize>, &'static str, Value)> {
         (Some(1), "prompt", json!({})),
         (Some(1), "prompt", json!(vec![vec![1]; 65])),
         (Some(1), "prompt", json!("x ".repeat(400))),
-        (Some(1), "echo", json!(true)),
+        (Some(1), "echo", json!("yes")),
+        (Some(0), "prompt_logprobs", json!(21)),
+        (Some(1), "prompt_logprobs", json!(-1)),
         (Some(1), "suffix", json!("x")),
         (Some(1), "logprobs", json!(6)),
     ]

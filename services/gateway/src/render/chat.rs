@@ -8,17 +8,22 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tandem_protocol::openai::tools::{parse_calls, Tool, ToolCall};
-use tandem_protocol::openai::{ChatChoice, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessage, ChatTokenLogprob, Role, TopLogprob};
+use tandem_protocol::openai::{
+    ChatChoice, ChatChunkChoice, ChatDelta, ChatLogprobs, ChatMessage, ChatTokenLogprob, PromptLogprobs, Role, TopLogprob,
+};
 use tandem_protocol::FinishReason;
 
-use super::Renderer;
-use crate::disagg::TokenOut;
+use super::{prompt_logprobs, Echo, Renderer};
+use crate::disagg::{Ending, PromptTokenOut, TokenOut};
 
 pub(crate) struct ChatRenderer {
     logprobs: bool,
     tools: Option<Arc<Vec<Tool>>>,
     /// With tools, each streamed choice's text so far.
     held: HashMap<usize, String>,
+    /// `prompt_logprobs` asked, with this many alternatives; the (one) prompt as scored.
+    prompt_logprobs: Option<u32>,
+    scored: Option<Vec<PromptTokenOut>>,
 }
 
 impl ChatRenderer {
@@ -43,8 +48,22 @@ impl Renderer for ChatRenderer {
     type Choice = ChatChoice;
     type Chunk = ChatChunkChoice;
 
-    fn new(logprobs: bool) -> Self {
-        Self { logprobs, tools: None, held: HashMap::new() }
+    fn new(logprobs: Option<u32>) -> Self {
+        Self { logprobs: logprobs.is_some(), tools: None, held: HashMap::new(), prompt_logprobs: None, scored: None }
+    }
+
+    fn with_prompt(mut self, _echo: Option<Echo>, prompt_logprobs: Option<u32>) -> Self {
+        self.prompt_logprobs = prompt_logprobs;
+        self
+    }
+
+    fn prompt(&mut self, _index: usize, tokens: Vec<PromptTokenOut>) {
+        // Every choice has the same prompt: the first scored one stands for all.
+        self.scored.get_or_insert(tokens);
+    }
+
+    fn response_prompt_logprobs(&self) -> Option<PromptLogprobs> {
+        Some(prompt_logprobs(self.scored.as_ref()?, self.prompt_logprobs? as usize))
     }
 
     fn with_tools(mut self, tools: Arc<Vec<Tool>>) -> Self {
@@ -52,17 +71,17 @@ impl Renderer for ChatRenderer {
         self
     }
 
-    fn choice(&self, index: usize, text: String, tokens: &[TokenOut], finish: FinishReason) -> ChatChoice {
+    fn choice(&self, index: usize, text: String, tokens: &[TokenOut], ending: &Ending) -> ChatChoice {
         let (message, finish_reason) = match self.calls(&text) {
             Some((content, calls)) => (ChatMessage { content, role: Role::Assistant, tool_calls: Some(calls) }, FinishReason::ToolCalls),
-            None => (ChatMessage { content: Some(text), role: Role::Assistant, tool_calls: None }, finish),
+            None => (ChatMessage { content: Some(text), role: Role::Assistant, tool_calls: None }, ending.reason),
         };
-        ChatChoice { finish_reason, index, logprobs: self.logprobs(tokens), message }
+        ChatChoice { finish_reason, index, logprobs: self.logprobs(tokens), message, stop_reason: ending.stop_reason.clone() }
     }
 
     fn opening(&self, index: usize) -> Option<ChatChunkChoice> {
         let delta = ChatDelta { content: Some(String::new()), role: Some(Role::Assistant), tool_calls: None };
-        Some(ChatChunkChoice { delta, finish_reason: None, index, logprobs: None })
+        Some(ChatChunkChoice { delta, finish_reason: None, index, logprobs: None, stop_reason: None })
     }
 
     fn delta(&mut self, index: usize, text: String, tokens: &[TokenOut]) -> ChatChunkChoice {
@@ -73,10 +92,11 @@ impl Renderer for ChatRenderer {
             Some(text)
         };
         let delta = ChatDelta { content, role: None, tool_calls: None };
-        ChatChunkChoice { delta, finish_reason: None, index, logprobs: self.logprobs(tokens) }
+        ChatChunkChoice { delta, finish_reason: None, index, logprobs: self.logprobs(tokens), stop_reason: None }
     }
 
-    fn finish(&mut self, index: usize, reason: FinishReason) -> ChatChunkChoice {
+    fn finish(&mut self, index: usize, ending: &Ending) -> ChatChunkChoice {
+        let reason = ending.reason;
         let held = self.held.remove(&index);
         let (delta, reason) = match held {
             None => (ChatDelta::default(), reason),
@@ -88,6 +108,6 @@ impl Renderer for ChatRenderer {
                 None => (ChatDelta { content: Some(text), role: None, tool_calls: None }, reason),
             },
         };
-        ChatChunkChoice { delta, finish_reason: Some(reason), index, logprobs: None }
+        ChatChunkChoice { delta, finish_reason: Some(reason), index, logprobs: None, stop_reason: Some(ending.stop_reason.clone()) }
     }
 }

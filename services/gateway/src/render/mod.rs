@@ -8,12 +8,13 @@ mod sse;
 #[cfg(test)]
 mod tests;
 
+use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use tandem_protocol::openai::{Choice, CompletionResponse, Usage};
+use tandem_protocol::openai::{Choice, CompletionResponse, PromptLogprob, PromptLogprobs, Usage};
 use tandem_protocol::{ApiError, ErrorCode, FinishReason};
 
-use crate::disagg::{ChoiceEvent, ChoiceRx, ChoiceUsage, TokenOut};
+use crate::disagg::{ChoiceEvent, ChoiceRx, ChoiceUsage, Ending, PromptTokenOut, TokenOut};
 
 pub(crate) use chat::ChatRenderer;
 pub(crate) use completion::CompletionRenderer;
@@ -27,11 +28,12 @@ pub(crate) trait Renderer: Send + 'static {
     type Choice: Choice;
     type Chunk: Choice;
 
-    /// A renderer for one request; `logprobs` says whether the client asked for them.
-    fn new(logprobs: bool) -> Self;
+    /// A renderer for one request; `logprobs`: whether the client asked for them, and how many
+    /// alternatives per position.
+    fn new(logprobs: Option<u32>) -> Self;
 
     /// Choice `index` whole, for a response that is not streamed.
-    fn choice(&self, index: usize, text: String, tokens: &[TokenOut], finish: FinishReason) -> Self::Choice;
+    fn choice(&self, index: usize, text: String, tokens: &[TokenOut], ending: &Ending) -> Self::Choice;
 
     /// What a stream sends for choice `index` before its first token, if anything.
     fn opening(&self, index: usize) -> Option<Self::Chunk>;
@@ -40,7 +42,25 @@ pub(crate) trait Renderer: Send + 'static {
     fn delta(&mut self, index: usize, text: String, tokens: &[TokenOut]) -> Self::Chunk;
 
     /// The end of choice `index`.
-    fn finish(&mut self, index: usize, reason: FinishReason) -> Self::Chunk;
+    fn finish(&mut self, index: usize, ending: &Ending) -> Self::Chunk;
+
+    /// Choice `index`'s prompt as the prefill scored it (before any of its deltas).
+    fn prompt(&mut self, index: usize, tokens: Vec<PromptTokenOut>);
+
+    /// What the request asked of its prompts: `echo` (completions), and `prompt_logprobs` with
+    /// how many alternatives.
+    fn with_prompt(self, _echo: Option<Echo>, _prompt_logprobs: Option<u32>) -> Self
+    where
+        Self: Sized,
+    {
+        self
+    }
+
+    /// The prompt's log-probabilities for the whole response, where the endpoint has them there
+    /// (chat) rather than per choice.
+    fn response_prompt_logprobs(&self) -> Option<PromptLogprobs> {
+        None
+    }
 
     /// Reads tool calls out of the text (chat with `tools`); other endpoints have none.
     fn with_tools(self, _tools: std::sync::Arc<Vec<tandem_protocol::openai::tools::Tool>>) -> Self
@@ -49,6 +69,37 @@ pub(crate) trait Renderer: Send + 'static {
     {
         self
     }
+}
+
+/// `echo`: the prompts' texts, choice `index` showing prompt `index / n`.
+#[derive(Debug, Clone)]
+pub(crate) struct Echo {
+    pub texts: Vec<String>,
+    pub n: usize,
+}
+
+impl Echo {
+    fn text(&self, index: usize) -> &str {
+        self.texts.get(index / self.n.max(1)).map(String::as_str).unwrap_or_default()
+    }
+}
+
+/// vLLM's `prompt_logprobs` from a scored prompt: `null` for the first token, then per token a
+/// map by token id of the prompt's own token (with its rank) and the `n` most likely ones (ranked
+/// by their place).
+pub(crate) fn prompt_logprobs(tokens: &[PromptTokenOut], n: usize) -> PromptLogprobs {
+    tokens
+        .iter()
+        .map(|t| {
+            let logprob = t.logprob?;
+            let mut m = BTreeMap::new();
+            for (i, (id, text, lp)) in t.top.iter().take(n).enumerate() {
+                m.insert(id.to_string(), PromptLogprob { decoded_token: text.clone(), logprob: (*lp).into(), rank: i as u32 + 1 });
+            }
+            m.insert(t.id.to_string(), PromptLogprob { decoded_token: t.text.clone(), logprob: logprob.into(), rank: t.rank });
+            Some(m)
+        })
+        .collect()
 }
 
 /// What every response and chunk of one request repeats.
@@ -114,7 +165,7 @@ impl UsageTally {
 /// Waits for every choice, in order, and renders the whole response. The first error fails the
 /// request; the receivers it drops cancel the choices still running.
 pub(crate) async fn collect<R: Renderer>(
-    renderer: &R,
+    renderer: &mut R,
     envelope: Envelope,
     mut usage: UsageTally,
     rxs: Vec<ChoiceRx>,
@@ -125,23 +176,26 @@ pub(crate) async fn collect<R: Renderer>(
             let (mut text, mut tokens, mut finish) = (String::new(), Vec::new(), None);
             while let Some(event) = rx.recv().await {
                 match event? {
+                    ChoiceEvent::Prompt { tokens } => renderer.prompt(index, tokens),
                     ChoiceEvent::Delta { text: t, tokens: ts } => {
                         text.push_str(&t);
                         tokens.extend(ts);
                     }
-                    ChoiceEvent::Done { reason, usage: u } => {
-                        finish = Some(reason);
-                        usage.record(index, u, reason);
+                    ChoiceEvent::Done { ending, usage: u } => {
+                        usage.record(index, u, ending.reason);
+                        finish = Some(ending);
                     }
                 }
             }
             let finish = finish.ok_or_else(|| ApiError::new(ErrorCode::Internal, "choice ended without a finish reason"))?;
-            choices.push(renderer.choice(index, text, &tokens, finish));
+            choices.push(renderer.choice(index, text, &tokens, &finish));
         }
         Ok(())
     }
     .await;
     envelope.report(&usage, outcome.as_ref().err());
     outcome?;
-    Ok(CompletionResponse::new(envelope.id, now(), envelope.model, choices, usage.total()))
+    let mut response = CompletionResponse::new(envelope.id, now(), envelope.model, choices, usage.total());
+    response.prompt_logprobs = renderer.response_prompt_logprobs();
+    Ok(response)
 }

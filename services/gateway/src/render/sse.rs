@@ -63,14 +63,18 @@ impl<R: Renderer> EventStream<R> {
                 Some(opening.map(|c| self.chunk(vec![c], None)).collect())
             }
             Phase::Relaying => Some(match self.choices.next().await {
+                Some((i, Ok(ChoiceEvent::Prompt { tokens }))) => {
+                    self.renderer.prompt(i, tokens);
+                    Vec::new()
+                }
                 Some((_, Ok(ChoiceEvent::Delta { text, tokens }))) if text.is_empty() && tokens.is_empty() => Vec::new(),
                 Some((i, Ok(ChoiceEvent::Delta { text, tokens }))) => {
                     let c = self.renderer.delta(i, text, &tokens);
                     vec![self.chunk(vec![c], None)]
                 }
-                Some((i, Ok(ChoiceEvent::Done { reason, usage }))) => {
-                    self.usage.record(i, usage, reason);
-                    let c = self.renderer.finish(i, reason);
+                Some((i, Ok(ChoiceEvent::Done { ending, usage }))) => {
+                    self.usage.record(i, usage, ending.reason);
+                    let c = self.renderer.finish(i, &ending);
                     vec![self.chunk(vec![c], None)]
                 }
                 Some((_, Err(e))) => {

@@ -48,7 +48,7 @@ fn delta(text: &str, tokens: Vec<TokenOut>) -> Result<ChoiceEvent, ApiError> {
 }
 
 fn done(reason: FinishReason, completion_tokens: usize, cached_tokens: usize) -> Result<ChoiceEvent, ApiError> {
-    Ok(ChoiceEvent::Done { reason, usage: ChoiceUsage { completion_tokens, cached_tokens } })
+    Ok(ChoiceEvent::Done { ending: reason.into(), usage: ChoiceUsage { completion_tokens, cached_tokens } })
 }
 
 /// The JSON with its `created` (the clock) set to [`CREATED`].
@@ -59,7 +59,7 @@ fn pinned(json: &str) -> String {
 }
 
 /// The `data:` of every event a streamed response sends.
-async fn sse_data<R: Renderer>(logprobs: bool, include_usage: bool, usage: UsageTally, rxs: Vec<ChoiceRx>) -> Vec<String> {
+async fn sse_data<R: Renderer>(logprobs: Option<u32>, include_usage: bool, usage: UsageTally, rxs: Vec<ChoiceRx>) -> Vec<String> {
     let resp = sse(R::new(logprobs), envelope(if R::ID_PREFIX == "cmpl" { "cmpl-1" } else { "chatcmpl-1" }), include_usage, usage, rxs);
     let body = axum::body::to_bytes(resp.into_response().into_body(), usize::MAX).await.unwrap();
     let body = String::from_utf8(body.to_vec()).unwrap();
@@ -73,16 +73,17 @@ async fn a_chat_completion_with_usage_and_logprobs() {
         vec![delta("Hi", tokens()[..1].to_vec()), delta(" é", tokens()[1..].to_vec()), done(FinishReason::Length, 2, 3)],
         vec![done(FinishReason::Stop, 0, 3)],
     ]);
-    let resp = collect(&ChatRenderer::new(true), envelope("chatcmpl-1"), UsageTally::new(&[vec![1, 2, 3, 4, 5]], 2), rxs).await.unwrap();
+    let resp =
+        collect(&mut ChatRenderer::new(Some(2)), envelope("chatcmpl-1"), UsageTally::new(&[vec![1, 2, 3, 4, 5]], 2), rxs).await.unwrap();
     let expected = format!(
-        r#"{{"choices":[{{"finish_reason":"length","index":0,"logprobs":{CHAT_LOGPROBS},"message":{{"content":"Hi é","role":"assistant"}}}},{{"finish_reason":"stop","index":1,"logprobs":{{"content":[]}},"message":{{"content":"","role":"assistant"}}}}],"created":1700000000,"id":"chatcmpl-1","model":"m","object":"chat.completion","usage":{{"completion_tokens":2,"prompt_tokens":5,"prompt_tokens_details":{{"cached_tokens":3}},"total_tokens":7}}}}"#
+        r#"{{"choices":[{{"finish_reason":"length","index":0,"logprobs":{CHAT_LOGPROBS},"message":{{"content":"Hi é","role":"assistant"}},"stop_reason":null}},{{"finish_reason":"stop","index":1,"logprobs":{{"content":[]}},"message":{{"content":"","role":"assistant"}},"stop_reason":null}}],"created":1700000000,"id":"chatcmpl-1","model":"m","object":"chat.completion","system_fingerprint":null,"usage":{{"completion_tokens":2,"prompt_tokens":5,"prompt_tokens_details":{{"cached_tokens":3}},"total_tokens":7}}}}"#
     );
     assert_eq!(pinned(&serde_json::to_string(&resp).unwrap()), expected);
 
-    let plain = ChatRenderer::new(false).choice(1, String::new(), &[], FinishReason::Stop);
+    let plain = ChatRenderer::new(None).choice(1, String::new(), &[], &FinishReason::Stop.into());
     assert_eq!(
         serde_json::to_string(&plain).unwrap(),
-        r#"{"finish_reason":"stop","index":1,"logprobs":null,"message":{"content":"","role":"assistant"}}"#
+        r#"{"finish_reason":"stop","index":1,"logprobs":null,"message":{"content":"","role":"assistant"},"stop_reason":null}"#
     );
 }
 
@@ -92,21 +93,25 @@ async fn a_text_completion_with_logprobs() {
         vec![delta("Hi é", tokens()), done(FinishReason::Length, 2, 0)],
         vec![delta("", Vec::new()), done(FinishReason::Stop, 0, 0)],
     ]);
-    let resp =
-        collect(&CompletionRenderer::new(true), envelope("cmpl-1"), UsageTally::new(&[vec![1, 2], vec![3, 4, 5]], 1), rxs).await.unwrap();
+    let resp = collect(&mut CompletionRenderer::new(Some(2)), envelope("cmpl-1"), UsageTally::new(&[vec![1, 2], vec![3, 4, 5]], 1), rxs)
+        .await
+        .unwrap();
     let expected = format!(
-        r#"{{"choices":[{{"finish_reason":"length","index":0,"logprobs":{{"text_offset":[0,2],"token_logprobs":[-0.10000000149011612,-1.25],"tokens":["Hi"," é"],"top_logprobs":[{{"Hello":-2.5,"Hi":-0.10000000149011612}},{{" you":null," é":-1.25}}]}},"text":"Hi é"}},{{"finish_reason":"stop","index":1,"logprobs":{NO_COMPLETION_LOGPROBS},"text":""}}],"created":1700000000,"id":"cmpl-1","model":"m","object":"text_completion","usage":{{"completion_tokens":2,"prompt_tokens":5,"prompt_tokens_details":{{"cached_tokens":0}},"total_tokens":7}}}}"#
+        r#"{{"choices":[{{"finish_reason":"length","index":0,"logprobs":{{"text_offset":[0,2],"token_logprobs":[-0.10000000149011612,-1.25],"tokens":["Hi"," é"],"top_logprobs":[{{"Hello":-2.5,"Hi":-0.10000000149011612}},{{" you":null," é":-1.25}}]}},"stop_reason":null,"text":"Hi é"}},{{"finish_reason":"stop","index":1,"logprobs":{NO_COMPLETION_LOGPROBS},"stop_reason":null,"text":""}}],"created":1700000000,"id":"cmpl-1","model":"m","object":"text_completion","system_fingerprint":null,"usage":{{"completion_tokens":2,"prompt_tokens":5,"prompt_tokens_details":{{"cached_tokens":0}},"total_tokens":7}}}}"#
     );
     assert_eq!(pinned(&serde_json::to_string(&resp).unwrap()), expected);
 
-    let plain = CompletionRenderer::new(false).choice(0, "x".into(), &[], FinishReason::Length);
-    assert_eq!(serde_json::to_string(&plain).unwrap(), r#"{"finish_reason":"length","index":0,"logprobs":null,"text":"x"}"#);
+    let plain = CompletionRenderer::new(None).choice(0, "x".into(), &[], &FinishReason::Length.into());
+    assert_eq!(
+        serde_json::to_string(&plain).unwrap(),
+        r#"{"finish_reason":"length","index":0,"logprobs":null,"stop_reason":null,"text":"x"}"#
+    );
 }
 
 #[tokio::test]
 async fn a_chat_stream_opens_with_the_role_and_ends_with_usage() {
     let rxs = choices(vec![vec![delta("Hi é", tokens()), delta("", Vec::new()), done(FinishReason::Stop, 2, 3)]]);
-    let events = sse_data::<ChatRenderer>(true, true, UsageTally::new(&[vec![1, 2, 3, 4, 5]], 1), rxs).await;
+    let events = sse_data::<ChatRenderer>(Some(2), true, UsageTally::new(&[vec![1, 2, 3, 4, 5]], 1), rxs).await;
     let head = r#""created":1700000000,"id":"chatcmpl-1","model":"m","object":"chat.completion.chunk""#;
     assert_eq!(
         events,
@@ -117,7 +122,9 @@ async fn a_chat_stream_opens_with_the_role_and_ends_with_usage() {
             format!(
                 r#"{{"choices":[{{"delta":{{"content":"Hi é"}},"finish_reason":null,"index":0,"logprobs":{CHAT_LOGPROBS}}}],{head},"usage":null}}"#
             ),
-            format!(r#"{{"choices":[{{"delta":{{}},"finish_reason":"stop","index":0,"logprobs":null}}],{head},"usage":null}}"#),
+            format!(
+                r#"{{"choices":[{{"delta":{{}},"finish_reason":"stop","index":0,"logprobs":null,"stop_reason":null}}],{head},"usage":null}}"#
+            ),
             format!(
                 r#"{{"choices":[],{head},"usage":{{"completion_tokens":2,"prompt_tokens":5,"prompt_tokens_details":{{"cached_tokens":3}},"total_tokens":7}}}}"#
             ),
@@ -129,7 +136,7 @@ async fn a_chat_stream_opens_with_the_role_and_ends_with_usage() {
 #[tokio::test]
 async fn a_chat_stream_without_usage_or_logprobs() {
     let rxs = choices(vec![vec![delta("Hi", Vec::new()), done(FinishReason::Stop, 1, 0)]]);
-    let events = sse_data::<ChatRenderer>(false, false, UsageTally::new(&[vec![1, 2, 3, 4, 5]], 1), rxs).await;
+    let events = sse_data::<ChatRenderer>(None, false, UsageTally::new(&[vec![1, 2, 3, 4, 5]], 1), rxs).await;
     let head = r#""created":1700000000,"id":"chatcmpl-1","model":"m","object":"chat.completion.chunk""#;
     assert_eq!(
         events,
@@ -138,7 +145,7 @@ async fn a_chat_stream_without_usage_or_logprobs() {
                 r#"{{"choices":[{{"delta":{{"content":"","role":"assistant"}},"finish_reason":null,"index":0,"logprobs":null}}],{head}}}"#
             ),
             format!(r#"{{"choices":[{{"delta":{{"content":"Hi"}},"finish_reason":null,"index":0,"logprobs":null}}],{head}}}"#),
-            format!(r#"{{"choices":[{{"delta":{{}},"finish_reason":"stop","index":0,"logprobs":null}}],{head}}}"#),
+            format!(r#"{{"choices":[{{"delta":{{}},"finish_reason":"stop","index":0,"logprobs":null,"stop_reason":null}}],{head}}}"#),
             "[DONE]".to_string(),
         ]
     );
@@ -147,7 +154,7 @@ async fn a_chat_stream_without_usage_or_logprobs() {
 #[tokio::test]
 async fn a_completion_stream_counts_text_offsets_across_chunks() {
     let rxs = choices(vec![vec![delta("abcdefg", Vec::new()), delta("Hi é", tokens()), done(FinishReason::Length, 3, 0)]]);
-    let events = sse_data::<CompletionRenderer>(true, true, UsageTally::new(&[vec![1, 2, 3, 4, 5]], 1), rxs).await;
+    let events = sse_data::<CompletionRenderer>(Some(2), true, UsageTally::new(&[vec![1, 2, 3, 4, 5]], 1), rxs).await;
     let head = r#""created":1700000000,"id":"cmpl-1","model":"m","object":"text_completion""#;
     assert_eq!(
         events,
@@ -158,7 +165,9 @@ async fn a_completion_stream_counts_text_offsets_across_chunks() {
             format!(
                 r#"{{"choices":[{{"finish_reason":null,"index":0,"logprobs":{COMPLETION_LOGPROBS_AT_7},"text":"Hi é"}}],{head},"usage":null}}"#
             ),
-            format!(r#"{{"choices":[{{"finish_reason":"length","index":0,"logprobs":null,"text":""}}],{head},"usage":null}}"#),
+            format!(
+                r#"{{"choices":[{{"finish_reason":"length","index":0,"logprobs":null,"stop_reason":null,"text":""}}],{head},"usage":null}}"#
+            ),
             format!(
                 r#"{{"choices":[],{head},"usage":{{"completion_tokens":3,"prompt_tokens":5,"prompt_tokens_details":{{"cached_tokens":0}},"total_tokens":8}}}}"#
             ),
@@ -169,7 +178,7 @@ async fn a_completion_stream_counts_text_offsets_across_chunks() {
 
 #[test]
 fn a_completion_chunk_of_another_choice() {
-    let mut r = CompletionRenderer::new(false);
+    let mut r = CompletionRenderer::new(None);
     r.delta(0, "ignored".into(), &[]);
     let c = r.delta(1, "Hi".into(), &tokens()[..1]);
     let json = serde_json::to_string(&CompletionChunk::new("cmpl-1", CREATED, "m", vec![c], None)).unwrap();
@@ -182,7 +191,7 @@ fn a_completion_chunk_of_another_choice() {
 #[tokio::test]
 async fn an_error_after_the_stream_started_goes_in_band_and_ends_it() {
     let rxs = choices(vec![vec![Err(ApiError::new(ErrorCode::Unavailable, "decode worker failed mid-request: gone"))]]);
-    let events = sse_data::<CompletionRenderer>(false, true, UsageTally::new(&[vec![1]], 1), rxs).await;
+    let events = sse_data::<CompletionRenderer>(None, true, UsageTally::new(&[vec![1]], 1), rxs).await;
     // Compared as JSON: the key order of an object is serde_json's to choose (it keeps
     // insertion order where a dependency enables that).
     assert_eq!(events.len(), 2, "{events:?}");
@@ -204,4 +213,58 @@ fn usage_counts_each_prompt_once_with_its_first_choices_cache_hits() {
     assert_eq!((u.prompt_tokens, u.completion_tokens, u.total_tokens, u.prompt_tokens_details.cached_tokens), (5, 10, 15, 3));
     let resp: CompletionResponse<tandem_protocol::openai::ChatChoice> = CompletionResponse::new("x", CREATED, "m", Vec::new(), u);
     assert_eq!(resp.object, "chat.completion");
+}
+
+fn scored_prompt() -> Vec<crate::disagg::PromptTokenOut> {
+    use crate::disagg::PromptTokenOut;
+    vec![
+        PromptTokenOut { id: 5, text: "Hello".into(), logprob: None, rank: 0, top: Vec::new() },
+        PromptTokenOut {
+            id: 9,
+            text: " world".into(),
+            logprob: Some(-2.0),
+            rank: 3,
+            top: vec![(1, " there".into(), -0.5), (2, ",".into(), -1.0)],
+        },
+    ]
+}
+
+#[tokio::test]
+async fn echo_leads_with_the_prompt_and_its_scores() {
+    let rxs = choices(vec![vec![
+        Ok(ChoiceEvent::Prompt { tokens: scored_prompt() }),
+        delta("Hi", tokens()[..1].to_vec()),
+        done(FinishReason::Length, 1, 0),
+    ]]);
+    let mut r = CompletionRenderer::new(Some(1)).with_prompt(Some(Echo { texts: vec!["Hello world".into()], n: 1 }), Some(1));
+    let resp = collect(&mut r, envelope("cmpl-1"), UsageTally::new(&[vec![5, 9]], 1), rxs).await.unwrap();
+    let v = serde_json::to_value(&resp).unwrap();
+    let ch = &v["choices"][0];
+    assert_eq!(ch["text"], "Hello worldHi");
+    let lp = &ch["logprobs"];
+    assert_eq!(lp["tokens"], serde_json::json!(["Hello", " world", "Hi"]));
+    assert_eq!(lp["text_offset"], serde_json::json!([0, 5, 11]));
+    assert_eq!(lp["token_logprobs"][0], serde_json::Value::Null);
+    assert_eq!(lp["token_logprobs"][1], -2.0);
+    // One alternative, as `logprobs: 1` asks, for the prompt's tokens as for the completion's.
+    assert_eq!((&lp["top_logprobs"][0], &lp["top_logprobs"][1]), (&serde_json::Value::Null, &serde_json::json!({" there": -0.5})));
+    // vLLM's prompt_logprobs: the own token with its rank, and the best alternative.
+    let pl = &ch["prompt_logprobs"];
+    assert_eq!(pl[0], serde_json::Value::Null);
+    assert_eq!(pl[1]["9"], serde_json::json!({"decoded_token": " world", "logprob": -2.0, "rank": 3}));
+    assert_eq!(pl[1]["1"]["rank"], 1);
+    assert_eq!(pl[1].as_object().unwrap().len(), 2);
+
+    // A stream of the prompt alone (`max_tokens: 0`): its lead goes out in the finishing chunk.
+    let rxs = choices(vec![vec![Ok(ChoiceEvent::Prompt { tokens: scored_prompt() }), done(FinishReason::Length, 0, 0)]]);
+    let r = CompletionRenderer::new(Some(0)).with_prompt(Some(Echo { texts: vec!["Hello world".into()], n: 1 }), None);
+    let resp = sse(r, envelope("cmpl-1"), false, UsageTally::new(&[vec![5, 9]], 1), rxs);
+    let body = axum::body::to_bytes(resp.into_response().into_body(), usize::MAX).await.unwrap();
+    let first: serde_json::Value =
+        serde_json::from_str(String::from_utf8(body.to_vec()).unwrap().split("\n\n").next().unwrap().strip_prefix("data: ").unwrap())
+            .unwrap();
+    let ch = &first["choices"][0];
+    assert_eq!((ch["text"].as_str(), ch["finish_reason"].as_str()), (Some("Hello world"), Some("length")));
+    assert_eq!(ch["logprobs"]["tokens"], serde_json::json!(["Hello", " world"]));
+    assert!(ch.get("prompt_logprobs").is_none());
 }

@@ -92,7 +92,7 @@ fn run_one(batcher: &mut Batcher, req: NewRequest) -> Result<(Vec<u32>, f64)> {
                     return Ok((tokens, secs));
                 }
                 Event::Failed { error, .. } => bail!("request failed: {error}"),
-                Event::Prefilled { .. } => {}
+                Event::Prefilled { .. } | Event::PromptLogprobs { .. } => {}
             }
         }
     }
@@ -103,7 +103,8 @@ pub fn run(args: &ConstraintArgs) -> Result<()> {
     let files = ModelFiles::resolve(&spec)?;
     let tokenizer = Tokenizer::load(&files)?;
     let engine =
-        crate::serve::open_engine(&files, tandem_runtime::Device::Cpu, 16, None, &BatcherConfig::default()).context("loading the model")?;
+        crate::serve::open_engine(&files, tandem_runtime::Device::Cpu, &crate::serve::Sizing::default(), &BatcherConfig::default())
+            .context("loading the model")?;
     let vocab = engine.info().vocab_size;
     let t = Instant::now();
     let compiler = crate::serve::constraints(&files, vocab)?;

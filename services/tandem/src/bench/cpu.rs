@@ -57,8 +57,13 @@ pub fn run(args: &CpuArgs) -> Result<()> {
     let spec = default_model::resolve_spec(args.model.as_deref())?;
     let files = ModelFiles::resolve(&spec)?;
     let mut engine = PagedEngine::from_box(
-        crate::serve::open_engine(&files, tandem_runtime::Device::Cpu, 16, None, &tandem_engine::BatcherConfig::default())
-            .context("loading the model")?,
+        crate::serve::open_engine(
+            &files,
+            tandem_runtime::Device::Cpu,
+            &crate::serve::Sizing::default(),
+            &tandem_engine::BatcherConfig::default(),
+        )
+        .context("loading the model")?,
     );
     let vocab = engine.info().vocab_size as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);

@@ -51,9 +51,9 @@ impl SeqTable {
     }
 
     /// Registers a sequence about to prefill `prompt`, sharing cached blocks that hold a prefix
-    /// of it; returns the prompt tokens they cover (never all of them: the last token is
+    /// of it (with `reuse_prefix`); returns the prompt tokens they cover (never all of them: the last token is
     /// computed so that it yields logits).
-    pub fn add(&mut self, id: SeqId, prompt: &[u32]) -> Result<usize> {
+    pub fn add(&mut self, id: SeqId, prompt: &[u32], reuse_prefix: bool) -> Result<usize> {
         if self.seqs.contains_key(&id) {
             return Err(EngineError::DuplicateSequence(id));
         }
@@ -61,7 +61,7 @@ impl SeqTable {
             return Err(EngineError::ContextOverflow { len: prompt.len(), max: self.max_context });
         }
         let bs = self.block_size;
-        let reusable = tandem_protocol::block_hashes(&prompt[..prompt.len().saturating_sub(1)], bs);
+        let reusable = if reuse_prefix { tandem_protocol::block_hashes(&prompt[..prompt.len().saturating_sub(1)], bs) } else { Vec::new() };
         let blocks = self.pool.acquire_prefix(&reusable);
         let cached = blocks.len() * bs;
         let hashes = reusable[..blocks.len()].to_vec();

@@ -70,13 +70,15 @@ pub struct SamplingFields {
     pub stop_token_ids: Option<Vec<u32>>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
-    /// Parameters clients send that this server does not carry out yet. Read only to refuse
-    /// them by name: ignoring them would answer with something the client did not ask for.
     /// OpenAI's `logit_bias`: token id (as a string key) to a bias from −100 to 100.
     pub logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// vLLM's `prompt_logprobs`: score the prompt, with this many alternatives per position.
+    pub prompt_logprobs: Option<u32>,
     /// Structured output (`response_format`, vLLM's `guided_*` and `structured_outputs`).
     #[serde(flatten)]
     pub output_format: crate::constraint::OutputFormatFields,
+    /// Parameters clients send that this server does not carry out yet. Read only to refuse
+    /// them by name: ignoring them would answer with something the client did not ask for.
     #[serde(flatten)]
     pub unsupported: UnsupportedFields,
 }

@@ -54,13 +54,50 @@ pub struct CompletionResponse<C> {
     pub id: String,
     pub model: String,
     pub object: &'static str,
+    /// Chat with `prompt_logprobs` (vLLM's field): the prompt's log-probabilities, once for the
+    /// request (a completion has them per choice).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
+    /// `null`, as vLLM leaves it: nothing here names a backend configuration.
+    pub system_fingerprint: Option<String>,
     pub usage: Usage,
 }
 
 impl<C: Choice> CompletionResponse<C> {
     pub fn new(id: impl Into<String>, created: u64, model: impl Into<String>, choices: Vec<C>, usage: Usage) -> Self {
-        Self { choices, created, id: id.into(), model: model.into(), object: C::OBJECT, usage }
+        Self {
+            choices,
+            created,
+            id: id.into(),
+            model: model.into(),
+            object: C::OBJECT,
+            prompt_logprobs: None,
+            system_fingerprint: None,
+            usage,
+        }
     }
+}
+
+/// vLLM's `prompt_logprobs`: per prompt token, `null` for the first (nothing precedes it), then
+/// a map from token id to its log-probability, rank and text: the prompt's own token and the
+/// most likely alternatives.
+pub type PromptLogprobs = Vec<Option<BTreeMap<String, PromptLogprob>>>;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PromptLogprob {
+    pub decoded_token: String,
+    pub logprob: f64,
+    /// 1 + how many tokens were more likely.
+    pub rank: u32,
+}
+
+/// vLLM's `stop_reason`: the stop string or stop token id that ended a choice; `null` when it
+/// ended at end-of-sequence or for length.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum StopReason {
+    Text(String),
+    Token(u32),
 }
 
 /// One event of a streamed response: `chat.completion.chunk` or `text_completion`.
@@ -101,6 +138,7 @@ pub struct ChatChoice {
     pub index: usize,
     pub logprobs: Option<ChatLogprobs>,
     pub message: ChatMessage,
+    pub stop_reason: Option<StopReason>,
 }
 
 impl Choice for ChatChoice {
@@ -122,6 +160,10 @@ pub struct ChatChunkChoice {
     pub finish_reason: Option<FinishReason>,
     pub index: usize,
     pub logprobs: Option<ChatLogprobs>,
+    /// Set in the finishing chunk only (absent before it, as a stream's chunks go out before
+    /// anything is known of how the choice ends).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<Option<StopReason>>,
 }
 
 impl Choice for ChatChunkChoice {
@@ -180,6 +222,12 @@ pub struct CompletionChoice {
     pub finish_reason: Option<FinishReason>,
     pub index: usize,
     pub logprobs: Option<CompletionLogprobs>,
+    /// With `prompt_logprobs` (vLLM's field; not streamed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_logprobs: Option<PromptLogprobs>,
+    /// Whole choices always carry it; a stream's chunks only the finishing one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<Option<StopReason>>,
     pub text: String,
 }
 
@@ -187,15 +235,16 @@ impl Choice for CompletionChoice {
     const OBJECT: &'static str = "text_completion";
 }
 
-/// Legacy completion logprobs: parallel lists, one position per sampled token.
+/// Legacy completion logprobs: parallel lists, one position per token (with `echo`, the
+/// prompt's tokens first, the very first of them with `null`s: nothing precedes it).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CompletionLogprobs {
     /// Where each token's text starts in the choice's text.
     pub text_offset: Vec<usize>,
-    pub token_logprobs: Vec<f64>,
+    pub token_logprobs: Vec<Option<f64>>,
     pub tokens: Vec<String>,
     /// Alternatives by their text; two that decode alike share one entry.
-    pub top_logprobs: Vec<BTreeMap<String, f64>>,
+    pub top_logprobs: Vec<Option<BTreeMap<String, f64>>>,
 }
 
 /// `GET /v1/models`.
