@@ -46,7 +46,7 @@ def loadtest(args, port, extra, name):
     out = os.path.join(tempfile.gettempdir(), f"overload_{name}.json")
     cmd = [args.loadtest, "--base-url", f"http://127.0.0.1:{port}", "--dataset-name", "random",
            "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
-           "--ignore-eos", "--seed", "3", "--disable-tqdm", "--goodput", f"ttft:{args.slo_ms}",
+           "--ignore-eos", "--temperature", "0", "--save-detailed", "--seed", "3", "--disable-tqdm", "--goodput", f"ttft:{args.slo_ms}",
            "--save-result", "--result-dir", os.path.dirname(out), "--result-filename", os.path.basename(out), *extra]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     with open(out) as f:

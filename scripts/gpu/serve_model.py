@@ -1,14 +1,17 @@
 """Writes a random bf16 model of the Llama-3.2-1B shape with the tiny-llama test tokenizer
-(vocabulary 320) into a folder that `tandem up --model DIR` serves.
+(vocabulary 320), or with the tokenizer.json given (`--tokenizer-json`, the vocabulary sized to
+it; the default model's is written by `cargo run -p tandem-tokenizer --example export_tokenizer`),
+into a folder that `tandem up --model DIR` serves.
 
 The weights' values do not change serving speed or the KV handoff; being random and non-zero,
 they make every KV block's bytes different, so a block put in the wrong place cannot pass its
 checksum by accident.
 
-    python3 scripts/gpu/serve_model.py OUT_DIR [--seed 0]
+    python3 scripts/gpu/serve_model.py OUT_DIR [--seed 0] [--tokenizer-json PATH]
 """
 
 import argparse
+import json
 import pathlib
 import shutil
 
@@ -22,11 +25,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer-json", default=str(FIXTURE / "tokenizer.json"))
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    tok = json.loads(pathlib.Path(args.tokenizer_json).read_text())
+    ids = list(tok["model"]["vocab"].values()) + [t["id"] for t in tok.get("added_tokens", [])]
+    vocab = max(ids) + 1
     config = LlamaConfig(
-        vocab_size=320,
+        vocab_size=vocab,
         hidden_size=2048,
         intermediate_size=8192,
         num_hidden_layers=16,
@@ -51,8 +58,10 @@ def main():
             else:
                 p.normal_(0.0, 0.02)
     model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(FIXTURE / f, out / f)
+    shutil.copy(args.tokenizer_json, out / "tokenizer.json")
+    # The chat template and special tokens (<|endoftext|>, <|im_start|>, <|im_end|> as ids 0-2,
+    # as in the default model's vocabulary too).
+    shutil.copy(FIXTURE / "tokenizer_config.json", out / "tokenizer_config.json")
     print(out)
 
 

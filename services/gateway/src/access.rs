@@ -119,12 +119,15 @@ struct Waiting {
     /// since (the cluster was busy all along, so the time between departures is its pace).
     last_departure: Option<Instant>,
     busy_since_last: bool,
-    /// Seconds between departures while busy, smoothed: the queue's drain pace. Idle time does
-    /// not count, so a burst after a quiet spell is judged by how fast the cluster serves, not
-    /// by how little it was asked before.
+    /// Seconds per departure, smoothed: the queue's drain pace. Idle time does not count, so a
+    /// burst after a quiet spell is judged by how fast the cluster serves, not by how little it
+    /// was asked before.
     pace: Option<f64>,
-    /// The intervals' variance about the pace, smoothed the same way (seconds squared).
+    /// The samples' variance about the pace, smoothed the same way (seconds squared).
     pace_var: f64,
+    /// Departures seen: the first few weigh as a plain average does, before the smoothing's
+    /// own weight takes over.
+    samples: u32,
     /// Since when requests have waited with none leaving (the later of the last departure and
     /// the moment the queue stopped being empty); `None` while nothing waits.
     stalled_since: Option<Instant>,
@@ -139,41 +142,52 @@ const WAIT_MARGIN_SD: f64 = 2.0;
 
 impl Waiting {
     /// How long a newcomer would wait for its first token, its own turn included, or `None`
-    /// before anything is known (nothing waits and the cluster was never seen busy).
+    /// before the queue was ever seen to drain.
     ///
     /// With `n` waiting ahead: the interval now running (at least as long as it has run so
     /// far, which is known before it ends: a queue that stopped draining is seen at once), then
     /// `n` more at the pace, plus a margin for the intervals' spread that grows as the square
     /// root of their count, as the spread of a sum of independent intervals does.
     fn predicted_wait(&self, now: Instant) -> Option<Duration> {
+        let pace = self.pace?;
         let running = self.stalled_since.map_or(0.0, |t| now.duration_since(t).as_secs_f64());
         let n = self.requests as f64;
-        let secs = match self.pace {
-            Some(pace) => pace.max(running) + n * pace + WAIT_MARGIN_SD * ((n + 1.0) * self.pace_var).sqrt(),
-            // Never seen drain: what has waited so far is the only measure.
-            None if self.requests > 0 => (n + 1.0) * running,
-            None => return None,
-        };
+        let secs = pace.max(running) + n * pace + WAIT_MARGIN_SD * ((n + 1.0) * self.pace_var).sqrt();
         Some(Duration::from_secs_f64(secs))
+    }
+
+    /// Nothing has left the queue yet and something waits: no wait can be predicted, and the
+    /// first request's time to its first token may be long (a cold cluster, long prompts).
+    fn cold(&self) -> bool {
+        self.pace.is_none() && self.requests > 0
     }
 
     /// A departure at `now` of a request admitted at `admitted`.
     fn depart(&mut self, now: Instant, admitted: Instant) {
         self.requests = self.requests.saturating_sub(1);
-        if let (Some(last), true) = (self.last_departure, self.busy_since_last) {
-            let interval = now.duration_since(last).as_secs_f64();
-            match self.pace {
-                Some(p) => {
-                    let d = interval - p;
-                    self.pace = Some(p + PACE_WEIGHT * d);
-                    self.pace_var = (1.0 - PACE_WEIGHT) * (self.pace_var + PACE_WEIGHT * d * d);
-                }
-                None => self.pace = Some(interval),
+        // Each departure measures one request's share of the drain: the time since the one
+        // before it when requests waited all along, or else its own wait (it found the queue
+        // empty, so nothing was ahead of it).
+        let sample = match (self.last_departure, self.busy_since_last) {
+            (Some(last), true) => now.duration_since(last),
+            _ => now.duration_since(admitted),
+        }
+        .as_secs_f64();
+        self.samples += 1;
+        match self.pace {
+            // The spread is unknown at first: taken as large as the pace itself, it makes the
+            // first predictions cautious until more departures have been seen (an idle cluster's
+            // first request is faster than a busy one's).
+            None => {
+                self.pace = Some(sample);
+                self.pace_var = sample * sample;
             }
-        } else if self.pace.is_none() {
-            // Before the cluster has been seen busy, the first request's own wait is the best
-            // guess at the pace (a cautious one: it is a whole request's time to first token).
-            self.pace = Some(now.duration_since(admitted).as_secs_f64());
+            Some(p) => {
+                let w = (1.0 / f64::from(self.samples)).max(PACE_WEIGHT);
+                let d = sample - p;
+                self.pace = Some(p + w * d);
+                self.pace_var = (1.0 - w) * (self.pace_var + w * d * d);
+            }
         }
         self.last_departure = Some(now);
         self.busy_since_last = self.requests > 0;
@@ -275,10 +289,15 @@ impl Access {
         let full_requests = w.requests + 1 > self.cfg.max_waiting_requests;
         // One request larger than the whole token bound still gets in when nothing waits.
         let full_tokens = w.requests > 0 && w.tokens + prompt_tokens > self.cfg.max_waiting_prompt_tokens;
-        let too_long = !self.cfg.max_queue_wait.is_zero() && predicted_wait.is_some_and(|p| p > self.cfg.max_queue_wait);
+        // Under a wait bound, a cold queue takes one request at a time until the first one has
+        // its first token, which measures the pace.
+        let bounded = !self.cfg.max_queue_wait.is_zero();
+        // A request that finds nothing waiting is always taken: refusing it would help no one.
+        let too_long = bounded && w.requests > 0 && (w.cold() || predicted_wait.is_some_and(|p| p > self.cfg.max_queue_wait));
         if full_requests || full_tokens || too_long {
             let retry_after = match predicted_wait {
                 Some(p) => p.saturating_sub(self.cfg.max_queue_wait).clamp(Duration::from_secs(1), Duration::from_secs(60)),
+                None if w.cold() => Duration::from_secs(1),
                 None => Duration::from_secs(5),
             };
             let what = if full_requests {
@@ -392,28 +411,32 @@ mod tests {
     }
 
     #[test]
-    fn the_pace_is_learnt_from_busy_departures_only() {
+    fn the_pace_is_learnt_from_every_departure_without_idle_time() {
         let t = Instant::now();
         let mut w = Waiting::default();
         assert_eq!(w.predicted_wait(t), None, "nothing known, nothing waiting");
         for _ in 0..3 {
             w.arrive(t, 1);
         }
-        // Never seen drain: only what has waited so far counts.
-        assert!((secs(w.predicted_wait(ms(t, 100))) - 0.4).abs() < 1e-9);
-        // The first departure seeds the pace with its wait; then 200 ms, then 0 ms apart.
+        // Never seen drain: nothing to predict from.
+        assert!(w.cold() && w.predicted_wait(ms(t, 100)).is_none());
+        // The first departure's own wait (200 ms) starts the pace, its spread as large; then
+        // departures 200 ms, then 0 ms apart, averaged.
         w.depart(ms(t, 200), t);
+        assert_eq!((w.pace, w.pace_var), (Some(0.2), 0.2 * 0.2));
         w.depart(ms(t, 400), t);
         w.depart(ms(t, 400), t);
-        let pace = w.pace.unwrap();
-        assert!((pace - 0.18).abs() < 1e-9, "{pace}");
-        assert!((w.pace_var - 0.0036).abs() < 1e-9, "{}", w.pace_var);
-        // Idle: one pace plus two standard deviations of margin.
-        assert!((secs(w.predicted_wait(ms(t, 800))) - 0.30).abs() < 1e-9);
-        // A request that came to an empty queue and left 400 ms later is not a sample.
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-9;
+        assert!(close(w.pace.unwrap(), 0.4 / 3.0), "{:?}", w.pace);
+        assert!(close(w.pace_var, 2.0 / 3.0 * (0.02 + 0.04 / 3.0)), "{}", w.pace_var);
+        assert!(!w.cold());
+        // Idle for 400 ms: one pace plus two standard deviations of margin.
+        assert!(close(secs(w.predicted_wait(ms(t, 800))), 0.4 / 3.0 + 2.0 * w.pace_var.sqrt()));
+        // A request that came to an empty queue counts with its own wait (400 ms), the idle
+        // time before it not at all.
         w.arrive(ms(t, 800), 1);
         w.depart(ms(t, 1200), ms(t, 800));
-        assert_eq!(w.pace, Some(pace));
+        assert!(close(w.pace.unwrap(), 0.4 / 3.0 + (0.4 - 0.4 / 3.0) / 4.0), "{:?}", w.pace);
     }
 
     #[test]
@@ -434,13 +457,29 @@ mod tests {
         let t = Instant::now();
         // Nothing known, nothing waiting: admitted.
         let held = a.admit_at(1, t).ok().unwrap();
-        // Arrivals close behind it are admitted too, while what has waited is short...
-        let close = a.admit_at(1, ms(t, 50)).ok().unwrap();
-        // ...but a second on, three turns of at least a second each are predicted: refused,
-        // told to come back once the wait is within the bound.
-        let refused = a.admit_at(1, ms(t, 1000)).err().unwrap();
+        // Cold: one at a time until a first token says how fast the queue drains.
+        let refused = a.admit_at(1, ms(t, 50)).err().unwrap();
         assert!(refused.error.message.contains("capacity"), "{}", refused.error.message);
-        assert_eq!(refused.retry_after, Duration::from_millis(2700));
-        drop((held, close));
+        assert_eq!(refused.retry_after, Duration::from_secs(1));
+        {
+            // Then a pace of 100 ms is known, and the one waiting has waited a second already:
+            // its turn and the newcomer's take at least 1.1 s, over the bound, by 0.8 s (a
+            // second at least).
+            let mut w = a.waiting.lock().unwrap();
+            w.pace = Some(0.1);
+        }
+        let refused = a.admit_at(1, ms(t, 1000)).err().unwrap();
+        assert_eq!(refused.retry_after, Duration::from_secs(1));
+        // Two turns at the pace fit within 300 ms when nothing has stalled.
+        {
+            let mut w = a.waiting.lock().unwrap();
+            w.stalled_since = Some(ms(t, 1000));
+        }
+        let admitted = a.admit_at(1, ms(t, 1000)).ok().unwrap();
+        drop((held, admitted));
+        // Alone, a request is taken whatever its predicted wait: refusing it would help no one.
+        a.waiting.lock().unwrap().pace = Some(10.0);
+        let alone = a.admit_at(1, ms(t, 2000)).ok().unwrap();
+        drop(alone);
     }
 }

@@ -357,9 +357,10 @@ pub struct AccessArgs {
     /// Most prompt tokens waiting for their first token at once; past it, 503 with Retry-After.
     #[arg(long, env = "TANDEM_MAX_WAITING_PROMPT_TOKENS", default_value_t = 1 << 20)]
     pub max_waiting_prompt_tokens: usize,
-    /// Refuse (503 with Retry-After) a request whose predicted wait for its first token, the
-    /// requests waiting (itself included) over the rate they recently left the queue at, is
-    /// longer than this (0: no bound). Set it a little under the TTFT objective.
+    /// Refuse (503 with Retry-After) a request whose predicted wait for its first token (the
+    /// requests waiting, itself included, at the pace they recently left the queue, with a
+    /// margin for how much that pace varies) is longer than this (0: no bound). Set it to the
+    /// TTFT objective.
     #[arg(long, env = "TANDEM_MAX_QUEUE_WAIT_MS", default_value_t = 0)]
     pub max_queue_wait_ms: u64,
 }

@@ -85,6 +85,8 @@ pub struct CudaEngine {
     exports: LazySlots,
     imports: Arc<LazySlots>,
     gpu: Gpu,
+    /// Leading logit rows whose mask flag the last pass may have left set.
+    masked_rows: usize,
 }
 
 impl std::fmt::Debug for CudaEngine {
@@ -187,6 +189,7 @@ impl CudaEngine {
             exports: LazySlots::new(&gpu.ctx, block_bytes, (cfg.export_pinned_bytes / block_bytes).min(num_blocks), "kv exports"),
             imports: Arc::new(LazySlots::new(&gpu.ctx, block_bytes, (cfg.import_pinned_bytes / block_bytes).min(num_blocks), "kv imports")),
             gpu,
+            masked_rows: 0,
         })
     }
 
@@ -203,7 +206,9 @@ impl CudaEngine {
     /// it asked for (`head` = Logits) or, per logit row, the token chosen on the device (`head` =
     /// Argmax/Sample). Tokens are committed chunk by chunk, after the chunk ran: a failed pass
     /// leaves each sequence as it was, holding the blocks reserved for it (a retry reuses them).
-    fn run_reserved(&mut self, seqs: &mut SeqTable, items: &[ForwardItem], head: Head) -> Result<Passed> {
+    /// Runs `items` (their blocks reserved) in as many passes as they need. With `masks` (argmax
+    /// only), an item's token is the largest logit its mask allows.
+    fn run_reserved(&mut self, seqs: &mut SeqTable, items: &[ForwardItem], head: Head, masks: Option<&[Option<&[u32]>]>) -> Result<Passed> {
         let cap_t = self.scratch.cap_tokens;
         let cap_s = self.scratch.cap_seqs;
         let mut done = vec![0usize; items.len()];
@@ -271,6 +276,12 @@ impl CudaEngine {
                 )));
             }
             self.gpu.upload(self.scratch.meta.ptr, &plan.meta)?;
+            // Logit rows each item has in this pass, in plan order.
+            let per_row: Vec<usize> = chunk
+                .iter()
+                .map(|&(i, _, to)| if items[i].all_logits { to - done[i] } else { usize::from(to == items[i].tokens.len()) })
+                .collect();
+            self.upload_masks(masks.filter(|_| head == Head::Argmax), &chunk, &per_row)?;
             match graph_key {
                 Some(key) if self.graphs.contains_key(&key) => self.graphs[&key].0.launch()?,
                 Some(key) => {
@@ -283,10 +294,6 @@ impl CudaEngine {
             }
             // Rows of real logits, in plan order.
             let n_rows = if plan.decode_only { real_rows } else { plan.n_logits };
-            let per_row: Vec<usize> = chunk
-                .iter()
-                .map(|&(i, _, to)| if items[i].all_logits { to - done[i] } else { usize::from(to == items[i].tokens.len()) })
-                .collect();
             if head == Head::Logits {
                 let v = self.model.d.vocab;
                 let mut host = vec![0f32; n_rows * v];
@@ -313,6 +320,42 @@ impl CudaEngine {
             }
         }
         Ok(out)
+    }
+
+    /// Sets the mask rows of a pass's argmax: the row of each item in `chunk` that gets a token
+    /// and has a mask takes its bits and its flag; every other flag a pass may have left set is
+    /// cleared, so a later pass (or a captured graph) draws unmasked.
+    fn upload_masks(&mut self, masks: Option<&[Option<&[u32]>]>, chunk: &[(usize, usize, usize)], per_row: &[usize]) -> Result<()> {
+        let words = self.scratch.mask_words;
+        let (mut flags, mut bits) = (Vec::new(), Vec::new());
+        if let Some(masks) = masks {
+            for (&(i, _, _), &k) in chunk.iter().zip(per_row) {
+                for _ in 0..k {
+                    match masks.get(i).copied().flatten() {
+                        Some(m) if m.len() == words => {
+                            flags.push(1i32);
+                            bits.extend_from_slice(m);
+                        }
+                        Some(m) => return Err(CudaError::Unsupported(format!("a mask of {} words for a vocabulary of {words}", m.len()))),
+                        None => {
+                            flags.push(0);
+                            bits.resize(bits.len() + words, 0);
+                        }
+                    }
+                }
+            }
+        }
+        let set = flags.iter().rposition(|&f| f == 1).map_or(0, |last| last + 1);
+        if set > 0 {
+            self.gpu.upload(self.scratch.mask.ptr, &bits[..set * words])?;
+        }
+        let n = set.max(self.masked_rows);
+        if n > 0 {
+            flags.resize(n, 0);
+            self.gpu.upload(self.scratch.masked.ptr, &flags[..n])?;
+        }
+        self.masked_rows = set;
+        Ok(())
     }
 
     fn capture(&mut self, key: (usize, usize), shape: &PassShape) -> Result<()> {
@@ -346,7 +389,18 @@ impl CudaEngine {
     /// Runs a pass over reserved items and returns each item's greedy next token, chosen on the
     /// device.
     pub fn forward_greedy(&mut self, seqs: &mut SeqTable, items: &[ForwardItem]) -> Result<Vec<u32>> {
-        let out = self.run_reserved(seqs, items, Head::Argmax)?;
+        self.forward_greedy_masked(seqs, items, None)
+    }
+
+    /// As [`CudaEngine::forward_greedy`], each item's token the largest logit its mask allows
+    /// (a bitmask over the vocabulary, where given).
+    pub fn forward_greedy_masked(
+        &mut self,
+        seqs: &mut SeqTable,
+        items: &[ForwardItem],
+        masks: Option<&[Option<&[u32]>]>,
+    ) -> Result<Vec<u32>> {
+        let out = self.run_reserved(seqs, items, Head::Argmax, masks)?;
         Ok(out.tokens.into_iter().map(|t| t.last().copied().unwrap_or(0)).collect())
     }
 
@@ -368,7 +422,7 @@ impl CudaEngine {
         // Graph passes end in argmax; sampling runs eagerly after the logits.
         let saved = self.use_graphs;
         self.use_graphs = false;
-        let out = seqs.reserve(items).map_err(CudaError::from).and_then(|()| self.run_reserved(seqs, items, Head::Sample));
+        let out = seqs.reserve(items).map_err(CudaError::from).and_then(|()| self.run_reserved(seqs, items, Head::Sample, None));
         self.use_graphs = saved;
         Ok(out?.tokens.into_iter().map(|t| t.last().copied().unwrap_or(0)).collect())
     }
@@ -450,11 +504,24 @@ impl Engine for CudaEngine {
     }
 
     fn forward(&mut self, seqs: &mut SeqTable, items: &[ForwardItem]) -> tandem_engine::Result<Vec<Vec<Vec<f32>>>> {
-        Ok(self.run_reserved(seqs, items, Head::Logits).map_err(dev)?.logits)
+        Ok(self.run_reserved(seqs, items, Head::Logits, None).map_err(dev)?.logits)
     }
 
     fn forward_argmax(&mut self, seqs: &mut SeqTable, items: &[ForwardItem]) -> Option<tandem_engine::Result<Vec<u32>>> {
         Some(self.forward_greedy(seqs, items).map_err(dev))
+    }
+
+    fn forward_argmax_masked(
+        &mut self,
+        seqs: &mut SeqTable,
+        items: &[ForwardItem],
+        masks: &[Option<&[u32]>],
+    ) -> Option<tandem_engine::Result<Vec<u32>>> {
+        Some(self.forward_greedy_masked(seqs, items, Some(masks)).map_err(dev))
+    }
+
+    fn masks_on_device(&self) -> bool {
+        true
     }
 
     fn read_blocks(&self, blocks: &[BlockId]) -> tandem_engine::Result<Vec<Bytes>> {

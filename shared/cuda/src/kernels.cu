@@ -647,14 +647,18 @@ extern "C" __global__ void __launch_bounds__(256) gemv_2(const bf16* w, const bf
 // ---------------------------------------------------------------------------------------------
 // Sampling on the device. One block of 1024 threads per row of f32 logits.
 
-// Greedy: the index of the largest logit (lowest index on ties).
-extern "C" __global__ void argmax_rows(const float* logits, int vocab, int* out) {
+// Greedy: the index of the largest logit (lowest index on ties). A row whose `masked` flag is
+// set draws only among the tokens its bitmask allows (structured output: bit j % 32 of word
+// j / 32 of the row's `words` words); other rows read no mask at all.
+extern "C" __global__ void argmax_rows(const float* logits, int vocab, const unsigned* mask, const int* masked, int words, int* out) {
     __shared__ float bv[32];
     __shared__ int bi[32];
     const float* row = logits + (u64)blockIdx.x * vocab;
+    const unsigned* m = masked[blockIdx.x] ? mask + (u64)blockIdx.x * words : nullptr;
     float best = NEG_INF;
     int idx = 0x7fffffff;
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        if (m && !((m[j >> 5] >> (j & 31)) & 1u)) continue;
         float v = row[j];
         if (v > best) { best = v; idx = j; }
     }

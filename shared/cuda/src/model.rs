@@ -233,6 +233,11 @@ pub struct Scratch {
     pub logits: Buf,
     pub sampled: Buf,
     pub sample_params: Buf,
+    /// Structured output: per logit row, a bitmask over the vocabulary (`mask_words` words) and
+    /// whether the row's argmax honours it (zero unless a pass sets it).
+    pub mask: Buf,
+    pub masked: Buf,
+    pub mask_words: usize,
     pub meta: Buf,
     part_o: Buf,
     part_ml: Buf,
@@ -265,6 +270,9 @@ impl Scratch {
             logits: gpu.alloc(cap_logits * d.vocab * 4)?,
             sampled: gpu.alloc(cap_logits * 4)?,
             sample_params: gpu.alloc(cap_logits * 8 * 4)?,
+            mask: gpu.alloc(cap_logits * d.vocab.div_ceil(32) * 4)?,
+            masked: gpu.alloc(cap_logits * 4)?,
+            mask_words: d.vocab.div_ceil(32),
             meta: gpu.alloc(cap_meta * 4)?,
             part_o: gpu.alloc(cap_seqs * d.heads * max_splits * d.hd * 4)?,
             part_ml: gpu.alloc(cap_seqs * d.heads * max_splits * 2 * 4)?,
@@ -283,6 +291,8 @@ impl Scratch {
             &self.logits,
             &self.sampled,
             &self.sample_params,
+            &self.mask,
+            &self.masked,
             &self.meta,
             &self.part_o,
             &self.part_ml,
@@ -507,7 +517,16 @@ impl Model {
         let vocab = d.vocab as i32;
         match head {
             Head::Logits => {}
-            Head::Argmax => gpu.launch(&k.argmax, (r as u32, 1, 1), 1024, 0, &[&s.logits.ptr, &vocab, &s.sampled.ptr])?,
+            Head::Argmax => {
+                let words = s.mask_words as i32;
+                gpu.launch(
+                    &k.argmax,
+                    (r as u32, 1, 1),
+                    1024,
+                    0,
+                    &[&s.logits.ptr, &vocab, &s.mask.ptr, &s.masked.ptr, &words, &s.sampled.ptr],
+                )?
+            }
             Head::Sample => {
                 gpu.launch(&k.sample, (r as u32, 1, 1), 1024, 0, &[&s.logits.ptr, &vocab, &s.sample_params.ptr, &s.sampled.ptr])?
             }

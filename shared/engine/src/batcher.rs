@@ -357,9 +357,10 @@ impl Batcher {
     }
 
     /// True when every sequence that gets a token from this plan wants exactly the argmax of its
-    /// logits: greedy, no penalties, no log-probabilities, no suppressed tokens. Then the engine
-    /// may pick the tokens where the logits are ([`Engine::forward_argmax`]). Seeded sampling
-    /// stays on the host so that a seed draws the same tokens on every engine.
+    /// logits (within its grammar, if it has one): greedy, no penalties, no log-probabilities,
+    /// no suppressed tokens. Then the engine may pick the tokens where the logits are
+    /// ([`Engine::forward_argmax`], or [`Engine::forward_argmax_masked`] with grammars). Seeded
+    /// sampling stays on the host so that a seed draws the same tokens on every engine.
     fn plain_greedy(&self, plan: &[(usize, ForwardItem)]) -> bool {
         plan.iter().all(|(i, item)| {
             let r = &self.running[*i];
@@ -372,19 +373,53 @@ impl Batcher {
                         && p.presence_penalty == 0.0
                         && p.frequency_penalty == 0.0
                         && p.logprobs.is_none()
-                        && r.req.grammar.is_none()
                         && p.logit_bias.is_empty()
                         && r.output.len() >= p.min_tokens))
         })
     }
 
-    fn pass(&mut self, items: &[ForwardItem], greedy: bool) -> Result<Pass> {
+    fn pass(&mut self, plan: &[(usize, ForwardItem)], items: &[ForwardItem], greedy: bool) -> Result<Pass> {
         if greedy {
-            if let Some(tokens) = self.engine.forward_argmax(items) {
-                return tokens.map(Pass::Tokens);
+            let constrained = plan.iter().any(|(i, it)| {
+                let r = &self.running[*i];
+                r.req.grammar.is_some() && r.fed + it.tokens.len() >= r.known()
+            });
+            if !constrained {
+                if let Some(tokens) = self.engine.forward_argmax(items) {
+                    return tokens.map(Pass::Tokens);
+                }
+            } else if self.engine.masks_on_device() {
+                // The grammars' masks go to the engine; otherwise the logits come back here
+                // to be masked.
+                if let Some(masks) = self.grammar_masks(plan) {
+                    let masks: Vec<Option<&[u32]>> = masks.iter().map(Option::as_deref).collect();
+                    if let Some(tokens) = self.engine.forward_argmax_masked(items, &masks) {
+                        return tokens.map(Pass::Tokens);
+                    }
+                }
             }
         }
         self.engine.forward(items).map(Pass::Logits)
+    }
+
+    /// The bitmask each constrained item of the plan that gets a token must draw within (the
+    /// others `None`); `None` when a grammar allows nothing, which the host path reports.
+    fn grammar_masks(&mut self, plan: &[(usize, ForwardItem)]) -> Option<Vec<Option<Vec<u32>>>> {
+        let words = self.engine.info().vocab_size.div_ceil(32);
+        let mut out = Vec::with_capacity(plan.len());
+        for (i, it) in plan {
+            let r = &mut self.running[*i];
+            let ends = r.fed + it.tokens.len() >= r.known();
+            out.push(match r.req.grammar.as_mut().filter(|_| ends) {
+                Some(g) => {
+                    let mut m = vec![0u32; words];
+                    g.allowed_words(&mut m).ok()?;
+                    Some(m)
+                }
+                None => None,
+            });
+        }
+        Some(out)
     }
 
     /// Runs one forward pass and returns what happened.
@@ -402,7 +437,7 @@ impl Batcher {
             let outcome = loop {
                 let items: Vec<ForwardItem> = plan.iter().map(|(_, it)| it.clone()).collect();
                 let greedy = self.plain_greedy(&plan);
-                match self.pass(&items, greedy) {
+                match self.pass(&plan, &items, greedy) {
                     Err(EngineError::OutOfBlocks { .. }) if plan.len() > 1 => plan.truncate(plan.len() / 2),
                     other => break other,
                 }

@@ -113,6 +113,27 @@ impl Grammar {
         }
     }
 
+    /// The tokens the grammar allows next as a bitmask (bit `t % 32` of word `t / 32` for token
+    /// `t`), for an engine that masks the logits where they are: `words` has room for the
+    /// vocabulary and is overwritten. Fails, as [`Grammar::mask`] does, when nothing may follow.
+    pub fn allowed_words(&mut self, words: &mut [u32]) -> Result<(), String> {
+        let allowed = self.matcher.compute_mask_or_eos().map_err(|e| format!("output constraint: {e}"))?;
+        words.fill(0);
+        let n = allowed.len().min(self.vocab).min(words.len() * 32);
+        let mut any = false;
+        for t in 0..n {
+            if allowed.is_allowed(t as u32) {
+                words[t / 32] |= 1 << (t % 32);
+                any = true;
+            }
+        }
+        if any {
+            Ok(())
+        } else {
+            Err("output constraint: no token of the vocabulary can continue the text".into())
+        }
+    }
+
     /// Advances over the token drawn. `Ok(true)` when the text is complete: nothing may follow.
     pub fn advance(&mut self, token: u32) -> Result<bool, String> {
         self.matcher.consume_token(token).map_err(|e| format!("output constraint: {e}"))?;

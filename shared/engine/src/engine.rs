@@ -55,6 +55,26 @@ pub trait Engine: Send {
         None
     }
 
+    /// As [`Engine::forward_argmax`], with the largest logit taken among the tokens an item's
+    /// mask allows (structured output): `masks[i]`, when set, is a bitmask over the vocabulary
+    /// (bit `t % 32` of word `t / 32`), applied where the logits are, so a batch with
+    /// constrained sequences in it still never brings its logits to the host. `None`: this
+    /// engine has no such path.
+    fn forward_argmax_masked(
+        &mut self,
+        _seqs: &mut SeqTable,
+        _items: &[ForwardItem],
+        _masks: &[Option<&[u32]>],
+    ) -> Option<Result<Vec<u32>>> {
+        None
+    }
+
+    /// Whether [`Engine::forward_argmax_masked`] is implemented (then the batcher computes masks
+    /// for it rather than masking logits on the host).
+    fn masks_on_device(&self) -> bool {
+        false
+    }
+
     /// The bytes of each block, in the layout `info().layout` describes.
     fn read_blocks(&self, blocks: &[BlockId]) -> Result<Vec<Bytes>>;
 
@@ -138,6 +158,23 @@ impl<E: Engine + ?Sized> PagedEngine<E> {
             return Some(Err(e));
         }
         self.engine.forward_argmax(&mut self.seqs, items)
+    }
+
+    /// See [`Engine::forward_argmax_masked`]. `None` (nothing reserved) when the engine has no
+    /// such path.
+    pub fn forward_argmax_masked(&mut self, items: &[ForwardItem], masks: &[Option<&[u32]>]) -> Option<Result<Vec<u32>>> {
+        if !self.engine.masks_on_device() {
+            return None;
+        }
+        if let Err(e) = self.seqs.reserve(items) {
+            return Some(Err(e));
+        }
+        self.engine.forward_argmax_masked(&mut self.seqs, items, masks)
+    }
+
+    /// Whether the engine applies structured output's masks where its logits are.
+    pub fn masks_on_device(&self) -> bool {
+        self.engine.masks_on_device()
     }
 
     /// Drops a sequence; its full blocks stay cached for prefix reuse until evicted.

@@ -15,10 +15,24 @@ use tandem_engine::testing::ScriptedEngine;
 use tandem_engine::{Batcher, BatcherConfig, CpuEngine, Engine, EngineInfo, ForwardItem, Mode, NewRequest};
 use tandem_protocol::{Bytes, SamplingParams};
 
-/// An engine with an argmax path of its own (the first largest logit, as on the GPU).
+/// An engine with an argmax path of its own (the first largest logit, as on the GPU), masked
+/// by structured output's bitmasks where given.
 struct ArgmaxEngine<E> {
     inner: E,
     used: Arc<AtomicUsize>,
+    masked: Arc<AtomicUsize>,
+}
+
+/// The first largest logit of `row` among the tokens `mask` allows (all, without one).
+fn argmax(row: &[f32], mask: Option<&[u32]>) -> u32 {
+    let allowed = |t: usize| mask.is_none_or(|m| m[t / 32] >> (t % 32) & 1 == 1);
+    let mut best: Option<usize> = None;
+    for (i, v) in row.iter().enumerate() {
+        if allowed(i) && best.is_none_or(|b| *v > row[b]) {
+            best = Some(i);
+        }
+    }
+    best.unwrap_or(0) as u32
 }
 
 impl<E: Engine> Engine for ArgmaxEngine<E> {
@@ -30,21 +44,23 @@ impl<E: Engine> Engine for ArgmaxEngine<E> {
     }
     fn forward_argmax(&mut self, seqs: &mut SeqTable, items: &[ForwardItem]) -> Option<tandem_engine::Result<Vec<u32>>> {
         self.used.fetch_add(1, Ordering::SeqCst);
-        Some(self.inner.forward(seqs, items).map(|all| {
-            all.iter()
-                .map(|rows| {
-                    rows.last().map_or(0, |row| {
-                        let mut best = 0;
-                        for (i, v) in row.iter().enumerate() {
-                            if *v > row[best] {
-                                best = i;
-                            }
-                        }
-                        best as u32
-                    })
-                })
-                .collect()
-        }))
+        Some(self.inner.forward(seqs, items).map(|all| all.iter().map(|rows| rows.last().map_or(0, |row| argmax(row, None))).collect()))
+    }
+    fn forward_argmax_masked(
+        &mut self,
+        seqs: &mut SeqTable,
+        items: &[ForwardItem],
+        masks: &[Option<&[u32]>],
+    ) -> Option<tandem_engine::Result<Vec<u32>>> {
+        self.masked.fetch_add(1, Ordering::SeqCst);
+        Some(
+            self.inner
+                .forward(seqs, items)
+                .map(|all| all.iter().zip(masks).map(|(rows, m)| rows.last().map_or(0, |row| argmax(row, *m))).collect()),
+        )
+    }
+    fn masks_on_device(&self) -> bool {
+        true
     }
     fn read_blocks(&self, blocks: &[BlockId]) -> tandem_engine::Result<Vec<Bytes>> {
         self.inner.read_blocks(blocks)
@@ -69,7 +85,9 @@ fn run_on<E: Engine + 'static>(
     params: &[SamplingParams],
 ) -> (std::collections::BTreeMap<u64, Vec<u32>>, usize) {
     let used = Arc::new(AtomicUsize::new(0));
-    let engine: Box<dyn Engine> = if wrapped { Box::new(ArgmaxEngine { inner: engine, used: used.clone() }) } else { Box::new(engine) };
+    let masked = Arc::new(AtomicUsize::new(0));
+    let engine: Box<dyn Engine> =
+        if wrapped { Box::new(ArgmaxEngine { inner: engine, used: used.clone(), masked }) } else { Box::new(engine) };
     // A small token budget splits the long prompt into chunks that end mid-prompt.
     let mut b = Batcher::new(engine, BatcherConfig { max_batch_tokens: 64, ..BatcherConfig::default() });
     for (i, (prompt, p)) in prompts.into_iter().zip(params).enumerate() {
@@ -142,4 +160,44 @@ fn logprobs_penalties_and_sampling_stay_on_the_host() {
         let (_, used) = run_scripted(true, &[p.clone(), p.clone(), p]);
         assert_eq!(used, 0);
     }
+}
+
+#[test]
+fn constrained_greedy_sequences_are_masked_by_the_engine_beside_plain_ones() {
+    use tandem_engine::Constraints;
+    use tandem_protocol::Constraint;
+    let files = default_model();
+    let tok = tandem_tokenizer::Tokenizer::load(&files).unwrap();
+    let constraints = Constraints::new(&tok.to_json().unwrap(), tok.vocab_size(), tok.eos_ids()).unwrap();
+    let grammar = || {
+        let c = Constraint::Regex { pattern: "(yes|no), because [a-z ]{1,40}\\.".into() };
+        Some(constraints.compile(&c, &[]).unwrap())
+    };
+    let run = |wrapped: bool| {
+        let engine = CpuEngine::load(&files, &small_cache()).unwrap();
+        let (used, masked) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let engine: Box<dyn Engine> =
+            if wrapped { Box::new(ArgmaxEngine { inner: engine, used: used.clone(), masked: masked.clone() }) } else { Box::new(engine) };
+        let mut b = Batcher::new(engine, BatcherConfig { max_batch_tokens: 64, ..BatcherConfig::default() });
+        for (i, prompt) in prompts(&tok).into_iter().enumerate() {
+            // The second request is constrained; the others are plain greedy, in the same batches.
+            b.add(NewRequest {
+                id: i as u64 + 1,
+                prompt,
+                params: SamplingParams::greedy(16),
+                seed: 0,
+                eos_ids: tok.eos_ids().to_vec(),
+                mode: Mode::Full,
+                resumed: Vec::new(),
+                grammar: if i == 1 { grammar() } else { None },
+            });
+        }
+        (run_all(&mut b), used.load(Ordering::SeqCst), masked.load(Ordering::SeqCst))
+    };
+    let (host, ..) = run(false);
+    let (device, _, masked) = run(true);
+    assert!(masked > 0, "the masked argmax path was never taken");
+    assert_eq!(host, device, "masks applied by the engine draw what the host's masking draws");
+    let text = tok.decode(&host[&2]).unwrap();
+    assert!(text.starts_with("yes, because ") || text.starts_with("no, because "), "{text:?}");
 }

@@ -1,8 +1,11 @@
-//! `tandem bench constraint`: what structured output costs per token on the CPU engine. The same
-//! requests (a nested JSON schema, temperature 1, one seed each) run through the batcher twice in
-//! one run: constrained, and unconstrained for the same number of tokens. Then the constrained
-//! outputs are replayed through the grammar alone, on the model's whole vocabulary, to time the
-//! mask and the advance per token without the model around them.
+//! `tandem bench constraint`: what structured output costs per token, on the CPU or a GPU. The
+//! same requests (a nested JSON schema, temperature 1, one seed each) run through the batcher
+//! twice in one run: constrained, and unconstrained for the same number of tokens. Then the
+//! constrained outputs are replayed through the grammar alone, on the model's whole vocabulary,
+//! to time the mask and the advance per token without the model around them. Last, a greedy
+//! batch: all plain, then with one constrained sequence among them, its mask applied by the
+//! engine (on a GPU, beside the logits) and, for comparison, on the host (every row's logits
+//! brought back), to see what one constrained sequence costs the others.
 
 use std::time::Instant;
 
@@ -10,7 +13,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::Serialize;
 use serde_json::json;
-use tandem_engine::{Batcher, BatcherConfig, Event, Mode, NewRequest};
+use tandem_engine::kv::{BlockId, SeqTable};
+use tandem_engine::{Batcher, BatcherConfig, Engine, EngineInfo, Event, ForwardItem, Mode, NewRequest};
 use tandem_protocol::{Constraint, SamplingParams};
 use tandem_tokenizer::{ChatMessage, ModelFiles, Tokenizer};
 
@@ -24,6 +28,15 @@ pub struct ConstraintArgs {
     /// Requests (seeds) per variant.
     #[arg(long, default_value_t = 8)]
     pub requests: usize,
+    /// Where the engine runs: `cpu` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: tandem_runtime::Device,
+    /// Sequences in the greedy batch (0: skip it).
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens each sequence of the greedy batch generates.
+    #[arg(long, default_value_t = 64)]
+    pub batch_tokens: usize,
     /// Write the JSON result here.
     #[arg(long)]
     pub output: Option<std::path::PathBuf>,
@@ -50,6 +63,80 @@ struct ConstraintResult {
     grammar_us_per_token_mean: f64,
     /// Every constrained output parsed as JSON.
     all_outputs_parse: bool,
+    /// The greedy batch, decode tokens per second of the whole batch (`None`: skipped).
+    batch: Option<BatchResult>,
+}
+
+#[derive(Debug, Serialize)]
+struct BatchResult {
+    sequences: usize,
+    tokens_per_sequence: usize,
+    /// Whether the engine applies masks beside its logits (a GPU) or the batcher on the host.
+    engine_masks: bool,
+    all_plain_tokens_per_s: f64,
+    /// One sequence constrained, its mask applied where the engine applies it.
+    one_constrained_tokens_per_s: f64,
+    /// One sequence constrained, masked on the host: every row's logits come back.
+    one_constrained_host_mask_tokens_per_s: f64,
+    /// The constrained sequence drew the same tokens masked by the engine as on the host.
+    constrained_tokens_equal: bool,
+}
+
+/// An engine as it would be without masks beside its logits: a batch with a constrained
+/// sequence brings every row's logits to the host, where the batcher masks them.
+struct HostMasks(Box<dyn Engine>);
+
+impl Engine for HostMasks {
+    fn info(&self) -> &EngineInfo {
+        self.0.info()
+    }
+    fn forward(&mut self, seqs: &mut SeqTable, items: &[ForwardItem]) -> tandem_engine::Result<Vec<Vec<Vec<f32>>>> {
+        self.0.forward(seqs, items)
+    }
+    fn forward_argmax(&mut self, seqs: &mut SeqTable, items: &[ForwardItem]) -> Option<tandem_engine::Result<Vec<u32>>> {
+        self.0.forward_argmax(seqs, items)
+    }
+    fn read_blocks(&self, blocks: &[BlockId]) -> tandem_engine::Result<Vec<tandem_protocol::Bytes>> {
+        self.0.read_blocks(blocks)
+    }
+    fn write_blocks(&mut self, writes: &[(BlockId, &[u8])]) -> tandem_engine::Result<()> {
+        self.0.write_blocks(writes)
+    }
+}
+
+/// Decode tokens per second of `requests` run together, from the step where every one has its
+/// first token to the end; and the tokens of the first request.
+fn batch_rate(batcher: &mut Batcher, requests: Vec<NewRequest>) -> Result<(f64, Vec<u32>)> {
+    let n = requests.len();
+    let first_id = requests.first().map(|r| r.id);
+    let mut first = Vec::new();
+    let mut started = std::collections::HashSet::new();
+    let (mut done, mut tokens, mut since) = (0, 0usize, None::<Instant>);
+    for r in requests {
+        batcher.add(r);
+    }
+    while done < n {
+        for event in batcher.step() {
+            match event {
+                Event::Token { id, token, .. } => {
+                    if since.is_some() {
+                        tokens += 1;
+                    }
+                    if Some(id) == first_id {
+                        first.push(token);
+                    }
+                    started.insert(id);
+                }
+                Event::Finished { .. } => done += 1,
+                Event::Failed { error, .. } => bail!("request failed: {error}"),
+                Event::Prefilled { .. } | Event::PromptLogprobs { .. } => {}
+            }
+        }
+        if since.is_none() && started.len() == n {
+            since = Some(Instant::now());
+        }
+    }
+    Ok((tokens as f64 / since.map_or(f64::NAN, |s| s.elapsed().as_secs_f64()), first))
 }
 
 fn schema() -> serde_json::Value {
@@ -102,15 +189,17 @@ pub fn run(args: &ConstraintArgs) -> Result<()> {
     let spec = default_model::resolve_spec(args.model.as_deref())?;
     let files = ModelFiles::resolve(&spec)?;
     let tokenizer = Tokenizer::load(&files)?;
-    let engine =
-        crate::serve::open_engine(&files, tandem_runtime::Device::Cpu, &crate::serve::Sizing::default(), &BatcherConfig::default())
-            .context("loading the model")?;
+    let limits = BatcherConfig::default();
+    let open = || crate::serve::open_engine(&files, args.device, &crate::serve::Sizing::default(), &limits).context("loading the model");
+    let engine = open()?;
     let vocab = engine.info().vocab_size;
     let t = Instant::now();
     let compiler = crate::serve::constraints(&files, vocab)?;
     let compiler_build_ms = t.elapsed().as_secs_f64() * 1e3;
     let mut batcher = Batcher::new(engine, BatcherConfig::default());
-    let prompt = tokenizer.encode_chat(&[ChatMessage::new("user", "Describe a made-up person as JSON.".to_string())])?;
+    let prompt = tokenizer
+        .encode_chat(&[ChatMessage::new("user", "Describe a made-up person as JSON.".to_string())])
+        .or_else(|_| tokenizer.encode("Describe a made-up person as JSON:\n"))?;
     let constraint = Constraint::JsonSchema { schema: schema() };
     let request = |id: u64, seed: u64, max_tokens: usize, grammar: Option<tandem_engine::Grammar>| NewRequest {
         id,
@@ -160,6 +249,56 @@ pub fn run(args: &ConstraintArgs) -> Result<()> {
     }
     per_token.sort_by(f64::total_cmp);
     compile_ms.sort_by(f64::total_cmp);
+
+    // The greedy batch: all plain; one constrained with the engine's masks; the same on the host.
+    let batch = if args.batch > 0 {
+        let engine_masks = batcher.engine().masks_on_device();
+        let greedy = |id: u64, grammar: Option<tandem_engine::Grammar>| NewRequest {
+            id,
+            prompt: prompt.clone(),
+            params: SamplingParams { ignore_eos: grammar.is_none(), ..SamplingParams::greedy(args.batch_tokens) },
+            seed: 0,
+            eos_ids: tokenizer.eos_ids().to_vec(),
+            mode: Mode::Full,
+            resumed: Vec::new(),
+            grammar,
+        };
+        let mut next_id = 1_000_000u64;
+        let mut set = |constrained: bool| -> Result<Vec<NewRequest>> {
+            (0..args.batch)
+                .map(|i| {
+                    next_id += 1;
+                    let g = if constrained && i == 0 {
+                        Some(compiler.compile(&constraint, &[]).map_err(|e| anyhow::anyhow!("{e}"))?)
+                    } else {
+                        None
+                    };
+                    Ok(greedy(next_id, g))
+                })
+                .collect()
+        };
+        let (all_plain, _) = batch_rate(&mut batcher, set(false)?)?;
+        let (one_constrained, engine_tokens) = batch_rate(&mut batcher, set(true)?)?;
+        // One engine at a time (a GPU engine takes most of the device's memory).
+        drop(batcher);
+        let mut host = Batcher::new(Box::new(HostMasks(open()?)), limits.clone());
+        // The first run of a shape warms it up (a GPU captures its graphs then).
+        batch_rate(&mut host, set(true)?)?;
+        let (one_constrained_host_mask, host_tokens) = batch_rate(&mut host, set(true)?)?;
+        eprintln!("greedy batch of {}: {all_plain:.1} tok/s plain, {one_constrained:.1} with one constrained ({}), {one_constrained_host_mask:.1} masked on the host",
+            args.batch, if engine_masks { "masked by the engine" } else { "masked on the host" });
+        Some(BatchResult {
+            sequences: args.batch,
+            tokens_per_sequence: args.batch_tokens,
+            engine_masks,
+            all_plain_tokens_per_s: all_plain,
+            one_constrained_tokens_per_s: one_constrained,
+            one_constrained_host_mask_tokens_per_s: one_constrained_host_mask,
+            constrained_tokens_equal: engine_tokens == host_tokens,
+        })
+    } else {
+        None
+    };
     let result = ConstraintResult {
         benchmark: "structured output cost per token (tandem bench constraint)",
         machine: super::machine(),
@@ -175,6 +314,7 @@ pub fn run(args: &ConstraintArgs) -> Result<()> {
         grammar_us_per_token_p99: percentile(&per_token, 0.99),
         grammar_us_per_token_mean: per_token.iter().sum::<f64>() / per_token.len() as f64,
         all_outputs_parse: all_parse,
+        batch,
     };
     let json = serde_json::to_string_pretty(&result)?;
     if let Some(path) = &args.output {
