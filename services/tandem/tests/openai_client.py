@@ -159,6 +159,41 @@ def structured_output(client: openai.OpenAI, model: str) -> None:
         assert "response_format" in str(e)
 
 
+def log_likelihood(client: openai.OpenAI, model: str) -> None:
+    """What lm-eval's loglikelihood tasks send: context and continuation echoed back, scored,
+    nothing generated; and the same with one token generated, as its older versions ask."""
+    context, continuation = "The capital of France is", " Paris"
+    for max_tokens in (0, 1):
+        done = client.completions.create(
+            model=model, prompt=context + continuation, echo=True, logprobs=1, max_tokens=max_tokens, temperature=0
+        )
+        lp = done.choices[0].logprobs
+        assert done.choices[0].text.startswith(context + continuation), done
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, lp
+        prompt_tokens = done.usage.prompt_tokens
+        assert len(lp.tokens) == prompt_tokens + max_tokens, (lp.tokens, done.usage)
+        assert "".join(lp.tokens[:prompt_tokens]) == context + continuation
+        # The continuation's log-likelihood, and whether it is the greedy one, as lm-eval reads them.
+        last = prompt_tokens - 1
+        assert lp.token_logprobs[last] < 0
+        assert len(lp.top_logprobs[last]) == 1
+        assert done.usage.completion_tokens == max_tokens
+
+
+def refusals(client: openai.OpenAI, model: str) -> None:
+    """What is not carried out is refused by name, not ignored."""
+    for kwargs, param in (
+        ({"suffix": "x"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"extra_body": {"prompt_logprobs": 1}, "stream": True}, "prompt_logprobs"),
+    ):
+        try:
+            client.completions.create(model=model, prompt="Hi", max_tokens=2, **kwargs)
+            raise AssertionError(f"{param} was accepted")
+        except openai.BadRequestError as e:
+            assert e.status_code == 400 and param in str(e), e
+
+
 def main() -> None:
     base_url, model = sys.argv[1], sys.argv[2]
     client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
@@ -212,6 +247,8 @@ def main() -> None:
 
     structured_output(client, model)
     tool_calls(client, model)
+    log_likelihood(client, model)
+    refusals(client, model)
 
     print("all openai client checks passed")
 
