@@ -61,7 +61,7 @@ def case(args, gateways, index):
         out = f"/tmp/bench_gateways_{gateways}_{index}.json"
         cmd = [args.loadtest, "--base-url", GATEWAY, "--dataset-name", "prefix",
                "--prefix-len", str(args.prefix_len), "--suffix-len", str(args.suffix_len),
-               "--num-prefixes", str(args.num_prefixes), "--prefix-repetition-output-len", "2", "--ignore-eos",
+               "--num-prefixes", str(args.num_prefixes), "--prefix-repetition-output-len", "2", "--ignore-eos", "--temperature", "0",
                "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.concurrency),
                "--seed", "7", "--disable-tqdm", "--save-result", "--result-dir", "/tmp",
                "--result-filename", os.path.basename(out)]

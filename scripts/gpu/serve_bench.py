@@ -3,7 +3,7 @@
 For each build given (`--bin LABEL=DIR`, DIR holding its `tandem`), it starts
 `tandem up --device cuda:0` on a random-weight model of the Llama-3.2-1B shape (vocabulary 320,
 the tiny-llama test tokenizer; made by `serve_model.py` when missing), drives it with
-`tandem-loadtest` (random 512-token prompts, 128 output tokens, `--ignore-eos`) at Poisson loads and at
+`tandem-loadtest` (random 512-token prompts, 128 output tokens, `--ignore-eos`, greedy) at Poisson loads and at
 a fixed concurrency, and records for each load:
 
 - what the client saw: served req/s, output tok/s, TTFT, TPOT and ITL percentiles;
@@ -123,7 +123,7 @@ def start_cluster(bin_dir, model_dir, port, env_extra, log):
 def load(loadtest, model_dir, port, out, name, rate, concurrency, n, in_len, out_len):
     cmd = [
         loadtest, "--base-url", f"http://127.0.0.1:{port}", "--tokenizer", model_dir,
-        "--random-input-len", str(in_len), "--random-output-len", str(out_len), "--ignore-eos",
+        "--random-input-len", str(in_len), "--random-output-len", str(out_len), "--ignore-eos", "--temperature", "0",
         "--num-prompts", str(n), "--request-rate", str(rate), "--seed", "7", "--label", name,
         "--save-result", "--save-detailed", "--result-dir", str(out), "--result-filename", f"{name}.json",
     ]

@@ -36,7 +36,7 @@ for len in $LENS; do
         sleep 0.5
     done
     "$BIN/tandem-loadtest" --base-url "http://127.0.0.1:$PORT" --tokenizer "$MODEL_DIR" \
-        --random-input-len "$len" --random-output-len 128 --ignore-eos --num-prompts "$N" \
+        --random-input-len "$len" --random-output-len 128 --ignore-eos --temperature 0 --num-prompts "$N" \
         --max-concurrency 128 --request-rate inf --seed 3 --label "tandem-h200-${len}in" \
         --save-result --save-detailed --result-dir "$OUT" --result-filename "load_${len}.json" >"$OUT/load_${len}.txt" 2>&1 || true
     get "http://127.0.0.1:$PORT/metrics" >"$OUT/metrics_${len}.txt" || true
