@@ -38,11 +38,17 @@ impl MutualTls {
 
 static TLS: OnceLock<MutualTls> = OnceLock::new();
 
+/// Makes ring this process's default TLS provider (idempotent): tonic's TLS and every HTTP
+/// client built without a provider of its own (the OTLP exporter's, the tests') take theirs
+/// from the process default, and fail to build without one.
+pub fn default_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Makes every gRPC server and client of this process use mutual TLS. Once per process; a
 /// second call is refused.
 pub fn use_mutual_tls(tls: MutualTls) -> Result<(), String> {
-    // tonic's TLS builds its rustls configurations with the process's default provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    default_tls_provider();
     TLS.set(tls).map_err(|_| "gRPC TLS is already configured".to_string())
 }
 

@@ -179,6 +179,8 @@ fn max_queue() -> usize {
 /// propagator and the sampler. Fails on a malformed setting, before anything runs.
 pub fn init(default_level: &str, format: LogFormat, config: TraceConfig) -> Result<(), String> {
     use std::io::IsTerminal;
+    // Before any exporter builds its HTTP client.
+    crate::grpc::default_tls_provider();
     let sampler = config.sampler()?;
     config.extra_attributes()?;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());

@@ -12,7 +12,7 @@ fn counting() -> TestCluster {
 }
 
 async fn completion(base: &str, body: Value) -> Value {
-    let r = reqwest::Client::new().post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
+    let r = client().post(format!("{base}/v1/completions")).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
 }
@@ -55,7 +55,7 @@ async fn stopping_the_cluster_lets_a_streaming_request_finish() {
         "model": MODEL, "prompt": [1000, 1001, 1002], "max_tokens": 60, "temperature": 0, "stream": true, "ignore_eos": true,
         "stream_options": {"include_usage": true},
     });
-    let resp = reqwest::Client::new().post(format!("{}/v1/completions", c.base)).json(&body).send().await.unwrap();
+    let resp = client().post(format!("{}/v1/completions", c.base)).json(&body).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
     let mut text = String::from_utf8_lossy(&stream.next().await.unwrap().unwrap()).to_string();
@@ -75,4 +75,11 @@ async fn stopping_the_cluster_lets_a_streaming_request_finish() {
     let usage =
         datas.iter().rev().find_map(|d| serde_json::from_str::<Value>(d).ok().filter(|v| v["usage"].is_object())).expect("a usage chunk");
     assert_eq!(usage["usage"]["completion_tokens"], 60, "every token arrived:\n{text}");
+}
+
+/// An HTTP client (with the process's TLS provider set, which the workspace's HTTPS-capable
+/// clients need even for plain HTTP).
+fn client() -> reqwest::Client {
+    tandem_runtime::grpc::default_tls_provider();
+    reqwest::Client::new()
 }

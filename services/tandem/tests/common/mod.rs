@@ -238,6 +238,7 @@ pub fn shared() -> &'static Cluster {
 }
 
 pub fn client() -> reqwest::Client {
+    tandem_runtime::grpc::default_tls_provider();
     reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
 }
 
