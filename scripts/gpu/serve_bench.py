@@ -105,9 +105,10 @@ STAGES = [
 ]
 
 
-def start_cluster(bin_dir, model_dir, port, env_extra, log):
+def start_cluster(bin_dir, model_dir, port, env_extra, log, up_args=()):
     env = dict(os.environ, **env_extra)
     cmd = [f"{bin_dir}/tandem", "up", "--model", model_dir, "--device", "cuda:0", "--kv-cache-mb", "16000", "--port", str(port)]
+    cmd += list(up_args)
     up = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     for _ in range(1200):
         try:
@@ -151,6 +152,9 @@ def main():
     ap.add_argument("--bin", action="append", required=True, help="LABEL=DIR holding that build's tandem")
     ap.add_argument("--loadtest", required=True, help="the tandem-loadtest binary that drives every build")
     ap.add_argument("--env", action="append", default=[], help="LABEL:KEY=VALUE, environment for that build's cluster")
+    ap.add_argument(
+        "--up-args", action="append", default=[], help="LABEL:ARGS, more `tandem up` arguments for that label (`aggr:--aggregated 1`)"
+    )
     ap.add_argument("--model-dir", default="/tmp/tandem-llama-1b-v320")
     ap.add_argument("--out", default="/tmp/serve-bench")
     ap.add_argument("--json", required=True)
@@ -174,12 +178,17 @@ def main():
         k, v = kv.split("=", 1)
         envs.setdefault(label, {})[k] = v
 
+    up_args = {}
+    for e in args.up_args:
+        label, extra = e.split(":", 1)
+        up_args[label] = extra.split()
+
     builds = []
     for spec in args.bin:
         label, bin_dir = spec.split("=", 1)
         env_extra = envs.get(label, {})
         log = open(out / f"up_{label}.log", "w")
-        up = start_cluster(bin_dir, args.model_dir, args.port, env_extra, log)
+        up = start_cluster(bin_dir, args.model_dir, args.port, env_extra, log, up_args.get(label, ()))
         procs = children(up.pid)
         runs = []
         loads = [(f"rate{r}", float(r), 0, max(64, int(float(r) * args.seconds))) for r in args.rates.split(",") if r]
@@ -215,7 +224,7 @@ def main():
             up.wait(timeout=60)
         except subprocess.TimeoutExpired:
             up.kill()
-        builds.append({"label": label, "env": env_extra, "runs": runs})
+        builds.append({"label": label, "env": env_extra, "up_args": up_args.get(label, []), "runs": runs})
 
     engine = None
     if not args.skip_engine:

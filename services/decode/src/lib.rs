@@ -1,5 +1,7 @@
 //! The decode worker: receives a request's KV blocks and first token from a prefill worker,
 //! joins the sequence to its continuous batch, and streams every later token to the gateway.
+//! Asked to (`compute_prompt`), it computes the prompt itself, in chunks mixed into its decode
+//! batches, and streams every token: run so, it is the aggregated worker.
 //! With a state store it heartbeats into the registry; stopping drains: no new requests, the
 //! streams in flight run to their end, then it leaves.
 #![forbid(unsafe_code)]
@@ -14,7 +16,7 @@ use std::time::Duration;
 use tandem_engine::grpc::{finished_message, new_request, token_message, worker_info};
 use tandem_engine::{EngineHandle, Event, Mode};
 use tandem_protocol::pb::decode_server::{Decode, DecodeServer};
-use tandem_protocol::pb::{token_event, GenerateRequest, InfoRequest, TokenEvent, WorkerInfo};
+use tandem_protocol::pb::{token_event, GenerateRequest, InfoRequest, PromptScores, TokenEvent, WorkerInfo};
 use tandem_protocol::{trace, ApiError, ErrorCode};
 use tandem_runtime::telemetry::{self, KeyValue};
 use tandem_runtime::{Membership, Shutdown};
@@ -42,6 +44,9 @@ pub struct DecodeConfig {
     /// produced a token for: waiting for their KV, or for a place in the batch. Past it a
     /// stream is refused as `overloaded`.
     pub queue: Arc<tandem_runtime::WorkQueue>,
+    /// An aggregated worker: it advertises that it computes prompts, and the gateway sends it
+    /// whole requests. (Any decode worker honours `compute_prompt`.)
+    pub aggregated: bool,
 }
 
 struct Service {
@@ -169,6 +174,7 @@ impl Service {
             metrics_addr: self.cfg.metrics_addr.clone(),
             offloaded_blocks: self.offload.offloaded.load(Ordering::Relaxed),
             offload_failed_blocks: self.offload.failed.load(Ordering::Relaxed),
+            aggregated: self.cfg.aggregated,
             ..worker_info(&self.engine, &self.cfg.worker_id, "decode", &self.kv_addr)
         }
     }
@@ -225,11 +231,17 @@ impl Decode for Service {
             0 => self.cfg.default_kv_wait,
             ms => Duration::from_millis(ms as u64),
         };
-        // Registered before this call returns, so blocks can never arrive before we listen.
-        let mut pending = self
-            .registry
-            .register(&g.request_id)
-            .ok_or_else(|| Status::already_exists(format!("request {} is already waiting for its blocks", g.request_id)))?;
+        // Registered before this call returns, so blocks can never arrive before we listen. A
+        // request whose prompt is computed here waits for nothing.
+        let pending = match g.compute_prompt {
+            true => None,
+            false => Some(
+                self.registry
+                    .register(&g.request_id)
+                    .ok_or_else(|| Status::already_exists(format!("request {} is already waiting for its blocks", g.request_id)))?,
+            ),
+        };
+        let compute_prompt = g.compute_prompt;
         let (tx, rx) = mpsc::channel::<EventResult>(64);
         let engine = self.engine.clone();
         let offload = self.offload.clone();
@@ -250,49 +262,57 @@ impl Decode for Service {
         self.shutdown.spawn(
             async move {
                 let _inflight = inflight;
-                let waiting = tracing::info_span!("kv_wait", otel.name = "wait for kv blocks");
-                let arrived = tokio::select! {
-                    _ = tx.closed() => return hung_up(),
-                    a = tokio::time::timeout(lease, pending.arrived()).instrument(waiting.clone()) => a,
-                };
-                drop(waiting);
-                let incoming = match arrived {
-                    Ok(Some(incoming)) => incoming,
-                    Ok(None) => return,
-                    Err(_) => {
-                        tracing::warn!(wait = ?lease, "kv blocks never arrived");
-                        let error = ApiError::new(ErrorCode::Timeout, format!("kv blocks did not arrive within {lease:?}")).to_status();
-                        failed(&error);
-                        let _ = tx.send(Err(error)).await;
-                        return;
+                let seq = req.id;
+                let (mut events, cached) = match pending {
+                    None => (engine.submit(req), 0),
+                    Some(mut pending) => {
+                        let waiting = tracing::info_span!("kv_wait", otel.name = "wait for kv blocks");
+                        let arrived = tokio::select! {
+                            _ = tx.closed() => return hung_up(),
+                            a = tokio::time::timeout(lease, pending.arrived()).instrument(waiting.clone()) => a,
+                        };
+                        drop(waiting);
+                        let incoming = match arrived {
+                            Ok(Some(incoming)) => incoming,
+                            Ok(None) => return,
+                            Err(_) => {
+                                tracing::warn!(wait = ?lease, "kv blocks never arrived");
+                                let error =
+                                    ApiError::new(ErrorCode::Timeout, format!("kv blocks did not arrive within {lease:?}")).to_status();
+                                failed(&error);
+                                let _ = tx.send(Err(error)).await;
+                                return;
+                            }
+                        };
+                        let h = incoming.handoff;
+                        let import = tracing::info_span!(
+                            "kv_import",
+                            otel.name = "kv import",
+                            tandem.kv.blocks = h.kv.blocks.len() as i64,
+                            tandem.kv.bytes = h.kv.blocks.iter().map(|b| b.len() as i64).sum::<i64>(),
+                            error.type = tracing::field::Empty,
+                        );
+                        let cached = h.kv.tokens.len();
+                        let imported = engine.import(req, h.kv, h.first_token).instrument(import.clone()).await;
+                        let events = match imported {
+                            Ok(events) => {
+                                let _ = incoming.verdict.send(Ok(()));
+                                events
+                            }
+                            Err(e) => {
+                                let _ = incoming.verdict.send(Err(ApiError::from(&e)));
+                                telemetry::fail(&import, e.code().name(), e.to_string());
+                                let error = ApiError::new(e.code(), format!("kv import failed: {e}")).to_status();
+                                failed(&error);
+                                let _ = tx.send(Err(error)).await;
+                                return;
+                            }
+                        };
+                        drop(import);
+                        (events, cached)
                     }
                 };
-                let h = incoming.handoff;
-                let import = tracing::info_span!(
-                    "kv_import",
-                    otel.name = "kv import",
-                    tandem.kv.blocks = h.kv.blocks.len() as i64,
-                    tandem.kv.bytes = h.kv.blocks.iter().map(|b| b.len() as i64).sum::<i64>(),
-                    error.type = tracing::field::Empty,
-                );
-                let (seq, cached) = (req.id, h.kv.tokens.len());
-                let imported = engine.import(req, h.kv, h.first_token).instrument(import.clone()).await;
                 let mut offloads = offload.follow(&store, seq, cached);
-                let mut events = match imported {
-                    Ok(events) => {
-                        let _ = incoming.verdict.send(Ok(()));
-                        events
-                    }
-                    Err(e) => {
-                        let _ = incoming.verdict.send(Err(ApiError::from(&e)));
-                        telemetry::fail(&import, e.code().name(), e.to_string());
-                        let error = ApiError::new(e.code(), format!("kv import failed: {e}")).to_status();
-                        failed(&error);
-                        let _ = tx.send(Err(error)).await;
-                        return;
-                    }
-                };
-                drop(import);
                 let generate = tracing::info_span!(
                     "generate",
                     otel.name = "generate",
@@ -309,8 +329,14 @@ impl Decode for Service {
                             e = events.next() => e,
                         };
                         let out = match next {
-                            // Scored on the prefill worker, never here.
-                            Some(Event::PromptLogprobs { .. }) => continue,
+                            // Scored where the prompt was computed: here only with compute_prompt.
+                            Some(Event::PromptLogprobs { logprobs, .. }) => {
+                                if !compute_prompt {
+                                    continue;
+                                }
+                                let tokens = logprobs.into_iter().map(|l| token_message(l.token, Some(l))).collect();
+                                event(token_event::Event::Prompt(PromptScores { tokens }))
+                            }
                             Some(Event::Token { token, logprobs, .. }) => {
                                 tokens += 1;
                                 // Each token from the engine means the one before it is in the

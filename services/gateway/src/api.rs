@@ -150,13 +150,15 @@ struct Readiness {
     decode_workers: usize,
     draining: bool,
     prefill_workers: usize,
+    /// Decode workers among `decode_workers` that compute prompts too.
+    aggregated_workers: usize,
 }
 
 async fn ready(State(s): State<S>) -> Response {
     let (p, d) = (s.workers.healthy(Role::Prefill), s.workers.healthy(Role::Decode));
     let draining = s.shutdown.is_draining();
-    let body = Json(Readiness { decode_workers: d, draining, prefill_workers: p });
-    if p > 0 && d > 0 && !draining {
+    let body = Json(Readiness { decode_workers: d, draining, prefill_workers: p, aggregated_workers: s.workers.healthy_aggregated() });
+    if s.workers.can_serve() && !draining {
         body.into_response()
     } else {
         (axum::http::StatusCode::SERVICE_UNAVAILABLE, body).into_response()
@@ -514,7 +516,7 @@ async fn respond<R: Renderer>(s: S, caller: Caller, job: Job) -> Response {
         return refuse(ApiError::invalid("prompt", format!("at most {MAX_CHOICES} choices (prompts × n) per request")));
     }
     // Refuse before a stream commits to 200.
-    if s.workers.healthy(Role::Prefill) == 0 || s.workers.healthy(Role::Decode) == 0 {
+    if !s.workers.can_serve() {
         return refuse(ApiError::new(ErrorCode::Unavailable, "no prefill or decode worker is available; retry shortly"));
     }
     // What the request may cost the caller's token rate: its prompts and all it may generate.

@@ -3,7 +3,9 @@
 //! a worker for each request.
 //!
 //! Prefill workers are scored by the work a request would cost there (see `pick_prefill`),
-//! decode workers by load and free KV blocks (see `pick_decode`).
+//! decode workers by load and free KV blocks (see `pick_decode`). Aggregated workers (prefill and
+//! decode in one engine) register as decode workers that compute prompts: they take a request
+//! whole, and are the only candidates when no prefill worker is up.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -66,6 +68,11 @@ pub struct WorkerSpec {
 impl WorkerSpec {
     fn routable(&self) -> bool {
         self.info.as_ref().is_some_and(|i| !i.draining) && !self.draining
+    }
+
+    /// A decode worker that computes prompts too: it takes whole requests, with no prefill.
+    fn aggregated(&self) -> bool {
+        self.info.as_ref().is_some_and(|i| i.aggregated)
     }
 
     fn id(&self) -> &str {
@@ -210,6 +217,17 @@ impl WorkerPool {
         self.lock().iter().filter(|w| w.role == role && w.routable()).count()
     }
 
+    /// Healthy aggregated workers (decode workers that compute prompts too).
+    pub fn healthy_aggregated(&self) -> usize {
+        self.lock().iter().filter(|w| w.role == Role::Decode && w.routable() && w.aggregated()).count()
+    }
+
+    /// Whether a request can be served now: by a prefill and a decode worker, or by an
+    /// aggregated worker alone.
+    pub fn can_serve(&self) -> bool {
+        (self.healthy(Role::Prefill) > 0 && self.healthy(Role::Decode) > 0) || self.healthy_aggregated() > 0
+    }
+
     /// Smallest context any healthy worker accepts.
     pub fn max_context(&self) -> Option<usize> {
         self.lock()
@@ -271,8 +289,12 @@ impl WorkerPool {
     /// blocks (if none has room, among all), ties going to the most free blocks.
     pub fn pick_decode(&self, blocks: usize, exclude: &[u64]) -> Option<Lease> {
         let mut ws = self.lock();
-        let candidates: Vec<&mut WorkerSpec> =
-            ws.iter_mut().filter(|w| w.role == Role::Decode && w.routable() && !exclude.contains(&w.key)).collect();
+        // Without a prefill worker, only an aggregated worker can take a request.
+        let prefill = ws.iter().any(|w| w.role == Role::Prefill && w.routable());
+        let candidates: Vec<&mut WorkerSpec> = ws
+            .iter_mut()
+            .filter(|w| w.role == Role::Decode && w.routable() && !exclude.contains(&w.key) && (prefill || w.aggregated()))
+            .collect();
         let free = |w: &WorkerSpec| w.info.as_ref().map_or(0, |i| i.free_blocks as usize);
         let any_room = candidates.iter().any(|w| free(w) >= blocks);
         let w = candidates

@@ -111,6 +111,9 @@ pub enum Command {
     Prefill(serve::PrefillArgs),
     /// Run a decode worker.
     Decode(serve::DecodeArgs),
+    /// Run an aggregated worker: prefill and decode in one engine, chunked prefill mixed into
+    /// the decode batches (a decode worker with `--aggregated`).
+    Worker(serve::DecodeArgs),
     /// Run the KV block store.
     KvTransfer(serve::KvTransferArgs),
     /// Measure parts of Tandem on this machine.
@@ -183,6 +186,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gateway(args) => runtime(threads)?.block_on(serve::gateway(args)),
         Command::Prefill(args) => runtime(threads)?.block_on(serve::prefill(args)),
         Command::Decode(args) => runtime(threads)?.block_on(serve::decode(args)),
+        Command::Worker(args) => runtime(threads)?.block_on(serve::decode(serve::DecodeArgs { aggregated: true, ..args })),
         Command::KvTransfer(args) => {
             runtime(cli.worker_threads.map_or_else(store_threads, usize::from))?.block_on(serve::kv_transfer(args))
         }

@@ -247,6 +247,10 @@ pub struct DecodeArgs {
     pub handoff_lease_ms: u64,
     #[command(flatten)]
     pub queue: QueueArgs,
+    /// Compute prompts too: an aggregated worker, which the gateway sends whole requests
+    /// (`tandem worker` is this).
+    #[arg(long)]
+    pub aggregated: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -579,8 +583,9 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
     let queue = args.queue.queue();
     let metrics_addr = worker_metrics(&args.metrics, "decode", &engine, &queue, &shutdown).await?;
     let c = &args.common;
+    let role = if args.aggregated { "worker" } else { "decode" };
     let cfg = tandem_decode::DecodeConfig {
-        worker_id: worker_id(c, "decode", &addr),
+        worker_id: worker_id(c, role, &addr),
         addr: advertised(c, &addr),
         state: state_store(c.redis.as_deref())?,
         heartbeat: Duration::from_millis(c.heartbeat_ms),
@@ -588,9 +593,10 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
         default_kv_wait: Duration::from_secs(600),
         metrics_addr: metrics_addr.clone(),
         queue,
+        aggregated: args.aggregated,
     };
-    export_traces("tandem-decode", &cfg.worker_id, Some(&engine))?;
-    ready("decode", &format!("grpc={addr} kv={} metrics={metrics_addr}", kv.advertised()));
+    export_traces(if args.aggregated { "tandem-worker" } else { "tandem-decode" }, &cfg.worker_id, Some(&engine))?;
+    ready(role, &format!("grpc={addr} kv={} metrics={metrics_addr}", kv.advertised()));
     finish(tandem_decode::run(engine, cfg, listener, kv, shutdown).await)
 }
 
@@ -623,8 +629,9 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
     let tokenizer = Tokenizer::load(&files)?;
     let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
-    if args.redis.is_none() && (args.prefill.is_empty() || args.decode.is_empty()) {
-        anyhow::bail!("give at least one --prefill and one --decode worker, or --redis to find them in the registry");
+    if args.redis.is_none() && args.decode.is_empty() {
+        // Aggregated workers are given as decode workers, and need no prefill worker.
+        anyhow::bail!("give at least one --decode worker (and --prefill workers unless the decode workers are aggregated), or --redis to find them in the registry");
     }
     let state = tandem_state::open(args.redis.as_deref()).context("opening the state store")?;
     let cfg = tandem_gateway::GatewayConfig {

@@ -22,10 +22,17 @@ pub struct UpArgs {
     /// A .gguf file, a model folder or a hub id; defaults to the embedded SmolLM2-135M-Instruct.
     #[arg(long, env = "TANDEM_MODEL")]
     pub model: Option<String>,
-    #[arg(long, default_value_t = 1)]
-    pub prefill: usize,
-    #[arg(long, default_value_t = 1)]
-    pub decode: usize,
+    /// Prefill workers (default 1, or 0 with `--aggregated`).
+    #[arg(long)]
+    pub prefill: Option<usize>,
+    /// Decode workers (default 1, or 0 with `--aggregated`).
+    #[arg(long)]
+    pub decode: Option<usize>,
+    /// Aggregated workers (`tandem worker`: prefill and decode in one engine, chunked prefill
+    /// mixed into the decode batches). With no `--prefill`/`--decode` given, the cluster is
+    /// these workers alone: `tandem up --aggregated 2`.
+    #[arg(long, default_value_t = 0)]
+    pub aggregated: usize,
     /// KV cache per worker, in MiB (on a GPU every worker shares the device, so give each its
     /// part).
     #[arg(long, env = "TANDEM_KV_CACHE_MB", default_value_t = crate::serve::DEFAULT_CPU_KV_CACHE_MB)]
@@ -154,8 +161,13 @@ fn field(fields: &[(String, String)], key: &str) -> Result<String> {
 }
 
 pub async fn run(args: UpArgs) -> Result<()> {
-    if args.prefill == 0 || args.decode == 0 {
-        bail!("need at least one prefill and one decode worker");
+    let pool = if args.aggregated > 0 { 0 } else { 1 };
+    let (prefills, decodes) = (args.prefill.unwrap_or(pool), args.decode.unwrap_or(pool));
+    if (prefills == 0 || decodes == 0) && args.aggregated == 0 {
+        bail!("need at least one prefill and one decode worker, or an aggregated one");
+    }
+    if (prefills == 0) != (decodes == 0) {
+        bail!("prefill workers need decode workers and the other way round (aggregated workers need neither)");
     }
     let model = default_model::resolve_spec(args.model.as_deref())?;
     // A model from the hub is fetched here, once, with its progress on this terminal; the
@@ -198,16 +210,25 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let mut metrics = vec![metrics_url(&kv, &kv_fields)?];
     supervise(kv, &kv_fields, kv_args)?;
     let (mut prefill_addrs, mut decode_addrs) = (Vec::new(), Vec::new());
-    for i in 0..args.prefill {
+    for i in 0..prefills {
         let a = engine_args("prefill");
         let (s, f) = spawn(&format!("prefill-{i}"), &a).await?;
         prefill_addrs.push(field(&f, "grpc")?);
         metrics.push(metrics_url(&s, &f)?);
         supervise(s, &f, a)?;
     }
-    for i in 0..args.decode {
+    for i in 0..decodes {
         let a = engine_args("decode");
         let (s, f) = spawn(&format!("decode-{i}"), &a).await?;
+        decode_addrs.push(field(&f, "grpc")?);
+        metrics.push(metrics_url(&s, &f)?);
+        supervise(s, &f, a)?;
+    }
+    // Aggregated workers are decode workers that compute prompts: the gateway knows them as
+    // decode workers, and learns from each that it takes whole requests.
+    for i in 0..args.aggregated {
+        let a = engine_args("worker");
+        let (s, f) = spawn(&format!("worker-{i}"), &a).await?;
         decode_addrs.push(field(&f, "grpc")?);
         metrics.push(metrics_url(&s, &f)?);
         supervise(s, &f, a)?;
@@ -232,7 +253,12 @@ pub async fn run(args: UpArgs) -> Result<()> {
     // Listening before the endpoint is out: a Ctrl-C right after it still stops the cluster.
     let (mut interrupt, mut term) = (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?);
     // The one line on stdout: where to point clients.
-    println!("tandem is serving {served} at http://{http}/v1 (prefill: {}, decode: {}); Ctrl-C stops it", args.prefill, args.decode);
+    let pools = match args.aggregated {
+        0 => format!("prefill: {prefills}, decode: {decodes}"),
+        n if prefills + decodes == 0 => format!("aggregated: {n}"),
+        n => format!("prefill: {prefills}, decode: {decodes}, aggregated: {n}"),
+    };
+    println!("tandem is serving {served} at http://{http}/v1 ({pools}); Ctrl-C stops it");
     // Beside the logs, for whoever scrapes them: where each worker serves its metrics.
     eprintln!("metrics: gateway http://{http}/metrics, {}", metrics.join(", "));
 

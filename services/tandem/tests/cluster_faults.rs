@@ -157,6 +157,7 @@ fn generate(id: &str, kv_wait_ms: u32) -> GenerateRequest {
         kv_wait_ms,
         resumed: vec![],
         store_addr: String::new(),
+        compute_prompt: false,
     }
 }
 

@@ -78,7 +78,7 @@ def tool_calls(client: openai.OpenAI, model: str) -> None:
         else:
             assert isinstance(json.loads(c.function.arguments)["timezone"], str)
 
-    names, arguments, finish = [], "", None
+    names, arguments, argument_chunks, finish = [], "", 0, None
     stream = client.chat.completions.create(
         model=model, messages=ask, tools=[WEATHER], tool_choice=named, temperature=1, seed=2, max_tokens=100, stream=True
     )
@@ -88,8 +88,11 @@ def tool_calls(client: openai.OpenAI, model: str) -> None:
                 if tc.function.name:
                     names.append(tc.function.name)
                 arguments += tc.function.arguments or ""
+                argument_chunks += bool(tc.function.arguments)
             finish = ch.finish_reason or finish
     assert names == ["get_weather"] and finish == "tool_calls", (names, finish)
+    # The arguments stream as the model writes them, not in one piece at the end.
+    assert argument_chunks > 2, (argument_chunks, arguments)
     check_weather_args(arguments)
 
     history = ask + [

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use cudarc::driver::{sys, CudaGraph};
 use tandem_engine::kv::{BlockId, SeqTable};
 use tandem_engine::weights::WeightSource;
-use tandem_engine::{Engine, EngineError, EngineInfo, ForwardItem, ModelConfig, PagedEngine, SeqId};
+use tandem_engine::{Engine, EngineError, EngineInfo, ForwardItem, MaskSource, ModelConfig, PagedEngine, SeqId};
 use tandem_protocol::{BlockMemory, Bytes, KvDtype, KvLayout};
 use tandem_tokenizer::ModelFiles;
 
@@ -69,12 +69,16 @@ const MAX_LOGIT_ROWS: usize = 512;
 /// A captured decode pass.
 struct Graph(CudaGraph);
 
+/// A captured decode graph's shape: batch bucket, context bucket, and whether it stops at the
+/// logits (a masked pass launches its argmax after the masks are uploaded).
+type GraphKey = (usize, usize, bool);
+
 // SAFETY: a graph's handles are plain driver objects with no thread affinity; the engine owns
 // them and launches them from whichever single thread drives it (`Engine` is `Send`, not `Sync`).
 unsafe impl Send for Graph {}
 
 pub struct CudaEngine {
-    graphs: HashMap<(usize, usize), Graph>,
+    graphs: HashMap<GraphKey, Graph>,
     info: EngineInfo,
     model: Model,
     scratch: Scratch,
@@ -208,7 +212,19 @@ impl CudaEngine {
     /// leaves each sequence as it was, holding the blocks reserved for it (a retry reuses them).
     /// Runs `items` (their blocks reserved) in as many passes as they need. With `masks` (argmax
     /// only), an item's token is the largest logit its mask allows.
-    fn run_reserved(&mut self, seqs: &mut SeqTable, items: &[ForwardItem], head: Head, masks: Option<&[Option<&[u32]>]>) -> Result<Passed> {
+    /// Runs `items` (already reserved) in as many passes as the scratch allows. With `masks`
+    /// (an argmax head only), the layers of the first pass are launched before the masks are
+    /// asked for, so the host computes them while the device runs; each pass's argmax is then
+    /// launched after its masks are uploaded.
+    fn run_reserved(
+        &mut self,
+        seqs: &mut SeqTable,
+        items: &[ForwardItem],
+        head: Head,
+        mut masks: Option<MaskSource<'_>>,
+    ) -> Result<Passed> {
+        let late = head == Head::Argmax && masks.is_some();
+        let mut computed: Option<Vec<Option<Vec<u32>>>> = None;
         let cap_t = self.scratch.cap_tokens;
         let cap_s = self.scratch.cap_seqs;
         let mut done = vec![0usize; items.len()];
@@ -256,15 +272,15 @@ impl CudaEngine {
             let decode_only = plan_items.iter().all(|p| p.tokens.len() == 1 && p.last_logit && !p.all_logits);
             let graph_key = if self.use_graphs && decode_only {
                 bucket_for(real_rows)
-                    .map(|b| (b, ctx_bucket(plan_items.iter().map(|p| p.start + 1).max().unwrap_or(1), self.info.max_context)))
+                    .map(|b| (b, ctx_bucket(plan_items.iter().map(|p| p.start + 1).max().unwrap_or(1), self.info.max_context), late))
             } else {
                 None
             };
             let plan = match graph_key {
-                Some((b, cb)) => Plan::build(&plan_items, self.model.block_size, Some(b), cb.div_ceil(self.model.block_size)),
+                Some((b, cb, _)) => Plan::build(&plan_items, self.model.block_size, Some(b), cb.div_ceil(self.model.block_size)),
                 None => Plan::build(&plan_items, self.model.block_size, None, 0),
             };
-            let split_ctx = graph_key.map_or(plan.max_ctx, |(_, cb)| cb);
+            let split_ctx = graph_key.map_or(plan.max_ctx, |(_, cb, _)| cb);
             let shape = PassShape::of(&plan, decode_split(plan.n_seqs, self.model.d.kv_heads, split_ctx.max(1), self.gpu.sms, MAX_SPLITS));
             drop(plan_items);
             drop(states);
@@ -281,16 +297,33 @@ impl CudaEngine {
                 .iter()
                 .map(|&(i, _, to)| if items[i].all_logits { to - done[i] } else { usize::from(to == items[i].tokens.len()) })
                 .collect();
-            self.upload_masks(masks.filter(|_| head == Head::Argmax), &chunk, &per_row)?;
+            // Without late masks, the flags a previous pass left set are cleared first.
+            if !late {
+                self.upload_masks(None, &chunk, &per_row)?;
+            }
+            // A masked pass runs its layers up to the logits, then its argmax on its own.
+            let body = if late { Head::Logits } else { head };
             match graph_key {
                 Some(key) if self.graphs.contains_key(&key) => self.graphs[&key].0.launch()?,
                 Some(key) => {
                     // First use of this shape: run it eagerly (loads every kernel it needs),
                     // then capture it for the next time.
-                    self.model.run(&self.gpu, &self.scratch, self.cache.ptr, &shape, Head::Argmax)?;
-                    self.capture(key, &shape)?;
+                    let graph_head = if late { Head::Logits } else { Head::Argmax };
+                    self.model.run(&self.gpu, &self.scratch, self.cache.ptr, &shape, graph_head)?;
+                    self.capture(key, &shape, graph_head)?;
                 }
-                None => self.model.run(&self.gpu, &self.scratch, self.cache.ptr, &shape, head)?,
+                None => self.model.run(&self.gpu, &self.scratch, self.cache.ptr, &shape, body)?,
+            }
+            if late {
+                // The device is busy with the layers: now the host works out the masks.
+                if computed.is_none() {
+                    if let Some(source) = masks.as_mut() {
+                        computed = Some(source());
+                    }
+                }
+                let refs: Vec<Option<&[u32]>> = computed.iter().flatten().map(Option::as_deref).collect();
+                self.upload_masks(Some(&refs), &chunk, &per_row)?;
+                self.model.argmax(&self.gpu, &self.scratch, shape.n_logits)?;
             }
             // Rows of real logits, in plan order.
             let n_rows = if plan.decode_only { real_rows } else { plan.n_logits };
@@ -358,16 +391,16 @@ impl CudaEngine {
         Ok(())
     }
 
-    fn capture(&mut self, key: (usize, usize), shape: &PassShape) -> Result<()> {
+    fn capture(&mut self, key: GraphKey, shape: &PassShape, head: Head) -> Result<()> {
         let stream = self.gpu.stream.clone();
         stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-        let ran = self.model.run(&self.gpu, &self.scratch, self.cache.ptr, shape, Head::Argmax);
+        let ran = self.model.run(&self.gpu, &self.scratch, self.cache.ptr, shape, head);
         let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
         ran?;
         if let Some(g) = graph? {
             g.upload()?;
             self.graphs.insert(key, Graph(g));
-            tracing::debug!(batch = key.0, context = key.1, "captured decode graph");
+            tracing::debug!(batch = key.0, context = key.1, masked = key.2, "captured decode graph");
         }
         Ok(())
     }
@@ -400,7 +433,22 @@ impl CudaEngine {
         items: &[ForwardItem],
         masks: Option<&[Option<&[u32]>]>,
     ) -> Result<Vec<u32>> {
-        let out = self.run_reserved(seqs, items, Head::Argmax, masks)?;
+        match masks {
+            Some(m) => {
+                let mut source = || m.iter().map(|x| x.map(<[u32]>::to_vec)).collect();
+                self.forward_greedy_late(seqs, items, &mut source)
+            }
+            None => {
+                let out = self.run_reserved(seqs, items, Head::Argmax, None)?;
+                Ok(out.tokens.into_iter().map(|t| t.last().copied().unwrap_or(0)).collect())
+            }
+        }
+    }
+
+    /// As [`CudaEngine::forward_greedy_masked`], asking `masks` for the masks once the layers
+    /// are running.
+    pub fn forward_greedy_late(&mut self, seqs: &mut SeqTable, items: &[ForwardItem], masks: MaskSource<'_>) -> Result<Vec<u32>> {
+        let out = self.run_reserved(seqs, items, Head::Argmax, Some(masks))?;
         Ok(out.tokens.into_iter().map(|t| t.last().copied().unwrap_or(0)).collect())
     }
 
@@ -515,9 +563,9 @@ impl Engine for CudaEngine {
         &mut self,
         seqs: &mut SeqTable,
         items: &[ForwardItem],
-        masks: &[Option<&[u32]>],
+        masks: MaskSource<'_>,
     ) -> Option<tandem_engine::Result<Vec<u32>>> {
-        Some(self.forward_greedy_masked(seqs, items, Some(masks)).map_err(dev))
+        Some(self.forward_greedy_late(seqs, items, masks).map_err(dev))
     }
 
     fn masks_on_device(&self) -> bool {

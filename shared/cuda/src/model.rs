@@ -514,24 +514,29 @@ impl Model {
         )?;
         let head_w = self.w.lm_head.as_ref().unwrap_or(&self.w.embed).ptr;
         gpu.linear(s.hl.ptr, head_w, s.logits.ptr, r, d.vocab, hid, Dt::F32, false)?;
-        let vocab = d.vocab as i32;
         match head {
             Head::Logits => {}
-            Head::Argmax => {
-                let words = s.mask_words as i32;
-                gpu.launch(
-                    &k.argmax,
-                    (r as u32, 1, 1),
-                    1024,
-                    0,
-                    &[&s.logits.ptr, &vocab, &s.mask.ptr, &s.masked.ptr, &words, &s.sampled.ptr],
-                )?
-            }
+            Head::Argmax => self.argmax(gpu, s, r)?,
             Head::Sample => {
+                let vocab = d.vocab as i32;
                 gpu.launch(&k.sample, (r as u32, 1, 1), 1024, 0, &[&s.logits.ptr, &vocab, &s.sample_params.ptr, &s.sampled.ptr])?
             }
         }
         mark(gpu, "lm_head+sampling")?;
         Ok(())
+    }
+
+    /// The greedy token of each of the first `rows` logit rows into `sampled`, within its mask
+    /// where its `masked` flag is set. Part of an [`Head::Argmax`] pass; launched on its own
+    /// after a [`Head::Logits`] pass when the masks are computed while the layers run.
+    pub fn argmax(&self, gpu: &Gpu, s: &Scratch, rows: usize) -> Result<()> {
+        let (vocab, words) = (self.d.vocab as i32, s.mask_words as i32);
+        gpu.launch(
+            &gpu.k.argmax,
+            (rows as u32, 1, 1),
+            1024,
+            0,
+            &[&s.logits.ptr, &vocab, &s.mask.ptr, &s.masked.ptr, &words, &s.sampled.ptr],
+        )
     }
 }

@@ -172,6 +172,9 @@ pub struct Batcher {
     preemptions: u64,
     /// Prompt tokens looked up in the prefix cache as requests were admitted, and those found.
     prefix_lookups: (u64, u64),
+    /// Sequences (by index in `running`) whose grammar could not give the last pass a mask, with
+    /// why: their token from that pass is not theirs to keep.
+    mask_failures: Vec<(usize, String)>,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -198,7 +201,15 @@ impl Batcher {
 
     /// A batcher over an engine whose sequence table may already hold sequences.
     pub fn from_paged(engine: PagedEngine, cfg: BatcherConfig) -> Self {
-        Self { engine, cfg, waiting: VecDeque::new(), running: Vec::new(), preemptions: 0, prefix_lookups: (0, 0) }
+        Self {
+            engine,
+            cfg,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            preemptions: 0,
+            prefix_lookups: (0, 0),
+            mask_failures: Vec::new(),
+        }
     }
 
     pub fn engine(&self) -> &PagedEngine {
@@ -379,6 +390,7 @@ impl Batcher {
     }
 
     fn pass(&mut self, plan: &[(usize, ForwardItem)], items: &[ForwardItem], greedy: bool) -> Result<Pass> {
+        self.mask_failures.clear();
         if greedy {
             let constrained = plan.iter().any(|(i, it)| {
                 let r = &self.running[*i];
@@ -389,37 +401,17 @@ impl Batcher {
                     return tokens.map(Pass::Tokens);
                 }
             } else if self.engine.masks_on_device() {
-                // The grammars' masks go to the engine; otherwise the logits come back here
-                // to be masked.
-                if let Some(masks) = self.grammar_masks(plan) {
-                    let masks: Vec<Option<&[u32]>> = masks.iter().map(Option::as_deref).collect();
-                    if let Some(tokens) = self.engine.forward_argmax_masked(items, &masks) {
-                        return tokens.map(Pass::Tokens);
-                    }
+                // The grammars' masks go to the engine, which asks for them once the layers
+                // run; otherwise the logits come back here to be masked.
+                let words = self.engine.info().vocab_size.div_ceil(32);
+                let (running, failures) = (&mut self.running, &mut self.mask_failures);
+                let mut masks = || grammar_masks(running, plan, words, failures);
+                if let Some(tokens) = self.engine.forward_argmax_masked(items, &mut masks) {
+                    return tokens.map(Pass::Tokens);
                 }
             }
         }
         self.engine.forward(items).map(Pass::Logits)
-    }
-
-    /// The bitmask each constrained item of the plan that gets a token must draw within (the
-    /// others `None`); `None` when a grammar allows nothing, which the host path reports.
-    fn grammar_masks(&mut self, plan: &[(usize, ForwardItem)]) -> Option<Vec<Option<Vec<u32>>>> {
-        let words = self.engine.info().vocab_size.div_ceil(32);
-        let mut out = Vec::with_capacity(plan.len());
-        for (i, it) in plan {
-            let r = &mut self.running[*i];
-            let ends = r.fed + it.tokens.len() >= r.known();
-            out.push(match r.req.grammar.as_mut().filter(|_| ends) {
-                Some(g) => {
-                    let mut m = vec![0u32; words];
-                    g.allowed_words(&mut m).ok()?;
-                    Some(m)
-                }
-                None => None,
-            });
-        }
-        Some(out)
     }
 
     /// Runs one forward pass and returns what happened.
@@ -487,6 +479,12 @@ impl Batcher {
             }
             if let Some(logprobs) = r.prompt_lp.take() {
                 events.push(Event::PromptLogprobs { id: r.req.id, logprobs });
+            }
+            if let Some(at) = self.mask_failures.iter().position(|(f, _)| *f == i) {
+                let (_, e) = self.mask_failures.swap_remove(at);
+                events.push(Event::Failed { id: r.req.id, error: ApiError::new(ErrorCode::InvalidRequest, e) });
+                done.push(r.req.id);
+                continue;
             }
             let s = match out {
                 Out::Token(token) => Sampled { token, logprobs: None },
@@ -559,4 +557,28 @@ impl Batcher {
         }
         events
     }
+}
+
+/// The bitmask each constrained item of `plan` that gets a token must draw within (the others
+/// `None`). A grammar that allows nothing gets an empty mask, and its sequence is noted in
+/// `failures`, to fail with the grammar's reason once the pass is back.
+fn grammar_masks(
+    running: &mut [Running],
+    plan: &[(usize, ForwardItem)],
+    words: usize,
+    failures: &mut Vec<(usize, String)>,
+) -> Vec<Option<Vec<u32>>> {
+    plan.iter()
+        .map(|(i, it)| {
+            let r = &mut running[*i];
+            let ends = r.fed + it.tokens.len() >= r.known();
+            let g = r.req.grammar.as_mut().filter(|_| ends)?;
+            let mut m = vec![0u32; words];
+            if let Err(e) = g.allowed_words(&mut m) {
+                m.fill(0);
+                failures.push((*i, e));
+            }
+            Some(m)
+        })
+        .collect()
 }

@@ -34,6 +34,10 @@ pub struct ForwardItem {
     pub all_logits: bool,
 }
 
+/// Structured output's masks for a pass, computed when the engine asks: per item, a bitmask
+/// over the vocabulary (bit `t % 32` of word `t / 32`) for the items that draw within one.
+pub type MaskSource<'a> = &'a mut dyn FnMut() -> Vec<Option<Vec<u32>>>;
+
 /// A model backend over a paged KV cache of `info().kv_blocks` blocks: forward passes, and the
 /// bytes of blocks. Which block belongs to which sequence is the [`SeqTable`]'s business, which
 /// [`PagedEngine`] keeps and hands to each pass. Implementations run on their own thread; callers
@@ -60,12 +64,10 @@ pub trait Engine: Send {
     /// (bit `t % 32` of word `t / 32`), applied where the logits are, so a batch with
     /// constrained sequences in it still never brings its logits to the host. `None`: this
     /// engine has no such path.
-    fn forward_argmax_masked(
-        &mut self,
-        _seqs: &mut SeqTable,
-        _items: &[ForwardItem],
-        _masks: &[Option<&[u32]>],
-    ) -> Option<Result<Vec<u32>>> {
+    ///
+    /// The engine asks `masks` for them once per call (one entry per item), after it has set
+    /// the pass's work going, so the host computes them while the device runs the layers.
+    fn forward_argmax_masked(&mut self, _seqs: &mut SeqTable, _items: &[ForwardItem], _masks: MaskSource<'_>) -> Option<Result<Vec<u32>>> {
         None
     }
 
@@ -162,7 +164,7 @@ impl<E: Engine + ?Sized> PagedEngine<E> {
 
     /// See [`Engine::forward_argmax_masked`]. `None` (nothing reserved) when the engine has no
     /// such path.
-    pub fn forward_argmax_masked(&mut self, items: &[ForwardItem], masks: &[Option<&[u32]>]) -> Option<Result<Vec<u32>>> {
+    pub fn forward_argmax_masked(&mut self, items: &[ForwardItem], masks: MaskSource<'_>) -> Option<Result<Vec<u32>>> {
         if !self.engine.masks_on_device() {
             return None;
         }

@@ -21,7 +21,7 @@ pub use batcher::{Batcher, BatcherConfig, Event, Mode, NewRequest, PrefillTiming
 pub use config::{Family, Llama3Scaling, ModelConfig};
 pub use constraint::{Constraints, Grammar};
 pub use cpu::{CpuEngine, EngineConfig};
-pub use engine::{Engine, EngineInfo, ForwardItem, PagedEngine, SeqId};
+pub use engine::{Engine, EngineInfo, ForwardItem, MaskSource, PagedEngine, SeqId};
 pub use sampling::{Sampled, TokenLogprobs};
 pub use tandem_protocol::KvExport;
 pub use worker::{EngineHandle, RequestEvents, WorkerLoad};

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use common::*;
 use tandem_engine::kv::{BlockId, SeqTable};
 use tandem_engine::testing::ScriptedEngine;
-use tandem_engine::{Batcher, BatcherConfig, CpuEngine, Engine, EngineInfo, ForwardItem, Mode, NewRequest};
+use tandem_engine::{Batcher, BatcherConfig, CpuEngine, Engine, EngineInfo, ForwardItem, MaskSource, Mode, NewRequest};
 use tandem_protocol::{Bytes, SamplingParams};
 
 /// An engine with an argmax path of its own (the first largest logit, as on the GPU), masked
@@ -50,14 +50,16 @@ impl<E: Engine> Engine for ArgmaxEngine<E> {
         &mut self,
         seqs: &mut SeqTable,
         items: &[ForwardItem],
-        masks: &[Option<&[u32]>],
+        masks: MaskSource<'_>,
     ) -> Option<tandem_engine::Result<Vec<u32>>> {
         self.masked.fetch_add(1, Ordering::SeqCst);
-        Some(
-            self.inner
-                .forward(seqs, items)
-                .map(|all| all.iter().zip(masks).map(|(rows, m)| rows.last().map_or(0, |row| argmax(row, *m))).collect()),
-        )
+        // As on a device: the pass first, the masks asked for while it "runs".
+        let all = match self.inner.forward(seqs, items) {
+            Ok(all) => all,
+            Err(e) => return Some(Err(e)),
+        };
+        let masks = masks();
+        Some(Ok(all.iter().zip(&masks).map(|(rows, m)| rows.last().map_or(0, |row| argmax(row, m.as_deref()))).collect()))
     }
     fn masks_on_device(&self) -> bool {
         true

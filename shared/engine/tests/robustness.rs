@@ -101,7 +101,7 @@ prop_compose! {
         request_id in ".{0,8}", prompt in tokens(), params in prop::option::weighted(0.95, sampling()),
         seed in any::<u64>(), eos_ids in tokens(), kv_wait_ms in any::<u32>(), resumed in prop_oneof![3 => Just(Vec::new()), 1 => tokens()],
     ) -> pb::GenerateRequest {
-        pb::GenerateRequest { request_id, prompt, params, seed, eos_ids, kv_wait_ms, resumed, store_addr: String::new() }
+        pb::GenerateRequest { request_id, prompt, params, seed, eos_ids, kv_wait_ms, resumed, store_addr: String::new(), compute_prompt: false }
     }
 }
 

@@ -204,6 +204,7 @@ impl ClusterBuilder {
                 default_kv_wait: self.request_timeout,
                 metrics_addr: String::new(),
                 queue: tandem_runtime::WorkQueue::new(1024, 1 << 20),
+                aggregated: false,
             };
             decode.push(Service::spawn("decode", addr, Some(kv_addr), self.drain_timeout, |sd| {
                 tandem_decode::run(engine, cfg, listener, kv, sd)

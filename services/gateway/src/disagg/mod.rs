@@ -3,8 +3,9 @@
 //! (the decode worker then expects the KV), run the prefill, which computes the prompt and hands
 //! its KV to that decode worker, then relay the tokens as text until the sequence ends or a stop
 //! string matches. This is the one place that splits a request across the two pools and stitches
-//! the halves back together, the disaggregation the module is named for. Dropping the receiver
-//! cancels the choice everywhere.
+//! the halves back together, the disaggregation the module is named for. An aggregated worker
+//! (prefill and decode in one engine) takes the whole choice instead: its stream carries the
+//! first token too. Dropping the receiver cancels the choice everywhere.
 //!
 //! [`retry`] holds the rule both pools share for a worker that refuses; [`relay`] the last step.
 
@@ -268,6 +269,8 @@ async fn attempt(
         kv_wait_ms: state.cfg.request_timeout.as_millis().min(u32::MAX as u128) as u32,
         resumed: resumed.clone(),
         store_addr: state.workers.store().map(|(_, url)| url).unwrap_or_default(),
+        // Set for the decode worker picked, if it is an aggregated one.
+        compute_prompt: false,
     };
     let context: Vec<u32> = spec.prompt.iter().chain(&resumed).copied().collect();
     let route = tracing::info_span!(
@@ -292,6 +295,19 @@ async fn attempt(
     let decode_span = spans::grpc_client("Decode", "Generate");
     let (decode, tokens) = open_decode(state, spec, &g, cached.block_size, &decode_span).instrument(decode_span.clone()).await?;
     relay.progress.record.decode_worker = decode.info.worker_id.clone();
+    if decode.info.aggregated {
+        // The worker computes the prompt itself: no prefill, no handoff.
+        relay.progress.record.prefill_worker = decode.info.worker_id.clone();
+        relay.progress.phase(state, Phase::Decode);
+        if resumed.is_empty() {
+            state.metrics.prompt_tokens.inc_by(spec.prompt.len() as u64);
+        }
+        let out = relay.run(decode, tokens, None, started).instrument(decode_span.clone()).await;
+        if let Err(e) | Ok(Some(e)) = &out {
+            telemetry::fail(&decode_span, e.code.name(), e.message.clone());
+        }
+        return out;
+    }
     let prefill_span = spans::grpc_client("Prefill", "Prefill");
     let prefilled = prefill(state, spec, g, &decode, &cached, relay.progress, &prefill_span).instrument(prefill_span.clone()).await;
     let prefilled = prefilled.inspect_err(|e| telemetry::fail(&prefill_span, e.code.name(), e.message.clone()))?;
@@ -299,7 +315,7 @@ async fn attempt(
     if relay.emitted.is_empty() {
         relay.cached_tokens = prefilled.cached_tokens as usize;
     }
-    let out = relay.run(decode, tokens, prefilled, started).instrument(decode_span.clone()).await;
+    let out = relay.run(decode, tokens, Some(prefilled), started).instrument(decode_span.clone()).await;
     match &out {
         Err(e) => telemetry::fail(&decode_span, e.code.name(), e.message.clone()),
         Ok(Some(e)) => telemetry::fail(&decode_span, e.code.name(), e.message.clone()),
@@ -356,7 +372,8 @@ async fn open_decode(
             span.record("tandem.worker_id", decode.info.worker_id.as_str());
             span.record("tandem.route.free_blocks", decode.info.free_blocks as i64);
             let mut client = DecodeClient::new(decode.channel.clone());
-            let request = spans::grpc_request(g.clone(), &spec.request_id, span);
+            let g = GenerateRequest { compute_prompt: decode.info.aggregated, ..g.clone() };
+            let request = spans::grpc_request(g, &spec.request_id, span);
             async move { client.generate(request).await }
         },
     )

@@ -52,6 +52,25 @@ impl<'a> Relay<'a> {
         }
     }
 
+    /// The choice's first token (of this pass) is here: the admission is given back, and the
+    /// time to it observed (or, after a lost worker, the time the resume took).
+    fn first_token(&mut self, started: Instant) {
+        let metrics = &self.state.metrics;
+        self.admission = None;
+        match self.lost_at.take() {
+            Some(lost) => {
+                metrics.resume_time.observe(lost.elapsed().as_secs_f64());
+                metrics.resumes.with_label_values(&["resumed"]).inc();
+            }
+            None => {
+                let ttft = started.elapsed().as_secs_f64();
+                metrics.ttft.observe(ttft);
+                metrics.vllm.ttft.observe(ttft);
+            }
+        }
+        metrics.generation_tokens.inc();
+    }
+
     /// The prompt's log-probabilities from the prefill, for the client, before its first token.
     async fn prompt_logprobs(&mut self, scored: &[pb::Token]) -> Result<(), ApiError> {
         let Some(prompt) = self.scored_prompt.take() else { return Ok(()) };
@@ -77,6 +96,8 @@ impl<'a> Relay<'a> {
     }
 
     /// Sends the prefill's token, then every token of `stream` until the decode worker finishes.
+    /// Without `prefilled` the worker computed the prompt itself (an aggregated worker), and the
+    /// first token, with the prompt's scores, comes on the stream too.
     /// `decode` is held to the end, so the worker counts as busy with this choice meanwhile;
     /// returning early drops `stream`, which cancels the sequence on the decode worker.
     /// `Ok(Some(e))`: the worker was lost mid-stream, and the choice can resume elsewhere from
@@ -85,55 +106,63 @@ impl<'a> Relay<'a> {
         &mut self,
         decode: Lease,
         mut stream: Streaming<pb::TokenEvent>,
-        prefilled: pb::PrefillResponse,
+        prefilled: Option<pb::PrefillResponse>,
         started: Instant,
     ) -> Result<Option<ApiError>, ApiError> {
         let state = self.state;
         let metrics = &state.metrics;
-        let first = prefilled.first_token.ok_or_else(|| ApiError::new(ErrorCode::Internal, "prefill returned no token"))?;
-        self.admission = None;
-        match self.lost_at.take() {
-            Some(lost) => {
-                metrics.resume_time.observe(lost.elapsed().as_secs_f64());
-                metrics.resumes.with_label_values(&["resumed"]).inc();
-            }
-            None => {
-                let ttft = started.elapsed().as_secs_f64();
-                metrics.ttft.observe(ttft);
-                metrics.vllm.ttft.observe(ttft);
-            }
-        }
-        metrics.generation_tokens.inc();
-        self.prompt_logprobs(&prefilled.prompt_logprobs).await?;
-        let mut last = Instant::now();
-        if self.token(&first).await? {
-            return Ok(None);
-        }
         // The first token may already have ended the sequence; then no KV was handed over.
-        let mut finished = prefilled.finished;
+        let mut finished = None;
+        let mut last = Instant::now();
+        let own_prompt = prefilled.is_none();
+        if let Some(prefilled) = prefilled {
+            let first = prefilled.first_token.ok_or_else(|| ApiError::new(ErrorCode::Internal, "prefill returned no token"))?;
+            self.first_token(started);
+            self.prompt_logprobs(&prefilled.prompt_logprobs).await?;
+            last = Instant::now();
+            if self.token(&first).await? {
+                return Ok(None);
+            }
+            finished = prefilled.finished;
+        }
         let mut first_decoded = true;
+        let mut first_of_pass = own_prompt;
         while finished.is_none() {
             let event = match next_event(state, &decode, &mut stream).await {
                 Ok(e) => e,
                 Err(Lost(e)) => return Ok(Some(e)),
             };
             match event {
+                Ok(Some(token_event::Event::Prompt(scores))) => self.prompt_logprobs(&scores.tokens).await?,
                 Ok(Some(token_event::Event::Token(t))) => {
                     let now = Instant::now();
-                    if std::mem::take(&mut first_decoded) {
-                        metrics.decode_first_token_time.observe((now - last).as_secs_f64());
+                    if std::mem::take(&mut first_of_pass) {
+                        // The worker's own first token: the prompt's time, not a decode step's.
+                        self.first_token(started);
+                        if self.scored_prompt.is_some() {
+                            return Err(ApiError::new(ErrorCode::Internal, "the worker sent no prompt scores before its first token"));
+                        }
+                    } else {
+                        if std::mem::take(&mut first_decoded) {
+                            metrics.decode_first_token_time.observe((now - last).as_secs_f64());
+                        }
+                        let gap = (now - last).as_secs_f64();
+                        metrics.itl.observe(gap);
+                        metrics.vllm.itl.observe(gap);
+                        metrics.vllm.tpot.observe(gap);
+                        metrics.generation_tokens.inc();
                     }
-                    let gap = (now - last).as_secs_f64();
-                    metrics.itl.observe(gap);
-                    metrics.vllm.itl.observe(gap);
-                    metrics.vllm.tpot.observe(gap);
-                    metrics.generation_tokens.inc();
                     last = now;
                     if self.token(&t).await? {
                         return Ok(None);
                     }
                 }
-                Ok(Some(token_event::Event::Finished(f))) => finished = Some(f),
+                Ok(Some(token_event::Event::Finished(f))) => {
+                    if own_prompt && self.cached_tokens == 0 {
+                        self.cached_tokens = f.usage.as_ref().map_or(0, |u| u.cached_tokens as usize);
+                    }
+                    finished = Some(f);
+                }
                 Ok(None) => {}
                 Err(e) => return Err(e),
             }

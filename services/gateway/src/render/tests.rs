@@ -268,3 +268,36 @@ async fn echo_leads_with_the_prompt_and_its_scores() {
     assert_eq!(ch["logprobs"]["tokens"], serde_json::json!(["Hello", " world"]));
     assert!(ch.get("prompt_logprobs").is_none());
 }
+
+#[tokio::test]
+async fn a_streamed_tool_call_opens_with_its_name_then_streams_its_arguments() {
+    let tools: Vec<tandem_protocol::openai::tools::Tool> =
+        serde_json::from_value(serde_json::json!([{"type": "function", "function": {"name": "get_weather"}}])).unwrap();
+    let text = ["Sure.", " <tool", "_call>{\"name\": \"get_", "weather\", \"arguments\": {\"city\"", ": \"Oslo\"}}", "</tool_call>"];
+    let mut evs: Vec<_> = text.iter().map(|t| delta(t, vec![])).collect();
+    evs.push(done(FinishReason::Stop, 6, 0));
+    let renderer = ChatRenderer::new(None).with_tools(std::sync::Arc::new(tools));
+    let resp = sse(renderer, envelope("chatcmpl-1"), false, UsageTally::new(&[vec![1]], 1), choices(vec![evs]));
+    let body = axum::body::to_bytes(resp.into_response().into_body(), usize::MAX).await.unwrap();
+    let deltas: Vec<serde_json::Value> = String::from_utf8(body.to_vec())
+        .unwrap()
+        .split_terminator("\n\n")
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e.strip_prefix("data: ")?).ok())
+        .map(|v| v["choices"][0].clone())
+        .collect();
+    use serde_json::json;
+    let d = |i: usize| deltas[i]["delta"].clone();
+    assert_eq!(d(0), json!({"content": "", "role": "assistant"}));
+    assert_eq!(d(1), json!({"content": "Sure."}));
+    // The space cannot begin a tag and goes out; `<tool` could, and is held.
+    assert_eq!(d(2), json!({"content": " "}));
+    assert_eq!(d(3), json!({}));
+    let opening = &deltas[4]["delta"]["tool_calls"][0];
+    assert!(opening["id"].as_str().unwrap().starts_with("call_"), "{opening}");
+    assert_eq!((&opening["index"], &opening["type"]), (&json!(0), &json!("function")));
+    assert_eq!(opening["function"], json!({"name": "get_weather", "arguments": "{\"city\""}));
+    assert_eq!(d(5), json!({"tool_calls": [{"index": 0, "function": {"arguments": ": \"Oslo\"}"}}]}));
+    assert_eq!(d(6), json!({}));
+    assert_eq!(deltas[7]["finish_reason"], "tool_calls");
+    assert_eq!(deltas.len(), 8);
+}

@@ -12,6 +12,9 @@ use serde_json::{json, Value};
 
 use crate::Constraint;
 
+pub mod stream;
+pub use stream::{CallStream, Piece};
+
 /// One function a request offers.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Tool {
@@ -137,49 +140,28 @@ pub struct ParsedCall {
     pub arguments: String,
 }
 
-fn as_call(v: &Value, names: &[&str]) -> Option<ParsedCall> {
-    let name = v.get("name")?.as_str()?;
-    if !names.contains(&name) {
-        return None;
-    }
-    let args = v.get("arguments").or_else(|| v.get("parameters")).cloned().unwrap_or_else(|| json!({}));
-    let args = match args {
-        // Some models write the arguments as a JSON string already.
-        Value::String(s) if serde_json::from_str::<Value>(&s).is_ok_and(|a| a.is_object()) => s,
-        a if a.is_object() => a.to_string(),
-        _ => return None,
-    };
-    Some(ParsedCall { name: name.to_string(), arguments: args })
-}
-
 /// The calls in `text`, and the text outside them (`None` when there is none). `None` when the
-/// text holds no call of one of `tools`: it is an ordinary answer.
+/// text holds no call of one of `tools`: it is an ordinary answer. The same reading as a stream's
+/// ([`CallStream`]), on the whole text at once; arguments that are valid JSON come back compact.
 pub fn parse_calls(text: &str, tools: &[Tool]) -> Option<(Option<String>, Vec<ParsedCall>)> {
-    let names: Vec<&str> = tools.iter().map(|t| t.function.name.as_str()).collect();
-    const OPEN: &str = "<tool_call>";
-    const CLOSE: &str = "</tool_call>";
-    if text.contains(OPEN) {
-        let (mut calls, mut rest, mut tail) = (Vec::new(), String::new(), text);
-        while let Some(start) = tail.find(OPEN) {
-            rest.push_str(&tail[..start]);
-            let body = &tail[start + OPEN.len()..];
-            let (inner, after) = match body.find(CLOSE) {
-                Some(end) => (&body[..end], &body[end + CLOSE.len()..]),
-                None => (body, ""),
-            };
-            calls.push(as_call(&serde_json::from_str(inner.trim()).ok()?, &names)?);
-            tail = after;
+    let mut stream = CallStream::new(tools.iter().map(|t| t.function.name.clone()).collect());
+    let mut pieces = stream.push(text);
+    pieces.extend(stream.finish());
+    let (mut rest, mut calls) = (String::new(), Vec::<ParsedCall>::new());
+    for p in pieces {
+        match p {
+            Piece::Content(c) => rest.push_str(&c),
+            Piece::Call { name, .. } => calls.push(ParsedCall { name, arguments: String::new() }),
+            Piece::Arguments { index, fragment } => calls[index].arguments.push_str(&fragment),
         }
-        rest.push_str(tail);
-        let rest = rest.trim();
-        return (!calls.is_empty()).then(|| ((!rest.is_empty()).then(|| rest.to_string()), calls));
     }
-    let v: Value = serde_json::from_str(text.trim()).ok()?;
-    let calls = match &v {
-        Value::Array(items) => items.iter().map(|c| as_call(c, &names)).collect::<Option<Vec<_>>>()?,
-        one => vec![as_call(one, &names)?],
-    };
-    (!calls.is_empty()).then_some((None, calls))
+    for c in &mut calls {
+        if let Ok(v) = serde_json::from_str::<Value>(&c.arguments) {
+            c.arguments = v.to_string();
+        }
+    }
+    let rest = rest.trim();
+    (!calls.is_empty()).then(|| ((!rest.is_empty()).then(|| rest.to_string()), calls))
 }
 
 /// A call as OpenAI returns it.
@@ -197,23 +179,41 @@ pub struct FunctionCall {
     pub arguments: String,
 }
 
-/// A call in a stream chunk: its place among the choice's calls, then its parts.
+/// A call in a stream chunk: its place among the choice's calls, then its parts. The first
+/// chunk of a call has its id, type and name (and empty arguments); later ones carry only more
+/// of its arguments.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ToolCallDelta {
     pub index: usize,
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub function: FunctionCall,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<&'static str>,
+    pub function: FunctionDelta,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FunctionDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub arguments: String,
+}
+
+impl ToolCallDelta {
+    /// Call `index` opens: its id and name.
+    pub fn opening(index: usize, id: String, name: String) -> Self {
+        Self { index, id: Some(id), kind: Some("function"), function: FunctionDelta { name: Some(name), arguments: String::new() } }
+    }
+
+    /// More of call `index`'s arguments.
+    pub fn arguments(index: usize, fragment: String) -> Self {
+        Self { index, id: None, kind: None, function: FunctionDelta { name: None, arguments: fragment } }
+    }
 }
 
 impl ToolCall {
     pub fn new(id: String, call: ParsedCall) -> Self {
         Self { id, kind: "function", function: FunctionCall { name: call.name, arguments: call.arguments } }
-    }
-
-    pub fn delta(self, index: usize) -> ToolCallDelta {
-        ToolCallDelta { index, id: self.id, kind: self.kind, function: self.function }
     }
 }
 
