@@ -6,6 +6,10 @@ the KV handoff's share of TTFT (from the gateway's own histograms). If llama-cpp
 installed, the same prompts run through llama.cpp in the same process run as the baseline.
 
 Usage: python3 scripts/bench_cpu_serving.py [--out docs/benchmarks/cpu_serving.json]
+       [--binary LABEL=PATH ...] [--up-args LABEL=ARGS ...]
+
+With `--binary disagg=target/release/tandem --binary aggregated=target/release/tandem
+--up-args "aggregated=--aggregated 1"` the same build is measured disaggregated and aggregated.
 """
 
 import argparse
@@ -127,9 +131,9 @@ def llama_cpp_baseline(model_path):
             "mean_ttft_ms": statistics.mean(ttfts), "decode_tokens_per_s": statistics.mean(rates)}
 
 
-def measure(binary, port):
-    """Starts `tandem up` from `binary` and runs both concurrency levels against it."""
-    up = subprocess.Popen([binary, "up", "--port", str(port)], stdout=subprocess.PIPE, text=True)
+def measure(binary, port, up_args=()):
+    """Starts `tandem up` from `binary` (with `up_args`) and runs both concurrency levels against it."""
+    up = subprocess.Popen([binary, "up", "--port", str(port), *up_args], stdout=subprocess.PIPE, text=True)
     levels = {}
     try:
         up.stdout.readline()
@@ -141,9 +145,10 @@ def measure(binary, port):
             after = urllib.request.urlopen(f"{base}/metrics").read().decode()
             for key, name in [("mean_prefill_ms", "tandem_prefill_seconds"), ("mean_handoff_ms", "tandem_kv_handoff_seconds")]:
                 (s0, c0), (s1, c1) = metric_sum(before, name), metric_sum(after, name)
-                levels[str(concurrency)][key] = (s1 - s0) / (c1 - c0) * 1e3
+                # An aggregated worker runs no prefill step and hands nothing over.
+                levels[str(concurrency)][key] = (s1 - s0) / (c1 - c0) * 1e3 if c1 > c0 else None
             lv = levels[str(concurrency)]
-            lv["handoff_share_of_ttft"] = lv["mean_handoff_ms"] / lv["mean_ttft_ms"]
+            lv["handoff_share_of_ttft"] = lv["mean_handoff_ms"] / lv["mean_ttft_ms"] if lv["mean_handoff_ms"] is not None else None
     finally:
         up.terminate()
         up.wait(timeout=30)
@@ -156,13 +161,16 @@ def main():
     ap.add_argument("--port", type=int, default=8077)
     ap.add_argument("--binary", action="append", default=[],
                     help="LABEL=PATH: measure these builds of tandem one after the other in this run (no cargo build)")
+    ap.add_argument("--up-args", action="append", default=[],
+                    help="LABEL=ARGS: more `tandem up` arguments for that label (`aggregated=--aggregated 1`)")
     args = ap.parse_args()
+    up_args = {label: extra.split() for label, extra in (u.split("=", 1) for u in args.up_args)}
     builds = [b.split("=", 1) for b in args.binary]
     if not builds:
         subprocess.run(["cargo", "build", "--release", "-p", "tandem"], cwd=ROOT, check=True)
         builds = [("tandem", os.path.join(ROOT, "target/release/tandem"))]
     model_path = subprocess.run([builds[-1][1], "fetch-model"], capture_output=True, text=True, check=True).stdout.strip()
-    measured = {label: measure(binary, args.port) for label, binary in builds}
+    measured = {label: measure(binary, args.port, up_args.get(label, ())) for label, binary in builds}
     result = {
         "benchmark": "cpu_serving",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'}), no GPU",
@@ -174,6 +182,8 @@ def main():
     }
     if len(builds) > 1:
         result["builds"] = measured
+    if up_args:
+        result["up_args"] = {label: up_args.get(label, []) for label, _ in builds}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -80,10 +80,15 @@ fn gone(pid: u32) -> bool {
 /// Checks that `up` runs the four services as its children, sends `signal` to `target`, and
 /// waits for `up` to exit cleanly and every child to be gone.
 fn stop_with(up: &mut KillOnDrop, base: &str, signal: &str, target: &str) {
+    stop_services(up, base, signal, target, &["decode", "gateway", "kv-transfer", "prefill"]);
+}
+
+/// As [`stop_with`], for a cluster of these services (by role, sorted).
+fn stop_services(up: &mut KillOnDrop, base: &str, signal: &str, target: &str, expected: &[&str]) {
     let services = children(up.0.id());
     let mut roles: Vec<&str> = services.iter().filter_map(|(_, args)| args.get(1).map(String::as_str)).collect();
     roles.sort();
-    assert_eq!(roles, ["decode", "gateway", "kv-transfer", "prefill"], "{services:?}");
+    assert_eq!(roles, expected, "{services:?}");
     assert!(services.iter().all(|(_, args)| args.iter().any(|a| a == "--managed")), "{services:?}");
 
     assert!(std::process::Command::new("kill").args([signal, "--", target]).status().unwrap().success());
@@ -224,4 +229,17 @@ async fn tandem_serve_takes_vllm_flags_and_refuses_what_it_cannot_do_by_name() {
     assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
     let pid = serve.0.id().to_string();
     tokio::task::block_in_place(|| stop_with(&mut serve, &base, "-TERM", &pid));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tandem_up_aggregated_serves_with_aggregated_workers_alone() {
+    let (mut up, base, line) = start(&["up", "--port", "0", "--kv-cache-mb", "64", "--aggregated", "1"]);
+    assert!(line.contains("(aggregated: 1)"), "{line}");
+    let ready: serde_json::Value = serde_json::from_str(&http_get(&base, "/ready").unwrap()).unwrap();
+    assert_eq!((ready["aggregated_workers"].as_u64(), ready["prefill_workers"].as_u64()), (Some(1), Some(0)), "{ready}");
+    let (status, v) = post(&base, "/v1/chat/completions", &chat_body("Hello!", json!({"max_tokens": 8}))).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
+    let group = format!("-{}", up.0.id());
+    tokio::task::block_in_place(|| stop_services(&mut up, &base, "-INT", &group, &["gateway", "kv-transfer", "worker"]));
 }
