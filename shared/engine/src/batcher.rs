@@ -561,24 +561,39 @@ impl Batcher {
 
 /// The bitmask each constrained item of `plan` that gets a token must draw within (the others
 /// `None`). A grammar that allows nothing gets an empty mask, and its sequence is noted in
-/// `failures`, to fail with the grammar's reason once the pass is back.
+/// `failures`, to fail with the grammar's reason once the pass is back. A mask takes tens of
+/// microseconds to a millisecond; a step's masks are computed on several threads at once.
 fn grammar_masks(
     running: &mut [Running],
     plan: &[(usize, ForwardItem)],
     words: usize,
     failures: &mut Vec<(usize, String)>,
 ) -> Vec<Option<Vec<u32>>> {
-    plan.iter()
-        .map(|(i, it)| {
-            let r = &mut running[*i];
-            let ends = r.fed + it.tokens.len() >= r.known();
-            let g = r.req.grammar.as_mut().filter(|_| ends)?;
-            let mut m = vec![0u32; words];
-            if let Err(e) = g.allowed_words(&mut m) {
-                m.fill(0);
-                failures.push((*i, e));
-            }
-            Some(m)
+    use rayon::prelude::*;
+    // The sequences that draw within a grammar this step: index in `running` -> place in `plan`.
+    let wanted: std::collections::HashMap<usize, usize> = plan
+        .iter()
+        .enumerate()
+        .filter(|(_, (i, it))| {
+            let r = &running[*i];
+            r.req.grammar.is_some() && r.fed + it.tokens.len() >= r.known()
         })
-        .collect()
+        .map(|(pos, (i, _))| (*i, pos))
+        .collect();
+    let mut jobs: Vec<(usize, usize, &mut crate::Grammar)> =
+        running.iter_mut().enumerate().filter_map(|(i, r)| Some((*wanted.get(&i)?, i, r.req.grammar.as_mut()?))).collect();
+    let mask = |(pos, i, g): &mut (usize, usize, &mut crate::Grammar)| {
+        let mut m = vec![0u32; words];
+        let ok = g.allowed_words(&mut m);
+        (*pos, *i, ok.map(|()| m))
+    };
+    let computed: Vec<_> = if jobs.len() > 1 { jobs.par_iter_mut().map(mask).collect() } else { jobs.iter_mut().map(mask).collect() };
+    let mut out = vec![None; plan.len()];
+    for (pos, i, m) in computed {
+        out[pos] = Some(m.unwrap_or_else(|e| {
+            failures.push((i, e));
+            vec![0u32; words]
+        }));
+    }
+    out
 }
