@@ -419,7 +419,7 @@ mod tests {
 
     #[tokio::test]
     async fn decode_choice_needs_room_then_prefers_fewer_sequences() {
-        let pool = pool(&[], &[("busy", 5, 90), ("idle-full", 0, 3), ("idle", 1, 50)]);
+        let pool = pool(&[("p", 0)], &[("busy", 5, 90), ("idle-full", 0, 3), ("idle", 1, 50)]);
         assert_eq!(pool.pick_decode(10, &[]).unwrap().info.worker_id, "idle");
         // A held lease counts as load until it is dropped.
         let held = pool.pick_decode(10, &[]).unwrap();
@@ -428,6 +428,29 @@ mod tests {
         drop((held, held2));
         // Nobody has room for 95 blocks: the least loaded of all.
         assert_eq!(pool.pick_decode(95, &[]).unwrap().info.worker_id, "idle-full");
+    }
+
+    #[tokio::test]
+    async fn without_a_prefill_worker_only_aggregated_workers_take_requests() {
+        let plain = pool(&[], &[("plain", 0, 90), ("agg", 3, 90)]);
+        assert!(!plain.can_serve(), "decode workers alone cannot serve");
+        assert!(plain.pick_decode(10, &[]).is_none());
+        let pool = pool_with_aggregated(&[], &[("plain", 0, 90), ("agg", 3, 90)], "agg");
+        assert!(pool.can_serve());
+        assert_eq!(pool.healthy_aggregated(), 1);
+        // The less loaded plain decode worker has no prefill worker to feed it.
+        assert_eq!(pool.pick_decode(10, &[]).unwrap().info.worker_id, "agg");
+        // With a prefill worker up, both kinds are candidates, least loaded first.
+        let mixed = pool_with_aggregated(&[("p", 0)], &[("plain", 0, 90), ("agg", 3, 90)], "agg");
+        assert_eq!(mixed.pick_decode(10, &[]).unwrap().info.worker_id, "plain");
+    }
+
+    fn pool_with_aggregated(prefill: &[(&str, u32)], decode: &[(&str, u32, u32)], aggregated: &str) -> WorkerPool {
+        let pool = pool(prefill, decode);
+        for w in pool.lock().iter_mut().filter(|w| w.id() == aggregated) {
+            w.info.as_mut().unwrap().aggregated = true;
+        }
+        pool
     }
 
     #[tokio::test]
