@@ -237,7 +237,7 @@ async fn tandem_up_aggregated_serves_with_aggregated_workers_alone() {
     assert!(line.contains("(aggregated: 1)"), "{line}");
     let ready: serde_json::Value = serde_json::from_str(&http_get(&base, "/ready").unwrap()).unwrap();
     assert_eq!((ready["aggregated_workers"].as_u64(), ready["prefill_workers"].as_u64()), (Some(1), Some(0)), "{ready}");
-    let (status, v) = post(&base, "/v1/chat/completions", &chat_body("Hello!", json!({"max_tokens": 8}))).await;
+    let (status, v) = post(&base, "/v1/chat/completions", &chat_body("Hello!", json!({"max_tokens": 8, "ignore_eos": true}))).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
     let group = format!("-{}", up.0.id());
