@@ -19,6 +19,19 @@ fn within(name: &str, got: f64, want: f64) {
     within_tol(name, got, want, 0.05);
 }
 
+/// Within 5% plus `slack_ms`: for the metrics that hold the first token, whose time also holds
+/// the opening of the request's connection.
+fn within_slack(name: &str, got: f64, want: f64, slack_ms: f64) {
+    let err = (got - want).abs();
+    let bound = 0.05 * want + slack_ms;
+    assert!(err <= bound, "{name}: reported {got:.2}, truth {want:.2} ({err:.1} ms off, bound {bound:.1} ms)");
+}
+
+/// The time a burst of new connections may add to the first token of each request: 64 of them
+/// opened at once on a busy two-core machine have added 12 ms to the mean TTFT (5.9% of 200 ms).
+/// A unit or bookkeeping error is off by far more than this.
+const CONNECT_SLACK_MS: f64 = 20.0;
+
 async fn run(concurrency: usize, num_prompts: usize, behavior: Behavior, endpoint: &str) -> RunReport {
     let _serial = one_at_a_time().await;
     let server = spawn(move |_| behavior.clone()).await;
@@ -42,7 +55,10 @@ fn check_latencies(report: &RunReport, num_prompts: usize) {
     for (metric, truth) in [("ttft", TTFT_MS), ("tpot", ITL_MS), ("itl", ITL_MS), ("e2el", e2el)] {
         for stat in ["mean", "median"] {
             let key = format!("{stat}_{metric}_ms");
-            within(&key, r.latency[&key], truth);
+            match metric {
+                "ttft" | "e2el" => within_slack(&key, r.latency[&key], truth, CONNECT_SLACK_MS),
+                _ => within(&key, r.latency[&key], truth),
+            }
         }
         // The tail also holds the test machine's own hiccups: a burst of 64 new connections takes
         // tens of milliseconds to open on a small, busy machine, and the fake server's 25 ms
