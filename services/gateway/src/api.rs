@@ -152,12 +152,22 @@ struct Readiness {
     prefill_workers: usize,
     /// Decode workers among `decode_workers` that compute prompts too.
     aggregated_workers: usize,
+    /// The tensor-parallel degrees the healthy workers of each pool run.
+    tp_sizes: TpSizes,
+}
+
+#[derive(Serialize)]
+struct TpSizes {
+    prefill: Vec<u32>,
+    decode: Vec<u32>,
 }
 
 async fn ready(State(s): State<S>) -> Response {
     let (p, d) = (s.workers.healthy(Role::Prefill), s.workers.healthy(Role::Decode));
     let draining = s.shutdown.is_draining();
-    let body = Json(Readiness { decode_workers: d, draining, prefill_workers: p, aggregated_workers: s.workers.healthy_aggregated() });
+    let tp_sizes = TpSizes { prefill: s.workers.tp_sizes(Role::Prefill), decode: s.workers.tp_sizes(Role::Decode) };
+    let body =
+        Json(Readiness { decode_workers: d, draining, prefill_workers: p, aggregated_workers: s.workers.healthy_aggregated(), tp_sizes });
     if s.workers.can_serve() && !draining {
         body.into_response()
     } else {

@@ -222,6 +222,20 @@ impl WorkerPool {
         self.lock().iter().filter(|w| w.role == Role::Decode && w.routable() && w.aggregated()).count()
     }
 
+    /// The tensor-parallel degrees the healthy workers of `role` run, each once, smallest first.
+    /// Any prefill degree hands to any decode degree: the KV is re-sharded by head on the way.
+    pub fn tp_sizes(&self, role: Role) -> Vec<u32> {
+        let mut sizes: Vec<u32> = self
+            .lock()
+            .iter()
+            .filter(|w| w.role == role && w.routable())
+            .filter_map(|w| w.info.as_ref().map(|i| i.tp_size.max(1)))
+            .collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        sizes
+    }
+
     /// Whether a request can be served now: by a prefill and a decode worker, or by an
     /// aggregated worker alone.
     pub fn can_serve(&self) -> bool {

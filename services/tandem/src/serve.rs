@@ -50,6 +50,11 @@ pub struct EngineArgs {
     /// together (the KV cache gets what is left; `--kv-cache-mb` overrides).
     #[arg(long, default_value_t = 0.9, value_parser = fraction)]
     pub gpu_memory_utilization: f64,
+    /// Tensor-parallel degree: the engine runs as a group of this many ranks, each holding its
+    /// share of the attention heads and FFN rows, their partial sums added by an all-reduce. On
+    /// the CPU the ranks are threads of this process sharing memory.
+    #[arg(long, env = "TANDEM_TP", default_value_t = 1, visible_alias = "tensor-parallel-size")]
+    pub tp: usize,
 }
 
 /// A number in (0, 1].
@@ -70,11 +75,13 @@ pub(crate) struct Sizing {
     pub kv_cache_mb: Option<usize>,
     pub max_context: Option<usize>,
     pub memory_fraction: f64,
+    /// Tensor-parallel degree.
+    pub tp: usize,
 }
 
 impl Default for Sizing {
     fn default() -> Self {
-        Self { block_size: 16, kv_cache_mb: None, max_context: None, memory_fraction: 0.9 }
+        Self { block_size: 16, kv_cache_mb: None, max_context: None, memory_fraction: 0.9, tp: 1 }
     }
 }
 
@@ -85,6 +92,7 @@ impl EngineArgs {
             kv_cache_mb: self.kv_cache_mb,
             max_context: self.max_model_len,
             memory_fraction: self.gpu_memory_utilization,
+            tp: self.tp,
         }
     }
 
@@ -434,16 +442,22 @@ pub(crate) const DEFAULT_CPU_KV_CACHE_MB: usize = 256;
 
 /// The engine for `device`, sized for passes within `limits`.
 pub(crate) fn open_engine(files: &ModelFiles, device: Device, sizing: &Sizing, limits: &BatcherConfig) -> Result<Box<dyn Engine>> {
-    let Sizing { block_size, kv_cache_mb, max_context, memory_fraction } = sizing.clone();
+    let Sizing { block_size, kv_cache_mb, max_context, memory_fraction, tp } = sizing.clone();
+    if tp == 0 {
+        anyhow::bail!("--tp 0: a tensor-parallel group has at least one rank");
+    }
     match device {
         Device::Cpu => {
             let _ = (limits, memory_fraction); // the CPU engine sizes its buffers per pass
-            let cfg = EngineConfig { block_size, kv_cache_bytes: kv_cache_mb.unwrap_or(DEFAULT_CPU_KV_CACHE_MB) << 20, max_context };
+            let cfg = EngineConfig { block_size, kv_cache_bytes: kv_cache_mb.unwrap_or(DEFAULT_CPU_KV_CACHE_MB) << 20, max_context, tp };
             let engine = CpuEngine::load(files, &cfg).with_context(|| format!("loading {}", files.name))?;
             Ok(Box::new(engine))
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
+            if tp > 1 {
+                anyhow::bail!("--tp {tp} on {device}: the CUDA engine runs one rank per worker so far; run TP groups on the CPU");
+            }
             let kv_cache_bytes = kv_cache_mb.map(|mb| mb << 20);
             let cfg = tandem_cuda::CudaConfig {
                 device: ordinal,
@@ -485,8 +499,7 @@ fn export_traces(service_name: &'static str, instance_id: &str, engine: Option<&
         service_name,
         instance_id: instance_id.to_string(),
         model: engine.map(|e| e.info().model_name.clone()),
-        // One rank per worker until tensor-parallel groups run.
-        tp_size: engine.map(|_| 1),
+        tp_size: engine.map(|e| e.info().tp_size),
     };
     tandem_runtime::telemetry::start_export(id).map_err(anyhow::Error::msg)
 }

@@ -33,6 +33,16 @@ pub struct UpArgs {
     /// these workers alone: `tandem up --aggregated 2`.
     #[arg(long, default_value_t = 0)]
     pub aggregated: usize,
+    /// Tensor-parallel degree of every worker (each worker one group of this many ranks).
+    #[arg(long, default_value_t = 1, visible_alias = "tensor-parallel-size")]
+    pub tp: usize,
+    /// Tensor-parallel degree of the prefill workers (default: `--tp`); it may differ from the
+    /// decode workers', and the KV is re-sharded by head on the way.
+    #[arg(long)]
+    pub prefill_tp: Option<usize>,
+    /// Tensor-parallel degree of the decode workers (default: `--tp`).
+    #[arg(long)]
+    pub decode_tp: Option<usize>,
     /// KV cache per worker, in MiB (on a GPU every worker shares the device, so give each its
     /// part).
     #[arg(long, env = "TANDEM_KV_CACHE_MB", default_value_t = crate::serve::DEFAULT_CPU_KV_CACHE_MB)]
@@ -176,9 +186,15 @@ pub async fn run(args: UpArgs) -> Result<()> {
     tokio::task::spawn_blocking(move || tandem_tokenizer::ModelFiles::resolve(&spec)).await.context("resolving the model")??;
     let served = args.engine.served_model_name.clone().unwrap_or_else(|| default_model::served_name(args.model.as_deref(), &model));
     let model_args = vec!["--model".to_string(), model.clone(), "--served-model-name".into(), served.clone()];
+    let tp = |role: &str| match role {
+        "prefill" => args.prefill_tp.unwrap_or(args.tp),
+        "decode" => args.decode_tp.unwrap_or(args.tp),
+        _ => args.tp,
+    };
     let engine_args = |role: &str| {
         let mut a = vec![role.to_string()];
         a.extend(model_args.clone());
+        a.extend(["--tp".into(), tp(role).to_string()]);
         a.extend(args.engine.worker_flags());
         a.extend(["--kv-cache-mb".into(), args.kv_cache_mb.to_string(), "--handoff-lease-ms".into(), args.handoff_lease_ms.to_string()]);
         a.extend(["--device".into(), args.device.to_string()]);

@@ -192,10 +192,10 @@ async fn tandem_up_restarts_a_killed_worker_and_keeps_serving() {
 #[tokio::test(flavor = "multi_thread")]
 async fn tandem_serve_takes_vllm_flags_and_refuses_what_it_cannot_do_by_name() {
     // Refused before anything starts, naming the flag.
-    let out = tandem().args(["serve", "--tensor-parallel-size", "2"]).output().unwrap();
+    let out = tandem().args(["serve", "--quantization", "awq"]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--tensor-parallel-size"), "{err}");
+    assert!(err.contains("--quantization"), "{err}");
 
     let (mut serve, base, line) = start(&[
         "serve",
@@ -212,8 +212,13 @@ async fn tandem_serve_takes_vllm_flags_and_refuses_what_it_cannot_do_by_name() {
         "--enable-prefix-caching",
         "--dtype",
         "auto",
+        "--tensor-parallel-size",
+        "2",
     ]);
     assert!(line.contains("smol"), "{line}");
+    // Every worker a group of two ranks.
+    let ready: serde_json::Value = serde_json::from_str(&http_get(&base, "/ready").unwrap()).unwrap();
+    assert_eq!(ready["tp_sizes"], json!({"prefill": [2], "decode": [2]}), "{ready}");
     // The key guards the API...
     let models = client().get(format!("{base}/v1/models")).send().await.unwrap();
     assert_eq!(models.status(), 401);
@@ -242,4 +247,25 @@ async fn tandem_up_aggregated_serves_with_aggregated_workers_alone() {
     assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
     let group = format!("-{}", up.0.id());
     tokio::task::block_in_place(|| stop_services(&mut up, &base, "-INT", &group, &["gateway", "kv-transfer", "worker"]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tandem_up_with_different_tp_on_each_side_writes_what_tandem_generate_writes() {
+    // A prompt whose greedy continuation has no near tie (see tests/cluster_tp.rs).
+    let prompt = "1, 2, 3, 4, 5,";
+    let out = tandem().args(["generate", "--raw", "--prompt", prompt, "--max-tokens", "16"]).output().expect("tandem generate");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let want = String::from_utf8(out.stdout).unwrap();
+    assert!(!want.is_empty());
+    for sides in [["--prefill-tp", "2", "--decode-tp", "1"], ["--prefill-tp", "1", "--decode-tp", "2"]] {
+        let (mut up, base) = up_with(&sides);
+        let ready: serde_json::Value = serde_json::from_str(&http_get(&base, "/ready").unwrap()).unwrap();
+        assert_eq!(ready["tp_sizes"], json!({"prefill": [sides[1].parse::<u32>().unwrap()], "decode": [sides[3].parse::<u32>().unwrap()]}));
+        let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 16, "temperature": 0});
+        let (status, v) = post(&base, "/v1/completions", &body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["text"].as_str().unwrap(), want, "{sides:?}");
+        let group = format!("-{}", up.0.id());
+        tokio::task::block_in_place(|| stop_with(&mut up, &base, "-INT", &group));
+    }
 }

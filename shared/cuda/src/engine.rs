@@ -174,7 +174,15 @@ impl CudaEngine {
         gpu.fill_bf16(cache.ptr, num_blocks * block_bytes / 2, 0x5eed, 1.0, 0.0)?;
         gpu.sync()?;
         let max_context = max_context.min(num_blocks * bs);
-        let info = EngineInfo { model_name, vocab_size: c.vocab_size, max_context, block_size: bs, kv_blocks: num_blocks, layout };
+        let info = EngineInfo {
+            model_name,
+            vocab_size: c.vocab_size,
+            max_context,
+            block_size: bs,
+            kv_blocks: num_blocks,
+            layout,
+            tp_size: tp.size,
+        };
         tracing::info!(
             gpu = %gpu.name, model = %info.model_name, weights_gb = weights.total_bytes as f64 / 1e9,
             kv_blocks = num_blocks, kv_gb = (num_blocks * block_bytes) as f64 / 1e9,

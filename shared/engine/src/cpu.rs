@@ -19,18 +19,22 @@ pub struct EngineConfig {
     pub kv_cache_bytes: usize,
     /// Caps the context below the model's own limit (the KV budget, not the model, often binds).
     pub max_context: Option<usize>,
+    /// Tensor-parallel degree: ranks on threads, each with its share of the heads and FFN rows
+    /// and its own KV store (1: no tensor parallelism).
+    pub tp: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { block_size: 16, kv_cache_bytes: 512 << 20, max_context: None }
+        Self { block_size: 16, kv_cache_bytes: 512 << 20, max_context: None, tp: 1 }
     }
 }
 
 pub struct CpuEngine {
     model: Model,
     info: EngineInfo,
-    store: KvCache,
+    /// One KV store per rank, holding that rank's KV heads.
+    stores: Vec<KvCache>,
 }
 
 impl std::fmt::Debug for CpuEngine {
@@ -42,7 +46,7 @@ impl std::fmt::Debug for CpuEngine {
 impl CpuEngine {
     pub fn load(files: &ModelFiles, cfg: &EngineConfig) -> Result<Self> {
         let (model_cfg, src) = WeightSource::open(files)?;
-        Self::new(files.name.clone(), Model::load(model_cfg, src)?, cfg)
+        Self::new(files.name.clone(), Model::load(model_cfg, src, cfg.tp)?, cfg)
     }
 
     fn new(model_name: String, model: Model, cfg: &EngineConfig) -> Result<Self> {
@@ -58,15 +62,44 @@ impl CpuEngine {
             tp_size: 1,
             token_count: 0,
         };
-        let num_blocks = (cfg.kv_cache_bytes / layout.block_bytes()).max(1);
+        // Blocks of every rank come out of the budget; a head that ranks share is stored by each.
+        let elem = layout.dtype.size();
+        let group_block_bytes: usize = model.ranks.iter().map(|r| c.layers * 2 * cfg.block_size * r.kv_heads * c.head_dim * elem).sum();
+        let num_blocks = (cfg.kv_cache_bytes / group_block_bytes).max(1);
         let max_context = cfg.max_context.unwrap_or(c.max_context).min(c.max_context).min(num_blocks * cfg.block_size);
-        let info =
-            EngineInfo { model_name, vocab_size: c.vocab_size, max_context, block_size: cfg.block_size, kv_blocks: num_blocks, layout };
+        let info = EngineInfo {
+            model_name,
+            vocab_size: c.vocab_size,
+            max_context,
+            block_size: cfg.block_size,
+            kv_blocks: num_blocks,
+            layout,
+            tp_size: model.ranks.len(),
+        };
         tracing::info!(
             model = %info.model_name, layers = c.layers, hidden = c.hidden, kv_blocks = num_blocks,
-            block_size = cfg.block_size, max_context, "cpu engine ready"
+            block_size = cfg.block_size, max_context, tp = model.ranks.len(), "cpu engine ready"
         );
-        Ok(Self { store: KvCache::new(num_blocks, cfg.block_size, c.layers, c.kv_heads, c.head_dim), model, info })
+        let stores = model.ranks.iter().map(|r| KvCache::new(num_blocks, cfg.block_size, c.layers, r.kv_heads, c.head_dim)).collect();
+        Ok(Self { stores, model, info })
+    }
+
+    /// The tensor-parallel degree the engine runs.
+    pub fn tp(&self) -> usize {
+        self.model.ranks.len()
+    }
+
+    /// Blocks as rank `rank` of the group stores them: its shard, laid out as
+    /// [`tandem_protocol::KvLayout`] describes rank `rank` of `tp()` (what a rank sending its own
+    /// shard would send).
+    pub fn read_rank_blocks(&self, rank: usize, blocks: &[BlockId]) -> Vec<Bytes> {
+        blocks.iter().map(|&b| Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(self.stores[rank].block(b)))).collect()
+    }
+
+    /// Where each rank's KV heads sit among the model's: (rank, its global heads).
+    fn rank_heads(&self) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> + '_ {
+        let (kv, tp) = (self.model.cfg.kv_heads, self.tp());
+        (0..tp).map(move |r| (r, tandem_protocol::tp::kv_heads_of_rank(kv, tp, r)))
     }
 
     pub fn model_config(&self) -> &ModelConfig {
@@ -92,7 +125,7 @@ impl Engine for CpuEngine {
                 slots.push(TokenSlot { token, pos: start + j, blocks: &s.blocks });
             }
         }
-        let logits = self.model.forward(&slots, &mut self.store, &logit_rows)?;
+        let logits = self.model.forward(&slots, &mut self.stores, &logit_rows)?;
         drop(slots);
         seqs.commit(items);
 
@@ -106,13 +139,61 @@ impl Engine for CpuEngine {
             .collect())
     }
 
+    // A group's blocks travel in the whole model's layout (`tp_size` 1): its ranks live in this
+    // process and share the one connection a handoff uses, so the group gathers its ranks' heads
+    // into the block on the way out and scatters them on the way in, and a group of any degree
+    // hands to a group of any other.
     fn read_blocks(&self, blocks: &[BlockId]) -> Result<Vec<Bytes>> {
-        Ok(blocks.iter().map(|&b| Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(self.store.block(b)))).collect())
+        if let [store] = &self.stores[..] {
+            return Ok(blocks.iter().map(|&b| Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(store.block(b)))).collect());
+        }
+        let (kv, d) = (self.model.cfg.kv_heads, self.model.cfg.head_dim);
+        let owners: Vec<(usize, std::ops::Range<usize>)> = self.rank_heads().collect();
+        Ok(blocks
+            .iter()
+            .map(|&b| {
+                let rows = self.stores[0].block_elems() / self.stores[0].row;
+                let mut out = vec![0f32; rows * kv * d];
+                for g in 0..kv {
+                    // The first rank holding head `g`; a shared head's copies are equal.
+                    let (r, heads) = owners.iter().find(|(_, h)| h.contains(&g)).expect("every head has a rank");
+                    let (src, w, i) = (self.stores[*r].block(b), heads.len() * d, (g - heads.start) * d);
+                    for row in 0..rows {
+                        out[row * kv * d + g * d..][..d].copy_from_slice(&src[row * w + i..][..d]);
+                    }
+                }
+                Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(&out))
+            })
+            .collect())
     }
 
     fn write_blocks(&mut self, writes: &[(BlockId, &[u8])]) -> Result<()> {
+        if let [store] = &mut self.stores[..] {
+            for &(b, bytes) in writes {
+                bytemuck::cast_slice_mut::<f32, u8>(store.block_mut(b)).copy_from_slice(bytes);
+            }
+            return Ok(());
+        }
+        let (kv, d) = (self.model.cfg.kv_heads, self.model.cfg.head_dim);
+        let owners: Vec<(usize, std::ops::Range<usize>)> = self.rank_heads().collect();
+        let rows = self.stores[0].block_elems() / self.stores[0].row;
         for &(b, bytes) in writes {
-            bytemuck::cast_slice_mut::<f32, u8>(self.store.block_mut(b)).copy_from_slice(bytes);
+            if bytes.len() != rows * kv * d * 4 {
+                return Err(crate::EngineError::Import(format!(
+                    "a block of {} bytes; the layout's blocks have {}",
+                    bytes.len(),
+                    rows * kv * d * 4
+                )));
+            }
+            // The bytes of a received block need not be aligned for f32.
+            let whole: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            for (r, heads) in &owners {
+                let dst = self.stores[*r].block_mut(b);
+                let w = heads.len() * d;
+                for row in 0..rows {
+                    dst[row * w..(row + 1) * w].copy_from_slice(&whole[row * kv * d + heads.start * d..][..w]);
+                }
+            }
         }
         Ok(())
     }

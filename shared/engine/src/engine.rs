@@ -23,6 +23,9 @@ pub struct EngineInfo {
     pub kv_blocks: usize,
     /// This engine's KV layout; `token_count` is zero.
     pub layout: KvLayout,
+    /// Ranks of the engine's tensor-parallel group (1: none). A CPU group's blocks travel in
+    /// the whole model's layout, so this can differ from `layout.tp_size`.
+    pub tp_size: usize,
 }
 
 /// Tokens to append to one sequence in a forward pass: a prefill chunk or one decode token.

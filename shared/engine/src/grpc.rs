@@ -69,7 +69,7 @@ pub fn worker_info(engine: &EngineHandle, worker_id: &str, role: &str, kv_addr: 
         worker_id: worker_id.to_string(),
         role: role.to_string(),
         model: info.model_name.clone(),
-        tp_size: info.layout.tp_size as u32,
+        tp_size: info.tp_size as u32,
         kv_addr: kv_addr.to_string(),
         running: load.running as u32,
         waiting: load.waiting as u32,

@@ -8,6 +8,7 @@ mod config;
 pub mod constraint;
 mod cpu;
 mod engine;
+mod group;
 pub mod grpc;
 pub mod kv;
 pub mod metrics;

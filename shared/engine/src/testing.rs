@@ -52,6 +52,7 @@ impl ScriptedEngine {
             block_size,
             kv_blocks,
             layout,
+            tp_size: 1,
         };
         Self { info, logits: Arc::new(logits), blocks: vec![0.0; kv_blocks * 2 * block_size], step_delay: Duration::ZERO }
     }

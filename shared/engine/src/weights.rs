@@ -1,11 +1,13 @@
 //! Loading weights from GGUF (quantized, kept quantized for matmuls) or safetensors (dense f32).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
+use std::ops::Range;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::Content;
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{QMatMul, QStorage, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 
 use tandem_tokenizer::{ModelFiles, ModelFormat};
@@ -175,9 +177,63 @@ impl WeightSource {
 
     /// A linear layer from `cols` inputs to `rows` outputs.
     pub(crate) fn linear(&mut self, hf_prefix: &str, bias: bool, rows: usize, cols: usize) -> Result<Linear> {
-        let w = self.matrix(&format!("{hf_prefix}.weight"), rows, cols)?;
-        let b = if bias { Some(self.dense_of(&format!("{hf_prefix}.bias"), &[rows])?) } else { None };
+        self.linear_part(hf_prefix, bias, (rows, cols), 0..rows, 0..cols)
+    }
+
+    /// The part of a `shape = [rows, cols]` linear layer that a tensor-parallel rank holds:
+    /// output rows `rs` (column-parallel layers) or input columns `cs` (row-parallel layers).
+    /// A bias follows the rows.
+    pub(crate) fn linear_part(
+        &mut self,
+        hf_prefix: &str,
+        bias: bool,
+        shape: (usize, usize),
+        rs: Range<usize>,
+        cs: Range<usize>,
+    ) -> Result<Linear> {
+        let w = self.matrix_part(&format!("{hf_prefix}.weight"), shape, rs.clone(), cs)?;
+        let b = if bias { Some(self.dense_of(&format!("{hf_prefix}.bias"), &[shape.0])?.narrow(0, rs.start, rs.len())?) } else { None };
         Ok(Linear { w, b })
+    }
+
+    /// Rows `rs` and columns `cs` of a `[rows, cols]` matrix, kept quantized where the cut falls
+    /// on the quantization blocks and leaves each row an even number of them (candle's
+    /// quantized dot products take blocks in pairs), dequantized to f32 otherwise.
+    fn matrix_part(&mut self, hf: &str, (rows, cols): (usize, usize), rs: Range<usize>, cs: Range<usize>) -> Result<QMatMul> {
+        if rs == (0..rows) && cs == (0..cols) {
+            return self.matrix(hf, rows, cols);
+        }
+        if rs.end > rows || cs.end > cols || rs.is_empty() || cs.is_empty() {
+            return Err(EngineError::Load(format!("tensor {hf}: part {rs:?} × {cs:?} of [{rows}, {cols}]")));
+        }
+        if let Self::Gguf { content, file } = self {
+            let q = content.tensor(file, &gguf_name(hf), &Device::Cpu).map_err(|e| missing(hf, e))?;
+            check_shape(hf, q.shape().dims(), &[rows, cols])?;
+            let dtype = q.dtype();
+            let (block, size) = (dtype.block_size(), dtype.type_size());
+            if cs.start.is_multiple_of(block) && cs.end.is_multiple_of(block) && (cs.len() / block).is_multiple_of(2) {
+                let data = q.data()?;
+                let row_bytes = cols / block * size;
+                let (from, to) = (cs.start / block * size, cs.end / block * size);
+                let mut part = Vec::with_capacity(rs.len() * (to - from));
+                for r in rs.clone() {
+                    part.extend_from_slice(&data[r * row_bytes + from..r * row_bytes + to]);
+                }
+                let storage = QStorage::from_data(Cow::Owned(part), &Device::Cpu, dtype)?;
+                return Ok(QMatMul::from_qtensor(QTensor::new(storage, (rs.len(), cs.len()))?)?);
+            }
+        }
+        let full = self.dense_of(hf, &[rows, cols])?;
+        Ok(QMatMul::Tensor(full.narrow(0, rs.start, rs.len())?.narrow(1, cs.start, cs.len())?.contiguous()?))
+    }
+
+    /// The quantization block of a stored matrix along its input dimension (1 when dense), so
+    /// tensor-parallel cuts can fall on whole pairs of blocks.
+    pub(crate) fn block_of(&self, hf: &str) -> usize {
+        match self {
+            Self::Gguf { content, .. } => content.tensor_infos.get(&gguf_name(hf)).map_or(1, |t| t.ggml_dtype.block_size()),
+            Self::Dense(_) => 1,
+        }
     }
 
     /// The `rope_freqs` tensor of Llama 3 GGUFs: per-pair divisors of the RoPE frequencies.

@@ -1,6 +1,7 @@
 //! Tiny random Llama, Llama-3 (rope scaling), Qwen2 (qkv bias), Qwen3 (q/k norm, wide heads) and
 //! Mistral checkpoints written by Hugging Face transformers (scripts/fixtures/tiny_models.py):
-//! every position's logits and the greedy continuation must match transformers' own.
+//! every position's logits and the greedy continuation must match transformers' own, with the
+//! engine run as one rank and as tensor-parallel groups of 2, 3 and 4.
 
 mod common;
 
@@ -26,8 +27,17 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn check(name: &str) {
+    // 4 query heads over 2 KV heads: 2 ranks hold a KV head each, 3 ranks share one, 4 ranks
+    // compute a query head each. Every degree must match transformers as one rank does.
+    for tp in 1..=4 {
+        check_at(name, tp);
+    }
+}
+
+fn check_at(name: &str, tp: usize) {
     let (files, r) = reference(name);
-    let mut engine = PagedEngine::new(CpuEngine::load(&files, &small_cache()).unwrap());
+    let cfg = tandem_engine::EngineConfig { tp, ..small_cache() };
+    let mut engine = PagedEngine::new(CpuEngine::load(&files, &cfg).unwrap());
     let tokens = ids(&r["tokens"]);
     engine.add_sequence(1, &tokens).unwrap();
     let logits = engine.forward(&[ForwardItem { seq: 1, tokens: tokens.clone(), all_logits: true }]).unwrap().remove(0);
@@ -40,7 +50,7 @@ fn check(name: &str) {
         for (a, b) in ours.iter().zip(&theirs) {
             worst = worst.max((a - b).abs());
         }
-        assert!(worst < TOLERANCE, "{name}: position {pos} differs by {worst}");
+        assert!(worst < TOLERANCE, "{name} at TP={tp}: position {pos} differs by {worst}");
     }
     engine.release(1);
 
@@ -56,7 +66,7 @@ fn check(name: &str) {
         resumed: Vec::new(),
         grammar: None,
     });
-    assert_eq!(run_all(&mut b).remove(&2).unwrap(), ids(&r["greedy"]), "{name}: greedy tokens");
+    assert_eq!(run_all(&mut b).remove(&2).unwrap(), ids(&r["greedy"]), "{name} at TP={tp}: greedy tokens");
 }
 
 #[test]

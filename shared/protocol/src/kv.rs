@@ -24,7 +24,7 @@ impl KvDtype {
 /// Describes how a set of exported KV blocks is laid out.
 ///
 /// Each block is one contiguous region ordered `[layer][k|v][slot][kv_head][head_dim]`, holding
-/// the heads of one tensor-parallel rank (`kv_heads / tp_size` of them). Keeping a whole block
+/// the KV heads of one tensor-parallel rank ([`crate::tp::kv_heads_of_rank`]). Keeping a whole block
 /// contiguous lets a transport send it without gathering pieces from every layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvLayout {
@@ -51,9 +51,14 @@ pub struct LayoutMismatch {
 }
 
 impl KvLayout {
-    /// KV heads held by one rank.
+    /// The global KV heads this rank's blocks hold.
+    pub fn head_range(&self) -> std::ops::Range<usize> {
+        crate::tp::kv_heads_of_rank(self.kv_heads, self.tp_size, self.tp_rank)
+    }
+
+    /// KV heads held by this rank.
     pub fn heads_per_rank(&self) -> usize {
-        self.kv_heads / self.tp_size.max(1)
+        self.head_range().len()
     }
 
     /// Bytes of one block for this rank.

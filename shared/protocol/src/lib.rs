@@ -10,6 +10,7 @@ mod error;
 mod kv;
 pub mod openai;
 mod sampling;
+pub mod tp;
 pub mod trace;
 
 pub use blocks::{block_hashes, chain_hash, BlockHash, ROOT_HASH};

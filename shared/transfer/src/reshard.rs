@@ -1,12 +1,15 @@
 //! Re-sharding KV blocks between tensor-parallel degrees.
 //!
-//! A TP rank holds `kv_heads / tp_size` consecutive KV heads: rank `r` holds global heads
-//! `r·h .. (r+1)·h`. Each of its blocks is laid out `[layer][k|v][slot][head][head_dim]`. Moving a
-//! sequence from a prefill pool at TP=p to a decode pool at TP=d regroups heads: gathered when
-//! p > d, split when p < d, and both at once when neither degree divides the other (4 → 6 with 12
-//! heads). Both degrees must divide the KV head count. Runs of heads that stay together are
-//! copied as one slice, so a p → 1 gather is one copy per (layer, k|v, slot, source rank).
+//! A TP rank holds a run of consecutive KV heads ([`tandem_protocol::tp::kv_heads_of_rank`]):
+//! equal runs when the degree divides the head count, runs one head apart when it does not, and
+//! one shared head per rank when the degree exceeds the head count. Each of its blocks is laid
+//! out `[layer][k|v][slot][head][head_dim]`. Moving a sequence from a prefill pool at TP=p to a
+//! decode pool at TP=d regroups heads: gathered when p > d, split when p < d, and both at once
+//! when neither degree divides the other (4 → 6 with 12 heads). A head held by several source
+//! ranks is read from the first of them. Runs of heads that stay together are copied as one
+//! slice, so a p → 1 gather is one copy per (layer, k|v, slot, source rank).
 
+use tandem_protocol::tp::kv_heads_of_rank;
 use tandem_protocol::{Bytes, KvExport, KvLayout};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -17,8 +20,8 @@ pub enum ReshardError {
     WrongRanks { index: usize, rank: usize, tp_size: usize, given: usize },
     #[error("shards disagree on {0}")]
     Mismatch(&'static str),
-    #[error("{kv_heads} KV heads cannot be split evenly over TP={tp}")]
-    Uneven { kv_heads: usize, tp: usize },
+    #[error("TP={tp} is not a degree a group can have")]
+    ZeroDegree { tp: usize },
     #[error("shard of rank {rank}: {reason}")]
     BadShard { rank: usize, reason: String },
 }
@@ -54,10 +57,8 @@ pub fn reshard(shards: &[KvExport], to: usize) -> Result<Vec<KvExport>, ReshardE
     }
     let src: Vec<&KvExport> = by_rank.into_iter().map(|s| s.expect("every rank present")).collect();
     let l = &first.layout;
-    for tp in [p, to] {
-        if tp == 0 || l.kv_heads % tp != 0 {
-            return Err(ReshardError::Uneven { kv_heads: l.kv_heads, tp });
-        }
+    if to == 0 {
+        return Err(ReshardError::ZeroDegree { tp: to });
     }
     let nblocks = l.num_blocks();
     for s in &src {
@@ -75,22 +76,28 @@ pub fn reshard(shards: &[KvExport], to: usize) -> Result<Vec<KvExport>, ReshardE
     }
 
     let head_bytes = l.head_dim * l.dtype.size();
-    let (hs, ht) = (l.kv_heads / p, l.kv_heads / to);
+    let source: Vec<_> = (0..p).map(|r| kv_heads_of_rank(l.kv_heads, p, r)).collect();
+    // The first source rank holding each global head.
+    let owner: Vec<usize> =
+        (0..l.kv_heads).map(|g| source.iter().position(|h| h.contains(&g)).expect("every head is held by some rank")).collect();
     let rows = l.num_layers * 2 * l.block_size; // (layer, k|v, slot) rows of one block
     let mut out = Vec::with_capacity(to);
     for t in 0..to {
         let layout = KvLayout { tp_rank: t, tp_size: to, ..l.clone() };
+        let target = layout.head_range();
+        let ht = target.len();
         let mut blocks = Vec::with_capacity(nblocks);
         for b in 0..nblocks {
             let mut dst = vec![0u8; rows * ht * head_bytes];
             for row in 0..rows {
-                // Target heads t·ht .. (t+1)·ht, taken in runs that live on one source rank.
-                let mut g = t * ht;
-                while g < (t + 1) * ht {
-                    let (r, i) = (g / hs, g % hs);
-                    let run = (hs - i).min((t + 1) * ht - g);
+                // The target's heads, taken in runs that live on one source rank.
+                let mut g = target.start;
+                while g < target.end {
+                    let r = owner[g];
+                    let (hs, i) = (source[r].len(), g - source[r].start);
+                    let run = (source[r].end - g).min(target.end - g);
                     let from = &src[r].blocks[b][(row * hs + i) * head_bytes..(row * hs + i + run) * head_bytes];
-                    let j = g - t * ht;
+                    let j = g - target.start;
                     dst[(row * ht + j) * head_bytes..(row * ht + j + run) * head_bytes].copy_from_slice(from);
                     g += run;
                 }

@@ -31,16 +31,21 @@ fn layout(rank: usize, tp: usize) -> KvLayout {
 
 /// Rank `rank` of TP=`tp`, built directly from the coordinates.
 fn shard(rank: usize, tp: usize) -> KvExport {
-    let h = HEADS / tp;
+    shard_of(HEADS, rank, tp)
+}
+
+/// Rank `rank` of TP=`tp` of a model with `heads` KV heads.
+fn shard_of(heads: usize, rank: usize, tp: usize) -> KvExport {
+    let mine = tandem_protocol::tp::kv_heads_of_rank(heads, tp, rank);
     let blocks: Vec<Bytes> = (0..TOKENS.div_ceil(BS))
         .map(|b| {
             let mut v = Vec::new();
             for l in 0..LAYERS {
                 for kv in 0..2 {
                     for s in 0..BS {
-                        for j in 0..h {
+                        for g in mine.clone() {
                             for d in 0..DIM {
-                                v.extend_from_slice(&value(b, l, kv, s, rank * h + j, d).to_le_bytes());
+                                v.extend_from_slice(&value(b, l, kv, s, g, d).to_le_bytes());
                             }
                         }
                     }
@@ -50,11 +55,25 @@ fn shard(rank: usize, tp: usize) -> KvExport {
         })
         .collect();
     let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
-    KvExport { layout: layout(rank, tp), tokens: (0..TOKENS as u32).collect(), blocks, checksums }
+    KvExport { layout: KvLayout { kv_heads: heads, ..layout(rank, tp) }, tokens: (0..TOKENS as u32).collect(), blocks, checksums }
 }
 
 fn shards(tp: usize) -> Vec<KvExport> {
     (0..tp).map(|r| shard(r, tp)).collect()
+}
+
+#[test]
+fn uneven_and_shared_heads_regroup_exactly() {
+    // Three KV heads (the default model's) over degrees that do not divide them, and over more
+    // ranks than heads, where ranks hold copies of a shared head.
+    let of = |tp: usize| (0..tp).map(|r| shard_of(3, r, tp)).collect::<Vec<_>>();
+    for p in 1..=8 {
+        for d in 1..=8 {
+            let out = reshard(&of(p), d).unwrap_or_else(|e| panic!("{p} -> {d}: {e}"));
+            assert_eq!(out, of(d), "TP {p} -> {d} over 3 heads");
+        }
+    }
+    assert_eq!(2 * of(2)[0].layout.block_bytes(), of(2)[1].layout.block_bytes(), "1 head and 2");
 }
 
 #[test]
@@ -82,7 +101,7 @@ fn inconsistent_shards_are_refused() {
     let dup = vec![shard(0, 2), shard(0, 2)];
     assert!(matches!(reshard(&dup, 1), Err(ReshardError::WrongRanks { .. })));
     // Heads that cannot be split evenly.
-    assert!(matches!(reshard(&shards(2), 5), Err(ReshardError::Uneven { tp: 5, .. })));
+    assert!(matches!(reshard(&shards(2), 0), Err(ReshardError::ZeroDegree { tp: 0 })));
     // Shards of different sequences or models.
     let mut other = shards(2);
     other[1].tokens[0] = 99;
