@@ -96,6 +96,10 @@ fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, values[i as usize])).collect()
 }
 
+/// Candidates sorted at first when a draw over the whole vocabulary is cut by `top_p` or
+/// `min_p` (grown eightfold while the cut reaches further).
+const HEAD: usize = 256;
+
 fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in values.iter().enumerate() {
@@ -134,12 +138,49 @@ pub fn sample(mut logits: Vec<f32>, p: &SamplingParams, ctx: &SampleContext<'_>)
 }
 
 fn draw(logits: &[f32], p: &SamplingParams, ctx: &SampleContext<'_>) -> u32 {
-    let k = if p.top_k == 0 { logits.len() } else { (p.top_k as usize).min(logits.len()) };
-    let mut cand = top_n(logits, k);
-    let max = cand[0].1;
-    let mut probs: Vec<f32> = cand.iter().map(|(_, l)| ((l - max) / p.temperature).exp()).collect();
-    let total: f32 = probs.iter().sum();
-    probs.iter_mut().for_each(|x| *x /= total);
+    let n = logits.len();
+    let k = if p.top_k == 0 { n } else { (p.top_k as usize).min(n) };
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weight = |l: f32| ((l - max) / p.temperature).exp();
+    if k == n && p.top_p >= 1.0 && p.min_p <= 0.0 {
+        // Every token is a candidate (a client's usual temperature-only request): the draw
+        // needs no order, so the vocabulary is walked as it is instead of sorted.
+        let weights: Vec<f32> = logits.iter().map(|&l| weight(l)).collect();
+        let total: f32 = weights.iter().sum();
+        let mut r = step_rng(ctx.seed, ctx.output.len()).random::<f32>() * total;
+        let mut last = argmax(logits);
+        for (i, w) in weights.iter().enumerate() {
+            if *w > 0.0 {
+                if r < *w {
+                    return i as u32;
+                }
+                r -= w;
+                last = i as u32;
+            }
+        }
+        return last;
+    }
+    let (mut cand, total) = if k < n {
+        let cand = top_n(logits, k);
+        let total: f32 = cand.iter().map(|&(_, l)| weight(l)).sum();
+        (cand, total)
+    } else {
+        // The whole vocabulary's mass, but only the head that the cuts below can keep sorted:
+        // grown until it reaches `top_p` of the mass, or ends below the `min_p` floor (the
+        // best token's weight is 1).
+        let total: f32 = logits.iter().map(|&l| weight(l)).sum();
+        let mut m = HEAD.min(n);
+        loop {
+            let head = top_n(logits, m);
+            let mass = head.iter().map(|&(_, l)| weight(l)).sum::<f32>() / total;
+            let below_floor = p.min_p > 0.0 && weight(head[m - 1].1) < p.min_p;
+            if m == n || (p.top_p < 1.0 && mass >= p.top_p) || below_floor {
+                break (head, total);
+            }
+            m = (m * 8).min(n);
+        }
+    };
+    let mut probs: Vec<f32> = cand.iter().map(|&(_, l)| weight(l) / total).collect();
     // top-p: the smallest head of the sorted list whose mass reaches top_p.
     let mut keep = probs.len();
     if p.top_p < 1.0 {
@@ -286,5 +327,69 @@ mod tests {
         assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
         let z: f32 = [1.0f32, 2.0, 3.0].iter().map(|l| (l - 3.0).exp()).sum();
         assert!((lp.logprob + z.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn draws_over_the_whole_vocabulary_follow_the_softmax() {
+        let logits = vec![0.5f32, 2.0, -1.0, 1.0, 0.0, 1.5, -0.5, 0.25];
+        let p = SamplingParams { temperature: 0.8, ..Default::default() };
+        let n = 20_000u64;
+        let mut counts = vec![0u32; logits.len()];
+        for seed in 0..n {
+            counts[sample(logits.clone(), &p, &SampleContext { prompt: &[], output: &[], seed, suppress: &[] }).token as usize] += 1;
+        }
+        let z: f32 = logits.iter().map(|l| (l / 0.8).exp()).sum();
+        for (t, &c) in counts.iter().enumerate() {
+            let want = (logits[t] / 0.8).exp() / z;
+            let got = c as f32 / n as f32;
+            // Four standard deviations of a binomial proportion at this count.
+            let sd = (want * (1.0 - want) / n as f32).sqrt();
+            assert!((got - want).abs() < 4.0 * sd + 1e-4, "token {t}: drawn {got}, softmax {want}");
+        }
+        // A suppressed token is never drawn.
+        for seed in 0..200 {
+            let c = SampleContext { prompt: &[], output: &[], seed, suppress: &[1] };
+            assert_ne!(sample(logits.clone(), &p, &c).token, 1);
+        }
+    }
+
+    #[test]
+    fn a_cut_reaching_past_the_first_head_keeps_what_a_full_sort_keeps() {
+        // 5,000 nearly flat logits: top_p 0.9 keeps far more than the first sorted head.
+        let logits: Vec<f32> = (0..5000u32).map(|i| ((i * 7919) % 5000) as f32 * 1e-4).collect();
+        for p in [SamplingParams { top_p: 0.9, ..Default::default() }, SamplingParams { min_p: 0.9995, ..Default::default() }] {
+            // The reference: every token sorted, the same cuts.
+            let reference = |seed: u64| -> u32 {
+                let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let w = |l: f32| ((l - max) / p.temperature).exp();
+                let total: f32 = logits.iter().map(|&l| w(l)).sum();
+                let cand = top_n(&logits, logits.len());
+                let probs: Vec<f32> = cand.iter().map(|&(_, l)| w(l) / total).collect();
+                let mut keep = probs.len();
+                if p.top_p < 1.0 {
+                    let mut acc = 0.0;
+                    keep = probs.iter().position(|q| {
+                        acc += q;
+                        acc >= p.top_p
+                    }).map_or(keep, |i| i + 1);
+                }
+                if p.min_p > 0.0 {
+                    keep = keep.min(probs.iter().take_while(|q| **q >= p.min_p * probs[0]).count().max(1));
+                }
+                let mass: f32 = probs[..keep].iter().sum();
+                let mut r = step_rng(seed, 0).random::<f32>() * mass;
+                for (i, q) in probs[..keep].iter().enumerate() {
+                    if r < *q {
+                        return cand[i].0;
+                    }
+                    r -= q;
+                }
+                cand[keep - 1].0
+            };
+            for seed in 0..200 {
+                let c = SampleContext { prompt: &[], output: &[], seed, suppress: &[] };
+                assert_eq!(sample(logits.clone(), &p, &c).token, reference(seed), "seed {seed}, {p:?}");
+            }
+        }
     }
 }

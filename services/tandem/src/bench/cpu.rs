@@ -27,6 +27,9 @@ pub struct CpuArgs {
     /// Timed repetitions (after one warm-up).
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
+    /// Tensor-parallel degree of the engine (ranks as threads).
+    #[arg(long, default_value_t = 1)]
+    pub tp: usize,
     /// Write the JSON result here.
     #[arg(long)]
     pub output: Option<std::path::PathBuf>,
@@ -37,6 +40,7 @@ pub struct CpuResult {
     pub engine: String,
     pub model: String,
     pub threads: usize,
+    pub tp: usize,
     pub prompt_len: usize,
     pub gen: usize,
     pub reps: usize,
@@ -60,7 +64,7 @@ pub fn run(args: &CpuArgs) -> Result<()> {
         crate::serve::open_engine(
             &files,
             tandem_runtime::Device::Cpu,
-            &crate::serve::Sizing::default(),
+            &crate::serve::Sizing { tp: args.tp, ..Default::default() },
             &tandem_engine::BatcherConfig::default(),
         )
         .context("loading the model")?,
@@ -92,6 +96,7 @@ pub fn run(args: &CpuArgs) -> Result<()> {
         engine: "tandem (CPU engine)".into(),
         model: files.name.clone(),
         threads: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+        tp: args.tp,
         prompt_len: args.prompt_len,
         gen: args.gen,
         reps: args.reps,
