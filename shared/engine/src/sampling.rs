@@ -368,10 +368,13 @@ mod tests {
                 let mut keep = probs.len();
                 if p.top_p < 1.0 {
                     let mut acc = 0.0;
-                    keep = probs.iter().position(|q| {
-                        acc += q;
-                        acc >= p.top_p
-                    }).map_or(keep, |i| i + 1);
+                    keep = probs
+                        .iter()
+                        .position(|q| {
+                            acc += q;
+                            acc >= p.top_p
+                        })
+                        .map_or(keep, |i| i + 1);
                 }
                 if p.min_p > 0.0 {
                     keep = keep.min(probs.iter().take_while(|q| **q >= p.min_p * probs[0]).count().max(1));
