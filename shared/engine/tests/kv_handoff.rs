@@ -26,21 +26,7 @@ fn export_then_import_on_another_engine_continues_exactly() {
     let (engine_p, _) = load(&files);
     let mut prefill = batcher(engine_p);
     prefill.add(tandem_engine::NewRequest { mode: Mode::PrefillOnly, ..greedy_request(7, p.clone(), n, &tok) });
-    let mut first = None;
-    let mut kv = None;
-    while prefill.has_work() {
-        for e in prefill.step() {
-            match e {
-                Event::Token { token, .. } => first = Some(token),
-                Event::Prefilled { kv: mut k, .. } => {
-                    k.seal();
-                    kv = Some(k)
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
-    let (first, kv) = (first.unwrap(), kv.unwrap());
+    let (first, kv) = prefill_handoff(&mut prefill);
     assert_eq!(kv.layout.token_count, p.len());
     assert_eq!(kv.blocks.len(), p.len().div_ceil(16));
     assert_eq!(prefill.engine().stats().used_blocks, 0, "prefill side frees its blocks after export");

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use tandem_engine::{CpuEngine, EngineConfig, EngineError, Event, ForwardItem, Mode, PagedEngine};
+use tandem_engine::{CpuEngine, EngineConfig, EngineError, ForwardItem, Mode, PagedEngine};
 use tandem_transfer::reshard;
 
 fn group(files: &tandem_tokenizer::ModelFiles, tp: usize) -> PagedEngine<CpuEngine> {
@@ -101,20 +101,7 @@ fn prefill_at_one_degree_hands_over_to_decode_at_another() {
     for (from, to) in [(2, 3), (3, 1), (1, 4), (4, 2)] {
         let mut prefill = batcher(group(&files, from));
         prefill.add(tandem_engine::NewRequest { mode: Mode::PrefillOnly, ..greedy_request(7, p.clone(), n, &tok) });
-        let (mut first, mut kv) = (None, None);
-        while prefill.has_work() {
-            for e in prefill.step() {
-                match e {
-                    Event::Token { token, .. } => first = Some(token),
-                    Event::Prefilled { kv: mut k, .. } => {
-                        k.seal();
-                        kv = Some(k)
-                    }
-                    other => panic!("unexpected {other:?}"),
-                }
-            }
-        }
-        let (first, kv) = (first.unwrap(), kv.unwrap());
+        let (first, kv) = prefill_handoff(&mut prefill);
         // The group's blocks travel in the whole model's layout, all three KV heads in each.
         assert_eq!((kv.layout.tp_size, kv.layout.kv_heads), (1, 3));
         let mut decode = batcher(group(&files, to));

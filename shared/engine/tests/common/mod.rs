@@ -61,6 +61,25 @@ pub fn run_all(batcher: &mut Batcher) -> std::collections::BTreeMap<u64, Vec<u32
     out
 }
 
+/// Runs a prefill-only batcher to completion; returns the first token and the sealed KV export
+/// of the one request it holds.
+pub fn prefill_handoff(prefill: &mut Batcher) -> (u32, tandem_engine::KvExport) {
+    let (mut first, mut kv) = (None, None);
+    while prefill.has_work() {
+        for e in prefill.step() {
+            match e {
+                Event::Token { token, .. } => first = Some(token),
+                Event::Prefilled { kv: mut k, .. } => {
+                    k.seal();
+                    kv = Some(*k)
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    (first.expect("a first token"), kv.expect("an export"))
+}
+
 pub fn batcher(engine: PagedEngine<CpuEngine>) -> Batcher {
     Batcher::from_paged(engine.into_dyn(), BatcherConfig::default())
 }
