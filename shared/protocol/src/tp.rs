@@ -33,11 +33,13 @@ pub fn balanced(n: usize, parts: usize, i: usize) -> Range<usize> {
     i * n / parts..(i + 1) * n / parts
 }
 
-/// The KV heads rank `rank` of a group of `size` holds (see the module's rules).
+/// The KV heads rank `rank` of a group of `size` holds (see the module's rules). Total for any
+/// input, a layout read off the wire included: the products are taken in 128 bits.
 pub fn kv_heads_of_rank(kv_heads: usize, size: usize, rank: usize) -> Range<usize> {
-    let size = size.max(1);
-    let start = rank * kv_heads / size;
-    start..((rank + 1) * kv_heads / size).max(start + 1)
+    let (kv, size, rank) = (kv_heads as u128, size.max(1) as u128, rank as u128);
+    let at = |r: u128| usize::try_from(r * kv / size).unwrap_or(usize::MAX);
+    let start = at(rank);
+    start..at(rank + 1).max(start.saturating_add(1))
 }
 
 /// The query heads rank `rank` of a group of `size` computes.
@@ -116,6 +118,9 @@ mod tests {
         assert_eq!([5, 6, 7].map(|r| query_heads_of_rank(9, 3, 8, r).unwrap()), [5..6, 6..7, 7..9]);
         assert!(matches!(check_degree(9, 3, 10), Err(TpError::TooMany { max: 9, .. })));
         assert_eq!(check_degree(9, 3, 0), Err(TpError::Zero));
+        // Whatever a damaged layout says, no overflow.
+        assert!(kv_heads_of_rank(usize::MAX, usize::MAX, usize::MAX).len() <= 1);
+        assert_eq!(kv_heads_of_rank(usize::MAX, 1, 0), 0..usize::MAX);
         assert!(matches!(check_degree(9, 2, 1), Err(TpError::Grouping { .. })));
     }
 }

@@ -68,6 +68,9 @@ pub(crate) fn check_header(h: &Header) -> Result<(usize, usize), TransferError> 
     if l.block_size == 0 || l.tp_size == 0 {
         return Err(TransferError::Protocol("block size and TP size must be positive".into()));
     }
+    if l.tp_rank >= l.tp_size {
+        return Err(TransferError::Protocol(format!("rank {} of a TP group of {}", l.tp_rank, l.tp_size)));
+    }
     let n = l.num_blocks();
     let block = [l.num_layers, 2, l.block_size, l.heads_per_rank(), l.head_dim, l.dtype.size()]
         .into_iter()
