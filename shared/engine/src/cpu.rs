@@ -149,10 +149,10 @@ impl Engine for CpuEngine {
         }
         let (kv, d) = (self.model.cfg.kv_heads, self.model.cfg.head_dim);
         let owners: Vec<(usize, std::ops::Range<usize>)> = self.rank_heads().collect();
+        let rows = self.stores[0].rows_per_block();
         Ok(blocks
             .iter()
             .map(|&b| {
-                let rows = self.stores[0].block_elems() / self.stores[0].row;
                 let mut out = vec![0f32; rows * kv * d];
                 for g in 0..kv {
                     // The first rank holding head `g`; a shared head's copies are equal.
@@ -176,7 +176,7 @@ impl Engine for CpuEngine {
         }
         let (kv, d) = (self.model.cfg.kv_heads, self.model.cfg.head_dim);
         let owners: Vec<(usize, std::ops::Range<usize>)> = self.rank_heads().collect();
-        let rows = self.stores[0].block_elems() / self.stores[0].row;
+        let rows = self.stores[0].rows_per_block();
         for &(b, bytes) in writes {
             if bytes.len() != rows * kv * d * 4 {
                 return Err(crate::EngineError::Import(format!(

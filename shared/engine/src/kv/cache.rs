@@ -23,6 +23,11 @@ impl KvCache {
         self.layers * 2 * self.block_size * self.row
     }
 
+    /// The (layer, k|v, slot) rows of one block, each `row` elements long.
+    pub fn rows_per_block(&self) -> usize {
+        self.layers * 2 * self.block_size
+    }
+
     /// Offset of the key row (`kv = 0`) or value row (`kv = 1`) of `slot` in `block` at `layer`.
     #[inline]
     pub fn offset(&self, block: BlockId, layer: usize, kv: usize, slot: usize) -> usize {
