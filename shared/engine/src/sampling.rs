@@ -81,7 +81,7 @@ pub fn prompt_logprob(logits: &[f32], token: u32, n: usize) -> TokenLogprobs {
 }
 
 /// The `n` largest entries, largest first; ties go to the lower id.
-fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
+pub fn top_n(values: &[f32], n: usize) -> Vec<(u32, f32)> {
     if n == 0 {
         return Vec::new();
     }

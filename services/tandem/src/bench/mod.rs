@@ -6,6 +6,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod engine;
 mod gpu_peer;
+mod sample;
 mod store;
 mod transfer;
 
@@ -25,6 +26,8 @@ pub enum BenchCommand {
     Store(store::StoreArgs),
     /// Prefill and decode speed of the CPU engine on a model (the default unless --model).
     Cpu(cpu::CpuArgs),
+    /// What one sampled token costs on the host, against sorting the whole vocabulary.
+    Sample(sample::SampleArgs),
     /// What structured output costs per token on the CPU engine (constrained against not).
     Constraint(constraint::ConstraintArgs),
     /// Decode and prefill speed of the CUDA engine on performance shapes (random weights).
@@ -64,6 +67,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::GpuCheck(args) => engine::check(&args),
         BenchCommand::Cpu(args) => cpu::run(&args),
         BenchCommand::Constraint(args) => constraint::run(&args),
+        BenchCommand::Sample(args) => sample::run(&args),
         BenchCommand::Store(args) => store::run(&args),
         BenchCommand::GpuPeer(args) => {
             let rows = gpu_peer::run(&args)?;
