@@ -52,7 +52,8 @@ pub struct EngineArgs {
     pub gpu_memory_utilization: f64,
     /// Tensor-parallel degree: the engine runs as a group of this many ranks, each holding its
     /// share of the attention heads and FFN rows, their partial sums added by an all-reduce. On
-    /// the CPU the ranks are threads of this process sharing memory.
+    /// the CPU the ranks are threads of this process sharing memory; on `cuda:N` they are GPUs
+    /// N, N+1, … of this machine, summed through NCCL.
     #[arg(long, env = "TANDEM_TP", default_value_t = 1, visible_alias = "tensor-parallel-size")]
     pub tp: usize,
 }
@@ -455,12 +456,10 @@ pub(crate) fn open_engine(files: &ModelFiles, device: Device, sizing: &Sizing, l
         }
         #[cfg(feature = "cuda")]
         Device::Cuda(ordinal) => {
-            if tp > 1 {
-                anyhow::bail!("--tp {tp} on {device}: the CUDA engine runs one rank per worker so far; run TP groups on the CPU");
-            }
             let kv_cache_bytes = kv_cache_mb.map(|mb| mb << 20);
             let cfg = tandem_cuda::CudaConfig {
                 device: ordinal,
+                tp,
                 block_size,
                 kv_cache_bytes,
                 memory_fraction,

@@ -51,9 +51,16 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 10_000)]
     pub handoff_lease_ms: u64,
     /// Where the prefill and decode engines run: `cpu`, or `cuda:N` (all workers on that GPU,
-    /// each with `--kv-cache-mb` of KV cache).
+    /// each with `--kv-cache-mb` of KV cache; a group of `--tp` ranks on GPUs N, N+1, …).
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
     pub device: tandem_runtime::Device,
+    /// Where the prefill workers run (default: `--device`), e.g. `cuda:0` beside decode workers
+    /// on `cuda:1`.
+    #[arg(long)]
+    pub prefill_device: Option<tandem_runtime::Device>,
+    /// Where the decode workers run (default: `--device`).
+    #[arg(long)]
+    pub decode_device: Option<tandem_runtime::Device>,
     /// KV transports between the workers, in the prefill workers' order of preference. On one
     /// machine TCP comes first: over loopback it moves a handoff on as many threads as there are
     /// handoffs, while UCX without RDMA hardware copies every handoff on its one progress thread
@@ -197,7 +204,12 @@ pub async fn run(args: UpArgs) -> Result<()> {
         a.extend(["--tp".into(), tp(role).to_string()]);
         a.extend(args.engine.worker_flags());
         a.extend(["--kv-cache-mb".into(), args.kv_cache_mb.to_string(), "--handoff-lease-ms".into(), args.handoff_lease_ms.to_string()]);
-        a.extend(["--device".into(), args.device.to_string()]);
+        let device = match role {
+            "prefill" => args.prefill_device.unwrap_or(args.device),
+            "decode" => args.decode_device.unwrap_or(args.device),
+            _ => args.device,
+        };
+        a.extend(["--device".into(), device.to_string()]);
         let transports: Vec<String> = args.kv_transport.iter().map(|t| t.to_string()).collect();
         a.extend(["--kv-transport".into(), transports.join(",")]);
         a

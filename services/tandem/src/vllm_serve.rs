@@ -21,7 +21,7 @@ pub struct ServeArgs {
     pub port: u16,
     #[command(flatten)]
     pub engine: UpEngineArgs,
-    /// Tensor-parallel degree of every worker (above 1 on the CPU only, so far).
+    /// Tensor-parallel degree of every worker: threads on the CPU, GPUs from `--device cuda:N`.
     #[arg(long, default_value_t = 1)]
     pub tensor_parallel_size: usize,
     /// Prefix caching is always on (the flag is accepted; `--no-enable-prefix-caching` is not).
@@ -91,11 +91,6 @@ impl ServeArgs {
     pub fn into_up(self) -> Result<UpArgs> {
         let refused = [
             (self.tensor_parallel_size == 0, "--tensor-parallel-size", "a tensor-parallel group has at least one rank"),
-            (
-                self.tensor_parallel_size > 1 && self.device != tandem_runtime::Device::Cpu,
-                "--tensor-parallel-size",
-                "the CUDA engine runs one rank per worker so far (tensor-parallel groups run on the CPU)",
-            ),
             (self.no_enable_prefix_caching, "--no-enable-prefix-caching", "prefix caching cannot be turned off"),
             (!matches!(self.dtype.as_str(), "auto" | "bfloat16" | "bf16"), "--dtype", "only `auto` and `bfloat16` are available"),
             (self.quantization.is_some(), "--quantization", "a quantized model is given as a .gguf file, whose quantization is used"),
@@ -135,6 +130,8 @@ impl ServeArgs {
             kv_cache_mb: crate::serve::DEFAULT_CPU_KV_CACHE_MB,
             handoff_lease_ms: 10_000,
             device: self.device,
+            prefill_device: None,
+            decode_device: None,
             kv_transport: vec![tandem_transfer::TransportKind::Tcp, tandem_transfer::TransportKind::Ucx],
             redis: None,
             engine: self.engine,
@@ -187,6 +184,7 @@ mod tests {
         .unwrap();
         assert_eq!((up.model.as_deref(), up.port, up.tp), (Some("/models/m.gguf"), 9000, 1));
         assert_eq!(parse(&["--tensor-parallel-size", "3"]).unwrap().tp, 3, "groups of threads on the CPU");
+        assert_eq!(parse(&["--tensor-parallel-size", "2", "--device", "cuda:0"]).unwrap().tp, 2, "groups of GPUs");
         let e = &up.engine;
         assert_eq!(e.served_model_name.as_deref(), Some("m"));
         assert_eq!(
@@ -198,8 +196,7 @@ mod tests {
     #[test]
     fn what_is_not_done_is_refused_by_name() {
         for (args, flag) in [
-            (&["--tensor-parallel-size", "2", "--device", "cuda:0"][..], "--tensor-parallel-size"),
-            (&["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
+            (&["--tensor-parallel-size", "0"][..], "--tensor-parallel-size"),
             (&["--quantization", "awq"], "--quantization"),
             (&["--dtype", "float16"], "--dtype"),
             (&["--no-enable-prefix-caching"], "--no-enable-prefix-caching"),

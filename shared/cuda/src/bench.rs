@@ -66,6 +66,8 @@ pub struct Row {
     pub gpu: String,
     pub shape: String,
     pub phase: &'static str,
+    /// GPUs of the tensor-parallel group; utilisation is against all of them together.
+    pub tp: usize,
     pub batch: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context: Option<usize>,
@@ -143,6 +145,8 @@ pub struct Spec {
     pub warmup: usize,
     pub iters: usize,
     pub device: usize,
+    /// Tensor-parallel degree (GPUs from `device`).
+    pub tp: usize,
     pub graphs: bool,
     /// Add a per-stage device-time breakdown to each decode row.
     pub profile: bool,
@@ -154,6 +158,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
     let c = shape(&spec.shape).ok_or_else(|| crate::CudaError::Unsupported(format!("unknown shape {}", spec.shape)))?;
     let cfg = CudaConfig {
         device: spec.device,
+        tp: spec.tp,
         max_step_tokens: spec.prefill_lens.iter().copied().max().unwrap_or(2048).max(2048),
         graphs: spec.graphs,
         ..Default::default()
@@ -179,6 +184,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
                 gpu: gpu.clone(),
                 shape: spec.shape.clone(),
                 phase: "decode",
+                tp: spec.tp,
                 batch,
                 context: Some(ctx),
                 prompt_len: None,
@@ -229,7 +235,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
             let s = median(times);
             row.step_ms = Some(s * 1e3);
             row.tokens_per_s = Some(batch as f64 / s);
-            row.mbu = Some(bytes as f64 / s / (ceil.copy_gbps * 1e9));
+            row.mbu = Some(bytes as f64 / s / (spec.tp as f64 * ceil.copy_gbps * 1e9));
             push(&mut rows, row);
         }
     }
@@ -255,6 +261,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
             gpu: gpu.clone(),
             shape: spec.shape.clone(),
             phase: "prefill",
+            tp: spec.tp,
             batch: 1,
             context: None,
             prompt_len: Some(len),
@@ -263,7 +270,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
             step_ms: None,
             time_ms: Some(s * 1e3),
             mbu: None,
-            mfu: Some(prefill_flops(&c, len) / s / (ceil.matrix_tflops * 1e12)),
+            mfu: Some(prefill_flops(&c, len) / s / (spec.tp as f64 * ceil.matrix_tflops * 1e12)),
             bytes_per_step: None,
             error: None,
             breakdown_ms: Vec::new(),

@@ -280,11 +280,8 @@ struct Reference {
     greedy: Vec<Vec<u32>>,
 }
 
-/// Logits of every model folder under `dir` (each with `reference.json`) against the reference,
-/// through the prefill path (all positions at once) and the decode path (one token a pass,
-/// captured graphs), plus greedy continuations.
-pub fn reference_models(dir: &Path, device: usize) -> Result<Vec<Check>> {
-    let mut checks = Vec::new();
+/// Model folders under `dir` with a `reference.json`, in name order.
+fn reference_folders(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .map_err(|e| CudaError::Unsupported(format!("{}: {e}", dir.display())))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -294,14 +291,29 @@ pub fn reference_models(dir: &Path, device: usize) -> Result<Vec<Check>> {
     if entries.is_empty() {
         return Err(CudaError::Unsupported(format!("no model folders with reference.json under {}", dir.display())));
     }
-    for path in entries {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
-        let text = std::fs::read_to_string(path.join("reference.json")).map_err(|e| CudaError::Unsupported(e.to_string()))?;
-        let reference: Reference = serde_json::from_str(&text).map_err(|e| CudaError::Unsupported(e.to_string()))?;
+    Ok(entries)
+}
+
+fn read_reference(path: &Path) -> Result<Reference> {
+    let text = std::fs::read_to_string(path.join("reference.json")).map_err(|e| CudaError::Unsupported(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| CudaError::Unsupported(e.to_string()))
+}
+
+/// Logits of every model folder under `dir` (each with `reference.json`) against the reference,
+/// through the prefill path (all positions at once) and the decode path (one token a pass,
+/// captured graphs), plus greedy continuations; the engine runs as a group of `tp` GPUs from
+/// `device`.
+pub fn reference_models(dir: &Path, device: usize, tp: usize) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for path in reference_folders(dir)? {
+        let model = path.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
+        let reference = read_reference(&path)?;
         // Weights and config only: the reference works on token ids, no tokenizer needed.
-        let files = ModelFiles { format: ModelFormat::Folder(path.clone()), name: name.clone() };
-        let cfg = CudaConfig { device, kv_cache_bytes: Some(256 << 20), max_step_tokens: 512, ..Default::default() };
-        let mut engine = PagedEngine::new(CudaEngine::load(&files, &cfg)?);
+        let files = ModelFiles { format: ModelFormat::Folder(path.clone()), name: model.clone() };
+        let name = if tp > 1 { format!("{model} TP={tp}") } else { model };
+        let cfg = CudaConfig { device, tp, kv_cache_bytes: Some(256 << 20), max_step_tokens: 512, ..Default::default() };
+        let Some(engine) = load_or_refused(&files, &cfg, &name, &mut checks)? else { continue };
+        let mut engine = PagedEngine::new(engine);
         let (mut prefill_out, mut prefill_ref, mut decode_out, mut decode_ref) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut greedy_same, mut greedy_total) = (0usize, 0usize);
         for (pi, prompt) in reference.prompts.iter().enumerate() {
@@ -360,6 +372,74 @@ pub fn reference_models(dir: &Path, device: usize) -> Result<Vec<Check>> {
     }
     Ok(checks)
 }
+
+/// Loads a reference model; where its heads or FFN width do not divide by the degree, the load
+/// must be refused by name, and that refusal is the check.
+fn load_or_refused(files: &ModelFiles, cfg: &CudaConfig, name: &str, checks: &mut Vec<Check>) -> Result<Option<CudaEngine>> {
+    match CudaEngine::load(files, cfg) {
+        Ok(e) => Ok(Some(e)),
+        Err(CudaError::Unsupported(why)) if cfg.tp > 1 && why.contains("do not divide") => {
+            checks.push(Check { name: format!("{name}: refused"), passed: true, rel_err: None, tolerance: None, detail: why });
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A group of `tp` GPUs against one GPU on the same weights (every reference model under `dir`):
+/// the logits of every prompt position, and greedy continuations. The group sums its ranks'
+/// partial products in another order than one GPU's GEMMs do, so the two agree to bf16 rounding,
+/// not bit for bit.
+pub fn group_against_single(dir: &Path, device: usize, tp: usize) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for path in reference_folders(dir)? {
+        let model = path.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
+        let reference = read_reference(&path)?;
+        let files = ModelFiles { format: ModelFormat::Folder(path.clone()), name: model.clone() };
+        let cfg = |tp| CudaConfig { device, tp, kv_cache_bytes: Some(256 << 20), max_step_tokens: 512, ..Default::default() };
+        let Some(group) = load_or_refused(&files, &cfg(tp), &format!("{model} TP={tp} against TP=1"), &mut checks)? else { continue };
+        let mut group = PagedEngine::new(group);
+        let mut one = PagedEngine::new(CudaEngine::load(&files, &cfg(1))?);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let (mut same, mut total) = (0usize, 0usize);
+        for (pi, prompt) in reference.prompts.iter().enumerate() {
+            let id = 4000 + pi as u64;
+            let item = [ForwardItem { seq: id, tokens: prompt.clone(), all_logits: true }];
+            for (engine, out) in [(&mut one, &mut a), (&mut group, &mut b)] {
+                engine.add_sequence(id, prompt)?;
+                let got = engine.forward(&item)?;
+                engine.release(id);
+                out.extend(got[0].iter().flatten().map(|&x| x as f64));
+            }
+            let mut runs = Vec::new();
+            for engine in [&mut one, &mut group] {
+                engine.add_sequence(id, prompt)?;
+                let mut next = engine.forward_greedy(&[ForwardItem { seq: id, tokens: prompt.clone(), all_logits: false }])?[0];
+                let mut produced = vec![next];
+                while produced.len() < 12 {
+                    next = engine.forward_greedy(&[ForwardItem { seq: id, tokens: vec![next], all_logits: false }])?[0];
+                    produced.push(next);
+                }
+                engine.release(id);
+                runs.push(produced);
+            }
+            same += runs[0].iter().zip(&runs[1]).take_while(|(x, y)| x == y).count();
+            total += runs[0].len();
+        }
+        let err = rel_err(&b, &a);
+        checks.push(Check {
+            name: format!("{model} TP={tp} against TP=1: logits and greedy"),
+            passed: err <= GROUP_TOLERANCE,
+            rel_err: Some(err),
+            tolerance: Some(GROUP_TOLERANCE),
+            detail: format!("{} logits; {same} of {total} greedy tokens equal before the first difference", a.len()),
+        });
+    }
+    Ok(checks)
+}
+
+/// A group against one GPU: both round to bf16 between layers, the sums differ in order only.
+pub const GROUP_TOLERANCE: f64 = 1e-2;
 
 /// Greedy tokens of `model` (GGUF or folder) on the GPU and on the CPU engine, for each prompt:
 /// the first `must_match` must agree; all `tokens` are reported. The engines do not compute the

@@ -201,6 +201,8 @@ impl Gpu {
         if src.is_empty() {
             return Ok(());
         }
+        // The driver takes a stream of the current context only.
+        self.bind()?;
         // SAFETY: `dst` points into an allocation of this context at least `size_of_val(src)`
         // bytes long (callers size buffers from the same counts); the copy is ordered on the
         // stream and completes before `memcpy_htod_async` returns for pageable memory. From
@@ -215,6 +217,8 @@ impl Gpu {
         if dst.is_empty() {
             return Ok(());
         }
+        // The driver takes a stream of the current context only.
+        self.bind()?;
         // SAFETY: as for `upload`; the stream is synchronised before the host reads `dst`.
         unsafe {
             cudarc::driver::result::memcpy_dtoh_async(dst, src, self.stream.cu_stream())?;
@@ -226,6 +230,8 @@ impl Gpu {
     /// Queues a copy from the device into `dst` and returns at once: `dst` must be page-locked
     /// memory that nothing reads until the stream is synchronised.
     pub fn download_async(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        // The driver takes a stream of the current context only.
+        self.bind()?;
         // SAFETY: `src` points into an allocation of this context at least `dst.len()` bytes
         // long (callers size both from the same block size); the caller keeps `dst` unread and
         // alive until it synchronises the stream.
@@ -236,9 +242,17 @@ impl Gpu {
     }
 
     pub fn copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        // The driver takes a stream of the current context only.
+        self.bind()?;
         // SAFETY: both ranges lie in allocations of this context (callers' invariant).
         unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())? };
         Ok(())
+    }
+
+    /// Makes this GPU's context the thread's current one: cuBLAS and the copies act on the
+    /// current device, and one thread drives every GPU of a tensor-parallel group.
+    pub fn bind(&self) -> Result<()> {
+        Ok(self.ctx.bind_to_thread()?)
     }
 
     pub fn sync(&self) -> Result<()> {
@@ -292,6 +306,7 @@ impl Gpu {
     /// column-major, i.e. W row-major m × k) and B = x (k × n column-major = x row-major n × k).
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(&self, w: u64, wt: Dt, x: u64, xt: Dt, y: u64, yt: Dt, m: usize, n: usize, k: usize, accumulate: bool) -> Result<()> {
+        self.bind()?;
         let alpha = 1.0f32;
         let beta = if accumulate { 1.0f32 } else { 0.0f32 };
         // SAFETY: the pointers address device buffers of at least m×k, k×n and m×n elements of

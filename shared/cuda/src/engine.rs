@@ -11,8 +11,9 @@ use tandem_engine::{Engine, EngineError, EngineInfo, ForwardItem, MaskSource, Mo
 use tandem_protocol::{BlockMemory, Bytes, KvDtype, KvLayout};
 use tandem_tokenizer::ModelFiles;
 
-use crate::device::{Buf, Gpu};
-use crate::model::{Dims, Head, Model, PassShape, Scratch, Weights};
+use crate::device::Gpu;
+use crate::group::Nccl;
+use crate::model::{Dims, Head, Model, PassShape, Rank, Scratch, Weights};
 use crate::pinned::{Filling, LazySlots};
 use crate::plan::{bucket_for, ctx_bucket, decode_split, Plan, PlanItem, BUCKETS};
 use crate::shard::Tp;
@@ -21,10 +22,14 @@ use crate::{CudaError, Result};
 /// Sizing and switches of a CUDA engine.
 #[derive(Debug, Clone)]
 pub struct CudaConfig {
+    /// The GPU of rank 0; rank `r` of a tensor-parallel group runs on GPU `device + r`.
     pub device: usize,
+    /// Tensor-parallel degree: GPUs in the group, each holding its share of the heads and FFN
+    /// rows. The query and KV head counts and the FFN width must divide by it.
+    pub tp: usize,
     pub block_size: usize,
-    /// Memory for KV blocks; by default what `memory_fraction` of the device leaves after the
-    /// weights and activations.
+    /// Memory for KV blocks, all ranks together; by default what `memory_fraction` of each
+    /// device leaves after the weights and activations.
     pub kv_cache_bytes: Option<usize>,
     pub memory_fraction: f64,
     pub max_context: Option<usize>,
@@ -46,6 +51,7 @@ impl Default for CudaConfig {
     fn default() -> Self {
         Self {
             device: 0,
+            tp: 1,
             block_size: 16,
             kv_cache_bytes: None,
             memory_fraction: 0.9,
@@ -66,8 +72,8 @@ const DECODE_CONTEXT_LIMIT: usize = 512 * MAX_SPLITS;
 /// Logit rows of one pass (a scoring request asking for every token is chunked to this).
 const MAX_LOGIT_ROWS: usize = 512;
 
-/// A captured decode pass.
-struct Graph(CudaGraph);
+/// A captured decode pass: one graph per rank.
+struct Graph(Vec<CudaGraph>);
 
 /// A captured decode graph's shape: batch bucket, context bucket, and whether it stops at the
 /// logits (a masked pass launches its argmax after the masks are uploaded).
@@ -81,21 +87,27 @@ pub struct CudaEngine {
     graphs: HashMap<GraphKey, Graph>,
     info: EngineInfo,
     model: Model,
-    scratch: Scratch,
-    cache: Buf,
+    /// Bytes of one block in the whole model's layout (every rank's heads).
     block_bytes: usize,
     use_graphs: bool,
     /// Slots exported blocks are copied into, and arriving ones received into.
     exports: LazySlots,
     imports: Arc<LazySlots>,
-    gpu: Gpu,
+    /// The group's all-reduce; `None` for a group of one. Dropped before the ranks' GPUs.
+    group: Option<Nccl>,
+    /// Rank 0 first; it alone computes logits and draws tokens.
+    ranks: Vec<Rank>,
     /// Leading logit rows whose mask flag the last pass may have left set.
     masked_rows: usize,
 }
 
 impl std::fmt::Debug for CudaEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaEngine").field("gpu", &self.gpu).field("info", &self.info).finish_non_exhaustive()
+        f.debug_struct("CudaEngine")
+            .field("gpu", &self.ranks[0].gpu)
+            .field("tp", &self.ranks.len())
+            .field("info", &self.info)
+            .finish_non_exhaustive()
     }
 }
 
@@ -107,25 +119,39 @@ fn dev(e: CudaError) -> EngineError {
 }
 
 impl CudaEngine {
-    /// Loads a model (GGUF dequantised to bf16, or safetensors) onto `cfg.device`.
+    /// Loads a model (GGUF dequantised to bf16, or safetensors) onto `cfg.tp` GPUs from
+    /// `cfg.device`, each rank taking its shard of every matrix.
     pub fn load(files: &ModelFiles, cfg: &CudaConfig) -> Result<Self> {
         let (model_cfg, mut src) = WeightSource::open(files)?;
-        let gpu = Gpu::open(cfg.device)?;
-        let weights = Weights::load(&gpu, &model_cfg, &mut src, Tp::SINGLE)?;
+        let tp = check_tp(&model_cfg, cfg.tp)?;
+        let mut ranks = Vec::with_capacity(tp);
+        for rank in 0..tp {
+            let gpu = Gpu::open(cfg.device + rank)?;
+            gpu.bind()?;
+            let w = Weights::load(&gpu, &model_cfg, &mut src, Tp { rank, size: tp })?;
+            ranks.push((gpu, w));
+        }
         drop(src);
-        Self::assemble(files.name.clone(), gpu, model_cfg, weights, cfg)
+        Self::assemble(files.name.clone(), ranks, model_cfg, cfg)
     }
 
-    /// An engine with random weights of the given shape (benchmarks).
+    /// An engine with random weights of the given shape (benchmarks); each rank draws its shard
+    /// with its own seed.
     pub fn random(name: &str, model_cfg: ModelConfig, seed: u64, cfg: &CudaConfig) -> Result<Self> {
-        let gpu = Gpu::open(cfg.device)?;
-        let weights = Weights::random(&gpu, &model_cfg, seed)?;
-        Self::assemble(name.to_string(), gpu, model_cfg, weights, cfg)
+        let tp = check_tp(&model_cfg, cfg.tp)?;
+        let mut ranks = Vec::with_capacity(tp);
+        for rank in 0..tp {
+            let gpu = Gpu::open(cfg.device + rank)?;
+            gpu.bind()?;
+            let w = Weights::random(&gpu, &model_cfg, seed.wrapping_add(rank as u64 * 7919), Tp { rank, size: tp })?;
+            ranks.push((gpu, w));
+        }
+        Self::assemble(name.to_string(), ranks, model_cfg, cfg)
     }
 
-    fn assemble(model_name: String, gpu: Gpu, c: ModelConfig, weights: Weights, cfg: &CudaConfig) -> Result<Self> {
-        let tp = Tp::SINGLE;
-        let d = Dims::new(&c, tp)?;
+    fn assemble(model_name: String, loaded: Vec<(Gpu, Weights)>, c: ModelConfig, cfg: &CudaConfig) -> Result<Self> {
+        let tp = loaded.len();
+        let d = Dims::new(&c, Tp { rank: 0, size: tp })?;
         if d.hd != 64 && d.hd != 128 {
             return Err(CudaError::Unsupported(format!("head_dim {} (the CUDA kernels take 64 or 128)", d.hd)));
         }
@@ -133,6 +159,8 @@ impl CudaEngine {
             return Err(CudaError::Unsupported(format!("{} query heads per KV head (at most 8)", d.heads / d.kv_heads)));
         }
         let bs = cfg.block_size;
+        // Blocks leave and enter the engine in the whole model's layout: the group gathers its
+        // ranks' heads on the way out and scatters them on the way in.
         let layout = KvLayout {
             model_id: model_name.clone(),
             num_layers: c.layers,
@@ -140,78 +168,146 @@ impl CudaEngine {
             head_dim: c.head_dim,
             dtype: KvDtype::Bf16,
             block_size: bs,
-            tp_rank: tp.rank,
-            tp_size: tp.size,
+            tp_rank: 0,
+            tp_size: 1,
             token_count: 0,
         };
         let block_bytes = layout.block_bytes();
+        let rank_block_bytes = block_bytes / tp;
         let max_context = cfg.max_context.unwrap_or(c.max_context).min(c.max_context).min(DECODE_CONTEXT_LIMIT);
         let max_batch = cfg.max_batch.clamp(1, *BUCKETS.last().expect("buckets"));
-        let scratch = Scratch::new(
-            &gpu,
-            &d,
-            cfg.max_step_tokens.max(1),
-            max_batch,
-            MAX_LOGIT_ROWS.max(max_batch),
-            max_context.div_ceil(bs),
-            MAX_SPLITS,
-        )?;
-        let (free, total) = gpu.mem_info()?;
-        let kv_bytes = match cfg.kv_cache_bytes {
-            Some(b) => b,
-            None => {
-                let reserve = total as f64 * (1.0 - cfg.memory_fraction);
-                (free as f64 - reserve).max(0.0) as usize
+        let mut scratches = Vec::with_capacity(tp);
+        let mut fit = usize::MAX;
+        for (gpu, _) in &loaded {
+            gpu.bind()?;
+            let scratch = Scratch::new(
+                gpu,
+                &d,
+                cfg.max_step_tokens.max(1),
+                max_batch,
+                MAX_LOGIT_ROWS.max(max_batch),
+                max_context.div_ceil(bs),
+                MAX_SPLITS,
+            )?;
+            let (free, total) = gpu.mem_info()?;
+            let blocks = match cfg.kv_cache_bytes {
+                Some(b) => b / block_bytes,
+                None => {
+                    let reserve = total as f64 * (1.0 - cfg.memory_fraction);
+                    (free as f64 - reserve).max(0.0) as usize / rank_block_bytes
+                }
+            };
+            if blocks == 0 {
+                return Err(CudaError::Unsupported(format!("no room for KV blocks on {}: {free} bytes free of {total}", gpu.name)));
             }
-        };
-        let num_blocks = kv_bytes / block_bytes;
-        if num_blocks == 0 {
-            return Err(CudaError::Unsupported(format!("no room for KV blocks: {free} bytes free of {total}")));
+            fit = fit.min(blocks);
+            scratches.push(scratch);
         }
-        let cache = gpu.alloc(num_blocks * block_bytes)?;
-        // Never compute on zeros by accident: unwritten cache reads show up as noise, not as a
-        // plausible attention over zero keys.
-        gpu.fill_bf16(cache.ptr, num_blocks * block_bytes / 2, 0x5eed, 1.0, 0.0)?;
-        gpu.sync()?;
+        let num_blocks = fit;
+        let mut ranks = Vec::with_capacity(tp);
+        for ((gpu, w), scratch) in loaded.into_iter().zip(scratches) {
+            gpu.bind()?;
+            let cache = gpu.alloc(num_blocks * rank_block_bytes)?;
+            // Never compute on zeros by accident: unwritten cache reads show up as noise, not as
+            // a plausible attention over zero keys.
+            gpu.fill_bf16(cache.ptr, num_blocks * rank_block_bytes / 2, 0x5eed, 1.0, 0.0)?;
+            gpu.sync()?;
+            ranks.push(Rank { gpu, w, s: scratch, cache, block_bytes: rank_block_bytes });
+        }
+        let group = if tp > 1 { Some(Nccl::new(&ranks.iter().map(|r| &r.gpu).collect::<Vec<_>>())?) } else { None };
         let max_context = max_context.min(num_blocks * bs);
-        let info = EngineInfo {
-            model_name,
-            vocab_size: c.vocab_size,
-            max_context,
-            block_size: bs,
-            kv_blocks: num_blocks,
-            layout,
-            tp_size: tp.size,
-        };
+        let info =
+            EngineInfo { model_name, vocab_size: c.vocab_size, max_context, block_size: bs, kv_blocks: num_blocks, layout, tp_size: tp };
+        let lead = &ranks[0];
         tracing::info!(
-            gpu = %gpu.name, model = %info.model_name, weights_gb = weights.total_bytes as f64 / 1e9,
+            gpu = %lead.gpu.name, tp, model = %info.model_name,
+            weights_gb = ranks.iter().map(|r| r.w.total_bytes).sum::<usize>() as f64 / 1e9,
             kv_blocks = num_blocks, kv_gb = (num_blocks * block_bytes) as f64 / 1e9,
-            scratch_gb = scratch.bytes() as f64 / 1e9, max_context, "cuda engine ready"
+            scratch_gb = lead.s.bytes() as f64 / 1e9, max_context, "cuda engine ready"
         );
         let layers = c.layers;
         Ok(Self {
             graphs: HashMap::new(),
             info,
-            model: Model { cfg: c, d, w: weights, layers, block_size: bs },
-            scratch,
-            cache,
+            model: Model { cfg: c, d, layers, block_size: bs },
             block_bytes,
             use_graphs: cfg.graphs,
             // Never more than the cache itself holds.
-            exports: LazySlots::new(&gpu.ctx, block_bytes, (cfg.export_pinned_bytes / block_bytes).min(num_blocks), "kv exports"),
-            imports: Arc::new(LazySlots::new(&gpu.ctx, block_bytes, (cfg.import_pinned_bytes / block_bytes).min(num_blocks), "kv imports")),
-            gpu,
+            exports: LazySlots::new(&lead.gpu.ctx, block_bytes, (cfg.export_pinned_bytes / block_bytes).min(num_blocks), "kv exports"),
+            imports: Arc::new(LazySlots::new(
+                &lead.gpu.ctx,
+                block_bytes,
+                (cfg.import_pinned_bytes / block_bytes).min(num_blocks),
+                "kv imports",
+            )),
+            group,
+            ranks,
             masked_rows: 0,
         })
+    }
+
+    /// The tensor-parallel degree: GPUs in the group.
+    pub fn tp(&self) -> usize {
+        self.ranks.len()
+    }
+
+    fn lead(&self) -> &Rank {
+        &self.ranks[0]
+    }
+
+    /// Rows of a block: one per (layer, K or V, slot), each every KV head of its token.
+    fn block_rows(&self) -> usize {
+        self.model.layers * 2 * self.model.block_size
+    }
+
+    /// A group's blocks in the whole model's layout: each rank's shard downloaded, then its
+    /// heads laid into every row beside the other ranks' ([`crate::shard::gather_rows`]).
+    fn read_group_blocks(&self, blocks: &[BlockId]) -> Result<Vec<Bytes>> {
+        let rows = self.block_rows();
+        let mut out = Vec::with_capacity(blocks.len());
+        for &b in blocks {
+            let mut parts = Vec::with_capacity(self.ranks.len());
+            for r in &self.ranks {
+                r.gpu.bind()?;
+                let mut part = vec![0u8; r.block_bytes];
+                r.gpu.download(&mut part, r.cache.at(b as usize * r.block_bytes, 1))?;
+                parts.push(part);
+            }
+            out.push(Bytes::from(crate::shard::gather_rows(&parts, rows)));
+        }
+        self.lead().gpu.bind()?;
+        Ok(out)
+    }
+
+    /// The inverse of [`CudaEngine::read_group_blocks`]: each rank receives its heads' share of
+    /// every row.
+    fn write_group_blocks(&self, writes: &[(BlockId, &[u8])]) -> Result<()> {
+        let rows = self.block_rows();
+        for &(b, bytes) in writes {
+            let parts = crate::shard::scatter_rows(bytes, self.ranks.len(), rows);
+            for (r, part) in self.ranks.iter().zip(&parts) {
+                r.gpu.bind()?;
+                r.gpu.upload(r.cache.at(b as usize * r.block_bytes, 1), part)?;
+            }
+        }
+        // Uploads from pageable memory are complete when they return; the sync is for errors a
+        // queued copy may report.
+        for r in &self.ranks {
+            r.gpu.bind()?;
+            r.gpu.sync()?;
+        }
+        self.lead().gpu.bind()
     }
 
     pub fn model_config(&self) -> &ModelConfig {
         &self.model.cfg
     }
 
-    /// Bytes of weights one decode step reads.
+    /// Bytes of weights one decode step reads, every rank together (the LM head once: rank 0
+    /// alone runs it).
     pub fn weight_step_bytes(&self) -> usize {
-        self.model.w.step_bytes
+        let lead = &self.lead().w;
+        lead.step_bytes + self.ranks[1..].iter().map(|r| r.w.step_bytes - r.w.head_bytes).sum::<usize>()
     }
 
     /// Runs a pass over items whose blocks `seqs` has reserved and returns, per item, the logits
@@ -233,8 +329,8 @@ impl CudaEngine {
     ) -> Result<Passed> {
         let late = head == Head::Argmax && masks.is_some();
         let mut computed: Option<Vec<Option<Vec<u32>>>> = None;
-        let cap_t = self.scratch.cap_tokens;
-        let cap_s = self.scratch.cap_seqs;
+        let cap_t = self.lead().s.cap_tokens;
+        let cap_s = self.lead().s.cap_seqs;
         let mut done = vec![0usize; items.len()];
         let mut out = Passed { logits: vec![Vec::new(); items.len()], tokens: vec![Vec::new(); items.len()] };
         loop {
@@ -255,7 +351,7 @@ impl CudaEngine {
                 }
                 let ends = done[i] + take == it.tokens.len();
                 rows += if it.all_logits { take } else { usize::from(ends) };
-                if rows > self.scratch.cap_logits {
+                if rows > self.lead().s.cap_logits {
                     break;
                 }
                 chunk.push((i, done[i], done[i] + take));
@@ -289,17 +385,11 @@ impl CudaEngine {
                 None => Plan::build(&plan_items, self.model.block_size, None, 0),
             };
             let split_ctx = graph_key.map_or(plan.max_ctx, |(_, cb, _)| cb);
-            let shape = PassShape::of(&plan, decode_split(plan.n_seqs, self.model.d.kv_heads, split_ctx.max(1), self.gpu.sms, MAX_SPLITS));
+            let shape =
+                PassShape::of(&plan, decode_split(plan.n_seqs, self.model.d.kv_heads, split_ctx.max(1), self.lead().gpu.sms, MAX_SPLITS));
             drop(plan_items);
             drop(states);
-            if plan.meta.len() > self.scratch.cap_meta {
-                return Err(CudaError::Unsupported(format!(
-                    "pass metadata of {} entries exceeds {}",
-                    plan.meta.len(),
-                    self.scratch.cap_meta
-                )));
-            }
-            self.gpu.upload(self.scratch.meta.ptr, &plan.meta)?;
+            self.upload_meta(&plan.meta)?;
             // Logit rows each item has in this pass, in plan order.
             let per_row: Vec<usize> = chunk
                 .iter()
@@ -312,15 +402,19 @@ impl CudaEngine {
             // A masked pass runs its layers up to the logits, then its argmax on its own.
             let body = if late { Head::Logits } else { head };
             match graph_key {
-                Some(key) if self.graphs.contains_key(&key) => self.graphs[&key].0.launch()?,
+                Some(key) if self.graphs.contains_key(&key) => {
+                    for g in &self.graphs[&key].0 {
+                        g.launch()?;
+                    }
+                }
                 Some(key) => {
                     // First use of this shape: run it eagerly (loads every kernel it needs),
                     // then capture it for the next time.
                     let graph_head = if late { Head::Logits } else { Head::Argmax };
-                    self.model.run(&self.gpu, &self.scratch, self.cache.ptr, &shape, graph_head)?;
+                    self.model.run(&self.ranks, self.group.as_ref(), &shape, graph_head)?;
                     self.capture(key, &shape, graph_head)?;
                 }
-                None => self.model.run(&self.gpu, &self.scratch, self.cache.ptr, &shape, body)?,
+                None => self.model.run(&self.ranks, self.group.as_ref(), &shape, body)?,
             }
             if late {
                 // The device is busy with the layers: now the host works out the masks.
@@ -331,21 +425,23 @@ impl CudaEngine {
                 }
                 let refs: Vec<Option<&[u32]>> = computed.iter().flatten().map(Option::as_deref).collect();
                 self.upload_masks(Some(&refs), &chunk, &per_row)?;
-                self.model.argmax(&self.gpu, &self.scratch, shape.n_logits)?;
+                self.model.argmax(self.lead(), shape.n_logits)?;
             }
             // Rows of real logits, in plan order.
             let n_rows = if plan.decode_only { real_rows } else { plan.n_logits };
             if head == Head::Logits {
                 let v = self.model.d.vocab;
                 let mut host = vec![0f32; n_rows * v];
-                self.gpu.download(&mut host, self.scratch.logits.ptr)?;
+                let lead = self.lead();
+                lead.gpu.download(&mut host, lead.s.logits.ptr)?;
                 let mut rows = host.chunks_exact(v);
                 for (&(i, _, _), &k) in chunk.iter().zip(&per_row) {
                     out.logits[i].extend(rows.by_ref().take(k).map(<[f32]>::to_vec));
                 }
             } else {
                 let mut host = vec![0i32; n_rows];
-                self.gpu.download(&mut host, self.scratch.sampled.ptr)?;
+                let lead = self.lead();
+                lead.gpu.download(&mut host, lead.s.sampled.ptr)?;
                 let mut rows = host.iter();
                 for (&(i, _, _), &k) in chunk.iter().zip(&per_row) {
                     out.tokens[i].extend(rows.by_ref().take(k).map(|&t| t as u32));
@@ -367,7 +463,7 @@ impl CudaEngine {
     /// and has a mask takes its bits and its flag; every other flag a pass may have left set is
     /// cleared, so a later pass (or a captured graph) draws unmasked.
     fn upload_masks(&mut self, masks: Option<&[Option<&[u32]>]>, chunk: &[(usize, usize, usize)], per_row: &[usize]) -> Result<()> {
-        let words = self.scratch.mask_words;
+        let words = self.lead().s.mask_words;
         let (mut flags, mut bits) = (Vec::new(), Vec::new());
         if let Some(masks) = masks {
             for (&(i, _, _), &k) in chunk.iter().zip(per_row) {
@@ -388,26 +484,85 @@ impl CudaEngine {
         }
         let set = flags.iter().rposition(|&f| f == 1).map_or(0, |last| last + 1);
         if set > 0 {
-            self.gpu.upload(self.scratch.mask.ptr, &bits[..set * words])?;
+            let lead = self.lead();
+            lead.gpu.upload(lead.s.mask.ptr, &bits[..set * words])?;
         }
         let n = set.max(self.masked_rows);
         if n > 0 {
             flags.resize(n, 0);
-            self.gpu.upload(self.scratch.masked.ptr, &flags[..n])?;
+            let lead = self.lead();
+            lead.gpu.upload(lead.s.masked.ptr, &flags[..n])?;
         }
         self.masked_rows = set;
         Ok(())
     }
 
+    /// The pass's metadata into every rank's buffer.
+    fn upload_meta(&self, meta: &[i32]) -> Result<()> {
+        let cap = self.lead().s.cap_meta;
+        if meta.len() > cap {
+            return Err(CudaError::Unsupported(format!("pass metadata of {} entries exceeds {cap}", meta.len())));
+        }
+        for r in &self.ranks {
+            r.gpu.bind()?;
+            r.gpu.upload(r.s.meta.ptr, meta)?;
+        }
+        self.lead().gpu.bind()
+    }
+
+    /// Captures a pass into one graph per rank (the group's all-reduces included). A group
+    /// whose capture fails goes on without graphs, eagerly, and says so once.
     fn capture(&mut self, key: GraphKey, shape: &PassShape, head: Head) -> Result<()> {
-        let stream = self.gpu.stream.clone();
-        stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-        let ran = self.model.run(&self.gpu, &self.scratch, self.cache.ptr, shape, head);
-        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
-        ran?;
-        if let Some(g) = graph? {
-            g.upload()?;
-            self.graphs.insert(key, Graph(g));
+        let mut begun = Vec::new();
+        let mut outcome = Ok(());
+        // One thread captures every rank's stream at once, and ending one capture instantiates
+        // its graph while the others still capture: a call the thread-local mode refuses (as
+        // it refuses anything that may allocate), so a group captures in relaxed mode.
+        let mode = if self.ranks.len() > 1 {
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED
+        } else {
+            sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+        };
+        for r in &self.ranks {
+            r.gpu.bind()?;
+            match r.gpu.stream.begin_capture(mode) {
+                Ok(()) => begun.push(r.gpu.stream.clone()),
+                Err(e) => {
+                    outcome = Err(CudaError::from(e));
+                    break;
+                }
+            }
+        }
+        if outcome.is_ok() {
+            outcome = self.model.run(&self.ranks, self.group.as_ref(), shape, head);
+        }
+        let mut graphs = Vec::new();
+        for (r, stream) in self.ranks.iter().zip(&begun) {
+            r.gpu.bind()?;
+            match stream.end_capture(sys::CUgraphInstantiate_flags(0)) {
+                Ok(Some(g)) => graphs.push(g),
+                Ok(None) => {}
+                Err(e) => {
+                    if outcome.is_ok() {
+                        outcome = Err(e.into());
+                    }
+                }
+            }
+        }
+        self.lead().gpu.bind()?;
+        if let Err(e) = outcome {
+            if self.ranks.len() == 1 {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, tp = self.ranks.len(), "capturing the group's decode graphs failed; running its passes eagerly");
+            self.use_graphs = false;
+            return Ok(());
+        }
+        if graphs.len() == self.ranks.len() {
+            for g in &graphs {
+                g.upload()?;
+            }
+            self.graphs.insert(key, Graph(graphs));
             tracing::debug!(batch = key.0, context = key.1, masked = key.2, "captured decode graph");
         }
         Ok(())
@@ -466,15 +621,16 @@ impl CudaEngine {
         if params.len() != items.len() || items.iter().any(|it| it.all_logits) {
             return Err(CudaError::Unsupported("one sampling row per item, last-token logits only".into()));
         }
-        if items.len() > self.scratch.cap_logits {
-            return Err(CudaError::Unsupported(format!("{} rows exceed {}", items.len(), self.scratch.cap_logits)));
+        let lead = self.lead();
+        if items.len() > lead.s.cap_logits {
+            return Err(CudaError::Unsupported(format!("{} rows exceed {}", items.len(), lead.s.cap_logits)));
         }
         // Decode passes may be padded to a bucket; the padding rows sample too, harmlessly.
-        let mut host = vec![0f32; self.scratch.cap_logits * 8];
+        let mut host = vec![0f32; lead.s.cap_logits * 8];
         for (i, p) in params.iter().enumerate() {
             host[8 * i..8 * i + 8].copy_from_slice(&p.pack());
         }
-        self.gpu.upload(self.scratch.sample_params.ptr, &host)?;
+        lead.gpu.upload(lead.s.sample_params.ptr, &host)?;
         // Graph passes end in argmax; sampling runs eagerly after the logits.
         let saved = self.use_graphs;
         self.use_graphs = false;
@@ -494,21 +650,25 @@ impl CudaEngine {
             .map(|(it, s)| PlanItem { blocks: &s.blocks, start: s.tokens.len(), tokens: &it.tokens, all_logits: false, last_logit: true })
             .collect();
         let plan = Plan::build(&plan_items, self.model.block_size, None, 0);
-        let shape = PassShape::of(&plan, decode_split(plan.n_seqs, self.model.d.kv_heads, plan.max_ctx.max(1), self.gpu.sms, MAX_SPLITS));
+        let shape =
+            PassShape::of(&plan, decode_split(plan.n_seqs, self.model.d.kv_heads, plan.max_ctx.max(1), self.lead().gpu.sms, MAX_SPLITS));
         drop(plan_items);
         drop(states);
-        self.gpu.upload(self.scratch.meta.ptr, &plan.meta)?;
+        self.upload_meta(&plan.meta)?;
         let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self.gpu.ctx.new_event(flags)?;
-        start.record(&self.gpu.stream)?;
+        let lead = &self.ranks[0];
+        let start = lead.gpu.ctx.new_event(flags)?;
+        start.record(&lead.gpu.stream)?;
         let mut marks = Vec::new();
-        self.model.run_marked(&self.gpu, &self.scratch, self.cache.ptr, &shape, Head::Argmax, &mut |gpu, label| {
+        self.model.run_marked(&self.ranks, self.group.as_ref(), &shape, Head::Argmax, &mut |gpu, label| {
             let e = gpu.ctx.new_event(flags)?;
             e.record(&gpu.stream)?;
             marks.push((label, e));
             Ok(())
         })?;
-        self.gpu.sync()?;
+        for r in &self.ranks {
+            r.gpu.sync()?;
+        }
         let mut out: Vec<(&'static str, f64)> = Vec::new();
         let mut prev = &start;
         for (label, e) in &marks {
@@ -521,6 +681,20 @@ impl CudaEngine {
         }
         Ok(out)
     }
+}
+
+/// The degree a model can run at on GPUs: at least one rank, and the query heads, KV heads and
+/// FFN width all dividing evenly (the CUDA kernels take whole KV heads per rank, none shared).
+fn check_tp(c: &ModelConfig, tp: usize) -> Result<usize> {
+    if tp == 0 {
+        return Err(CudaError::Unsupported("a tensor-parallel group of 0 GPUs".into()));
+    }
+    for (n, what) in [(c.heads, "query heads"), (c.kv_heads, "KV heads"), (c.intermediate, "FFN rows")] {
+        if n % tp != 0 {
+            return Err(CudaError::Unsupported(format!("TP={tp} on GPUs: the model's {n} {what} do not divide into {tp} equal shares")));
+        }
+    }
+    Ok(tp)
 }
 
 /// Device-side sampling settings of one row.
@@ -581,6 +755,10 @@ impl Engine for CudaEngine {
     }
 
     fn read_blocks(&self, blocks: &[BlockId]) -> tandem_engine::Result<Vec<Bytes>> {
+        if self.ranks.len() > 1 {
+            return self.read_group_blocks(blocks).map_err(dev);
+        }
+        let lead = self.lead();
         // Into page-locked slots, one asynchronous copy each and one wait for all; blocks beyond
         // the free slots go the pageable way.
         let mut filling = match self.exports.get() {
@@ -591,20 +769,20 @@ impl Engine for CudaEngine {
         for (i, &b) in blocks[..pinned].iter().enumerate() {
             // SAFETY: the copy is synchronised below before the slots are read or handed out.
             let dst = unsafe { filling.dst(i) };
-            if let Err(e) = self.gpu.download_async(dst, self.cache.at(b as usize * self.block_bytes, 1)) {
+            if let Err(e) = lead.gpu.download_async(dst, lead.cache.at(b as usize * self.block_bytes, 1)) {
                 // Copies already queued may still write into the slots: let them land first.
-                let _ = self.gpu.sync();
+                let _ = lead.gpu.sync();
                 return Err(dev(e));
             }
         }
         let mut out = Vec::with_capacity(blocks.len());
         if pinned > 0 {
-            self.gpu.sync().map_err(dev)?;
+            lead.gpu.sync().map_err(dev)?;
             out.extend(filling.into_bytes());
         }
         for &b in &blocks[pinned..] {
             let mut bytes = vec![0u8; self.block_bytes];
-            self.gpu.download(&mut bytes, self.cache.at(b as usize * self.block_bytes, 1)).map_err(dev)?;
+            lead.gpu.download(&mut bytes, lead.cache.at(b as usize * self.block_bytes, 1)).map_err(dev)?;
             out.push(Bytes::from(bytes));
         }
         Ok(out)
@@ -615,15 +793,22 @@ impl Engine for CudaEngine {
     }
 
     fn write_blocks(&mut self, writes: &[(BlockId, &[u8])]) -> tandem_engine::Result<()> {
+        if let Some(&(_, bytes)) = writes.iter().find(|(_, bytes)| bytes.len() != self.block_bytes) {
+            return Err(EngineError::Import(format!("a block of {} bytes; the layout's blocks have {}", bytes.len(), self.block_bytes)));
+        }
+        if self.ranks.len() > 1 {
+            return self.write_group_blocks(writes).map_err(dev);
+        }
+        let lead = self.lead();
         // From page-locked memory (blocks received into `block_memory`) each copy is queued and
         // runs asynchronously; the sources must outlive them, so every path out waits for them.
         for &(b, bytes) in writes {
-            if let Err(e) = self.gpu.upload(self.cache.at(b as usize * self.block_bytes, 1), bytes) {
-                let _ = self.gpu.sync();
+            if let Err(e) = lead.gpu.upload(lead.cache.at(b as usize * self.block_bytes, 1), bytes) {
+                let _ = lead.gpu.sync();
                 return Err(dev(e));
             }
         }
-        self.gpu.sync().map_err(dev)
+        lead.gpu.sync().map_err(dev)
     }
 }
 

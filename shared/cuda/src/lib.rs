@@ -8,6 +8,9 @@
 //! - GEMMs through cuBLAS in bf16 with f32 accumulation; the residual add is the GEMM's beta.
 //! - Decode passes captured as CUDA graphs per (batch bucket, context bucket); all buffers are
 //!   allocated up front.
+//! - Tensor-parallel groups: one engine drives a rank per GPU, each holding its share of the
+//!   heads and FFN rows; the partial sums of the O and down projections meet in an NCCL
+//!   all-reduce of the residual stream, captured into each rank's graphs.
 //! - The CUDA driver and libraries are loaded at run time (cudarc's dynamic loading), so this
 //!   crate builds and its host-side logic is tested on machines without a GPU.
 
@@ -17,6 +20,7 @@ pub mod bench;
 pub mod checks;
 mod device;
 mod engine;
+mod group;
 mod model;
 mod pinned;
 pub mod plan;
@@ -31,6 +35,8 @@ pub enum CudaError {
     Driver(#[from] cudarc::driver::DriverError),
     #[error("cuBLAS: {0}")]
     Blas(String),
+    #[error("NCCL: {0}")]
+    Nccl(String),
     #[error("compiling kernels: {0}")]
     Compile(String),
     #[error("not supported: {0}")]

@@ -8,6 +8,7 @@ use tandem_engine::weights::WeightSource;
 use tandem_engine::ModelConfig;
 
 use crate::device::{Buf, Dt, Gpu};
+use crate::group::Nccl;
 use crate::plan::{Offsets, Plan};
 use crate::shard::{take_cols, take_rows, Tp};
 use crate::{CudaError, Result};
@@ -35,6 +36,8 @@ pub struct Weights {
     inv_freq: Buf,
     /// Bytes a decode step reads (each matrix once; the embedding only for its rows).
     pub step_bytes: usize,
+    /// Of those, the LM head's (read by rank 0 alone in a group).
+    pub head_bytes: usize,
     pub total_bytes: usize,
 }
 
@@ -161,8 +164,8 @@ impl Weights {
 
     /// Random weights of the given shape, drawn on the device (benchmarks: values do not change
     /// the speed, but they are never zeros).
-    pub fn random(gpu: &Gpu, c: &ModelConfig, seed: u64) -> Result<Self> {
-        let d = Dims::new(c, Tp::SINGLE)?;
+    pub fn random(gpu: &Gpu, c: &ModelConfig, seed: u64, tp: Tp) -> Result<Self> {
+        let d = Dims::new(c, tp)?;
         let mut n = 0u64;
         let mut mat = |elems: usize, scale: f32, offset: f32| -> Result<Buf> {
             n += 1;
@@ -213,7 +216,7 @@ impl Weights {
         let step_bytes = per_layer + norm.bytes + head;
         let total_bytes = per_layer + norm.bytes + embed.bytes + lm_head.as_ref().map_or(0, |b| b.bytes);
         let _ = d;
-        Self { embed, layers, norm, lm_head, inv_freq, step_bytes, total_bytes }
+        Self { embed, layers, norm, lm_head, inv_freq, step_bytes, head_bytes: head, total_bytes }
     }
 }
 
@@ -345,191 +348,264 @@ pub enum Head {
     Sample,
 }
 
+/// One rank of a tensor-parallel group: a GPU with its shard of the weights, its activations
+/// and its KV heads. Rank 0 also computes the logits and draws the tokens.
+pub struct Rank {
+    pub gpu: Gpu,
+    pub w: Weights,
+    pub s: Scratch,
+    /// This rank's KV heads of every block.
+    pub cache: Buf,
+    /// Bytes of one block of this rank's KV heads.
+    pub block_bytes: usize,
+}
+
+type Mark<'a> = &'a mut dyn FnMut(&Gpu, &'static str) -> Result<()>;
+
 pub struct Model {
     pub cfg: ModelConfig,
+    /// One rank's shapes (every rank's are equal: the CUDA engine splits heads evenly).
     pub(crate) d: Dims,
-    pub w: Weights,
     pub layers: usize,
     pub block_size: usize,
 }
 
 impl Model {
-    /// Runs one pass whose metadata is already in `s.meta`. Only launches: no host sync, no
-    /// allocation, so it can be captured into a graph.
-    pub fn run(&self, gpu: &Gpu, s: &Scratch, cache: u64, p: &PassShape, head: Head) -> Result<()> {
-        self.run_marked(gpu, s, cache, p, head, &mut |_, _| Ok(()))
+    /// Runs one pass whose metadata is already in every rank's `meta`. Only launches: no host
+    /// sync, no allocation, so it can be captured into graphs (one per rank).
+    pub fn run(&self, ranks: &[Rank], group: Option<&Nccl>, p: &PassShape, head: Head) -> Result<()> {
+        self.run_marked(ranks, group, p, head, &mut |_, _| Ok(()))
     }
 
-    /// [`Model::run`] calling `mark(gpu, stage)` after each stage (profiling records an event
-    /// there; the plain run does nothing).
-    pub fn run_marked(
-        &self,
-        gpu: &Gpu,
-        s: &Scratch,
-        cache: u64,
-        p: &PassShape,
-        head: Head,
-        mark: &mut dyn FnMut(&Gpu, &'static str) -> Result<()>,
-    ) -> Result<()> {
-        let d = &self.d;
-        let c = &self.cfg;
-        let k = &gpu.k;
-        let (n, hid) = (p.n_tokens, d.hidden);
-        let meta = |o: usize| s.meta.at(o, 4);
-        let width = d.qkv_width();
-        let hd_idx = match d.hd {
+    /// [`Model::run`] calling `mark(gpu, stage)` after each stage of rank 0 (profiling records
+    /// an event there; the plain run does nothing). Each layer runs its attention half on every
+    /// rank, sums the ranks' residual streams, then its MLP half, and sums again; rank 0 alone
+    /// adds the partial products to the residual it holds, the others start from zero, so the
+    /// sum is the residual plus every rank's share.
+    pub fn run_marked(&self, ranks: &[Rank], group: Option<&Nccl>, p: &PassShape, head: Head, mark: Mark<'_>) -> Result<()> {
+        let lead = ranks.first().ok_or_else(|| CudaError::Unsupported("a group of no ranks".into()))?;
+        let hd_idx = match self.d.hd {
             64 => 0,
             128 => 1,
             other => return Err(CudaError::Unsupported(format!("head_dim {other} (the CUDA kernels take 64 or 128)"))),
         };
+        let gpus: Vec<&Gpu> = ranks.iter().map(|r| &r.gpu).collect();
+        let residuals: Vec<u64> = ranks.iter().map(|r| r.s.x.ptr).collect();
+        let reduce = |mark: Mark<'_>| -> Result<()> {
+            if let Some(g) = group {
+                g.all_reduce_f32(&gpus, &residuals, p.n_tokens * self.d.hidden)?;
+                mark(&lead.gpu, "all_reduce")?;
+            }
+            Ok(())
+        };
+        let mut quiet = |_: &Gpu, _: &'static str| Ok(());
+        for (i, r) in ranks.iter().enumerate() {
+            r.gpu.bind()?;
+            let n = p.n_tokens;
+            r.gpu.launch(
+                &r.gpu.k.embed,
+                (n as u32, 1, 1),
+                256,
+                0,
+                &[&r.s.meta.at(p.off.tokens, 4), &r.w.embed.ptr, &r.s.x.ptr, &(self.d.hidden as i32)],
+            )?;
+            if i == 0 {
+                mark(&r.gpu, "embed")?;
+            }
+        }
+        for li in 0..self.layers {
+            for (i, r) in ranks.iter().enumerate() {
+                self.attention_half(r, li, p, hd_idx, i == 0, if i == 0 { &mut *mark } else { &mut quiet })?;
+            }
+            reduce(&mut *mark)?;
+            for (i, r) in ranks.iter().enumerate() {
+                self.mlp_half(r, li, p, i == 0, if i == 0 { &mut *mark } else { &mut quiet })?;
+            }
+            reduce(&mut *mark)?;
+        }
+        if p.n_logits == 0 {
+            return Ok(());
+        }
+        lead.gpu.bind()?;
+        self.head(lead, p, head)?;
+        mark(&lead.gpu, "lm_head+sampling")?;
+        Ok(())
+    }
+
+    fn threads(w: usize) -> u32 {
+        (w.div_ceil(32) * 32).clamp(64, 1024) as u32
+    }
+
+    /// Norm, QKV, RoPE with the KV write, attention and the O projection of layer `li` on one
+    /// rank; `lead` adds the O product into the residual, the other ranks overwrite theirs.
+    fn attention_half(&self, r: &Rank, li: usize, p: &PassShape, hd_idx: usize, lead: bool, mark: Mark<'_>) -> Result<()> {
+        let (d, c, gpu, s, l) = (&self.d, &self.cfg, &r.gpu, &r.s, &r.w.layers[li]);
+        let k = &gpu.k;
+        let (n, hid) = (p.n_tokens, d.hidden);
+        let meta = |o: usize| s.meta.at(o, 4);
+        let width = d.qkv_width();
         let (layers, bs, heads, kvh, hd) = (self.layers as i32, self.block_size as i32, d.heads as i32, d.kv_heads as i32, d.hd as i32);
+        let li = li as i32;
+        let cache = r.cache.ptr;
         let eps = c.rms_eps as f32;
         let scale = 1.0 / (d.hd as f32).sqrt();
         let null = 0u64;
-        let threads = |w: usize| (w.div_ceil(32) * 32).clamp(64, 1024) as u32;
-
-        gpu.launch(&k.embed, (n as u32, 1, 1), 256, 0, &[&meta(p.off.tokens), &self.w.embed.ptr, &s.x.ptr, &(hid as i32)])?;
-        mark(gpu, "embed")?;
-        for (li, l) in self.w.layers.iter().enumerate() {
-            let li = li as i32;
+        gpu.bind()?;
+        gpu.launch(
+            &k.rms_norm,
+            (n as u32, 1, 1),
+            Self::threads(hid),
+            0,
+            &[&s.x.ptr, &null, &l.attn_norm.ptr, &s.h.ptr, &(hid as i32), &eps],
+        )?;
+        gpu.linear(s.h.ptr, l.qkv.ptr, s.qkv.ptr, n, width, hid, Dt::Bf16, false)?;
+        mark(gpu, "qkv")?;
+        gpu.launch(
+            &k.rope_store,
+            (n as u32, (d.heads + 2 * d.kv_heads) as u32, 1),
+            (d.hd / 2) as u32,
+            0,
+            &[
+                &s.qkv.ptr,
+                &l.qkv_bias.as_ref().map_or(0, |b| b.ptr),
+                &l.q_norm.as_ref().map_or(0, |b| b.ptr),
+                &l.k_norm.as_ref().map_or(0, |b| b.ptr),
+                &meta(p.off.positions),
+                &meta(p.off.slots),
+                &r.w.inv_freq.ptr,
+                &cache,
+                &li,
+                &layers,
+                &heads,
+                &kvh,
+                &hd,
+                &bs,
+                &i32::from(c.rope_interleaved),
+                &eps,
+            ],
+        )?;
+        mark(gpu, "rope_store")?;
+        let q_stride = width as i32;
+        let mb = p.max_blocks as i32;
+        if p.decode_only {
+            let (split, splits) = (p.split as i32, p.splits as i32);
             gpu.launch(
-                &k.rms_norm,
-                (n as u32, 1, 1),
-                threads(hid),
-                0,
-                &[&s.x.ptr, &null, &l.attn_norm.ptr, &s.h.ptr, &(hid as i32), &eps],
-            )?;
-            gpu.linear(s.h.ptr, l.qkv.ptr, s.qkv.ptr, n, width, hid, Dt::Bf16, false)?;
-            mark(gpu, "qkv")?;
-            gpu.launch(
-                &k.rope_store,
-                (n as u32, (d.heads + 2 * d.kv_heads) as u32, 1),
-                (d.hd / 2) as u32,
+                &k.decode_attention[hd_idx * 8 + d.heads / d.kv_heads - 1],
+                (d.kv_heads as u32, p.n_seqs as u32, p.splits as u32),
+                128,
                 0,
                 &[
                     &s.qkv.ptr,
-                    &l.qkv_bias.as_ref().map_or(0, |b| b.ptr),
-                    &l.q_norm.as_ref().map_or(0, |b| b.ptr),
-                    &l.k_norm.as_ref().map_or(0, |b| b.ptr),
-                    &meta(p.off.positions),
-                    &meta(p.off.slots),
-                    &self.w.inv_freq.ptr,
+                    &q_stride,
                     &cache,
+                    &meta(p.off.block_tables),
+                    &mb,
+                    &meta(p.off.ctx_lens),
+                    &s.part_o.ptr,
+                    &s.part_ml.ptr,
                     &li,
                     &layers,
                     &heads,
                     &kvh,
-                    &hd,
                     &bs,
-                    &i32::from(c.rope_interleaved),
-                    &eps,
+                    &split,
+                    &splits,
+                    &scale,
                 ],
             )?;
-            mark(gpu, "rope_store")?;
-            let q_stride = width as i32;
-            let mb = p.max_blocks as i32;
-            if p.decode_only {
-                let (split, splits) = (p.split as i32, p.splits as i32);
-                gpu.launch(
-                    &k.decode_attention[hd_idx * 8 + d.heads / d.kv_heads - 1],
-                    (d.kv_heads as u32, p.n_seqs as u32, p.splits as u32),
-                    128,
-                    0,
-                    &[
-                        &s.qkv.ptr,
-                        &q_stride,
-                        &cache,
-                        &meta(p.off.block_tables),
-                        &mb,
-                        &meta(p.off.ctx_lens),
-                        &s.part_o.ptr,
-                        &s.part_ml.ptr,
-                        &li,
-                        &layers,
-                        &heads,
-                        &kvh,
-                        &bs,
-                        &split,
-                        &splits,
-                        &scale,
-                    ],
-                )?;
-                gpu.launch(
-                    &k.attn_combine,
-                    (p.n_seqs as u32, d.heads as u32, 1),
-                    d.hd as u32,
-                    0,
-                    &[&s.part_o.ptr, &s.part_ml.ptr, &meta(p.off.ctx_lens), &s.attn.ptr, &heads, &hd, &split, &splits],
-                )?;
-            } else {
-                let out_stride = (d.heads * d.hd) as i32;
-                gpu.launch(
-                    &k.prefill_attention[hd_idx],
-                    (p.n_tiles as u32, d.heads as u32, 1),
-                    128,
-                    0,
-                    &[
-                        &s.qkv.ptr,
-                        &q_stride,
-                        &cache,
-                        &meta(p.off.block_tables),
-                        &mb,
-                        &meta(p.off.tiles),
-                        &meta(p.off.q_start),
-                        &meta(p.off.q_len),
-                        &meta(p.off.ctx_lens),
-                        &s.attn.ptr,
-                        &out_stride,
-                        &li,
-                        &layers,
-                        &heads,
-                        &kvh,
-                        &bs,
-                        &scale,
-                    ],
-                )?;
-            }
-            mark(gpu, "attention")?;
-            gpu.linear(s.attn.ptr, l.o.ptr, s.x.ptr, n, hid, d.heads * d.hd, Dt::F32, true)?;
-            mark(gpu, "o")?;
-            gpu.launch(&k.rms_norm, (n as u32, 1, 1), threads(hid), 0, &[&s.x.ptr, &null, &l.mlp_norm.ptr, &s.h.ptr, &(hid as i32), &eps])?;
-            gpu.linear(s.h.ptr, l.gate_up.ptr, s.gu.ptr, n, 2 * d.ffn, hid, Dt::Bf16, false)?;
-            mark(gpu, "gate_up")?;
-            let total = (n * d.ffn) as u64;
-            let blocks = (n * d.ffn).div_ceil(256).min(65536) as u32;
-            gpu.launch(&k.silu_mul, (blocks, 1, 1), 256, 0, &[&s.gu.ptr, &s.act.ptr, &(d.ffn as i32), &total])?;
-            gpu.linear(s.act.ptr, l.down.ptr, s.x.ptr, n, hid, d.ffn, Dt::F32, true)?;
-            mark(gpu, "down")?;
+            gpu.launch(
+                &k.attn_combine,
+                (p.n_seqs as u32, d.heads as u32, 1),
+                d.hd as u32,
+                0,
+                &[&s.part_o.ptr, &s.part_ml.ptr, &meta(p.off.ctx_lens), &s.attn.ptr, &heads, &hd, &split, &splits],
+            )?;
+        } else {
+            let out_stride = (d.heads * d.hd) as i32;
+            gpu.launch(
+                &k.prefill_attention[hd_idx],
+                (p.n_tiles as u32, d.heads as u32, 1),
+                128,
+                0,
+                &[
+                    &s.qkv.ptr,
+                    &q_stride,
+                    &cache,
+                    &meta(p.off.block_tables),
+                    &mb,
+                    &meta(p.off.tiles),
+                    &meta(p.off.q_start),
+                    &meta(p.off.q_len),
+                    &meta(p.off.ctx_lens),
+                    &s.attn.ptr,
+                    &out_stride,
+                    &li,
+                    &layers,
+                    &heads,
+                    &kvh,
+                    &bs,
+                    &scale,
+                ],
+            )?;
         }
-        let r = p.n_logits;
-        if r == 0 {
-            return Ok(());
-        }
+        mark(gpu, "attention")?;
+        gpu.linear(s.attn.ptr, l.o.ptr, s.x.ptr, n, hid, d.heads * d.hd, Dt::F32, lead)?;
+        mark(gpu, "o")
+    }
+
+    /// Norm, gate·up, SiLU·mul and the down projection of layer `li` on one rank (`lead` as in
+    /// [`Model::attention_half`]).
+    fn mlp_half(&self, r: &Rank, li: usize, p: &PassShape, lead: bool, mark: Mark<'_>) -> Result<()> {
+        let (d, gpu, s, l) = (&self.d, &r.gpu, &r.s, &r.w.layers[li]);
+        let (n, hid) = (p.n_tokens, d.hidden);
+        let eps = self.cfg.rms_eps as f32;
+        let null = 0u64;
+        gpu.bind()?;
         gpu.launch(
-            &k.rms_norm,
-            (r as u32, 1, 1),
-            threads(hid),
+            &gpu.k.rms_norm,
+            (n as u32, 1, 1),
+            Self::threads(hid),
             0,
-            &[&s.x.ptr, &meta(p.off.logit_rows), &self.w.norm.ptr, &s.hl.ptr, &(hid as i32), &eps],
+            &[&s.x.ptr, &null, &l.mlp_norm.ptr, &s.h.ptr, &(hid as i32), &eps],
         )?;
-        let head_w = self.w.lm_head.as_ref().unwrap_or(&self.w.embed).ptr;
-        gpu.linear(s.hl.ptr, head_w, s.logits.ptr, r, d.vocab, hid, Dt::F32, false)?;
+        gpu.linear(s.h.ptr, l.gate_up.ptr, s.gu.ptr, n, 2 * d.ffn, hid, Dt::Bf16, false)?;
+        mark(gpu, "gate_up")?;
+        let total = (n * d.ffn) as u64;
+        let blocks = (n * d.ffn).div_ceil(256).min(65536) as u32;
+        gpu.launch(&gpu.k.silu_mul, (blocks, 1, 1), 256, 0, &[&s.gu.ptr, &s.act.ptr, &(d.ffn as i32), &total])?;
+        gpu.linear(s.act.ptr, l.down.ptr, s.x.ptr, n, hid, d.ffn, Dt::F32, lead)?;
+        mark(gpu, "down")
+    }
+
+    /// The final norm of the logit rows, the LM head and, per `head`, the token choice.
+    fn head(&self, r: &Rank, p: &PassShape, head: Head) -> Result<()> {
+        let (d, gpu, s) = (&self.d, &r.gpu, &r.s);
+        let (rows, hid) = (p.n_logits, d.hidden);
+        let eps = self.cfg.rms_eps as f32;
+        gpu.launch(
+            &gpu.k.rms_norm,
+            (rows as u32, 1, 1),
+            Self::threads(hid),
+            0,
+            &[&s.x.ptr, &s.meta.at(p.off.logit_rows, 4), &r.w.norm.ptr, &s.hl.ptr, &(hid as i32), &eps],
+        )?;
+        let head_w = r.w.lm_head.as_ref().unwrap_or(&r.w.embed).ptr;
+        gpu.linear(s.hl.ptr, head_w, s.logits.ptr, rows, d.vocab, hid, Dt::F32, false)?;
         match head {
-            Head::Logits => {}
-            Head::Argmax => self.argmax(gpu, s, r)?,
+            Head::Logits => Ok(()),
+            Head::Argmax => self.argmax(r, rows),
             Head::Sample => {
                 let vocab = d.vocab as i32;
-                gpu.launch(&k.sample, (r as u32, 1, 1), 1024, 0, &[&s.logits.ptr, &vocab, &s.sample_params.ptr, &s.sampled.ptr])?
+                gpu.launch(&gpu.k.sample, (rows as u32, 1, 1), 1024, 0, &[&s.logits.ptr, &vocab, &s.sample_params.ptr, &s.sampled.ptr])
             }
         }
-        mark(gpu, "lm_head+sampling")?;
-        Ok(())
     }
 
     /// The greedy token of each of the first `rows` logit rows into `sampled`, within its mask
     /// where its `masked` flag is set. Part of an [`Head::Argmax`] pass; launched on its own
     /// after a [`Head::Logits`] pass when the masks are computed while the layers run.
-    pub fn argmax(&self, gpu: &Gpu, s: &Scratch, rows: usize) -> Result<()> {
+    pub fn argmax(&self, r: &Rank, rows: usize) -> Result<()> {
+        let (gpu, s) = (&r.gpu, &r.s);
         let (vocab, words) = (self.d.vocab as i32, s.mask_words as i32);
         gpu.launch(
             &gpu.k.argmax,

@@ -30,7 +30,7 @@ fn device_sampling_follows_its_distribution() {
 #[ignore = "needs an NVIDIA GPU and TANDEM_GPU_REFERENCE (a folder from scripts/gpu/reference.py)"]
 fn model_logits_match_transformers_in_float64() {
     let dir = std::env::var("TANDEM_GPU_REFERENCE").expect("set TANDEM_GPU_REFERENCE to the output of scripts/gpu/reference.py");
-    let checks = checks::reference_models(std::path::Path::new(&dir), 0).expect("reference models run");
+    let checks = checks::reference_models(std::path::Path::new(&dir), 0, 1).expect("reference models run");
     assert!(checks.len() >= 3);
     for c in checks {
         assert!(c.passed, "{}: {:?} ({})", c.name, c.rel_err, c.detail);

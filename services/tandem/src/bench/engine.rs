@@ -40,6 +40,9 @@ pub struct EngineArgs {
     pub iters: usize,
     #[arg(long, default_value = "cuda:0")]
     pub device: Device,
+    /// Tensor-parallel degrees to run, each a group of GPUs from `--device` (comma-separated).
+    #[arg(long, default_value = "1")]
+    pub tp: String,
     /// Run decode passes eagerly instead of as captured graphs.
     #[arg(long)]
     pub no_graphs: bool,
@@ -58,7 +61,8 @@ pub fn engine(args: &EngineArgs) -> Result<()> {
     drop(gpu);
     eprintln!("{}: copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s", ceil.gpu, ceil.copy_gbps, ceil.matrix_tflops);
     let mut rows: Vec<Row> = Vec::new();
-    for shape in args.shape.split(',').filter(|s| !s.is_empty()) {
+    let tps = list(&args.tp)?;
+    for (shape, tp) in args.shape.split(',').filter(|s| !s.is_empty()).flat_map(|s| tps.iter().map(move |&t| (s, t))) {
         let spec = bench::Spec {
             shape: shape.to_string(),
             batches: list(&args.batches)?,
@@ -67,6 +71,7 @@ pub fn engine(args: &EngineArgs) -> Result<()> {
             warmup: args.warmup,
             iters: args.iters,
             device: dev,
+            tp,
             graphs: !args.no_graphs,
             profile: args.profile,
         };
@@ -77,7 +82,7 @@ pub fn engine(args: &EngineArgs) -> Result<()> {
     if let Some(path) = &args.output {
         std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
     }
-    println!("{:<9} {:<8} {:>5} {:>6} {:>10} {:>9} {:>6}", "shape", "phase", "batch", "len", "tok/s", "ms", "util");
+    println!("{:<9} {:<8} {:>3} {:>5} {:>6} {:>10} {:>9} {:>6}", "shape", "phase", "tp", "batch", "len", "tok/s", "ms", "util");
     for r in &rows {
         println!("{}", line(r));
     }
@@ -87,11 +92,12 @@ pub fn engine(args: &EngineArgs) -> Result<()> {
 fn line(r: &Row) -> String {
     let len = r.context.or(r.prompt_len).unwrap_or(0);
     match &r.error {
-        Some(e) => format!("{:<9} {:<8} {:>5} {:>6} {e}", r.shape, r.phase, r.batch, len),
+        Some(e) => format!("{:<9} {:<8} {:>3} {:>5} {:>6} {e}", r.shape, r.phase, r.tp, r.batch, len),
         None => format!(
-            "{:<9} {:<8} {:>5} {:>6} {:>10.0} {:>9.3} {:>5.1}% {}",
+            "{:<9} {:<8} {:>3} {:>5} {:>6} {:>10.0} {:>9.3} {:>5.1}% {}",
             r.shape,
             r.phase,
+            r.tp,
             r.batch,
             len,
             r.tokens_per_s.unwrap_or(0.0),
@@ -118,6 +124,10 @@ pub struct CheckArgs {
     pub must_match: usize,
     #[arg(long, default_value = "cuda:0")]
     pub device: Device,
+    /// Tensor-parallel degrees the reference models run at (comma-separated); each degree above
+    /// 1 is also compared with one GPU on the same weights.
+    #[arg(long, default_value = "1")]
+    pub tp: String,
     #[arg(long)]
     pub output: Option<PathBuf>,
 }
@@ -144,9 +154,15 @@ pub fn check(args: &CheckArgs) -> Result<()> {
     }
     drop(gpu);
     if let Some(dir) = &args.reference {
-        for c in checks::reference_models(dir, dev)? {
-            eprintln!("{}", show(&c));
-            all.push(c);
+        for tp in list(&args.tp)? {
+            let mut found = checks::reference_models(dir, dev, tp)?;
+            if tp > 1 {
+                found.extend(checks::group_against_single(dir, dev, tp)?);
+            }
+            for c in found {
+                eprintln!("{}", show(&c));
+                all.push(c);
+            }
         }
     }
     if let Some(model) = &args.model {
