@@ -105,9 +105,9 @@ STAGES = [
 ]
 
 
-def start_cluster(bin_dir, model_dir, port, env_extra, log, up_args=()):
+def start_cluster(bin_dir, model_dir, port, env_extra, log, up_args=(), kv_cache_mb=16000):
     env = dict(os.environ, **env_extra)
-    cmd = [f"{bin_dir}/tandem", "up", "--model", model_dir, "--device", "cuda:0", "--kv-cache-mb", "16000", "--port", str(port)]
+    cmd = [f"{bin_dir}/tandem", "up", "--model", model_dir, "--device", "cuda:0", "--kv-cache-mb", str(kv_cache_mb), "--port", str(port)]
     cmd += list(up_args)
     up = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     for _ in range(1200):
@@ -121,7 +121,34 @@ def start_cluster(bin_dir, model_dir, port, env_extra, log, up_args=()):
     raise SystemExit("tandem up never became ready")
 
 
-def load(loadtest, model_dir, port, out, name, rate, concurrency, n, in_len, out_len):
+def slo_of(text):
+    """`ttft:1000,tpot:25` -> {"ttft": 1000.0, "tpot": 25.0} (milliseconds)."""
+    return {k: float(v) for k, v in (p.split(":") for p in text.split(","))}
+
+
+def goodput(r, slos):
+    """Per SLO, the share of requests that completed within every bound, and those requests per
+    second of the run (DistServe's goodput). TPOT is a request's time after its first token over
+    its tokens after the first."""
+    ttfts, itls, outs, errs = r.get("ttfts", []), r.get("itls", []), r.get("output_lens", []), r.get("errors", [])
+    per = []
+    for i, t in enumerate(ttfts):
+        ok = not (errs[i] if i < len(errs) else "")
+        # The gaps are between streamed chunks, and a chunk may carry several tokens: the time
+        # after the first token is their sum, divided by the tokens after the first.
+        after = sum(itls[i]) if i < len(itls) else 0.0
+        n = outs[i] if i < len(outs) else 0
+        tpot = after / (n - 1) if n > 1 else 0.0
+        per.append((ok, t * 1e3, tpot * 1e3))
+    res = {}
+    for text in slos:
+        slo = slo_of(text)
+        good = sum(ok and ttft <= slo.get("ttft", float("inf")) and tpot <= slo.get("tpot", float("inf")) for ok, ttft, tpot in per)
+        res[text] = {"attained": good / len(per) if per else None, "goodput_rps": good / r["duration"] if r.get("duration") else None}
+    return res, per
+
+
+def load(loadtest, model_dir, port, out, name, rate, concurrency, n, in_len, out_len, slos=()):
     cmd = [
         loadtest, "--base-url", f"http://127.0.0.1:{port}", "--tokenizer", model_dir,
         "--random-input-len", str(in_len), "--random-output-len", str(out_len), "--ignore-eos", "--temperature", "0",
@@ -138,6 +165,9 @@ def load(loadtest, model_dir, port, out, name, rate, concurrency, n, in_len, out
     keys = ["completed", "failed", "duration", "request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
             "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms", "max_in_flight"]
     out = {k: r.get(k) for k in keys}
+    if slos:
+        out["slo"], per = goodput(r, slos)
+        out["requests_ms"] = [[round(ttft, 1), round(tpot, 2)] for ok, ttft, tpot in per if ok]
     # How clumped the stream is: the share of tokens that arrived within 0.1 ms of the one before
     # (in the same read as it, in effect), and the share of gaps over 10 ms.
     gaps = [g for per in r.get("itls", []) for g in per]
@@ -155,7 +185,11 @@ def main():
     ap.add_argument(
         "--up-args", action="append", default=[], help="LABEL:ARGS, more `tandem up` arguments for that label (`aggr:--aggregated 1`)"
     )
-    ap.add_argument("--model-dir", default="/tmp/tandem-llama-1b-v320")
+    ap.add_argument("--model-dir", default=None, help="default: /tmp/tandem-llama-SHAPE-v320")
+    ap.add_argument("--shape", choices=["1b", "8b"], default="1b", help="the random model's shape (serve_model.py)")
+    ap.add_argument("--kv-cache-mb", type=int, default=16000, help="KV cache of each worker")
+    ap.add_argument("--slo", action="append", default=[], help="goodput bounds, e.g. ttft:1000,tpot:25 (ms); repeatable")
+    ap.add_argument("--no-concurrency", action="store_true", help="only the Poisson loads")
     ap.add_argument("--out", default="/tmp/serve-bench")
     ap.add_argument("--json", required=True)
     ap.add_argument("--rates", default="8,32,128")
@@ -170,8 +204,10 @@ def main():
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if not (pathlib.Path(args.model_dir) / "model.safetensors").exists():
-        subprocess.run([sys.executable, str(ROOT / "scripts/gpu/serve_model.py"), args.model_dir], check=True, stdout=subprocess.DEVNULL)
+    args.model_dir = args.model_dir or f"/tmp/tandem-llama-{args.shape}-v320"
+    if not (pathlib.Path(args.model_dir) / "config.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "scripts/gpu/serve_model.py"), args.model_dir, "--shape", args.shape],
+                       check=True, stdout=subprocess.DEVNULL)
     envs = {}
     for e in args.env:
         label, kv = e.split(":", 1)
@@ -188,11 +224,12 @@ def main():
         label, bin_dir = spec.split("=", 1)
         env_extra = envs.get(label, {})
         log = open(out / f"up_{label}.log", "w")
-        up = start_cluster(bin_dir, args.model_dir, args.port, env_extra, log, up_args.get(label, ()))
+        up = start_cluster(bin_dir, args.model_dir, args.port, env_extra, log, up_args.get(label, ()), args.kv_cache_mb)
         procs = children(up.pid)
         runs = []
         loads = [(f"rate{r}", float(r), 0, max(64, int(float(r) * args.seconds))) for r in args.rates.split(",") if r]
-        loads.append((f"conc{args.concurrency}", "inf", args.concurrency, args.concurrency_prompts))
+        if not args.no_concurrency:
+            loads.append((f"conc{args.concurrency}", "inf", args.concurrency, args.concurrency_prompts))
         # Warm-up: captures graphs, opens connections.
         load(args.loadtest, args.model_dir, args.port, out, f"{label}_warmup", "inf", 32, 128, args.input_len, args.output_len)
         for name, rate, conc, n in loads:
@@ -201,7 +238,7 @@ def main():
             smi = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             t0 = time.time()
-            r = load(args.loadtest, args.model_dir, args.port, out, f"{label}_{name}", rate, conc, n, args.input_len, args.output_len)
+            r = load(args.loadtest, args.model_dir, args.port, out, f"{label}_{name}", rate, conc, n, args.input_len, args.output_len, args.slo)
             wall = time.time() - t0
             smi.terminate()
             util = [float(x) for x in smi.communicate()[0].split() if x.strip().replace(".", "").isdigit()]
@@ -218,7 +255,7 @@ def main():
                 cpu[role] = {"cores": round(sum(threads.values()), 3), "threads": {t: round(c, 3) for t, c in top}}
             r["cpu_cores"] = cpu
             runs.append(r)
-            print(label, name, json.dumps(r), flush=True)
+            print(label, name, json.dumps({k: v for k, v in r.items() if k != "requests_ms"}), flush=True)
         up.send_signal(signal.SIGINT)
         try:
             up.wait(timeout=60)
@@ -230,7 +267,7 @@ def main():
     if not args.skip_engine:
         bin_dir = args.bin[-1].split("=", 1)[1]
         path = out / "engine.json"
-        subprocess.run([f"{bin_dir}/tandem", "bench", "engine", "--shape", "llama-1b", "--batches", str(args.concurrency),
+        subprocess.run([f"{bin_dir}/tandem", "bench", "engine", "--shape", f"llama-{args.shape}", "--batches", str(args.concurrency),
                         "--contexts", str(args.input_len), "--prefill", args.engine_prefill or str(args.input_len), "--output", str(path)],
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         engine = json.loads(path.read_text())
@@ -239,8 +276,9 @@ def main():
     cpu_name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "")
     summary = {
         "gpu": gpu, "cpu": cpu_name, "cores": os.cpu_count(),
-        "model": "random bf16, Llama-3.2-1B shape, vocabulary 320 (tiny-llama test tokenizer)",
-        "cluster": "tandem up --device cuda:0 --kv-cache-mb 16000 (one prefill, one decode process on the GPU)",
+        "model": f"random bf16, Llama {args.shape.upper()} shape, vocabulary 320 (tiny-llama test tokenizer)",
+        "cluster": f"tandem up --device cuda:0 --kv-cache-mb {args.kv_cache_mb}, plus each build's up_args",
+        "slo": args.slo,
         "load": f"tandem-loadtest random {args.input_len} in / {args.output_len} out, ignore_eos; Poisson rates {args.rates} "
                 f"for {args.seconds:.0f} s each, then concurrency {args.concurrency} ({args.concurrency_prompts} prompts)",
         "builds": builds, "engine": engine,
@@ -254,8 +292,9 @@ def main():
         for r in b["runs"]:
             f = lambda k, w=7, p=1: f"{(r.get(k) or 0):>{w}.{p}f}"
             stages = " ".join(f"{k}={v:.1f}" for k, v in r["stages_ms"].items())
+            slo = " ".join(f"[{k}] {v['attained']:.0%} {v['goodput_rps']:.2f}/s" for k, v in r.get("slo", {}).items() if v["attained"] is not None)
             print(f"{b['label']:<8} {r['offered']:<8} {f('request_throughput', 6)} {f('output_throughput', 7, 0)} {f('median_ttft_ms')} "
-                  f"{f('p99_ttft_ms')} {f('median_tpot_ms', 6, 2)} {f('median_itl_ms', 6, 2)} {f('p99_itl_ms', 6, 1)}  {stages}")
+                  f"{f('p99_ttft_ms')} {f('median_tpot_ms', 6, 2)} {f('median_itl_ms', 6, 2)} {f('p99_itl_ms', 6, 1)}  {stages} {slo}")
 
 
 if __name__ == "__main__":

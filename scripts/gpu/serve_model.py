@@ -1,4 +1,5 @@
-"""Writes a random bf16 model of the Llama-3.2-1B shape with the tiny-llama test tokenizer
+"""Writes a random bf16 model of the Llama-3.2-1B shape (or the Llama-3.1-8B shape, `--shape 8b`)
+with the tiny-llama test tokenizer
 (vocabulary 320), or with the tokenizer.json given (`--tokenizer-json`, the vocabulary sized to
 it; the default model's is written by `cargo run -p tandem-tokenizer --example export_tokenizer`),
 into a folder that `tandem up --model DIR` serves.
@@ -7,7 +8,7 @@ The weights' values do not change serving speed or the KV handoff; being random 
 they make every KV block's bytes different, so a block put in the wrong place cannot pass its
 checksum by accident.
 
-    python3 scripts/gpu/serve_model.py OUT_DIR [--seed 0] [--tokenizer-json PATH]
+    python3 scripts/gpu/serve_model.py OUT_DIR [--seed 0] [--tokenizer-json PATH] [--shape 1b|8b]
 """
 
 import argparse
@@ -26,21 +27,24 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer-json", default=str(FIXTURE / "tokenizer.json"))
+    ap.add_argument("--shape", choices=["1b", "8b"], default="1b")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = json.loads(pathlib.Path(args.tokenizer_json).read_text())
     ids = list(tok["model"]["vocab"].values()) + [t["id"] for t in tok.get("added_tokens", [])]
     vocab = max(ids) + 1
+    shape = {
+        # Llama-3.2-1B: tied embeddings, head_dim 64.
+        "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, head_dim=64, tie_word_embeddings=True),
+        # Llama-3.1-8B: its own LM head, head_dim 128.
+        "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, head_dim=128, tie_word_embeddings=False),
+    }[args.shape]
     config = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
         num_attention_heads=32,
         num_key_value_heads=8,
-        head_dim=64,
-        tie_word_embeddings=True,
+        **shape,
         max_position_embeddings=8192,
         rms_norm_eps=1e-5,
         bos_token_id=1,

@@ -55,12 +55,16 @@ pub struct UpArgs {
     #[arg(long, env = "TANDEM_DEVICE", default_value = "cpu")]
     pub device: tandem_runtime::Device,
     /// Where the prefill workers run (default: `--device`), e.g. `cuda:0` beside decode workers
-    /// on `cuda:1`.
-    #[arg(long)]
-    pub prefill_device: Option<tandem_runtime::Device>,
-    /// Where the decode workers run (default: `--device`).
-    #[arg(long)]
-    pub decode_device: Option<tandem_runtime::Device>,
+    /// on `cuda:1`; a list (`cuda:0,cuda:1`) gives worker i the i-th entry, round the list.
+    #[arg(long, value_delimiter = ',')]
+    pub prefill_device: Vec<tandem_runtime::Device>,
+    /// Where the decode workers run (default: `--device`); a list as for `--prefill-device`.
+    #[arg(long, value_delimiter = ',')]
+    pub decode_device: Vec<tandem_runtime::Device>,
+    /// Where the aggregated workers run (default: `--device`); a list as for `--prefill-device`,
+    /// e.g. `--aggregated 2 --aggregated-device cuda:0,cuda:1` for one worker per GPU.
+    #[arg(long, value_delimiter = ',')]
+    pub aggregated_device: Vec<tandem_runtime::Device>,
     /// KV transports between the workers, in the prefill workers' order of preference. On one
     /// machine TCP comes first: over loopback it moves a handoff on as many threads as there are
     /// handoffs, while UCX without RDMA hardware copies every handoff on its one progress thread
@@ -198,17 +202,18 @@ pub async fn run(args: UpArgs) -> Result<()> {
         "decode" => args.decode_tp.unwrap_or(args.tp),
         _ => args.tp,
     };
-    let engine_args = |role: &str| {
+    let engine_args = |role: &str, i: usize| {
         let mut a = vec![role.to_string()];
         a.extend(model_args.clone());
         a.extend(["--tp".into(), tp(role).to_string()]);
         a.extend(args.engine.worker_flags());
         a.extend(["--kv-cache-mb".into(), args.kv_cache_mb.to_string(), "--handoff-lease-ms".into(), args.handoff_lease_ms.to_string()]);
-        let device = match role {
-            "prefill" => args.prefill_device.unwrap_or(args.device),
-            "decode" => args.decode_device.unwrap_or(args.device),
-            _ => args.device,
+        let list = match role {
+            "prefill" => &args.prefill_device,
+            "decode" => &args.decode_device,
+            _ => &args.aggregated_device,
         };
+        let device = if list.is_empty() { args.device } else { list[i % list.len()] };
         a.extend(["--device".into(), device.to_string()]);
         let transports: Vec<String> = args.kv_transport.iter().map(|t| t.to_string()).collect();
         a.extend(["--kv-transport".into(), transports.join(",")]);
@@ -216,8 +221,8 @@ pub async fn run(args: UpArgs) -> Result<()> {
     };
 
     let redis: Vec<String> = args.redis.iter().flat_map(|u| ["--redis".to_string(), u.clone()]).collect();
-    let engine_args = |role: &str| {
-        let mut a = engine_args(role);
+    let engine_args = |role: &str, i: usize| {
+        let mut a = engine_args(role, i);
         a.extend(redis.clone());
         a
     };
@@ -239,14 +244,14 @@ pub async fn run(args: UpArgs) -> Result<()> {
     supervise(kv, &kv_fields, kv_args)?;
     let (mut prefill_addrs, mut decode_addrs) = (Vec::new(), Vec::new());
     for i in 0..prefills {
-        let a = engine_args("prefill");
+        let a = engine_args("prefill", i);
         let (s, f) = spawn(&format!("prefill-{i}"), &a).await?;
         prefill_addrs.push(field(&f, "grpc")?);
         metrics.push(metrics_url(&s, &f)?);
         supervise(s, &f, a)?;
     }
     for i in 0..decodes {
-        let a = engine_args("decode");
+        let a = engine_args("decode", i);
         let (s, f) = spawn(&format!("decode-{i}"), &a).await?;
         decode_addrs.push(field(&f, "grpc")?);
         metrics.push(metrics_url(&s, &f)?);
@@ -255,7 +260,7 @@ pub async fn run(args: UpArgs) -> Result<()> {
     // Aggregated workers are decode workers that compute prompts: the gateway knows them as
     // decode workers, and learns from each that it takes whole requests.
     for i in 0..args.aggregated {
-        let a = engine_args("worker");
+        let a = engine_args("worker", i);
         let (s, f) = spawn(&format!("worker-{i}"), &a).await?;
         decode_addrs.push(field(&f, "grpc")?);
         metrics.push(metrics_url(&s, &f)?);
