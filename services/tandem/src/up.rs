@@ -177,6 +177,20 @@ async fn spawn(name: &str, args: &[String]) -> Result<(Service, Vec<(String, Str
 /// How often a service that is still starting is reported.
 const STILL_WAITING: Duration = Duration::from_secs(30);
 
+impl UpArgs {
+    /// The tensor-parallel degree and device of worker `i` of `role` (`prefill`, `decode`, or
+    /// `worker` for an aggregated one): its role's own settings where given, else the common ones.
+    fn placement(&self, role: &str, i: usize) -> (usize, tandem_runtime::Device) {
+        let (tp, list) = match role {
+            "prefill" => (self.prefill_tp, &self.prefill_device),
+            "decode" => (self.decode_tp, &self.decode_device),
+            _ => (None, &self.aggregated_device),
+        };
+        let device = if list.is_empty() { self.device } else { list[i % list.len()] };
+        (tp.unwrap_or(self.tp), device)
+    }
+}
+
 fn field(fields: &[(String, String)], key: &str) -> Result<String> {
     fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone()).with_context(|| format!("READY line without {key}"))
 }
@@ -197,23 +211,13 @@ pub async fn run(args: UpArgs) -> Result<()> {
     tokio::task::spawn_blocking(move || tandem_tokenizer::ModelFiles::resolve(&spec)).await.context("resolving the model")??;
     let served = args.engine.served_model_name.clone().unwrap_or_else(|| default_model::served_name(args.model.as_deref(), &model));
     let model_args = vec!["--model".to_string(), model.clone(), "--served-model-name".into(), served.clone()];
-    let tp = |role: &str| match role {
-        "prefill" => args.prefill_tp.unwrap_or(args.tp),
-        "decode" => args.decode_tp.unwrap_or(args.tp),
-        _ => args.tp,
-    };
     let engine_args = |role: &str, i: usize| {
+        let (tp, device) = args.placement(role, i);
         let mut a = vec![role.to_string()];
         a.extend(model_args.clone());
-        a.extend(["--tp".into(), tp(role).to_string()]);
+        a.extend(["--tp".into(), tp.to_string()]);
         a.extend(args.engine.worker_flags());
         a.extend(["--kv-cache-mb".into(), args.kv_cache_mb.to_string(), "--handoff-lease-ms".into(), args.handoff_lease_ms.to_string()]);
-        let list = match role {
-            "prefill" => &args.prefill_device,
-            "decode" => &args.decode_device,
-            _ => &args.aggregated_device,
-        };
-        let device = if list.is_empty() { args.device } else { list[i % list.len()] };
         a.extend(["--device".into(), device.to_string()]);
         let transports: Vec<String> = args.kv_transport.iter().map(|t| t.to_string()).collect();
         a.extend(["--kv-transport".into(), transports.join(",")]);
@@ -390,5 +394,36 @@ async fn stop_child(s: &mut Service) {
     if tokio::time::timeout(Duration::from_secs(10), s.child.wait()).await.is_err() {
         eprintln!("{} did not stop in time; killing it", s.name);
         let _ = s.child.kill().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use tandem_runtime::Device;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        up: UpArgs,
+    }
+
+    fn up(args: &[&str]) -> UpArgs {
+        Cli::try_parse_from([&["up"][..], args].concat()).expect("valid flags").up
+    }
+
+    #[test]
+    fn each_pool_takes_its_own_devices_and_degree() {
+        let a = up(&["--device", "cuda:0", "--prefill-device", "cuda:0", "--decode-device", "cuda:1", "--decode-tp", "2"]);
+        assert_eq!(a.placement("prefill", 0), (1, Device::Cuda(0)));
+        assert_eq!(a.placement("decode", 0), (2, Device::Cuda(1)));
+        assert_eq!(a.placement("decode", 3), (2, Device::Cuda(1)), "a single device is every worker's");
+        assert_eq!(a.placement("worker", 0), (1, Device::Cuda(0)), "aggregated workers keep --device");
+
+        let a = up(&["--aggregated", "3", "--aggregated-device", "cuda:0,cuda:1", "--tp", "2"]);
+        let placed: Vec<_> = (0..3).map(|i| a.placement("worker", i)).collect();
+        assert_eq!(placed, [(2, Device::Cuda(0)), (2, Device::Cuda(1)), (2, Device::Cuda(0))], "round the list");
+        assert_eq!(a.placement("prefill", 0), (2, Device::Cpu), "the default device");
     }
 }
