@@ -17,18 +17,66 @@ use crate::{EngineError, Result};
 
 /// A linear layer `y = x Wᵀ + b`; `W` quantized or dense.
 pub(crate) struct Linear {
-    w: QMatMul,
+    w: Matrix,
     b: Option<Tensor>,
+}
+
+/// A linear layer's matrix: Q4_1 through the project's own kernels, anything else through
+/// candle's (dense, or the quantized types candle has SIMD kernels for).
+pub(crate) enum Matrix {
+    Candle(QMatMul),
+    Q4_1(tandem_kernels::Q4_1Matrix),
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.w.forward(x)?;
+        let y = match &self.w {
+            Matrix::Candle(w) => w.forward(x)?,
+            Matrix::Q4_1(w) => {
+                let dims = x.dims();
+                let cols = dims.last().copied().unwrap_or(0);
+                if cols != w.cols() {
+                    return Err(EngineError::Load(format!("a matmul of {cols} columns by a matrix of {}", w.cols())));
+                }
+                let m = x.elem_count() / cols.max(1);
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let mut out = vec![0f32; m * w.rows()];
+                w.matmul(&xs, m, &mut out);
+                let mut shape = dims.to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = w.rows();
+                }
+                Tensor::from_vec(out, shape, x.device())?
+            }
+        };
         Ok(match &self.b {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
     }
+}
+
+/// Whether Q4_1 matrices go to the project's kernels (`TANDEM_CPU_KERNELS=tandem`) or stay
+/// with candle's (the default until the engine's llama.cpp reference tests are re-baselined for
+/// the kernels' summation order: see docs/performance.md).
+fn own_kernels() -> bool {
+    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| std::env::var("TANDEM_CPU_KERNELS").is_ok_and(|v| v == "tandem"))
+}
+
+/// The matrix a linear layer multiplies by: with `own`, Q4_1 bytes handed to the project's
+/// kernels; anything else kept for candle.
+fn matrix_of(q: QMatMul, own: bool) -> Result<Matrix> {
+    if let QMatMul::QTensor(t) = &q {
+        if t.dtype() == candle_core::quantized::GgmlDType::Q4_1 && own {
+            let (rows, cols) = t.shape().dims2()?;
+            let data = t.data()?.into_owned();
+            return tandem_kernels::Q4_1Matrix::new(data, rows, cols)
+                .map(Matrix::Q4_1)
+                .ok_or_else(|| EngineError::Load(format!("a Q4_1 matrix of [{rows}, {cols}] whose bytes do not match")));
+        }
+    }
+    Ok(Matrix::Candle(q))
 }
 
 /// Where tensors come from; names are given in the Hugging Face convention and mapped for GGUF.
@@ -191,7 +239,7 @@ impl WeightSource {
         rs: Range<usize>,
         cs: Range<usize>,
     ) -> Result<Linear> {
-        let w = self.matrix_part(&format!("{hf_prefix}.weight"), shape, rs.clone(), cs)?;
+        let w = matrix_of(self.matrix_part(&format!("{hf_prefix}.weight"), shape, rs.clone(), cs)?, own_kernels())?;
         let b = if bias { Some(self.dense_of(&format!("{hf_prefix}.bias"), &[shape.0])?.narrow(0, rs.start, rs.len())?) } else { None };
         Ok(Linear { w, b })
     }
@@ -268,5 +316,35 @@ mod tests {
         assert_eq!(gguf_name("model.layers.3.self_attn.k_proj.weight"), "blk.3.attn_k.weight");
         assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight"), "blk.12.ffn_down.weight");
         assert_eq!(gguf_name("lm_head.weight"), "output.weight");
+    }
+
+    /// A Q4_1 layer through the project's kernels writes what candle's writes, to the last bits
+    /// the float sums' order moves, for a decode row and for prefill batches (odd sizes
+    /// included).
+    #[test]
+    fn q4_1_layers_match_candle() {
+        use super::{matrix_of, Linear, Matrix};
+        use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+        use candle_core::{Device, Tensor};
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for (rows, cols) in [(96, 576), (40, 1536), (7, 64)] {
+            let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+            let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+            let q = || QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+            let candle = Linear { w: Matrix::Candle(QMatMul::from_qtensor(q()).unwrap()), b: None };
+            let own = Linear { w: matrix_of(QMatMul::from_qtensor(q()).unwrap(), true).unwrap(), b: None };
+            assert!(matches!(own.w, Matrix::Q4_1(_)), "Q4_1 goes to the project's kernels");
+            for m in [1usize, 3, 17] {
+                let x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-2f32..2.0)).collect();
+                let x = Tensor::from_vec(x, (1, m, cols), &Device::Cpu).unwrap();
+                let (a, b) = (candle.forward(&x).unwrap(), own.forward(&x).unwrap());
+                assert_eq!(a.dims(), b.dims());
+                let (a, b) = (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                let scale = a.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-3);
+                let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                assert!(worst <= 1e-5 * scale, "{rows}×{cols}, {m} rows: off by {worst} in values up to {scale}");
+            }
+        }
     }
 }
