@@ -18,29 +18,16 @@ import random
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts/gpu"))
+from serve_bench import start_cluster  # noqa: E402
 
 
 def post(url, body):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     return json.loads(urllib.request.urlopen(req, timeout=120).read())
-
-
-def serve(bin_dir, model, port, extra, log):
-    cmd = [f"{bin_dir}/tandem", "up", "--model", model, "--device", "cuda:0", "--kv-cache-mb", "8000", "--port", str(port)] + extra
-    up = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    for _ in range(1200):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=1)
-            return up
-        except Exception:
-            if up.poll() is not None:
-                raise SystemExit(f"tandem up {' '.join(extra)} exited: {up.returncode}")
-            time.sleep(0.25)
-    raise SystemExit("never ready")
 
 
 def main():
@@ -62,7 +49,7 @@ def main():
     texts = {}
     for name, extra in layouts:
         with open(f"/tmp/tp_handoff_{name}.log", "w") as log:
-            up = serve(args.bin, args.model_dir, args.port, extra, log)
+            up = start_cluster(args.bin, args.model_dir, args.port, {}, log, extra, kv_cache_mb=8000)
             try:
                 ready = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{args.port}/ready").read())
                 served = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{args.port}/v1/models").read())["data"][0]["id"]

@@ -294,9 +294,19 @@ fn reference_folders(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
     Ok(entries)
 }
 
-fn read_reference(path: &Path) -> Result<Reference> {
-    let text = std::fs::read_to_string(path.join("reference.json")).map_err(|e| CudaError::Unsupported(e.to_string()))?;
-    serde_json::from_str(&text).map_err(|e| CudaError::Unsupported(e.to_string()))
+/// Each reference model under `dir`: its folder's name, its reference, and its weights as model
+/// files (weights and config only: the reference works on token ids, no tokenizer needed).
+fn reference_models_in(dir: &Path) -> Result<Vec<(String, Reference, ModelFiles)>> {
+    reference_folders(dir)?
+        .into_iter()
+        .map(|path| {
+            let model = path.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
+            let text = std::fs::read_to_string(path.join("reference.json")).map_err(|e| CudaError::Unsupported(e.to_string()))?;
+            let reference = serde_json::from_str(&text).map_err(|e| CudaError::Unsupported(e.to_string()))?;
+            let files = ModelFiles { format: ModelFormat::Folder(path), name: model.clone() };
+            Ok((model, reference, files))
+        })
+        .collect()
 }
 
 /// Logits of every model folder under `dir` (each with `reference.json`) against the reference,
@@ -305,11 +315,7 @@ fn read_reference(path: &Path) -> Result<Reference> {
 /// `device`.
 pub fn reference_models(dir: &Path, device: usize, tp: usize) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    for path in reference_folders(dir)? {
-        let model = path.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
-        let reference = read_reference(&path)?;
-        // Weights and config only: the reference works on token ids, no tokenizer needed.
-        let files = ModelFiles { format: ModelFormat::Folder(path.clone()), name: model.clone() };
+    for (model, reference, files) in reference_models_in(dir)? {
         let name = if tp > 1 { format!("{model} TP={tp}") } else { model };
         let cfg = CudaConfig { device, tp, kv_cache_bytes: Some(256 << 20), max_step_tokens: 512, ..Default::default() };
         let Some(engine) = load_or_refused(&files, &cfg, &name, &mut checks)? else { continue };
@@ -392,10 +398,7 @@ fn load_or_refused(files: &ModelFiles, cfg: &CudaConfig, name: &str, checks: &mu
 /// not bit for bit.
 pub fn group_against_single(dir: &Path, device: usize, tp: usize) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    for path in reference_folders(dir)? {
-        let model = path.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
-        let reference = read_reference(&path)?;
-        let files = ModelFiles { format: ModelFormat::Folder(path.clone()), name: model.clone() };
+    for (model, reference, files) in reference_models_in(dir)? {
         let cfg = |tp| CudaConfig { device, tp, kv_cache_bytes: Some(256 << 20), max_step_tokens: 512, ..Default::default() };
         let Some(group) = load_or_refused(&files, &cfg(tp), &format!("{model} TP={tp} against TP=1"), &mut checks)? else { continue };
         let mut group = PagedEngine::new(group);
