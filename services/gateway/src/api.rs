@@ -4,15 +4,14 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderValue, Method, Uri};
-use axum::middleware::{self, Next};
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 use axum::{Extension, Json, Router};
-use serde::Serialize;
 use tandem_protocol::openai::tools::{forced_call, read_tools, tools_prompt, Tool, ToolChoice};
-use tandem_protocol::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, Model, ModelList, PromptSpec, SamplingFields};
+use tandem_protocol::openai::{ChatCompletionRequest, CompletionRequest, MessageContent, PromptSpec, SamplingFields};
 use tandem_protocol::{ApiError, ErrorCode, SamplingParams, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 use tandem_tokenizer::ChatMessage;
 use tracing::Instrument;
@@ -20,33 +19,20 @@ use tracing::Instrument;
 use crate::access::{self, Caller, Refusal};
 use crate::disagg::{self, ChoiceSpec};
 use crate::error::{parse_body, too_large, HttpError, MAX_BODY_BYTES};
-use crate::render::{self, now, ChatRenderer, CompletionRenderer, Envelope, Renderer, UsageTally};
+use crate::render::{self, ChatRenderer, CompletionRenderer, Envelope, Renderer, UsageTally};
 use crate::spans;
-use crate::workers::Role;
 use crate::AppState;
 
 type S = Arc<AppState>;
 
-pub(crate) fn router(state: S) -> Router {
+/// The endpoints one model answers, as the front reaches them in process (keys, limits and
+/// the request's span are the front's).
+pub(crate) fn routes(state: S) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
-        .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
-        .route("/health", get(|| async { "ok" }))
-        .route("/version", get(|| async { axum::Json(serde_json::json!({"version": env!("CARGO_PKG_VERSION")})) }))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
-            HttpError(ApiError::new(ErrorCode::MethodNotAllowed, format!("{method} is not allowed on {}", uri.path())))
-        })
-        .fallback(|method: Method, uri: Uri| async move {
-            HttpError(ApiError::new(ErrorCode::NotFound, format!("no route for {method} {}", uri.path())))
-        })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(middleware::from_fn_with_state(state.access.clone(), access::guard))
-        .layer(middleware::from_fn(edge))
         .with_state(state)
 }
 
@@ -54,7 +40,7 @@ pub(crate) fn router(state: S) -> Router {
 /// places each API call in a trace: its server span continues the trace of an incoming
 /// `traceparent` (a malformed one is ignored and a new trace starts), every worker call carries
 /// it on, and the response's `traceparent` names it. Health, readiness and metrics get no span.
-async fn edge(req: Request, next: Next) -> Response {
+pub(crate) async fn edge(req: Request, next: Next) -> Response {
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     let path = req.uri().path().to_string();
     let span = path.starts_with("/v1/").then(|| {
@@ -78,10 +64,6 @@ async fn edge(req: Request, next: Next) -> Response {
 
 fn new_id(prefix: &str) -> String {
     format!("{prefix}-{:032x}", rand::random::<u128>())
-}
-
-async fn models(State(s): State<S>) -> Json<ModelList> {
-    Json(ModelList::new(vec![Model::new(&s.cfg.model_name, now(), "tandem", s.workers.max_context())]))
 }
 
 #[derive(serde::Deserialize)]
@@ -143,42 +125,6 @@ async fn detokenize(State(s): State<S>, body: Result<Bytes, BytesRejection>) -> 
     }
 }
 
-/// `/ready`'s body: what the gateway can route to, and whether it is on its way out. The fields
-/// are in the order they have always been written in.
-#[derive(Serialize)]
-struct Readiness {
-    decode_workers: usize,
-    draining: bool,
-    prefill_workers: usize,
-    /// Decode workers among `decode_workers` that compute prompts too.
-    aggregated_workers: usize,
-    /// The tensor-parallel degrees the healthy workers of each pool run.
-    tp_sizes: TpSizes,
-}
-
-#[derive(Serialize)]
-struct TpSizes {
-    prefill: Vec<u32>,
-    decode: Vec<u32>,
-}
-
-async fn ready(State(s): State<S>) -> Response {
-    let (p, d) = (s.workers.healthy(Role::Prefill), s.workers.healthy(Role::Decode));
-    let draining = s.shutdown.is_draining();
-    let tp_sizes = TpSizes { prefill: s.workers.tp_sizes(Role::Prefill), decode: s.workers.tp_sizes(Role::Decode) };
-    let body =
-        Json(Readiness { decode_workers: d, draining, prefill_workers: p, aggregated_workers: s.workers.healthy_aggregated(), tp_sizes });
-    if s.workers.can_serve() && !draining {
-        body.into_response()
-    } else {
-        (axum::http::StatusCode::SERVICE_UNAVAILABLE, body).into_response()
-    }
-}
-
-async fn metrics(State(s): State<S>) -> String {
-    s.metrics.render()
-}
-
 /// What both endpoints share after their own parsing.
 struct Job {
     prompts: Vec<Vec<u32>>,
@@ -200,12 +146,12 @@ struct Job {
 }
 
 fn check_model(s: &AppState, model: &str) -> Result<(), ApiError> {
-    if model == s.cfg.model_name {
+    if model == s.model_name {
         Ok(())
     } else {
         Err(ApiError {
             code: ErrorCode::ModelNotFound,
-            message: format!("the model `{model}` does not exist; this server serves `{}`", s.cfg.model_name),
+            message: format!("the model `{model}` does not exist; this server serves `{}`", s.model_name),
             param: Some("model".into()),
         })
     }
@@ -338,7 +284,7 @@ fn chat_message(m: &tandem_protocol::openai::ChatMessageIn, i: usize, native: bo
 }
 
 async fn chat(State(s): State<S>, Extension(caller): Extension<Caller>, body: Result<Bytes, BytesRejection>) -> Response {
-    let span = spans::gen_ai("chat", &s.cfg.model_name);
+    let span = spans::gen_ai("chat", &s.model_name);
     let job = span.in_scope(|| {
         let r: ChatCompletionRequest = parse_body(body)?;
         check_model(&s, &r.model)?;
@@ -406,14 +352,14 @@ async fn answer<R: Renderer>(s: S, caller: Caller, job: Result<Job, ApiError>, s
     match job {
         Ok(job) => respond::<R>(s, caller, job).instrument(span).await,
         Err(e) => {
-            spans::gen_ai_response(&span, "", &s.cfg.model_name, &tandem_protocol::openai::Usage::new(0, 0, 0), Vec::new(), Some(&e));
+            spans::gen_ai_response(&span, "", &s.model_name, &tandem_protocol::openai::Usage::new(0, 0, 0), Vec::new(), Some(&e));
             HttpError(e).into_response()
         }
     }
 }
 
 async fn completions(State(s): State<S>, Extension(caller): Extension<Caller>, body: Result<Bytes, BytesRejection>) -> Response {
-    let span = spans::gen_ai("text_completion", &s.cfg.model_name);
+    let span = spans::gen_ai("text_completion", &s.model_name);
     let job = span.in_scope(|| {
         let r: CompletionRequest = parse_body(body)?;
         check_model(&s, &r.model)?;
@@ -512,7 +458,7 @@ const MAX_CHOICES: usize = 64;
 /// endpoint `R` renders.
 async fn respond<R: Renderer>(s: S, caller: Caller, job: Job) -> Response {
     let refused = |e: &ApiError| {
-        spans::gen_ai_response(&job.span, "", &s.cfg.model_name, &tandem_protocol::openai::Usage::new(0, 0, 0), Vec::new(), Some(e));
+        spans::gen_ai_response(&job.span, "", &s.model_name, &tandem_protocol::openai::Usage::new(0, 0, 0), Vec::new(), Some(e));
     };
     let refuse = |e: ApiError| {
         refused(&e);
@@ -549,7 +495,7 @@ async fn respond<R: Renderer>(s: S, caller: Caller, job: Job) -> Response {
     }
     // What the client asked of the prompts (the params may score them for `echo` alone).
     renderer = renderer.with_prompt(job.echo.clone().map(|texts| render::Echo { texts, n: job.n }), job.asked_prompt_logprobs);
-    let envelope = Envelope { id, model: s.cfg.model_name.clone(), span: job.span.clone() };
+    let envelope = Envelope { id, model: s.model_name.clone(), span: job.span.clone() };
     let usage = UsageTally::new(&job.prompts, job.n);
     let mut resp = if job.stream {
         render::sse(renderer, envelope, job.include_usage, usage, rxs).into_response()

@@ -9,8 +9,10 @@ mod api;
 mod cluster;
 mod disagg;
 mod error;
+mod front;
 mod metrics;
 mod render;
+pub mod router;
 mod spans;
 pub mod tls;
 mod workers;
@@ -57,10 +59,18 @@ pub struct GatewayConfig {
     pub access: AccessConfig,
     /// Serve HTTPS with this configuration instead of plain HTTP.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Models served beside `model_name`, each by its name with its tokenizer. Every model has
+    /// pools of its own: the workers given (or found in the registry) serve the model they
+    /// report, and a request goes to the pools of the model it names.
+    pub other_models: Vec<(String, Tokenizer)>,
+    /// The router's own models, external backends and decisions (`--router-config`).
+    pub router: Option<router::RouterConfig>,
 }
 
+/// One served model: its pools, tokenizer and metrics, under the gateway's common settings.
 pub(crate) struct AppState {
-    pub cfg: GatewayConfig,
+    pub cfg: Arc<GatewayConfig>,
+    pub model_name: String,
     pub tokenizer: Tokenizer,
     pub workers: WorkerPool,
     pub metrics: Metrics,
@@ -72,28 +82,58 @@ pub(crate) struct AppState {
 /// Serves the HTTP API on `listener` until `shutdown` is requested, then runs its phases: not
 /// ready (`/ready` answers 503, so load balancers stop sending), drain (the requests in flight,
 /// streams included, finish), stop (the server and the worker polls end and are joined).
-pub async fn run(cfg: GatewayConfig, tokenizer: Tokenizer, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
-    let metrics = Metrics::new(&cfg.model_name)?;
-    let workers = WorkerPool::new(&cfg.prefill, &cfg.decode, &cfg.block_stores)?;
-    if cfg.discover {
-        shutdown.spawn(discover(
-            workers.clone(),
-            cfg.state.clone(),
-            cfg.model_name.clone(),
-            cfg.poll_interval,
-            metrics.clone(),
-            shutdown.stopping(),
-        ));
+pub async fn run(mut cfg: GatewayConfig, tokenizer: Tokenizer, listener: TcpListener, shutdown: Shutdown) -> anyhow::Result<()> {
+    let mut models = vec![(cfg.model_name.clone(), tokenizer)];
+    models.append(&mut cfg.other_models);
+    let router_cfg = cfg.router.take();
+    let cfg = Arc::new(cfg);
+    // With several models, a worker serves the pools of the model it reports; alone, a model's
+    // pools take every worker given.
+    let filter = models.len() > 1;
+    let mut states = Vec::with_capacity(models.len());
+    let mut access = None;
+    for (name, tokenizer) in models {
+        let metrics = Metrics::new(&name)?;
+        let workers = WorkerPool::new(&cfg.prefill, &cfg.decode, &cfg.block_stores)?;
+        if filter {
+            workers.serve_only(&name);
+        }
+        if cfg.discover {
+            shutdown.spawn(discover(
+                workers.clone(),
+                cfg.state.clone(),
+                name.clone(),
+                cfg.poll_interval,
+                metrics.clone(),
+                shutdown.stopping(),
+            ));
+        }
+        shutdown.spawn(workers.clone().poll(cfg.poll_interval, metrics.clone(), shutdown.stopping()));
+        let cluster = cluster::Cluster::new(cfg.state.clone(), cfg.local_index.clone(), metrics.clone(), cfg.index_ttl, cfg.request_ttl);
+        // One set of keys, rate limits and admission bounds for the whole endpoint.
+        let access = access.get_or_insert_with(|| Arc::new(access::Access::new(cfg.access.clone(), metrics.clone()))).clone();
+        states.push(Arc::new(AppState {
+            cfg: cfg.clone(),
+            model_name: name,
+            tokenizer,
+            workers,
+            metrics,
+            cluster,
+            access,
+            shutdown: shutdown.clone(),
+        }));
     }
-    shutdown.spawn(workers.clone().poll(cfg.poll_interval, metrics.clone(), shutdown.stopping()));
-    let cluster = cluster::Cluster::new(cfg.state.clone(), cfg.local_index.clone(), metrics.clone(), cfg.index_ttl, cfg.request_ttl);
-    let access = Arc::new(access::Access::new(cfg.access.clone(), metrics.clone()));
-    let state = Arc::new(AppState { cfg, tokenizer, workers, metrics, cluster, access, shutdown: shutdown.clone() });
-    let https = state.cfg.tls.is_some();
-    tracing::info!(addr = %listener.local_addr()?, https, model = %state.cfg.model_name, state = state.cfg.state.kind(), "gateway serving");
-    let app = api::router(state.clone());
+    let access = access.expect("at least one model");
+    let router = match router_cfg {
+        Some(rc) => Some(Arc::new(router::Router::new(rc, &states)?)),
+        None => None,
+    };
+    let front = Arc::new(front::Front::new(states, router, access, shutdown.clone()));
+    let https = cfg.tls.is_some();
+    tracing::info!(addr = %listener.local_addr()?, https, models = ?front.names(), state = cfg.state.kind(), "gateway serving");
+    let app = front::router(front.clone());
     let stop = shutdown.stopping().cancelled_owned();
-    let server = match state.cfg.tls.clone() {
+    let server = match cfg.tls.clone() {
         None => shutdown.spawn(
             axum::serve(
                 // Every SSE event is its own small write: sent at once, never held back for an ACK.
@@ -105,10 +145,9 @@ pub async fn run(cfg: GatewayConfig, tokenizer: Tokenizer, listener: TcpListener
             .with_graceful_shutdown(stop)
             .into_future(),
         ),
-        Some(cfg) => shutdown.spawn(axum::serve(tls::TlsListener::new(listener, cfg)?, app).with_graceful_shutdown(stop).into_future()),
+        Some(tls) => shutdown.spawn(axum::serve(tls::TlsListener::new(listener, tls)?, app).with_graceful_shutdown(stop).into_future()),
     };
-    let running = state.metrics.running.clone();
-    shutdown.run(|| async {}, || running.get() == 0).await;
+    shutdown.run(|| async {}, || front.idle()).await;
     server.await??;
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! buckets vLLM's server uses (`vllm:*`, labelled `model_name`), so that dashboards and alerts
 //! written for vLLM read the gateway unchanged; the rest is Tandem's own (`tandem_*`).
 
+use prometheus::proto::{LabelPair, MetricFamily};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -77,6 +78,7 @@ impl VllmMetrics {
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    model_name: String,
     pub vllm: VllmMetrics,
     pub running: IntGauge,
     pub ttft: Histogram,
@@ -224,6 +226,7 @@ impl Metrics {
         registry.register(Box::new(retries.clone()))?;
         Ok(Self {
             registry,
+            model_name: model_name.to_string(),
             vllm: VllmMetrics::new(model_name)?,
             running,
             ttft,
@@ -257,12 +260,48 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
+        render(&[self], Vec::new())
+    }
+
+    /// Its families: vLLM's, then Tandem's.
+    fn gather(&self) -> Vec<MetricFamily> {
         let mut families = self.vllm.registry.gather();
         families.extend(self.registry.gather());
-        let _ = TextEncoder::new().encode(&families, &mut buf);
-        let mut page = String::from_utf8(buf).unwrap_or_default();
-        page.push_str(&tandem_runtime::telemetry::render_metrics());
-        page
+        families
     }
+}
+
+/// The `/metrics` page of a gateway serving `models` (each one's metrics), plus `extra`
+/// families (the router's). With several models, each of Tandem's own series gains the
+/// `model_name` label that vLLM's already carry, and each family is written once with every
+/// model's series in it.
+pub(crate) fn render(models: &[&Metrics], extra: Vec<MetricFamily>) -> String {
+    let mut families: Vec<MetricFamily> = Vec::new();
+    for m in models {
+        let name = m.model_name.as_str();
+        for mut f in m.gather() {
+            if models.len() > 1 {
+                for metric in f.mut_metric() {
+                    if !metric.get_label().iter().any(|l| l.name() == "model_name") {
+                        let mut labels = metric.take_label();
+                        let mut l = LabelPair::default();
+                        l.set_name("model_name".into());
+                        l.set_value(name.into());
+                        labels.insert(0, l);
+                        metric.set_label(labels);
+                    }
+                }
+            }
+            match families.iter_mut().find(|g| g.name() == f.name()) {
+                Some(g) => g.mut_metric().extend(f.take_metric()),
+                None => families.push(f),
+            }
+        }
+    }
+    families.extend(extra);
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&families, &mut buf);
+    let mut page = String::from_utf8(buf).unwrap_or_default();
+    page.push_str(&tandem_runtime::telemetry::render_metrics());
+    page
 }

@@ -89,6 +89,9 @@ impl WorkerSpec {
 pub struct WorkerPool {
     workers: Arc<Mutex<Vec<WorkerSpec>>>,
     next_key: Arc<Mutex<u64>>,
+    /// The one model this pool routes to, where the gateway serves several: a worker reporting
+    /// another is not this pool's (block stores serve every model).
+    model: Arc<std::sync::OnceLock<String>>,
 }
 
 /// A chosen worker; holding it counts as one request in flight there.
@@ -140,13 +143,23 @@ fn endpoint(url: &str) -> anyhow::Result<Channel> {
 impl WorkerPool {
     /// Workers given on the command line.
     pub fn new(prefill: &[String], decode: &[String], stores: &[String]) -> anyhow::Result<Self> {
-        let pool = Self { workers: Arc::new(Mutex::new(Vec::new())), next_key: Arc::new(Mutex::new(0)) };
+        let pool = Self { workers: Arc::new(Mutex::new(Vec::new())), next_key: Arc::new(Mutex::new(0)), model: Default::default() };
         for (role, urls) in [(Role::Prefill, prefill), (Role::Decode, decode), (Role::BlockStore, stores)] {
             for url in urls {
                 pool.add(role, url, false)?;
             }
         }
         Ok(pool)
+    }
+
+    /// Routes only to workers that report serving `model`.
+    pub fn serve_only(&self, model: &str) {
+        let _ = self.model.set(model.to_string());
+    }
+
+    /// Whether a worker's report makes it one of this pool's.
+    fn ours(&self, role: Role, info: &WorkerInfo) -> bool {
+        role == Role::BlockStore || self.model.get().is_none_or(|m| *m == info.model)
     }
 
     fn add(&self, role: Role, url: &str, registered: bool) -> anyhow::Result<()> {
@@ -352,6 +365,8 @@ impl WorkerPool {
         let mut ws = self.lock();
         for (s, info) in snapshot.iter().zip(infos) {
             let Some(w) = ws.iter_mut().find(|w| w.key == s.key) else { continue };
+            // Another model's worker answers, but is never routed to from here.
+            let info = info.filter(|i| self.ours(w.role, i));
             if info.is_none() && w.info.is_some() {
                 tracing::warn!(url = %w.url, "worker stopped answering");
             }

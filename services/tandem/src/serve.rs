@@ -290,11 +290,20 @@ pub enum PrefixIndex {
 pub struct GatewayArgs {
     #[arg(long, default_value = "127.0.0.1:8000")]
     pub listen: String,
+    /// The model to serve (a .gguf file, a folder or a hub id; default: the embedded one);
+    /// repeat it to serve several, each with its own `--served-model-name`.
     #[arg(long, env = "TANDEM_MODEL")]
-    pub model: Option<String>,
+    pub model: Vec<String>,
+    /// The name clients use for the model; repeated, one per `--model` (or, with one model or
+    /// none, the same model under each name).
     #[arg(long, env = "TANDEM_SERVED_MODEL_NAME")]
-    pub served_model_name: Option<String>,
-    /// Prefill workers (host:port), repeatable.
+    pub served_model_name: Vec<String>,
+    /// The router's models, backends and decisions (YAML in vLLM Semantic Router's shape; see
+    /// docs/router.md).
+    #[arg(long, env = "TANDEM_ROUTER_CONFIG")]
+    pub router_config: Option<std::path::PathBuf>,
+    /// Prefill workers (host:port), repeatable; with several models, each worker serves the
+    /// model it reports.
     #[arg(long)]
     pub prefill: Vec<String>,
     /// Decode workers (host:port), repeatable.
@@ -634,11 +643,41 @@ pub async fn kv_transfer(args: KvTransferArgs) -> Result<()> {
     finish(tandem_kv_transfer::run(cfg, listener, shutdown).await)
 }
 
+/// The models a command serves: each `--model` with its `--served-model-name`. One model (or
+/// none, the default) may be served under several names; several models need a name each or
+/// none.
+pub(crate) fn pair_models(models: &[String], names: &[String]) -> Result<Vec<(Option<String>, Option<String>)>> {
+    Ok(match (models.len(), names.len()) {
+        (0 | 1, n) => (0..n.max(1)).map(|i| (models.first().cloned(), names.get(i).cloned())).collect(),
+        (_, 0) => models.iter().map(|m| (Some(m.clone()), None)).collect(),
+        (m, n) if m == n => models.iter().cloned().map(Some).zip(names.iter().cloned().map(Some)).collect(),
+        (m, n) => anyhow::bail!("{m} models and {n} served names: give one --served-model-name per --model, or none"),
+    })
+}
+
+/// Each model's files under the name it is served as; two models may not share a name.
+fn served_models(models: &[String], names: &[String]) -> Result<Vec<ModelFiles>> {
+    let mut out: Vec<ModelFiles> = Vec::new();
+    for (model, name) in pair_models(models, names)? {
+        let files = model_files(model.as_deref(), name.as_deref())?;
+        if out.iter().any(|f| f.name == files.name) {
+            anyhow::bail!("two models are served as `{}`: give each its own --served-model-name", files.name);
+        }
+        out.push(files);
+    }
+    Ok(out)
+}
+
 pub async fn gateway(args: GatewayArgs) -> Result<()> {
     args.grpc_tls.apply()?;
     let shutdown = Shutdown::new(stop_signal(args.managed), Duration::from_secs(args.drain_timeout_s));
-    let files = model_files(args.model.as_deref(), args.served_model_name.as_deref())?;
-    let tokenizer = Tokenizer::load(&files)?;
+    let mut models = Vec::new();
+    for files in served_models(&args.model, &args.served_model_name)? {
+        let tokenizer = Tokenizer::load(&files)?;
+        models.push((files.name, tokenizer));
+    }
+    let (model_name, tokenizer) = models.remove(0);
+    let router = args.router_config.as_deref().map(tandem_gateway::router::RouterConfig::load).transpose()?;
     let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     if args.redis.is_none() && args.decode.is_empty() {
@@ -647,7 +686,9 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
     }
     let state = tandem_state::open(args.redis.as_deref()).context("opening the state store")?;
     let cfg = tandem_gateway::GatewayConfig {
-        model_name: files.name.clone(),
+        model_name,
+        other_models: models,
+        router,
         prefill: args.prefill,
         decode: args.decode,
         block_stores: args.block_store,

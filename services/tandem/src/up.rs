@@ -20,8 +20,13 @@ pub struct UpArgs {
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     /// A .gguf file, a model folder or a hub id; defaults to the embedded SmolLM2-135M-Instruct.
+    /// Repeat it to serve several models behind the one endpoint, each with pools of its own.
     #[arg(long, env = "TANDEM_MODEL")]
-    pub model: Option<String>,
+    pub model: Vec<String>,
+    /// The router's models, backends and decisions (YAML in vLLM Semantic Router's shape; see
+    /// docs/router.md), given to the gateway.
+    #[arg(long, env = "TANDEM_ROUTER_CONFIG")]
+    pub router_config: Option<std::path::PathBuf>,
     /// Prefill workers (default 1, or 0 with `--aggregated`).
     #[arg(long)]
     pub prefill: Option<usize>,
@@ -83,9 +88,10 @@ pub struct UpArgs {
 /// own default).
 #[derive(Debug, Clone, Default, Args)]
 pub struct UpEngineArgs {
-    /// The name clients use for the model (default: the model's).
+    /// The name clients use for the model (default: the model's); repeated, one per `--model`
+    /// (or, with one model or none, the same model served under each name, pools and all).
     #[arg(long)]
-    pub served_model_name: Option<String>,
+    pub served_model_name: Vec<String>,
     /// Longest context, prompt and output together.
     #[arg(long)]
     pub max_model_len: Option<usize>,
@@ -204,17 +210,25 @@ pub async fn run(args: UpArgs) -> Result<()> {
     if (prefills == 0) != (decodes == 0) {
         bail!("prefill workers need decode workers and the other way round (aggregated workers need neither)");
     }
-    let model = default_model::resolve_spec(args.model.as_deref())?;
-    // A model from the hub is fetched here, once, with its progress on this terminal; the
-    // workers then find it in the cache.
-    let spec = model.clone();
-    tokio::task::spawn_blocking(move || tandem_tokenizer::ModelFiles::resolve(&spec)).await.context("resolving the model")??;
-    let served = args.engine.served_model_name.clone().unwrap_or_else(|| default_model::served_name(args.model.as_deref(), &model));
-    let model_args = vec!["--model".to_string(), model.clone(), "--served-model-name".into(), served.clone()];
-    let engine_args = |role: &str, i: usize| {
+    // Each model with the name it is served as; a model from the hub is fetched here, once,
+    // with its progress on this terminal, and the workers then find it in the cache.
+    let mut models: Vec<(String, String)> = Vec::new();
+    for (given, name) in crate::serve::pair_models(&args.model, &args.engine.served_model_name)? {
+        let spec = default_model::resolve_spec(given.as_deref())?;
+        let fetch = spec.clone();
+        tokio::task::spawn_blocking(move || tandem_tokenizer::ModelFiles::resolve(&fetch)).await.context("resolving the model")??;
+        let served = name.unwrap_or_else(|| default_model::served_name(given.as_deref(), &spec));
+        if models.iter().any(|(_, s)| *s == served) {
+            bail!("two models are served as `{served}`: give each its own --served-model-name");
+        }
+        models.push((spec, served));
+    }
+    let model_args =
+        |(spec, served): &(String, String)| vec!["--model".to_string(), spec.clone(), "--served-model-name".into(), served.clone()];
+    let engine_args = |model: &(String, String), role: &str, i: usize| {
         let (tp, device) = args.placement(role, i);
         let mut a = vec![role.to_string()];
-        a.extend(model_args.clone());
+        a.extend(model_args(model));
         a.extend(["--tp".into(), tp.to_string()]);
         a.extend(args.engine.worker_flags());
         a.extend(["--kv-cache-mb".into(), args.kv_cache_mb.to_string(), "--handoff-lease-ms".into(), args.handoff_lease_ms.to_string()]);
@@ -225,10 +239,18 @@ pub async fn run(args: UpArgs) -> Result<()> {
     };
 
     let redis: Vec<String> = args.redis.iter().flat_map(|u| ["--redis".to_string(), u.clone()]).collect();
-    let engine_args = |role: &str, i: usize| {
-        let mut a = engine_args(role, i);
+    let engine_args = |model: &(String, String), role: &str, i: usize| {
+        let mut a = engine_args(model, role, i);
         a.extend(redis.clone());
         a
+    };
+    // With several models, each worker's name says whose it is.
+    let worker_name = |model: &(String, String), role: &str, i: usize| {
+        if models.len() > 1 {
+            format!("{}-{role}-{i}", model.1)
+        } else {
+            format!("{role}-{i}")
+        }
     };
     // Each worker is started once here, then kept running by its own supervisor.
     let (stopping, stop_rx) = tokio::sync::watch::channel(false);
@@ -247,35 +269,43 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let mut metrics = vec![metrics_url(&kv, &kv_fields)?];
     supervise(kv, &kv_fields, kv_args)?;
     let (mut prefill_addrs, mut decode_addrs) = (Vec::new(), Vec::new());
-    for i in 0..prefills {
-        let a = engine_args("prefill", i);
-        let (s, f) = spawn(&format!("prefill-{i}"), &a).await?;
-        prefill_addrs.push(field(&f, "grpc")?);
-        metrics.push(metrics_url(&s, &f)?);
-        supervise(s, &f, a)?;
-    }
-    for i in 0..decodes {
-        let a = engine_args("decode", i);
-        let (s, f) = spawn(&format!("decode-{i}"), &a).await?;
-        decode_addrs.push(field(&f, "grpc")?);
-        metrics.push(metrics_url(&s, &f)?);
-        supervise(s, &f, a)?;
-    }
-    // Aggregated workers are decode workers that compute prompts: the gateway knows them as
-    // decode workers, and learns from each that it takes whole requests.
-    for i in 0..args.aggregated {
-        let a = engine_args("worker", i);
-        let (s, f) = spawn(&format!("worker-{i}"), &a).await?;
-        decode_addrs.push(field(&f, "grpc")?);
-        metrics.push(metrics_url(&s, &f)?);
-        supervise(s, &f, a)?;
+    for model in &models {
+        for i in 0..prefills {
+            let a = engine_args(model, "prefill", i);
+            let (s, f) = spawn(&worker_name(model, "prefill", i), &a).await?;
+            prefill_addrs.push(field(&f, "grpc")?);
+            metrics.push(metrics_url(&s, &f)?);
+            supervise(s, &f, a)?;
+        }
+        for i in 0..decodes {
+            let a = engine_args(model, "decode", i);
+            let (s, f) = spawn(&worker_name(model, "decode", i), &a).await?;
+            decode_addrs.push(field(&f, "grpc")?);
+            metrics.push(metrics_url(&s, &f)?);
+            supervise(s, &f, a)?;
+        }
+        // Aggregated workers are decode workers that compute prompts: the gateway knows them as
+        // decode workers, and learns from each that it takes whole requests.
+        for i in 0..args.aggregated {
+            let a = engine_args(model, "worker", i);
+            let (s, f) = spawn(&worker_name(model, "worker", i), &a).await?;
+            decode_addrs.push(field(&f, "grpc")?);
+            metrics.push(metrics_url(&s, &f)?);
+            supervise(s, &f, a)?;
+        }
     }
     let mut gw = vec!["gateway".to_string(), "--listen".into(), format!("{}:{}", args.host, args.port)];
-    gw.extend(model_args.clone());
+    for model in &models {
+        gw.extend(model_args(model));
+    }
+    if let Some(path) = &args.router_config {
+        gw.extend(["--router-config".into(), path.display().to_string()]);
+    }
     if args.redis.is_some() {
         // The workers are in the registry.
         gw.extend(redis.clone());
     } else {
+        // Every model's workers: each serves the pools of the model it reports.
         for a in &prefill_addrs {
             gw.extend(["--prefill".into(), a.clone()]);
         }
@@ -295,7 +325,9 @@ pub async fn run(args: UpArgs) -> Result<()> {
         n if prefills + decodes == 0 => format!("aggregated: {n}"),
         n => format!("prefill: {prefills}, decode: {decodes}, aggregated: {n}"),
     };
-    println!("tandem is serving {served} at http://{http}/v1 ({pools}); Ctrl-C stops it");
+    let served: Vec<&str> = models.iter().map(|(_, name)| name.as_str()).collect();
+    let each = if models.len() > 1 { " each" } else { "" };
+    println!("tandem is serving {} at http://{http}/v1 ({pools}{each}); Ctrl-C stops it", served.join(", "));
     // Beside the logs, for whoever scrapes them: where each worker serves its metrics.
     eprintln!("metrics: gateway http://{http}/metrics, {}", metrics.join(", "));
 

@@ -120,7 +120,8 @@ impl ServeArgs {
         Ok(UpArgs {
             port: self.port,
             host: self.host,
-            model: self.model,
+            model: self.model.into_iter().collect(),
+            router_config: None,
             prefill: Some(self.prefill),
             decode: Some(self.decode),
             aggregated: 0,
@@ -183,11 +184,11 @@ mod tests {
             "--trust-remote-code",
         ])
         .unwrap();
-        assert_eq!((up.model.as_deref(), up.port, up.tp), (Some("/models/m.gguf"), 9000, 1));
+        assert_eq!((up.model.first().map(String::as_str), up.port, up.tp), (Some("/models/m.gguf"), 9000, 1));
         assert_eq!(parse(&["--tensor-parallel-size", "3"]).unwrap().tp, 3, "groups of threads on the CPU");
         assert_eq!(parse(&["--tensor-parallel-size", "2", "--device", "cuda:0"]).unwrap().tp, 2, "groups of GPUs");
         let e = &up.engine;
-        assert_eq!(e.served_model_name.as_deref(), Some("m"));
+        assert_eq!(e.served_model_name, ["m"]);
         assert_eq!(
             (e.max_model_len, e.max_num_seqs, e.max_batch_tokens, e.gpu_memory_utilization),
             (Some(4096), Some(32), Some(2048), Some(0.5))

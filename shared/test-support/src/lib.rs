@@ -228,6 +228,8 @@ impl ClusterBuilder {
             poll_interval: self.poll_interval,
             access: tandem_gateway::AccessConfig::default(),
             tls: None,
+            other_models: Vec::new(),
+            router: None,
         };
         let gateway = Service::spawn("gateway", addr, None, self.drain_timeout, |sd| tandem_gateway::run(cfg, tokenizer, listener, sd));
         let base = format!("http://{addr}");

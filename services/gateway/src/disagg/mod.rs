@@ -177,7 +177,7 @@ impl Progress {
     /// Records the choice as queued.
     fn new(state: &AppState, spec: &ChoiceSpec) -> Self {
         let params = serde_json::to_value(&spec.params).unwrap_or_default();
-        let record = RequestState::new(&spec.request_id, &state.cfg.model_name, spec.prompt.clone(), spec.seed, params);
+        let record = RequestState::new(&spec.request_id, &state.model_name, spec.prompt.clone(), spec.seed, params);
         state.cluster.put_request(&record);
         Self { record, unflushed: Vec::new(), generated: 0 }
     }

@@ -22,7 +22,7 @@ use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::{access, api, cluster, AccessConfig, AppState, GatewayConfig, Metrics, WorkerPool};
+use crate::{access, cluster, AccessConfig, AppState, GatewayConfig, Metrics, WorkerPool};
 
 const MODEL: &str = "tiny";
 const CONTEXT: u32 = 128;
@@ -56,6 +56,8 @@ fn state() -> Arc<AppState> {
                 poll_interval: Duration::from_secs(60),
                 access: AccessConfig::default(),
                 tls: None,
+                other_models: Vec::new(),
+                router: None,
             };
             let metrics = Metrics::new(MODEL).unwrap();
             let workers = WorkerPool::new(&cfg.prefill, &cfg.decode, &cfg.block_stores).unwrap();
@@ -72,7 +74,7 @@ fn state() -> Arc<AppState> {
             let cluster = cluster::Cluster::new(state, None, metrics.clone(), cfg.index_ttl, cfg.request_ttl);
             let access = Arc::new(access::Access::new(cfg.access.clone(), metrics.clone()));
             let shutdown = Shutdown::new(CancellationToken::new(), Duration::from_secs(1));
-            Arc::new(AppState { cfg, tokenizer, workers, metrics, cluster, access, shutdown })
+            Arc::new(AppState { cfg: Arc::new(cfg), model_name: MODEL.into(), tokenizer, workers, metrics, cluster, access, shutdown })
         })
     })
     .clone()
@@ -83,7 +85,7 @@ fn post(path: &str, body: Vec<u8>) -> (StatusCode, Value) {
     let state = state();
     runtime().block_on(async {
         let req = Request::post(path).header("content-type", "application/json").body(Body::from(body)).unwrap();
-        let resp = api::router(state).oneshot(req).await.unwrap();
+        let resp = crate::front::single(state).oneshot(req).await.unwrap();
         let status = resp.status();
         let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
         let v = serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{status}: not JSON ({e}): {}", String::from_utf8_lossy(&bytes)));
