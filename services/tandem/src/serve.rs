@@ -717,3 +717,24 @@ pub async fn gateway(args: GatewayArgs) -> Result<()> {
     ready("gateway", &format!("http={addr}"));
     finish(tandem_gateway::run(cfg, tokenizer, listener, shutdown).await)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::pair_models;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn models_pair_with_their_served_names() {
+        let some = |x: &str| Some(x.to_string());
+        assert_eq!(pair_models(&[], &[]).unwrap(), [(None, None)], "the default model, under its own name");
+        assert_eq!(pair_models(&[], &s(&["a", "b"])).unwrap(), [(None, some("a")), (None, some("b"))], "the default twice");
+        assert_eq!(pair_models(&s(&["m"]), &s(&["a", "b"])).unwrap(), [(some("m"), some("a")), (some("m"), some("b"))]);
+        assert_eq!(pair_models(&s(&["m", "n"]), &[]).unwrap(), [(some("m"), None), (some("n"), None)]);
+        assert_eq!(pair_models(&s(&["m", "n"]), &s(&["a", "b"])).unwrap(), [(some("m"), some("a")), (some("n"), some("b"))]);
+        let e = pair_models(&s(&["m", "n", "o"]), &s(&["a", "b"])).unwrap_err().to_string();
+        assert!(e.contains("3 models and 2 served names"), "{e}");
+    }
+}
