@@ -97,8 +97,8 @@ impl Q4_1Matrix {
         assert_eq!(out.len(), m * self.rows, "outputs of {m} rows of {}", self.rows);
         let q = Q8_1Rows::quantize(x, self.cols);
         // Each task takes a run of weight rows and writes their results for every activation
-        // row into a buffer of its own ([task rows × m]), laid into `out` afterwards. Small
-        // products run on this thread: on a few cores, handing out work costs more than it saves.
+        // row into a buffer of its own ([task rows × m]), laid into `out` afterwards. The smallest
+        // products run on this thread: handing them out costs more than it saves.
         let threads = rayon::current_num_threads();
         let tasks = if self.rows * self.cols * m < PARALLEL_MACS || threads == 1 { 1 } else { threads };
         let per_task = self.rows.div_ceil(tasks);
@@ -140,8 +140,11 @@ impl Kernel {
     }
 }
 
-/// Multiply-adds below which a product runs on the calling thread.
-const PARALLEL_MACS: usize = 1 << 21;
+/// Multiply-adds below which a product runs on the calling thread. Low enough that a decode
+/// step's matrices (one activation row; the smallest, 192 × 576, is 110,592) are shared out: from
+/// a rayon worker (the CPU engine runs its passes on one) a split costs a few microseconds, while
+/// each half of a 576 × 1,536 row takes 30.
+const PARALLEL_MACS: usize = 100_000;
 
 /// The block's scale and minimum.
 #[inline(always)]
