@@ -270,28 +270,17 @@ pub async fn run(args: UpArgs) -> Result<()> {
     supervise(kv, &kv_fields, kv_args)?;
     let (mut prefill_addrs, mut decode_addrs) = (Vec::new(), Vec::new());
     for model in &models {
-        for i in 0..prefills {
-            let a = engine_args(model, "prefill", i);
-            let (s, f) = spawn(&worker_name(model, "prefill", i), &a).await?;
-            prefill_addrs.push(field(&f, "grpc")?);
-            metrics.push(metrics_url(&s, &f)?);
-            supervise(s, &f, a)?;
-        }
-        for i in 0..decodes {
-            let a = engine_args(model, "decode", i);
-            let (s, f) = spawn(&worker_name(model, "decode", i), &a).await?;
-            decode_addrs.push(field(&f, "grpc")?);
-            metrics.push(metrics_url(&s, &f)?);
-            supervise(s, &f, a)?;
-        }
         // Aggregated workers are decode workers that compute prompts: the gateway knows them as
         // decode workers, and learns from each that it takes whole requests.
-        for i in 0..args.aggregated {
-            let a = engine_args(model, "worker", i);
-            let (s, f) = spawn(&worker_name(model, "worker", i), &a).await?;
-            decode_addrs.push(field(&f, "grpc")?);
-            metrics.push(metrics_url(&s, &f)?);
-            supervise(s, &f, a)?;
+        for (role, count) in [("prefill", prefills), ("decode", decodes), ("worker", args.aggregated)] {
+            for i in 0..count {
+                let a = engine_args(model, role, i);
+                let (s, f) = spawn(&worker_name(model, role, i), &a).await?;
+                let addrs = if role == "prefill" { &mut prefill_addrs } else { &mut decode_addrs };
+                addrs.push(field(&f, "grpc")?);
+                metrics.push(metrics_url(&s, &f)?);
+                supervise(s, &f, a)?;
+            }
         }
     }
     let mut gw = vec!["gateway".to_string(), "--listen".into(), format!("{}:{}", args.host, args.port)];
