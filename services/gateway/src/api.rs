@@ -33,6 +33,8 @@ pub(crate) fn routes(state: S) -> Router {
         .route("/v1/completions", post(completions))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
+        // The front's limit, again: a request it builds carries none of the original's.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 

@@ -269,12 +269,14 @@ pub async fn run(args: UpArgs) -> Result<()> {
     let mut metrics = vec![metrics_url(&kv, &kv_fields)?];
     supervise(kv, &kv_fields, kv_args)?;
     let (mut prefill_addrs, mut decode_addrs) = (Vec::new(), Vec::new());
-    for model in &models {
+    for (m, model) in models.iter().enumerate() {
         // Aggregated workers are decode workers that compute prompts: the gateway knows them as
         // decode workers, and learns from each that it takes whole requests.
         for (role, count) in [("prefill", prefills), ("decode", decodes), ("worker", args.aggregated)] {
             for i in 0..count {
-                let a = engine_args(model, role, i);
+                // Device lists run on across the models: model B's first worker takes the entry
+                // after model A's last.
+                let a = engine_args(model, role, m * count + i);
                 let (s, f) = spawn(&worker_name(model, role, i), &a).await?;
                 let addrs = if role == "prefill" { &mut prefill_addrs } else { &mut decode_addrs };
                 addrs.push(field(&f, "grpc")?);

@@ -56,7 +56,8 @@ async fn external(State(calls): State<Calls>, headers: HeaderMap, body: axum::bo
         for p in pieces {
             let chunk = json!({"id": "ext-1", "object": "chat.completion.chunk", "created": 1, "model": model,
                 "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": null}]});
-            out.push_str(&format!("data: {chunk}\n\n"));
+            // Framed with CRLF, as some servers write their events.
+            out.push_str(&format!("data: {chunk}\r\n\r\n"));
         }
         let last = json!({"id": "ext-1", "object": "chat.completion.chunk", "created": 1, "model": model,
             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
@@ -360,6 +361,10 @@ async fn a_request_runs_its_own_panel_through_plugins() {
     let (status, e) = post(&s.base, "/v1/chat/completions", &question("alpha", "What is hail?", strict)).await;
     assert_eq!(status, 503, "{e}");
     assert!(e["error"]["message"].as_str().unwrap().contains("`dead`"), "{e}");
+    // Every member refusing the request as it is: a 400 for the client, not a 503 to retry.
+    let wrong = json!({"top_k": -5, "plugins": [{"id": "fusion", "analysis_models": ["alpha", "beta"], "judge_model": "alpha"}]});
+    let (status, e) = post(&s.base, "/v1/chat/completions", &question("alpha", "What is sleet?", wrong)).await;
+    assert_eq!((status, e["error"]["type"].as_str()), (400, Some("invalid_request_error")), "{e}");
     let unknown = json!({"plugins": [{"id": "fusion", "analysis_models": ["alpha", "nobody"], "judge_model": "ext"}]});
     let (status, e) = post(&s.base, "/v1/chat/completions", &question("alpha", "What is fog?", unknown)).await;
     assert_eq!((status, e["error"]["code"].as_str()), (404, Some("model_not_found")), "{e}");

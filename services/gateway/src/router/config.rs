@@ -191,8 +191,13 @@ impl RouterConfig {
         Ok(file.router)
     }
 
-    pub fn timeout(&self) -> Duration {
-        Duration::from_secs_f64(self.timeout_s.filter(|t| *t > 0.0).unwrap_or(300.0))
+    /// `timeout_s`, checked: positive and at most a day.
+    pub fn timeout(&self) -> anyhow::Result<Duration> {
+        match self.timeout_s {
+            None => Ok(Duration::from_secs(300)),
+            Some(t) if t > 0.0 && t <= 86_400.0 => Ok(Duration::from_secs_f64(t)),
+            Some(t) => anyhow::bail!("router config: timeout_s must be above 0 and at most 86400 seconds, got {t}"),
+        }
     }
 }
 
@@ -227,7 +232,11 @@ router:
         let AlgorithmConfig::Fusion(f) = &c.decisions[0].algorithm else { panic!("fusion") };
         assert_eq!((f.max_concurrent, f.on_error), (2, OnError::Fail));
         assert!(matches!(&c.decisions[1].signals[0], SignalConfig::Keyword { operator: KeywordOperator::All, .. }));
-        assert_eq!(c.timeout(), Duration::from_secs(300));
+        assert_eq!(c.timeout().unwrap(), Duration::from_secs(300));
+        for bad in ["0", "-1", ".inf", "1e30"] {
+            let c = RouterConfig::parse(&format!("router:\n  timeout_s: {bad}\n")).unwrap();
+            assert!(c.timeout().is_err(), "{bad}");
+        }
     }
 
     #[test]

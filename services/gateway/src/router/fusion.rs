@@ -41,6 +41,8 @@ struct MemberResult {
     completion_tokens: u64,
     latency: Duration,
     error: Option<String>,
+    /// A failed member's answer was a 400 (the request was wrong, not the member).
+    client_error: bool,
 }
 
 impl MemberResult {
@@ -81,17 +83,42 @@ impl Tally {
     }
 }
 
-/// A response's JSON body, or what went wrong (its error message, or its status).
-async fn read_json(resp: Response) -> Result<Value, String> {
-    let status = resp.status();
-    let bytes = axum::body::to_bytes(resp.into_body(), MAX_ANSWER_BYTES).await.map_err(|e| format!("reading the answer: {e}"))?;
-    let v: Value =
-        serde_json::from_slice(&bytes).map_err(|_| format!("{status}: {}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)])))?;
-    if status.is_success() {
-        Ok(v)
-    } else {
-        Err(v["error"]["message"].as_str().map(|m| format!("{status}: {m}")).unwrap_or_else(|| format!("{status}: {v}")))
+/// What went wrong with a backend call: the status it answered (none if it never did) and why.
+#[derive(Debug, Clone)]
+struct Failure {
+    status: Option<u16>,
+    message: String,
+}
+
+impl Failure {
+    fn new(status: Option<u16>, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
     }
+
+    /// The backend found the request itself wrong (a 400: bad parameters, too long a prompt),
+    /// which is the client's to fix rather than to retry.
+    fn client_error(&self) -> bool {
+        self.status == Some(400)
+    }
+}
+
+/// A response's JSON object, or what went wrong (its error message, or its status).
+async fn read_json(resp: Response) -> Result<Value, Failure> {
+    let status = resp.status();
+    let code = Some(status.as_u16());
+    let bytes = axum::body::to_bytes(resp.into_body(), MAX_ANSWER_BYTES)
+        .await
+        .map_err(|e| Failure::new(code, format!("reading the answer: {e}")))?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|_| Failure::new(code, format!("{status}: {}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)]))))?;
+    if !status.is_success() {
+        let message = v["error"]["message"].as_str().map(|m| format!("{status}: {m}")).unwrap_or_else(|| format!("{status}: {v}"));
+        return Err(Failure::new(code, message));
+    }
+    if !v.is_object() {
+        return Err(Failure::new(code, format!("{status}: the answer is not a JSON object")));
+    }
+    Ok(v)
 }
 
 /// The request as the judge reads it: the user's text, or the whole conversation when it has
@@ -109,12 +136,35 @@ fn question_of(body: &Value) -> String {
     }
 }
 
+/// The template with its placeholders filled in one pass, so that text filled in (the client's
+/// question, the answers) is never read for placeholders itself.
 fn judge_prompt(template: &str, question: &str, answers: &[&MemberResult]) -> String {
     let mut listed = String::new();
     for (i, r) in answers.iter().enumerate() {
         listed.push_str(&format!("[Answer {} from {}]\n{}\n\n", i + 1, r.id, r.answer.as_deref().unwrap_or("").trim()));
     }
-    template.replace("{count}", &answers.len().to_string()).replace("{question}", question).replace("{answers}", &listed)
+    let count = answers.len().to_string();
+    let mut out = String::with_capacity(template.len() + question.len() + listed.len());
+    let mut rest = template;
+    while let Some(at) = rest.find('{') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let filled = [("{question}", question), ("{answers}", listed.as_str()), ("{count}", count.as_str())]
+            .into_iter()
+            .find(|(name, _)| rest.starts_with(name));
+        match filled {
+            Some((name, value)) => {
+                out.push_str(value);
+                rest = &rest[name.len()..];
+            }
+            None => {
+                out.push('{');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn failed(code: ErrorCode, message: String) -> Response {
@@ -130,7 +180,7 @@ async fn ask(front: &Front, router: &Router, id: String, target: Target, body: V
     };
     let outcome = match tokio::time::timeout(router.timeout, call).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer within {:?}", router.timeout)),
+        Err(_) => Err(Failure::new(None, format!("no answer within {:?}", router.timeout))),
     };
     let latency = started.elapsed();
     router.metrics.observe(&id, latency, outcome.is_ok());
@@ -145,11 +195,20 @@ async fn ask(front: &Front, router: &Router, id: String, target: Target, body: V
                 completion_tokens: usage.completion,
                 latency,
                 error: None,
+                client_error: false,
             }
         }
         Err(e) => {
-            span.in_scope(|| tracing::warn!(member = %id, error = %e, "panel member failed"));
-            MemberResult { id, answer: None, prompt_tokens: 0, completion_tokens: 0, latency, error: Some(e) }
+            span.in_scope(|| tracing::warn!(member = %id, error = %e.message, "panel member failed"));
+            MemberResult {
+                id,
+                answer: None,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                latency,
+                client_error: e.client_error(),
+                error: Some(e.message),
+            }
         }
     }
 }
@@ -221,7 +280,9 @@ async fn run_panel(
     let answers: Vec<&MemberResult> = results.iter().filter(|r| r.error.is_none()).collect();
     if answers.is_empty() {
         let why: Vec<String> = failures.iter().map(|f| format!("{}: {}", f.id, f.error.as_deref().unwrap_or(""))).collect();
-        return failed(ErrorCode::Unavailable, format!("every panel member failed ({})", why.join("; ")));
+        // Every member refusing the request as it is: the client's to fix, not to retry.
+        let code = if failures.iter().all(|f| f.client_error) { ErrorCode::InvalidRequest } else { ErrorCode::Unavailable };
+        return failed(code, format!("every panel member failed ({})", why.join("; ")));
     }
     router.metrics.skipped.inc_by(failures.len() as u64);
     let mut panel_usage = Tally::default();
@@ -267,7 +328,10 @@ async fn run_panel(
                 v["fusion_trace"] = trace;
                 Json(v).into_response()
             }
-            Err(e) => failed(ErrorCode::Unavailable, format!("the judge `{}` failed: {e}", panel.judge)),
+            Err(e) => {
+                let code = if e.client_error() { ErrorCode::InvalidRequest } else { ErrorCode::Unavailable };
+                failed(code, format!("the judge `{}` failed: {}", panel.judge, e.message))
+            }
         };
     }
     let relay = Relay {
@@ -308,6 +372,7 @@ impl Relay {
         let mut buf: Vec<u8> = Vec::new();
         let mut last: Option<(Value, Value)> = None;
         let mut traced = false;
+        let mut done = false;
         let mut ok = true;
         'read: while let Some(chunk) = data.next().await {
             let chunk = match chunk {
@@ -319,6 +384,10 @@ impl Relay {
                 }
             };
             buf.extend_from_slice(&chunk);
+            // Events may be framed with CRLF (as some servers write them): read them as LF.
+            if buf.contains(&b'\r') {
+                buf = String::from_utf8_lossy(&buf).replace("\r\n", "\n").into_bytes();
+            }
             while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
                 let event: Vec<u8> = buf.drain(..end + 2).collect();
                 let text = String::from_utf8_lossy(&event);
@@ -330,6 +399,7 @@ impl Relay {
                         traced = true;
                     }
                     out.push_str("data: [DONE]\n\n");
+                    done = true;
                     if tx.send(Ok(Bytes::from(out))).await.is_err() {
                         break 'read;
                     }
@@ -364,6 +434,16 @@ impl Relay {
                     break 'read;
                 }
             }
+        }
+        if !done {
+            // The judge's stream ended (or broke) without its `[DONE]`: the client still gets
+            // the trace and the end of the stream.
+            let mut out = String::new();
+            if !traced {
+                out.push_str(&self.closing(last.take()));
+            }
+            out.push_str("data: [DONE]\n\n");
+            let _ = tx.send(Ok(Bytes::from(out))).await;
         }
         let took = self.started.elapsed();
         self.metrics.observe(&self.judge, took, ok);
@@ -414,11 +494,15 @@ mod tests {
             completion_tokens: 2,
             latency: Duration::ZERO,
             error: None,
+            client_error: false,
         };
         let (a, b) = (r("alpha", "Rayleigh scattering."), r("ext", " Dust. "));
         let p = judge_prompt(DEFAULT_JUDGE_PROMPT, "Why is the sky blue?", &[&a, &b]);
         assert!(p.contains("2 assistants") && p.contains("Why is the sky blue?"), "{p}");
         assert!(p.contains("[Answer 1 from alpha]\nRayleigh scattering.") && p.contains("[Answer 2 from ext]\nDust."), "{p}");
+        // A question that names a placeholder is taken as it is.
+        let sly = judge_prompt("Q: {question} | A: {answers} | {n}", "tell me {answers}", &[&a]);
+        assert_eq!(sly, "Q: tell me {answers} | A: [Answer 1 from alpha]\nRayleigh scattering.\n\n | {n}");
     }
 
     #[test]

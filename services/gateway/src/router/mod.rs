@@ -33,6 +33,9 @@ use crate::front::Front;
 use crate::AppState;
 pub(crate) use metrics::RouterMetrics;
 
+/// Most members one panel may ask (each a backend call the one client request causes).
+pub(crate) const MAX_PANEL: usize = 16;
+
 /// Where a backend's requests go.
 #[derive(Debug, Clone)]
 pub(crate) enum Target {
@@ -197,8 +200,15 @@ impl Router {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| anyhow::anyhow!("building the router's HTTP client: {e}"))?;
+        for d in &cfg.decisions {
+            if let AlgorithmConfig::Fusion(f) = &d.algorithm {
+                if f.analysis_models.len() > MAX_PANEL {
+                    anyhow::bail!("router config: decision `{}` has {} panel members; at most {MAX_PANEL}", d.id, f.analysis_models.len());
+                }
+            }
+        }
         Ok(Self {
-            timeout: cfg.timeout(),
+            timeout: cfg.timeout()?,
             models: cfg.models,
             backends: cfg.backends,
             keys,
@@ -251,8 +261,15 @@ impl Router {
     /// What to do with a chat request naming `model`, or `None` when the router has no part in
     /// it. A request's own `fusion` plugin comes first.
     pub(crate) async fn plan(&self, model: &str, body: &Value) -> Result<Option<Plan>, ApiError> {
-        if let Some(panel) = plugin_panel(model, body)? {
-            return Ok(Some(panel));
+        if let Some(mut panel) = plugin_panel(body)? {
+            if panel.judge.is_empty() {
+                // The judge defaults to the request's model, which must then be one that answers.
+                if self.is_router_model(model) {
+                    return Err(ApiError::invalid("plugins", format!("`{model}` is a router model: give the fusion plugin a judge_model")));
+                }
+                panel.judge = model.to_string();
+            }
+            return Ok(Some(Plan::Fusion(panel)));
         }
         match self.models.iter().find(|m| m.id == model).and_then(|m| router_kind(&m.id)) {
             Some("fusion") => {
@@ -377,9 +394,9 @@ fn upstream_error(code: ErrorCode, message: String) -> Response {
 }
 
 /// A request's own panel: `plugins: [{"id": "fusion", "analysis_models": […], "judge_model": …}]`
-/// at the top level (as the OpenAI client sends `extra_body`) or under `extra_body`. The judge
-/// defaults to the request's model.
-fn plugin_panel(model: &str, body: &Value) -> Result<Option<Plan>, ApiError> {
+/// at the top level (as the OpenAI client sends `extra_body`) or under `extra_body`. Without a
+/// `judge_model` the panel's judge is left empty, for the request's model.
+fn plugin_panel(body: &Value) -> Result<Option<Panel>, ApiError> {
     let plugins = match (&body["plugins"], &body["extra_body"]["plugins"]) {
         (Value::Null, Value::Null) => return Ok(None),
         (Value::Null, p) | (p, _) => p,
@@ -391,6 +408,9 @@ fn plugin_panel(model: &str, body: &Value) -> Result<Option<Plan>, ApiError> {
         return Ok(None);
     };
     let members: Vec<String> = match p["analysis_models"].as_array() {
+        Some(a) if a.len() > MAX_PANEL => {
+            return Err(ApiError::invalid("plugins", format!("the fusion plugin asks {} analysis_models; at most {MAX_PANEL}", a.len())))
+        }
         Some(a) if !a.is_empty() => a
             .iter()
             .map(|m| m.as_str().map(str::to_string))
@@ -399,24 +419,24 @@ fn plugin_panel(model: &str, body: &Value) -> Result<Option<Plan>, ApiError> {
         _ => return Err(ApiError::invalid("plugins", "the fusion plugin needs analysis_models: a non-empty list of models")),
     };
     let judge = match &p["judge_model"] {
-        Value::Null => model.to_string(),
-        Value::String(j) => j.clone(),
+        Value::Null => String::new(),
+        Value::String(j) if !j.is_empty() => j.clone(),
         _ => return Err(ApiError::invalid("plugins", "the fusion plugin's judge_model must be a model name")),
     };
-    let max_concurrent = p["max_concurrent"].as_u64().map_or(3, |n| n.clamp(1, 64) as usize);
+    let max_concurrent = p["max_concurrent"].as_u64().map_or(3, |n| n.clamp(1, MAX_PANEL as u64) as usize);
     let on_error = match p["on_error"].as_str() {
         None | Some("skip") => OnError::Skip,
         Some("fail") => OnError::Fail,
         Some(other) => return Err(ApiError::invalid("plugins", format!("on_error must be `skip` or `fail`, got `{other}`"))),
     };
-    Ok(Some(Plan::Fusion(Panel {
+    Ok(Some(Panel {
         decision: "plugin".into(),
         members,
         judge,
         max_concurrent,
         on_error,
         judge_prompt: p["judge_prompt"].as_str().map(str::to_string),
-    })))
+    }))
 }
 
 /// The body without the router's own fields, as a backend should get it.
@@ -439,14 +459,17 @@ mod tests {
     #[test]
     fn plugins_read_from_either_place() {
         let body = serde_json::json!({"plugins": [{"id": "fusion", "analysis_models": ["a", "b"]}]});
-        let Some(Plan::Fusion(p)) = plugin_panel("m", &body).unwrap() else { panic!("a panel") };
-        assert_eq!((p.members, p.judge.as_str(), p.max_concurrent, p.on_error), (vec!["a".to_string(), "b".into()], "m", 3, OnError::Skip));
+        let p = plugin_panel(&body).unwrap().expect("a panel");
+        assert_eq!((p.members, p.judge.as_str(), p.max_concurrent, p.on_error), (vec!["a".to_string(), "b".into()], "", 3, OnError::Skip));
         let body = serde_json::json!({"extra_body": {"plugins": [{"id": "fusion", "analysis_models": ["a"], "judge_model": "j", "on_error": "fail"}]}});
-        let Some(Plan::Fusion(p)) = plugin_panel("m", &body).unwrap() else { panic!("a panel") };
+        let p = plugin_panel(&body).unwrap().expect("a panel");
         assert_eq!((p.judge.as_str(), p.on_error), ("j", OnError::Fail));
-        assert!(plugin_panel("m", &serde_json::json!({"plugins": [{"id": "other"}]})).unwrap().is_none());
-        let e = plugin_panel("m", &serde_json::json!({"plugins": [{"id": "fusion", "analysis_models": []}]})).unwrap_err();
+        assert!(plugin_panel(&serde_json::json!({"plugins": [{"id": "other"}]})).unwrap().is_none());
+        let e = plugin_panel(&serde_json::json!({"plugins": [{"id": "fusion", "analysis_models": []}]})).unwrap_err();
         assert!(e.message.contains("analysis_models"), "{}", e.message);
+        let many: Vec<String> = (0..=MAX_PANEL).map(|i| format!("m{i}")).collect();
+        let e = plugin_panel(&serde_json::json!({"plugins": [{"id": "fusion", "analysis_models": many}]})).unwrap_err();
+        assert!(e.message.contains("at most 16"), "{}", e.message);
         let mut body = serde_json::json!({"model": "m", "plugins": [], "extra_body": {"plugins": []}});
         strip_router_fields(&mut body);
         assert_eq!(body, serde_json::json!({"model": "m"}));
