@@ -217,7 +217,9 @@ struct ModelReadiness {
     aggregated_workers: usize,
 }
 
-/// 200 when every served model can take a request and the gateway is not draining.
+/// 200 when a served model can take a request and the gateway is not draining: a model whose
+/// pools are all gone takes no other model out of the load balancer (its requests get a 503,
+/// and `models` says which is down).
 async fn ready(State(f): State<F>) -> Response {
     let first = &f.models[0].workers;
     let draining = f.shutdown.is_draining();
@@ -243,7 +245,7 @@ async fn ready(State(f): State<F>) -> Response {
         tp_sizes: TpSizes { prefill: first.tp_sizes(Role::Prefill), decode: first.tp_sizes(Role::Decode) },
         models,
     });
-    if f.models.iter().all(|s| s.workers.can_serve()) && !draining {
+    if f.models.iter().any(|s| s.workers.can_serve()) && !draining {
         body.into_response()
     } else {
         (axum::http::StatusCode::SERVICE_UNAVAILABLE, body).into_response()

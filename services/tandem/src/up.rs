@@ -391,17 +391,19 @@ const MAX_RESTARTS: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(600);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Waits until the gateway's `/ready` answers 200: it has heard from a prefill and a decode worker.
+/// Waits until the gateway's `/ready` answers 200 with every model ready: each has heard from a
+/// prefill and a decode worker (or an aggregated one).
 async fn wait_ready(addr: &str) -> Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while tokio::time::Instant::now() < deadline {
         if let Ok(mut s) = tokio::net::TcpStream::connect(addr).await {
-            let mut head = [0u8; 12];
-            let ok = s.write_all(format!("GET /ready HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.is_ok()
-                && s.read_exact(&mut head).await.is_ok()
-                && &head[9..12] == b"200";
-            if ok {
+            let mut answer = Vec::new();
+            let read = s.write_all(format!("GET /ready HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.is_ok()
+                && tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut answer)).await.is_ok_and(|r| r.is_ok());
+            let answer = String::from_utf8_lossy(&answer);
+            // With several models the body says which are ready; the gateway is ready once any is.
+            if read && answer.get(9..12) == Some("200") && !answer.contains("\"ready\":false") {
                 return Ok(());
             }
         }

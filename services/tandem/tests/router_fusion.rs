@@ -152,7 +152,10 @@ router:
         let otlp = format!("http://{}", sink.grpc);
         let gateway = start_env(&args, &[("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")]);
         let base = format!("http://{}", gateway.field("http"));
-        wait_for("both models can serve", Duration::from_secs(60), || http_status(&base, "/ready") == Some(200));
+        wait_for("both models can serve", Duration::from_secs(60), || {
+            let ready: Option<Value> = http_get(&base, "/ready").and_then(|b| serde_json::from_str(&b).ok());
+            ready.and_then(|r| r["models"].as_array().map(|m| m.iter().all(|m| m["ready"] == true))).unwrap_or(false)
+        });
         Setup { _workers: workers, _gateway: gateway, base, calls, sink, _config: config }
     })
 }
