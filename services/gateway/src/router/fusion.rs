@@ -352,6 +352,17 @@ async fn run_panel(
     out
 }
 
+/// `bytes` with every CR LF pair made LF (a CR at the very end stays, for the LF that may follow).
+fn crlf_to_lf(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    for (i, &b) in bytes.iter().enumerate() {
+        if !(b == b'\r' && bytes.get(i + 1) == Some(&b'\n')) {
+            out.push(b);
+        }
+    }
+    out
+}
+
 /// Passes the judge's stream to the client, each chunk under the model the client asked for,
 /// the panel's usage added to the judge's, and `fusion_trace` on the usage chunk (or, if the
 /// client did not ask for usage, on a last chunk of its own before `[DONE]`).
@@ -384,9 +395,10 @@ impl Relay {
                 }
             };
             buf.extend_from_slice(&chunk);
-            // Events may be framed with CRLF (as some servers write them): read them as LF.
+            // Events may be framed with CRLF (as some servers write them): read them as LF, byte
+            // by byte (a chunk may end inside a character, which text decoding would spoil).
             if buf.contains(&b'\r') {
-                buf = String::from_utf8_lossy(&buf).replace("\r\n", "\n").into_bytes();
+                buf = crlf_to_lf(&buf);
             }
             while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
                 let event: Vec<u8> = buf.drain(..end + 2).collect();
@@ -503,6 +515,19 @@ mod tests {
         // A question that names a placeholder is taken as it is.
         let sly = judge_prompt("Q: {question} | A: {answers} | {n}", "tell me {answers}", &[&a]);
         assert_eq!(sly, "Q: tell me {answers} | A: [Answer 1 from alpha]\nRayleigh scattering.\n\n | {n}");
+    }
+
+    #[test]
+    fn crlf_framing_reads_as_lf_without_touching_split_characters() {
+        let text = "data: {\"x\": \"é\"}\r\n\r\n".as_bytes();
+        // A chunk that ends inside `é` (two bytes) and on a lone CR.
+        let cut = text.iter().position(|&b| b == 0xc3).unwrap() + 1;
+        let first = crlf_to_lf(&text[..cut]);
+        assert_eq!(first, &text[..cut], "nothing to replace yet, and the half character kept");
+        let mut joined = first;
+        joined.extend_from_slice(&text[cut..]);
+        assert_eq!(crlf_to_lf(&joined), "data: {\"x\": \"é\"}\n\n".as_bytes());
+        assert_eq!(crlf_to_lf(b"a\r"), b"a\r", "a CR at the end waits for its LF");
     }
 
     #[test]
