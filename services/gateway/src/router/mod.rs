@@ -163,8 +163,12 @@ impl Router {
         for d in &cfg.decisions {
             match &d.algorithm {
                 AlgorithmConfig::Fusion(f) => {
-                    if f.analysis_models.is_empty() {
-                        anyhow::bail!("router config: decision `{}` has an empty panel", d.id);
+                    if f.analysis_models.is_empty() || f.analysis_models.len() > MAX_PANEL {
+                        anyhow::bail!(
+                            "router config: decision `{}` has {} panel members; give 1 to {MAX_PANEL}",
+                            d.id,
+                            f.analysis_models.len()
+                        );
                     }
                     for m in &f.analysis_models {
                         check(&format!("decision `{}`", d.id), m)?;
@@ -200,13 +204,6 @@ impl Router {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| anyhow::anyhow!("building the router's HTTP client: {e}"))?;
-        for d in &cfg.decisions {
-            if let AlgorithmConfig::Fusion(f) = &d.algorithm {
-                if f.analysis_models.len() > MAX_PANEL {
-                    anyhow::bail!("router config: decision `{}` has {} panel members; at most {MAX_PANEL}", d.id, f.analysis_models.len());
-                }
-            }
-        }
         Ok(Self {
             timeout: cfg.timeout()?,
             models: cfg.models,
