@@ -67,7 +67,8 @@ struct Service {
 pub struct KvReceivers {
     registry: HandoffRegistry,
     receivers: Vec<Box<dyn KvReceiver>>,
-    advertised: String,
+    /// Each receiver's advertised entry, in the receivers' order.
+    entries: Vec<String>,
 }
 
 impl KvReceivers {
@@ -106,19 +107,39 @@ impl KvReceivers {
             }
         }
         anyhow::ensure!(!receivers.is_empty(), "none of the KV transports {kinds:?} can receive");
-        Ok(Self { registry, receivers, advertised: entries.join(",") })
+        Ok(Self { registry, receivers, entries })
     }
 
     /// The address list senders pick a transport from (`ucx://…,tcp://…`).
-    pub fn advertised(&self) -> &str {
-        &self.advertised
+    pub fn advertised(&self) -> String {
+        self.entries.join(",")
     }
 
-    /// Receives blocks into the memory the engine imports from best, if it has any.
-    pub fn use_memory_of(&self, engine: &EngineHandle) {
+    /// Fits the receivers to the engine that imports what they receive: blocks arrive in the
+    /// memory it imports from best, if it has any, and device handoffs are taken only by an
+    /// engine that maps other processes' pools (otherwise that receiver is dropped unadvertised).
+    pub fn use_engine(&mut self, engine: &EngineHandle) -> anyhow::Result<()> {
         if let Some(memory) = engine.block_memory() {
             self.registry.use_memory(memory);
         }
+        match engine.device_peer() {
+            Some(peer) => self.registry.use_device(peer),
+            None => {
+                let keep: Vec<bool> = self.receivers.iter().map(|r| r.kind() != TransportKind::CudaIpc).collect();
+                if keep.contains(&false) {
+                    tracing::info!("this engine's blocks live in host memory; device handoffs (cudaipc) are not offered");
+                }
+                let mut flags = keep.iter();
+                self.receivers.retain(|_| *flags.next().expect("one flag per receiver"));
+                let mut flags = keep.iter();
+                self.entries.retain(|_| *flags.next().expect("one flag per entry"));
+                anyhow::ensure!(
+                    !self.receivers.is_empty(),
+                    "no KV transport but cudaipc was asked for, and this engine cannot receive over it"
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -133,7 +154,8 @@ pub async fn run(
     kv: KvReceivers,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let KvReceivers { registry, receivers, advertised: kv_addr } = kv;
+    let kv_addr = kv.advertised();
+    let KvReceivers { registry, receivers, .. } = kv;
     tracing::info!(addr = %listener.local_addr()?, %kv_addr, worker = %cfg.worker_id, "decode worker serving");
     for r in receivers {
         shutdown.spawn(r.run(shutdown.stopping()));

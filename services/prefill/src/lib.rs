@@ -23,7 +23,7 @@ use tandem_protocol::{block_hashes, trace, ApiError, BlockHash, ErrorCode, KvExp
 use tandem_runtime::telemetry::{self, KeyValue};
 use tandem_runtime::{Membership, Shutdown};
 use tandem_state::{InFlight, StateStore, WorkerRecord};
-use tandem_transfer::{Handoff, KvTransport};
+use tandem_transfer::{Handoff, KvTransport, TransferError};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -35,6 +35,9 @@ pub struct PrefillConfig {
     /// The gRPC address other services reach this worker at.
     pub addr: String,
     pub transport: Arc<dyn KvTransport>,
+    /// Whether `transport` can hand blocks over device to device (it includes `cudaipc`): then a
+    /// decode worker of this host that offers it gets them that way, when the engine can.
+    pub device_handoff: bool,
     /// Upper bound of one KV handoff, verdict included.
     pub handoff_lease: Duration,
     /// Bound of one fetch from, or offload to, the block store; past it a fetch computes the
@@ -70,10 +73,16 @@ struct Counters {
     offload_shed: AtomicU64,
     offload_failed: AtomicU64,
     handoffs: AtomicU64,
+    /// Device handoffs the receiver could not take, sent through host memory instead.
+    device_fallbacks: AtomicU64,
 }
 
-/// `kv` with one byte of its first block flipped (its checksums left as they were).
+/// `kv` with one byte of its first block flipped (its checksums left as they were); for blocks
+/// left in device memory, the first block's checksum flipped instead.
 fn corrupted(mut kv: KvExport) -> KvExport {
+    if let Some(sum) = kv.device.as_mut().and_then(|d| d.sums.first_mut()) {
+        *sum ^= 0xff;
+    }
     if let Some(first) = kv.blocks.first_mut() {
         let mut bytes = first.to_vec();
         if let Some(b) = bytes.first_mut() {
@@ -321,10 +330,7 @@ impl Service {
     /// them now cannot disturb each other, whichever finishes or times out first.
     fn offload(&self, addr: &str, kv: &KvExport, skip: usize) -> (usize, usize) {
         let hashes = block_hashes(&kv.tokens, kv.layout.block_size);
-        let candidates: Vec<usize> = {
-            let recent = self.offloaded.lock().unwrap_or_else(|e| e.into_inner());
-            (skip..hashes.len()).filter(|&i| !recent.set.contains(&hashes[i])).collect()
-        };
+        let candidates = self.offload_candidates(kv, skip);
         if candidates.is_empty() {
             return (hashes.len(), 0);
         }
@@ -397,6 +403,25 @@ impl Drop for Abandoned<'_> {
 }
 
 impl Service {
+    /// The full blocks of `kv` from `skip` on that this worker has not offloaded lately.
+    fn offload_candidates(&self, kv: &KvExport, skip: usize) -> Vec<usize> {
+        let hashes = block_hashes(&kv.tokens, kv.layout.block_size);
+        let recent = self.offloaded.lock().unwrap_or_else(|e| e.into_inner());
+        (skip..hashes.len()).filter(|&i| !recent.set.contains(&hashes[i])).collect()
+    }
+
+    /// A held device export read out into host memory and sealed, for the host path.
+    async fn host_copy(&self, id: tandem_engine::SeqId, span: &tracing::Span) -> Result<KvExport, tandem_engine::EngineError> {
+        let kv = self.engine.read_held(id).instrument(span.clone()).await?;
+        tokio::task::spawn_blocking(move || {
+            let mut kv = kv;
+            kv.seal();
+            kv
+        })
+        .await
+        .map_err(|e| tandem_engine::EngineError::Device(e.to_string()))
+    }
+
     async fn compute(&self, r: PrefillRequest) -> Result<Response<PrefillResponse>, Status> {
         if self.shutdown.is_draining() {
             return Err(ApiError::new(ErrorCode::WorkerDraining, format!("prefill worker {} is draining", self.cfg.worker_id)).to_status());
@@ -410,7 +435,12 @@ impl Service {
             ApiError::new(ErrorCode::Overloaded, format!("prefill worker {} is at its queue bound: {full}", self.cfg.worker_id)).to_status()
         })?;
         tracing::info!(prompt_tokens = g.prompt.len(), decode = %r.decode_kv_addr, "prefill started");
-        let req = new_request(&self.engine, &g, Mode::PrefillOnly).map_err(|e| e.to_status())?;
+        // Blocks stay on the device when the decode worker is a process of this host that maps
+        // this engine's pool.
+        let on_device = self.cfg.device_handoff
+            && self.engine.device_peer().is_some_and(|p| tandem_transfer::offers_device(&r.decode_kv_addr, p.node()));
+        let mode = if on_device { Mode::PrefillToDevice } else { Mode::PrefillOnly };
+        let req = new_request(&self.engine, &g, mode).map_err(|e| e.to_status())?;
         let store_blocks = r.store_prefix_blocks as usize;
         let pulled = if !r.store_addr.is_empty() && store_blocks > 0 {
             let fetch = tracing::info_span!(
@@ -452,7 +482,7 @@ impl Service {
                         ..PrefillResponse::default()
                     }));
                 }
-                Event::Prefilled { kv, usage, timing, .. } => {
+                Event::Prefilled { id, kv, usage, timing } => {
                     let prefill_millis = started.elapsed().as_secs_f64() * 1e3;
                     let first_token = first.ok_or_else(|| Status::internal("prefill produced no token"))?;
                     // Checksums off the engine's thread, on a thread that may block.
@@ -462,7 +492,7 @@ impl Service {
                         otel.name = "kv transfer",
                         tandem.kv.peer = r.decode_kv_addr.as_str(),
                         tandem.kv.transport = tracing::field::Empty,
-                        tandem.kv.blocks = kv.blocks.len() as i64,
+                        tandem.kv.blocks = kv.block_count() as i64,
                         tandem.kv.bytes = tracing::field::Empty,
                         tandem.kv.checksum_ms = tracing::field::Empty,
                         tandem.kv.transfer_ms = tracing::field::Empty,
@@ -487,9 +517,27 @@ impl Service {
                     } else {
                         kv
                     };
-                    let handoff = Handoff { request_id: g.request_id.clone(), first_token: first_token.id, kv };
+                    let mut handoff = Handoff { request_id: g.request_id.clone(), first_token: first_token.id, kv };
+                    let handing = Instant::now();
                     let send = self.cfg.transport.send(&r.decode_kv_addr, &handoff, self.cfg.handoff_lease).instrument(transfer.clone());
                     let sent = if n == self.cfg.exit_during_handoff { die_during(send).await } else { send.await };
+                    // Refused before anything was copied (the receiver cannot map this pool):
+                    // the blocks are still held, so they go through host memory instead.
+                    let sent = match sent {
+                        Err(e @ TransferError::Connect { .. }) if handoff.kv.device.is_some() => {
+                            tracing::warn!(parent: &transfer, error = %e, "device handoff not possible; sending through host memory");
+                            self.counters.device_fallbacks.fetch_add(1, Ordering::Relaxed);
+                            match self.host_copy(id, &transfer).await {
+                                Ok(kv) => {
+                                    handoff.kv = kv;
+                                    let left = self.cfg.handoff_lease.saturating_sub(handing.elapsed());
+                                    self.cfg.transport.send(&r.decode_kv_addr, &handoff, left).instrument(transfer.clone()).await
+                                }
+                                Err(e) => Err(TransferError::Io(format!("reading the blocks out of the device: {e}"))),
+                            }
+                        }
+                        other => other,
+                    };
                     let report = sent.map_err(|e| {
                         tracing::warn!(parent: &transfer, error = %e, "kv handoff failed");
                         transfer.record("tandem.kv.verdict", "failed");
@@ -509,8 +557,25 @@ impl Service {
                         transport = %report.transport, bytes = report.bytes,
                         transfer_ms = report.millis, prefill_ms = prefill_millis, pulled, "kv handed off"
                     );
-                    let (offloaded, shed) =
-                        if r.store_addr.is_empty() { (0, 0) } else { self.offload(&r.store_addr, &handoff.kv, store_blocks) };
+                    let (offloaded, shed) = if r.store_addr.is_empty() {
+                        (0, 0)
+                    } else if handoff.kv.device.is_some() {
+                        // The store takes host bytes: read out only what it lacks (the blocks
+                        // are held until this request's events drop).
+                        if self.offload_candidates(&handoff.kv, store_blocks).is_empty() {
+                            (handoff.kv.block_count(), 0)
+                        } else {
+                            match self.engine.read_held(id).await {
+                                Ok(kv) => self.offload(&r.store_addr, &kv, store_blocks),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "reading device blocks for the block store failed");
+                                    (store_blocks, 0)
+                                }
+                            }
+                        }
+                    } else {
+                        self.offload(&r.store_addr, &handoff.kv, store_blocks)
+                    };
                     tracing::Span::current().record("gen_ai.usage.input_tokens", usage.prompt_tokens as i64);
                     tracing::Span::current().record("tandem.cached_tokens", usage.cached_tokens as i64);
                     self.counters.completed.fetch_add(1, Ordering::Relaxed);

@@ -183,13 +183,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let up = args.into_up()?;
             up_cluster(&cli.traces, cli.log_format, cli.worker_threads, up)
         }
-        Command::Gateway(args) => runtime(threads)?.block_on(serve::gateway(args)),
-        Command::Prefill(args) => runtime(threads)?.block_on(serve::prefill(args)),
-        Command::Decode(args) => runtime(threads)?.block_on(serve::decode(args)),
-        Command::Worker(args) => runtime(threads)?.block_on(serve::decode(serve::DecodeArgs { aggregated: true, ..args })),
-        Command::KvTransfer(args) => {
-            runtime(cli.worker_threads.map_or_else(store_threads, usize::from))?.block_on(serve::kv_transfer(args))
-        }
+        Command::Gateway(args) => serve_on(threads, serve::gateway(args)),
+        Command::Prefill(args) => serve_on(threads, serve::prefill(args)),
+        Command::Decode(args) => serve_on(threads, serve::decode(args)),
+        Command::Worker(args) => serve_on(threads, serve::decode(serve::DecodeArgs { aggregated: true, ..args })),
+        Command::KvTransfer(args) => serve_on(cli.worker_threads.map_or_else(store_threads, usize::from), serve::kv_transfer(args)),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }
@@ -209,6 +207,16 @@ fn up_cluster(
     }
     // Only supervises its children: two threads are plenty.
     runtime(2)?.block_on(up::run(args))
+}
+
+/// Runs a service to its end, then leaves without waiting on blocking threads that never end by
+/// themselves: a managed service reads its stdin on one, so a service that fails to start
+/// (a model that does not load) would otherwise hang instead of exiting with its error.
+fn serve_on(threads: usize, service: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let rt = runtime(threads)?;
+    let result = rt.block_on(service);
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    result
 }
 
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {

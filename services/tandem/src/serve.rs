@@ -211,7 +211,7 @@ pub struct PrefillArgs {
     pub offload_budget_mb: usize,
     /// KV transports to hand blocks over with, in order of preference; the first one the decode
     /// worker also offers is used, and the next if it cannot connect.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "cudaipc,ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
     pub kv_transport: Vec<TransportKind>,
     #[command(flatten)]
     pub quic: crate::transports::QuicTrustArgs,
@@ -246,8 +246,9 @@ pub struct DecodeArgs {
     /// ports stay those bound. Default: the bound address.
     #[arg(long)]
     pub kv_advertise_host: Option<String>,
-    /// KV transports to receive blocks with (all are advertised; senders pick).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
+    /// KV transports to receive blocks with (all are advertised; senders pick). `cudaipc` is
+    /// offered only by a GPU engine whose pool other processes can map.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "cudaipc,ucx,tcp", env = "TANDEM_KV_TRANSPORT")]
     pub kv_transport: Vec<TransportKind>,
     #[command(flatten)]
     pub quic: crate::transports::QuicCertArgs,
@@ -573,6 +574,7 @@ pub async fn prefill(args: PrefillArgs) -> Result<()> {
         worker_id: worker_id(c, "prefill", &addr),
         addr: advertised(c, &addr),
         transport: Arc::new(crate::transports::sender_set(&args.kv_transport, &args.quic)?),
+        device_handoff: args.kv_transport.contains(&TransportKind::CudaIpc),
         handoff_lease: Duration::from_millis(args.handoff_lease_ms),
         store_timeout: Duration::from_millis(args.store_timeout_ms),
         offload_budget_bytes: args.offload_budget_mb << 20,
@@ -598,9 +600,9 @@ pub async fn decode(args: DecodeArgs) -> Result<()> {
         tokio::net::lookup_host(&args.kv_listen).await?.next().context("--kv-listen resolves to nothing")?;
     let lease = Duration::from_millis(args.handoff_lease_ms);
     let advertise = args.kv_advertise_host.as_deref();
-    let kv = tandem_decode::KvReceivers::bind(&args.kv_transport, kv_listen, advertise, lease, args.quic.identity()?.as_ref()).await?;
+    let mut kv = tandem_decode::KvReceivers::bind(&args.kv_transport, kv_listen, advertise, lease, args.quic.identity()?.as_ref()).await?;
     let engine = load_engine("decode", &args.engine)?;
-    kv.use_memory_of(&engine);
+    kv.use_engine(&engine)?;
     let queue = args.queue.queue();
     let metrics_addr = worker_metrics(&args.metrics, "decode", &engine, &queue, &shutdown).await?;
     let c = &args.common;

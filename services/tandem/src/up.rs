@@ -70,11 +70,13 @@ pub struct UpArgs {
     /// e.g. `--aggregated 2 --aggregated-device cuda:0,cuda:1` for one worker per GPU.
     #[arg(long, value_delimiter = ',')]
     pub aggregated_device: Vec<tandem_runtime::Device>,
-    /// KV transports between the workers, in the prefill workers' order of preference. On one
-    /// machine TCP comes first: over loopback it moves a handoff on as many threads as there are
-    /// handoffs, while UCX without RDMA hardware copies every handoff on its one progress thread
-    /// (see docs/performance.md); `ucx` first suits workers on hosts with InfiniBand or RoCE.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "tcp,ucx", env = "TANDEM_KV_TRANSPORT")]
+    /// KV transports between the workers, in the prefill workers' order of preference. GPU
+    /// workers of one machine hand blocks device to device (`cudaipc`; CPU workers leave it
+    /// out). After it TCP comes first: over loopback it moves a handoff on as many threads as
+    /// there are handoffs, while UCX without RDMA hardware copies every handoff on its one
+    /// progress thread (see docs/performance.md); `ucx` first suits workers on hosts with
+    /// InfiniBand or RoCE.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "cudaipc,tcp,ucx", env = "TANDEM_KV_TRANSPORT")]
     pub kv_transport: Vec<tandem_transfer::TransportKind>,
     /// Keep the cluster state in this Redis (the services register there, and more workers
     /// started elsewhere with the same URL join); without it the gateway keeps it in process.

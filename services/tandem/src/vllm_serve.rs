@@ -134,7 +134,11 @@ impl ServeArgs {
             prefill_device: Vec::new(),
             decode_device: Vec::new(),
             aggregated_device: Vec::new(),
-            kv_transport: vec![tandem_transfer::TransportKind::Tcp, tandem_transfer::TransportKind::Ucx],
+            kv_transport: vec![
+                tandem_transfer::TransportKind::CudaIpc,
+                tandem_transfer::TransportKind::Tcp,
+                tandem_transfer::TransportKind::Ucx,
+            ],
             redis: None,
             engine: self.engine,
         })

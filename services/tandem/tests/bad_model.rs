@@ -61,3 +61,41 @@ fn an_unsupported_architecture_is_named() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_clean_failure(&out, &["unsupported model_type `gpt_neox`"]);
 }
+
+/// A worker `tandem up` manages watches its stdin (closed: its parent is gone). One whose model
+/// does not load must still exit with the error while its stdin stays open, or `tandem up`
+/// would wait on it forever.
+#[test]
+fn a_managed_worker_whose_model_does_not_load_exits() {
+    use std::io::Read;
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let path = std::env::temp_dir().join(format!("tandem-managed-corrupt-{}.gguf", std::process::id()));
+    std::fs::write(&path, b"not a model at all").unwrap();
+    let mut child = tandem()
+        .args(["prefill", "--managed", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--model", path.to_str().unwrap()])
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tandem runs");
+    let _stdin = child.stdin.take();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = std::fs::remove_file(&path);
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let status = status.unwrap_or_else(|| panic!("still running a minute after its model failed to load: {stderr}"));
+    assert!(!status.success());
+    assert!(stderr.contains("not a readable GGUF file"), "{stderr}");
+}

@@ -582,3 +582,38 @@ pub fn sampling(gpu: &Gpu) -> Result<Vec<Check>> {
     });
     Ok(checks)
 }
+
+/// The device checksum kernel against [`tandem_protocol::device_checksum`] on random blocks of
+/// several sizes (a tail of words short of a full pass of the threads included) at scattered
+/// offsets, and one flipped bit that must change its block's sum and no other.
+pub fn block_checksums(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut out = Vec::new();
+    for block_bytes in [8usize, 4096, 8 * 1023, 512 * 1024 + 8 * 77] {
+        let blocks = 9usize;
+        let pool: Vec<u8> = (0..block_bytes * (blocks + 3)).map(|_| rng.random()).collect();
+        let buf = gpu.alloc(pool.len())?;
+        gpu.upload(buf.ptr, &pool)?;
+        let offsets: Vec<u64> = [3usize, 0, 7, 1, 11, 2, 9, 4, 5].iter().take(blocks).map(|&b| (b * block_bytes) as u64).collect();
+        let want: Vec<u64> =
+            offsets.iter().map(|&o| tandem_protocol::device_checksum(&pool[o as usize..o as usize + block_bytes])).collect();
+        let got = gpu.block_checksums(buf.ptr, &offsets, block_bytes)?;
+        // One bit of the block at offsets[2] flipped on the device.
+        let at = offsets[2] as usize + block_bytes / 2;
+        gpu.upload(buf.ptr + at as u64, &[pool[at] ^ 0x10])?;
+        let flipped = gpu.block_checksums(buf.ptr, &offsets, block_bytes)?;
+        let changed: Vec<usize> = (0..blocks).filter(|&i| flipped[i] != got[i]).collect();
+        let passed = got == want && changed == vec![2];
+        out.push(Check {
+            name: format!("block checksums, {block_bytes}-byte blocks"),
+            passed,
+            rel_err: None,
+            tolerance: None,
+            detail: format!(
+                "{} of {blocks} equal to the host's; a flipped bit changed blocks {changed:?}",
+                got.iter().zip(&want).filter(|(a, b)| a == b).count()
+            ),
+        });
+    }
+    Ok(out)
+}

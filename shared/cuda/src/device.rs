@@ -15,7 +15,7 @@ const KERNELS: &str = include_str!("kernels.cu");
 
 /// A device allocation with its raw address (kernels take addresses, not typed slices).
 pub struct Buf {
-    _slice: CudaSlice<u8>,
+    _slice: Backing,
     pub ptr: u64,
     pub bytes: usize,
 }
@@ -71,6 +71,7 @@ pub struct Kernels {
     pub gemv: Vec<CudaFunction>,
     pub argmax: CudaFunction,
     pub sample: CudaFunction,
+    pub block_checksum: CudaFunction,
 }
 
 /// PTX per architecture, compiled once per process.
@@ -138,6 +139,7 @@ impl Kernels {
             gemv: (1..=GEMV_MAX).map(|n| f(&format!("gemv_{n}"))).collect::<Result<_>>()?,
             argmax: f("argmax_rows")?,
             sample: f("sample_rows")?,
+            block_checksum: f("block_checksum")?,
             _module: module,
         })
     }
@@ -376,11 +378,83 @@ macro_rules! scalar_arg {
 }
 scalar_arg!(u64, i32, f32);
 
+impl Gpu {
+    /// Device memory another process of this host can map: allocated by the driver's classic
+    /// allocator (the stream-ordered pools cannot export inter-process handles) and zeroed.
+    pub fn alloc_shareable(&self, bytes: usize) -> Result<Buf> {
+        self.bind()?;
+        let bytes = bytes.max(16);
+        // SAFETY: a plain allocation in the current (bound) context; `Shareable` frees it once.
+        let ptr = unsafe { cudarc::driver::result::malloc_sync(bytes)? };
+        let owned = Shareable { ctx: self.ctx.clone(), ptr };
+        // SAFETY: `ptr` heads an allocation of `bytes` bytes of this context.
+        unsafe { cudarc::driver::result::memset_d8_sync(ptr, 0, bytes)? };
+        Ok(Buf { _slice: Backing::Shareable { _owned: owned }, ptr, bytes })
+    }
+
+    /// The inter-process handle of an allocation made by [`Gpu::alloc_shareable`].
+    pub fn ipc_handle(&self, buf: &Buf) -> Result<Vec<u8>> {
+        if !matches!(buf._slice, Backing::Shareable { .. }) {
+            return Err(CudaError::Unsupported("an inter-process handle of pooled memory".into()));
+        }
+        self.bind()?;
+        let mut handle = std::mem::MaybeUninit::<sys::CUipcMemHandle>::uninit();
+        // SAFETY: `buf.ptr` heads a `cuMemAlloc` allocation of the bound context; the driver
+        // fills the handle.
+        let handle = unsafe {
+            sys::cuIpcGetMemHandle(handle.as_mut_ptr(), buf.ptr).result()?;
+            handle.assume_init()
+        };
+        Ok(handle.reserved.iter().map(|&b| b as u8).collect())
+    }
+
+    /// Checksums ([`tandem_protocol::device_checksum`]) of the blocks of `block_bytes` bytes at
+    /// `base + offsets[i]`, computed on this GPU.
+    pub fn block_checksums(&self, base: u64, offsets: &[u64], block_bytes: usize) -> Result<Vec<u64>> {
+        if offsets.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !block_bytes.is_multiple_of(8) {
+            return Err(CudaError::Unsupported(format!("checksums of {block_bytes}-byte blocks (not whole 64-bit words)")));
+        }
+        let scratch = self.alloc(offsets.len() * 16)?;
+        let (offs, sums) = (scratch.ptr, scratch.at(offsets.len(), 8));
+        self.upload(offs, offsets)?;
+        let words = (block_bytes / 8) as u64;
+        self.launch(&self.k.block_checksum, (offsets.len() as u32, 1, 1), 1024, 0, &[&base, &offs, &words, &sums])?;
+        let mut out = vec![0u64; offsets.len()];
+        self.download(&mut out, sums)?;
+        Ok(out)
+    }
+}
+
+/// What keeps a [`Buf`]'s memory alive.
+enum Backing {
+    Pooled { _slice: CudaSlice<u8> },
+    Shareable { _owned: Shareable },
+}
+
+/// A `cuMemAlloc` allocation, freed on drop.
+struct Shareable {
+    ctx: Arc<CudaContext>,
+    ptr: u64,
+}
+
+impl Drop for Shareable {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by `alloc_shareable` in this context and freed only here; the
+            // engine synchronises its stream before it drops its buffers.
+            let _ = unsafe { cudarc::driver::result::free_sync(self.ptr) };
+        }
+    }
+}
+
 fn alloc(stream: &Arc<CudaStream>, bytes: usize) -> Result<Buf> {
     let slice = stream.alloc_zeros::<u8>(bytes.max(16))?;
     let ptr = {
         let (ptr, _guard) = slice.device_ptr(stream);
         ptr
     };
-    Ok(Buf { ptr, bytes, _slice: slice })
+    Ok(Buf { ptr, bytes, _slice: Backing::Pooled { _slice: slice } })
 }

@@ -8,7 +8,7 @@ use cudarc::driver::{sys, CudaGraph};
 use tandem_engine::kv::{BlockId, SeqTable};
 use tandem_engine::weights::WeightSource;
 use tandem_engine::{Engine, EngineError, EngineInfo, ForwardItem, MaskSource, ModelConfig, PagedEngine, SeqId};
-use tandem_protocol::{BlockMemory, Bytes, KvDtype, KvLayout};
+use tandem_protocol::{BlockMemory, Bytes, DeviceBlocks, DevicePeer, KvDtype, KvLayout};
 use tandem_tokenizer::ModelFiles;
 
 use crate::device::Gpu;
@@ -95,6 +95,9 @@ pub struct CudaEngine {
     imports: Arc<LazySlots>,
     /// The group's all-reduce; `None` for a group of one. Dropped before the ranks' GPUs.
     group: Option<Nccl>,
+    /// The KV pool as other processes of the host see it (a group of one whose pool could be
+    /// shared): device handoffs. Dropped before the ranks, closing what it mapped.
+    ipc: Option<Arc<crate::ipc::IpcPool>>,
     /// Rank 0 first; it alone computes logits and draws tokens.
     ranks: Vec<Rank>,
     /// Leading logit rows whose mask flag the last pass may have left set.
@@ -207,7 +210,9 @@ impl CudaEngine {
         let mut ranks = Vec::with_capacity(tp);
         for ((gpu, w), scratch) in loaded.into_iter().zip(scratches) {
             gpu.bind()?;
-            let cache = gpu.alloc(num_blocks * rank_block_bytes)?;
+            // A group of one keeps its cache where other processes can map it (device handoffs).
+            let cache =
+                if tp == 1 { gpu.alloc_shareable(num_blocks * rank_block_bytes)? } else { gpu.alloc(num_blocks * rank_block_bytes)? };
             // Never compute on zeros by accident: unwritten cache reads show up as noise, not as
             // a plausible attention over zero keys.
             gpu.fill_bf16(cache.ptr, num_blocks * rank_block_bytes / 2, 0x5eed, 1.0, 0.0)?;
@@ -226,7 +231,16 @@ impl CudaEngine {
             scratch_gb = lead.s.bytes() as f64 / 1e9, max_context, "cuda engine ready"
         );
         let layers = c.layers;
+        let ipc = match (tp, lead.gpu.ipc_handle(&lead.cache)) {
+            (1, Ok(handle)) => Some(Arc::new(crate::ipc::IpcPool::new(lead.gpu.ctx.clone(), handle))),
+            (1, Err(e)) => {
+                tracing::warn!(error = %e, "the KV pool cannot be shared with other processes; handoffs go through host memory");
+                None
+            }
+            _ => None,
+        };
         Ok(Self {
+            ipc,
             graphs: HashMap::new(),
             info,
             model: Model { cfg: c, d, layers, block_size: bs },
@@ -790,6 +804,52 @@ impl Engine for CudaEngine {
 
     fn block_memory(&self) -> Option<Arc<dyn BlockMemory>> {
         Some(self.imports.clone())
+    }
+
+    fn device_peer(&self) -> Option<Arc<dyn DevicePeer>> {
+        self.ipc.clone().map(|p| p as Arc<dyn DevicePeer>)
+    }
+
+    fn export_device(&self, blocks: &[BlockId]) -> Option<tandem_engine::Result<DeviceBlocks>> {
+        let ipc = self.ipc.as_ref()?;
+        let lead = self.lead();
+        let offsets: Vec<u64> = blocks.iter().map(|&b| b as u64 * self.block_bytes as u64).collect();
+        // Ordered after the passes that wrote the blocks (one stream); read back synchronously.
+        let sums = match lead.gpu.block_checksums(lead.cache.ptr, &offsets, self.block_bytes) {
+            Ok(s) => s,
+            Err(e) => return Some(Err(dev(e))),
+        };
+        Some(Ok(DeviceBlocks { node: ipc.node().to_string(), handle: ipc.handle.clone(), offsets, sums }))
+    }
+
+    fn import_device(&mut self, blocks: &[BlockId], src: &DeviceBlocks) -> tandem_engine::Result<()> {
+        let Some(ipc) = &self.ipc else {
+            return Err(EngineError::Import("this engine takes no device handoffs".into()));
+        };
+        if src.offsets.len() != blocks.len() || src.sums.len() != blocks.len() {
+            return Err(EngineError::Import(format!(
+                "{} offsets and {} checksums for {} blocks",
+                src.offsets.len(),
+                src.sums.len(),
+                blocks.len()
+            )));
+        }
+        let base = ipc.base_of(src).map_err(|e| EngineError::Import(format!("cannot map the sender's device pool: {e}")))?;
+        let lead = self.lead();
+        let bb = self.block_bytes as u64;
+        let dst: Vec<u64> = blocks.iter().map(|&b| b as u64 * bb).collect();
+        for (d, s, n) in crate::ipc::copy_runs(&dst, &src.offsets, bb) {
+            if let Err(e) = lead.gpu.copy(lead.cache.ptr + d, base + s, (n * bb) as usize) {
+                let _ = lead.gpu.sync();
+                return Err(dev(e));
+            }
+        }
+        // Checked where they landed, after the copies (same stream).
+        let sums = lead.gpu.block_checksums(lead.cache.ptr, &dst, self.block_bytes).map_err(dev)?;
+        if let Some(bad) = sums.iter().zip(&src.sums).position(|(a, b)| a != b) {
+            return Err(EngineError::Import(format!("block {bad} fails its checksum after the device copy")));
+        }
+        Ok(())
     }
 
     fn write_blocks(&mut self, writes: &[(BlockId, &[u8])]) -> tandem_engine::Result<()> {

@@ -804,3 +804,31 @@ extern "C" __global__ void __launch_bounds__(1024) sample_rows(const float* logi
         out[blockIdx.x] = c;
     }
 }
+
+// Checksums of KV blocks where they lie (tandem_protocol::device_checksum): block b is the
+// `words` 64-bit words at base + offsets[b]; each word is mixed with its position and the terms
+// summed (any order gives the same sum), then the sum mixed with the word count. One block of
+// threads per KV block.
+__device__ __forceinline__ u64 sum_mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+extern "C" __global__ void __launch_bounds__(1024) block_checksum(u64 base, const u64* offsets, u64 words, u64* out) {
+    __shared__ u64 part[32];
+    const u64* w = (const u64*)(base + offsets[blockIdx.x]);
+    u64 sum = 0;
+    for (u64 i = threadIdx.x; i < words; i += blockDim.x) sum += sum_mix64(w[i] ^ (i * 0x9e3779b97f4a7c15ull));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) part[warp] = sum;
+    __syncthreads();
+    if (warp == 0) {
+        sum = lane < (int)(blockDim.x >> 5) ? part[lane] : 0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == 0) out[blockIdx.x] = sum_mix64(sum ^ words);
+    }
+}

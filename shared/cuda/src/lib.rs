@@ -21,6 +21,7 @@ pub mod checks;
 mod device;
 mod engine;
 mod group;
+mod ipc;
 mod model;
 mod pinned;
 pub mod plan;

@@ -18,6 +18,10 @@ pub enum Mode {
     Full,
     /// Prefill and sample the first token, then hand the KV over ([`Event::Prefilled`]).
     PrefillOnly,
+    /// As `PrefillOnly`, with the blocks left in the engine's device memory for a receiver on
+    /// this host to copy ([`KvExport::device`]): the sequence keeps them until its events are
+    /// dropped (the handoff's verdict came). Where the engine cannot, as `PrefillOnly`.
+    PrefillToDevice,
 }
 
 #[derive(Debug, Clone)]
@@ -75,7 +79,8 @@ pub enum Event {
     },
     /// Prefill-only mode: the prompt is cached and the first token sampled (it came as a
     /// `Token` event just before); here is the KV to hand over, not yet sealed with its
-    /// checksums ([`KvExport::seal`]). Blocks are released.
+    /// checksums ([`KvExport::seal`]). Blocks are released, unless the export left them in device
+    /// memory ([`Mode::PrefillToDevice`]): they are then held until the request's events drop.
     Prefilled {
         id: SeqId,
         kv: Box<KvExport>,
@@ -175,6 +180,9 @@ pub struct Batcher {
     /// Sequences (by index in `running`) whose grammar could not give the last pass a mask, with
     /// why: their token from that pass is not theirs to keep.
     mask_failures: Vec<(usize, String)>,
+    /// Prefilled sequences whose blocks a receiver copies out of device memory: kept, and
+    /// released on cancel.
+    held: Vec<SeqId>,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -209,6 +217,7 @@ impl Batcher {
             preemptions: 0,
             prefix_lookups: (0, 0),
             mask_failures: Vec::new(),
+            held: Vec::new(),
         }
     }
 
@@ -276,6 +285,11 @@ impl Batcher {
 
     /// Stops a request wherever it is and frees its blocks. Returns whether it was known.
     pub fn cancel(&mut self, id: SeqId) -> bool {
+        if let Some(i) = self.held.iter().position(|&h| h == id) {
+            self.held.swap_remove(i);
+            self.engine.release(id);
+            return true;
+        }
         if let Some(i) = self.waiting.iter().position(|r| r.req.id == id) {
             self.waiting.remove(i);
             return true;
@@ -459,7 +473,7 @@ impl Batcher {
             Pass::Logits(l) => l.into_iter().map(Out::Rows).collect(),
             Pass::Tokens(t) => t.into_iter().map(Out::Token).collect(),
         };
-        let mut done = Vec::new();
+        let (mut done, mut hold) = (Vec::new(), Vec::new());
         for ((i, item), out) in plan.into_iter().zip(outs) {
             let max_context = self.engine.info().max_context;
             let r = &mut self.running[i];
@@ -532,10 +546,26 @@ impl Batcher {
                     events.push(Event::Finished { id: r.req.id, reason, usage });
                     done.push(r.req.id);
                 }
-                (None, Mode::PrefillOnly) => {
+                (None, mode @ (Mode::PrefillOnly | Mode::PrefillToDevice)) => {
                     let started = r.started.unwrap_or(pass_started);
                     let exporting = Instant::now();
-                    match self.engine.export_unsealed(r.req.id) {
+                    let on_device = match mode {
+                        Mode::PrefillToDevice => self.engine.export_device(r.req.id),
+                        _ => None,
+                    };
+                    let exported = match on_device {
+                        Some(Ok(kv)) => {
+                            // Out of the batch, but not released: the receiver copies from them.
+                            hold.push(r.req.id);
+                            Ok(kv)
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "device export failed; reading the blocks out");
+                            self.engine.export_unsealed(r.req.id)
+                        }
+                        None => self.engine.export_unsealed(r.req.id),
+                    };
+                    match exported {
                         Ok(kv) => {
                             let timing = PrefillTiming {
                                 queue: started.saturating_duration_since(r.queued),
@@ -547,13 +577,21 @@ impl Batcher {
                         }
                         Err(e) => events.push(Event::Failed { id: r.req.id, error: (&e).into() }),
                     }
-                    done.push(r.req.id);
+                    if hold.last() != Some(&r.req.id) {
+                        done.push(r.req.id);
+                    }
                 }
                 (None, Mode::Full) => {}
             }
         }
         for id in done {
             self.cancel(id);
+        }
+        for id in hold {
+            if let Some(i) = self.running.iter().position(|r| r.req.id == id) {
+                self.running.remove(i);
+            }
+            self.held.push(id);
         }
         events
     }

@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
-use tandem_protocol::{BlockHash, BlockMemory, Bytes, KvExport, KvLayout};
+use tandem_protocol::{BlockHash, BlockMemory, Bytes, DeviceBlocks, DevicePeer, KvExport, KvLayout};
 
 use crate::kv::{BlockId, PoolStats, SeqTable};
-use crate::Result;
+use crate::{EngineError, Result};
 
 pub type SeqId = u64;
 
@@ -90,6 +90,28 @@ pub trait Engine: Send {
     /// its copies read at full speed); `None`: the heap is as good.
     fn block_memory(&self) -> Option<Arc<dyn BlockMemory>> {
         None
+    }
+
+    /// How this engine maps the device pools of other processes on its host, when it can take
+    /// and give blocks that stay in device memory ([`Engine::export_device`],
+    /// [`Engine::import_device`]); `None`: its blocks travel through host memory.
+    fn device_peer(&self) -> Option<Arc<dyn DevicePeer>> {
+        None
+    }
+
+    /// Describes `blocks` where they lie, for a process of this host to copy them from: the
+    /// pool's handle, their offsets and checksums ([`tandem_protocol::device_checksum`]) computed
+    /// on the device. The blocks must not change until the receiver has copied them. `None`: not
+    /// possible here (the caller reads the blocks out instead).
+    fn export_device(&self, _blocks: &[BlockId]) -> Option<Result<DeviceBlocks>> {
+        None
+    }
+
+    /// Copies another process's blocks (`src`, already mapped by [`Engine::device_peer`]) into
+    /// `blocks`, `blocks[i]` from `src.offsets[i]`, and checks each copy against its checksum
+    /// where it landed.
+    fn import_device(&mut self, _blocks: &[BlockId], _src: &DeviceBlocks) -> Result<()> {
+        Err(EngineError::Import("this engine takes no device handoffs".into()))
     }
 }
 
@@ -204,7 +226,22 @@ impl<E: Engine + ?Sized> PagedEngine<E> {
     pub fn export_unsealed(&self, seq: SeqId) -> Result<KvExport> {
         let (layout, s) = self.seqs.export_plan(seq, &self.engine.info().layout)?;
         let blocks = self.engine.read_blocks(&s.blocks[..layout.num_blocks()])?;
-        Ok(KvExport { layout, tokens: s.tokens.clone(), blocks, checksums: Vec::new() })
+        Ok(KvExport { layout, tokens: s.tokens.clone(), blocks, checksums: Vec::new(), device: None })
+    }
+
+    /// The sequence's blocks described where they lie, for a process of this host to copy
+    /// ([`Engine::export_device`]); the caller keeps the sequence until it has. `None`: this
+    /// engine cannot, or not now.
+    pub fn export_device(&self, seq: SeqId) -> Option<Result<KvExport>> {
+        let (layout, s) = match self.seqs.export_plan(seq, &self.engine.info().layout) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        let device = match self.engine.export_device(&s.blocks[..layout.num_blocks()])? {
+            Ok(d) => d,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(Ok(KvExport { layout, tokens: s.tokens.clone(), blocks: Vec::new(), checksums: Vec::new(), device: Some(device) }))
     }
 
     /// A running sequence's full cache blocks from block `from` on, and the tokens of all its
@@ -227,8 +264,14 @@ impl<E: Engine + ?Sized> PagedEngine<E> {
     pub fn import(&mut self, seq: SeqId, kv: &KvExport) -> Result<()> {
         let layout = &self.engine.info().layout;
         let blocks = self.seqs.begin_import(seq, kv, layout, layout.block_bytes())?;
-        let writes: Vec<(BlockId, &[u8])> = blocks.iter().copied().zip(kv.blocks.iter().map(|b| &b[..])).collect();
-        if let Err(e) = self.engine.write_blocks(&writes) {
+        let written = match &kv.device {
+            Some(device) => self.engine.import_device(&blocks, device),
+            None => {
+                let writes: Vec<(BlockId, &[u8])> = blocks.iter().copied().zip(kv.blocks.iter().map(|b| &b[..])).collect();
+                self.engine.write_blocks(&writes)
+            }
+        };
+        if let Err(e) = written {
             // The sequence never existed: its blocks go back to the pool.
             self.seqs.finish_import(seq, &[], blocks);
             self.seqs.release(seq);

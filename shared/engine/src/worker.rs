@@ -11,7 +11,7 @@ use crate::batcher::{Batcher, Event, NewRequest};
 use crate::engine::{EngineInfo, SeqId};
 use crate::kv::PoolStats;
 use crate::Result;
-use tandem_protocol::{BlockHash, BlockMemory, KvExport};
+use tandem_protocol::{BlockHash, BlockMemory, DevicePeer, KvExport};
 
 enum Command {
     Submit { req: NewRequest, events: mpsc::UnboundedSender<Event> },
@@ -21,6 +21,7 @@ enum Command {
     CachedHashes { reply: oneshot::Sender<Vec<BlockHash>> },
     InsertCached { parent: BlockHash, tokens: Vec<u32>, blocks: Vec<Vec<u8>>, reply: oneshot::Sender<Result<usize>> },
     ReadFullBlocks { seq: SeqId, from: usize, reply: oneshot::Sender<Result<(Vec<u32>, Vec<tandem_protocol::Bytes>)>> },
+    ReadHeld { seq: SeqId, reply: oneshot::Sender<Result<KvExport>> },
 }
 
 /// Load figures, refreshed after every step.
@@ -46,6 +47,7 @@ pub struct EngineHandle {
     evicted: Arc<Mutex<Vec<BlockHash>>>,
     next_id: Arc<AtomicU64>,
     block_memory: Option<Arc<dyn BlockMemory>>,
+    device_peer: Option<Arc<dyn DevicePeer>>,
     /// Compiles structured-output constraints for this model (none: requests asking for one
     /// are refused).
     constraints: Option<Arc<crate::Constraints>>,
@@ -84,11 +86,12 @@ impl EngineHandle {
         let (tx, rx) = std::sync::mpsc::channel();
         let info = Arc::new(batcher.engine().info().clone());
         let block_memory = batcher.engine().backend().block_memory();
+        let device_peer = batcher.engine().backend().device_peer();
         let load = Arc::new(Mutex::new(WorkerLoad { pool: batcher.engine().stats(), ..WorkerLoad::default() }));
         let evicted = Arc::new(Mutex::new(Vec::new()));
         let shared = Shared { load: load.clone(), evicted: evicted.clone() };
         std::thread::Builder::new().name(name.to_string()).spawn(move || run(batcher, rx, shared)).expect("spawning the engine thread");
-        Self { tx, info, load, evicted, next_id: Arc::new(AtomicU64::new(1)), block_memory, constraints: None }
+        Self { tx, info, load, evicted, next_id: Arc::new(AtomicU64::new(1)), block_memory, device_peer, constraints: None }
     }
 
     /// Serves structured output with these compiled constraints.
@@ -108,6 +111,11 @@ impl EngineHandle {
     /// See [`crate::Engine::block_memory`].
     pub fn block_memory(&self) -> Option<Arc<dyn BlockMemory>> {
         self.block_memory.clone()
+    }
+
+    /// See [`crate::Engine::device_peer`]: set when this engine's handoffs can stay on the device.
+    pub fn device_peer(&self) -> Option<Arc<dyn DevicePeer>> {
+        self.device_peer.clone()
     }
 
     pub fn load(&self) -> WorkerLoad {
@@ -146,6 +154,15 @@ impl EngineHandle {
     /// see [`crate::PagedEngine::read_full_blocks`]. Read between two steps.
     pub async fn read_full_blocks(&self, seq: SeqId, from: usize) -> Result<(Vec<u32>, Vec<tandem_protocol::Bytes>)> {
         self.ask(|reply| Command::ReadFullBlocks { seq, from, reply })
+            .await
+            .unwrap_or_else(|| Err(crate::EngineError::Import("engine thread stopped".into())))
+    }
+
+    /// The KV of a sequence prefilled to device memory and still held
+    /// ([`crate::Mode::PrefillToDevice`]), read out into host memory: for a handoff that has to
+    /// travel the host path after all. Unsealed.
+    pub async fn read_held(&self, seq: SeqId) -> Result<KvExport> {
+        self.ask(|reply| Command::ReadHeld { seq, reply })
             .await
             .unwrap_or_else(|| Err(crate::EngineError::Import("engine thread stopped".into())))
     }
@@ -250,9 +267,9 @@ fn apply(batcher: &mut Batcher, routes: &mut std::collections::HashMap<SeqId, mp
             let _ = done.send(result);
         }
         Command::Cancel(id) => {
-            if routes.remove(&id).is_some() {
-                batcher.cancel(id);
-            }
+            // Also after the last event: a prefilled sequence may still hold its blocks.
+            routes.remove(&id);
+            batcher.cancel(id);
         }
         Command::CachedPrefix { hashes, reply } => {
             let _ = reply.send(batcher.engine().cached_prefix(&hashes));
@@ -265,6 +282,9 @@ fn apply(batcher: &mut Batcher, routes: &mut std::collections::HashMap<SeqId, mp
         }
         Command::ReadFullBlocks { seq, from, reply } => {
             let _ = reply.send(batcher.engine().read_full_blocks(seq, from));
+        }
+        Command::ReadHeld { seq, reply } => {
+            let _ = reply.send(batcher.engine().export_unsealed(seq));
         }
     }
 }

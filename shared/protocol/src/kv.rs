@@ -118,6 +118,10 @@ pub struct KvExport {
     pub blocks: Vec<Bytes>,
     /// xxh3-64 of each block.
     pub checksums: Vec<u64>,
+    /// Set when the blocks stayed in the exporting engine's device memory, for a receiver on
+    /// the same host to copy from there: `blocks` and `checksums` are then empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceBlocks>,
 }
 
 impl KvExport {
@@ -139,6 +143,98 @@ impl KvExport {
     }
 
     pub fn total_bytes(&self) -> usize {
-        self.blocks.iter().map(Bytes::len).sum()
+        match &self.device {
+            Some(d) => d.offsets.len() * self.layout.block_bytes(),
+            None => self.blocks.iter().map(Bytes::len).sum(),
+        }
+    }
+
+    /// How many blocks the export carries, wherever they are.
+    pub fn block_count(&self) -> usize {
+        match &self.device {
+            Some(d) => d.offsets.len(),
+            None => self.blocks.len(),
+        }
+    }
+}
+
+/// KV blocks left where the exporting engine computed them: a device memory pool that another
+/// process of the same host maps through an inter-process handle and copies from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceBlocks {
+    /// The host the pool lives on ([`host_node_id`]): a handle means nothing anywhere else.
+    pub node: String,
+    /// The pool's inter-process handle, as the driver wrote it.
+    pub handle: Vec<u8>,
+    /// Byte offset of each block in the pool, in the sequence's order.
+    pub offsets: Vec<u64>,
+    /// [`device_checksum`] of each block, computed where the blocks lie.
+    pub sums: Vec<u64>,
+}
+
+/// What lets an engine take [`DeviceBlocks`]: it maps other processes' pools of its host.
+pub trait DevicePeer: Send + Sync + std::fmt::Debug {
+    /// This host's [`host_node_id`].
+    fn node(&self) -> &str;
+    /// Maps the pool `blocks` lie in (once per pool; later calls find it mapped), or says why
+    /// it cannot be: then nothing has been copied, and the sender may use the host path.
+    fn open(&self, blocks: &DeviceBlocks) -> Result<(), String>;
+}
+
+/// Names this host for as long as it stays up: its kernel's boot id (containers of one host
+/// share it), else its host name.
+pub fn host_node_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+const SUM_STEP: u64 = 0x9e37_79b9_7f4a_7c15;
+
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The checksum of a block that a GPU computes where the block lies (the kernel
+/// `block_checksum` computes the same value): the little-endian 64-bit words `w[i]`, each mixed
+/// with its position, summed, and the sum mixed with the word count. A sum can be taken in any
+/// order, so thousands of threads take it at once; every term is a bijection of its word, so a
+/// change to any one word always changes the sum, and a word moved to another position changes
+/// its term. `bytes.len()` must be a multiple of 8.
+pub fn device_checksum(bytes: &[u8]) -> u64 {
+    debug_assert!(bytes.len().is_multiple_of(8));
+    let mut sum = 0u64;
+    for (i, w) in bytes.chunks_exact(8).enumerate() {
+        let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+        sum = sum.wrapping_add(mix64(w ^ (i as u64).wrapping_mul(SUM_STEP)));
+    }
+    mix64(sum ^ (bytes.len() / 8) as u64)
+}
+
+#[cfg(test)]
+mod device_sum_tests {
+    use super::device_checksum;
+
+    #[test]
+    fn any_changed_or_moved_word_changes_the_sum() {
+        let block: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let sum = device_checksum(&block);
+        assert_eq!(sum, device_checksum(&block.clone()));
+        for at in [0, 7, 8, 2047, 4095] {
+            let mut flipped = block.clone();
+            flipped[at] ^= 1;
+            assert_ne!(device_checksum(&flipped), sum, "bit flip at byte {at}");
+        }
+        let mut swapped = block.clone();
+        swapped.copy_within(0..8, 4088);
+        swapped[..8].copy_from_slice(&block[4088..]);
+        assert_ne!(device_checksum(&swapped), sum, "two words exchanged");
+        assert_ne!(device_checksum(&block[..4088]), sum, "a word missing");
+        assert_ne!(device_checksum(&[0u8; 64]), device_checksum(&[0u8; 128]), "zero blocks of two sizes");
     }
 }

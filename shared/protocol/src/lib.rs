@@ -16,7 +16,9 @@ pub mod trace;
 pub use blocks::{block_hashes, chain_hash, BlockHash, ROOT_HASH};
 pub use constraint::Constraint;
 pub use error::{ApiError, ErrorCode, ERROR_CODE_KEY};
-pub use kv::{BlockMemory, Bytes, KvDtype, KvExport, KvLayout, LayoutMismatch, ReceiveBuffer};
+pub use kv::{
+    device_checksum, host_node_id, BlockMemory, Bytes, DeviceBlocks, DevicePeer, KvDtype, KvExport, KvLayout, LayoutMismatch, ReceiveBuffer,
+};
 pub use sampling::{FinishReason, SamplingParams, SamplingParamsError, MAX_TOP_LOGPROBS};
 pub use trace::TRACEPARENT_HEADER;
 

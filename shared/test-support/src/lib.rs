@@ -174,6 +174,7 @@ impl ClusterBuilder {
                 worker_id: format!("prefill-{}", addr.port()),
                 addr: addr.to_string(),
                 transport: Arc::new(TransportSet::new(senders)),
+                device_handoff: self.transports.contains(&tandem_transfer::TransportKind::CudaIpc),
                 handoff_lease: self.handoff_lease,
                 store_timeout: Duration::from_secs(2),
                 offload_budget_bytes: 64 << 20,
@@ -192,9 +193,10 @@ impl ClusterBuilder {
         for i in 0..self.decode {
             let (listener, addr) = bind().await?;
             let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-            let kv = tandem_decode::KvReceivers::bind(&self.transports, loopback, None, self.handoff_lease, None).await?;
-            let kv_addr = kv.advertised().to_string();
+            let mut kv = tandem_decode::KvReceivers::bind(&self.transports, loopback, None, self.handoff_lease, None).await?;
             let engine = self.engine_handle(&files, vocab, &format!("decode-{i}"))?;
+            kv.use_engine(&engine)?;
+            let kv_addr = kv.advertised();
             let cfg = tandem_decode::DecodeConfig {
                 worker_id: format!("decode-{}", addr.port()),
                 addr: addr.to_string(),

@@ -83,3 +83,65 @@ fn client() -> reqwest::Client {
     tandem_runtime::grpc::default_tls_provider();
     reqwest::Client::new()
 }
+
+/// The gateway's `tandem_kv_transfer_bytes_total` for `transport`.
+async fn transfer_bytes(base: &str, transport: &str) -> f64 {
+    let text = client().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let label = format!("transport=\"{transport}\"");
+    text.lines()
+        .filter(|l| l.starts_with("tandem_kv_transfer_bytes_total") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A cluster whose prefill and decode engines share pools the way GPU engines of one host do,
+/// handing over with `cudaipc` first. `mappable` false: the decode side cannot map the prefill
+/// side's pool.
+fn device_cluster(mappable: bool) -> TestCluster {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static POOL: AtomicUsize = AtomicUsize::new(0);
+    use tandem_transfer::TransportKind;
+    TestCluster::builder()
+        .transports(&[TransportKind::CudaIpc, TransportKind::Tcp])
+        .scripted(move |vocab| {
+            let e = ScriptedEngine::counting(MODEL, vocab, 256);
+            let name = format!("cluster-pool-{}-{}", std::process::id(), POOL.fetch_add(1, Ordering::SeqCst));
+            if mappable {
+                e.with_shared_pool(&name)
+            } else {
+                e.with_unmappable_pool(&name)
+            }
+        })
+        .start()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blocks_left_in_the_prefill_pool_are_copied_by_the_decode_engine() {
+    let c = device_cluster(true);
+    let prompt: Vec<u32> = (1000..1075).collect();
+    for _ in 0..3 {
+        let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 20, "temperature": 0, "ignore_eos": true, "logprobs": 1});
+        let v = completion(&c.base, body).await;
+        assert_eq!(v["usage"]["completion_tokens"], 20, "{v}");
+    }
+    // Five blocks of 16 tokens a handoff, each block 2 × 16 f32, all of them device to device.
+    assert_eq!(transfer_bytes(&c.base, "cudaipc").await, 3.0 * 5.0 * 128.0);
+    assert_eq!(transfer_bytes(&c.base, "tcp").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_the_decode_side_cannot_map_goes_through_host_memory() {
+    let c = device_cluster(false);
+    let prompt: Vec<u32> = (1000..1040).collect();
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": true, "logprobs": 1});
+    let v = completion(&c.base, body).await;
+    assert_eq!(v["usage"]["completion_tokens"], 12, "{v}");
+    let files =
+        tandem_tokenizer::ModelFiles::resolve(&tandem_tokenizer::default_model::ensure_default().unwrap().display().to_string()).unwrap();
+    let tokenizer = tandem_tokenizer::Tokenizer::load(&files).unwrap();
+    let want: Vec<String> = (1040..1052).map(|id| tokenizer.decode(&[id]).unwrap()).collect();
+    let got: Vec<&str> = v["choices"][0]["logprobs"]["tokens"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(got, want, "the held blocks, read out after the refusal, are the prompt's");
+    assert_eq!(transfer_bytes(&c.base, "cudaipc").await, 0.0);
+    assert_eq!(transfer_bytes(&c.base, "tcp").await, 3.0 * 128.0);
+}

@@ -9,14 +9,17 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    HandoffRegistry, KvTransport, QuicIdentity, QuicReceiver, QuicTransport, QuicTrust, TcpReceiver, TcpTransport, TransferError,
-    UcxReceiver, UcxTransport,
+    CudaIpcReceiver, CudaIpcTransport, HandoffRegistry, KvTransport, QuicIdentity, QuicReceiver, QuicTransport, QuicTrust, TcpReceiver,
+    TcpTransport, TransferError, UcxReceiver, UcxTransport,
 };
 
 /// A KV transport, as configuration and advertised addresses name it. The order of the variants
 /// is the order of preference when both sides offer several.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
 pub enum TransportKind {
+    /// Device to device on one host: the blocks stay on the GPU ([`crate::CudaIpcTransport`]).
+    #[value(name = "cudaipc")]
+    CudaIpc,
     Ucx,
     Quic,
     Tcp,
@@ -26,6 +29,7 @@ impl TransportKind {
     /// The scheme of its advertised addresses (`ucx://…`), and its name in metrics and logs.
     pub fn name(self) -> &'static str {
         match self {
+            Self::CudaIpc => crate::cudaipc::SCHEME,
             Self::Ucx => "ucx",
             Self::Quic => "quic",
             Self::Tcp => "tcp",
@@ -104,6 +108,25 @@ impl KvReceiver for QuicReceiver {
 }
 
 #[async_trait::async_trait]
+impl KvReceiver for CudaIpcReceiver {
+    fn kind(&self) -> TransportKind {
+        TransportKind::CudaIpc
+    }
+
+    fn advertised(&self) -> std::io::Result<String> {
+        Ok(format!("cudaipc://{}#node={}", self.local_addr()?, self.node()))
+    }
+
+    fn advertised_at(&self, host: &str) -> std::io::Result<String> {
+        Ok(format!("cudaipc://{}:{}#node={}", bracketed(host), self.local_addr()?.port(), self.node()))
+    }
+
+    async fn run(self: Box<Self>, shutdown: CancellationToken) {
+        CudaIpcReceiver::run(*self, shutdown).await
+    }
+}
+
+#[async_trait::async_trait]
 impl KvReceiver for UcxReceiver {
     fn kind(&self) -> TransportKind {
         TransportKind::Ucx
@@ -146,6 +169,7 @@ pub async fn bind_receiver(
             Box::new(QuicReceiver::bind(listen, identity, registry.clone(), lease).map_err(io)?)
         }
         TransportKind::Ucx => Box::new(UcxReceiver::new(listen, registry.clone(), lease).await?),
+        TransportKind::CudaIpc => Box::new(CudaIpcReceiver::new(TcpListener::bind(listen).await.map_err(io)?, registry.clone(), lease)),
     })
 }
 
@@ -156,5 +180,6 @@ pub fn sender(kind: TransportKind, quic_trust: Option<QuicTrust>) -> Result<Arc<
         TransportKind::Tcp => Arc::new(TcpTransport),
         TransportKind::Quic => Arc::new(QuicTransport::new(quic_trust.unwrap_or_else(QuicTrust::pinned_only))),
         TransportKind::Ucx => Arc::new(UcxTransport::new()?),
+        TransportKind::CudaIpc => Arc::new(CudaIpcTransport),
     })
 }

@@ -3,6 +3,7 @@
 //! requests waiting for them. Every transfer ends in success or failure within its lease.
 #![forbid(unsafe_code)]
 
+mod cudaipc;
 mod kind;
 mod quic;
 mod registry;
@@ -17,6 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tandem_protocol::{ErrorCode, KvExport};
 
+pub use cudaipc::{offers_device, CudaIpcReceiver, CudaIpcTransport};
 pub use kind::{bind_receiver, sender, KvReceiver, TransportKind};
 pub use quic::{QuicIdentity, QuicPeer, QuicReceiver, QuicTlsConfig, QuicTransport, QuicTrust};
 pub use registry::{HandoffRegistry, Incoming, PendingHandoff};
@@ -62,8 +64,14 @@ pub enum TransferError {
 /// A way to push a request's KV blocks to a peer.
 #[async_trait::async_trait]
 pub trait KvTransport: Send + Sync {
-    /// Name used in metrics and logs (`tcp`, `ucx`, `quic`).
+    /// Name used in metrics and logs (`tcp`, `ucx`, `quic`, `cudaipc`).
     fn name(&self) -> &'static str;
+
+    /// Whether it carries handoffs whose blocks stayed in device memory ([`KvExport::device`])
+    /// rather than blocks in host memory; a transport carries one kind or the other.
+    fn carries_device(&self) -> bool {
+        false
+    }
 
     /// Sends `handoff` to the receiver at `peer` and waits for its verdict (blocks imported, or
     /// refused). Returns within `lease`, whatever happens to the peer or the connection.

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use tandem_protocol::{ApiError, BlockMemory, Bytes, ErrorCode, ReceiveBuffer};
+use tandem_protocol::{ApiError, BlockMemory, Bytes, DevicePeer, ErrorCode, ReceiveBuffer};
 use tokio::sync::oneshot;
 
 use crate::Handoff;
@@ -22,6 +22,8 @@ pub struct HandoffRegistry {
     pending: Arc<Mutex<HashMap<String, oneshot::Sender<Incoming>>>>,
     /// Set once, by whichever clone: the receivers hold clones from before the engine loads.
     memory: Arc<OnceLock<Arc<dyn BlockMemory>>>,
+    /// How the importing engine maps pools of other processes (device handoffs), once known.
+    device: Arc<OnceLock<Arc<dyn DevicePeer>>>,
 }
 
 /// Where one arriving block is read into: the importing engine's memory, or the heap.
@@ -76,6 +78,17 @@ impl HandoffRegistry {
     /// blocks off a stream: TCP and QUIC). Only the first call counts.
     pub fn use_memory(&self, memory: Arc<dyn BlockMemory>) {
         let _ = self.memory.set(memory);
+    }
+
+    /// From now on, accepts blocks left in the device memory of a sender of this host, mapped
+    /// through `peer`. Only the first call counts.
+    pub fn use_device(&self, peer: Arc<dyn DevicePeer>) {
+        let _ = self.device.set(peer);
+    }
+
+    /// The importing engine's [`DevicePeer`], if it takes device handoffs.
+    pub fn device_peer(&self) -> Option<&Arc<dyn DevicePeer>> {
+        self.device.get()
     }
 
     /// A buffer for one arriving block of `len` bytes.

@@ -105,7 +105,7 @@ pub fn reshard(shards: &[KvExport], to: usize) -> Result<Vec<KvExport>, ReshardE
             blocks.push(Bytes::from(dst));
         }
         let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
-        out.push(KvExport { layout, tokens: first.tokens.clone(), blocks, checksums });
+        out.push(KvExport { layout, tokens: first.tokens.clone(), blocks, checksums, device: None });
     }
     Ok(out)
 }

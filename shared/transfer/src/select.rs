@@ -71,6 +71,9 @@ impl KvTransport for TransportSet {
         let deadline = Instant::now() + lease;
         let mut last = None;
         for t in &self.transports {
+            if t.carries_device() != handoff.kv.device.is_some() {
+                continue;
+            }
             let Some(entry) = offered.iter().find(|e| e.scheme == t.name()) else { continue };
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -86,7 +89,11 @@ impl KvTransport for TransportSet {
         }
         Err(last.unwrap_or_else(|| TransferError::Connect {
             peer: peer.to_string(),
-            reason: format!("no common transport (we speak {:?})", self.names()),
+            reason: format!(
+                "no common transport for {} blocks (we speak {:?})",
+                if handoff.kv.device.is_some() { "device" } else { "host" },
+                self.names()
+            ),
         }))
     }
 }

@@ -19,12 +19,12 @@ fn io(e: std::io::Error) -> TransferError {
     TransferError::Io(e.to_string())
 }
 
-async fn write_frame(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) async fn write_frame(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
     s.write_all(&(bytes.len() as u32).to_le_bytes()).await?;
     s.write_all(bytes).await
 }
 
-async fn read_frame(s: &mut TcpStream, max: usize) -> Result<Vec<u8>, TransferError> {
+pub(crate) async fn read_frame(s: &mut TcpStream, max: usize) -> Result<Vec<u8>, TransferError> {
     let mut len = [0u8; 4];
     s.read_exact(&mut len).await.map_err(io)?;
     let len = u32::from_le_bytes(len) as usize;
@@ -136,7 +136,7 @@ async fn receive(s: &mut TcpStream, registry: &HandoffRegistry) -> Result<(), Tr
         return Err(TransferError::Protocol("not a tandem kv transfer".into()));
     }
     let h: Header = serde_json::from_slice(&read_frame(s, MAX_HEADER).await?).map_err(|e| TransferError::Protocol(e.to_string()))?;
-    let (n, block) = check_header(&h)?;
+    let (n, block) = check_header(&h, false)?;
     let mut blocks = Vec::with_capacity(n);
     for _ in 0..n {
         // Straight into the importing engine's memory where it has room.

@@ -3,7 +3,7 @@
 //! hand-over to the waiting request.
 
 use serde::{Deserialize, Serialize};
-use tandem_protocol::{Bytes, ErrorCode, KvExport, KvLayout};
+use tandem_protocol::{Bytes, DeviceBlocks, ErrorCode, KvExport, KvLayout};
 use tokio::sync::oneshot;
 
 use crate::{Handoff, HandoffRegistry, Incoming, TransferError};
@@ -18,6 +18,9 @@ pub(crate) struct Header {
     pub layout: KvLayout,
     pub tokens: Vec<u32>,
     pub checksums: Vec<u64>,
+    /// Blocks left in the sender's device memory (the `cudaipc` transport): no payload follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceBlocks>,
 }
 
 impl Header {
@@ -28,6 +31,7 @@ impl Header {
             layout: h.kv.layout.clone(),
             tokens: h.kv.tokens.clone(),
             checksums: h.kv.checksums.clone(),
+            device: h.kv.device.clone(),
         }
     }
 }
@@ -63,7 +67,12 @@ impl Verdict {
 }
 
 /// Checks a header before any payload is read; returns the block count and bytes per block.
-pub(crate) fn check_header(h: &Header) -> Result<(usize, usize), TransferError> {
+/// `device` says whether the transport carries device handoffs (and nothing else) or payloads.
+pub(crate) fn check_header(h: &Header, device: bool) -> Result<(usize, usize), TransferError> {
+    if h.device.is_some() != device {
+        let what = if device { "a payload" } else { "device blocks" };
+        return Err(TransferError::Protocol(format!("this transport does not carry {what}")));
+    }
     let l = &h.layout;
     if l.block_size == 0 || l.tp_size == 0 {
         return Err(TransferError::Protocol("block size and TP size must be positive".into()));
@@ -79,10 +88,15 @@ pub(crate) fn check_header(h: &Header) -> Result<(usize, usize), TransferError> 
     let Some(block) = block else {
         return Err(TransferError::Protocol(format!("a payload of {n} blocks is over the {MAX_PAYLOAD}-byte limit")));
     };
-    if h.checksums.len() != n || h.tokens.len() != l.token_count {
+    let sums = match &h.device {
+        Some(d) if !h.checksums.is_empty() || d.offsets.len() != d.sums.len() => usize::MAX,
+        Some(d) => d.sums.len(),
+        None => h.checksums.len(),
+    };
+    if sums != n || h.tokens.len() != l.token_count {
         return Err(TransferError::Protocol(format!(
             "inconsistent header: {n} blocks, {} checksums, {} tokens",
-            h.checksums.len(),
+            if sums == usize::MAX { "mismatched".to_string() } else { sums.to_string() },
             h.tokens.len()
         )));
     }
@@ -92,7 +106,7 @@ pub(crate) fn check_header(h: &Header) -> Result<(usize, usize), TransferError> 
 /// Verifies the checksums, hands the blocks to the request waiting for them and waits for its
 /// verdict (imported, or refused).
 pub(crate) async fn deliver(registry: &HandoffRegistry, h: Header, blocks: Vec<Bytes>) -> Result<(), TransferError> {
-    let kv = KvExport { layout: h.layout, tokens: h.tokens, blocks, checksums: h.checksums };
+    let kv = KvExport { layout: h.layout, tokens: h.tokens, blocks, checksums: h.checksums, device: h.device };
     if let Some(bad) = kv.first_corrupt_block() {
         return Err(refused(ErrorCode::KvHandoffFailed, format!("block {bad} fails its checksum")));
     }
@@ -105,6 +119,6 @@ pub(crate) async fn deliver(registry: &HandoffRegistry, h: Header, blocks: Vec<B
     }
 }
 
-fn refused(code: ErrorCode, message: impl Into<String>) -> TransferError {
+pub(crate) fn refused(code: ErrorCode, message: impl Into<String>) -> TransferError {
     TransferError::Refused { code, message: message.into() }
 }

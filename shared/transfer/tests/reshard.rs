@@ -55,7 +55,13 @@ fn shard_of(heads: usize, rank: usize, tp: usize) -> KvExport {
         })
         .collect();
     let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
-    KvExport { layout: KvLayout { kv_heads: heads, ..layout(rank, tp) }, tokens: (0..TOKENS as u32).collect(), blocks, checksums }
+    KvExport {
+        layout: KvLayout { kv_heads: heads, ..layout(rank, tp) },
+        tokens: (0..TOKENS as u32).collect(),
+        blocks,
+        checksums,
+        device: None,
+    }
 }
 
 fn shards(tp: usize) -> Vec<KvExport> {

@@ -107,7 +107,11 @@ fn make_handoff(id: &str, seed: u64, tokens: usize) -> Handoff {
     let layout = layout(tokens);
     let blocks: Vec<Bytes> = (0..layout.num_blocks()).map(|b| Bytes::from(block_bytes(seed, b, layout.block_bytes()))).collect();
     let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
-    Handoff { request_id: id.into(), first_token: seed as u32, kv: KvExport { layout, tokens: vec![7; tokens], blocks, checksums } }
+    Handoff {
+        request_id: id.into(),
+        first_token: seed as u32,
+        kv: KvExport { layout, tokens: vec![7; tokens], blocks, checksums, device: None },
+    }
 }
 
 /// What the receiving request does with its blocks.

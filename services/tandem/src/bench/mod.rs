@@ -121,7 +121,11 @@ pub(crate) fn payload(layers: usize, blocks: usize) -> Handoff {
     };
     let blocks: Vec<tandem_protocol::Bytes> = (0..blocks).map(|b| noise(b as u64, layout.block_bytes()).into()).collect();
     let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
-    Handoff { request_id: String::new(), first_token: 0, kv: KvExport { layout, tokens: vec![1; blocks.len() * 16], blocks, checksums } }
+    Handoff {
+        request_id: String::new(),
+        first_token: 0,
+        kv: KvExport { layout, tokens: vec![1; blocks.len() * 16], blocks, checksums, device: None },
+    }
 }
 
 /// `len` non-constant bytes from `seed` (xorshift), so nothing along the way can compress them

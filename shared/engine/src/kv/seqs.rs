@@ -142,11 +142,11 @@ impl SeqTable {
             )));
         }
         let n = kv.layout.num_blocks();
-        if kv.tokens.len() != kv.layout.token_count || kv.blocks.len() != n {
+        if kv.tokens.len() != kv.layout.token_count || kv.block_count() != n || (kv.device.is_some() && !kv.blocks.is_empty()) {
             return Err(EngineError::Import(format!(
                 "{} tokens and {} blocks for a layout of {} tokens",
                 kv.tokens.len(),
-                kv.blocks.len(),
+                kv.block_count() + kv.blocks.len() * kv.device.is_some() as usize,
                 kv.layout.token_count
             )));
         }

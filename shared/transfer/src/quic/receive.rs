@@ -176,7 +176,7 @@ pub(super) async fn receive(s: &mut RecvStream, registry: &HandoffRegistry) -> R
         return Err(protocol("not a tandem kv transfer"));
     }
     let h: Header = serde_json::from_slice(&read_frame(s, MAX_HEADER).await?).map_err(protocol)?;
-    let (n, block) = check_header(&h)?;
+    let (n, block) = check_header(&h, false)?;
     let mut blocks = Vec::with_capacity(n);
     for _ in 0..n {
         // Straight into the importing engine's memory where it has room.

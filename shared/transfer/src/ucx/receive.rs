@@ -211,7 +211,7 @@ impl Connection {
             return Err(protocol(format!("header of {} bytes exceeds {MAX_HEADER}", offer.len())));
         }
         let h: Header = serde_json::from_slice(offer).map_err(protocol)?;
-        let (n, block) = check_header(&h)?;
+        let (n, block) = check_header(&h, false)?;
         let total = n * block;
         let ready = match total {
             0 => Ready { buffer: BufferId(0), addr: 0, len: 0, rkey: Vec::new() },

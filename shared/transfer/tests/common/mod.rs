@@ -26,7 +26,11 @@ pub fn handoff(id: &str, tokens: usize) -> Handoff {
     let blocks: Vec<Bytes> =
         (0..layout.num_blocks()).map(|b| (0..layout.block_bytes()).map(|i| (i * 7 + b) as u8).collect::<Vec<u8>>().into()).collect();
     let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
-    Handoff { request_id: id.into(), first_token: 42, kv: KvExport { layout, tokens: (0..tokens as u32).collect(), blocks, checksums } }
+    Handoff {
+        request_id: id.into(),
+        first_token: 42,
+        kv: KvExport { layout, tokens: (0..tokens as u32).collect(), blocks, checksums, device: None },
+    }
 }
 
 /// Flips the bits of one byte of one block (behind its checksum's back).
