@@ -266,6 +266,9 @@ pub fn attention_cases() -> Vec<AttnCase> {
         cases.push(AttnCase { hd, heads, kv_heads: kvh, ctx: vec![300, 1030], q: vec![100, 30], decode: false });
         cases.push(AttnCase { hd, heads, kv_heads: kvh, ctx: vec![1, 5], q: vec![1, 2], decode: false });
     }
+    // Decode past 32k: 128k contexts take 256 splits of 512.
+    cases.push(AttnCase { hd: 64, heads: 8, kv_heads: 2, ctx: vec![131_072, 70_001, 5], q: vec![1; 3], decode: true });
+    cases.push(AttnCase { hd: 128, heads: 32, kv_heads: 8, ctx: vec![131_072], q: vec![1], decode: true });
     cases
 }
 

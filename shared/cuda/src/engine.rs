@@ -65,10 +65,17 @@ impl Default for CudaConfig {
     }
 }
 
-/// Most partial results per head in split decode attention (bounds its scratch).
-const MAX_SPLITS: usize = 64;
-/// Longest context the decode kernel serves: 512-token splits, `MAX_SPLITS` of them.
-const DECODE_CONTEXT_LIMIT: usize = 512 * MAX_SPLITS;
+/// Most tokens one split of decode attention covers (the kernel's `DEC_MAX_SPLIT`).
+const DECODE_SPLIT_TOKENS: usize = 512;
+/// Fewest partial results per head the split decode attention's scratch holds.
+const MIN_SPLITS: usize = 64;
+
+/// Partial results per head the scratch holds for contexts up to `max_context`: every split of
+/// the longest context, 512 tokens each at that length (a 128k context takes 256), and at least
+/// `MIN_SPLITS`, so that short contexts still spread over every SM in small splits.
+fn max_splits(max_context: usize) -> usize {
+    max_context.div_ceil(DECODE_SPLIT_TOKENS).max(MIN_SPLITS)
+}
 /// Logit rows of one pass (a scoring request asking for every token is chunked to this).
 const MAX_LOGIT_ROWS: usize = 512;
 
@@ -102,6 +109,8 @@ pub struct CudaEngine {
     ranks: Vec<Rank>,
     /// Leading logit rows whose mask flag the last pass may have left set.
     masked_rows: usize,
+    /// Partial results per head the decode attention's scratch holds ([`max_splits`]).
+    max_splits: usize,
 }
 
 impl std::fmt::Debug for CudaEngine {
@@ -177,7 +186,8 @@ impl CudaEngine {
         };
         let block_bytes = layout.block_bytes();
         let rank_block_bytes = block_bytes / tp;
-        let max_context = cfg.max_context.unwrap_or(c.max_context).min(c.max_context).min(DECODE_CONTEXT_LIMIT);
+        let max_context = cfg.max_context.unwrap_or(c.max_context).min(c.max_context);
+        let max_splits = max_splits(max_context);
         let max_batch = cfg.max_batch.clamp(1, *BUCKETS.last().expect("buckets"));
         let mut scratches = Vec::with_capacity(tp);
         let mut fit = usize::MAX;
@@ -190,7 +200,7 @@ impl CudaEngine {
                 max_batch,
                 MAX_LOGIT_ROWS.max(max_batch),
                 max_context.div_ceil(bs),
-                MAX_SPLITS,
+                max_splits,
             )?;
             let (free, total) = gpu.mem_info()?;
             let blocks = match cfg.kv_cache_bytes {
@@ -257,6 +267,7 @@ impl CudaEngine {
             group,
             ranks,
             masked_rows: 0,
+            max_splits,
         })
     }
 
@@ -400,7 +411,7 @@ impl CudaEngine {
             };
             let split_ctx = graph_key.map_or(plan.max_ctx, |(_, cb, _)| cb);
             let shape =
-                PassShape::of(&plan, decode_split(plan.n_seqs, self.model.d.kv_heads, split_ctx.max(1), self.lead().gpu.sms, MAX_SPLITS));
+                PassShape::of(&plan, decode_split(plan.n_seqs, self.model.d.kv_heads, split_ctx.max(1), self.lead().gpu.sms, self.max_splits));
             drop(plan_items);
             drop(states);
             self.upload_meta(&plan.meta)?;
@@ -665,7 +676,7 @@ impl CudaEngine {
             .collect();
         let plan = Plan::build(&plan_items, self.model.block_size, None, 0);
         let shape =
-            PassShape::of(&plan, decode_split(plan.n_seqs, self.model.d.kv_heads, plan.max_ctx.max(1), self.lead().gpu.sms, MAX_SPLITS));
+            PassShape::of(&plan, decode_split(plan.n_seqs, self.model.d.kv_heads, plan.max_ctx.max(1), self.lead().gpu.sms, self.max_splits));
         drop(plan_items);
         drop(states);
         self.upload_meta(&plan.meta)?;
@@ -904,5 +915,23 @@ impl DevicePasses for PagedEngine<CudaEngine> {
 
     fn adopt(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
         CudaEngine::adopt(self.parts_mut().1, seq, tokens)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_decode_scratch_holds_every_split_of_the_longest_context() {
+        assert_eq!(max_splits(4096), MIN_SPLITS);
+        assert_eq!(max_splits(32_768), 64);
+        assert_eq!(max_splits(131_072), 256);
+        for ctx in [1, 511, 513, 32_769, 100_000, 131_072] {
+            for batch in [1, 8, 256] {
+                let (split, n) = decode_split(batch, 8, ctx, 132, max_splits(131_072));
+                assert!(split <= DECODE_SPLIT_TOKENS && n * split >= ctx && n <= max_splits(131_072), "ctx {ctx} batch {batch}");
+            }
+        }
     }
 }
