@@ -307,11 +307,19 @@ impl Decode for Service {
                             }
                         };
                         let h = incoming.handoff;
+                        if incoming.verdict.is_closed() {
+                            // The transfer's lease ended while the blocks waited here: the sender
+                            // has given up (a device handoff's blocks may be released already).
+                            let error = ApiError::new(ErrorCode::Timeout, "the kv handoff's lease ended before its import").to_status();
+                            failed(&error);
+                            let _ = tx.send(Err(error)).await;
+                            return;
+                        }
                         let import = tracing::info_span!(
                             "kv_import",
                             otel.name = "kv import",
-                            tandem.kv.blocks = h.kv.blocks.len() as i64,
-                            tandem.kv.bytes = h.kv.blocks.iter().map(|b| b.len() as i64).sum::<i64>(),
+                            tandem.kv.blocks = h.kv.block_count() as i64,
+                            tandem.kv.bytes = h.kv.total_bytes() as i64,
                             error.type = tracing::field::Empty,
                         );
                         let cached = h.kv.tokens.len();

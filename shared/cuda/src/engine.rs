@@ -69,6 +69,8 @@ impl Default for CudaConfig {
 const DECODE_SPLIT_TOKENS: usize = 512;
 /// Fewest partial results per head the split decode attention's scratch holds.
 const MIN_SPLITS: usize = 64;
+/// Longest context served: the longest checked against float64 (`checks::attention_cases`).
+const DECODE_CONTEXT_LIMIT: usize = 131_072;
 
 /// Partial results per head the scratch holds for contexts up to `max_context`: every split of
 /// the longest context, 512 tokens each at that length (a 128k context takes 256), and at least
@@ -186,7 +188,7 @@ impl CudaEngine {
         };
         let block_bytes = layout.block_bytes();
         let rank_block_bytes = block_bytes / tp;
-        let max_context = cfg.max_context.unwrap_or(c.max_context).min(c.max_context);
+        let max_context = cfg.max_context.unwrap_or(c.max_context).min(c.max_context).min(DECODE_CONTEXT_LIMIT);
         let max_splits = max_splits(max_context);
         let max_batch = cfg.max_batch.clamp(1, *BUCKETS.last().expect("buckets"));
         let mut scratches = Vec::with_capacity(tp);
@@ -410,8 +412,10 @@ impl CudaEngine {
                 None => Plan::build(&plan_items, self.model.block_size, None, 0),
             };
             let split_ctx = graph_key.map_or(plan.max_ctx, |(_, cb, _)| cb);
-            let shape =
-                PassShape::of(&plan, decode_split(plan.n_seqs, self.model.d.kv_heads, split_ctx.max(1), self.lead().gpu.sms, self.max_splits));
+            let shape = PassShape::of(
+                &plan,
+                decode_split(plan.n_seqs, self.model.d.kv_heads, split_ctx.max(1), self.lead().gpu.sms, self.max_splits),
+            );
             drop(plan_items);
             drop(states);
             self.upload_meta(&plan.meta)?;
@@ -675,8 +679,10 @@ impl CudaEngine {
             .map(|(it, s)| PlanItem { blocks: &s.blocks, start: s.tokens.len(), tokens: &it.tokens, all_logits: false, last_logit: true })
             .collect();
         let plan = Plan::build(&plan_items, self.model.block_size, None, 0);
-        let shape =
-            PassShape::of(&plan, decode_split(plan.n_seqs, self.model.d.kv_heads, plan.max_ctx.max(1), self.lead().gpu.sms, self.max_splits));
+        let shape = PassShape::of(
+            &plan,
+            decode_split(plan.n_seqs, self.model.d.kv_heads, plan.max_ctx.max(1), self.lead().gpu.sms, self.max_splits),
+        );
         drop(plan_items);
         drop(states);
         self.upload_meta(&plan.meta)?;
@@ -845,7 +851,11 @@ impl Engine for CudaEngine {
                 blocks.len()
             )));
         }
-        let base = ipc.base_of(src).map_err(|e| EngineError::Import(format!("cannot map the sender's device pool: {e}")))?;
+        // Held until the copies are done (the checksums' read-back below waits for them).
+        let pool = ipc
+            .checked(src, self.block_bytes)
+            .map_err(|e| EngineError::Import(format!("cannot take blocks from the sender's device pool: {e}")))?;
+        let base = pool.base;
         let lead = self.lead();
         let bb = self.block_bytes as u64;
         let dst: Vec<u64> = blocks.iter().map(|&b| b as u64 * bb).collect();
@@ -857,6 +867,7 @@ impl Engine for CudaEngine {
         }
         // Checked where they landed, after the copies (same stream).
         let sums = lead.gpu.block_checksums(lead.cache.ptr, &dst, self.block_bytes).map_err(dev)?;
+        drop(pool);
         if let Some(bad) = sums.iter().zip(&src.sums).position(|(a, b)| a != b) {
             return Err(EngineError::Import(format!("block {bad} fails its checksum after the device copy")));
         }

@@ -3,12 +3,40 @@
 //! to device, [`tandem_protocol::DeviceBlocks`]).
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cudarc::driver::{sys, CudaContext};
 use tandem_protocol::{DeviceBlocks, DevicePeer};
 
-/// Most pools of other processes kept mapped; past it the one mapped longest ago is closed.
-const MAX_MAPPED: usize = 64;
+/// Most pools of other processes kept mapped; past it the one used longest ago is closed.
+const MAX_MAPPED: usize = 16;
+/// A mapping unused this long is closed (its sender restarted or left): an open mapping may keep
+/// the exporter's memory from being freed.
+const IDLE_CLOSE: Duration = Duration::from_secs(600);
+
+/// Another process's pool mapped into this context; closed when the last holder drops it, so a
+/// copy in progress keeps its source mapped even if the pool is evicted meanwhile.
+#[derive(Debug)]
+pub struct Mapping {
+    ctx: Arc<CudaContext>,
+    /// Where the pool starts in this context.
+    pub base: u64,
+    /// Its size in bytes, from the driver.
+    pub bytes: u64,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: `base` was returned by `cuIpcOpenMemHandle` and is closed only here, once
+            // nothing holds the mapping.
+            let _ = unsafe { sys::cuIpcCloseMemHandle(self.base) };
+        }
+    }
+}
+
+/// A mapped pool, by handle, and when it was last used.
+type Entry = (Vec<u8>, Arc<Mapping>, Instant);
 
 /// This engine's side of device handoffs.
 #[derive(Debug)]
@@ -17,8 +45,8 @@ pub struct IpcPool {
     node: String,
     /// The handle of this engine's own KV pool.
     pub handle: Vec<u8>,
-    /// Pools of other processes, by handle: their address in this context, oldest first.
-    mapped: Mutex<Vec<(Vec<u8>, u64)>>,
+    /// Pools of other processes, least recently used first.
+    mapped: Mutex<Vec<Entry>>,
 }
 
 impl IpcPool {
@@ -30,11 +58,19 @@ impl IpcPool {
         &self.node
     }
 
-    /// Where the pool of `blocks` is mapped in this context, mapping it if it is not yet.
-    pub fn base_of(&self, blocks: &DeviceBlocks) -> Result<u64, String> {
-        let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, ptr)) = mapped.iter().find(|(h, _)| *h == blocks.handle) {
-            return Ok(*ptr);
+    /// The mapping of the pool `blocks` lie in, made if it is not yet. Hold it while copying.
+    pub fn mapping(&self, blocks: &DeviceBlocks) -> Result<Arc<Mapping>, String> {
+        let now = Instant::now();
+        {
+            let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+            mapped.retain(|(_, _, used)| now.duration_since(*used) < IDLE_CLOSE);
+            if let Some(i) = mapped.iter().position(|(h, _, _)| *h == blocks.handle) {
+                let mut e = mapped.remove(i);
+                e.2 = now;
+                let m = e.1.clone();
+                mapped.push(e);
+                return Ok(m);
+            }
         }
         if blocks.handle == self.handle {
             return Err("the blocks are in this engine's own pool".into());
@@ -42,36 +78,39 @@ impl IpcPool {
         let Ok(raw) = <[u8; 64]>::try_from(blocks.handle.as_slice()) else {
             return Err(format!("a handle of {} bytes (the driver's are 64)", blocks.handle.len()));
         };
+        // Mapped outside the lock: the engine's thread may be looking up another pool meanwhile.
         self.ctx.bind_to_thread().map_err(|e| e.to_string())?;
         let handle = sys::CUipcMemHandle { reserved: raw.map(|b| b as std::ffi::c_char) };
-        let mut ptr = 0u64;
+        let mut base = 0u64;
         // SAFETY: the handle's bytes came from `cuIpcGetMemHandle` in another process (the
         // driver checks them and refuses a stale or foreign one); the mapping is closed once, by
-        // `close` or `Drop`.
-        unsafe { sys::cuIpcOpenMemHandle_v2(&mut ptr, handle, sys::CUipcMem_flags_enum::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32) }
+        // `Mapping::drop`.
+        unsafe { sys::cuIpcOpenMemHandle_v2(&mut base, handle, sys::CUipcMem_flags_enum::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32) }
             .result()
             .map_err(|e| format!("{e:?}"))?;
+        let mut mapping = Mapping { ctx: self.ctx.clone(), base, bytes: 0 };
+        let (mut start, mut size) = (0u64, 0usize);
+        // SAFETY: `base` is a device address of this context; the driver writes the range.
+        unsafe { sys::cuMemGetAddressRange_v2(&mut start, &mut size, base) }.result().map_err(|e| format!("{e:?}"))?;
+        mapping.bytes = (start + size as u64).saturating_sub(base);
+        let mapping = Arc::new(mapping);
+        let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = mapped.iter().position(|(h, _, _)| *h == blocks.handle) {
+            // Mapped by another thread meanwhile: keep that one (ours closes as it drops).
+            return Ok(mapped[i].1.clone());
+        }
         if mapped.len() >= MAX_MAPPED {
-            let (_, old) = mapped.remove(0);
-            close(old);
+            mapped.remove(0);
         }
-        mapped.push((blocks.handle.clone(), ptr));
-        Ok(ptr)
+        mapped.push((blocks.handle.clone(), mapping.clone(), now));
+        Ok(mapping)
     }
-}
 
-fn close(ptr: u64) {
-    // SAFETY: `ptr` was returned by `cuIpcOpenMemHandle` and is closed only here.
-    let _ = unsafe { sys::cuIpcCloseMemHandle(ptr) };
-}
-
-impl Drop for IpcPool {
-    fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() {
-            for (_, ptr) in self.mapped.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
-                close(ptr);
-            }
-        }
+    /// The mapping of `blocks`' pool, once every block of `block_bytes` is checked to lie in it.
+    pub fn checked(&self, blocks: &DeviceBlocks, block_bytes: usize) -> Result<Arc<Mapping>, String> {
+        let m = self.mapping(blocks)?;
+        blocks.check_within(m.bytes, block_bytes)?;
+        Ok(m)
     }
 }
 
@@ -80,8 +119,8 @@ impl DevicePeer for IpcPool {
         &self.node
     }
 
-    fn open(&self, blocks: &DeviceBlocks) -> Result<(), String> {
-        self.base_of(blocks).map(|_| ())
+    fn open(&self, blocks: &DeviceBlocks, block_bytes: usize) -> Result<(), String> {
+        self.checked(blocks, block_bytes).map(|_| ())
     }
 }
 

@@ -47,11 +47,10 @@ impl DevicePeer for SharedPools {
         &self.node
     }
 
-    fn open(&self, blocks: &DeviceBlocks) -> std::result::Result<(), String> {
-        match pools().lock().unwrap_or_else(|e| e.into_inner()).contains_key(&blocks.handle) {
-            true => Ok(()),
-            false => Err("no such pool".into()),
-        }
+    fn open(&self, blocks: &DeviceBlocks, block_bytes: usize) -> std::result::Result<(), String> {
+        let pool = pools().lock().unwrap_or_else(|e| e.into_inner()).get(&blocks.handle).cloned().ok_or("no such pool")?;
+        let bytes = pool.lock().unwrap_or_else(|e| e.into_inner()).len() * 4;
+        blocks.check_within(bytes as u64, block_bytes)
     }
 }
 
@@ -205,6 +204,7 @@ impl Engine for ScriptedEngine {
         let copies: Vec<Vec<u8>> = {
             let from = from.lock().unwrap_or_else(|e| e.into_inner());
             let raw: &[u8] = bytemuck::cast_slice(&from);
+            src.check_within(raw.len() as u64, bytes).map_err(crate::EngineError::Import)?;
             src.offsets.iter().map(|&o| raw[o as usize..o as usize + bytes].to_vec()).collect()
         };
         for (i, c) in copies.iter().enumerate() {

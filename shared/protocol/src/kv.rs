@@ -176,9 +176,25 @@ pub struct DeviceBlocks {
 pub trait DevicePeer: Send + Sync + std::fmt::Debug {
     /// This host's [`host_node_id`].
     fn node(&self) -> &str;
-    /// Maps the pool `blocks` lie in (once per pool; later calls find it mapped), or says why
-    /// it cannot be: then nothing has been copied, and the sender may use the host path.
-    fn open(&self, blocks: &DeviceBlocks) -> Result<(), String>;
+    /// Maps the pool `blocks` lie in (once per pool; later calls find it mapped) and checks that
+    /// every block of `block_bytes` bytes lies inside it, or says why not: then nothing has been
+    /// copied, and the sender may use the host path.
+    fn open(&self, blocks: &DeviceBlocks, block_bytes: usize) -> Result<(), String>;
+}
+
+impl DeviceBlocks {
+    /// Checks that each block, `block_bytes` long at its offset, lies inside a pool of
+    /// `pool_bytes` bytes and starts on a block boundary: offsets come from the network.
+    pub fn check_within(&self, pool_bytes: u64, block_bytes: usize) -> Result<(), String> {
+        let bb = block_bytes as u64;
+        if bb == 0 {
+            return Err("blocks of 0 bytes".into());
+        }
+        match self.offsets.iter().position(|&o| !o.is_multiple_of(bb) || o.checked_add(bb).is_none_or(|end| end > pool_bytes)) {
+            Some(i) => Err(format!("block {i} at offset {} does not lie in a pool of {pool_bytes} bytes", self.offsets[i])),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Names this host for as long as it stays up: its kernel's boot id (containers of one host
@@ -219,6 +235,17 @@ pub fn device_checksum(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod device_sum_tests {
     use super::device_checksum;
+
+    #[test]
+    fn offsets_outside_the_pool_or_off_a_block_boundary_are_refused() {
+        let d = |offsets: Vec<u64>| super::DeviceBlocks { node: String::new(), handle: Vec::new(), offsets, sums: Vec::new() };
+        assert!(d(vec![0, 100, 900]).check_within(1000, 100).is_ok());
+        assert!(d(vec![1000]).check_within(1000, 100).is_err(), "one past the end");
+        assert!(d(vec![950]).check_within(1000, 50).is_ok());
+        assert!(d(vec![50]).check_within(1000, 100).is_err(), "mid-block");
+        assert!(d(vec![u64::MAX - 99]).check_within(u64::MAX, 100).is_err(), "wraps around");
+        assert!(d(vec![0]).check_within(1000, 0).is_err());
+    }
 
     #[test]
     fn any_changed_or_moved_word_changes_the_sum() {

@@ -168,7 +168,7 @@ async fn receive(s: &mut TcpStream, registry: &HandoffRegistry) -> Result<(), Tr
         return Err(TransferError::Protocol("not a tandem device kv handoff".into()));
     }
     let h: Header = serde_json::from_slice(&read_frame(s, MAX_HEADER).await?).map_err(|e| TransferError::Protocol(e.to_string()))?;
-    check_header(&h, true)?;
+    let (_, block_bytes) = check_header(&h, true)?;
     let device = h.device.as_ref().expect("checked: a device header");
     let Some(peer) = registry.device_peer() else {
         return Err(refused(ErrorCode::Unavailable, "this worker's engine takes no device handoffs"));
@@ -178,7 +178,7 @@ async fn receive(s: &mut TcpStream, registry: &HandoffRegistry) -> Result<(), Tr
     }
     // Mapping a pool may block on the driver for a moment, once per sender.
     let (peer, d) = (peer.clone(), device.clone());
-    let opened = tokio::task::spawn_blocking(move || peer.open(&d)).await.map_err(|e| TransferError::Io(e.to_string()))?;
-    opened.map_err(|e| refused(ErrorCode::Unavailable, format!("cannot map the sender's device pool: {e}")))?;
+    let opened = tokio::task::spawn_blocking(move || peer.open(&d, block_bytes)).await.map_err(|e| TransferError::Io(e.to_string()))?;
+    opened.map_err(|e| refused(ErrorCode::Unavailable, format!("cannot take blocks from the sender's device pool: {e}")))?;
     deliver(registry, h, Vec::new()).await
 }

@@ -84,7 +84,8 @@ pub(crate) fn check_header(h: &Header, device: bool) -> Result<(usize, usize), T
     let block = [l.num_layers, 2, l.block_size, l.heads_per_rank(), l.head_dim, l.dtype.size()]
         .into_iter()
         .try_fold(1usize, |a, b| a.checked_mul(b))
-        .filter(|b| n.checked_mul(*b).is_some_and(|total| total <= MAX_PAYLOAD));
+        // Device handoffs carry no payload: their bytes never cross the connection.
+        .filter(|b| n.checked_mul(*b).is_some_and(|total| device || total <= MAX_PAYLOAD));
     let Some(block) = block else {
         return Err(TransferError::Protocol(format!("a payload of {n} blocks is over the {MAX_PAYLOAD}-byte limit")));
     };

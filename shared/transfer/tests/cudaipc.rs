@@ -28,13 +28,13 @@ impl DevicePeer for Peer {
     fn node(&self) -> &str {
         &self.node
     }
-    fn open(&self, blocks: &DeviceBlocks) -> Result<(), String> {
+    fn open(&self, blocks: &DeviceBlocks, block_bytes: usize) -> Result<(), String> {
         self.asked.lock().unwrap().push(blocks.handle.clone());
-        if blocks.handle.starts_with(b"ok") {
-            Ok(())
-        } else {
-            Err("invalid device context".into())
+        if !blocks.handle.starts_with(b"ok") {
+            return Err("invalid device context".into());
         }
+        // A pool of 16 blocks.
+        blocks.check_within(16 * block_bytes as u64, block_bytes)
     }
 }
 
@@ -160,6 +160,17 @@ async fn device_blocks_never_travel_a_host_transport_nor_host_blocks_the_device_
     // The device transport asked directly refuses blocks it cannot carry, before connecting.
     let err = CudaIpcTransport.send(&ipc_only["cudaipc://".len()..], &handoff("f", 8), LEASE).await.unwrap_err();
     assert!(matches!(&err, TransferError::Connect { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn offsets_outside_the_senders_pool_are_refused_before_delivery() {
+    let (registry, addr, _stop) = receivers(peer()).await;
+    let _pending = registry.register("h").unwrap();
+    let mut h = on_device("h", 8, b"ok");
+    h.kv.device.as_mut().unwrap().offsets[1] = 16 * h.kv.layout.block_bytes() as u64;
+    let err = set().send(&addr, &h, LEASE).await.unwrap_err();
+    assert!(err.to_string().contains("does not lie in a pool"), "{err}");
+    assert_eq!(registry.waiting(), 1, "nothing was delivered");
 }
 
 #[tokio::test]

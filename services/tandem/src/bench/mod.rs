@@ -6,6 +6,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod engine;
 mod gpu_peer;
+mod perplexity;
 mod sample;
 mod store;
 mod transfer;
@@ -26,6 +27,9 @@ pub enum BenchCommand {
     Store(store::StoreArgs),
     /// Prefill and decode speed of the CPU engine on a model (the default unless --model).
     Cpu(cpu::CpuArgs),
+    /// Perplexity of the CPU engine over a text, in windows (compared with llama.cpp by
+    /// `scripts/bench_perplexity.py`).
+    Perplexity(perplexity::PerplexityArgs),
     /// What one sampled token costs on the host, against sorting the whole vocabulary.
     Sample(sample::SampleArgs),
     /// What structured output costs per token on the CPU engine (constrained against not).
@@ -66,6 +70,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         #[cfg(feature = "cuda")]
         BenchCommand::GpuCheck(args) => engine::check(&args),
         BenchCommand::Cpu(args) => cpu::run(&args),
+        BenchCommand::Perplexity(args) => perplexity::run(&args),
         BenchCommand::Constraint(args) => constraint::run(&args),
         BenchCommand::Sample(args) => sample::run(&args),
         BenchCommand::Store(args) => store::run(&args),
