@@ -9,6 +9,9 @@ scored); llama.cpp (llama-cpp-python) scores the same ids in the same windows of
 tokens, each from an empty cache, every token after a window's first. Tandem runs once per CPU
 kernel set (candle's and the project's, `TANDEM_CPU_KERNELS=tandem`).
 
+Also: greedy next-token agreement at every scored position (both engines read the same text),
+overall and where both engines lead their runner-up by at least --clear-margin in logits.
+
 Usage: python3 scripts/bench_perplexity.py [--out docs/benchmarks/engine/perplexity_2core.json]
 Needs: pip install llama-cpp-python (built from source; see docs/performance.md for the flags).
 """
@@ -58,7 +61,7 @@ def llama_cpp(tokens, window, threads):
 
     llm = llama_cpp.Llama(model_path=model_path(), n_ctx=window, n_batch=window, n_threads=threads,
                           n_threads_batch=threads, logits_all=True, verbose=False)
-    nll = []
+    nll, argmax, margin = [], [], []
     for start in range(0, len(tokens) - window + 1, window):
         w = tokens[start:start + window]
         llm.reset()
@@ -67,15 +70,29 @@ def llama_cpp(tokens, window, threads):
         m = logits.max(axis=1, keepdims=True)
         lse = (m + np.log(np.exp(logits - m).sum(axis=1, keepdims=True)))[:, 0]
         nll.append(float(sum(lse[i] - logits[i, w[i + 1]] for i in range(window - 1))))
+        top = np.sort(logits[:window - 1], axis=1)
+        argmax += [int(x) for x in logits[:window - 1].argmax(axis=1)]
+        margin += [float(x) for x in top[:, -1] - top[:, -2]]
     scored = len(nll) * (window - 1)
     return {"engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})", "window_nll": nll,
-            "perplexity": math.exp(sum(nll) / scored), "scored": scored}
+            "perplexity": math.exp(sum(nll) / scored), "scored": scored, "argmax": argmax, "margin": margin}
+
+
+def agreement(ours, theirs, clear):
+    """Greedy next-token agreement at every scored position (teacher-forced: both engines read
+    the same text), overall and where both engines' top-two margin is at least `clear`."""
+    pos = range(len(theirs["argmax"]))
+    same = [ours["argmax"][i] == theirs["argmax"][i] for i in pos]
+    sure = [i for i in pos if ours["margin"][i] >= clear and theirs["margin"][i] >= clear]
+    return {"positions": len(same), "agree": sum(same), "clear_margin": clear, "clear_positions": len(sure),
+            "clear_agree": sum(same[i] for i in sure)}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--text", help="a UTF-8 text file (default: KJV Genesis 1-5 from `bible`)")
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--clear-margin", type=float, default=0.5, help="logit lead that counts as a clear greedy choice")
     ap.add_argument("--out")
     args = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "tandem"], cwd=ROOT, check=True)
@@ -93,16 +110,19 @@ def main():
     rows = {}
     for name, r in runs.items():
         assert r["tokens"] == tokens
-        rows[name] = {"perplexity": r["perplexity"], "vs_llama_cpp": r["perplexity"] / base["perplexity"] - 1, "window_nll": r["window_nll"]}
+        rows[name] = {"perplexity": r["perplexity"], "vs_llama_cpp": r["perplexity"] / base["perplexity"] - 1,
+                      "window_nll": r["window_nll"], "greedy_agreement": agreement(r, base, args.clear_margin)}
     result = {
         "machine": cpu_name(), "threads": threads, "model": os.path.basename(model_path()), "text": source,
         "window": args.window, "windows": runs["tandem_candle_kernels"]["windows"], "scored_tokens": base["scored"],
-        "llama_cpp": base, **rows, "tokens": tokens,
+        "llama_cpp": {k: v for k, v in base.items() if k not in ("argmax", "margin")}, **rows, "tokens": tokens,
     }
-    print(f"{'engine':<24} {'perplexity':>10} {'vs llama.cpp':>13}")
-    print(f"{'llama.cpp':<24} {base['perplexity']:>10.4f} {'':>13}")
+    print(f"{'engine':<24} {'perplexity':>10} {'vs llama.cpp':>13} {'greedy agree':>14} {'where clear':>14}")
+    print(f"{'llama.cpp':<24} {base['perplexity']:>10.4f}")
     for name, r in rows.items():
-        print(f"{name:<24} {r['perplexity']:>10.4f} {r['vs_llama_cpp'] * 100:>+12.2f}%")
+        g = r["greedy_agreement"]
+        print(f"{name:<24} {r['perplexity']:>10.4f} {r['vs_llama_cpp'] * 100:>+12.2f}% {g['agree']:>6}/{g['positions']:<7} "
+              f"{g['clear_agree']:>6}/{g['clear_positions']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

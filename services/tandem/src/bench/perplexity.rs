@@ -42,6 +42,11 @@ pub struct PerplexityResult {
     pub perplexity: f64,
     /// Negative log-likelihood (natural log) summed over each window.
     pub window_nll: Vec<f64>,
+    /// At each scored position (window by window), the greedy choice for the next token and its
+    /// lead over the runner-up in logits: where another engine's greedy choice may differ only at
+    /// a near-tie.
+    pub argmax: Vec<u32>,
+    pub margin: Vec<f32>,
     pub tokens: Vec<u32>,
 }
 
@@ -72,6 +77,7 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
     let windows: Vec<&[u32]> = tokens.chunks_exact(args.window).collect();
     ensure!(!windows.is_empty(), "{} tokens make no window of {}", tokens.len(), args.window);
     let mut window_nll = Vec::with_capacity(windows.len());
+    let (mut argmax, mut margin) = (Vec::new(), Vec::new());
     for (i, w) in windows.iter().enumerate() {
         let seq = i as u64;
         engine.add_sequence_uncached(seq, w)?;
@@ -80,6 +86,11 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
         let rows = rows.into_iter().next().context("the engine returned no logits")?;
         ensure!(rows.len() == w.len(), "{} logit rows for a window of {}", rows.len(), w.len());
         let nll: f64 = rows.iter().zip(&w[1..]).map(|(row, &next)| -log_softmax_at(row, next as usize)).sum();
+        for row in &rows[..w.len() - 1] {
+            let (best, lead) = top_two(row);
+            argmax.push(best as u32);
+            margin.push(lead);
+        }
         eprintln!("window {i}: perplexity {:.4}", (nll / (w.len() - 1) as f64).exp());
         window_nll.push(nll);
     }
@@ -92,6 +103,8 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
         scored,
         perplexity: (window_nll.iter().sum::<f64>() / scored as f64).exp(),
         window_nll,
+        argmax,
+        margin,
         tokens: windows.concat(),
     };
     let json = serde_json::to_string_pretty(&result)?;
@@ -100,6 +113,19 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
     }
     println!("{json}");
     Ok(())
+}
+
+/// The index of the largest logit (the first, on a tie) and its lead over the second largest.
+fn top_two(row: &[f32]) -> (usize, f32) {
+    let (mut best, mut first, mut second) = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (i, &x) in row.iter().enumerate() {
+        if x > first {
+            (second, first, best) = (first, x, i);
+        } else if x > second {
+            second = x;
+        }
+    }
+    (best, first - second)
 }
 
 /// `log softmax(row)[at]`, in f64.
@@ -111,7 +137,14 @@ fn log_softmax_at(row: &[f32], at: usize) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use super::log_softmax_at;
+    use super::{log_softmax_at, top_two};
+
+    #[test]
+    fn top_two_finds_the_leader_and_its_lead() {
+        assert_eq!(top_two(&[0.5, 3.0, 2.5, -1.0]), (1, 0.5));
+        assert_eq!(top_two(&[4.0, 1.0]), (0, 3.0));
+        assert_eq!(top_two(&[2.0, 2.0, 1.0]), (0, 0.0), "a tie: the first, no lead");
+    }
 
     #[test]
     fn log_softmax_of_a_uniform_row_is_minus_log_n() {
