@@ -23,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::tcp::{read_frame, write_frame};
+use crate::tcp::{read_frame, serve, write_frame};
 use crate::wire::{check_header, deliver, refused, Header, Verdict, MAX_HEADER};
 use crate::{Handoff, HandoffRegistry, KvTransport, TransferError, TransferReport};
 
@@ -131,33 +131,7 @@ impl CudaIpcReceiver {
 
     /// Serves until `shutdown` fires, then waits for the handoffs in flight.
     pub async fn run(self, shutdown: CancellationToken) {
-        let transfers = tokio_util::task::TaskTracker::new();
-        loop {
-            let (mut stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                a = self.listener.accept() => match a {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "device kv receiver accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let (registry, lease) = (self.registry.clone(), self.lease);
-            transfers.spawn(async move {
-                let outcome = tokio::time::timeout(lease, receive(&mut stream, &registry)).await;
-                let verdict = Verdict::of(&outcome.unwrap_or(Err(TransferError::LeaseExpired(lease))));
-                if let Some(e) = &verdict.error {
-                    tracing::warn!(%peer, error = %e, "device kv handoff refused");
-                }
-                if let Ok(bytes) = serde_json::to_vec(&verdict) {
-                    let _ = write_frame(&mut stream, &bytes).await;
-                }
-            });
-        }
-        transfers.close();
-        transfers.wait().await;
+        serve(self.listener, self.registry, self.lease, shutdown, SCHEME, |s, r| Box::pin(receive(s, r))).await
     }
 }
 

@@ -96,37 +96,55 @@ impl TcpReceiver {
     /// Serves until `shutdown` fires, then waits for the transfers in flight (each bounded by
     /// the lease) to deliver their verdicts.
     pub async fn run(self, shutdown: CancellationToken) {
-        let transfers = tokio_util::task::TaskTracker::new();
-        loop {
-            let accepted = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                a = self.listener.accept() => a,
-            };
-            let (mut stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "kv receiver accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let registry = self.registry.clone();
-            let lease = self.lease;
-            transfers.spawn(async move {
-                let outcome = tokio::time::timeout(lease, receive(&mut stream, &registry)).await;
-                let verdict = Verdict::of(&outcome.unwrap_or(Err(TransferError::LeaseExpired(lease))));
-                if let Some(e) = &verdict.error {
-                    tracing::warn!(%peer, error = %e, "kv transfer refused");
-                }
-                if let Ok(bytes) = serde_json::to_vec(&verdict) {
-                    let _ = write_frame(&mut stream, &bytes).await;
-                }
-            });
-        }
-        transfers.close();
-        transfers.wait().await;
+        serve(self.listener, self.registry, self.lease, shutdown, "kv", |s, r| Box::pin(receive(s, r))).await
     }
+}
+
+/// One transfer read off its connection (its verdict is written by [`serve`]).
+pub(crate) type Receive = for<'a> fn(
+    &'a mut TcpStream,
+    &'a HandoffRegistry,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), TransferError>> + Send + 'a>>;
+
+/// Accepts connections until `shutdown` fires, runs `receive` on each within `lease` and writes
+/// its verdict back, then waits for the transfers in flight. `what` names the receiver in logs.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    registry: HandoffRegistry,
+    lease: Duration,
+    shutdown: CancellationToken,
+    what: &'static str,
+    receive: Receive,
+) {
+    let transfers = tokio_util::task::TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (mut stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, receiver = what, "kv receiver accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let registry = registry.clone();
+        transfers.spawn(async move {
+            let outcome = tokio::time::timeout(lease, receive(&mut stream, &registry)).await;
+            let verdict = Verdict::of(&outcome.unwrap_or(Err(TransferError::LeaseExpired(lease))));
+            if let Some(e) = &verdict.error {
+                tracing::warn!(%peer, error = %e, receiver = what, "kv transfer refused");
+            }
+            if let Ok(bytes) = serde_json::to_vec(&verdict) {
+                let _ = write_frame(&mut stream, &bytes).await;
+            }
+        });
+    }
+    transfers.close();
+    transfers.wait().await;
 }
 
 async fn receive(s: &mut TcpStream, registry: &HandoffRegistry) -> Result<(), TransferError> {
