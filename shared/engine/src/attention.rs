@@ -66,8 +66,45 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// `eˣ` to about 2e-7 relative, written so that loops over slices vectorise: `x = n·ln 2 + r`
+/// with `|r| ≤ ln 2 / 2`, `eʳ` by its Taylor polynomial of degree 7, `2ⁿ` built in the exponent
+/// bits. Below −87 (and for −∞, a masked score) it is exactly 0.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * LOG2_E + 0.5).floor();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
+    let mut p: f32 = 1.0 / 5040.0;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    // 2ⁿ from the exponent bits: n + 127 (1 to 254 after the clamp) lands in the low mantissa
+    // bits of 2²³ + n + 127, a bit cast rather than a float-to-integer conversion, so it
+    // vectorises.
+    let scale = f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * scale
+    }
+}
+
+/// Query tokens of one sequence taken together: they share every key block they read.
+const QUERY_TILE: usize = 16;
+
 /// Causal attention of every query against its sequence's cached keys and values at `layer`.
 /// `q` is `[tokens][heads][head_dim]`; the result has the same shape.
+///
+/// The work is cut into (run of up to [`QUERY_TILE`] consecutive tokens of one sequence, KV
+/// head) items, shared out over rayon's threads. An item's query rows (its tokens times the
+/// query heads of its KV head) read each key block once, a block at a time, with the softmax
+/// computed online (running maximum and sum, the output rescaled when the maximum grows), so no
+/// row of scores as long as the context is materialised. With many rows the block's keys are
+/// transposed first, so each score row is a vector loop over the block's keys; with few (a
+/// decode token) each score is a dot product.
 pub(crate) fn paged_attention(
     q: &[f32],
     queries: &[QueryCtx<'_>],
@@ -78,38 +115,136 @@ pub(crate) fn paged_attention(
     head_dim: usize,
 ) -> Vec<f32> {
     let group = heads / kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let bs = store.block_size;
-    let data = store.data();
+    let mut tiles: Vec<std::ops::Range<usize>> = Vec::new();
+    for (t, ctx) in queries.iter().enumerate() {
+        match tiles.last_mut() {
+            Some(tile)
+                if tile.len() < QUERY_TILE
+                    && queries[tile.start].blocks.as_ptr() == ctx.blocks.as_ptr()
+                    && queries[tile.end - 1].pos < ctx.pos =>
+            {
+                tile.end = t + 1
+            }
+            _ => tiles.push(t..t + 1),
+        }
+    }
+    let items: Vec<(usize, usize)> = (0..tiles.len()).flat_map(|i| (0..kv_heads).map(move |kh| (i, kh))).collect();
+    let results: Vec<Vec<f32>> =
+        items.par_iter().map(|&(i, kh)| attend_tile(q, queries, tiles[i].clone(), kh, group, heads, store, layer, head_dim)).collect();
     let mut out = vec![0f32; q.len()];
-    out.par_chunks_mut(head_dim).enumerate().for_each(|(i, o)| {
-        let (t, h) = (i / heads, i % heads);
-        let ctx = queries[t];
-        let qh = &q[i * head_dim..(i + 1) * head_dim];
-        let kv_off = (h / group) * head_dim;
-        let n = ctx.pos + 1;
-        let mut scores = Vec::with_capacity(n);
-        let mut max = f32::NEG_INFINITY;
-        for j in 0..n {
-            let k = store.offset(ctx.blocks[j / bs], layer, 0, j % bs) + kv_off;
-            let s = dot(qh, &data[k..k + head_dim]) * scale;
-            max = max.max(s);
-            scores.push(s);
+    for (&(i, kh), rows) in items.iter().zip(&results) {
+        for (r, row) in rows.chunks_exact(head_dim).enumerate() {
+            let (t, h) = (tiles[i].start + r / group, kh * group + r % group);
+            out[(t * heads + h) * head_dim..][..head_dim].copy_from_slice(row);
         }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+    }
+    out
+}
+
+/// One item of [`paged_attention`]: rows `(token, query head)` in that order, `head_dim` each.
+#[allow(clippy::too_many_arguments)]
+fn attend_tile(
+    q: &[f32],
+    queries: &[QueryCtx<'_>],
+    tokens: std::ops::Range<usize>,
+    kh: usize,
+    group: usize,
+    heads: usize,
+    store: &KvCache,
+    layer: usize,
+    d: usize,
+) -> Vec<f32> {
+    let scale = 1.0 / (d as f32).sqrt();
+    let (bs, data, row) = (store.block_size, store.data(), store.row);
+    let blocks = queries[tokens.start].blocks;
+    // The rows' queries, pre-scaled, and each row's position.
+    let mut qs = Vec::with_capacity(tokens.len() * group * d);
+    let mut pos = Vec::with_capacity(tokens.len() * group);
+    for t in tokens.clone() {
+        for h in kh * group..(kh + 1) * group {
+            qs.extend(q[(t * heads + h) * d..][..d].iter().map(|v| v * scale));
+            pos.push(queries[t].pos);
         }
-        let inv = 1.0 / sum;
-        for (j, p) in scores.iter().enumerate() {
-            let v = store.offset(ctx.blocks[j / bs], layer, 1, j % bs) + kv_off;
-            let w = p * inv;
-            for (o, x) in o.iter_mut().zip(&data[v..v + head_dim]) {
-                *o += w * x;
+    }
+    let rows = pos.len();
+    let last = pos.iter().copied().max().unwrap_or(0);
+    let transpose = rows >= 8;
+    // Transposed keys `[d][padded block]`: score rows are computed 16 keys at a time.
+    let padded = bs.next_multiple_of(16);
+    let (mut max, mut sum) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
+    let mut out = vec![0f32; rows * d];
+    let mut kt = vec![0f32; if transpose { d * padded } else { 0 }];
+    let mut scores = vec![0f32; padded];
+    for (bi, &block) in blocks.iter().enumerate().take(last / bs + 1) {
+        let first = bi * bs;
+        let n = bs.min(last + 1 - first);
+        let k0 = store.offset(block, layer, 0, 0) + kh * d;
+        let v0 = store.offset(block, layer, 1, 0) + kh * d;
+        if transpose {
+            for j in 0..n {
+                for (c, &v) in data[k0 + j * row..][..d].iter().enumerate() {
+                    kt[c * padded + j] = v;
+                }
             }
         }
-    });
+        for r in 0..rows {
+            if pos[r] < first {
+                continue;
+            }
+            // Keys of this block the row may see.
+            let seen = n.min(pos[r] + 1 - first);
+            let qr = &qs[r * d..][..d];
+            if transpose {
+                for j0 in (0..seen).step_by(16) {
+                    let mut acc = [0f32; 16];
+                    for (c, &qc) in qr.iter().enumerate() {
+                        let k = &kt[c * padded + j0..][..16];
+                        for i in 0..16 {
+                            acc[i] = qc.mul_add(k[i], acc[i]);
+                        }
+                    }
+                    scores[j0..j0 + 16].copy_from_slice(&acc);
+                }
+            } else {
+                for (j, sj) in scores[..seen].iter_mut().enumerate() {
+                    *sj = dot(qr, &data[k0 + j * row..][..d]);
+                }
+            }
+            let s = &mut scores[..seen];
+            let m = s.iter().copied().fold(max[r], f32::max);
+            let correction = exp(max[r] - m);
+            max[r] = m;
+            s.iter_mut().for_each(|v| *v = exp(*v - m));
+            sum[r] = sum[r].mul_add(correction, s.iter().sum::<f32>());
+            // The row's output, 32 values at a time held in registers across the block's values.
+            for (c0, o) in (0..d).step_by(32).zip(out[r * d..(r + 1) * d].chunks_mut(32)) {
+                if o.len() == 32 {
+                    let mut acc = [0f32; 32];
+                    for (a, v) in acc.iter_mut().zip(o.iter()) {
+                        *a = v * correction;
+                    }
+                    for (j, &p) in s.iter().enumerate() {
+                        let v = &data[v0 + j * row + c0..][..32];
+                        for i in 0..32 {
+                            acc[i] = p.mul_add(v[i], acc[i]);
+                        }
+                    }
+                    o.copy_from_slice(&acc);
+                } else {
+                    o.iter_mut().for_each(|v| *v *= correction);
+                    for (j, &p) in s.iter().enumerate() {
+                        for (ov, &vv) in o.iter_mut().zip(&data[v0 + j * row + c0..]) {
+                            *ov = p.mul_add(vv, *ov);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (o, z) in out.chunks_exact_mut(d).zip(&sum) {
+        let inv = 1.0 / z;
+        o.iter_mut().for_each(|v| *v *= inv);
+    }
     out
 }
 
@@ -147,6 +282,66 @@ mod tests {
             let want: f32 = (0..n).map(|t| e[t] / z * vals[t][d + c]).sum();
             assert!((a[h * d + c] - want).abs() < 1e-5);
         }
+    }
+
+    /// A prefill of many tokens (tiles of keys transposed), decode tokens of other sequences
+    /// (scores as dot products) and a chunk that starts mid-sequence, in one pass, against
+    /// softmax(q·k)·v written out per row, with GQA and blocks out of order.
+    #[test]
+    fn tiled_online_softmax_matches_the_definition() {
+        let (heads, kv_heads, d, bs, layers) = (6, 2, 16, 4, 2);
+        let mut store = KvCache::new(64, bs, layers, kv_heads, d);
+        let val = |i: usize| ((i * 7919 + 13) % 211) as f32 / 40.0 - 2.6;
+        // Three sequences: 37 tokens prefilled, 9 tokens decoded one more, 20 tokens of which the
+        // last 6 are this pass's chunk.
+        let lens = [37usize, 10, 20];
+        let tables: Vec<Vec<BlockId>> = vec![(0..10).map(|b| 63 - 2 * b).collect(), vec![1, 3, 5], vec![20, 4, 30, 2, 12]];
+        let mut keys = Vec::new();
+        let mut vals = Vec::new();
+        for (s, &n) in lens.iter().enumerate() {
+            let k: Vec<Vec<f32>> = (0..n).map(|t| (0..kv_heads * d).map(|c| val(s * 1000 + t * 31 + c)).collect()).collect();
+            let v: Vec<Vec<f32>> = (0..n).map(|t| (0..kv_heads * d).map(|c| val(s * 3000 + t * 17 + c + 5)).collect()).collect();
+            for t in 0..n {
+                store.write(tables[s][t / bs], 1, t % bs, &k[t], &v[t]);
+            }
+            keys.push(k);
+            vals.push(v);
+        }
+        let rows: Vec<(usize, usize)> = (0..37).map(|t| (0, t)).chain([(1, 9)]).chain((14..20).map(|t| (2, t))).collect();
+        let queries: Vec<QueryCtx<'_>> = rows.iter().map(|&(s, t)| QueryCtx { pos: t, blocks: &tables[s] }).collect();
+        let q: Vec<f32> = (0..rows.len() * heads * d).map(|c| val(c * 3 + 1)).collect();
+        let got = paged_attention(&q, &queries, &store, 1, heads, kv_heads, d);
+        for (i, &(s, t)) in rows.iter().enumerate() {
+            for h in 0..heads {
+                let kh = h / (heads / kv_heads);
+                let qh = &q[(i * heads + h) * d..][..d];
+                let sc: Vec<f32> = (0..=t).map(|j| dot(qh, &keys[s][j][kh * d..(kh + 1) * d]) / (d as f32).sqrt()).collect();
+                let m = sc.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = sc.iter().map(|x| (x - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for c in 0..d {
+                    let want: f32 = (0..=t).map(|j| e[j] / z * vals[s][j][kh * d + c]).sum();
+                    let at = (i * heads + h) * d + c;
+                    assert!(
+                        (got[at] - want).abs() < 2e-5 * want.abs().max(1.0),
+                        "sequence {s} token {t} head {h}: {} against {want}",
+                        got[at]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_close_to_the_library_one() {
+        // From −87 (below it the result is 0, as documented) to 87.
+        for i in -1972..=1972 {
+            let x = i as f32 * 0.0441;
+            let (a, b) = (exp(x), x.exp());
+            assert!((a - b).abs() <= 3e-7 * b, "{x}: {a} against {b}");
+        }
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
     }
 
     #[test]

@@ -7,28 +7,42 @@
 //! all-reduce of [`crate::group`]) before the residual add, so every rank carries the same hidden
 //! state. Embedding, norms and the LM head are shared, and the logits are computed once.
 
-use candle_core::{Device, Tensor};
 use tandem_protocol::tp;
 
 use crate::attention::{apply_rope, head_rms_norm, paged_attention, QueryCtx};
 use crate::config::ModelConfig;
 use crate::group::{AllReduce, Member};
 use crate::kv::{BlockId, KvCache};
-use crate::weights::{Linear, WeightSource};
+use crate::weights::{Linear, Stacked, WeightSource};
 use crate::{EngineError, Result};
 
 struct Layer {
-    attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    attn_norm: Vec<f32>,
+    /// Q, K and V, one product where their matrices stack.
+    qkv: Stacked,
     o: Linear,
     q_norm: Option<Vec<f32>>,
     k_norm: Option<Vec<f32>>,
-    mlp_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    mlp_norm: Vec<f32>,
+    /// Gate and up, likewise.
+    gate_up: Stacked,
     down: Linear,
+}
+
+/// Each row of `x` divided by its root mean square and scaled by `w` (Llama's RMSNorm, in the
+/// order candle computes it).
+fn rms_norm(x: &[f32], w: &[f32], eps: f64) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks_exact(w.len()) {
+        let sum2: f32 = row.iter().map(|v| v * v).sum();
+        let rms = (sum2 / w.len() as f32 + eps as f32).sqrt();
+        out.extend(row.iter().zip(w).map(|(v, w)| v / rms * w));
+    }
+    out
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(x, y)| *x += y);
 }
 
 /// One rank's part of every layer.
@@ -41,10 +55,11 @@ pub(crate) struct Rank {
 
 pub(crate) struct Model {
     pub cfg: ModelConfig,
-    embed: Tensor,
+    /// `[vocab × hidden]`, dense.
+    embed: Vec<f32>,
     /// One entry without tensor parallelism; the group's ranks in order with it.
     pub ranks: Vec<Rank>,
-    norm: Tensor,
+    norm: Vec<f32>,
     lm_head: Linear,
     inv_freq: Vec<f32>,
 }
@@ -63,9 +78,9 @@ impl Model {
         // Every tensor must have the shape the config implies (see `WeightSource::dense_of`).
         let (h, vocab) = (cfg.hidden, cfg.vocab_size);
         tp::check_degree(cfg.heads, cfg.kv_heads, tp).map_err(|e| EngineError::Config(e.to_string()))?;
-        let embed = src.dense_of("model.embed_tokens.weight", &[vocab, h])?;
+        let embed = src.dense_of("model.embed_tokens.weight", &[vocab, h])?.flatten_all()?.to_vec1()?;
         let ranks = (0..tp).map(|r| Rank::load(&cfg, &mut src, tp, r)).collect::<Result<Vec<_>>>()?;
-        let norm = src.dense_of("model.norm.weight", &[h])?;
+        let norm = src.dense_of("model.norm.weight", &[h])?.to_vec1()?;
         let lm_head = if !cfg.tie_embeddings && src.contains("lm_head.weight") {
             src.linear("lm_head", false, vocab, h)?
         } else {
@@ -84,15 +99,20 @@ impl Model {
     /// Runs `tokens` through the model, writing their keys and values into `stores` (one per
     /// rank), and returns the logits of the tokens listed in `logit_rows` (indices into `tokens`).
     pub fn forward(&self, tokens: &[TokenSlot<'_>], stores: &mut [KvCache], logit_rows: &[usize]) -> Result<Vec<Vec<f32>>> {
-        let n = tokens.len();
-        let ids = Tensor::from_vec(tokens.iter().map(|t| t.token).collect::<Vec<u32>>(), n, &Device::Cpu)?;
-        let x = self.embed.index_select(&ids, 0)?;
+        let h = self.cfg.hidden;
+        let mut x = Vec::with_capacity(tokens.len() * h);
+        for t in tokens {
+            let row = self.embed.get(t.token as usize * h..(t.token as usize + 1) * h);
+            x.extend_from_slice(
+                row.ok_or_else(|| EngineError::Config(format!("token {} is outside the vocabulary of {}", t.token, self.cfg.vocab_size)))?,
+            );
+        }
         let x = match (&self.ranks[..], stores) {
             ([rank], [store]) => rank.forward(self, x, tokens, store, None)?,
             (ranks, stores) => {
                 assert_eq!(ranks.len(), stores.len(), "one KV store per rank");
                 let group = AllReduce::new(ranks.len());
-                let results: Vec<Result<Tensor>> = std::thread::scope(|s| {
+                let results: Vec<Result<Vec<f32>>> = std::thread::scope(|s| {
                     let handles: Vec<_> = ranks
                         .iter()
                         .zip(stores.iter_mut())
@@ -132,10 +152,9 @@ impl Model {
         if logit_rows.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = Tensor::from_vec(logit_rows.iter().map(|&r| r as u32).collect::<Vec<u32>>(), logit_rows.len(), &Device::Cpu)?;
-        let x = x.index_select(&rows, 0)?;
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_eps as f32)?;
-        Ok(self.lm_head.forward(&x)?.to_vec2()?)
+        let last: Vec<f32> = logit_rows.iter().flat_map(|&r| x[r * h..(r + 1) * h].iter().copied()).collect();
+        let logits = self.lm_head.forward_rows(&rms_norm(&last, &self.norm, self.cfg.rms_eps), logit_rows.len())?;
+        Ok(logits.chunks_exact(self.lm_head.rows()).map(<[f32]>::to_vec).collect())
     }
 }
 
@@ -161,17 +180,22 @@ impl Rank {
         for i in 0..cfg.layers {
             let p = format!("model.layers.{i}");
             let vec = |src: &mut WeightSource, name: &str| -> Result<Vec<f32>> { Ok(src.dense_of(name, &[d])?.flatten_all()?.to_vec1()?) };
+            let norm = |src: &mut WeightSource, name: &str| -> Result<Vec<f32>> { Ok(src.dense_of(name, &[h])?.to_vec1()?) };
             layers.push(Layer {
-                attn_norm: src.dense_of(&format!("{p}.input_layernorm.weight"), &[h])?,
-                q: src.linear_part(&format!("{p}.self_attn.q_proj"), cfg.qkv_bias, (qd, h), qs.clone(), 0..h)?,
-                k: src.linear_part(&format!("{p}.self_attn.k_proj"), cfg.qkv_bias, (kvd, h), kvs.clone(), 0..h)?,
-                v: src.linear_part(&format!("{p}.self_attn.v_proj"), cfg.qkv_bias, (kvd, h), kvs.clone(), 0..h)?,
+                attn_norm: norm(src, &format!("{p}.input_layernorm.weight"))?,
+                qkv: Stacked::new(vec![
+                    src.linear_part(&format!("{p}.self_attn.q_proj"), cfg.qkv_bias, (qd, h), qs.clone(), 0..h)?,
+                    src.linear_part(&format!("{p}.self_attn.k_proj"), cfg.qkv_bias, (kvd, h), kvs.clone(), 0..h)?,
+                    src.linear_part(&format!("{p}.self_attn.v_proj"), cfg.qkv_bias, (kvd, h), kvs.clone(), 0..h)?,
+                ]),
                 o: src.linear_part(&format!("{p}.self_attn.o_proj"), false, (h, qd), 0..h, qs.clone())?,
                 q_norm: if cfg.qk_norm { Some(vec(src, &format!("{p}.self_attn.q_norm.weight"))?) } else { None },
                 k_norm: if cfg.qk_norm { Some(vec(src, &format!("{p}.self_attn.k_norm.weight"))?) } else { None },
-                mlp_norm: src.dense_of(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate: src.linear_part(&format!("{p}.mlp.gate_proj"), false, (ff, h), fs.clone(), 0..h)?,
-                up: src.linear_part(&format!("{p}.mlp.up_proj"), false, (ff, h), fs.clone(), 0..h)?,
+                mlp_norm: norm(src, &format!("{p}.post_attention_layernorm.weight"))?,
+                gate_up: Stacked::new(vec![
+                    src.linear_part(&format!("{p}.mlp.gate_proj"), false, (ff, h), fs.clone(), 0..h)?,
+                    src.linear_part(&format!("{p}.mlp.up_proj"), false, (ff, h), fs.clone(), 0..h)?,
+                ]),
                 down: src.linear_part(&format!("{p}.mlp.down_proj"), false, (h, ff), 0..h, fs.clone())?,
             });
         }
@@ -183,31 +207,26 @@ impl Rank {
     fn forward(
         &self,
         m: &Model,
-        mut x: Tensor,
+        mut x: Vec<f32>,
         tokens: &[TokenSlot<'_>],
         store: &mut KvCache,
         member: Option<&Member<'_>>,
-    ) -> Result<Tensor> {
+    ) -> Result<Vec<f32>> {
         let c = &m.cfg;
         let (n, d, eps) = (tokens.len(), c.head_dim, c.rms_eps);
         let positions: Vec<usize> = tokens.iter().map(|t| t.pos).collect();
         let queries: Vec<QueryCtx<'_>> = tokens.iter().map(|t| QueryCtx { pos: t.pos, blocks: t.blocks }).collect();
         let bs = store.block_size;
-        let sum = |part: Tensor| -> Result<Tensor> {
+        let sum = |part: Vec<f32>| -> Result<Vec<f32>> {
             match member {
                 None => Ok(part),
-                Some(member) => {
-                    let shape = part.dims().to_vec();
-                    let total = member.all_reduce(part.flatten_all()?.to_vec1()?)?;
-                    Ok(Tensor::from_vec(total, shape, &Device::Cpu)?)
-                }
+                Some(member) => member.all_reduce(part),
             }
         };
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps as f32)?;
-            let mut q: Vec<f32> = layer.q.forward(&h)?.flatten_all()?.to_vec1()?;
-            let mut k: Vec<f32> = layer.k.forward(&h)?.flatten_all()?.to_vec1()?;
-            let v: Vec<f32> = layer.v.forward(&h)?.flatten_all()?.to_vec1()?;
+            let h = rms_norm(&x, &layer.attn_norm, eps);
+            let [mut q, mut k, v]: [Vec<f32>; 3] =
+                layer.qkv.forward_rows(&h, n)?.try_into().map_err(|_| EngineError::Config("Q, K and V".into()))?;
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 head_rms_norm(&mut q, d, qn, eps);
                 head_rms_norm(&mut k, d, kn, eps);
@@ -219,12 +238,14 @@ impl Rank {
                 store.write(t.blocks[t.pos / bs], li, t.pos % bs, &k[i * row..(i + 1) * row], &v[i * row..(i + 1) * row]);
             }
             let attn = paged_attention(&q, &queries, store, li, self.heads, self.kv_heads, d);
-            let attn = Tensor::from_vec(attn, (n, self.heads * d), &Device::Cpu)?;
-            x = (x + sum(layer.o.forward(&attn)?)?)?;
+            add_into(&mut x, &sum(layer.o.forward_rows(&attn, n)?)?);
 
-            let h = candle_nn::ops::rms_norm(&x, &layer.mlp_norm, eps as f32)?;
-            let act = (candle_nn::ops::silu(&layer.gate.forward(&h)?)? * layer.up.forward(&h)?)?;
-            x = (x + sum(layer.down.forward(&act)?)?)?;
+            let h = rms_norm(&x, &layer.mlp_norm, eps);
+            let [gate, up]: [Vec<f32>; 2] =
+                layer.gate_up.forward_rows(&h, n)?.try_into().map_err(|_| EngineError::Config("gate and up".into()))?;
+            // SiLU(gate) · up, SiLU written as candle computes it.
+            let act: Vec<f32> = gate.iter().zip(&up).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            add_into(&mut x, &sum(layer.down.forward_rows(&act, n)?)?);
         }
         Ok(x)
     }

@@ -18,62 +18,132 @@ use crate::{EngineError, Result};
 /// A linear layer `y = x Wᵀ + b`; `W` quantized or dense.
 pub(crate) struct Linear {
     w: Matrix,
-    b: Option<Tensor>,
+    b: Option<Vec<f32>>,
 }
 
-/// A linear layer's matrix: Q4_1 through the project's own kernels, anything else through
-/// candle's (dense, or the quantized types candle has SIMD kernels for).
+/// A linear layer's matrix: Q4_1 and Q8_0 through the project's own kernels, anything else
+/// through candle's (dense, or the other quantized types).
 pub(crate) enum Matrix {
     Candle(QMatMul),
-    Q4_1(tandem_kernels::Q4_1Matrix),
+    Own(tandem_kernels::QMatrix),
 }
 
 impl Linear {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.w {
-            Matrix::Candle(w) => w.forward(x)?,
-            Matrix::Q4_1(w) => {
-                let dims = x.dims();
-                let cols = dims.last().copied().unwrap_or(0);
-                if cols != w.cols() {
-                    return Err(EngineError::Load(format!("a matmul of {cols} columns by a matrix of {}", w.cols())));
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        match &self.w {
+            Matrix::Candle(QMatMul::QTensor(t)) => t.shape().dims()[0],
+            Matrix::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.dims()[0],
+            Matrix::Own(w) => w.rows(),
+        }
+    }
+
+    /// `[m × rows]` outputs of `m` input rows laid end to end in `x`.
+    pub fn forward_rows(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let cols = x.len() / m.max(1);
+        let mut y = match &self.w {
+            Matrix::Candle(w) => w.forward(&Tensor::from_slice(x, (m, cols), &Device::Cpu)?)?.flatten_all()?.to_vec1()?,
+            Matrix::Own(w) => {
+                if cols != w.cols() || cols * m != x.len() {
+                    return Err(EngineError::Load(format!(
+                        "a matmul of {} values in {m} rows by a matrix of {} columns",
+                        x.len(),
+                        w.cols()
+                    )));
                 }
-                let m = x.elem_count() / cols.max(1);
-                let xs = x.flatten_all()?.to_vec1::<f32>()?;
                 let mut out = vec![0f32; m * w.rows()];
-                w.matmul(&xs, m, &mut out);
-                let mut shape = dims.to_vec();
-                if let Some(last) = shape.last_mut() {
-                    *last = w.rows();
-                }
-                Tensor::from_vec(out, shape, x.device())?
+                w.matmul(x, m, &mut out);
+                out
             }
         };
-        Ok(match &self.b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+        if let Some(b) = &self.b {
+            for row in y.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+        }
+        Ok(y)
+    }
+
+    /// One layer computing what `parts` compute, outputs side by side, where their matrices
+    /// can be stacked (the project's kernels, one format, the same inputs); `None` otherwise.
+    fn stacked(parts: &[&Linear]) -> Option<Linear> {
+        let ws: Vec<&tandem_kernels::QMatrix> = parts
+            .iter()
+            .map(|p| match &p.w {
+                Matrix::Own(w) => Some(w),
+                Matrix::Candle(_) => None,
+            })
+            .collect::<Option<_>>()?;
+        let w = tandem_kernels::QMatrix::stack(&ws)?;
+        let b = if parts.iter().any(|p| p.b.is_some()) {
+            Some(parts.iter().flat_map(|p| p.b.clone().unwrap_or_else(|| vec![0.0; p.rows()])).collect())
+        } else {
+            None
+        };
+        Some(Linear { w: Matrix::Own(w), b })
     }
 }
 
-/// Whether Q4_1 matrices go to the project's kernels (`TANDEM_CPU_KERNELS=tandem`) or stay
-/// with candle's (the default until the engine's llama.cpp reference tests are re-baselined for
-/// the kernels' summation order: see docs/performance.md).
-fn own_kernels() -> bool {
-    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OWN.get_or_init(|| std::env::var("TANDEM_CPU_KERNELS").is_ok_and(|v| v == "tandem"))
+/// Linear layers over the same input, run as one product where their matrices stack (Q, K and
+/// V; gate and up): the input is quantized once and the threads split one larger product.
+pub(crate) enum Stacked {
+    One { layer: Linear, widths: Vec<usize> },
+    Apart(Vec<Linear>),
 }
 
-/// The matrix a linear layer multiplies by: with `own`, Q4_1 bytes handed to the project's
-/// kernels; anything else kept for candle.
+impl Stacked {
+    pub fn new(parts: Vec<Linear>) -> Self {
+        match Linear::stacked(&parts.iter().collect::<Vec<_>>()) {
+            Some(layer) => Self::One { layer, widths: parts.iter().map(Linear::rows).collect() },
+            None => Self::Apart(parts),
+        }
+    }
+
+    /// Each part's `[m × rows]` outputs.
+    pub fn forward_rows(&self, x: &[f32], m: usize) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Self::Apart(parts) => parts.iter().map(|p| p.forward_rows(x, m)).collect(),
+            Self::One { layer, widths } => {
+                let y = layer.forward_rows(x, m)?;
+                let total: usize = widths.iter().sum();
+                let mut outs: Vec<Vec<f32>> = widths.iter().map(|w| Vec::with_capacity(w * m)).collect();
+                for row in y.chunks_exact(total) {
+                    let mut at = 0;
+                    for (out, w) in outs.iter_mut().zip(widths) {
+                        out.extend_from_slice(&row[at..at + w]);
+                        at += w;
+                    }
+                }
+                Ok(outs)
+            }
+        }
+    }
+}
+
+/// Whether Q4_1 and Q8_0 matrices go to the project's kernels (the default) or, with
+/// `TANDEM_CPU_KERNELS=candle`, stay with candle's (kept for comparison: see
+/// docs/performance.md).
+fn own_kernels() -> bool {
+    static OWN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OWN.get_or_init(|| std::env::var("TANDEM_CPU_KERNELS").map_or(true, |v| v != "candle"))
+}
+
+/// The matrix a linear layer multiplies by: with `own`, Q4_1 and Q8_0 bytes repacked for the
+/// project's kernels; anything else kept for candle.
 fn matrix_of(q: QMatMul, own: bool) -> Result<Matrix> {
+    use candle_core::quantized::GgmlDType;
+    use tandem_kernels::Format;
     if let QMatMul::QTensor(t) = &q {
-        if t.dtype() == candle_core::quantized::GgmlDType::Q4_1 && own {
+        let format = match t.dtype() {
+            GgmlDType::Q4_1 => Some(Format::Q4_1),
+            GgmlDType::Q8_0 => Some(Format::Q8_0),
+            _ => None,
+        };
+        if let (Some(format), true) = (format, own) {
             let (rows, cols) = t.shape().dims2()?;
-            let data = t.data()?.into_owned();
-            return tandem_kernels::Q4_1Matrix::new(data, rows, cols)
-                .map(Matrix::Q4_1)
-                .ok_or_else(|| EngineError::Load(format!("a Q4_1 matrix of [{rows}, {cols}] whose bytes do not match")));
+            return tandem_kernels::QMatrix::from_ggml(format, &t.data()?, rows, cols)
+                .map(Matrix::Own)
+                .ok_or_else(|| EngineError::Load(format!("a {format:?} matrix of [{rows}, {cols}] whose bytes do not match")));
         }
     }
     Ok(Matrix::Candle(q))
@@ -240,7 +310,11 @@ impl WeightSource {
         cs: Range<usize>,
     ) -> Result<Linear> {
         let w = matrix_of(self.matrix_part(&format!("{hf_prefix}.weight"), shape, rs.clone(), cs)?, own_kernels())?;
-        let b = if bias { Some(self.dense_of(&format!("{hf_prefix}.bias"), &[shape.0])?.narrow(0, rs.start, rs.len())?) } else { None };
+        let b = if bias {
+            Some(self.dense_of(&format!("{hf_prefix}.bias"), &[shape.0])?.narrow(0, rs.start, rs.len())?.to_vec1()?)
+        } else {
+            None
+        };
         Ok(Linear { w, b })
     }
 
@@ -318,33 +392,45 @@ mod tests {
         assert_eq!(gguf_name("lm_head.weight"), "output.weight");
     }
 
-    /// A Q4_1 layer through the project's kernels writes what candle's writes, to the last bits
-    /// the float sums' order moves, for a decode row and for prefill batches (odd sizes
-    /// included).
+    /// Q4_1 and Q8_0 layers through the project's kernels write what candle's write, to the
+    /// last bits the float sums' order moves, for a decode row and for prefill batches (odd
+    /// sizes included); stacked, they write what each writes alone.
     #[test]
-    fn q4_1_layers_match_candle() {
-        use super::{matrix_of, Linear, Matrix};
+    fn own_kernel_layers_match_candle() {
+        use super::{matrix_of, Linear, Matrix, Stacked};
         use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
         use candle_core::{Device, Tensor};
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        for (rows, cols) in [(96, 576), (40, 1536), (7, 64)] {
-            let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-0.1f32..0.1)).collect();
-            let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-            let q = || QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
-            let candle = Linear { w: Matrix::Candle(QMatMul::from_qtensor(q()).unwrap()), b: None };
-            let own = Linear { w: matrix_of(QMatMul::from_qtensor(q()).unwrap(), true).unwrap(), b: None };
-            assert!(matches!(own.w, Matrix::Q4_1(_)), "Q4_1 goes to the project's kernels");
-            for m in [1usize, 3, 17] {
-                let x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-2f32..2.0)).collect();
-                let x = Tensor::from_vec(x, (1, m, cols), &Device::Cpu).unwrap();
-                let (a, b) = (candle.forward(&x).unwrap(), own.forward(&x).unwrap());
-                assert_eq!(a.dims(), b.dims());
-                let (a, b) = (a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
-                let scale = a.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-3);
-                let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-                assert!(worst <= 1e-5 * scale, "{rows}×{cols}, {m} rows: off by {worst} in values up to {scale}");
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let mut layers = Vec::new();
+            for (rows, cols) in [(96, 576), (40, 1536), (7, 64)] {
+                let w: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+                let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+                let q = || QTensor::quantize(&w, dtype).unwrap();
+                let candle = Linear { w: Matrix::Candle(QMatMul::from_qtensor(q()).unwrap()), b: None };
+                let own = Linear { w: matrix_of(QMatMul::from_qtensor(q()).unwrap(), true).unwrap(), b: None };
+                assert!(matches!(own.w, Matrix::Own(_)), "{dtype:?} goes to the project's kernels");
+                for m in [1usize, 3, 17] {
+                    let x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-2f32..2.0)).collect();
+                    let (a, b) = (candle.forward_rows(&x, m).unwrap(), own.forward_rows(&x, m).unwrap());
+                    assert_eq!(a.len(), b.len());
+                    let scale = a.iter().fold(0f32, |s, v| s.max(v.abs())).max(1e-3);
+                    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+                    assert!(worst <= 1e-5 * scale, "{dtype:?} {rows}×{cols}, {m} rows: off by {worst} in values up to {scale}");
+                }
+                if cols == 576 {
+                    layers.push(own);
+                    let w2: Vec<f32> = (0..13 * cols).map(|_| rng.random_range(-0.1f32..0.1)).collect();
+                    let w2 = QTensor::quantize(&Tensor::from_vec(w2, (13, cols), &Device::Cpu).unwrap(), dtype).unwrap();
+                    layers.push(Linear { w: matrix_of(QMatMul::from_qtensor(w2).unwrap(), true).unwrap(), b: Some(vec![0.5; 13]) });
+                }
             }
+            let x: Vec<f32> = (0..5 * 576).map(|_| rng.random_range(-2f32..2.0)).collect();
+            let alone: Vec<Vec<f32>> = layers.iter().map(|l| l.forward_rows(&x, 5).unwrap()).collect();
+            let stacked = Stacked::new(layers);
+            assert!(matches!(stacked, Stacked::One { .. }), "one format and width stack");
+            assert_eq!(stacked.forward_rows(&x, 5).unwrap(), alone);
         }
     }
 }

@@ -1,54 +1,118 @@
-//! Quantized matrix products for the CPU engine, where candle's are scalar.
+//! Quantized matrix products for the CPU engine: GGUF's Q4_1 and Q8_0 weights times f32
+//! activations, the way ggml computes them, laid out for SIMD.
 //!
-//! [`Q4_1Matrix::matmul`] multiplies f32 activations by a GGUF Q4_1 weight matrix the way ggml
-//! does: each activation row is quantized to Q8_1 blocks (32 signed bytes, a scale and the scaled
-//! sum) exactly as ggml and candle quantize it, and each block pair's integer dot product is
-//! exact. The float sums run in eight lanes, llama.cpp's way, rather than block by block as
-//! candle's scalar kernel adds them, so results differ from candle's in the last bits (tested
-//! within 1e-5 of the block-by-block sum). The AVX2 kernel and the scalar fallback compute the
-//! same lanes in the same order and agree bit for bit (tested), and a row's result never depends
-//! on the other rows of the pass. Where the time goes:
-//! - a block's 32 multiply-adds are two AVX2 instructions, its scale one fused multiply-add, and
-//!   the horizontal sum comes once a row (the kernel is picked at run time; a CPU without AVX2
-//!   and FMA takes the scalar loop);
-//! - a weight row stays in L1 while every activation row of the pass is multiplied by it;
-//! - large products share their output rows out over rayon's threads.
+//! Each activation row is quantized to 8-bit blocks exactly as ggml quantizes it (32 signed
+//! bytes, a scale and, for Q4_1, the scaled sum of the bytes), and each block pair's integer dot
+//! product is exact. What differs from a loop of per-row dot products is the layout: at load,
+//! the weights are repacked so that **eight rows are interleaved** block by block
+//! ([`GROUP`]). Four bytes of each of the eight rows make one 32-byte vector, so one
+//! `maddubs` against the activation's four bytes broadcast gives all eight rows' partial sums at
+//! once, and a block ends as one vector of eight row sums: no horizontal sum, one fused
+//! multiply-add scales eight rows, and the eight rows' f16 scales convert in one instruction.
+//!
+//! - A block's unpacked weights are reused across up to four activation rows held in registers
+//!   (a batch of decode rows, or prefill), and prefill walks its rows in tiles that stay in L1
+//!   while a thread's share of the weights stays in L2.
+//! - The float sums run block by block per row, as ggml's reference does: the integer sum times
+//!   `dw·dx`, then `mw·sx` for Q4_1, each a fused multiply-add into the row's accumulator. The
+//!   AVX2 kernel and the scalar fallback compute the same operations in the same order and agree
+//!   bit for bit (tested), and a row's result never depends on the other rows of the pass.
+//! - The kernel is picked at run time (AVX2, FMA and F16C, or the scalar loop), and large
+//!   products share their row groups out over rayon's threads.
 
 use half::f16;
 use rayon::prelude::*;
 
 /// Values per quantization block.
 pub const BLOCK: usize = 32;
-/// Bytes of a Q4_1 block: scale, minimum (both f16), 16 bytes of 4-bit values.
-pub const Q4_1_BYTES: usize = 20;
+/// Weight rows interleaved in the packed layout.
+pub const GROUP: usize = 8;
 
-/// A `[rows, cols]` weight matrix in GGUF's Q4_1 layout (each row `cols / 32` blocks).
-#[derive(Clone)]
-pub struct Q4_1Matrix {
-    data: Vec<u8>,
-    rows: usize,
-    cols: usize,
+/// The weight formats the kernels take, in GGUF's block layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Per block: f16 scale, f16 minimum, 16 bytes of 4-bit values (value `j` in the low nibble
+    /// of byte `j`, value `16 + j` in its high nibble).
+    Q4_1,
+    /// Per block: f16 scale, 32 signed bytes.
+    Q8_0,
 }
 
-impl std::fmt::Debug for Q4_1Matrix {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q4_1Matrix({} × {})", self.rows, self.cols)
+impl Format {
+    /// Bytes of one block in GGUF's layout.
+    pub fn ggml_block_bytes(self) -> usize {
+        match self {
+            Format::Q4_1 => 20,
+            Format::Q8_0 => 34,
+        }
+    }
+
+    /// Bytes of one packed block of a group: the eight rows' f16 scales (and minimums), then
+    /// their quantized values interleaved four bytes at a time.
+    fn packed_bytes(self) -> usize {
+        match self {
+            Format::Q4_1 => 32 + 8 * 16,
+            Format::Q8_0 => 16 + 8 * 32,
+        }
+    }
+
+    /// Bytes of quantized values per row and block.
+    fn value_bytes(self) -> usize {
+        match self {
+            Format::Q4_1 => 16,
+            Format::Q8_0 => 32,
+        }
+    }
+
+    /// f16 scales per row and block (Q4_1's scale and minimum).
+    fn scales(self) -> usize {
+        match self {
+            Format::Q4_1 => 2,
+            Format::Q8_0 => 1,
+        }
+    }
+
+    /// Copies one row's share of a packed block (`lane` of `src`) into `dst`'s lane `to`.
+    fn copy_lane(self, src: &[u8], lane: usize, dst: &mut [u8], to: usize) {
+        for s in 0..self.scales() {
+            dst[s * 16 + 2 * to..][..2].copy_from_slice(&src[s * 16 + 2 * lane..][..2]);
+        }
+        let base = 16 * self.scales();
+        for k in 0..self.value_bytes() / 4 {
+            dst[base + 32 * k + 4 * to..][..4].copy_from_slice(&src[base + 32 * k + 4 * lane..][..4]);
+        }
     }
 }
 
-/// Activation rows quantized to Q8_1: per block, 32 signed bytes, the scale and the scaled sum
-/// of the bytes, both rounded through f16 as ggml stores them.
-struct Q8_1Rows {
+/// A `[rows, cols]` weight matrix, repacked from GGUF's layout into groups of [`GROUP`] rows.
+#[derive(Clone)]
+pub struct QMatrix {
+    format: Format,
+    rows: usize,
+    cols: usize,
+    /// Group `g`'s block `b` is at `(g · blocks + b) · packed_bytes`.
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QMatrix({:?}, {} × {})", self.format, self.rows, self.cols)
+    }
+}
+
+/// Activation rows quantized to 8 bits per value: per block, 32 signed bytes, the scale and the
+/// scaled sum of the bytes, both rounded through f16 as ggml stores them (Q8_1; Q8_0 is the
+/// same without the sum).
+struct Acts {
     qs: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
 }
 
-impl Q8_1Rows {
-    fn quantize(x: &[f32], cols: usize) -> Self {
+impl Acts {
+    fn quantize(x: &[f32]) -> Self {
         let blocks = x.len() / BLOCK;
         let mut out = Self { qs: vec![0; x.len()], d: vec![0.0; blocks], s: vec![0.0; blocks] };
-        debug_assert!(cols.is_multiple_of(BLOCK));
         for (b, (xs, qs)) in x.chunks_exact(BLOCK).zip(out.qs.chunks_exact_mut(BLOCK)).enumerate() {
             let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
             let d = amax / 127.0;
@@ -67,10 +131,64 @@ impl Q8_1Rows {
     }
 }
 
-impl Q4_1Matrix {
-    /// Wraps `rows × cols / 32` Q4_1 blocks; `None` if the sizes disagree.
-    pub fn new(data: Vec<u8>, rows: usize, cols: usize) -> Option<Self> {
-        (cols.is_multiple_of(BLOCK) && data.len() == rows * cols / BLOCK * Q4_1_BYTES).then_some(Self { data, rows, cols })
+impl QMatrix {
+    /// Repacks `rows × cols / 32` blocks in GGUF's layout; `None` if the sizes disagree.
+    pub fn from_ggml(format: Format, ggml: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        let nb = cols / BLOCK;
+        let (gb, vb) = (format.ggml_block_bytes(), format.value_bytes());
+        if !cols.is_multiple_of(BLOCK) || cols == 0 || rows == 0 || ggml.len() != rows * nb * gb {
+            return None;
+        }
+        let groups = rows.div_ceil(GROUP);
+        let pb = format.packed_bytes();
+        // Rows past the end of the last group stay zero: scale 0, so they add nothing and are
+        // never written out.
+        let mut data = vec![0u8; groups * nb * pb];
+        let scales = format.scales();
+        for r in 0..rows {
+            let (g, lane) = (r / GROUP, r % GROUP);
+            for b in 0..nb {
+                let src = &ggml[(r * nb + b) * gb..][..gb];
+                let dst = &mut data[(g * nb + b) * pb..][..pb];
+                for s in 0..scales {
+                    dst[s * 16 + 2 * lane..][..2].copy_from_slice(&src[2 * s..2 * s + 2]);
+                }
+                let values = &src[2 * scales..];
+                for k in 0..vb / 4 {
+                    dst[16 * scales + 32 * k + 4 * lane..][..4].copy_from_slice(&values[4 * k..4 * k + 4]);
+                }
+            }
+        }
+        Some(Self { format, rows, cols, data })
+    }
+
+    /// The matrices' rows one after another (one product for layers that share their input);
+    /// `None` unless they have one format and one width.
+    pub fn stack(parts: &[&QMatrix]) -> Option<Self> {
+        let first = parts.first()?;
+        let (format, cols) = (first.format, first.cols);
+        if parts.iter().any(|p| p.format != format || p.cols != cols) {
+            return None;
+        }
+        let rows: usize = parts.iter().map(|p| p.rows).sum();
+        let (nb, pb) = (first.blocks(), format.packed_bytes());
+        let mut out = Self { format, rows, cols, data: vec![0u8; rows.div_ceil(GROUP) * nb * pb] };
+        let mut to = 0;
+        for p in parts {
+            for r in 0..p.rows {
+                for b in 0..nb {
+                    let src = &p.data[((r / GROUP) * nb + b) * pb..][..pb];
+                    let dst = &mut out.data[((to / GROUP) * nb + b) * pb..][..pb];
+                    format.copy_lane(src, r % GROUP, dst, to % GROUP);
+                }
+                to += 1;
+            }
+        }
+        Some(out)
+    }
+
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     pub fn rows(&self) -> usize {
@@ -81,9 +199,14 @@ impl Q4_1Matrix {
         self.cols
     }
 
-    fn row(&self, r: usize) -> &[u8] {
-        let bytes = self.cols / BLOCK * Q4_1_BYTES;
-        &self.data[r * bytes..(r + 1) * bytes]
+    fn blocks(&self) -> usize {
+        self.cols / BLOCK
+    }
+
+    /// Group `g`'s packed blocks.
+    fn group(&self, g: usize) -> &[u8] {
+        let len = self.blocks() * self.format.packed_bytes();
+        &self.data[g * len..(g + 1) * len]
     }
 
     /// `out[m × rows] = x[m × cols] · Wᵀ`, with the kernel this CPU runs best.
@@ -91,35 +214,87 @@ impl Q4_1Matrix {
         self.matmul_with(x, m, out, Kernel::detect())
     }
 
-    /// As [`Q4_1Matrix::matmul`] with a chosen kernel (tests compare them).
+    /// As [`QMatrix::matmul`] with a chosen kernel (tests compare them).
     pub fn matmul_with(&self, x: &[f32], m: usize, out: &mut [f32], kernel: Kernel) {
         assert_eq!(x.len(), m * self.cols, "activations of {m} rows of {}", self.cols);
         assert_eq!(out.len(), m * self.rows, "outputs of {m} rows of {}", self.rows);
-        let q = Q8_1Rows::quantize(x, self.cols);
-        // Each task takes a run of weight rows and writes their results for every activation
-        // row into a buffer of its own ([task rows × m]), laid into `out` afterwards. The smallest
+        if m == 0 {
+            return;
+        }
+        let acts = Acts::quantize(x);
+        // Each task takes a run of row groups and writes their results for every activation row
+        // into a buffer of its own (`[m × task rows]`), laid into `out` afterwards. The smallest
         // products run on this thread: handing them out costs more than it saves.
+        let groups = self.rows.div_ceil(GROUP);
         let threads = rayon::current_num_threads();
-        let tasks = if self.rows * self.cols * m < PARALLEL_MACS || threads == 1 { 1 } else { threads };
-        let per_task = self.rows.div_ceil(tasks);
-        let run = |start: usize| {
-            let end = (start + per_task).min(self.rows);
-            let mut acc = vec![0f32; (end - start) * m];
-            rows_dots(kernel, self, start..end, &q, m, &mut acc);
-            (start, acc)
+        let tasks = if self.rows * self.cols * m < PARALLEL_MACS || threads == 1 { 1 } else { threads.min(groups) };
+        let per_task = groups.div_ceil(tasks);
+        let run = |first: usize| {
+            let gs = first..(first + per_task).min(groups);
+            let width = gs.len() * GROUP;
+            let mut acc = vec![0f32; m * width];
+            self.groups_times_rows(kernel, gs.clone(), &acts, m, &mut acc, width);
+            (gs.start * GROUP, width, acc)
         };
-        let parts: Vec<(usize, Vec<f32>)> =
-            if tasks == 1 { vec![run(0)] } else { (0..self.rows).step_by(per_task).collect::<Vec<_>>().into_par_iter().map(run).collect() };
-        for (start, acc) in parts {
-            let n = acc.len() / m.max(1);
-            for j in 0..n {
-                for i in 0..m {
-                    out[i * self.rows + start + j] = acc[j * m + i];
+        let parts: Vec<(usize, usize, Vec<f32>)> =
+            if tasks == 1 { vec![run(0)] } else { (0..groups).step_by(per_task).collect::<Vec<_>>().into_par_iter().map(run).collect() };
+        for (start, width, acc) in parts {
+            let n = width.min(self.rows - start);
+            for i in 0..m {
+                out[i * self.rows + start..][..n].copy_from_slice(&acc[i * width..][..n]);
+            }
+        }
+    }
+
+    /// Row groups `gs` against every activation row: `acc[i · width + 8·(g − gs.start) + lane]`.
+    /// Activation rows go in tiles of [`ROW_TILE`] (they stay in L1 while the task's groups pass
+    /// over them), four at a time through the kernel.
+    fn groups_times_rows(&self, kernel: Kernel, gs: std::ops::Range<usize>, acts: &Acts, m: usize, acc: &mut [f32], width: usize) {
+        for tile in (0..m).step_by(ROW_TILE) {
+            let tile_end = (tile + ROW_TILE).min(m);
+            for g in gs.clone() {
+                let w = self.group(g);
+                let col = (g - gs.start) * GROUP;
+                let mut i = tile;
+                while i < tile_end {
+                    let take = (tile_end - i).min(4);
+                    let mut sums = [[0f32; GROUP]; 4];
+                    match take {
+                        4 => self.kernel::<4>(kernel, w, acts, [i, i + 1, i + 2, i + 3], &mut sums),
+                        3 => self.kernel::<3>(kernel, w, acts, [i, i + 1, i + 2], (&mut sums[..3]).try_into().expect("3")),
+                        2 => self.kernel::<2>(kernel, w, acts, [i, i + 1], (&mut sums[..2]).try_into().expect("2")),
+                        _ => self.kernel::<1>(kernel, w, acts, [i], (&mut sums[..1]).try_into().expect("1")),
+                    }
+                    for (a, s) in sums[..take].iter().enumerate() {
+                        acc[(i + a) * width + col..][..GROUP].copy_from_slice(s);
+                    }
+                    i += take;
                 }
             }
         }
     }
+
+    /// One group's eight rows times `NR` activation rows.
+    #[inline(always)]
+    fn kernel<const NR: usize>(&self, kernel: Kernel, w: &[u8], acts: &Acts, at: [usize; NR], out: &mut [[f32; GROUP]; NR]) {
+        let nb = self.blocks();
+        assert!(w.len() == nb * self.format.packed_bytes());
+        assert!(at.iter().all(|&i| (i + 1) * nb <= acts.d.len()));
+        match (kernel, self.format) {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Avx2` is only chosen where the CPU reports AVX2, FMA and F16C
+            // (`Kernel::detect`), and the sizes the kernels read by were asserted above.
+            (Kernel::Avx2, Format::Q4_1) => unsafe { avx2::q4_1::<NR>(w, nb, acts, at, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            (Kernel::Avx2, Format::Q8_0) => unsafe { avx2::q8_0::<NR>(w, nb, acts, at, out) },
+            (Kernel::Scalar, format) => scalar(format, w, nb, acts, &at, out),
+        }
+    }
 }
+
+/// Activation rows per tile: 32 rows of 1,536 values are 48 KB of bytes, of 576 values 18 KB.
+const ROW_TILE: usize = 32;
 
 /// Which integer dot product a matmul uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,7 +308,10 @@ impl Kernel {
     /// The fastest this CPU runs.
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+        {
             return Kernel::Avx2;
         }
         Kernel::Scalar
@@ -146,95 +324,151 @@ impl Kernel {
 /// each half of a 576 × 1,536 row takes 30.
 const PARALLEL_MACS: usize = 100_000;
 
-/// The block's scale and minimum.
-#[inline(always)]
-fn scales(w: &[u8]) -> (f32, f32) {
-    (f16::from_le_bytes([w[0], w[1]]).to_f32(), f16::from_le_bytes([w[2], w[3]]).to_f32())
+fn f16_at(bytes: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]).to_f32()
 }
 
-/// Weight rows `rows` against every activation row: `acc[j·m + i]` is weight row
-/// `rows.start + j` times activation row `i`.
-fn rows_dots(kernel: Kernel, w: &Q4_1Matrix, rows: std::ops::Range<usize>, q: &Q8_1Rows, m: usize, acc: &mut [f32]) {
-    for (j, r) in rows.enumerate() {
-        let row = w.row(r);
-        for (i, a) in acc[j * m..(j + 1) * m].iter_mut().enumerate() {
-            *a = match kernel {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `Avx2` is only chosen where the CPU reports AVX2 and FMA
-                // (`Kernel::detect`, or a caller that checked the same).
-                Kernel::Avx2 => unsafe { avx2::dot_row(row, q, i) },
-                Kernel::Scalar => scalar_dot_row(row, q, i),
-            };
-        }
-    }
-}
-
-/// One weight row times activation row `i`, in the order the AVX2 kernel computes it, so the
-/// two agree bit for bit: eight lanes of partial sums (lane `l < 4` holds the low-nibble
-/// products of bytes `4l..4l+4`, lane `4 + l` the high-nibble ones), each lane's integer sum
-/// scaled by the block's `dw·dx` and added by a fused multiply-add; the lanes summed as a tree;
-/// the minimum's terms `mw·sx` summed on the side, block by block.
-fn scalar_dot_row(row: &[u8], q: &Q8_1Rows, i: usize) -> f32 {
-    let nb = row.len() / Q4_1_BYTES;
-    let mut lanes = [0f32; 8];
-    let mut mins = 0f32;
-    for (b, blk) in row.chunks_exact(Q4_1_BYTES).enumerate() {
-        let at = i * nb + b;
-        let x = &q.qs[at * BLOCK..][..BLOCK];
-        let (dw, mw) = scales(blk);
-        let scale = dw * q.d[at];
-        for l in 0..4 {
-            let (mut lo, mut hi) = (0i32, 0i32);
-            for k in 4 * l..4 * l + 4 {
-                lo += (blk[4 + k] & 0x0F) as i32 * x[k] as i32;
-                hi += (blk[4 + k] >> 4) as i32 * x[k + BLOCK / 2] as i32;
+/// The kernels' arithmetic, one value at a time, in the order the AVX2 kernels compute it: per
+/// block and row, the exact integer sum, then `acc = isum · (dw·dx) + acc` and, for Q4_1,
+/// `acc = mw · sx + acc`, each rounded once.
+fn scalar<const NR: usize>(format: Format, w: &[u8], nb: usize, acts: &Acts, at: &[usize; NR], out: &mut [[f32; GROUP]; NR]) {
+    let pb = format.packed_bytes();
+    for (a, &i) in at.iter().enumerate() {
+        let mut acc = [0f32; GROUP];
+        for b in 0..nb {
+            let blk = &w[b * pb..][..pb];
+            let xb = i * nb + b;
+            let x = &acts.qs[xb * BLOCK..][..BLOCK];
+            for (lane, acc) in acc.iter_mut().enumerate() {
+                let dw = f16_at(blk, lane);
+                let isum: i32 = match format {
+                    Format::Q4_1 => (0..4)
+                        .flat_map(|k| (0..4).map(move |j| (k, j)))
+                        .map(|(k, j)| {
+                            let byte = blk[32 + 32 * k + 4 * lane + j];
+                            (byte & 0x0F) as i32 * x[4 * k + j] as i32 + (byte >> 4) as i32 * x[16 + 4 * k + j] as i32
+                        })
+                        .sum(),
+                    Format::Q8_0 => (0..8)
+                        .flat_map(|k| (0..4).map(move |j| (k, j)))
+                        .map(|(k, j)| blk[16 + 32 * k + 4 * lane + j] as i8 as i32 * x[4 * k + j] as i32)
+                        .sum(),
+                };
+                *acc = (isum as f32).mul_add(dw * acts.d[xb], *acc);
+                if format == Format::Q4_1 {
+                    *acc = f16_at(&blk[16..], lane).mul_add(acts.s[xb], *acc);
+                }
             }
-            lanes[l] = (lo as f32).mul_add(scale, lanes[l]);
-            lanes[4 + l] = (hi as f32).mul_add(scale, lanes[4 + l]);
         }
-        mins += mw * q.s[at];
+        out[a] = acc;
     }
-    let h: [f32; 4] = std::array::from_fn(|l| lanes[l] + lanes[l + 4]);
-    ((h[0] + h[2]) + (h[1] + h[3])) + mins
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{scales, Q8_1Rows, BLOCK, Q4_1_BYTES};
+    use super::{Acts, BLOCK, GROUP};
 
-    /// One weight row (its Q4_1 blocks) times activation row `i`: per block, the 32 four-bit
-    /// weights are unpacked (low nibbles are values 0–15, high nibbles 16–31) and multiplied
-    /// with the row's 32 signed bytes by `maddubs` (unsigned × signed, pairs summed into 16
-    /// bits: at most 2 · 15 · 128, no saturation) and `madd` by ones, giving eight exact integer
-    /// partial sums; those are scaled by `dw·dx` into eight float lanes with one fused
-    /// multiply-add. No horizontal sum until the row ends.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot_row(row: &[u8], q: &Q8_1Rows, i: usize) -> f32 {
-        let nb = row.len() / Q4_1_BYTES;
-        assert!(q.qs.len() >= (i + 1) * nb * BLOCK && q.d.len() >= (i + 1) * nb && q.s.len() >= (i + 1) * nb);
-        let mask = _mm_set1_epi8(0x0F);
+    /// Four activation bytes at `p`, in every 32-bit lane.
+    ///
+    /// # Safety
+    /// `p..p + 4` must be readable, and AVX2 available.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn broadcast4(p: *const i8) -> __m256i {
+        // SAFETY: the caller vouches for the four bytes; unaligned reads are allowed.
+        _mm256_set1_epi32(unsafe { (p as *const i32).read_unaligned() })
+    }
+
+    /// Q4_1 group times `NR` activation rows. Per block: the eight rows' scales and minimums
+    /// convert from f16 in one instruction each; the values unpack once (low nibbles are values
+    /// 0–15, high nibbles 16–31, four bytes per row in each 32-byte vector) and serve every
+    /// activation row. Each `maddubs` multiplies four unsigned nibbles of every row by the same
+    /// four signed activation bytes, pairs summed into 16 bits (at most 2 · 15 · 127); eight of
+    /// them added stay under 32,767, so the block's integer sums are exact after one `madd`.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `w` holds `nb` packed Q4_1 blocks and every
+    /// activation row `at[a]` has `nb` blocks in `acts`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q4_1<const NR: usize>(w: &[u8], nb: usize, acts: &Acts, at: [usize; NR], out: &mut [[f32; GROUP]; NR]) {
+        let mask = _mm256_set1_epi8(0x0F);
         let ones = _mm256_set1_epi16(1);
-        let mut lanes = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for (b, blk) in row.chunks_exact(Q4_1_BYTES).enumerate() {
-            let at = i * nb + b;
-            // SAFETY: `blk[4..20]` is 16 readable bytes; unaligned loads are allowed.
-            let packed = unsafe { _mm_loadu_si128(blk.as_ptr().add(4) as *const __m128i) };
-            let weights = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), mask), _mm_and_si128(packed, mask));
-            // SAFETY: block `at` is the 32 bytes from `at·32`, inside `q.qs` (asserted above).
-            let x = unsafe { _mm256_loadu_si256(q.qs.as_ptr().add(at * BLOCK) as *const __m256i) };
-            let quads = _mm256_madd_epi16(_mm256_maddubs_epi16(weights, x), ones);
-            let (dw, mw) = scales(blk);
-            lanes = _mm256_fmadd_ps(_mm256_cvtepi32_ps(quads), _mm256_set1_ps(dw * q.d[at]), lanes);
-            mins += mw * q.s[at];
+        let mut acc = [_mm256_setzero_ps(); NR];
+        let (wp, qs) = (w.as_ptr(), acts.qs.as_ptr());
+        for b in 0..nb {
+            // SAFETY: block `b` is the 160 bytes from `b · 160`, inside `w` (the caller's sizes).
+            let p = unsafe { wp.add(b * 160) };
+            // SAFETY: the scales are the block's first 16 bytes, the minimums the next 16.
+            let (dw, mw) = unsafe {
+                (_mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)), _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)))
+            };
+            let mut lo = [_mm256_setzero_si256(); 4];
+            let mut hi = [_mm256_setzero_si256(); 4];
+            for k in 0..4 {
+                // SAFETY: the values are the block's bytes 32..160, 32 per `k`.
+                let v = unsafe { _mm256_loadu_si256(p.add(32 + 32 * k) as *const __m256i) };
+                lo[k] = _mm256_and_si256(v, mask);
+                hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+            }
+            for a in 0..NR {
+                let xb = at[a] * nb + b;
+                // SAFETY: activation block `xb` is the 32 bytes from `xb · 32`, inside `acts.qs`.
+                let x = unsafe { qs.add(xb * BLOCK) };
+                let mut s = _mm256_setzero_si256();
+                for k in 0..4 {
+                    // SAFETY: bytes `4k..4k + 4` and `16 + 4k..16 + 4k + 4` of the block.
+                    let (xl, xh) = unsafe { (broadcast4(x.add(4 * k)), broadcast4(x.add(16 + 4 * k))) };
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[k], xl));
+                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[k], xh));
+                }
+                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
+                acc[a] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dw, _mm256_set1_ps(acts.d[xb])), acc[a]);
+                acc[a] = _mm256_fmadd_ps(mw, _mm256_set1_ps(acts.s[xb]), acc[a]);
+            }
         }
-        // (l0 + l4, l1 + l5, l2 + l6, l3 + l7), then (h0 + h2) + (h1 + h3).
-        let h = _mm_add_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps(lanes, 1));
-        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 0b01));
-        _mm_cvtss_f32(h) + mins
+        for a in 0..NR {
+            // SAFETY: `out[a]` is eight writable floats.
+            unsafe { _mm256_storeu_ps(out[a].as_mut_ptr(), acc[a]) };
+        }
+    }
+
+    /// Q8_0 group times `NR` activation rows. `maddubs` takes an unsigned operand, so each
+    /// weight byte's sign moves to its activation byte (`|w| · sign(w)·x`); a pair of products
+    /// reaches 2 · 128 · 127, so each `maddubs` is widened to 32 bits at once.
+    ///
+    /// # Safety
+    /// As [`q4_1`], with `w` holding `nb` packed Q8_0 blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn q8_0<const NR: usize>(w: &[u8], nb: usize, acts: &Acts, at: [usize; NR], out: &mut [[f32; GROUP]; NR]) {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); NR];
+        let (wp, qs) = (w.as_ptr(), acts.qs.as_ptr());
+        for b in 0..nb {
+            // SAFETY: block `b` is the 272 bytes from `b · 272`, inside `w`.
+            let p = unsafe { wp.add(b * 272) };
+            // SAFETY: the scales are the block's first 16 bytes.
+            let dw = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) };
+            for a in 0..NR {
+                let xb = at[a] * nb + b;
+                // SAFETY: activation block `xb` is inside `acts.qs`.
+                let x = unsafe { qs.add(xb * BLOCK) };
+                let mut s = _mm256_setzero_si256();
+                for k in 0..8 {
+                    // SAFETY: the values are the block's bytes 16..272, 32 per `k`; the
+                    // activation's bytes `4k..4k + 4` are inside its block.
+                    let (v, xk) = unsafe { (_mm256_loadu_si256(p.add(16 + 32 * k) as *const __m256i), broadcast4(x.add(4 * k))) };
+                    let prod = _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(xk, v));
+                    s = _mm256_add_epi32(s, _mm256_madd_epi16(prod, ones));
+                }
+                acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(acts.d[xb])), acc[a]);
+            }
+        }
+        for a in 0..NR {
+            // SAFETY: `out[a]` is eight writable floats.
+            unsafe { _mm256_storeu_ps(out[a].as_mut_ptr(), acc[a]) };
+        }
     }
 }
 
@@ -243,76 +477,133 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    /// Random Q4_1 blocks: scales and minimums of either sign, every nibble value.
-    fn random_matrix(rng: &mut rand::rngs::StdRng, rows: usize, cols: usize) -> Q4_1Matrix {
-        let mut data = Vec::with_capacity(rows * cols / BLOCK * Q4_1_BYTES);
+    /// Random blocks in GGUF's layout: scales (and minimums) of either sign, every value.
+    fn random_ggml(rng: &mut rand::rngs::StdRng, format: Format, rows: usize, cols: usize) -> Vec<u8> {
+        let mut data = Vec::with_capacity(rows * cols / BLOCK * format.ggml_block_bytes());
         for _ in 0..rows * cols / BLOCK {
             data.extend_from_slice(&f16::from_f32(rng.random_range(-0.05..0.05)).to_le_bytes());
-            data.extend_from_slice(&f16::from_f32(rng.random_range(-0.5..0.5)).to_le_bytes());
-            data.extend((0..16).map(|_| rng.random::<u8>()));
+            match format {
+                Format::Q4_1 => {
+                    data.extend_from_slice(&f16::from_f32(rng.random_range(-0.5..0.5)).to_le_bytes());
+                    data.extend((0..16).map(|_| rng.random::<u8>()));
+                }
+                // -128 included: its magnitude does not fit a signed byte.
+                Format::Q8_0 => data.extend((0..32).map(|_| rng.random::<u8>())),
+            }
         }
-        Q4_1Matrix::new(data, rows, cols).expect("sizes agree")
+        data
     }
 
-    /// ggml's reference, written out: the same quantized activations, blocks summed in order.
-    fn reference(w: &Q4_1Matrix, x: &[f32], m: usize) -> Vec<f32> {
-        let q = Q8_1Rows::quantize(x, w.cols);
-        let nb = w.cols / BLOCK;
-        let mut out = vec![0f32; m * w.rows];
+    /// ggml's reference, written out from the GGUF bytes: the same quantized activations, each
+    /// block's integer sum, blocks summed in order.
+    fn reference(format: Format, ggml: &[u8], rows: usize, cols: usize, x: &[f32], m: usize) -> Vec<f32> {
+        let q = Acts::quantize(x);
+        let (nb, gb) = (cols / BLOCK, format.ggml_block_bytes());
+        let mut out = vec![0f32; m * rows];
         for i in 0..m {
-            for r in 0..w.rows {
+            for r in 0..rows {
                 let mut sumf = 0f32;
                 for b in 0..nb {
-                    let blk = &w.row(r)[b * Q4_1_BYTES..(b + 1) * Q4_1_BYTES];
-                    let xs = &q.qs[(i * nb + b) * BLOCK..][..BLOCK];
-                    let mut sumi = 0i32;
-                    for j in 0..16 {
-                        sumi += (blk[4 + j] & 0x0F) as i32 * xs[j] as i32 + (blk[4 + j] >> 4) as i32 * xs[j + 16] as i32;
-                    }
-                    let dw = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                    let mw = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
-                    sumf += sumi as f32 * dw * q.d[i * nb + b] + mw * q.s[i * nb + b];
+                    let blk = &ggml[(r * nb + b) * gb..][..gb];
+                    let xb = i * nb + b;
+                    let xs = &q.qs[xb * BLOCK..][..BLOCK];
+                    let dw = f16_at(blk, 0);
+                    sumf += match format {
+                        Format::Q4_1 => {
+                            let sumi: i32 = (0..16)
+                                .map(|j| (blk[4 + j] & 0x0F) as i32 * xs[j] as i32 + (blk[4 + j] >> 4) as i32 * xs[j + 16] as i32)
+                                .sum();
+                            sumi as f32 * dw * q.d[xb] + f16_at(blk, 1) * q.s[xb]
+                        }
+                        Format::Q8_0 => {
+                            let sumi: i32 = (0..32).map(|j| blk[2 + j] as i8 as i32 * xs[j] as i32).sum();
+                            sumi as f32 * dw * q.d[xb]
+                        }
+                    };
                 }
-                out[i * w.rows + r] = sumf;
+                out[i * rows + r] = sumf;
             }
         }
         out
     }
 
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
     #[test]
     fn kernels_agree_with_ggml_and_each_other() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        // Odd shapes: one block, row counts that leave partial tasks, batches of 1 to 9 rows, and
-        // one product large enough to be shared out over threads.
-        for (rows, cols, m) in [(1, 32, 1), (7, 64, 3), (33, 96, 1), (300, 576, 9), (17, 1536, 2), (1000, 64, 5), (515, 1024, 8)] {
-            let w = random_matrix(&mut rng, rows, cols);
-            let mut x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
-            if m > 1 {
-                x[..cols].iter_mut().for_each(|v| *v = 0.0); // an all-zero row: scale 0
+        // Odd shapes: one block, row counts that leave partial groups and tasks, batches of 1 to
+        // 37 rows (every remainder of four, more than one row tile), and products large enough
+        // to be shared out over threads.
+        for format in [Format::Q4_1, Format::Q8_0] {
+            for (rows, cols, m) in
+                [(1, 32, 1), (7, 64, 3), (33, 96, 1), (300, 576, 9), (17, 1536, 2), (1000, 64, 5), (515, 1024, 8), (20, 64, 37), (9, 32, 6)]
+            {
+                let ggml = random_ggml(&mut rng, format, rows, cols);
+                let w = QMatrix::from_ggml(format, &ggml, rows, cols).expect("sizes agree");
+                let mut x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
+                if m > 1 {
+                    x[..cols].iter_mut().for_each(|v| *v = 0.0); // an all-zero row: scale 0
+                }
+                let want = reference(format, &ggml, rows, cols, &x, m);
+                let mut scalar = vec![f32::NAN; m * rows];
+                w.matmul_with(&x, m, &mut scalar, Kernel::Scalar);
+                // Against the reference: the same integer sums, floats rounded in another order.
+                let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1.0);
+                for (a, b) in scalar.iter().zip(&want) {
+                    assert!((a - b).abs() <= 1e-5 * scale, "{format:?} {rows}×{cols}, {m} rows: {a} against {b}");
+                }
+                // The SIMD kernel against the scalar one: bit for bit.
+                let mut simd = vec![f32::NAN; m * rows];
+                w.matmul_with(&x, m, &mut simd, Kernel::detect());
+                assert!(same_bits(&simd, &scalar), "{format:?} {:?} {rows}×{cols}, {m} rows", Kernel::detect());
+                // A row's result does not depend on the rows beside it in the pass.
+                for i in [0, m - 1] {
+                    let mut alone = vec![0f32; rows];
+                    w.matmul(&x[i * cols..(i + 1) * cols], 1, &mut alone);
+                    assert!(same_bits(&alone, &simd[i * rows..(i + 1) * rows]), "{format:?} {rows}×{cols}, row {i} of {m}");
+                }
             }
-            let want = reference(&w, &x, m);
-            let mut scalar = vec![f32::NAN; m * rows];
-            w.matmul_with(&x, m, &mut scalar, Kernel::Scalar);
-            // Against the reference: the same integer sums, floats added in another order.
-            let scale = want.iter().fold(0f32, |a, v| a.max(v.abs())).max(1.0);
-            for (a, b) in scalar.iter().zip(&want) {
-                assert!((a - b).abs() <= 1e-5 * scale, "{rows}×{cols}, {m} rows: {a} against {b}");
-            }
-            // The SIMD kernel against the scalar one: bit for bit.
-            let mut simd = vec![f32::NAN; m * rows];
-            w.matmul_with(&x, m, &mut simd, Kernel::detect());
-            assert!(simd.iter().zip(&scalar).all(|(a, b)| a.to_bits() == b.to_bits()), "{:?} {rows}×{cols}, {m} rows", Kernel::detect());
-            // A row's result does not depend on the rows beside it in the pass.
-            let mut alone = vec![0f32; rows];
-            w.matmul(&x[(m - 1) * cols..], 1, &mut alone);
-            assert!(alone.iter().zip(&simd[(m - 1) * rows..]).all(|(a, b)| a.to_bits() == b.to_bits()));
         }
+    }
+
+    /// Stacked matrices compute what each computes alone, whatever their row counts.
+    #[test]
+    fn stacked_matrices_compute_their_parts() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for format in [Format::Q4_1, Format::Q8_0] {
+            let (cols, m) = (96, 5);
+            let parts: Vec<(usize, Vec<u8>)> = [13usize, 8, 3].iter().map(|&r| (r, random_ggml(&mut rng, format, r, cols))).collect();
+            let ms: Vec<QMatrix> = parts.iter().map(|(r, g)| QMatrix::from_ggml(format, g, *r, cols).expect("sizes")).collect();
+            let stacked = QMatrix::stack(&ms.iter().collect::<Vec<_>>()).expect("one format, one width");
+            assert_eq!(stacked.rows(), 24);
+            let x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
+            let mut all = vec![0f32; m * 24];
+            stacked.matmul(&x, m, &mut all);
+            let mut at = 0;
+            for w in &ms {
+                let mut one = vec![0f32; m * w.rows()];
+                w.matmul(&x, m, &mut one);
+                for i in 0..m {
+                    assert!(same_bits(&one[i * w.rows()..][..w.rows()], &all[i * 24 + at..][..w.rows()]), "{format:?} part at {at}");
+                }
+                at += w.rows();
+            }
+        }
+        let a = QMatrix::from_ggml(Format::Q4_1, &[0; 20], 1, 32).expect("sizes");
+        let b = QMatrix::from_ggml(Format::Q8_0, &[0; 34], 1, 32).expect("sizes");
+        assert!(QMatrix::stack(&[&a, &b]).is_none(), "formats differ");
     }
 
     #[test]
     fn sizes_that_disagree_are_refused() {
-        assert!(Q4_1Matrix::new(vec![0; 20], 1, 32).is_some());
-        assert!(Q4_1Matrix::new(vec![0; 20], 1, 33).is_none());
-        assert!(Q4_1Matrix::new(vec![0; 19], 1, 32).is_none());
+        assert!(QMatrix::from_ggml(Format::Q4_1, &[0; 20], 1, 32).is_some());
+        assert!(QMatrix::from_ggml(Format::Q4_1, &[0; 20], 1, 33).is_none());
+        assert!(QMatrix::from_ggml(Format::Q4_1, &[0; 19], 1, 32).is_none());
+        assert!(QMatrix::from_ggml(Format::Q8_0, &[0; 68], 2, 32).is_some());
+        assert!(QMatrix::from_ggml(Format::Q8_0, &[0; 68], 1, 32).is_none());
+        assert!(QMatrix::from_ggml(Format::Q8_0, &[], 0, 32).is_none());
     }
 }

@@ -27,6 +27,10 @@ pub struct CpuArgs {
     /// Timed repetitions (after one warm-up).
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
+    /// Sequences prefilled in one pass and then decoded together, one token each per step
+    /// (the rates count every sequence's tokens).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// Tensor-parallel degree of the engine (ranks as threads).
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
@@ -41,6 +45,7 @@ pub struct CpuResult {
     pub model: String,
     pub threads: usize,
     pub tp: usize,
+    pub batch: usize,
     pub prompt_len: usize,
     pub gen: usize,
     pub reps: usize,
@@ -57,7 +62,10 @@ fn mean(v: &[f64]) -> f64 {
 }
 
 pub fn run(args: &CpuArgs) -> Result<()> {
-    ensure!(args.prompt_len > 0 && args.gen > 0 && args.reps > 0, "--prompt-len, --gen and --reps must be positive");
+    ensure!(
+        args.prompt_len > 0 && args.gen > 0 && args.reps > 0 && args.batch > 0,
+        "--prompt-len, --gen, --reps and --batch must be positive"
+    );
     let spec = default_model::resolve_spec(args.model.as_deref())?;
     let files = ModelFiles::resolve(&spec)?;
     let mut engine = PagedEngine::from_box(
@@ -72,20 +80,25 @@ pub fn run(args: &CpuArgs) -> Result<()> {
     let vocab = engine.info().vocab_size as u32;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let (mut prefill_ms, mut decode_ms) = (Vec::new(), Vec::new());
+    let b = args.batch;
     for rep in 0..=args.reps {
         // Fresh random tokens each time, so no repetition reuses an earlier one's cached blocks.
-        let prompt: Vec<u32> = (0..args.prompt_len).map(|_| rng.random_range(0..vocab)).collect();
-        let seq: SeqId = rep as u64;
-        engine.add_sequence(seq, &prompt)?;
+        let seqs: Vec<SeqId> = (0..b).map(|i| (rep * b + i) as u64).collect();
+        let prompts: Vec<Vec<u32>> = seqs.iter().map(|_| (0..args.prompt_len).map(|_| rng.random_range(0..vocab)).collect()).collect();
+        for (seq, prompt) in seqs.iter().zip(&prompts) {
+            engine.add_sequence(*seq, prompt)?;
+        }
         let t = Instant::now();
-        let mut next = step(&mut engine, seq, prompt)?;
+        let mut next = step(&mut engine, &seqs, prompts)?;
         let prefill = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         for _ in 0..args.gen {
-            next = step(&mut engine, seq, vec![next])?;
+            next = step(&mut engine, &seqs, next.into_iter().map(|t| vec![t]).collect())?;
         }
         let decode = t.elapsed().as_secs_f64() * 1e3;
-        engine.release(seq);
+        for seq in seqs {
+            engine.release(seq);
+        }
         eprintln!("rep {rep}{}: prefill {prefill:.1} ms, decode {decode:.1} ms", if rep == 0 { " (warm-up)" } else { "" });
         if rep > 0 {
             prefill_ms.push(prefill);
@@ -97,11 +110,12 @@ pub fn run(args: &CpuArgs) -> Result<()> {
         model: files.name.clone(),
         threads: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
         tp: args.tp,
+        batch: b,
         prompt_len: args.prompt_len,
         gen: args.gen,
         reps: args.reps,
-        prefill_tokens_per_s: args.prompt_len as f64 / (mean(&prefill_ms) / 1e3),
-        decode_tokens_per_s: args.gen as f64 / (mean(&decode_ms) / 1e3),
+        prefill_tokens_per_s: (b * args.prompt_len) as f64 / (mean(&prefill_ms) / 1e3),
+        decode_tokens_per_s: (b * args.gen) as f64 / (mean(&decode_ms) / 1e3),
         prefill_ms,
         decode_ms,
     };
@@ -113,10 +127,16 @@ pub fn run(args: &CpuArgs) -> Result<()> {
     Ok(())
 }
 
-/// One forward pass of `tokens` on `seq`; the greedy next token.
-fn step(engine: &mut PagedEngine, seq: SeqId, tokens: Vec<u32>) -> Result<u32> {
-    let logits = engine.forward(&[ForwardItem { seq, tokens, all_logits: false }])?;
-    let last = logits.first().and_then(|l| l.last()).context("the engine returned no logits")?;
-    let best = last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).context("empty logits")?;
-    Ok(best)
+/// One forward pass of each sequence's `tokens`; each sequence's greedy next token.
+fn step(engine: &mut PagedEngine, seqs: &[SeqId], tokens: Vec<Vec<u32>>) -> Result<Vec<u32>> {
+    let items: Vec<ForwardItem> = seqs.iter().zip(tokens).map(|(&seq, tokens)| ForwardItem { seq, tokens, all_logits: false }).collect();
+    let logits = engine.forward(&items)?;
+    ensure!(logits.len() == seqs.len(), "the engine returned logits for {} of {} sequences", logits.len(), seqs.len());
+    logits
+        .iter()
+        .map(|l| {
+            let last = l.last().context("the engine returned no logits")?;
+            last.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).context("empty logits")
+        })
+        .collect()
 }
