@@ -7,7 +7,7 @@ package prints it (verse numbers stripped; `apt-get install bible-kjv`), or any 
 with --text. Tandem tokenizes it (`tandem bench perplexity`, which also writes the ids it
 scored); llama.cpp (llama-cpp-python) scores the same ids in the same windows of --window
 tokens, each from an empty cache, every token after a window's first. Tandem runs once per CPU
-kernel set (candle's and the project's, `TANDEM_CPU_KERNELS=tandem`).
+kernel set (candle's, `TANDEM_CPU_KERNELS=candle`, and the project's, the default).
 
 Also: greedy next-token agreement at every scored position (both engines read the same text),
 overall and where both engines lead their runner-up by at least --clear-margin in logits.
@@ -104,7 +104,7 @@ def main():
             f.write(kjv_genesis())
         source = "Genesis 1-5, King James Version (public domain), Debian bible-kjv"
     threads = os.cpu_count() or 1
-    runs = {name: tandem(text_path, args.window, k) for name, k in [("tandem_candle_kernels", None), ("tandem_own_kernels", "tandem")]}
+    runs = {name: tandem(text_path, args.window, k) for name, k in [("tandem_candle_kernels", "candle"), ("tandem_own_kernels", None)]}
     tokens = runs["tandem_candle_kernels"]["tokens"]
     base = llama_cpp(tokens, args.window, threads)
     rows = {}
