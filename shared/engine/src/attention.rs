@@ -102,9 +102,8 @@ const QUERY_TILE: usize = 16;
 /// head) items, shared out over rayon's threads. An item's query rows (its tokens times the
 /// query heads of its KV head) read each key block once, a block at a time, with the softmax
 /// computed online (running maximum and sum, the output rescaled when the maximum grows), so no
-/// row of scores as long as the context is materialised. With many rows the block's keys are
-/// transposed first, so each score row is a vector loop over the block's keys; with few (a
-/// decode token) each score is a dot product.
+/// row of scores as long as the context is materialised. The block's keys are transposed first,
+/// so each score row is a vector loop over the block's keys, in the same order for every row.
 pub(crate) fn paged_attention(
     q: &[f32],
     queries: &[QueryCtx<'_>],
@@ -168,7 +167,9 @@ fn attend_tile(
     }
     let rows = pos.len();
     let last = pos.iter().copied().max().unwrap_or(0);
-    let transpose = rows >= 8;
+    // Every row scores its keys the same way, whatever else is in its tile, so a token's
+    // attention is the same bit for bit in a prefill chunk and as a decode step.
+    let transpose = true;
     // Transposed keys `[d][padded block]`: score rows are computed 16 keys at a time.
     let padded = bs.next_multiple_of(16);
     let (mut max, mut sum) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
