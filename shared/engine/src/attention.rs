@@ -48,7 +48,8 @@ pub(crate) fn head_rms_norm(x: &mut [f32], head_dim: usize, weight: &[f32], eps:
     });
 }
 
-#[inline]
+/// A plain dot product, for the tests' reference attention.
+#[cfg(test)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight partial sums let the compiler vectorise the loop.
     let mut acc = [0f32; 8];
@@ -167,25 +168,22 @@ fn attend_tile(
     }
     let rows = pos.len();
     let last = pos.iter().copied().max().unwrap_or(0);
-    // Every row scores its keys the same way, whatever else is in its tile, so a token's
-    // attention is the same bit for bit in a prefill chunk and as a decode step.
-    let transpose = true;
-    // Transposed keys `[d][padded block]`: score rows are computed 16 keys at a time.
+    // Transposed keys `[d][padded block]`: score rows are computed 16 keys at a time. Every row
+    // scores its keys this way, whatever else is in its tile, so a token's attention is the same
+    // bit for bit in a prefill chunk and as a decode step.
     let padded = bs.next_multiple_of(16);
     let (mut max, mut sum) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
     let mut out = vec![0f32; rows * d];
-    let mut kt = vec![0f32; if transpose { d * padded } else { 0 }];
+    let mut kt = vec![0f32; d * padded];
     let mut scores = vec![0f32; padded];
     for (bi, &block) in blocks.iter().enumerate().take(last / bs + 1) {
         let first = bi * bs;
         let n = bs.min(last + 1 - first);
         let k0 = store.offset(block, layer, 0, 0) + kh * d;
         let v0 = store.offset(block, layer, 1, 0) + kh * d;
-        if transpose {
-            for j in 0..n {
-                for (c, &v) in data[k0 + j * row..][..d].iter().enumerate() {
-                    kt[c * padded + j] = v;
-                }
+        for j in 0..n {
+            for (c, &v) in data[k0 + j * row..][..d].iter().enumerate() {
+                kt[c * padded + j] = v;
             }
         }
         for r in 0..rows {
@@ -195,21 +193,15 @@ fn attend_tile(
             // Keys of this block the row may see.
             let seen = n.min(pos[r] + 1 - first);
             let qr = &qs[r * d..][..d];
-            if transpose {
-                for j0 in (0..seen).step_by(16) {
-                    let mut acc = [0f32; 16];
-                    for (c, &qc) in qr.iter().enumerate() {
-                        let k = &kt[c * padded + j0..][..16];
-                        for i in 0..16 {
-                            acc[i] = qc.mul_add(k[i], acc[i]);
-                        }
+            for j0 in (0..seen).step_by(16) {
+                let mut acc = [0f32; 16];
+                for (c, &qc) in qr.iter().enumerate() {
+                    let k = &kt[c * padded + j0..][..16];
+                    for i in 0..16 {
+                        acc[i] = qc.mul_add(k[i], acc[i]);
                     }
-                    scores[j0..j0 + 16].copy_from_slice(&acc);
                 }
-            } else {
-                for (j, sj) in scores[..seen].iter_mut().enumerate() {
-                    *sj = dot(qr, &data[k0 + j * row..][..d]);
-                }
+                scores[j0..j0 + 16].copy_from_slice(&acc);
             }
             let s = &mut scores[..seen];
             let m = s.iter().copied().fold(max[r], f32::max);
