@@ -181,11 +181,7 @@ fn attend_tile(
         let n = bs.min(last + 1 - first);
         let k0 = store.offset(block, layer, 0, 0) + kh * d;
         let v0 = store.offset(block, layer, 1, 0) + kh * d;
-        for j in 0..n {
-            for (c, &v) in data[k0 + j * row..][..d].iter().enumerate() {
-                kt[c * padded + j] = v;
-            }
-        }
+        tandem_kernels::transpose(&data[k0..], row, n, d, &mut kt, padded);
         for r in 0..rows {
             if pos[r] < first {
                 continue;

@@ -288,6 +288,12 @@ impl QMatrix {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             (Kernel::Avx2, Format::Q8_0) => unsafe { avx2::q8_0::<NR>(w, nb, acts, at, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Vnni` is only chosen where the CPU also reports AVX-VNNI; sizes as above.
+            (Kernel::Vnni, Format::Q4_1) => unsafe { vnni::q4_1::<NR>(w, nb, acts, at, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            (Kernel::Vnni, Format::Q8_0) => unsafe { vnni::q8_0::<NR>(w, nb, acts, at, out) },
             (Kernel::Scalar, format) => scalar(format, w, nb, acts, &at, out),
         }
     }
@@ -302,6 +308,9 @@ pub enum Kernel {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX2 with AVX-VNNI's byte dot products.
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
 }
 
 impl Kernel {
@@ -312,9 +321,21 @@ impl Kernel {
             && std::arch::is_x86_feature_detected!("fma")
             && std::arch::is_x86_feature_detected!("f16c")
         {
-            return Kernel::Avx2;
+            return if std::arch::is_x86_feature_detected!("avxvnni") { Kernel::Vnni } else { Kernel::Avx2 };
         }
         Kernel::Scalar
+    }
+
+    /// Every kernel this CPU can run, the scalar one first.
+    pub fn available() -> Vec<Self> {
+        let mut all = vec![Kernel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        match Self::detect() {
+            Kernel::Vnni => all.extend([Kernel::Avx2, Kernel::Vnni]),
+            Kernel::Avx2 => all.push(Kernel::Avx2),
+            Kernel::Scalar => {}
+        }
+        all
     }
 }
 
@@ -364,6 +385,141 @@ fn scalar<const NR: usize>(format: Format, w: &[u8], nb: usize, acts: &Acts, at:
     }
 }
 
+/// `dst[c · dst_stride + j] = src[j · src_stride + c]` for `j < n`, `c < d`: a block of `n`
+/// rows of `d` floats turned into `d` rows of `n` (the CPU attention's key blocks, so that a
+/// score row is a vector loop over keys). A pure copy: the result is the same whichever path
+/// runs; with AVX2, 8 × 8 tiles are transposed in registers.
+pub fn transpose(src: &[f32], src_stride: usize, n: usize, d: usize, dst: &mut [f32], dst_stride: usize) {
+    if n == 0 || d == 0 {
+        return;
+    }
+    assert!(n <= dst_stride && d <= src_stride, "strides shorter than the rows");
+    assert!(src.len() >= (n - 1) * src_stride + d, "source of {n} rows of {d}");
+    assert!(dst.len() >= (d - 1) * dst_stride + n, "destination of {d} rows of {n}");
+    let (mut j0, mut c_tiled) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if Kernel::detect() != Kernel::Scalar {
+        c_tiled = d / 8 * 8;
+        while j0 + 8 <= n {
+            for c0 in (0..c_tiled).step_by(8) {
+                // SAFETY: AVX2 is present (checked above); rows `j0..j0 + 8` of the source hold
+                // columns `c0..c0 + 8` (`j0 + 8 ≤ n`, `c0 + 8 ≤ d`, the length asserted), and the
+                // destination's rows `c0..c0 + 8` hold columns `j0..j0 + 8` likewise.
+                unsafe {
+                    avx2::transpose8(
+                        src.as_ptr().add(j0 * src_stride + c0),
+                        src_stride,
+                        dst.as_mut_ptr().add(c0 * dst_stride + j0),
+                        dst_stride,
+                    )
+                };
+            }
+            j0 += 8;
+        }
+    }
+    // What the tiles left: the last rows (every column), and the columns past the tiles.
+    for j in 0..n {
+        let cs = if j < j0 { c_tiled..d } else { 0..d };
+        for c in cs {
+            dst[c * dst_stride + j] = src[j * src_stride + c];
+        }
+    }
+}
+
+/// The packed-group kernels, written once over the module's block-sum steps (`q4_step`,
+/// `q4_end`, `q8_step`) and compiled for its target features.
+///
+/// Q4_1, per block: the eight rows' scales and minimums convert from f16 in one instruction
+/// each; the values unpack once (low nibbles are values 0–15, high nibbles 16–31, four bytes per
+/// row in each 32-byte vector) and serve every activation row, each step taking four bytes of
+/// every row against the same four activation bytes broadcast. Q8_0 likewise, with signed values.
+///
+/// Safety of the functions made: the target features must be available; `w` holds `nb` packed
+/// blocks of the format and every activation row `at[a]` has `nb` blocks in `acts`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! quant_kernels {
+    ($features:literal) => {
+        /// Q4_1 group times `NR` activation rows (see [`quant_kernels`]).
+        ///
+        /// # Safety
+        /// As the macro says.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn q4_1<const NR: usize>(w: &[u8], nb: usize, acts: &Acts, at: [usize; NR], out: &mut [[f32; GROUP]; NR]) {
+            let mask = _mm256_set1_epi8(0x0F);
+            let mut acc = [_mm256_setzero_ps(); NR];
+            let (wp, qs) = (w.as_ptr(), acts.qs.as_ptr());
+            for b in 0..nb {
+                // SAFETY: block `b` is the 160 bytes from `b · 160`, inside `w` (the caller's sizes).
+                let p = unsafe { wp.add(b * 160) };
+                // SAFETY: the scales are the block's first 16 bytes, the minimums the next 16.
+                let (dw, mw) = unsafe {
+                    (_mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)), _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)))
+                };
+                let mut lo = [_mm256_setzero_si256(); 4];
+                let mut hi = [_mm256_setzero_si256(); 4];
+                for k in 0..4 {
+                    // SAFETY: the values are the block's bytes 32..160, 32 per `k`.
+                    let v = unsafe { _mm256_loadu_si256(p.add(32 + 32 * k) as *const __m256i) };
+                    lo[k] = _mm256_and_si256(v, mask);
+                    hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                }
+                for a in 0..NR {
+                    let xb = at[a] * nb + b;
+                    // SAFETY: activation block `xb` is the 32 bytes from `xb · 32`, inside `acts.qs`.
+                    let x = unsafe { qs.add(xb * BLOCK) };
+                    let mut s = _mm256_setzero_si256();
+                    for k in 0..4 {
+                        // SAFETY: bytes `4k..4k + 4` and `16 + 4k..16 + 4k + 4` of the block.
+                        let (xl, xh) = unsafe { (broadcast4(x.add(4 * k)), broadcast4(x.add(16 + 4 * k))) };
+                        s = q4_step(s, lo[k], xl);
+                        s = q4_step(s, hi[k], xh);
+                    }
+                    let sums = _mm256_cvtepi32_ps(q4_end(s));
+                    acc[a] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dw, _mm256_set1_ps(acts.d[xb])), acc[a]);
+                    acc[a] = _mm256_fmadd_ps(mw, _mm256_set1_ps(acts.s[xb]), acc[a]);
+                }
+            }
+            for a in 0..NR {
+                // SAFETY: `out[a]` is eight writable floats.
+                unsafe { _mm256_storeu_ps(out[a].as_mut_ptr(), acc[a]) };
+            }
+        }
+
+        /// Q8_0 group times `NR` activation rows (see [`quant_kernels`]).
+        ///
+        /// # Safety
+        /// As the macro says.
+        #[target_feature(enable = $features)]
+        pub(super) unsafe fn q8_0<const NR: usize>(w: &[u8], nb: usize, acts: &Acts, at: [usize; NR], out: &mut [[f32; GROUP]; NR]) {
+            let mut acc = [_mm256_setzero_ps(); NR];
+            let (wp, qs) = (w.as_ptr(), acts.qs.as_ptr());
+            for b in 0..nb {
+                // SAFETY: block `b` is the 272 bytes from `b · 272`, inside `w`.
+                let p = unsafe { wp.add(b * 272) };
+                // SAFETY: the scales are the block's first 16 bytes.
+                let dw = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) };
+                for a in 0..NR {
+                    let xb = at[a] * nb + b;
+                    // SAFETY: activation block `xb` is inside `acts.qs`.
+                    let x = unsafe { qs.add(xb * BLOCK) };
+                    let mut s = _mm256_setzero_si256();
+                    for k in 0..8 {
+                        // SAFETY: the values are the block's bytes 16..272, 32 per `k`; the
+                        // activation's bytes `4k..4k + 4` are inside its block.
+                        let (v, xk) = unsafe { (_mm256_loadu_si256(p.add(16 + 32 * k) as *const __m256i), broadcast4(x.add(4 * k))) };
+                        s = q8_step(s, v, xk);
+                    }
+                    acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(acts.d[xb])), acc[a]);
+                }
+            }
+            for a in 0..NR {
+                // SAFETY: `out[a]` is eight writable floats.
+                unsafe { _mm256_storeu_ps(out[a].as_mut_ptr(), acc[a]) };
+            }
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -376,100 +532,111 @@ mod avx2 {
     /// `p..p + 4` must be readable, and AVX2 available.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn broadcast4(p: *const i8) -> __m256i {
+    pub(super) unsafe fn broadcast4(p: *const i8) -> __m256i {
         // SAFETY: the caller vouches for the four bytes; unaligned reads are allowed.
         _mm256_set1_epi32(unsafe { (p as *const i32).read_unaligned() })
     }
 
-    /// Q4_1 group times `NR` activation rows. Per block: the eight rows' scales and minimums
-    /// convert from f16 in one instruction each; the values unpack once (low nibbles are values
-    /// 0–15, high nibbles 16–31, four bytes per row in each 32-byte vector) and serve every
-    /// activation row. Each `maddubs` multiplies four unsigned nibbles of every row by the same
-    /// four signed activation bytes, pairs summed into 16 bits (at most 2 · 15 · 127); eight of
-    /// them added stay under 32,767, so the block's integer sums are exact after one `madd`.
+    /// The 8 × 8 tile at `src` (rows `src_stride` apart) written transposed at `dst` (rows
+    /// `dst_stride` apart): unpack pairs, then quads, then swap 128-bit halves.
     ///
     /// # Safety
-    /// AVX2, FMA and F16C must be available; `w` holds `nb` packed Q4_1 blocks and every
-    /// activation row `at[a]` has `nb` blocks in `acts`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q4_1<const NR: usize>(w: &[u8], nb: usize, acts: &Acts, at: [usize; NR], out: &mut [[f32; GROUP]; NR]) {
-        let mask = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); NR];
-        let (wp, qs) = (w.as_ptr(), acts.qs.as_ptr());
-        for b in 0..nb {
-            // SAFETY: block `b` is the 160 bytes from `b · 160`, inside `w` (the caller's sizes).
-            let p = unsafe { wp.add(b * 160) };
-            // SAFETY: the scales are the block's first 16 bytes, the minimums the next 16.
-            let (dw, mw) = unsafe {
-                (_mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)), _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)))
-            };
-            let mut lo = [_mm256_setzero_si256(); 4];
-            let mut hi = [_mm256_setzero_si256(); 4];
-            for k in 0..4 {
-                // SAFETY: the values are the block's bytes 32..160, 32 per `k`.
-                let v = unsafe { _mm256_loadu_si256(p.add(32 + 32 * k) as *const __m256i) };
-                lo[k] = _mm256_and_si256(v, mask);
-                hi[k] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-            }
-            for a in 0..NR {
-                let xb = at[a] * nb + b;
-                // SAFETY: activation block `xb` is the 32 bytes from `xb · 32`, inside `acts.qs`.
-                let x = unsafe { qs.add(xb * BLOCK) };
-                let mut s = _mm256_setzero_si256();
-                for k in 0..4 {
-                    // SAFETY: bytes `4k..4k + 4` and `16 + 4k..16 + 4k + 4` of the block.
-                    let (xl, xh) = unsafe { (broadcast4(x.add(4 * k)), broadcast4(x.add(16 + 4 * k))) };
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(lo[k], xl));
-                    s = _mm256_add_epi16(s, _mm256_maddubs_epi16(hi[k], xh));
-                }
-                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(s, ones));
-                acc[a] = _mm256_fmadd_ps(sums, _mm256_mul_ps(dw, _mm256_set1_ps(acts.d[xb])), acc[a]);
-                acc[a] = _mm256_fmadd_ps(mw, _mm256_set1_ps(acts.s[xb]), acc[a]);
-            }
-        }
-        for a in 0..NR {
-            // SAFETY: `out[a]` is eight writable floats.
-            unsafe { _mm256_storeu_ps(out[a].as_mut_ptr(), acc[a]) };
+    /// AVX2 must be available; eight floats from each of `src + i · src_stride` and
+    /// `dst + i · dst_stride`, `i < 8`, must be readable and writable respectively.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn transpose8(src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+        // SAFETY: the caller vouches for the eight source rows.
+        let r: [__m256; 8] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(src.add(i * src_stride)) });
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        let out = [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ];
+        for (i, v) in out.into_iter().enumerate() {
+            // SAFETY: the caller vouches for the eight destination rows.
+            unsafe { _mm256_storeu_ps(dst.add(i * dst_stride), v) };
         }
     }
 
-    /// Q8_0 group times `NR` activation rows. `maddubs` takes an unsigned operand, so each
-    /// weight byte's sign moves to its activation byte (`|w| · sign(w)·x`); a pair of products
-    /// reaches 2 · 128 · 127, so each `maddubs` is widened to 32 bits at once.
-    ///
-    /// # Safety
-    /// As [`q4_1`], with `w` holding `nb` packed Q8_0 blocks.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn q8_0<const NR: usize>(w: &[u8], nb: usize, acts: &Acts, at: [usize; NR], out: &mut [[f32; GROUP]; NR]) {
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = [_mm256_setzero_ps(); NR];
-        let (wp, qs) = (w.as_ptr(), acts.qs.as_ptr());
-        for b in 0..nb {
-            // SAFETY: block `b` is the 272 bytes from `b · 272`, inside `w`.
-            let p = unsafe { wp.add(b * 272) };
-            // SAFETY: the scales are the block's first 16 bytes.
-            let dw = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) };
-            for a in 0..NR {
-                let xb = at[a] * nb + b;
-                // SAFETY: activation block `xb` is inside `acts.qs`.
-                let x = unsafe { qs.add(xb * BLOCK) };
-                let mut s = _mm256_setzero_si256();
-                for k in 0..8 {
-                    // SAFETY: the values are the block's bytes 16..272, 32 per `k`; the
-                    // activation's bytes `4k..4k + 4` are inside its block.
-                    let (v, xk) = unsafe { (_mm256_loadu_si256(p.add(16 + 32 * k) as *const __m256i), broadcast4(x.add(4 * k))) };
-                    let prod = _mm256_maddubs_epi16(_mm256_abs_epi8(v), _mm256_sign_epi8(xk, v));
-                    s = _mm256_add_epi32(s, _mm256_madd_epi16(prod, ones));
-                }
-                acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(acts.d[xb])), acc[a]);
-            }
-        }
-        for a in 0..NR {
-            // SAFETY: `out[a]` is eight writable floats.
-            unsafe { _mm256_storeu_ps(out[a].as_mut_ptr(), acc[a]) };
-        }
+    /// The block sums of the AVX2 kernels. Q4_1: each `maddubs` multiplies four unsigned
+    /// nibbles of every row by the same four signed activation bytes, pairs summed into 16 bits
+    /// (at most 2 · 15 · 127); eight of them added stay under 32,767, so the block's integer sums
+    /// are exact after one `madd` at the end.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q4_step(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_add_epi16(s, _mm256_maddubs_epi16(w, x))
     }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q4_end(s: __m256i) -> __m256i {
+        _mm256_madd_epi16(s, _mm256_set1_epi16(1))
+    }
+
+    /// Q8_0: `maddubs` takes an unsigned operand, so each weight byte's sign moves to its
+    /// activation byte (`|w| · sign(w)·x`); a pair of products reaches 2 · 128 · 127, so each
+    /// `maddubs` is widened to 32 bits at once.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q8_step(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        let prod = _mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(x, w));
+        _mm256_add_epi32(s, _mm256_madd_epi16(prod, _mm256_set1_epi16(1)))
+    }
+
+    quant_kernels!("avx2,fma,f16c");
+}
+
+/// The same kernels where the CPU has AVX-VNNI: `vpdpbusd` multiplies unsigned by signed bytes
+/// and adds each lane's four products into its 32-bit sum in one instruction, exactly, so the
+/// integer sums (and every float after them) equal the AVX2 kernels' bit for bit.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use super::avx2::broadcast4;
+    use super::{Acts, BLOCK, GROUP};
+
+    #[inline]
+    #[target_feature(enable = "avx2,avxvnni")]
+    fn q4_step(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(s, w, x)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn q4_end(s: __m256i) -> __m256i {
+        s
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,avxvnni")]
+    fn q8_step(s: __m256i, w: __m256i, x: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(s, _mm256_abs_epi8(w), _mm256_sign_epi8(x, w))
+    }
+
+    quant_kernels!("avx2,fma,f16c,avxvnni");
 }
 
 #[cfg(test)]
@@ -555,10 +722,12 @@ mod tests {
                 for (a, b) in scalar.iter().zip(&want) {
                     assert!((a - b).abs() <= 1e-5 * scale, "{format:?} {rows}×{cols}, {m} rows: {a} against {b}");
                 }
-                // The SIMD kernel against the scalar one: bit for bit.
+                // Every SIMD kernel this CPU runs against the scalar one: bit for bit.
                 let mut simd = vec![f32::NAN; m * rows];
-                w.matmul_with(&x, m, &mut simd, Kernel::detect());
-                assert!(same_bits(&simd, &scalar), "{format:?} {:?} {rows}×{cols}, {m} rows", Kernel::detect());
+                for kernel in Kernel::available() {
+                    w.matmul_with(&x, m, &mut simd, kernel);
+                    assert!(same_bits(&simd, &scalar), "{format:?} {kernel:?} {rows}×{cols}, {m} rows");
+                }
                 // A row's result does not depend on the rows beside it in the pass.
                 for i in [0, m - 1] {
                     let mut alone = vec![0f32; rows];
@@ -595,6 +764,30 @@ mod tests {
         let a = QMatrix::from_ggml(Format::Q4_1, &[0; 20], 1, 32).expect("sizes");
         let b = QMatrix::from_ggml(Format::Q8_0, &[0; 34], 1, 32).expect("sizes");
         assert!(QMatrix::stack(&[&a, &b]).is_none(), "formats differ");
+    }
+
+    /// The transposed copy holds every element where the definition puts it, for sizes with and
+    /// without whole 8 × 8 tiles, and leaves the padding alone.
+    #[test]
+    fn transpose_moves_every_element() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for (n, d, src_stride, dst_stride) in
+            [(16, 64, 192, 16), (13, 64, 64, 16), (8, 8, 8, 8), (5, 3, 7, 9), (17, 12, 12, 24), (1, 64, 64, 1)]
+        {
+            let src: Vec<f32> = (0..(n - 1) * src_stride + d).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let mut dst = vec![f32::NAN; (d - 1) * dst_stride + n];
+            transpose(&src, src_stride, n, d, &mut dst, dst_stride);
+            for c in 0..d {
+                for j in 0..dst_stride.min(dst.len() - c * dst_stride) {
+                    let got = dst[c * dst_stride + j];
+                    if j < n {
+                        assert_eq!(got.to_bits(), src[j * src_stride + c].to_bits(), "n {n} d {d} ({j}, {c})");
+                    } else {
+                        assert!(got.is_nan(), "padding written at n {n} d {d} ({j}, {c})");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
