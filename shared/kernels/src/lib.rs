@@ -113,21 +113,43 @@ impl Acts {
     fn quantize(x: &[f32]) -> Self {
         let blocks = x.len() / BLOCK;
         let mut out = Self { qs: vec![0; x.len()], d: vec![0.0; blocks], s: vec![0.0; blocks] };
-        for (b, (xs, qs)) in x.chunks_exact(BLOCK).zip(out.qs.chunks_exact_mut(BLOCK)).enumerate() {
-            let amax = xs.iter().fold(0f32, |a, &v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in qs.iter_mut().zip(xs) {
-                *q = (v * id).round() as i8;
-                sum += *q as i32;
+        let chunks = out.qs.chunks_mut(QUANT_CHUNK).zip(out.d.chunks_mut(QUANT_CHUNK / BLOCK)).zip(out.s.chunks_mut(QUANT_CHUNK / BLOCK));
+        if x.len() > QUANT_CHUNK {
+            x.par_chunks(QUANT_CHUNK).zip(chunks.collect::<Vec<_>>()).for_each(|(x, ((qs, d), s))| quantize_blocks(x, qs, d, s));
+        } else {
+            for (x, ((qs, d), s)) in x.chunks(QUANT_CHUNK).zip(chunks) {
+                quantize_blocks(x, qs, d, s);
             }
-            let dh = f16::from_f32(d);
-            out.d[b] = dh.to_f32();
-            // ggml keeps the sum times the scale as an f16 product of two f16s.
-            out.s[b] = (f16::from_f32(sum as f32) * dh).to_f32();
         }
         out
+    }
+}
+
+/// Activation values quantized per task when a product's input is large (a prefill chunk).
+const QUANT_CHUNK: usize = 64 * BLOCK;
+
+/// [`Acts::quantize`] of a run of whole blocks. The largest magnitude is taken in eight lanes so
+/// the loop vectorises; a maximum is the same in any order, so the result is too.
+fn quantize_blocks(x: &[f32], qs: &mut [i8], ds: &mut [f32], ss: &mut [f32]) {
+    for (((xs, qs), d_out), s_out) in x.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(BLOCK)).zip(ds).zip(ss) {
+        let mut lanes = [0f32; 8];
+        for c in xs.chunks_exact(8) {
+            for (m, v) in lanes.iter_mut().zip(c) {
+                *m = m.max(v.abs());
+            }
+        }
+        let amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in qs.iter_mut().zip(xs) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        let dh = f16::from_f32(d);
+        *d_out = dh.to_f32();
+        // ggml keeps the sum times the scale as an f16 product of two f16s.
+        *s_out = (f16::from_f32(sum as f32) * dh).to_f32();
     }
 }
 
@@ -426,6 +448,22 @@ pub fn transpose(src: &[f32], src_stride: usize, n: usize, d: usize, dst: &mut [
     }
 }
 
+/// Bytes ahead of the block in use that the packed kernels ask the cache for. The weights stream
+/// once per step and the hardware prefetcher alone leaves the kernels waiting on them.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH: usize = 1024;
+
+/// Asks for the cache lines of `len` bytes from `p` into L1. A hint: it reads nothing and cannot
+/// fault, so `p` may point past the weights.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch(p: *const u8, len: usize) {
+    for off in (0..len + 63).step_by(64) {
+        // SAFETY: a prefetch hint touches no memory the program can observe.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(off) as *const i8) };
+    }
+}
+
 /// The packed-group kernels, written once over the module's block-sum steps (`q4_step`,
 /// `q4_end`, `q8_step`) and compiled for its target features.
 ///
@@ -451,6 +489,7 @@ macro_rules! quant_kernels {
             for b in 0..nb {
                 // SAFETY: block `b` is the 160 bytes from `b · 160`, inside `w` (the caller's sizes).
                 let p = unsafe { wp.add(b * 160) };
+                prefetch(wp.wrapping_add(b * 160 + PREFETCH), 160);
                 // SAFETY: the scales are the block's first 16 bytes, the minimums the next 16.
                 let (dw, mw) = unsafe {
                     (_mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)), _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)))
@@ -496,6 +535,7 @@ macro_rules! quant_kernels {
             for b in 0..nb {
                 // SAFETY: block `b` is the 272 bytes from `b · 272`, inside `w`.
                 let p = unsafe { wp.add(b * 272) };
+                prefetch(wp.wrapping_add(b * 272 + PREFETCH), 272);
                 // SAFETY: the scales are the block's first 16 bytes.
                 let dw = unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) };
                 for a in 0..NR {
@@ -524,7 +564,7 @@ macro_rules! quant_kernels {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Acts, BLOCK, GROUP};
+    use super::{prefetch, Acts, BLOCK, GROUP, PREFETCH};
 
     /// Four activation bytes at `p`, in every 32-bit lane.
     ///
@@ -616,7 +656,7 @@ mod vnni {
     use std::arch::x86_64::*;
 
     use super::avx2::broadcast4;
-    use super::{Acts, BLOCK, GROUP};
+    use super::{prefetch, Acts, BLOCK, GROUP, PREFETCH};
 
     #[inline]
     #[target_feature(enable = "avx2,avxvnni")]
