@@ -175,59 +175,50 @@ fn attend_tile(
     let (mut max, mut sum) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
     let mut out = vec![0f32; rows * d];
     let mut kt = vec![0f32; d * padded];
-    let mut scores = vec![0f32; padded];
+    let mut scores = vec![0f32; ROW_BATCH * padded];
     for (bi, &block) in blocks.iter().enumerate().take(last / bs + 1) {
         let first = bi * bs;
         let n = bs.min(last + 1 - first);
         let k0 = store.offset(block, layer, 0, 0) + kh * d;
         let v0 = store.offset(block, layer, 1, 0) + kh * d;
         tandem_kernels::transpose(&data[k0..], row, n, d, &mut kt, padded);
-        for r in 0..rows {
-            if pos[r] < first {
-                continue;
-            }
-            // Keys of this block the row may see.
-            let seen = n.min(pos[r] + 1 - first);
-            let qr = &qs[r * d..][..d];
-            for j0 in (0..seen).step_by(16) {
-                let mut acc = [0f32; 16];
-                for (c, &qc) in qr.iter().enumerate() {
-                    let k = &kt[c * padded + j0..][..16];
-                    for i in 0..16 {
-                        acc[i] = qc.mul_add(k[i], acc[i]);
-                    }
+        // The rows of one token (its query heads) share their position, so they see the same
+        // keys: they go through the block together, up to four at a time, each key and value
+        // row loaded once for all of them. Every row's arithmetic is its own and in the same
+        // order whichever rows it goes with.
+        let mut r0 = 0;
+        while r0 < rows {
+            let t_end = ((r0 / group + 1) * group).min(rows);
+            let r1 = (r0 + ROW_BATCH).min(t_end);
+            if pos[r0] >= first {
+                // Keys of this block the rows may see.
+                let seen = n.min(pos[r0] + 1 - first);
+                let sc = &mut scores[..(r1 - r0) * padded];
+                let qr = &qs[r0 * d..r1 * d];
+                match r1 - r0 {
+                    4 => score_rows::<4>(qr, &kt, padded, seen, d, sc),
+                    3 => score_rows::<3>(qr, &kt, padded, seen, d, sc),
+                    2 => score_rows::<2>(qr, &kt, padded, seen, d, sc),
+                    _ => score_rows::<1>(qr, &kt, padded, seen, d, sc),
                 }
-                scores[j0..j0 + 16].copy_from_slice(&acc);
-            }
-            let s = &mut scores[..seen];
-            let m = s.iter().copied().fold(max[r], f32::max);
-            let correction = exp(max[r] - m);
-            max[r] = m;
-            s.iter_mut().for_each(|v| *v = exp(*v - m));
-            sum[r] = sum[r].mul_add(correction, s.iter().sum::<f32>());
-            // The row's output, 32 values at a time held in registers across the block's values.
-            for (c0, o) in (0..d).step_by(32).zip(out[r * d..(r + 1) * d].chunks_mut(32)) {
-                if o.len() == 32 {
-                    let mut acc = [0f32; 32];
-                    for (a, v) in acc.iter_mut().zip(o.iter()) {
-                        *a = v * correction;
-                    }
-                    for (j, &p) in s.iter().enumerate() {
-                        let v = &data[v0 + j * row + c0..][..32];
-                        for i in 0..32 {
-                            acc[i] = p.mul_add(v[i], acc[i]);
-                        }
-                    }
-                    o.copy_from_slice(&acc);
-                } else {
-                    o.iter_mut().for_each(|v| *v *= correction);
-                    for (j, &p) in s.iter().enumerate() {
-                        for (ov, &vv) in o.iter_mut().zip(&data[v0 + j * row + c0..]) {
-                            *ov = p.mul_add(vv, *ov);
-                        }
-                    }
+                let mut corr = [1f32; ROW_BATCH];
+                for (i, r) in (r0..r1).enumerate() {
+                    let s = &mut sc[i * padded..][..seen];
+                    let m = max_of(s, max[r]);
+                    corr[i] = exp(max[r] - m);
+                    max[r] = m;
+                    s.iter_mut().for_each(|v| *v = exp(*v - m));
+                    sum[r] = sum[r].mul_add(corr[i], s.iter().sum::<f32>());
+                }
+                let (o, v) = (&mut out[r0 * d..r1 * d], &data[v0..]);
+                match r1 - r0 {
+                    4 => weigh_values::<4>(sc, padded, seen, &corr, v, row, d, o),
+                    3 => weigh_values::<3>(sc, padded, seen, &corr, v, row, d, o),
+                    2 => weigh_values::<2>(sc, padded, seen, &corr, v, row, d, o),
+                    _ => weigh_values::<1>(sc, padded, seen, &corr, v, row, d, o),
                 }
             }
+            r0 = r1;
         }
     }
     for (o, z) in out.chunks_exact_mut(d).zip(&sum) {
@@ -235,6 +226,83 @@ fn attend_tile(
         o.iter_mut().for_each(|v| *v *= inv);
     }
     out
+}
+
+/// Rows of one token that go through a key block together.
+const ROW_BATCH: usize = 4;
+
+/// Scores of `R` query rows (`q`, `R × d`) against the block's first `seen` keys, transposed in
+/// `kt` (`[d][padded]`), into `scores` (`R × padded`), 16 keys at a time. Each score is a fused
+/// multiply-add chain over the head dimension in order, the same for every `R`.
+fn score_rows<const R: usize>(q: &[f32], kt: &[f32], padded: usize, seen: usize, d: usize, scores: &mut [f32]) {
+    let q: [&[f32]; R] = std::array::from_fn(|i| &q[i * d..][..d]);
+    for j0 in (0..seen).step_by(16) {
+        let mut acc = [[0f32; 16]; R];
+        for c in 0..d {
+            let k = &kt[c * padded + j0..][..16];
+            for (a, qr) in acc.iter_mut().zip(&q) {
+                let qc = qr[c];
+                for i in 0..16 {
+                    a[i] = qc.mul_add(k[i], a[i]);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            scores[i * padded + j0..][..16].copy_from_slice(a);
+        }
+    }
+}
+
+/// `s`'s largest value and `init`'s, taken in eight lanes so the loop vectorises (a maximum is
+/// the same in any order).
+fn max_of(s: &[f32], init: f32) -> f32 {
+    let mut lanes = [init; 8];
+    let chunks = s.chunks_exact(8);
+    let tail = chunks.remainder().iter().copied().fold(init, f32::max);
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = m.max(v);
+        }
+    }
+    lanes.iter().copied().fold(tail, f32::max)
+}
+
+/// `out[r] = out[r] · corr[r] + Σⱼ p[r][j] · v[j]` for `R` rows at once (`p` is `R × padded`,
+/// `v`'s rows `row` apart, `out` `R × d`), 16 outputs of every row held in registers while the
+/// block's values pass, each value row loaded once for all the rows.
+#[allow(clippy::too_many_arguments)]
+fn weigh_values<const R: usize>(p: &[f32], padded: usize, seen: usize, corr: &[f32], v: &[f32], row: usize, d: usize, out: &mut [f32]) {
+    let p: [&[f32]; R] = std::array::from_fn(|i| &p[i * padded..][..seen]);
+    let full = d / 16 * 16;
+    for c0 in (0..full).step_by(16) {
+        let mut acc = [[0f32; 16]; R];
+        for (i, a) in acc.iter_mut().enumerate() {
+            for (x, o) in a.iter_mut().zip(&out[i * d + c0..][..16]) {
+                *x = o * corr[i];
+            }
+        }
+        for j in 0..seen {
+            let vv = &v[j * row + c0..][..16];
+            for (a, pr) in acc.iter_mut().zip(&p) {
+                let pj = pr[j];
+                for i in 0..16 {
+                    a[i] = pj.mul_add(vv[i], a[i]);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            out[i * d + c0..][..16].copy_from_slice(a);
+        }
+    }
+    for (i, pr) in p.iter().enumerate() {
+        let o = &mut out[i * d + full..(i + 1) * d];
+        o.iter_mut().for_each(|x| *x *= corr[i]);
+        for (j, &pj) in pr.iter().enumerate() {
+            for (x, &vv) in o.iter_mut().zip(&v[j * row + full..]) {
+                *x = pj.mul_add(vv, *x);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
