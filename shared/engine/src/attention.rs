@@ -181,6 +181,12 @@ fn attend_tile(
         let n = bs.min(last + 1 - first);
         let k0 = store.offset(block, layer, 0, 0) + kh * d;
         let v0 = store.offset(block, layer, 1, 0) + kh * d;
+        // The next block's keys and values for this head, asked for while this one is worked on.
+        if let Some(&next) = blocks.get(bi + 1).filter(|_| last >= first + bs) {
+            let nn = bs.min(last + 1 - first - bs);
+            tandem_kernels::prefetch_rows(data, store.offset(next, layer, 0, 0) + kh * d, nn, row, d);
+            tandem_kernels::prefetch_rows(data, store.offset(next, layer, 1, 0) + kh * d, nn, row, d);
+        }
         tandem_kernels::transpose(&data[k0..], row, n, d, &mut kt, padded);
         // The rows of one token (its query heads) share their position, so they see the same
         // keys: they go through the block together, up to four at a time, each key and value

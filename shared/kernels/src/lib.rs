@@ -407,6 +407,23 @@ fn scalar<const NR: usize>(format: Format, w: &[u8], nb: usize, acts: &Acts, at:
     }
 }
 
+/// Asks the cache for `rows` runs of `len` floats of `data`, from `start` and `stride` apart
+/// (the next key or value block of the CPU attention, whose rows are strided and whose blocks
+/// are scattered, so the hardware prefetcher does not foresee them). A hint: nothing is read.
+pub fn prefetch_rows(data: &[f32], start: usize, rows: usize, stride: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for j in 0..rows {
+        let from = start + j * stride;
+        if from + len > data.len() {
+            break;
+        }
+        let p = data[from..].as_ptr() as *const u8;
+        prefetch(p, len * 4);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, start, rows, stride, len);
+}
+
 /// `dst[c · dst_stride + j] = src[j · src_stride + c]` for `j < n`, `c < d`: a block of `n`
 /// rows of `d` floats turned into `d` rows of `n` (the CPU attention's key blocks, so that a
 /// score row is a vector loop over keys). A pure copy: the result is the same whichever path
@@ -458,7 +475,7 @@ const PREFETCH: usize = 1024;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch(p: *const u8, len: usize) {
-    for off in (0..len + 63).step_by(64) {
+    for off in (0..len).step_by(64).chain(std::iter::once(len - 1)) {
         // SAFETY: a prefetch hint touches no memory the program can observe.
         unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(off) as *const i8) };
     }
