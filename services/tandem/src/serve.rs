@@ -460,7 +460,13 @@ pub(crate) fn open_engine(files: &ModelFiles, device: Device, sizing: &Sizing, l
     match device {
         Device::Cpu => {
             let _ = (limits, memory_fraction); // the CPU engine sizes its buffers per pass
-            let cfg = EngineConfig { block_size, kv_cache_bytes: kv_cache_mb.unwrap_or(DEFAULT_CPU_KV_CACHE_MB) << 20, max_context, tp };
+            let cfg = EngineConfig {
+                block_size,
+                kv_cache_bytes: kv_cache_mb.unwrap_or(DEFAULT_CPU_KV_CACHE_MB) << 20,
+                max_context,
+                tp,
+                ..Default::default()
+            };
             let engine = CpuEngine::load(files, &cfg).with_context(|| format!("loading {}", files.name))?;
             Ok(Box::new(engine))
         }

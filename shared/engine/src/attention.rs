@@ -155,7 +155,7 @@ fn attend_tile(
     d: usize,
 ) -> Vec<f32> {
     let scale = 1.0 / (d as f32).sqrt();
-    let (bs, data, row) = (store.block_size, store.data(), store.row);
+    let (bs, row) = (store.block_size, store.row);
     let blocks = queries[tokens.start].blocks;
     // The rows' queries, pre-scaled, and each row's position.
     let mut qs = Vec::with_capacity(tokens.len() * group * d);
@@ -175,6 +175,7 @@ fn attend_tile(
     let (mut max, mut sum) = (vec![f32::NEG_INFINITY; rows], vec![0f32; rows]);
     let mut out = vec![0f32; rows * d];
     let mut kt = vec![0f32; d * padded];
+    let (mut kf, mut vf) = (vec![0f32; bs * d], vec![0f32; bs * d]);
     let mut scores = vec![0f32; ROW_BATCH * padded];
     for (bi, &block) in blocks.iter().enumerate().take(last / bs + 1) {
         let first = bi * bs;
@@ -184,10 +185,13 @@ fn attend_tile(
         // The next block's keys and values for this head, asked for while this one is worked on.
         if let Some(&next) = blocks.get(bi + 1).filter(|_| last >= first + bs) {
             let nn = bs.min(last + 1 - first - bs);
-            tandem_kernels::prefetch_rows(data, store.offset(next, layer, 0, 0) + kh * d, nn, row, d);
-            tandem_kernels::prefetch_rows(data, store.offset(next, layer, 1, 0) + kh * d, nn, row, d);
+            store.prefetch(store.offset(next, layer, 0, 0) + kh * d, nn, row, d);
+            store.prefetch(store.offset(next, layer, 1, 0) + kh * d, nn, row, d);
         }
-        tandem_kernels::transpose(&data[k0..], row, n, d, &mut kt, padded);
+        // The block's keys and values for this head, widened to f32 once, keys transposed.
+        store.widen(k0, n, row, d, &mut kf);
+        store.widen(v0, n, row, d, &mut vf);
+        tandem_kernels::transpose(&kf, d, n, d, &mut kt, padded);
         // The rows of one token (its query heads) share their position, so they see the same
         // keys: they go through the block together, up to four at a time, each key and value
         // row loaded once for all of them. Every row's arithmetic is its own and in the same
@@ -216,12 +220,12 @@ fn attend_tile(
                     s.iter_mut().for_each(|v| *v = exp(*v - m));
                     sum[r] = sum[r].mul_add(corr[i], s.iter().sum::<f32>());
                 }
-                let (o, v) = (&mut out[r0 * d..r1 * d], &data[v0..]);
+                let o = &mut out[r0 * d..r1 * d];
                 match r1 - r0 {
-                    4 => weigh_values::<4>(sc, padded, seen, &corr, v, row, d, o),
-                    3 => weigh_values::<3>(sc, padded, seen, &corr, v, row, d, o),
-                    2 => weigh_values::<2>(sc, padded, seen, &corr, v, row, d, o),
-                    _ => weigh_values::<1>(sc, padded, seen, &corr, v, row, d, o),
+                    4 => weigh_values::<4>(sc, padded, seen, &corr, &vf, d, o),
+                    3 => weigh_values::<3>(sc, padded, seen, &corr, &vf, d, o),
+                    2 => weigh_values::<2>(sc, padded, seen, &corr, &vf, d, o),
+                    _ => weigh_values::<1>(sc, padded, seen, &corr, &vf, d, o),
                 }
             }
             r0 = r1;
@@ -274,10 +278,10 @@ fn max_of(s: &[f32], init: f32) -> f32 {
 }
 
 /// `out[r] = out[r] · corr[r] + Σⱼ p[r][j] · v[j]` for `R` rows at once (`p` is `R × padded`,
-/// `v`'s rows `row` apart, `out` `R × d`), 16 outputs of every row held in registers while the
-/// block's values pass, each value row loaded once for all the rows.
-#[allow(clippy::too_many_arguments)]
-fn weigh_values<const R: usize>(p: &[f32], padded: usize, seen: usize, corr: &[f32], v: &[f32], row: usize, d: usize, out: &mut [f32]) {
+/// `v` the block's value rows, `d` each, `out` `R × d`), 16 outputs of every row held in
+/// registers while the block's values pass, each value row loaded once for all the rows.
+fn weigh_values<const R: usize>(p: &[f32], padded: usize, seen: usize, corr: &[f32], v: &[f32], d: usize, out: &mut [f32]) {
+    let row = d;
     let p: [&[f32]; R] = std::array::from_fn(|i| &p[i * padded..][..seen]);
     let full = d / 16 * 16;
     for c0 in (0..full).step_by(16) {
@@ -314,14 +318,16 @@ fn weigh_values<const R: usize>(p: &[f32], padded: usize, seen: usize, corr: &[f
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tandem_protocol::KvDtype;
 
     /// Attention through scattered blocks equals attention over the same keys stored in order.
     #[test]
     fn paged_layout_does_not_change_the_result() {
         let (heads, kv_heads, d, bs) = (4, 2, 8, 4);
-        let mut store = KvCache::new(8, bs, 1, kv_heads, d);
+        let mut store = KvCache::new(8, bs, 1, kv_heads, d, KvDtype::F16);
         let n = 11;
-        let val = |i: usize| ((i * 7919) % 101) as f32 / 50.0 - 1.0;
+        // Values an f16 cache holds exactly, so the reference below sees what the cache does.
+        let val = |i: usize| half::f16::from_f32(((i * 7919) % 101) as f32 / 50.0 - 1.0).to_f32();
         let keys: Vec<Vec<f32>> = (0..n).map(|t| (0..kv_heads * d).map(|c| val(t * 31 + c)).collect()).collect();
         let vals: Vec<Vec<f32>> = (0..n).map(|t| (0..kv_heads * d).map(|c| val(t * 17 + c + 5)).collect()).collect();
         let scattered: Vec<BlockId> = vec![5, 2, 7];
@@ -353,8 +359,9 @@ mod tests {
     #[test]
     fn tiled_online_softmax_matches_the_definition() {
         let (heads, kv_heads, d, bs, layers) = (6, 2, 16, 4, 2);
-        let mut store = KvCache::new(64, bs, layers, kv_heads, d);
-        let val = |i: usize| ((i * 7919 + 13) % 211) as f32 / 40.0 - 2.6;
+        let mut store = KvCache::new(64, bs, layers, kv_heads, d, KvDtype::F16);
+        // Values an f16 cache holds exactly (see above).
+        let val = |i: usize| half::f16::from_f32(((i * 7919 + 13) % 211) as f32 / 40.0 - 2.6).to_f32();
         // Three sequences: 37 tokens prefilled, 9 tokens decoded one more, 20 tokens of which the
         // last 6 are this pass's chunk.
         let lens = [37usize, 10, 20];

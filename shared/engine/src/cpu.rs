@@ -22,11 +22,13 @@ pub struct EngineConfig {
     /// Tensor-parallel degree: ranks on threads, each with its share of the heads and FFN rows
     /// and its own KV store (1: no tensor parallelism).
     pub tp: usize,
+    /// Element type of the KV cache: f16 (the default) or f32.
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { block_size: 16, kv_cache_bytes: 512 << 20, max_context: None, tp: 1 }
+        Self { block_size: 16, kv_cache_bytes: 512 << 20, max_context: None, tp: 1, kv_dtype: KvDtype::F16 }
     }
 }
 
@@ -51,12 +53,15 @@ impl CpuEngine {
 
     fn new(model_name: String, model: Model, cfg: &EngineConfig) -> Result<Self> {
         let c = &model.cfg;
+        if cfg.kv_dtype == KvDtype::Bf16 {
+            return Err(crate::EngineError::Config("the CPU engine keeps its KV cache as f16 or f32, not bf16".into()));
+        }
         let layout = KvLayout {
             model_id: model_name.clone(),
             num_layers: c.layers,
             kv_heads: c.kv_heads,
             head_dim: c.head_dim,
-            dtype: KvDtype::F32,
+            dtype: cfg.kv_dtype,
             block_size: cfg.block_size,
             tp_rank: 0,
             tp_size: 1,
@@ -80,7 +85,8 @@ impl CpuEngine {
             model = %info.model_name, layers = c.layers, hidden = c.hidden, kv_blocks = num_blocks,
             block_size = cfg.block_size, max_context, tp = model.ranks.len(), "cpu engine ready"
         );
-        let stores = model.ranks.iter().map(|r| KvCache::new(num_blocks, cfg.block_size, c.layers, r.kv_heads, c.head_dim)).collect();
+        let stores =
+            model.ranks.iter().map(|r| KvCache::new(num_blocks, cfg.block_size, c.layers, r.kv_heads, c.head_dim, cfg.kv_dtype)).collect();
         Ok(Self { stores, model, info })
     }
 
@@ -93,7 +99,7 @@ impl CpuEngine {
     /// [`tandem_protocol::KvLayout`] describes rank `rank` of `tp()` (what a rank sending its own
     /// shard would send).
     pub fn read_rank_blocks(&self, rank: usize, blocks: &[BlockId]) -> Vec<Bytes> {
-        blocks.iter().map(|&b| Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(self.stores[rank].block(b)))).collect()
+        blocks.iter().map(|&b| Bytes::copy_from_slice(self.stores[rank].block_bytes(b))).collect()
     }
 
     /// Where each rank's KV heads sit among the model's: (rank, its global heads).
@@ -156,24 +162,26 @@ impl Engine for CpuEngine {
     // hands to a group of any other.
     fn read_blocks(&self, blocks: &[BlockId]) -> Result<Vec<Bytes>> {
         if let [store] = &self.stores[..] {
-            return Ok(blocks.iter().map(|&b| Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(store.block(b)))).collect());
+            return Ok(blocks.iter().map(|&b| Bytes::copy_from_slice(store.block_bytes(b))).collect());
         }
         let (kv, d) = (self.model.cfg.kv_heads, self.model.cfg.head_dim);
         let owners: Vec<(usize, std::ops::Range<usize>)> = self.rank_heads().collect();
         let rows = self.stores[0].rows_per_block();
+        // Byte runs: a head's `d` elements.
+        let hd = d * self.stores[0].elem_size();
         Ok(blocks
             .iter()
             .map(|&b| {
-                let mut out = vec![0f32; rows * kv * d];
+                let mut out = vec![0u8; rows * kv * hd];
                 for g in 0..kv {
                     // The first rank holding head `g`; a shared head's copies are equal.
                     let (r, heads) = owners.iter().find(|(_, h)| h.contains(&g)).expect("every head has a rank");
-                    let (src, w, i) = (self.stores[*r].block(b), heads.len() * d, (g - heads.start) * d);
+                    let (src, w, i) = (self.stores[*r].block_bytes(b), heads.len() * hd, (g - heads.start) * hd);
                     for row in 0..rows {
-                        out[row * kv * d + g * d..][..d].copy_from_slice(&src[row * w + i..][..d]);
+                        out[row * kv * hd + g * hd..][..hd].copy_from_slice(&src[row * w + i..][..hd]);
                     }
                 }
-                Bytes::copy_from_slice(bytemuck::cast_slice::<f32, u8>(&out))
+                Bytes::from(out)
             })
             .collect())
     }
@@ -181,28 +189,35 @@ impl Engine for CpuEngine {
     fn write_blocks(&mut self, writes: &[(BlockId, &[u8])]) -> Result<()> {
         if let [store] = &mut self.stores[..] {
             for &(b, bytes) in writes {
-                bytemuck::cast_slice_mut::<f32, u8>(store.block_mut(b)).copy_from_slice(bytes);
+                let dst = store.block_bytes_mut(b);
+                if bytes.len() != dst.len() {
+                    return Err(crate::EngineError::Import(format!(
+                        "a block of {} bytes; the layout's blocks have {}",
+                        bytes.len(),
+                        dst.len()
+                    )));
+                }
+                dst.copy_from_slice(bytes);
             }
             return Ok(());
         }
         let (kv, d) = (self.model.cfg.kv_heads, self.model.cfg.head_dim);
         let owners: Vec<(usize, std::ops::Range<usize>)> = self.rank_heads().collect();
         let rows = self.stores[0].rows_per_block();
+        let hd = d * self.stores[0].elem_size();
         for &(b, bytes) in writes {
-            if bytes.len() != rows * kv * d * 4 {
+            if bytes.len() != rows * kv * hd {
                 return Err(crate::EngineError::Import(format!(
                     "a block of {} bytes; the layout's blocks have {}",
                     bytes.len(),
-                    rows * kv * d * 4
+                    rows * kv * hd
                 )));
             }
-            // The bytes of a received block need not be aligned for f32.
-            let whole: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             for (r, heads) in &owners {
-                let dst = self.stores[*r].block_mut(b);
-                let w = heads.len() * d;
+                let dst = self.stores[*r].block_bytes_mut(b);
+                let w = heads.len() * hd;
                 for row in 0..rows {
-                    dst[row * w..(row + 1) * w].copy_from_slice(&whole[row * kv * d + heads.start * d..][..w]);
+                    dst[row * w..(row + 1) * w].copy_from_slice(&bytes[row * kv * hd + heads.start * hd..][..w]);
                 }
             }
         }

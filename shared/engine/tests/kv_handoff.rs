@@ -131,8 +131,8 @@ fn prefix_sharing_reuses_blocks_and_keeps_the_output() {
 fn a_tiny_cache_refuses_clearly_and_shares_fairly() {
     let files = default_model();
     let tok = tandem_tokenizer::Tokenizer::load(&files).unwrap();
-    // Room for two blocks (32 tokens): layers × k|v × block × kv heads × head dim × f32.
-    let cfg = tandem_engine::EngineConfig { kv_cache_bytes: 2 * 30 * 2 * 16 * 3 * 64 * 4, ..Default::default() };
+    // Room for two blocks (32 tokens): layers × k|v × block × kv heads × head dim × f16.
+    let cfg = tandem_engine::EngineConfig { kv_cache_bytes: 2 * 30 * 2 * 16 * 3 * 64 * 2, ..Default::default() };
     let engine = tandem_engine::PagedEngine::new(tandem_engine::CpuEngine::load(&files, &cfg).unwrap());
     assert_eq!(engine.stats().total_blocks, 2);
     assert_eq!(engine.info().max_context, 32);

@@ -407,10 +407,10 @@ fn scalar<const NR: usize>(format: Format, w: &[u8], nb: usize, acts: &Acts, at:
     }
 }
 
-/// Asks the cache for `rows` runs of `len` floats of `data`, from `start` and `stride` apart
+/// Asks the cache for `rows` runs of `len` elements of `data`, from `start` and `stride` apart
 /// (the next key or value block of the CPU attention, whose rows are strided and whose blocks
 /// are scattered, so the hardware prefetcher does not foresee them). A hint: nothing is read.
-pub fn prefetch_rows(data: &[f32], start: usize, rows: usize, stride: usize, len: usize) {
+pub fn prefetch_rows<T>(data: &[T], start: usize, rows: usize, stride: usize, len: usize) {
     #[cfg(target_arch = "x86_64")]
     for j in 0..rows {
         let from = start + j * stride;
@@ -418,7 +418,7 @@ pub fn prefetch_rows(data: &[f32], start: usize, rows: usize, stride: usize, len
             break;
         }
         let p = data[from..].as_ptr() as *const u8;
-        prefetch(p, len * 4);
+        prefetch(p, len * std::mem::size_of::<T>());
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (data, start, rows, stride, len);
