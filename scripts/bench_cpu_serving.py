@@ -2,11 +2,12 @@
 
 Starts `tandem up` (release build) on the default model, streams chat completions at
 concurrency 1 and 8, and records time to first token, inter-token latency, output tokens/s and
-the KV handoff's share of TTFT (from the gateway's own histograms). If llama-cpp-python is
+the KV handoff's share of TTFT (from the gateway's own histograms), then the TTFT of prompts of
+about 128 tokens sent one at a time. If llama-cpp-python is
 installed, the same prompts run through llama.cpp in the same process run as the baseline.
 
 Usage: python3 scripts/bench_cpu_serving.py [--out docs/benchmarks/cpu_serving.json]
-       [--binary LABEL=PATH ...] [--up-args LABEL=ARGS ...]
+       [--binary LABEL=PATH ...] [--up-args LABEL=ARGS ...] [--env LABEL=NAME=VALUE ...]
 
 With `--binary disagg=target/release/tandem --binary aggregated=target/release/tandem
 --up-args "aggregated=--aggregated 1"` the same build is measured disaggregated and aggregated.
@@ -36,6 +37,23 @@ PROMPTS = [
     "How do plants make their food?",
 ]
 MAX_TOKENS = 64
+# The time-to-first-token case: a prompt of about 128 tokens (the chat template's included),
+# each request's opening words its own so no request reuses another's cached blocks beyond the
+# shared template prefix.
+LONG_TEXT = (
+    "The river rises in the hills above the town, runs through three villages and a forest, "
+    "turns a mill that has ground grain for two hundred years, and reaches the sea at a harbour "
+    "where fishing boats leave before dawn. In spring the water is high and brown with mud; in "
+    "late summer it is low and clear enough to see the stones. Write a short guide for a walker "
+    "who wants to follow the river from its source to the sea in three days, with one place to "
+    "stay each night and one thing worth stopping for each day."
+)
+LONG_REQUESTS = 8
+LONG_MAX_TOKENS = 8
+
+
+def long_prompt(i):
+    return f"Walker number {i + 1} asks. {LONG_TEXT}"
 
 
 def percentile(values, p):
@@ -45,11 +63,11 @@ def percentile(values, p):
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
-def stream_one(base, prompt):
+def stream_one(base, prompt, max_tokens=MAX_TOKENS):
     body = json.dumps({
         "model": MODEL,
         "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
@@ -70,7 +88,8 @@ def stream_one(base, prompt):
                 if c["delta"].get("content"):
                     arrivals.append(time.perf_counter())
     end = time.perf_counter()
-    return {"start": start, "end": end, "arrivals": arrivals, "completion_tokens": usage["completion_tokens"]}
+    return {"start": start, "end": end, "arrivals": arrivals, "completion_tokens": usage["completion_tokens"],
+            "prompt_tokens": usage["prompt_tokens"]}
 
 
 def summarize(results, wall):
@@ -127,13 +146,33 @@ def llama_cpp_baseline(model_path):
             times.append(time.perf_counter())
         ttfts.append((times[1] - start) * 1e3)
         rates.append((len(times) - 2) / (times[-1] - times[1]))
+    long_ttfts = []
+    for i in range(LONG_REQUESTS):
+        start = time.perf_counter()
+        times = []
+        for _ in llm.create_chat_completion(
+            messages=[{"role": "user", "content": long_prompt(i)}], max_tokens=LONG_MAX_TOKENS, temperature=0, stream=True
+        ):
+            times.append(time.perf_counter())
+        long_ttfts.append((times[1] - start) * 1e3)
     return {"engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__}), 2 threads, one process",
-            "mean_ttft_ms": statistics.mean(ttfts), "decode_tokens_per_s": statistics.mean(rates)}
+            "mean_ttft_ms": statistics.mean(ttfts), "decode_tokens_per_s": statistics.mean(rates),
+            "long_prompt_mean_ttft_ms": statistics.mean(long_ttfts), "long_prompt_median_ttft_ms": statistics.median(long_ttfts)}
 
 
-def measure(binary, port, up_args=()):
-    """Starts `tandem up` from `binary` (with `up_args`) and runs both concurrency levels against it."""
-    up = subprocess.Popen([binary, "up", "--port", str(port), *up_args], stdout=subprocess.PIPE, text=True)
+def long_prompt_ttft(base):
+    """TTFT of the ~128-token prompts, one request at a time."""
+    results = [stream_one(base, long_prompt(i), LONG_MAX_TOKENS) for i in range(LONG_REQUESTS)]
+    ttft = [(r["arrivals"][0] - r["start"]) * 1e3 for r in results]
+    return {"requests": len(results), "prompt_tokens": [r["prompt_tokens"] for r in results],
+            "mean_ttft_ms": statistics.mean(ttft), "median_ttft_ms": statistics.median(ttft), "ttft_ms": ttft}
+
+
+def measure(binary, port, up_args=(), env=None):
+    """Starts `tandem up` from `binary` (with `up_args`, and `env` added to the environment) and
+    runs both concurrency levels and the long prompts against it."""
+    up = subprocess.Popen([binary, "up", "--port", str(port), *up_args], stdout=subprocess.PIPE, text=True,
+                          env={**os.environ, **(env or {})})
     levels = {}
     try:
         up.stdout.readline()
@@ -149,6 +188,7 @@ def measure(binary, port, up_args=()):
                 levels[str(concurrency)][key] = (s1 - s0) / (c1 - c0) * 1e3 if c1 > c0 else None
             lv = levels[str(concurrency)]
             lv["handoff_share_of_ttft"] = lv["mean_handoff_ms"] / lv["mean_ttft_ms"] if lv["mean_handoff_ms"] is not None else None
+        levels["long_prompt"] = long_prompt_ttft(base)
     finally:
         up.terminate()
         up.wait(timeout=30)
@@ -163,20 +203,29 @@ def main():
                     help="LABEL=PATH: measure these builds of tandem one after the other in this run (no cargo build)")
     ap.add_argument("--up-args", action="append", default=[],
                     help="LABEL=ARGS: more `tandem up` arguments for that label (`aggregated=--aggregated 1`)")
+    ap.add_argument("--env", action="append", default=[],
+                    help="LABEL=NAME=VALUE: an environment variable for that label's services "
+                         "(`candle=TANDEM_CPU_KERNELS=candle`)")
     args = ap.parse_args()
+    envs = {}
+    for e in args.env:
+        label, kv = e.split("=", 1)
+        name, value = kv.split("=", 1)
+        envs.setdefault(label, {})[name] = value
     up_args = {label: extra.split() for label, extra in (u.split("=", 1) for u in args.up_args)}
     builds = [b.split("=", 1) for b in args.binary]
     if not builds:
         subprocess.run(["cargo", "build", "--release", "-p", "tandem"], cwd=ROOT, check=True)
         builds = [("tandem", os.path.join(ROOT, "target/release/tandem"))]
     model_path = subprocess.run([builds[-1][1], "fetch-model"], capture_output=True, text=True, check=True).stdout.strip()
-    measured = {label: measure(binary, args.port, up_args.get(label, ())) for label, binary in builds}
+    measured = {label: measure(binary, args.port, up_args.get(label, ()), envs.get(label)) for label, binary in builds}
     result = {
         "benchmark": "cpu_serving",
         "machine": f"{platform.machine()}, {os.cpu_count()} cores ({platform.processor() or 'cpu'}), no GPU",
         "model": MODEL + " (GGUF Q4_1)",
         "setup": "tandem up: 1 prefill + 1 decode worker + gateway, separate processes on loopback, TCP KV transport",
-        "workload": f"{len(PROMPTS)} chat prompts, {MAX_TOKENS} output tokens each (ignore_eos), greedy, streamed",
+        "workload": f"{len(PROMPTS)} chat prompts, {MAX_TOKENS} output tokens each (ignore_eos), greedy, streamed; "
+                    f"then {LONG_REQUESTS} prompts of about 128 tokens one at a time for TTFT ({LONG_MAX_TOKENS} output tokens)",
         "concurrency": measured[builds[-1][0]],
         "baseline": llama_cpp_baseline(model_path),
     }
@@ -184,6 +233,8 @@ def main():
         result["builds"] = measured
     if up_args:
         result["up_args"] = {label: up_args.get(label, []) for label, _ in builds}
+    if envs:
+        result["env"] = envs
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

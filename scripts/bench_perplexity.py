@@ -43,9 +43,9 @@ def kjv_genesis():
     return " ".join(words)
 
 
-def tandem(text_path, window, kernels):
+def tandem(text_path, window, kernels, kv_dtype="f16"):
     exe = os.path.join(ROOT, "target", "release", "tandem")
-    env = dict(os.environ)
+    env = dict(os.environ, TANDEM_KV_DTYPE=kv_dtype)
     if kernels:
         env["TANDEM_CPU_KERNELS"] = kernels
     else:
@@ -104,7 +104,8 @@ def main():
             f.write(kjv_genesis())
         source = "Genesis 1-5, King James Version (public domain), Debian bible-kjv"
     threads = os.cpu_count() or 1
-    runs = {name: tandem(text_path, args.window, k) for name, k in [("tandem_candle_kernels", "candle"), ("tandem_own_kernels", None)]}
+    configs = [("tandem_candle_kernels", "candle", "f16"), ("tandem_own_kernels", None, "f16"), ("tandem_own_kernels_f32_kv", None, "f32")]
+    runs = {name: tandem(text_path, args.window, k, kv) for name, k, kv in configs}
     tokens = runs["tandem_candle_kernels"]["tokens"]
     base = llama_cpp(tokens, args.window, threads)
     rows = {}
@@ -117,11 +118,11 @@ def main():
         "window": args.window, "windows": runs["tandem_candle_kernels"]["windows"], "scored_tokens": base["scored"],
         "llama_cpp": {k: v for k, v in base.items() if k not in ("argmax", "margin")}, **rows, "tokens": tokens,
     }
-    print(f"{'engine':<24} {'perplexity':>10} {'vs llama.cpp':>13} {'greedy agree':>14} {'where clear':>14}")
-    print(f"{'llama.cpp':<24} {base['perplexity']:>10.4f}")
+    print(f"{'engine':<28} {'perplexity':>10} {'vs llama.cpp':>13} {'greedy agree':>14} {'where clear':>14}")
+    print(f"{'llama.cpp':<28} {base['perplexity']:>10.4f}")
     for name, r in rows.items():
         g = r["greedy_agreement"]
-        print(f"{name:<24} {r['perplexity']:>10.4f} {r['vs_llama_cpp'] * 100:>+12.2f}% {g['agree']:>6}/{g['positions']:<7} "
+        print(f"{name:<28} {r['perplexity']:>10.4f} {r['vs_llama_cpp'] * 100:>+12.2f}% {g['agree']:>6}/{g['positions']:<7} "
               f"{g['clear_agree']:>6}/{g['clear_positions']}")
     if args.out:
         with open(args.out, "w") as f:

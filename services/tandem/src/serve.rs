@@ -56,6 +56,10 @@ pub struct EngineArgs {
     /// N, N+1, … of this machine, summed through NCCL.
     #[arg(long, env = "TANDEM_TP", default_value_t = 1, visible_alias = "tensor-parallel-size")]
     pub tp: usize,
+    /// Element type of the CPU engine's KV cache: `f16` (half the memory attention reads and a
+    /// handoff carries) or `f32`. A GPU engine keeps bf16 whatever is given.
+    #[arg(long, env = "TANDEM_KV_DTYPE", default_value = "f16")]
+    pub kv_dtype: tandem_protocol::KvDtype,
 }
 
 /// A number in (0, 1].
@@ -78,11 +82,13 @@ pub(crate) struct Sizing {
     pub memory_fraction: f64,
     /// Tensor-parallel degree.
     pub tp: usize,
+    /// The CPU engine's KV cache element type.
+    pub kv_dtype: tandem_protocol::KvDtype,
 }
 
 impl Default for Sizing {
     fn default() -> Self {
-        Self { block_size: 16, kv_cache_mb: None, max_context: None, memory_fraction: 0.9, tp: 1 }
+        Self { block_size: 16, kv_cache_mb: None, max_context: None, memory_fraction: 0.9, tp: 1, kv_dtype: tandem_protocol::KvDtype::F16 }
     }
 }
 
@@ -94,6 +100,7 @@ impl EngineArgs {
             max_context: self.max_model_len,
             memory_fraction: self.gpu_memory_utilization,
             tp: self.tp,
+            kv_dtype: self.kv_dtype,
         }
     }
 
@@ -453,7 +460,7 @@ pub(crate) const DEFAULT_CPU_KV_CACHE_MB: usize = 256;
 
 /// The engine for `device`, sized for passes within `limits`.
 pub(crate) fn open_engine(files: &ModelFiles, device: Device, sizing: &Sizing, limits: &BatcherConfig) -> Result<Box<dyn Engine>> {
-    let Sizing { block_size, kv_cache_mb, max_context, memory_fraction, tp } = sizing.clone();
+    let Sizing { block_size, kv_cache_mb, max_context, memory_fraction, tp, kv_dtype } = sizing.clone();
     if tp == 0 {
         anyhow::bail!("--tp 0: a tensor-parallel group has at least one rank");
     }
@@ -465,7 +472,7 @@ pub(crate) fn open_engine(files: &ModelFiles, device: Device, sizing: &Sizing, l
                 kv_cache_bytes: kv_cache_mb.unwrap_or(DEFAULT_CPU_KV_CACHE_MB) << 20,
                 max_context,
                 tp,
-                ..Default::default()
+                kv_dtype,
             };
             let engine = CpuEngine::load(files, &cfg).with_context(|| format!("loading {}", files.name))?;
             Ok(Box::new(engine))

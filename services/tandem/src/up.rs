@@ -107,6 +107,9 @@ pub struct UpEngineArgs {
     /// give each its part).
     #[arg(long)]
     pub gpu_memory_utilization: Option<f64>,
+    /// The CPU workers' KV cache element type (`f16` or `f32`).
+    #[arg(long)]
+    pub kv_dtype: Option<tandem_protocol::KvDtype>,
 }
 
 impl UpEngineArgs {
@@ -122,6 +125,7 @@ impl UpEngineArgs {
         add("--max-num-seqs", self.max_num_seqs.map(|v| v.to_string()));
         add("--max-batch-tokens", self.max_batch_tokens.map(|v| v.to_string()));
         add("--gpu-memory-utilization", self.gpu_memory_utilization.map(|v| v.to_string()));
+        add("--kv-dtype", self.kv_dtype.map(|v| v.as_str().to_string()));
         a
     }
 }

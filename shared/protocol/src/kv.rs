@@ -13,10 +13,32 @@ pub enum KvDtype {
 }
 
 impl KvDtype {
+    /// The name flags and layouts use: `f32`, `bf16`, `f16`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::Bf16 => "bf16",
+            KvDtype::F16 => "f16",
+        }
+    }
+
     pub fn size(self) -> usize {
         match self {
             KvDtype::F32 => 4,
             KvDtype::Bf16 | KvDtype::F16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(KvDtype::F32),
+            "f16" | "float16" | "half" => Ok(KvDtype::F16),
+            "bf16" | "bfloat16" => Ok(KvDtype::Bf16),
+            other => Err(format!("`{other}` is not a KV cache type (f16, f32 or bf16)")),
         }
     }
 }

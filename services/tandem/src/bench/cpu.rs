@@ -34,6 +34,9 @@ pub struct CpuArgs {
     /// Tensor-parallel degree of the engine (ranks as threads).
     #[arg(long, default_value_t = 1)]
     pub tp: usize,
+    /// Element type of the KV cache (`f16` or `f32`).
+    #[arg(long, env = "TANDEM_KV_DTYPE", default_value = "f16")]
+    pub kv_dtype: tandem_protocol::KvDtype,
     /// Write the JSON result here.
     #[arg(long)]
     pub output: Option<std::path::PathBuf>,
@@ -45,6 +48,7 @@ pub struct CpuResult {
     pub model: String,
     pub threads: usize,
     pub tp: usize,
+    pub kv_dtype: tandem_protocol::KvDtype,
     pub batch: usize,
     pub prompt_len: usize,
     pub gen: usize,
@@ -72,7 +76,7 @@ pub fn run(args: &CpuArgs) -> Result<()> {
         crate::serve::open_engine(
             &files,
             tandem_runtime::Device::Cpu,
-            &crate::serve::Sizing { tp: args.tp, ..Default::default() },
+            &crate::serve::Sizing { tp: args.tp, kv_dtype: args.kv_dtype, ..Default::default() },
             &tandem_engine::BatcherConfig::default(),
         )
         .context("loading the model")?,
@@ -110,6 +114,7 @@ pub fn run(args: &CpuArgs) -> Result<()> {
         model: files.name.clone(),
         threads: std::thread::available_parallelism().map(usize::from).unwrap_or(1),
         tp: args.tp,
+        kv_dtype: args.kv_dtype,
         batch: b,
         prompt_len: args.prompt_len,
         gen: args.gen,

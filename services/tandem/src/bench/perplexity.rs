@@ -26,6 +26,9 @@ pub struct PerplexityArgs {
     /// Tokens per window.
     #[arg(long, default_value_t = 512)]
     pub window: usize,
+    /// Element type of the KV cache (`f16` or `f32`).
+    #[arg(long, env = "TANDEM_KV_DTYPE", default_value = "f16")]
+    pub kv_dtype: tandem_protocol::KvDtype,
     /// Write the JSON result here.
     #[arg(long)]
     pub output: Option<std::path::PathBuf>,
@@ -67,7 +70,7 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
         crate::serve::open_engine(
             &files,
             tandem_runtime::Device::Cpu,
-            &crate::serve::Sizing::default(),
+            &crate::serve::Sizing { kv_dtype: args.kv_dtype, ..Default::default() },
             &tandem_engine::BatcherConfig { max_batch_tokens: args.window, ..Default::default() },
         )
         .context("loading the model")?,
@@ -96,7 +99,11 @@ pub fn run(args: &PerplexityArgs) -> Result<()> {
     }
     let scored = windows.len() * (args.window - 1);
     let result = PerplexityResult {
-        engine: format!("tandem (CPU engine, {} kernels)", std::env::var("TANDEM_CPU_KERNELS").unwrap_or_else(|_| "default".into())),
+        engine: format!(
+            "tandem (CPU engine, {} kernels, {} KV cache)",
+            std::env::var("TANDEM_CPU_KERNELS").unwrap_or_else(|_| "default".into()),
+            args.kv_dtype.as_str()
+        ),
         model: files.name.clone(),
         window: args.window,
         windows: windows.len(),
