@@ -60,6 +60,15 @@ fn mismatched_kv_is_refused() {
     bad.layout.head_dim = 128;
     assert!(matches!(b.import(1, &bad).unwrap_err(), EngineError::Layout(_)));
     assert_eq!(b.stats().used_blocks, 0, "a refused import takes no blocks");
+    // A worker keeping its cache in f32 refuses f16 blocks (and the other way round): the
+    // descriptor names the type, and the bytes would be read as the wrong numbers.
+    let f32_cfg = tandem_engine::EngineConfig { kv_dtype: tandem_protocol::KvDtype::F32, ..small_cache() };
+    let mut c = tandem_engine::PagedEngine::new(tandem_engine::CpuEngine::load(&files, &f32_cfg).unwrap());
+    match c.import(1, &kv).unwrap_err() {
+        EngineError::Layout(m) => assert_eq!(m.field, "dtype", "{m:?}"),
+        other => panic!("expected a layout mismatch, got {other:?}"),
+    }
+    assert_eq!(c.stats().used_blocks, 0);
     b.import(1, &kv).unwrap();
     assert_eq!(b.seq_len(1), Some(p.len()));
 }
