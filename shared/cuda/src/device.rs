@@ -153,6 +153,9 @@ pub struct Gpu {
     pub k: Kernels,
     pub name: String,
     pub sms: usize,
+    /// The decode pass's kernels launch as programmatic dependents of the kernel ahead of them
+    /// (compute capability 9.0 and later; `TANDEM_CUDA_PDL=0` turns it off).
+    pdl: bool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -187,7 +190,8 @@ impl Gpu {
         let k = Kernels::load(&ctx)?;
         let name = ctx.name()?;
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-        Ok(Self { ctx, stream, blas, _workspace: workspace, k, name, sms })
+        let pdl = ctx.compute_capability()?.0 >= 9 && std::env::var("TANDEM_CUDA_PDL").map_or(true, |v| v != "0");
+        Ok(Self { ctx, stream, blas, _workspace: workspace, k, name, sms, pdl })
     }
 
     pub fn alloc(&self, bytes: usize) -> Result<Buf> {
@@ -301,7 +305,7 @@ impl Gpu {
         let (r, c) = (rows as i32, cols as i32);
         // W holds rows×cols, x n×cols, y n×rows elements: callers size them so; the kernel
         // touches only those.
-        self.launch(&self.k.gemv[n - 1], (rows.div_ceil(8) as u32, 1, 1), 256, 0, &[&w, &x, &y, &r, &c, &mode])
+        self.launch_dependent(&self.k.gemv[n - 1], (rows.div_ceil(8) as u32, 1, 1), 256, 0, &[&w, &x, &y, &r, &c, &mode])
     }
 
     /// Column-major cuBLAS view of the row-major product: C[m × n] = Aᵀ·B with A = W (k × m
@@ -350,6 +354,38 @@ impl Gpu {
         Ok(())
     }
 
+    /// As [`Gpu::launch`], for a kernel that calls `pdl_wait` before it touches anything the
+    /// kernel ahead of it writes or reads (kernels.cu): launched as a programmatic dependent, its
+    /// blocks start during that kernel's tail, once every block of it has called `pdl_trigger`.
+    pub fn launch_dependent(&self, f: &CudaFunction, grid: (u32, u32, u32), block: u32, smem: u32, args: &[&dyn Arg]) -> Result<()> {
+        if !self.pdl {
+            return self.launch(f, grid, block, smem, args);
+        }
+        self.bind()?;
+        let mut params: Vec<*mut c_void> = args.iter().map(|a| a.param()).collect();
+        // SAFETY: a zeroed attribute is a valid value of the plain C union, then set in full.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: as for `launch`: the arguments are the kernel's, in order and width, each
+        // pointer addressing a value that lives through the call (the driver copies them); the
+        // function belongs to this context, bound above, and the stream to this engine.
+        unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result()?;
+        Ok(())
+    }
+
     /// A pair of events around `f`, in milliseconds of device time.
     pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f32> {
         let start = self.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
@@ -365,6 +401,8 @@ impl Gpu {
 /// A kernel argument: scalars by value, addresses as u64.
 pub trait Arg {
     fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
+    /// The address of the value, as a kernel parameter for `cuLaunchKernelEx`.
+    fn param(&self) -> *mut c_void;
 }
 
 macro_rules! scalar_arg {
@@ -372,6 +410,10 @@ macro_rules! scalar_arg {
         impl Arg for $t {
             fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
                 b.arg(self);
+            }
+
+            fn param(&self) -> *mut c_void {
+                self as *const $t as *mut c_void
             }
         }
     )*};

@@ -43,6 +43,24 @@ __device__ __forceinline__ uint4 ldg_stream(const void* p) {
     return r;
 }
 
+// Programmatic dependent launch (sm_90 and later). A kernel launched as a dependent may start
+// while the kernel ahead of it in the stream is still running: `pdl_wait` blocks until that
+// kernel has finished and its writes are visible, so a dependent reads nothing the kernel ahead
+// writes, and writes nothing it reads, before it. `pdl_trigger` lets the next kernel's blocks be
+// scheduled once every block of this one has called it (or exited). Both do nothing on older
+// architectures and in kernels not launched as dependents.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -107,6 +125,8 @@ extern "C" __global__ void embed(const int* tokens, const bf16* table, float* x,
 // RMSNorm of f32 rows into bf16: out[r] = x[rows[r]] / rms * w. `rows` may be null (identity);
 // it picks the rows whose logits are wanted before the final norm.
 extern "C" __global__ void rms_norm(const float* x, const int* rows, const bf16* w, bf16* out, int d, float eps) {
+    pdl_wait();
+    pdl_trigger();
     __shared__ float scratch[32];
     int r = rows ? rows[blockIdx.x] : blockIdx.x;
     const float* xr = x + (u64)r * d;
@@ -119,6 +139,8 @@ extern "C" __global__ void rms_norm(const float* x, const int* rows, const bf16*
 
 // gate|up rows of width 2f → silu(gate) * up, width f.
 extern "C" __global__ void silu_mul(const bf16* gu, bf16* out, int f, u64 total) {
+    pdl_wait();
+    pdl_trigger();
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
         u64 row = i / f, col = i % f;
         float g = bf2f(gu[row * 2 * f + col]);
@@ -136,6 +158,8 @@ extern "C" __global__ void rope_store(bf16* qkv, const float* bias, const bf16* 
                                       const int* positions, const int* slots, const float* inv_freq,
                                       bf16* cache, int layer, int layers, int heads, int kv_heads, int hd,
                                       int block_size, int interleaved, float eps) {
+    pdl_wait();
+    pdl_trigger();
     __shared__ float scratch[32];
     const int t = blockIdx.x, h = blockIdx.y, j = threadIdx.x, half = hd / 2;
     const int width = (heads + 2 * kv_heads) * hd;
@@ -199,6 +223,8 @@ __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16*
                                       int max_blocks, const int* ctx_lens, float* part_o, float* part_ml, int layer,
                                       int layers, int heads, int kv_heads, int block_size, int split, int max_splits,
                                       float scale) {
+    pdl_wait();
+    pdl_trigger();
     constexpr int TG = HD / 8;            // lanes per token
     constexpr int TPW = 32 / TG;          // tokens per warp pass
     __shared__ float scores[GROUP * DEC_MAX_SPLIT];
@@ -379,6 +405,8 @@ DECODE_GROUPS(128)
 // Grid (seqs, heads), hd threads. A sequence with no context (padding) gets zeros.
 extern "C" __global__ void attn_combine(const float* part_o, const float* part_ml, const int* ctx_lens, bf16* out,
                                         int heads, int hd, int split, int max_splits) {
+    pdl_wait();
+    pdl_trigger();
     const int b = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
     const int used = (ctx_lens[b] + split - 1) / split;
     const u64 base = ((u64)b * heads + h) * max_splits;
@@ -587,6 +615,7 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) prefill_attention_12
 
 template <int N>
 __device__ void gemv_impl(const bf16* w, const bf16* x, void* y, int rows, int cols, int mode) {
+    pdl_trigger();
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (r >= rows) return;
@@ -596,10 +625,17 @@ __device__ void gemv_impl(const bf16* w, const bf16* x, void* y, int rows, int c
     for (int n = 0; n < N; n++) acc[n] = 0.f;
     constexpr int U = 8;
     int k = lane * 8;
-    for (; k + (U - 1) * 256 < cols; k += U * 256) {
-        uint4 wv[U];
+    // The first weights are requested before waiting on the kernel ahead (launched as its
+    // dependent, this one starts during its tail): weights are never written by a pass, so the
+    // loads may run early; x and y are touched only after the wait.
+    uint4 wv[U];
+    bool more = k + (U - 1) * 256 < cols;
+    if (more) {
 #pragma unroll
         for (int u = 0; u < U; u++) wv[u] = ldg_stream(wr + k + u * 256);
+    }
+    pdl_wait();
+    while (more) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             float wf[8];
@@ -611,6 +647,12 @@ __device__ void gemv_impl(const bf16* w, const bf16* x, void* y, int rows, int c
 #pragma unroll
                 for (int j = 0; j < 8; j++) acc[n] += wf[j] * xf[j];
             }
+        }
+        k += U * 256;
+        more = k + (U - 1) * 256 < cols;
+        if (more) {
+#pragma unroll
+            for (int u = 0; u < U; u++) wv[u] = ldg_stream(wr + k + u * 256);
         }
     }
     for (; k < cols; k += 256) {
@@ -651,6 +693,7 @@ extern "C" __global__ void __launch_bounds__(256) gemv_2(const bf16* w, const bf
 // set draws only among the tokens its bitmask allows (structured output: bit j % 32 of word
 // j / 32 of the row's `words` words); other rows read no mask at all.
 extern "C" __global__ void argmax_rows(const float* logits, int vocab, const unsigned* mask, const int* masked, int words, int* out) {
+    pdl_wait();
     __shared__ float bv[32];
     __shared__ int bi[32];
     const float* row = logits + (u64)blockIdx.x * vocab;

@@ -451,7 +451,7 @@ impl Model {
         let scale = 1.0 / (d.hd as f32).sqrt();
         let null = 0u64;
         gpu.bind()?;
-        gpu.launch(
+        gpu.launch_dependent(
             &k.rms_norm,
             (n as u32, 1, 1),
             Self::threads(hid),
@@ -460,7 +460,7 @@ impl Model {
         )?;
         gpu.linear(s.h.ptr, l.qkv.ptr, s.qkv.ptr, n, width, hid, Dt::Bf16, false)?;
         mark(gpu, "qkv")?;
-        gpu.launch(
+        gpu.launch_dependent(
             &k.rope_store,
             (n as u32, (d.heads + 2 * d.kv_heads) as u32, 1),
             (d.hd / 2) as u32,
@@ -489,7 +489,7 @@ impl Model {
         let mb = p.max_blocks as i32;
         if p.decode_only {
             let (split, splits) = (p.split as i32, p.splits as i32);
-            gpu.launch(
+            gpu.launch_dependent(
                 &k.decode_attention[hd_idx * 8 + d.heads / d.kv_heads - 1],
                 (d.kv_heads as u32, p.n_seqs as u32, p.splits as u32),
                 128,
@@ -513,7 +513,7 @@ impl Model {
                     &scale,
                 ],
             )?;
-            gpu.launch(
+            gpu.launch_dependent(
                 &k.attn_combine,
                 (p.n_seqs as u32, d.heads as u32, 1),
                 d.hd as u32,
@@ -561,7 +561,7 @@ impl Model {
         let eps = self.cfg.rms_eps as f32;
         let null = 0u64;
         gpu.bind()?;
-        gpu.launch(
+        gpu.launch_dependent(
             &gpu.k.rms_norm,
             (n as u32, 1, 1),
             Self::threads(hid),
@@ -572,7 +572,7 @@ impl Model {
         mark(gpu, "gate_up")?;
         let total = (n * d.ffn) as u64;
         let blocks = (n * d.ffn).div_ceil(256).min(65536) as u32;
-        gpu.launch(&gpu.k.silu_mul, (blocks, 1, 1), 256, 0, &[&s.gu.ptr, &s.act.ptr, &(d.ffn as i32), &total])?;
+        gpu.launch_dependent(&gpu.k.silu_mul, (blocks, 1, 1), 256, 0, &[&s.gu.ptr, &s.act.ptr, &(d.ffn as i32), &total])?;
         gpu.linear(s.act.ptr, l.down.ptr, s.x.ptr, n, hid, d.ffn, Dt::F32, lead)?;
         mark(gpu, "down")
     }
@@ -582,7 +582,7 @@ impl Model {
         let (d, gpu, s) = (&self.d, &r.gpu, &r.s);
         let (rows, hid) = (p.n_logits, d.hidden);
         let eps = self.cfg.rms_eps as f32;
-        gpu.launch(
+        gpu.launch_dependent(
             &gpu.k.rms_norm,
             (rows as u32, 1, 1),
             Self::threads(hid),
@@ -607,7 +607,7 @@ impl Model {
     pub fn argmax(&self, r: &Rank, rows: usize) -> Result<()> {
         let (gpu, s) = (&r.gpu, &r.s);
         let (vocab, words) = (self.d.vocab as i32, s.mask_words as i32);
-        gpu.launch(
+        gpu.launch_dependent(
             &gpu.k.argmax,
             (rows as u32, 1, 1),
             1024,
