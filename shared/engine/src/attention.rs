@@ -203,29 +203,15 @@ fn attend_tile(
             if pos[r0] >= first {
                 // Keys of this block the rows may see.
                 let seen = n.min(pos[r0] + 1 - first);
-                let sc = &mut scores[..(r1 - r0) * padded];
-                let qr = &qs[r0 * d..r1 * d];
+                let rs = r0..r1;
+                let (q, o) = (&qs[r0 * d..r1 * d], &mut out[r0 * d..r1 * d]);
+                let (m, z) = (&mut max[rs.clone()], &mut sum[rs]);
+                let block = KeyBlock { kt: &kt, v: &vf, padded, seen, d };
                 match r1 - r0 {
-                    4 => score_rows::<4>(qr, &kt, padded, seen, d, sc),
-                    3 => score_rows::<3>(qr, &kt, padded, seen, d, sc),
-                    2 => score_rows::<2>(qr, &kt, padded, seen, d, sc),
-                    _ => score_rows::<1>(qr, &kt, padded, seen, d, sc),
-                }
-                let mut corr = [1f32; ROW_BATCH];
-                for (i, r) in (r0..r1).enumerate() {
-                    let s = &mut sc[i * padded..][..seen];
-                    let m = max_of(s, max[r]);
-                    corr[i] = exp(max[r] - m);
-                    max[r] = m;
-                    s.iter_mut().for_each(|v| *v = exp(*v - m));
-                    sum[r] = sum[r].mul_add(corr[i], s.iter().sum::<f32>());
-                }
-                let o = &mut out[r0 * d..r1 * d];
-                match r1 - r0 {
-                    4 => weigh_values::<4>(sc, padded, seen, &corr, &vf, d, o),
-                    3 => weigh_values::<3>(sc, padded, seen, &corr, &vf, d, o),
-                    2 => weigh_values::<2>(sc, padded, seen, &corr, &vf, d, o),
-                    _ => weigh_values::<1>(sc, padded, seen, &corr, &vf, d, o),
+                    4 => block.attend::<4>(q, &mut scores, m, z, o),
+                    3 => block.attend::<3>(q, &mut scores, m, z, o),
+                    2 => block.attend::<2>(q, &mut scores, m, z, o),
+                    _ => block.attend::<1>(q, &mut scores, m, z, o),
                 }
             }
             r0 = r1;
@@ -241,24 +227,93 @@ fn attend_tile(
 /// Rows of one token that go through a key block together.
 const ROW_BATCH: usize = 4;
 
-/// Scores of `R` query rows (`q`, `R × d`) against the block's first `seen` keys, transposed in
-/// `kt` (`[d][padded]`), into `scores` (`R × padded`), 16 keys at a time. Each score is a fused
-/// multiply-add chain over the head dimension in order, the same for every `R`.
-fn score_rows<const R: usize>(q: &[f32], kt: &[f32], padded: usize, seen: usize, d: usize, scores: &mut [f32]) {
-    let q: [&[f32]; R] = std::array::from_fn(|i| &q[i * d..][..d]);
-    for j0 in (0..seen).step_by(16) {
-        let mut acc = [[0f32; 16]; R];
-        for c in 0..d {
-            let k = &kt[c * padded + j0..][..16];
-            for (a, qr) in acc.iter_mut().zip(&q) {
-                let qc = qr[c];
-                for i in 0..16 {
-                    a[i] = qc.mul_add(k[i], a[i]);
+/// One key block of one KV head as the rows of a token read it: keys transposed in `kt`
+/// (`[d][padded]`), values in `v` (rows of `d`), the first `seen` of them visible.
+struct KeyBlock<'a> {
+    kt: &'a [f32],
+    v: &'a [f32],
+    padded: usize,
+    seen: usize,
+    d: usize,
+}
+
+impl KeyBlock<'_> {
+    /// `R` query rows (`q`, `R × d`) through the block: scores, the online softmax's running
+    /// maximum `max` and sum `sum` updated, and the outputs `out` (`R × d`) rescaled and added
+    /// to. `scores` is scratch of at least `R × padded`.
+    fn attend<const R: usize>(&self, q: &[f32], scores: &mut [f32], max: &mut [f32], sum: &mut [f32], out: &mut [f32]) {
+        let (padded, seen) = (self.padded, self.seen);
+        self.score::<R>(q, scores);
+        let mut corr = [1f32; R];
+        for (i, c) in corr.iter_mut().enumerate() {
+            let s = &mut scores[i * padded..][..seen];
+            let m = max_of(s, max[i]);
+            *c = exp(max[i] - m);
+            max[i] = m;
+            s.iter_mut().for_each(|v| *v = exp(*v - m));
+            sum[i] = sum[i].mul_add(*c, s.iter().sum::<f32>());
+        }
+        self.weigh::<R>(scores, &corr, out);
+    }
+
+    /// Scores of the `R` rows against the visible keys into `scores` (`R × padded`), 16 keys at
+    /// a time. Each score is a fused multiply-add chain over the head dimension in order, the
+    /// same for every `R`.
+    fn score<const R: usize>(&self, q: &[f32], scores: &mut [f32]) {
+        let (kt, padded, d) = (self.kt, self.padded, self.d);
+        let q: [&[f32]; R] = std::array::from_fn(|i| &q[i * d..][..d]);
+        for j0 in (0..self.seen).step_by(16) {
+            let mut acc = [[0f32; 16]; R];
+            for c in 0..d {
+                let k = &kt[c * padded + j0..][..16];
+                for (a, qr) in acc.iter_mut().zip(&q) {
+                    let qc = qr[c];
+                    for i in 0..16 {
+                        a[i] = qc.mul_add(k[i], a[i]);
+                    }
                 }
             }
+            for (i, a) in acc.iter().enumerate() {
+                scores[i * padded + j0..][..16].copy_from_slice(a);
+            }
         }
-        for (i, a) in acc.iter().enumerate() {
-            scores[i * padded + j0..][..16].copy_from_slice(a);
+    }
+
+    /// `out[r] = out[r] · corr[r] + Σⱼ p[r][j] · v[j]` for the `R` rows at once (`p` is
+    /// `R × padded`), 16 outputs of every row held in registers while the block's values pass,
+    /// each value row loaded once for all the rows.
+    fn weigh<const R: usize>(&self, p: &[f32], corr: &[f32; R], out: &mut [f32]) {
+        let (v, d) = (self.v, self.d);
+        let p: [&[f32]; R] = std::array::from_fn(|i| &p[i * self.padded..][..self.seen]);
+        let full = d / 16 * 16;
+        for c0 in (0..full).step_by(16) {
+            let mut acc = [[0f32; 16]; R];
+            for (i, a) in acc.iter_mut().enumerate() {
+                for (x, o) in a.iter_mut().zip(&out[i * d + c0..][..16]) {
+                    *x = o * corr[i];
+                }
+            }
+            for j in 0..self.seen {
+                let vv = &v[j * d + c0..][..16];
+                for (a, pr) in acc.iter_mut().zip(&p) {
+                    let pj = pr[j];
+                    for i in 0..16 {
+                        a[i] = pj.mul_add(vv[i], a[i]);
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                out[i * d + c0..][..16].copy_from_slice(a);
+            }
+        }
+        for (i, pr) in p.iter().enumerate() {
+            let o = &mut out[i * d + full..(i + 1) * d];
+            o.iter_mut().for_each(|x| *x *= corr[i]);
+            for (j, &pj) in pr.iter().enumerate() {
+                for (x, &vv) in o.iter_mut().zip(&v[j * d + full..]) {
+                    *x = pj.mul_add(vv, *x);
+                }
+            }
         }
     }
 }
@@ -275,44 +330,6 @@ fn max_of(s: &[f32], init: f32) -> f32 {
         }
     }
     lanes.iter().copied().fold(tail, f32::max)
-}
-
-/// `out[r] = out[r] · corr[r] + Σⱼ p[r][j] · v[j]` for `R` rows at once (`p` is `R × padded`,
-/// `v` the block's value rows, `d` each, `out` `R × d`), 16 outputs of every row held in
-/// registers while the block's values pass, each value row loaded once for all the rows.
-fn weigh_values<const R: usize>(p: &[f32], padded: usize, seen: usize, corr: &[f32], v: &[f32], d: usize, out: &mut [f32]) {
-    let row = d;
-    let p: [&[f32]; R] = std::array::from_fn(|i| &p[i * padded..][..seen]);
-    let full = d / 16 * 16;
-    for c0 in (0..full).step_by(16) {
-        let mut acc = [[0f32; 16]; R];
-        for (i, a) in acc.iter_mut().enumerate() {
-            for (x, o) in a.iter_mut().zip(&out[i * d + c0..][..16]) {
-                *x = o * corr[i];
-            }
-        }
-        for j in 0..seen {
-            let vv = &v[j * row + c0..][..16];
-            for (a, pr) in acc.iter_mut().zip(&p) {
-                let pj = pr[j];
-                for i in 0..16 {
-                    a[i] = pj.mul_add(vv[i], a[i]);
-                }
-            }
-        }
-        for (i, a) in acc.iter().enumerate() {
-            out[i * d + c0..][..16].copy_from_slice(a);
-        }
-    }
-    for (i, pr) in p.iter().enumerate() {
-        let o = &mut out[i * d + full..(i + 1) * d];
-        o.iter_mut().for_each(|x| *x *= corr[i]);
-        for (j, &pj) in pr.iter().enumerate() {
-            for (x, &vv) in o.iter_mut().zip(&v[j * row + full..]) {
-                *x = pj.mul_add(vv, *x);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
