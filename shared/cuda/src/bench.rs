@@ -88,6 +88,10 @@ pub struct Row {
     pub bytes_per_step: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The attention kernel of the row (`TANDEM_CUDA_DECODE_ATTENTION`,
+    /// `TANDEM_CUDA_PREFILL_ATTENTION`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attention: Option<&'static str>,
     /// Device milliseconds per stage of one eager pass (summed over layers), where profiled.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub breakdown_ms: Vec<(&'static str, f64)>,
@@ -148,7 +152,7 @@ pub struct Spec {
     /// Tensor-parallel degree (GPUs from `device`).
     pub tp: usize,
     pub graphs: bool,
-    /// Add a per-stage device-time breakdown to each decode row.
+    /// Add a per-stage device-time breakdown to each decode and prefill row.
     pub profile: bool,
 }
 
@@ -196,6 +200,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
                 mfu: None,
                 bytes_per_step: Some(bytes),
                 error: None,
+                attention: Some(crate::DecodeAttention::from_env().as_str()),
                 breakdown_ms: Vec::new(),
             };
             if blocks_needed > engine.stats().total_blocks - engine.stats().used_blocks {
@@ -256,6 +261,16 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
                 times.push(el);
             }
         }
+        let mut breakdown_ms = Vec::new();
+        if spec.profile {
+            let id = next_id;
+            next_id += 1;
+            let tokens: Vec<u32> = (0..len).map(|_| rng.random_range(0..c.vocab_size as u32)).collect();
+            engine.add_sequence(id, &tokens).map_err(crate::CudaError::Engine)?;
+            let out = engine.profile_pass(&[ForwardItem { seq: id, tokens, all_logits: false }]);
+            engine.release(id);
+            breakdown_ms = out?;
+        }
         let s = median(times);
         let row = Row {
             gpu: gpu.clone(),
@@ -273,7 +288,8 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
             mfu: Some(prefill_flops(&c, len) / s / (spec.tp as f64 * ceil.matrix_tflops * 1e12)),
             bytes_per_step: None,
             error: None,
-            breakdown_ms: Vec::new(),
+            attention: Some(crate::PrefillAttention::from_env().as_str()),
+            breakdown_ms,
         };
         push(&mut rows, row);
     }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tandem_engine::{CpuEngine, EngineConfig, ForwardItem, PagedEngine};
 use tandem_tokenizer::{ModelFiles, ModelFormat};
 
-use crate::device::Gpu;
+use crate::device::{DecodeAttention, Gpu, PrefillAttention};
 use crate::plan::{decode_split, TILE_ROWS};
 use crate::{CudaConfig, CudaEngine, CudaError, DevicePasses, Result};
 
@@ -57,6 +57,10 @@ pub struct AttnCase {
     pub ctx: Vec<usize>,
     pub q: Vec<usize>,
     pub decode: bool,
+    /// The prefill kernel checked (unused for decode).
+    pub prefill_kernel: PrefillAttention,
+    /// The decode kernel checked (unused for prefill).
+    pub decode_kernel: DecodeAttention,
 }
 
 /// Runs one attention case on the GPU and compares with float64.
@@ -166,7 +170,6 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
     let (hd_i, heads_i, kvh_i, bs_i, layers_i, layer_i) = (hd as i32, heads as i32, kvh as i32, bs as i32, layers as i32, layer as i32);
     let (q_stride, mb) = (width as i32, max_blocks as i32);
     let scale32 = scale as f32;
-    let idx = if hd == 64 { 0 } else { 1 };
     let mut split_used = 0;
     if case.decode {
         let (split, splits) = decode_split(nseq, kvh, max_ctx, gpu.sms, 64);
@@ -174,11 +177,11 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
         let part_o = gpu.alloc(nseq * heads * splits * hd * 4)?;
         let part_ml = gpu.alloc(nseq * heads * splits * 2 * 4)?;
         let (split_i, splits_i) = (split as i32, splits as i32);
-        gpu.launch(
-            &gpu.k.decode_attention[idx * 8 + heads / kvh - 1],
+        gpu.decode_attention(
+            case.decode_kernel,
+            hd,
+            heads / kvh,
             (kvh as u32, nseq as u32, splits as u32),
-            128,
-            0,
             &[
                 &qkv_buf.ptr,
                 &q_stride,
@@ -208,11 +211,11 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
         gpu.sync()?;
     } else {
         let out_stride = (heads * hd) as i32;
-        gpu.launch(
-            &gpu.k.prefill_attention[idx],
-            (n_tiles, heads as u32, 1),
-            128,
-            0,
+        gpu.prefill_attention(
+            case.prefill_kernel,
+            hd,
+            n_tiles as usize,
+            heads,
             &[
                 &qkv_buf.ptr,
                 &q_stride,
@@ -242,7 +245,12 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
     Ok(Check {
         name: format!(
             "{} attention hd={hd} heads={heads}/{kvh} ctx={:?} new={:?}",
-            if case.decode { "decode" } else { "prefill" },
+            match (case.decode, case.decode_kernel, case.prefill_kernel) {
+                (true, DecodeAttention::Mma, _) => "decode",
+                (true, DecodeAttention::Lanes, _) => "decode (lanes)",
+                (false, _, PrefillAttention::Pipelined) => "prefill",
+                (false, _, PrefillAttention::Staged) => "prefill (staged)",
+            },
             case.ctx,
             if case.decode { vec![1] } else { case.q.clone() }
         ),
@@ -259,16 +267,66 @@ pub fn attention_cases() -> Vec<AttnCase> {
     for (hd, heads, kvh) in [(64, 8, 2), (128, 32, 8), (64, 9, 3), (128, 4, 4)] {
         for ctx in [vec![1], vec![17, 64, 100], vec![513], vec![2000, 33, 4096, 7, 1000, 250, 129, 64]] {
             let q = vec![1; ctx.len()];
-            cases.push(AttnCase { hd, heads, kv_heads: kvh, ctx, q, decode: true });
+            for decode_kernel in [DecodeAttention::Mma, DecodeAttention::Lanes] {
+                let (ctx, q) = (ctx.clone(), q.clone());
+                cases.push(AttnCase {
+                    hd,
+                    heads,
+                    kv_heads: kvh,
+                    ctx,
+                    q,
+                    decode: true,
+                    prefill_kernel: PrefillAttention::Pipelined,
+                    decode_kernel,
+                });
+            }
         }
-        // Prefill: whole prompts, chunks after a cached prefix, tiles that end mid-way.
-        cases.push(AttnCase { hd, heads, kv_heads: kvh, ctx: vec![7, 64, 65, 200], q: vec![7, 64, 65, 200], decode: false });
-        cases.push(AttnCase { hd, heads, kv_heads: kvh, ctx: vec![300, 1030], q: vec![100, 30], decode: false });
-        cases.push(AttnCase { hd, heads, kv_heads: kvh, ctx: vec![1, 5], q: vec![1, 2], decode: false });
+        // Prefill, both kernels: whole prompts, chunks after a cached prefix, tiles that end
+        // mid-way, and a long chunk whose tiles see unmasked, diagonal and skipped key tiles.
+        for prefill_kernel in [PrefillAttention::Pipelined, PrefillAttention::Staged] {
+            for (ctx, q) in [
+                (vec![7, 64, 65, 200], vec![7, 64, 65, 200]),
+                (vec![300, 1030], vec![100, 30]),
+                (vec![1, 5], vec![1, 2]),
+                (vec![777], vec![700]),
+            ] {
+                cases.push(AttnCase {
+                    hd,
+                    heads,
+                    kv_heads: kvh,
+                    ctx,
+                    q,
+                    decode: false,
+                    prefill_kernel,
+                    decode_kernel: DecodeAttention::Mma,
+                });
+            }
+        }
     }
     // Decode past 32k: 128k contexts take 256 splits of 512.
-    cases.push(AttnCase { hd: 64, heads: 8, kv_heads: 2, ctx: vec![131_072, 70_001, 5], q: vec![1; 3], decode: true });
-    cases.push(AttnCase { hd: 128, heads: 32, kv_heads: 8, ctx: vec![131_072], q: vec![1], decode: true });
+    for decode_kernel in [DecodeAttention::Mma, DecodeAttention::Lanes] {
+        let prefill_kernel = PrefillAttention::Pipelined;
+        cases.push(AttnCase {
+            hd: 64,
+            heads: 8,
+            kv_heads: 2,
+            ctx: vec![131_072, 70_001, 5],
+            q: vec![1; 3],
+            decode: true,
+            prefill_kernel,
+            decode_kernel,
+        });
+        cases.push(AttnCase {
+            hd: 128,
+            heads: 32,
+            kv_heads: 8,
+            ctx: vec![131_072],
+            q: vec![1],
+            decode: true,
+            prefill_kernel,
+            decode_kernel,
+        });
+    }
     cases
 }
 

@@ -55,6 +55,74 @@ impl Dt {
     }
 }
 
+/// Which prefill attention kernel a pass launches (`TANDEM_CUDA_PREFILL_ATTENTION=staged` picks
+/// the first form, kept to measure against).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillAttention {
+    /// K staged row-major and V transposed by scalar stores, one tile at a time.
+    Staged,
+    /// cp.async two tiles deep, ldmatrix operands, mask only on diagonal tiles, heaviest first.
+    Pipelined,
+}
+
+impl PrefillAttention {
+    pub fn from_env() -> Self {
+        match std::env::var("TANDEM_CUDA_PREFILL_ATTENTION").as_deref() {
+            Ok("staged") => Self::Staged,
+            _ => Self::Pipelined,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Staged => "staged",
+            Self::Pipelined => "pipelined",
+        }
+    }
+
+    /// Dynamic shared memory of a block: two stages of 64 K rows and 64 V rows of `hd + 8` bf16.
+    pub fn shared_bytes(self, hd: usize) -> u32 {
+        match self {
+            Self::Staged => 0,
+            Self::Pipelined => (2 * 2 * crate::plan::TILE_ROWS * (hd + 8) * 2) as u32,
+        }
+    }
+}
+
+/// Which decode attention kernel a pass launches (`TANDEM_CUDA_DECODE_ATTENTION=lanes|mma`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeAttention {
+    /// CUDA-core lanes, 16-byte loads straight from the cache: all keys of the split, the
+    /// softmax, then all values.
+    Lanes,
+    /// Tensor cores, the group's heads as tile rows, K/V streamed through shared memory by
+    /// cp.async two tiles deep.
+    Mma,
+}
+
+impl DecodeAttention {
+    pub fn from_env() -> Self {
+        match std::env::var("TANDEM_CUDA_DECODE_ATTENTION").as_deref() {
+            Ok("lanes") => Self::Lanes,
+            _ => Self::Mma,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Lanes => "lanes",
+            Self::Mma => "mma",
+        }
+    }
+
+    pub fn shared_bytes(self, hd: usize) -> u32 {
+        match self {
+            Self::Lanes => 0,
+            Self::Mma => PrefillAttention::Pipelined.shared_bytes(hd),
+        }
+    }
+}
+
 pub struct Kernels {
     _module: Arc<CudaModule>,
     pub fill: CudaFunction,
@@ -65,8 +133,14 @@ pub struct Kernels {
     /// `decode_attention[hd_index * 8 + group - 1]`, hd_index 0 for 64 and 1 for 128. Grid
     /// (kv heads, sequences, splits).
     pub decode_attention: Vec<CudaFunction>,
+    /// The tensor-core form, indexed as `decode_attention`; see [`DecodeAttention`].
+    pub decode_attention_mma: Vec<CudaFunction>,
     pub attn_combine: CudaFunction,
+    /// Prefill attention, `[hd 64, hd 128]`: the first form (synchronous staging, grid (tiles,
+    /// heads)) and the pipelined one (cp.async two tiles deep, ldmatrix, grid (heads, tiles),
+    /// dynamic shared memory); see [`PrefillAttention`].
     pub prefill_attention: [CudaFunction; 2],
+    pub prefill_attention_pipelined: [CudaFunction; 2],
     /// `gemv[n - 1]`: the matrix-vector kernel for n tokens.
     pub gemv: Vec<CudaFunction>,
     pub argmax: CudaFunction,
@@ -104,6 +178,8 @@ impl Kernels {
             ("attn_combine".into(), &self.attn_combine),
             ("prefill_attention_64".into(), &self.prefill_attention[0]),
             ("prefill_attention_128".into(), &self.prefill_attention[1]),
+            ("prefill_attention_pipelined_64".into(), &self.prefill_attention_pipelined[0]),
+            ("prefill_attention_pipelined_128".into(), &self.prefill_attention_pipelined[1]),
             ("gemv_1".into(), &self.gemv[0]),
             ("sample_rows".into(), &self.sample),
         ];
@@ -134,8 +210,30 @@ impl Kernels {
                 .flat_map(|hd| (1..=8).map(move |g| (hd, g)))
                 .map(|(hd, g)| f(&format!("decode_attention_{hd}_{g}")))
                 .collect::<Result<_>>()?,
+            decode_attention_mma: [64, 128]
+                .into_iter()
+                .flat_map(|hd| (1..=8).map(move |g| (hd, g)))
+                .map(|(hd, g)| {
+                    let func = f(&format!("decode_attention_mma_{hd}_{g}"))?;
+                    func.set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        DecodeAttention::Mma.shared_bytes(hd) as i32,
+                    )?;
+                    Ok(func)
+                })
+                .collect::<Result<_>>()?,
             attn_combine: f("attn_combine")?,
             prefill_attention: [f("prefill_attention_64")?, f("prefill_attention_128")?],
+            prefill_attention_pipelined: {
+                let fs = [f("prefill_attention_pipelined_64")?, f("prefill_attention_pipelined_128")?];
+                for (f, hd) in fs.iter().zip([64, 128]) {
+                    f.set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        PrefillAttention::Pipelined.shared_bytes(hd) as i32,
+                    )?;
+                }
+                fs
+            },
             gemv: (1..=GEMV_MAX).map(|n| f(&format!("gemv_{n}"))).collect::<Result<_>>()?,
             argmax: f("argmax_rows")?,
             sample: f("sample_rows")?,
@@ -156,6 +254,10 @@ pub struct Gpu {
     /// The decode pass's kernels launch as programmatic dependents of the kernel ahead of them
     /// (compute capability 9.0 and later; `TANDEM_CUDA_PDL=0` turns it off).
     pdl: bool,
+    /// The prefill attention kernel passes launch ([`PrefillAttention::from_env`]).
+    pub prefill_kernel: PrefillAttention,
+    /// The decode attention kernel passes launch ([`DecodeAttention::from_env`]).
+    pub decode_kernel: DecodeAttention,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -191,7 +293,9 @@ impl Gpu {
         let name = ctx.name()?;
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
         let pdl = ctx.compute_capability()?.0 >= 9 && std::env::var("TANDEM_CUDA_PDL").map_or(true, |v| v != "0");
-        Ok(Self { ctx, stream, blas, _workspace: workspace, k, name, sms, pdl })
+        let prefill_kernel = PrefillAttention::from_env();
+        let decode_kernel = DecodeAttention::from_env();
+        Ok(Self { ctx, stream, blas, _workspace: workspace, k, name, sms, pdl, prefill_kernel, decode_kernel })
     }
 
     pub fn alloc(&self, bytes: usize) -> Result<Buf> {
@@ -384,6 +488,38 @@ impl Gpu {
         // function belongs to this context, bound above, and the stream to this engine.
         unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }.result()?;
         Ok(())
+    }
+
+    /// Causal prefill attention over `n_tiles` tiles of [`crate::plan::TILE_ROWS`] query rows and
+    /// `heads` heads, with the kernel `which`; `args` as both kernels declare them.
+    pub fn prefill_attention(&self, which: PrefillAttention, hd: usize, n_tiles: usize, heads: usize, args: &[&dyn Arg]) -> Result<()> {
+        let idx = if hd == 64 { 0 } else { 1 };
+        let smem = which.shared_bytes(hd);
+        match which {
+            PrefillAttention::Staged => self.launch(&self.k.prefill_attention[idx], (n_tiles as u32, heads as u32, 1), 128, smem, args),
+            PrefillAttention::Pipelined => {
+                self.launch(&self.k.prefill_attention_pipelined[idx], (heads as u32, n_tiles as u32, 1), 128, smem, args)
+            }
+        }
+    }
+
+    /// Split decode attention (grid (kv heads, sequences, splits)) for head size `hd` and
+    /// `group` query heads a KV head, with the kernel `which`, launched as a programmatic
+    /// dependent; `args` as both kernels declare them.
+    pub fn decode_attention(
+        &self,
+        which: DecodeAttention,
+        hd: usize,
+        group: usize,
+        grid: (u32, u32, u32),
+        args: &[&dyn Arg],
+    ) -> Result<()> {
+        let i = if hd == 64 { 0 } else { 8 } + group - 1;
+        let f = match which {
+            DecodeAttention::Lanes => &self.k.decode_attention[i],
+            DecodeAttention::Mma => &self.k.decode_attention_mma[i],
+        };
+        self.launch_dependent(f, grid, 128, which.shared_bytes(hd), args)
     }
 
     /// A pair of events around `f`, in milliseconds of device time.

@@ -153,57 +153,65 @@ extern "C" __global__ void silu_mul(const bf16* gu, bf16* out, int f, u64 total)
 // Per (token, head): optional q/k/v bias, optional per-head RMSNorm of q and k (Qwen3), RoPE on
 // q and k heads, then k and v heads written into the token's cache slot (skipped for slot < 0,
 // the padding rows of a captured batch). q heads are rotated in place in the qkv row.
-// Grid (tokens, heads + 2·kv_heads), hd/2 threads: thread j owns the rotation pair of frequency j.
+// Grid (tokens, ceil((heads + 2·kv_heads) / heads_per_block)), hd/2 threads: thread j owns the
+// rotation pair of frequency j, computes its angle once and applies it to each head of the block
+// in turn. Passes of many tokens take several heads a block (a block per token and head is
+// hundreds of thousands of 64-thread blocks a layer at long prompts, bound by block scheduling,
+// not bytes); passes of a few tokens take one, for the shortest chain.
 extern "C" __global__ void rope_store(bf16* qkv, const float* bias, const bf16* q_norm, const bf16* k_norm,
                                       const int* positions, const int* slots, const float* inv_freq,
                                       bf16* cache, int layer, int layers, int heads, int kv_heads, int hd,
-                                      int block_size, int interleaved, float eps) {
+                                      int block_size, int interleaved, float eps, int heads_per_block) {
     pdl_wait();
     pdl_trigger();
     __shared__ float scratch[32];
-    const int t = blockIdx.x, h = blockIdx.y, j = threadIdx.x, half = hd / 2;
-    const int width = (heads + 2 * kv_heads) * hd;
-    bf16* v = qkv + (u64)t * width + (u64)h * hd;
+    const int t = blockIdx.x, j = threadIdx.x, half = hd / 2;
+    const int n_heads = heads + 2 * kv_heads;
+    const int width = n_heads * hd;
     const int a = interleaved ? 2 * j : j;
     const int b = interleaved ? 2 * j + 1 : j + half;
-    float x1 = bf2f(v[a]), x2 = bf2f(v[b]);
-    if (bias) {
-        x1 += bias[h * hd + a];
-        x2 += bias[h * hd + b];
-    }
-    const bool is_v = h >= heads + kv_heads;
-    if (!is_v) {
-        if (q_norm) {
-            float ss = block_sum(x1 * x1 + x2 * x2, scratch);
-            float inv = rsqrtf(ss / hd + eps);
-            const bf16* w = h < heads ? q_norm : k_norm;
-            x1 *= inv * bf2f(w[a]);
-            x2 *= inv * bf2f(w[b]);
-        }
-        // The angle in double, reduced to one turn, then single-precision sine and cosine.
-        double ang = (double)positions[t] * (double)inv_freq[j];
-        ang -= 6.283185307179586 * floor(ang * 0.15915494309189535);
-        float s, c;
-        sincosf((float)ang, &s, &c);
-        float r1 = x1 * c - x2 * s, r2 = x2 * c + x1 * s;
-        x1 = r1;
-        x2 = r2;
-    }
-    if (h < heads) {
-        v[a] = f2bf(x1);
-        v[b] = f2bf(x2);
-        return;
-    }
+    // The angle in double, reduced to one turn, then single-precision sine and cosine.
+    double ang = (double)positions[t] * (double)inv_freq[j];
+    ang -= 6.283185307179586 * floor(ang * 0.15915494309189535);
+    float s, c;
+    sincosf((float)ang, &s, &c);
     const int slot = slots[t];
-    if (slot < 0) return;
     const int kvw = kv_heads * hd;
-    const int kv = is_v ? 1 : 0;
-    const int head = h - heads - kv * kv_heads;
     const u64 block_elems = (u64)layers * 2 * block_size * kvw;
-    bf16* dst = cache + (u64)(slot / block_size) * block_elems + ((u64)(layer * 2 + kv) * block_size + slot % block_size) * kvw +
-                (u64)head * hd;
-    dst[a] = f2bf(x1);
-    dst[b] = f2bf(x2);
+    const int h_end = min(n_heads, (blockIdx.y + 1) * heads_per_block);
+    for (int h = blockIdx.y * heads_per_block; h < h_end; h++) {
+        bf16* v = qkv + (u64)t * width + (u64)h * hd;
+        float x1 = bf2f(v[a]), x2 = bf2f(v[b]);
+        if (bias) {
+            x1 += bias[h * hd + a];
+            x2 += bias[h * hd + b];
+        }
+        const bool is_v = h >= heads + kv_heads;
+        if (!is_v) {
+            if (q_norm) {
+                float ss = block_sum(x1 * x1 + x2 * x2, scratch);
+                float inv = rsqrtf(ss / hd + eps);
+                const bf16* w = h < heads ? q_norm : k_norm;
+                x1 *= inv * bf2f(w[a]);
+                x2 *= inv * bf2f(w[b]);
+            }
+            float r1 = x1 * c - x2 * s, r2 = x2 * c + x1 * s;
+            x1 = r1;
+            x2 = r2;
+        }
+        if (h < heads) {
+            v[a] = f2bf(x1);
+            v[b] = f2bf(x2);
+            continue;
+        }
+        if (slot < 0) continue;
+        const int kv = is_v ? 1 : 0;
+        const int head = h - heads - kv * kv_heads;
+        bf16* dst = cache + (u64)(slot / block_size) * block_elems +
+                    ((u64)(layer * 2 + kv) * block_size + slot % block_size) * kvw + (u64)head * hd;
+        dst[a] = f2bf(x1);
+        dst[b] = f2bf(x2);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -606,6 +614,480 @@ extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) prefill_attention_12
     prefill_attention_impl<128>(qkv, q_stride, cache, block_tables, max_blocks, tiles, q_start, q_len, ctx_lens, out,
                                 out_stride, layer, layers, heads, kv_heads, block_size, scale);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Prefill attention, pipelined: the tiling and arithmetic of the kernel above (64 query rows of
+// one head a block, 16 a warp, keys 64 at a time, running max and sum), with
+// - K and V tiles copied into shared memory by cp.async, two tiles deep: tile t+1 is in flight
+//   while tile t is multiplied, so the copy path and the tensor cores overlap;
+// - the mma operands read by ldmatrix, four 8×8 fragments an instruction, V transposed on the way
+//   by ldmatrix.trans (rows stay as the cache holds them; no scalar transposing stores);
+// - the causal mask applied only on the key tiles that cross a warp's diagonal, and a warp whose
+//   rows see none of a tile's keys skipping it;
+// - the heaviest tiles first: the grid is (heads, tiles) and tiles run from the last one back,
+//   so the long causal rows start early and the short ones fill the tail, and the query heads that
+//   share a KV head run side by side (their K/V reads meet in L2).
+// Dynamic shared memory: 2 stages × (K, V) × 64 rows × (HD + 8) bf16 (69,632 bytes at HD 128).
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global → shared, bypassing L1; `valid` false writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+}
+
+// 2^x on the special-function unit (relative error about 2^-22; 2^-inf = 0).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Two floats to a bf16 pair, round to nearest even, in one instruction (lo in the low half).
+__device__ __forceinline__ u32 cvt_bf2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+template <int HD>
+__device__ void prefill_attention_pipelined_impl(const bf16* qkv, int q_stride, const bf16* cache,
+                                                 const int* block_tables, int max_blocks, const int* tiles,
+                                                 const int* q_start, const int* q_len, const int* ctx_lens, bf16* out,
+                                                 int out_stride, int layer, int layers, int heads, int kv_heads,
+                                                 int block_size, float scale) {
+    constexpr int RP = HD + 8;                 // padded shared row (bf16): ldmatrix rows 4 banks apart
+    constexpr int CH = HD / 8;                 // 16-byte chunks a row
+    constexpr int STAGE = 2 * PF_BN * RP;      // one stage: K rows then V rows
+    extern __shared__ __align__(16) bf16 pf_smem[];
+
+    const int tile_i = gridDim.y - 1 - blockIdx.y;
+    const int seq = tiles[2 * tile_i], tile_q = tiles[2 * tile_i + 1];
+    const int h = blockIdx.x, kvh = h / (heads / kv_heads);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, tid = lane & 3;
+    const int nq = q_len[seq], ctx = ctx_lens[seq];
+    const int first_pos = ctx - nq;
+    const int kvw = kv_heads * HD;
+    const u64 block_elems = (u64)layers * 2 * block_size * kvw;
+    const int* table = block_tables + (u64)seq * max_blocks;
+
+    const int last_row = min(nq, tile_q + PF_BM) - 1;
+    const int kv_end = min(ctx, first_pos + last_row + 1);
+    const int n_kt = (kv_end + PF_BN - 1) / PF_BN;
+
+    // Queue the copy of key tile t into stage t & 1 (keys past kv_end are zero-filled).
+    auto load_tile = [&](int t) {
+        bf16* ks = pf_smem + (t & 1) * STAGE;
+        bf16* vs = ks + PF_BN * RP;
+        for (int c = threadIdx.x; c < PF_BN * CH; c += PF_WARPS * 32) {
+            const int j = c / CH, part = c % CH;
+            const int key = t * PF_BN + j;
+            const bool ok = key < kv_end;
+            const bf16* src = cache;
+            if (ok) {
+                src = cache + (u64)table[key / block_size] * block_elems +
+                      ((u64)(layer * 2) * block_size + key % block_size) * kvw + (u64)kvh * HD + part * 8;
+            }
+            cp_async16(smem_u32(ks + j * RP + part * 8), src, ok);
+            cp_async16(smem_u32(vs + j * RP + part * 8), ok ? src + (u64)block_size * kvw : cache, ok);
+        }
+        cp_async_commit();
+    };
+    if (n_kt > 0) load_tile(0);
+
+    // This thread's two rows (gid and gid + 8 of the warp's 16).
+    const int r0 = tile_q + warp * 16 + gid, r1 = r0 + 8;
+    const bool v0 = r0 < nq, v1 = r1 < nq;
+    const int p0 = first_pos + r0, p1 = first_pos + r1;
+    // Positions of the warp's first and last rows: tiles wholly at or below the first need no
+    // mask; tiles wholly past the last are skipped.
+    const int warp_lo = first_pos + tile_q + warp * 16, warp_hi = warp_lo + 15;
+    const bool warp_live = tile_q + warp * 16 < nq;
+
+    u32 qa[HD / 16][4];
+    {
+        const bf16* q0 = qkv + (u64)(q_start[seq] + (v0 ? r0 : 0)) * q_stride + (u64)h * HD;
+        const bf16* q1 = qkv + (u64)(q_start[seq] + (v1 ? r1 : 0)) * q_stride + (u64)h * HD;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            int c = kk * 16 + tid * 2;
+            qa[kk][0] = v0 ? *(const u32*)(q0 + c) : 0u;
+            qa[kk][1] = v1 ? *(const u32*)(q1 + c) : 0u;
+            qa[kk][2] = v0 ? *(const u32*)(q0 + c + 8) : 0u;
+            qa[kk][3] = v1 ? *(const u32*)(q1 + c + 8) : 0u;
+        }
+    }
+
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    const float sl2 = scale * LOG2E;
+
+    // ldmatrix lane addresses (bytes from a stage's K or V rows). K, plain: lanes 8i..8i+7 give
+    // the rows of fragment i, columns 8i: fragments (b0, b1) of k-step kk and of kk + 1. V,
+    // transposed: fragment i covers keys +8·(i&1) and dims +8·(i>>1): (b0, b1) of dims dt, dt+1.
+    const u32 k_lane = (u32)(((lane & 7) * RP + (lane >> 3) * 8) * 2);
+    const u32 v_lane = (u32)((((lane & 7) + ((lane >> 3) & 1) * 8) * RP + (lane >> 4) * 8) * 2);
+
+    for (int t = 0; t < n_kt; t++) {
+        if (t + 1 < n_kt) {
+            load_tile(t + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int kb = t * PF_BN;
+        if (warp_live && kb <= warp_hi) {
+            const u32 kbase = smem_u32(pf_smem + (t & 1) * STAGE);
+            const u32 vbase = kbase + PF_BN * RP * 2;
+
+            // S = Q K^T for the warp's 16 rows × 64 keys.
+            float s[PF_BN / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < PF_BN / 8; nt++) {
+                s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; kk += 2) {
+                    u32 b0, b1, b2, b3;
+                    ldsm_x4(kbase + (u32)((nt * 8 * RP + kk * 16) * 2) + k_lane, b0, b1, b2, b3);
+                    mma_bf16(s[nt], qa[kk], b0, b1);
+                    mma_bf16(s[nt], qa[kk + 1], b2, b3);
+                }
+            }
+            // Scale into log2 units; mask only where the tile crosses the warp's diagonal.
+            float mx0 = m0, mx1 = m1;
+            if (kb + PF_BN - 1 > warp_lo) {
+#pragma unroll
+                for (int nt = 0; nt < PF_BN / 8; nt++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int key = kb + nt * 8 + tid * 2 + (e & 1);
+                        const bool row1 = e >= 2;
+                        const bool ok = row1 ? (v1 && key <= p1) : (v0 && key <= p0);
+                        s[nt][e] = ok ? s[nt][e] * sl2 : NEG_INF;
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int nt = 0; nt < PF_BN / 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) s[nt][e] *= sl2;
+            }
+#pragma unroll
+            for (int nt = 0; nt < PF_BN / 8; nt++) {
+                mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            const float b0 = mx0 == NEG_INF ? 0.f : mx0, b1 = mx1 == NEG_INF ? 0.f : mx1;
+            const float c0 = ex2((m0 == NEG_INF ? b0 : m0) - b0), c1 = ex2((m1 == NEG_INF ? b1 : m1) - b1);
+            m0 = mx0;
+            m1 = mx1;
+            l0 *= c0;
+            l1 *= c1;
+#pragma unroll
+            for (int i = 0; i < HD / 8; i++) {
+                o[i][0] *= c0;
+                o[i][1] *= c0;
+                o[i][2] *= c1;
+                o[i][3] *= c1;
+            }
+#pragma unroll
+            for (int nt = 0; nt < PF_BN / 8; nt++) {
+                s[nt][0] = ex2(s[nt][0] - b0);
+                s[nt][1] = ex2(s[nt][1] - b0);
+                s[nt][2] = ex2(s[nt][2] - b1);
+                s[nt][3] = ex2(s[nt][3] - b1);
+                l0 += s[nt][0] + s[nt][1];
+                l1 += s[nt][2] + s[nt][3];
+            }
+            // O += P V.
+#pragma unroll
+            for (int kk = 0; kk < PF_BN / 16; kk++) {
+                u32 pa[4];
+                pa[0] = cvt_bf2(s[2 * kk][0], s[2 * kk][1]);
+                pa[1] = cvt_bf2(s[2 * kk][2], s[2 * kk][3]);
+                pa[2] = cvt_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                pa[3] = cvt_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+                for (int dt = 0; dt < HD / 8; dt += 2) {
+                    u32 b0v, b1v, b2v, b3v;
+                    ldsm_x4_t(vbase + (u32)((kk * 16 * RP + dt * 8) * 2) + v_lane, b0v, b1v, b2v, b3v);
+                    mma_bf16(o[dt], pa, b0v, b1v);
+                    mma_bf16(o[dt + 1], pa, b2v, b3v);
+                }
+            }
+        }
+        // The stage just read is the one the next iteration's copy overwrites.
+        __syncthreads();
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    bf16* o0 = out + (u64)(q_start[seq] + r0) * out_stride + (u64)h * HD;
+    bf16* o1 = out + (u64)(q_start[seq] + r1) * out_stride + (u64)h * HD;
+#pragma unroll
+    for (int dt = 0; dt < HD / 8; dt++) {
+        int c = dt * 8 + tid * 2;
+        if (v0) *(u32*)(o0 + c) = pack_bf2(o[dt][0] * i0, o[dt][1] * i0);
+        if (v1) *(u32*)(o1 + c) = pack_bf2(o[dt][2] * i1, o[dt][3] * i1);
+    }
+}
+
+#define PREFILL_PIPELINED(HD)                                                                                \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) prefill_attention_pipelined_##HD(             \
+        const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks,            \
+        const int* tiles, const int* q_start, const int* q_len, const int* ctx_lens, bf16* out, int out_stride, \
+        int layer, int layers, int heads, int kv_heads, int block_size, float scale) {                        \
+        prefill_attention_pipelined_impl<HD>(qkv, q_stride, cache, block_tables, max_blocks, tiles, q_start,  \
+                                             q_len, ctx_lens, out, out_stride, layer, layers, heads, kv_heads, \
+                                             block_size, scale);                                              \
+    }
+PREFILL_PIPELINED(64)
+PREFILL_PIPELINED(128)
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention on tensor cores. Same grid, split and outputs as decode_attention above
+// (block = (kv head, sequence, split), unnormalised partial rows and (max, sum) pairs for
+// attn_combine), but the group's query heads are the rows of an m16n8k16 tile (rows past the
+// group are zeros) and the split's keys stream through shared memory 64 at a time, copied by
+// cp.async two tiles deep, so the next tile's loads are in flight while this one is multiplied.
+// Warp w takes keys 16w..16w+15 of every tile and keeps its own running max, sum and output;
+// the four warps merge through shared memory at the end. Dynamic shared memory as the pipelined
+// prefill kernel's.
+
+template <int HD, int GROUP>
+__device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables,
+                                          int max_blocks, const int* ctx_lens, float* part_o, float* part_ml,
+                                          int layer, int layers, int heads, int kv_heads, int block_size, int split,
+                                          int max_splits, float scale) {
+    constexpr int RP = HD + 8;
+    constexpr int CH = HD / 8;
+    constexpr int STAGE = 2 * PF_BN * RP;
+    constexpr int KW = PF_BN / PF_WARPS;   // keys a warp takes from each tile (16)
+    extern __shared__ __align__(16) bf16 pf_smem[];
+    pdl_wait();
+    pdl_trigger();
+
+    const int kvh = blockIdx.x, b = blockIdx.y, sp = blockIdx.z;
+    const int ctx = ctx_lens[b];
+    const int start = sp * split;
+    const int end = min(ctx, start + split);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, tid = lane & 3;
+    const u64 part = ((u64)b * heads + (u64)kvh * GROUP) * max_splits + sp;   // head g adds g*max_splits
+    if (start >= end) {
+        if (threadIdx.x < GROUP) {
+            u64 p = part + (u64)threadIdx.x * max_splits;
+            part_ml[2 * p] = NEG_INF;
+            part_ml[2 * p + 1] = 0.f;
+        }
+        return;
+    }
+    const int kvw = kv_heads * HD;
+    const u64 block_elems = (u64)layers * 2 * block_size * kvw;
+    const int* table = block_tables + (u64)b * max_blocks;
+    const int n_kt = (end - start + PF_BN - 1) / PF_BN;
+
+    auto load_tile = [&](int t) {
+        bf16* ks = pf_smem + (t & 1) * STAGE;
+        bf16* vs = ks + PF_BN * RP;
+        for (int c = threadIdx.x; c < PF_BN * CH; c += PF_WARPS * 32) {
+            const int j = c / CH, part8 = c % CH;
+            const int key = start + t * PF_BN + j;
+            const bool ok = key < end;
+            const bf16* src = cache;
+            if (ok) {
+                src = cache + (u64)table[key / block_size] * block_elems +
+                      ((u64)(layer * 2) * block_size + key % block_size) * kvw + (u64)kvh * HD + part8 * 8;
+            }
+            cp_async16(smem_u32(ks + j * RP + part8 * 8), src, ok);
+            cp_async16(smem_u32(vs + j * RP + part8 * 8), ok ? src + (u64)block_size * kvw : cache, ok);
+        }
+        cp_async_commit();
+    };
+    load_tile(0);
+
+    // Rows gid (and gid + 8, zero for groups of 8 or fewer) are the group's heads.
+    u32 qa[HD / 16][4];
+    {
+        const bf16* q0 = qkv + (u64)b * q_stride + (u64)(kvh * GROUP + gid) * HD;
+        const bf16* q1 = q0 + 8 * HD;
+        const bool h0 = gid < GROUP, h1 = gid + 8 < GROUP;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            int c = kk * 16 + tid * 2;
+            qa[kk][0] = h0 ? *(const u32*)(q0 + c) : 0u;
+            qa[kk][1] = h1 ? *(const u32*)(q1 + c) : 0u;
+            qa[kk][2] = h0 ? *(const u32*)(q0 + c + 8) : 0u;
+            qa[kk][3] = h1 ? *(const u32*)(q1 + c + 8) : 0u;
+        }
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
+    const float sl2 = scale * LOG2E;
+    const u32 k_lane = (u32)(((warp * KW + (lane & 7)) * RP + (lane >> 3) * 8) * 2);
+    const u32 v_lane = (u32)(((warp * KW + (lane & 7) + ((lane >> 3) & 1) * 8) * RP + (lane >> 4) * 8) * 2);
+
+    for (int t = 0; t < n_kt; t++) {
+        if (t + 1 < n_kt) {
+            load_tile(t + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int kb = start + t * PF_BN + warp * KW;   // this warp's first key
+        if (kb < end) {
+            const u32 kbase = smem_u32(pf_smem + (t & 1) * STAGE);
+            const u32 vbase = kbase + PF_BN * RP * 2;
+            float s[KW / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < KW / 8; nt++) {
+                s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+                for (int kk = 0; kk < HD / 16; kk += 2) {
+                    u32 b0, b1, b2, b3;
+                    ldsm_x4(kbase + (u32)((nt * 8 * RP + kk * 16) * 2) + k_lane, b0, b1, b2, b3);
+                    mma_bf16(s[nt], qa[kk], b0, b1);
+                    mma_bf16(s[nt], qa[kk + 1], b2, b3);
+                }
+            }
+            float mx0 = m0, mx1 = m1;
+#pragma unroll
+            for (int nt = 0; nt < KW / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int key = kb + nt * 8 + tid * 2 + (e & 1);
+                    s[nt][e] = key < end ? s[nt][e] * sl2 : NEG_INF;
+                }
+                mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            // The warp's first key is valid, so both maxima are finite from here on.
+            const float c0 = ex2(m0 - mx0), c1 = ex2(m1 - mx1);
+            m0 = mx0;
+            m1 = mx1;
+            l0 *= c0;
+            l1 *= c1;
+#pragma unroll
+            for (int i = 0; i < HD / 8; i++) {
+                o[i][0] *= c0;
+                o[i][1] *= c0;
+                o[i][2] *= c1;
+                o[i][3] *= c1;
+            }
+#pragma unroll
+            for (int nt = 0; nt < KW / 8; nt++) {
+                s[nt][0] = ex2(s[nt][0] - mx0);
+                s[nt][1] = ex2(s[nt][1] - mx0);
+                s[nt][2] = ex2(s[nt][2] - mx1);
+                s[nt][3] = ex2(s[nt][3] - mx1);
+                l0 += s[nt][0] + s[nt][1];
+                l1 += s[nt][2] + s[nt][3];
+            }
+            u32 pa[4];
+            pa[0] = cvt_bf2(s[0][0], s[0][1]);
+            pa[1] = cvt_bf2(s[0][2], s[0][3]);
+            pa[2] = cvt_bf2(s[1][0], s[1][1]);
+            pa[3] = cvt_bf2(s[1][2], s[1][3]);
+#pragma unroll
+            for (int dt = 0; dt < HD / 8; dt += 2) {
+                u32 b0v, b1v, b2v, b3v;
+                ldsm_x4_t(vbase + (u32)(dt * 8 * 2) + v_lane, b0v, b1v, b2v, b3v);
+                mma_bf16(o[dt], pa, b0v, b1v);
+                mma_bf16(o[dt + 1], pa, b2v, b3v);
+            }
+        }
+        __syncthreads();
+    }
+
+    // Merge the warps: (max, sum) per row, then the rows' outputs rescaled to the common max.
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    float* wo = (float*)pf_smem;                       // [warp][GROUP][HD]
+    float* wml = wo + PF_WARPS * GROUP * HD;           // [warp][GROUP][2]
+    if (gid < GROUP) {
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; dt++) {
+            float* r = wo + (warp * GROUP + gid) * HD + dt * 8 + tid * 2;
+            r[0] = o[dt][0];
+            r[1] = o[dt][1];
+        }
+        if (tid == 0) {
+            wml[2 * (warp * GROUP + gid)] = m0;
+            wml[2 * (warp * GROUP + gid) + 1] = l0;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < GROUP * HD; i += blockDim.x) {
+        const int g = i / HD, d = i % HD;
+        float m = NEG_INF;
+#pragma unroll
+        for (int w = 0; w < PF_WARPS; w++) m = fmaxf(m, wml[2 * (w * GROUP + g)]);
+        float acc = 0.f, l = 0.f;
+#pragma unroll
+        for (int w = 0; w < PF_WARPS; w++) {
+            const float wm = wml[2 * (w * GROUP + g)];
+            const float c = wm == NEG_INF ? 0.f : ex2(wm - m);
+            acc += c * wo[(w * GROUP + g) * HD + d];
+            l += c * wml[2 * (w * GROUP + g) + 1];
+        }
+        const u64 p = part + (u64)g * max_splits;
+        part_o[p * HD + d] = acc;
+        if (d == 0) {
+            part_ml[2 * p] = m * (1.f / LOG2E);   // attn_combine works in natural-log units
+            part_ml[2 * p + 1] = l;
+        }
+    }
+}
+
+#define DECODE_MMA(HD, G)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) decode_attention_mma_##HD##_##G(             \
+        const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks,            \
+        const int* ctx_lens, float* part_o, float* part_ml, int layer, int layers, int heads, int kv_heads,   \
+        int block_size, int split, int max_splits, float scale) {                                             \
+        decode_attention_mma_impl<HD, G>(qkv, q_stride, cache, block_tables, max_blocks, ctx_lens, part_o,    \
+                                         part_ml, layer, layers, heads, kv_heads, block_size, split,          \
+                                         max_splits, scale);                                                  \
+    }
+#define DECODE_MMA_GROUPS(HD) DECODE_MMA(HD, 1) DECODE_MMA(HD, 2) DECODE_MMA(HD, 3) DECODE_MMA(HD, 4) DECODE_MMA(HD, 5) DECODE_MMA(HD, 6) DECODE_MMA(HD, 7) DECODE_MMA(HD, 8)
+DECODE_MMA_GROUPS(64)
+DECODE_MMA_GROUPS(128)
 
 // ---------------------------------------------------------------------------------------------
 // Matrix-vector products for the smallest batches (decode at batch ≤ 2): y[n][r] = Σ_k W[r][k]

@@ -384,11 +384,9 @@ impl Model {
     /// sum is the residual plus every rank's share.
     pub fn run_marked(&self, ranks: &[Rank], group: Option<&Nccl>, p: &PassShape, head: Head, mark: Mark<'_>) -> Result<()> {
         let lead = ranks.first().ok_or_else(|| CudaError::Unsupported("a group of no ranks".into()))?;
-        let hd_idx = match self.d.hd {
-            64 => 0,
-            128 => 1,
-            other => return Err(CudaError::Unsupported(format!("head_dim {other} (the CUDA kernels take 64 or 128)"))),
-        };
+        if !matches!(self.d.hd, 64 | 128) {
+            return Err(CudaError::Unsupported(format!("head_dim {} (the CUDA kernels take 64 or 128)", self.d.hd)));
+        }
         let gpus: Vec<&Gpu> = ranks.iter().map(|r| &r.gpu).collect();
         let residuals: Vec<u64> = ranks.iter().map(|r| r.s.x.ptr).collect();
         let reduce = |mark: Mark<'_>| -> Result<()> {
@@ -415,7 +413,7 @@ impl Model {
         }
         for li in 0..self.layers {
             for (i, r) in ranks.iter().enumerate() {
-                self.attention_half(r, li, p, hd_idx, i == 0, if i == 0 { &mut *mark } else { &mut quiet })?;
+                self.attention_half(r, li, p, i == 0, if i == 0 { &mut *mark } else { &mut quiet })?;
             }
             reduce(&mut *mark)?;
             for (i, r) in ranks.iter().enumerate() {
@@ -438,7 +436,7 @@ impl Model {
 
     /// Norm, QKV, RoPE with the KV write, attention and the O projection of layer `li` on one
     /// rank; `lead` adds the O product into the residual, the other ranks overwrite theirs.
-    fn attention_half(&self, r: &Rank, li: usize, p: &PassShape, hd_idx: usize, lead: bool, mark: Mark<'_>) -> Result<()> {
+    fn attention_half(&self, r: &Rank, li: usize, p: &PassShape, lead: bool, mark: Mark<'_>) -> Result<()> {
         let (d, c, gpu, s, l) = (&self.d, &self.cfg, &r.gpu, &r.s, &r.w.layers[li]);
         let k = &gpu.k;
         let (n, hid) = (p.n_tokens, d.hidden);
@@ -460,9 +458,13 @@ impl Model {
         )?;
         gpu.linear(s.h.ptr, l.qkv.ptr, s.qkv.ptr, n, width, hid, Dt::Bf16, false)?;
         mark(gpu, "qkv")?;
+        // Eight heads a block from 64 tokens up (prefill, large decode batches); one below, for
+        // the shortest chain at a handful of tokens.
+        let heads_per_block: usize = if n >= 64 { 8 } else { 1 };
+        let n_heads = d.heads + 2 * d.kv_heads;
         gpu.launch_dependent(
             &k.rope_store,
-            (n as u32, (d.heads + 2 * d.kv_heads) as u32, 1),
+            (n as u32, n_heads.div_ceil(heads_per_block) as u32, 1),
             (d.hd / 2) as u32,
             0,
             &[
@@ -482,6 +484,7 @@ impl Model {
                 &bs,
                 &i32::from(c.rope_interleaved),
                 &eps,
+                &(heads_per_block as i32),
             ],
         )?;
         mark(gpu, "rope_store")?;
@@ -489,11 +492,11 @@ impl Model {
         let mb = p.max_blocks as i32;
         if p.decode_only {
             let (split, splits) = (p.split as i32, p.splits as i32);
-            gpu.launch_dependent(
-                &k.decode_attention[hd_idx * 8 + d.heads / d.kv_heads - 1],
+            gpu.decode_attention(
+                gpu.decode_kernel,
+                d.hd,
+                d.heads / d.kv_heads,
                 (d.kv_heads as u32, p.n_seqs as u32, p.splits as u32),
-                128,
-                0,
                 &[
                     &s.qkv.ptr,
                     &q_stride,
@@ -522,11 +525,11 @@ impl Model {
             )?;
         } else {
             let out_stride = (d.heads * d.hd) as i32;
-            gpu.launch(
-                &k.prefill_attention[hd_idx],
-                (p.n_tiles as u32, d.heads as u32, 1),
-                128,
-                0,
+            gpu.prefill_attention(
+                gpu.prefill_kernel,
+                d.hd,
+                p.n_tiles,
+                d.heads,
                 &[
                     &s.qkv.ptr,
                     &q_stride,

@@ -46,7 +46,7 @@ pub struct EngineArgs {
     /// Run decode passes eagerly instead of as captured graphs.
     #[arg(long)]
     pub no_graphs: bool,
-    /// Add a per-stage device-time breakdown (one eager pass) to each decode row.
+    /// Add a per-stage device-time breakdown (one eager pass) to each decode and prefill row.
     #[arg(long)]
     pub profile: bool,
     /// Write the JSON result here.
