@@ -2,10 +2,10 @@
 # The two decode attention kernels on one GPU in one session: `tandem bench engine` decode rows
 # with TANDEM_CUDA_DECODE_ATTENTION=lanes and =mma alternated twice (batches 1 to 128, contexts
 # 512 and 4,096, both shapes), one profiled run of each, then batches 1 and 8 at long contexts
-# (32,768 and 131,071 tokens: the longest a 131,072-token model can add a token to) with each
-# kernel. The correctness checks of both kernels run in prefill_ab.sh (gpu-check covers
-# every attention kernel). Expects a stripped release build at target/gpu/tandem; writes
-# $OUT/decode_ab.json (every row, tagged) and $OUT/decode.log, and prints a table last.
+# (32,768 and 131,000 tokens) with each kernel. The correctness checks of both kernels run in
+# prefill_ab.sh (gpu-check covers every attention kernel). Expects a stripped release build at
+# target/gpu/tandem; writes $OUT/decode_ab.json (every row, tagged) and $OUT/decode.log, and
+# prints a table last.
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64 NCCL_NVLS_ENABLE=0
 B=target/gpu/tandem
@@ -18,7 +18,7 @@ for i in 1 2; do for k in lanes mma; do
 done; done
 for k in lanes mma; do
   TANDEM_CUDA_DECODE_ATTENTION=$k timeout 100 $B bench engine --batches 128 --contexts 4096 --prefill "" --iters 5 --profile --output $W/profile_$k.json >> $LOG 2>&1; echo "$k profile rc=$?"
-  TANDEM_CUDA_DECODE_ATTENTION=$k timeout 100 $B bench engine --batches 1,8 --contexts 32768,131071 --prefill "" --iters 10 --output $W/long_$k.json >> $LOG 2>&1; echo "$k long rc=$?"
+  TANDEM_CUDA_DECODE_ATTENTION=$k timeout 100 $B bench engine --batches 1,8 --contexts 32768,131000 --prefill "" --iters 10 --output $W/long_$k.json >> $LOG 2>&1; echo "$k long rc=$?"
 done
 W=$W python3 - <<'PY'
 import json, os, glob

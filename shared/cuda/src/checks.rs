@@ -250,6 +250,7 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
                 (true, DecodeAttention::Lanes, _) => "decode (lanes)",
                 (false, _, PrefillAttention::Pipelined) => "prefill",
                 (false, _, PrefillAttention::Staged) => "prefill (staged)",
+                (false, _, PrefillAttention::Wide) => "prefill (wide)",
             },
             case.ctx,
             if case.decode { vec![1] } else { case.q.clone() }
@@ -281,9 +282,9 @@ pub fn attention_cases() -> Vec<AttnCase> {
                 });
             }
         }
-        // Prefill, both kernels: whole prompts, chunks after a cached prefix, tiles that end
+        // Prefill, every kernel: whole prompts, chunks after a cached prefix, tiles that end
         // mid-way, and a long chunk whose tiles see unmasked, diagonal and skipped key tiles.
-        for prefill_kernel in [PrefillAttention::Pipelined, PrefillAttention::Staged] {
+        for prefill_kernel in [PrefillAttention::Pipelined, PrefillAttention::Staged, PrefillAttention::Wide] {
             for (ctx, q) in [
                 (vec![7, 64, 65, 200], vec![7, 64, 65, 200]),
                 (vec![300, 1030], vec![100, 30]),

@@ -55,20 +55,24 @@ impl Dt {
     }
 }
 
-/// Which prefill attention kernel a pass launches (`TANDEM_CUDA_PREFILL_ATTENTION=staged` picks
-/// the first form, kept to measure against).
+/// Which prefill attention kernel a pass launches (`TANDEM_CUDA_PREFILL_ATTENTION=staged|wide`;
+/// the staged form is the first one, kept to measure against).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrefillAttention {
     /// K staged row-major and V transposed by scalar stores, one tile at a time.
     Staged,
     /// cp.async two tiles deep, ldmatrix operands, mask only on diagonal tiles, heaviest first.
     Pipelined,
+    /// The pipelined kernel with 128 query rows a block and 32 a warp, Q staged in shared memory:
+    /// each K/V fragment feeds two row groups.
+    Wide,
 }
 
 impl PrefillAttention {
     pub fn from_env() -> Self {
         match std::env::var("TANDEM_CUDA_PREFILL_ATTENTION").as_deref() {
             Ok("staged") => Self::Staged,
+            Ok("wide") => Self::Wide,
             _ => Self::Pipelined,
         }
     }
@@ -77,15 +81,19 @@ impl PrefillAttention {
         match self {
             Self::Staged => "staged",
             Self::Pipelined => "pipelined",
+            Self::Wide => "wide",
         }
     }
 
-    /// Dynamic shared memory of a block: two stages of 64 K rows and 64 V rows of `hd + 8` bf16.
+    /// Dynamic shared memory of a block: two stages of 64 K rows and 64 V rows of `hd + 8` bf16,
+    /// and for the wide kernel 128 Q rows before them.
     pub fn shared_bytes(self, hd: usize) -> u32 {
-        match self {
+        let rows = match self {
             Self::Staged => 0,
-            Self::Pipelined => (2 * 2 * crate::plan::TILE_ROWS * (hd + 8) * 2) as u32,
-        }
+            Self::Pipelined => 2 * 2 * crate::plan::TILE_ROWS,
+            Self::Wide => 2 * crate::plan::TILE_ROWS + 2 * 2 * crate::plan::TILE_ROWS,
+        };
+        (rows * (hd + 8) * 2) as u32
     }
 }
 
@@ -141,6 +149,7 @@ pub struct Kernels {
     /// dynamic shared memory); see [`PrefillAttention`].
     pub prefill_attention: [CudaFunction; 2],
     pub prefill_attention_pipelined: [CudaFunction; 2],
+    pub prefill_attention_wide: [CudaFunction; 2],
     /// `gemv[n - 1]`: the matrix-vector kernel for n tokens.
     pub gemv: Vec<CudaFunction>,
     pub argmax: CudaFunction,
@@ -180,6 +189,8 @@ impl Kernels {
             ("prefill_attention_128".into(), &self.prefill_attention[1]),
             ("prefill_attention_pipelined_64".into(), &self.prefill_attention_pipelined[0]),
             ("prefill_attention_pipelined_128".into(), &self.prefill_attention_pipelined[1]),
+            ("prefill_attention_wide_64".into(), &self.prefill_attention_wide[0]),
+            ("prefill_attention_wide_128".into(), &self.prefill_attention_wide[1]),
             ("gemv_1".into(), &self.gemv[0]),
             ("sample_rows".into(), &self.sample),
         ];
@@ -230,6 +241,16 @@ impl Kernels {
                     f.set_attribute(
                         sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                         PrefillAttention::Pipelined.shared_bytes(hd) as i32,
+                    )?;
+                }
+                fs
+            },
+            prefill_attention_wide: {
+                let fs = [f("prefill_attention_wide_64")?, f("prefill_attention_wide_128")?];
+                for (f, hd) in fs.iter().zip([64, 128]) {
+                    f.set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        PrefillAttention::Wide.shared_bytes(hd) as i32,
                     )?;
                 }
                 fs
@@ -500,6 +521,8 @@ impl Gpu {
             PrefillAttention::Pipelined => {
                 self.launch(&self.k.prefill_attention_pipelined[idx], (heads as u32, n_tiles as u32, 1), 128, smem, args)
             }
+            // A block per plan tile; the second tile of each aligned pair exits at once.
+            PrefillAttention::Wide => self.launch(&self.k.prefill_attention_wide[idx], (heads as u32, n_tiles as u32, 1), 128, smem, args),
         }
     }
 

@@ -875,6 +875,248 @@ PREFILL_PIPELINED(64)
 PREFILL_PIPELINED(128)
 
 // ---------------------------------------------------------------------------------------------
+// Prefill attention, wide: the pipelined kernel's copy path and fragments, but 128 query rows a
+// block and 32 a warp (two 16-row groups), so each K or V fragment read from shared memory feeds
+// two tensor-core products instead of one (80 ldmatrix per 256 mma a key tile, against 64 per
+// 128), and each warp has two independent accumulation chains in flight. Q is staged once in
+// shared memory (its fragments no longer fit in registers beside 32 rows of output) and read by
+// ldmatrix per key tile. The plan's tiles are 64 rows: a block takes the tile that starts an
+// aligned pair (tile_q % 128 == 0) and the rows of its successor; the successor's block exits at
+// once. Dynamic shared memory: (128 Q rows + 2 stages × (64 K + 64 V rows)) × (HD + 8) bf16
+// (104,448 bytes at HD 128).
+
+#define PW_BM 128
+
+template <int HD>
+__device__ void prefill_attention_wide_impl(const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables,
+                                            int max_blocks, const int* tiles, const int* q_start, const int* q_len,
+                                            const int* ctx_lens, bf16* out, int out_stride, int layer, int layers,
+                                            int heads, int kv_heads, int block_size, float scale) {
+    constexpr int RP = HD + 8;
+    constexpr int CH = HD / 8;
+    constexpr int STAGE = 2 * PF_BN * RP;
+    extern __shared__ __align__(16) bf16 pf_smem[];
+    bf16* qs = pf_smem;                      // [PW_BM][RP]
+    bf16* kv_smem = pf_smem + PW_BM * RP;    // two stages of [K rows][V rows]
+
+    const int tile_i = gridDim.y - 1 - blockIdx.y;
+    const int seq = tiles[2 * tile_i], tile_q = tiles[2 * tile_i + 1];
+    if (tile_q % PW_BM != 0) return;   // the second half of a pair: its rows are the block before's
+    const int h = blockIdx.x, kvh = h / (heads / kv_heads);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int gid = lane >> 2, tid = lane & 3;
+    const int nq = q_len[seq], ctx = ctx_lens[seq];
+    const int first_pos = ctx - nq;
+    const int kvw = kv_heads * HD;
+    const u64 block_elems = (u64)layers * 2 * block_size * kvw;
+    const int* table = block_tables + (u64)seq * max_blocks;
+
+    const int last_row = min(nq, tile_q + PW_BM) - 1;
+    const int kv_end = min(ctx, first_pos + last_row + 1);
+    const int n_kt = (kv_end + PF_BN - 1) / PF_BN;
+
+    // Q rows of the block (rows past the chunk zero-filled); committed with key tile 0.
+    for (int c = threadIdx.x; c < PW_BM * CH; c += PF_WARPS * 32) {
+        const int j = c / CH, part = c % CH;
+        const bool ok = tile_q + j < nq;
+        const bf16* src = ok ? qkv + (u64)(q_start[seq] + tile_q + j) * q_stride + (u64)h * HD + part * 8 : qkv;
+        cp_async16(smem_u32(qs + j * RP + part * 8), src, ok);
+    }
+    auto load_tile = [&](int t) {
+        bf16* ks = kv_smem + (t & 1) * STAGE;
+        bf16* vs = ks + PF_BN * RP;
+        for (int c = threadIdx.x; c < PF_BN * CH; c += PF_WARPS * 32) {
+            const int j = c / CH, part = c % CH;
+            const int key = t * PF_BN + j;
+            const bool ok = key < kv_end;
+            const bf16* src = cache;
+            if (ok) {
+                src = cache + (u64)table[key / block_size] * block_elems +
+                      ((u64)(layer * 2) * block_size + key % block_size) * kvw + (u64)kvh * HD + part * 8;
+            }
+            cp_async16(smem_u32(ks + j * RP + part * 8), src, ok);
+            cp_async16(smem_u32(vs + j * RP + part * 8), ok ? src + (u64)block_size * kvw : cache, ok);
+        }
+        cp_async_commit();
+    };
+    if (n_kt > 0) load_tile(0);
+    else cp_async_commit();
+
+    // This thread's rows: group g (0, 1) of the warp's 32, rows gid and gid + 8 of each.
+    const int wrow = tile_q + warp * 32;
+    const int warp_lo = first_pos + wrow, warp_hi = warp_lo + 31;
+    const bool warp_live = wrow < nq;
+    // Row gid + 8i of group g sits at position warp_lo + 16g + 8i + gid; it exists while that
+    // position is below ctx.
+    const int pos_base = warp_lo + gid;
+
+    float o[2][HD / 8][4];
+#pragma unroll
+    for (int g = 0; g < 2; g++)
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) o[g][i][0] = o[g][i][1] = o[g][i][2] = o[g][i][3] = 0.f;
+    float m[2][2] = {{NEG_INF, NEG_INF}, {NEG_INF, NEG_INF}}, l[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+    const float sl2 = scale * LOG2E;
+
+    // ldmatrix lane addresses: Q (A operand, x4 = rows 0-7/8-15 × cols 0-7/8-15 of a 16×16
+    // block), K plain and V transposed as in the pipelined kernel.
+    const u32 q_lane = smem_u32(qs) + (u32)(((warp * 32 + (lane & 15)) * RP + (lane >> 4) * 8) * 2);
+    const u32 k_lane = (u32)(((lane & 7) * RP + (lane >> 3) * 8) * 2);
+    const u32 v_lane = (u32)((((lane & 7) + ((lane >> 3) & 1) * 8) * RP + (lane >> 4) * 8) * 2);
+
+    for (int t = 0; t < n_kt; t++) {
+        if (t + 1 < n_kt) {
+            load_tile(t + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const int kb = t * PF_BN;
+        if (warp_live && kb <= warp_hi) {
+            const u32 kbase = smem_u32(kv_smem + (t & 1) * STAGE);
+            const u32 vbase = kbase + PF_BN * RP * 2;
+
+            float s[2][PF_BN / 8][4];
+#pragma unroll
+            for (int g = 0; g < 2; g++)
+#pragma unroll
+                for (int nt = 0; nt < PF_BN / 8; nt++) s[g][nt][0] = s[g][nt][1] = s[g][nt][2] = s[g][nt][3] = 0.f;
+            // Not unrolled: the loads of one k step are all a step needs, and unrolling lets the
+            // compiler hoist later steps' loads past the register budget.
+#pragma unroll 1
+            for (int kk = 0; kk < HD / 16; kk += 2) {
+                u32 qa[2][2][4];   // [group][k step][fragment]
+#pragma unroll
+                for (int g = 0; g < 2; g++)
+#pragma unroll
+                    for (int k2 = 0; k2 < 2; k2++)
+                        ldsm_x4(q_lane + (u32)((g * 16 * RP + (kk + k2) * 16) * 2), qa[g][k2][0], qa[g][k2][1],
+                                qa[g][k2][2], qa[g][k2][3]);
+#pragma unroll
+                for (int nt = 0; nt < PF_BN / 8; nt++) {
+                    u32 b0, b1, b2, b3;
+                    ldsm_x4(kbase + (u32)((nt * 8 * RP + kk * 16) * 2) + k_lane, b0, b1, b2, b3);
+#pragma unroll
+                    for (int g = 0; g < 2; g++) {
+                        mma_bf16(s[g][nt], qa[g][0], b0, b1);
+                        mma_bf16(s[g][nt], qa[g][1], b2, b3);
+                    }
+                }
+            }
+            const bool diag = kb + PF_BN - 1 > warp_lo;
+#pragma unroll
+            for (int g = 0; g < 2; g++) {
+                if (diag) {
+#pragma unroll
+                    for (int nt = 0; nt < PF_BN / 8; nt++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int key = kb + nt * 8 + tid * 2 + (e & 1);
+                            const int p = pos_base + g * 16 + (e >> 1) * 8;
+                            s[g][nt][e] = (p < ctx && key <= p) ? s[g][nt][e] * sl2 : NEG_INF;
+                        }
+                } else {
+#pragma unroll
+                    for (int nt = 0; nt < PF_BN / 8; nt++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) s[g][nt][e] *= sl2;
+                }
+                float mx0 = m[g][0], mx1 = m[g][1];
+#pragma unroll
+                for (int nt = 0; nt < PF_BN / 8; nt++) {
+                    mx0 = fmaxf(mx0, fmaxf(s[g][nt][0], s[g][nt][1]));
+                    mx1 = fmaxf(mx1, fmaxf(s[g][nt][2], s[g][nt][3]));
+                }
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+                const float b0 = mx0 == NEG_INF ? 0.f : mx0, b1 = mx1 == NEG_INF ? 0.f : mx1;
+                const float c0 = ex2((m[g][0] == NEG_INF ? b0 : m[g][0]) - b0);
+                const float c1 = ex2((m[g][1] == NEG_INF ? b1 : m[g][1]) - b1);
+                m[g][0] = mx0;
+                m[g][1] = mx1;
+                l[g][0] *= c0;
+                l[g][1] *= c1;
+#pragma unroll
+                for (int i = 0; i < HD / 8; i++) {
+                    o[g][i][0] *= c0;
+                    o[g][i][1] *= c0;
+                    o[g][i][2] *= c1;
+                    o[g][i][3] *= c1;
+                }
+#pragma unroll
+                for (int nt = 0; nt < PF_BN / 8; nt++) {
+                    s[g][nt][0] = ex2(s[g][nt][0] - b0);
+                    s[g][nt][1] = ex2(s[g][nt][1] - b0);
+                    s[g][nt][2] = ex2(s[g][nt][2] - b1);
+                    s[g][nt][3] = ex2(s[g][nt][3] - b1);
+                    l[g][0] += s[g][nt][0] + s[g][nt][1];
+                    l[g][1] += s[g][nt][2] + s[g][nt][3];
+                }
+            }
+            // P as bf16 pairs (half the registers of the float scores), then O += P V, each V
+            // fragment feeding both row groups.
+            u32 pa[2][PF_BN / 16][4];
+#pragma unroll
+            for (int g = 0; g < 2; g++)
+#pragma unroll
+                for (int kk = 0; kk < PF_BN / 16; kk++) {
+                    pa[g][kk][0] = cvt_bf2(s[g][2 * kk][0], s[g][2 * kk][1]);
+                    pa[g][kk][1] = cvt_bf2(s[g][2 * kk][2], s[g][2 * kk][3]);
+                    pa[g][kk][2] = cvt_bf2(s[g][2 * kk + 1][0], s[g][2 * kk + 1][1]);
+                    pa[g][kk][3] = cvt_bf2(s[g][2 * kk + 1][2], s[g][2 * kk + 1][3]);
+                }
+#pragma unroll
+            for (int kk = 0; kk < PF_BN / 16; kk++) {
+#pragma unroll
+                for (int dt = 0; dt < HD / 8; dt += 2) {
+                    u32 b0v, b1v, b2v, b3v;
+                    ldsm_x4_t(vbase + (u32)((kk * 16 * RP + dt * 8) * 2) + v_lane, b0v, b1v, b2v, b3v);
+#pragma unroll
+                    for (int g = 0; g < 2; g++) {
+                        mma_bf16(o[g][dt], pa[g][kk], b0v, b1v);
+                        mma_bf16(o[g][dt + 1], pa[g][kk], b2v, b3v);
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int g = 0; g < 2; g++) {
+        float l0 = l[g][0], l1 = l[g][1];
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+        l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+        l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+        const float i0 = l0 > 0.f ? 1.f / l0 : 0.f, i1 = l1 > 0.f ? 1.f / l1 : 0.f;
+        const int r0 = wrow + g * 16 + gid;
+        bf16* o0 = out + (u64)(q_start[seq] + r0) * out_stride + (u64)h * HD;
+        bf16* o1 = o0 + (u64)8 * out_stride;
+#pragma unroll
+        for (int dt = 0; dt < HD / 8; dt++) {
+            int c = dt * 8 + tid * 2;
+            if (r0 < nq) *(u32*)(o0 + c) = pack_bf2(o[g][dt][0] * i0, o[g][dt][1] * i0);
+            if (r0 + 8 < nq) *(u32*)(o1 + c) = pack_bf2(o[g][dt][2] * i1, o[g][dt][3] * i1);
+        }
+    }
+}
+
+#define PREFILL_WIDE(HD)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) prefill_attention_wide_##HD(                 \
+        const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks,            \
+        const int* tiles, const int* q_start, const int* q_len, const int* ctx_lens, bf16* out, int out_stride, \
+        int layer, int layers, int heads, int kv_heads, int block_size, float scale) {                        \
+        prefill_attention_wide_impl<HD>(qkv, q_stride, cache, block_tables, max_blocks, tiles, q_start, q_len, \
+                                        ctx_lens, out, out_stride, layer, layers, heads, kv_heads, block_size, \
+                                        scale);                                                               \
+    }
+PREFILL_WIDE(64)
+PREFILL_WIDE(128)
+
+// ---------------------------------------------------------------------------------------------
 // Decode attention on tensor cores. Same grid, split and outputs as decode_attention above
 // (block = (kv head, sequence, split), unnormalised partial rows and (max, sum) pairs for
 // attn_combine), but the group's query heads are the rows of an m16n8k16 tile (rows past the
