@@ -38,6 +38,17 @@ impl Buf {
 /// H200: at 8 tokens the per-warp re-reads of the input make the kernel several times slower
 /// than cuBLAS).
 pub const GEMV_MAX: usize = 2;
+/// Shared memory the fused matrix-vector kernels may stage their input rows in (bf16).
+const GEMV_FUSED_SMEM: usize = 96 << 10;
+
+/// The stage a fused matrix-vector kernel computes its input with ([`Gpu::gemv_fused`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prologue {
+    /// RMSNorm of the f32 residual rows times the norm weight.
+    Norm,
+    /// SiLU(gate) · up of the gate|up rows.
+    SiluMul,
+}
 
 /// Element type of a GEMM operand or result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +163,10 @@ pub struct Kernels {
     pub prefill_attention_wide: [CudaFunction; 2],
     /// `gemv[n - 1]`: the matrix-vector kernel for n tokens.
     pub gemv: Vec<CudaFunction>,
+    /// `gemv_norm[n - 1]`, `gemv_silu[n - 1]`: the matrix-vector kernel with the RMSNorm or the
+    /// SiLU·mul before it in its prologue; see [`Gpu::gemv_fused`].
+    pub gemv_norm: Vec<CudaFunction>,
+    pub gemv_silu: Vec<CudaFunction>,
     pub argmax: CudaFunction,
     pub sample: CudaFunction,
     pub block_checksum: CudaFunction,
@@ -210,6 +225,15 @@ impl Kernels {
         }
         let module = ctx.load_module(ptx_for(&format!("sm_{major}{minor}"))?)?;
         let f = |name: &str| module.load_function(name).map_err(CudaError::from);
+        let fused = |name: &str| -> Result<Vec<CudaFunction>> {
+            (1..=GEMV_MAX)
+                .map(|n| {
+                    let func = f(&format!("{name}_{n}"))?;
+                    func.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, GEMV_FUSED_SMEM as i32)?;
+                    Ok(func)
+                })
+                .collect()
+        };
         Ok(Self {
             fill: f("fill_uniform_bf16")?,
             embed: f("embed")?,
@@ -256,6 +280,8 @@ impl Kernels {
                 fs
             },
             gemv: (1..=GEMV_MAX).map(|n| f(&format!("gemv_{n}"))).collect::<Result<_>>()?,
+            gemv_norm: fused("gemv_norm")?,
+            gemv_silu: fused("gemv_silu")?,
             argmax: f("argmax_rows")?,
             sample: f("sample_rows")?,
             block_checksum: f("block_checksum")?,
@@ -279,6 +305,9 @@ pub struct Gpu {
     pub prefill_kernel: PrefillAttention,
     /// The decode attention kernel passes launch ([`DecodeAttention::from_env`]).
     pub decode_kernel: DecodeAttention,
+    /// Passes of at most [`GEMV_MAX`] tokens fold the RMSNorm and SiLU·mul into the
+    /// matrix-vector kernel after them (`TANDEM_CUDA_FUSE=0` keeps them separate).
+    pub fuse: bool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -316,7 +345,8 @@ impl Gpu {
         let pdl = ctx.compute_capability()?.0 >= 9 && std::env::var("TANDEM_CUDA_PDL").map_or(true, |v| v != "0");
         let prefill_kernel = PrefillAttention::from_env();
         let decode_kernel = DecodeAttention::from_env();
-        Ok(Self { ctx, stream, blas, _workspace: workspace, k, name, sms, pdl, prefill_kernel, decode_kernel })
+        let fuse = std::env::var("TANDEM_CUDA_FUSE").map_or(true, |v| v != "0");
+        Ok(Self { ctx, stream, blas, _workspace: workspace, k, name, sms, pdl, prefill_kernel, decode_kernel, fuse })
     }
 
     pub fn alloc(&self, bytes: usize) -> Result<Buf> {
@@ -431,6 +461,45 @@ impl Gpu {
         // W holds rows×cols, x n×cols, y n×rows elements: callers size them so; the kernel
         // touches only those.
         self.launch_dependent(&self.k.gemv[n - 1], (rows.div_ceil(8) as u32, 1, 1), 256, 0, &[&w, &x, &y, &r, &c, &mode])
+    }
+
+    /// The matrix-vector kernel with the stage before it folded in, for `n ≤ GEMV_MAX` tokens:
+    /// [`Prologue::Norm`] makes its input RMSNorm(x) · `norm_w` from the f32 residual rows `x`
+    /// [n × cols]; [`Prologue::SiluMul`] makes it SiLU(gate) · up from the bf16 gate|up rows `x`
+    /// [n × 2·cols]. `Ok(false)` where the fused kernel does not apply (too many tokens, fusion
+    /// off, an input row past the shared-memory budget): the caller runs the stages apart.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_fused(
+        &self,
+        prologue: Prologue,
+        x: u64,
+        norm_w: u64,
+        eps: f32,
+        w: u64,
+        y: u64,
+        n: usize,
+        rows: usize,
+        cols: usize,
+        out: Dt,
+        accumulate: bool,
+    ) -> Result<bool> {
+        let smem = n * cols * 2;
+        if !self.fuse || n == 0 || n > GEMV_MAX || !cols.is_multiple_of(8) || smem > GEMV_FUSED_SMEM {
+            return Ok(false);
+        }
+        let mode: i32 = match (out, accumulate) {
+            (Dt::Bf16, false) => 0,
+            (Dt::F32, false) => 1,
+            (Dt::F32, true) => 2,
+            (Dt::Bf16, true) => return Err(CudaError::Unsupported("bf16 accumulate".into())),
+        };
+        let f = match prologue {
+            Prologue::Norm => &self.k.gemv_norm[n - 1],
+            Prologue::SiluMul => &self.k.gemv_silu[n - 1],
+        };
+        let (r, c) = (rows as i32, cols as i32);
+        self.launch_dependent(f, (rows.div_ceil(8) as u32, 1, 1), 256, smem as u32, &[&w, &x, &norm_w, &eps, &y, &r, &c, &mode])?;
+        Ok(true)
     }
 
     /// Column-major cuBLAS view of the row-major product: C[m × n] = Aᵀ·B with A = W (k × m
@@ -658,4 +727,38 @@ fn alloc(stream: &Arc<CudaStream>, bytes: usize) -> Result<Buf> {
         ptr
     };
     Ok(Buf { ptr, bytes, _slice: Backing::Pooled { _slice: slice } })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hopper and Ada give a block at most 227 KiB of dynamic shared memory, Ampere (8.0) 163 KiB:
+    /// every attention form must fit the smaller, and two blocks of each tiled form must fit an
+    /// H100/H200 multiprocessor (228 KiB) so the copy of one overlaps the other's arithmetic.
+    #[test]
+    fn attention_shared_memory_fits_the_devices() {
+        for hd in [64, 128] {
+            for k in [PrefillAttention::Staged, PrefillAttention::Pipelined, PrefillAttention::Wide] {
+                let b = k.shared_bytes(hd) as usize;
+                assert!(b <= 163 << 10, "{k:?} hd {hd}: {b} bytes");
+                assert!(2 * b <= 228 << 10, "{k:?} hd {hd}: two blocks of {b} bytes");
+            }
+            assert_eq!(DecodeAttention::Mma.shared_bytes(hd), PrefillAttention::Pipelined.shared_bytes(hd));
+            assert_eq!(DecodeAttention::Lanes.shared_bytes(hd), 0);
+        }
+        assert_eq!(PrefillAttention::Pipelined.shared_bytes(128), 69_632);
+        assert_eq!(PrefillAttention::Wide.shared_bytes(128), 104_448);
+        // The decode kernel's merge reuses the stages: four warps' rows of 8 heads and their
+        // (max, sum) pairs, in f32.
+        assert!((4 * 8 * 128 + 4 * 8 * 2) * 4 <= DecodeAttention::Mma.shared_bytes(128) as usize);
+        assert!((4 * 8 * 64 + 4 * 8 * 2) * 4 <= DecodeAttention::Mma.shared_bytes(64) as usize);
+    }
+
+    /// The fused matrix-vector kernels stage n input rows of bf16: the widest input of the
+    /// shapes served (Llama 3.1 8B's down projection, 14,336 columns) fits for both token counts.
+    #[test]
+    fn fused_gemv_stages_the_widest_rows() {
+        assert!(GEMV_MAX * 14_336 * 2 <= GEMV_FUSED_SMEM);
+    }
 }

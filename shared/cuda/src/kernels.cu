@@ -1336,13 +1336,56 @@ DECODE_MMA_GROUPS(128)
 // x[n][k], W row-major bf16 [rows × cols], x bf16 [n × cols]. One warp per output row, 16-byte
 // weight loads that bypass L1, eight in flight per lane. mode 0: y bf16; 1: y f32; 2: y f32 +=
 // (the residual add). Requires cols % 8 == 0.
+//
 
-template <int N>
-__device__ void gemv_impl(const bf16* w, const bf16* x, void* y, int rows, int cols, int mode) {
+// The fused forms take the stage before them into a prologue, one kernel boundary fewer each:
+// IN 1 makes x = RMSNorm(residual) · norm weight from the f32 residual rows, IN 2 makes
+// x = SiLU(gate) · up from the bf16 gate|up rows (width 2·cols). The block computes its input
+// rows once into shared memory (bf16, rounded as the separate kernels round them) while its first
+// weight loads are in flight, then every warp reads x from there.
+
+template <int N, int IN>
+__device__ __forceinline__ void gemv_stage_input(const void* xin, const bf16* nw, float eps, bf16* xs, int cols) {
+    __shared__ float scratch[32];
+    for (int n = 0; n < N; n++) {
+        if (IN == 1) {
+            const float* xr = (const float*)xin + (u64)n * cols;
+            float ss = 0.f;
+            for (int j = threadIdx.x * 4; j < cols; j += blockDim.x * 4) {
+                const float4 v = *(const float4*)(xr + j);
+                ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+            }
+            const float inv = rsqrtf(block_sum(ss, scratch) / cols + eps);
+            for (int j = threadIdx.x * 4; j < cols; j += blockDim.x * 4) {
+                const float4 v = *(const float4*)(xr + j);
+                xs[n * cols + j] = f2bf(v.x * inv * bf2f(nw[j]));
+                xs[n * cols + j + 1] = f2bf(v.y * inv * bf2f(nw[j + 1]));
+                xs[n * cols + j + 2] = f2bf(v.z * inv * bf2f(nw[j + 2]));
+                xs[n * cols + j + 3] = f2bf(v.w * inv * bf2f(nw[j + 3]));
+            }
+        } else {
+            const bf16* gr = (const bf16*)xin + (u64)n * 2 * cols;
+            for (int j = threadIdx.x * 8; j < cols; j += blockDim.x * 8) {
+                float g[8], u[8];
+                unpack8(*(const uint4*)(gr + j), g);
+                unpack8(*(const uint4*)(gr + cols + j), u);
+#pragma unroll
+                for (int e = 0; e < 8; e++) xs[n * cols + j + e] = f2bf(g[e] / (1.f + __expf(-g[e])) * u[e]);
+            }
+        }
+    }
+    __syncthreads();
+}
+
+template <int N, int IN>
+__device__ void gemv_impl(const bf16* w, const void* xin, const bf16* nw, float eps, void* y, int rows, int cols,
+                          int mode) {
+    extern __shared__ __align__(16) bf16 gemv_xs[];
     pdl_trigger();
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= rows) return;
+    const bool live = r < rows;
+    if (IN == 0 && !live) return;
     const bf16* wr = w + (u64)r * cols;
     float acc[N];
 #pragma unroll
@@ -1353,12 +1396,18 @@ __device__ void gemv_impl(const bf16* w, const bf16* x, void* y, int rows, int c
     // dependent, this one starts during its tail): weights are never written by a pass, so the
     // loads may run early; x and y are touched only after the wait.
     uint4 wv[U];
-    bool more = k + (U - 1) * 256 < cols;
+    bool more = live && k + (U - 1) * 256 < cols;
     if (more) {
 #pragma unroll
         for (int u = 0; u < U; u++) wv[u] = ldg_stream(wr + k + u * 256);
     }
     pdl_wait();
+    const bf16* x = (const bf16*)xin;
+    if (IN != 0) {
+        gemv_stage_input<N, IN>(xin, nw, eps, gemv_xs, cols);
+        x = gemv_xs;
+        if (!live) return;
+    }
     while (more) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
@@ -1404,11 +1453,20 @@ __device__ void gemv_impl(const bf16* w, const bf16* x, void* y, int rows, int c
 }
 
 extern "C" __global__ void __launch_bounds__(256) gemv_1(const bf16* w, const bf16* x, void* y, int rows, int cols, int mode) {
-    gemv_impl<1>(w, x, y, rows, cols, mode);
+    gemv_impl<1, 0>(w, x, nullptr, 0.f, y, rows, cols, mode);
 }
 extern "C" __global__ void __launch_bounds__(256) gemv_2(const bf16* w, const bf16* x, void* y, int rows, int cols, int mode) {
-    gemv_impl<2>(w, x, y, rows, cols, mode);
+    gemv_impl<2, 0>(w, x, nullptr, 0.f, y, rows, cols, mode);
 }
+#define GEMV_FUSED(NAME, N, IN)                                                                              \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const bf16* w, const void* x, const bf16* nw,      \
+                                                           float eps, void* y, int rows, int cols, int mode) { \
+        gemv_impl<N, IN>(w, x, nw, eps, y, rows, cols, mode);                                                 \
+    }
+GEMV_FUSED(gemv_norm_1, 1, 1)
+GEMV_FUSED(gemv_norm_2, 2, 1)
+GEMV_FUSED(gemv_silu_1, 1, 2)
+GEMV_FUSED(gemv_silu_2, 2, 2)
 
 // ---------------------------------------------------------------------------------------------
 // Sampling on the device. One block of 1024 threads per row of f32 logits.

@@ -27,7 +27,7 @@ mod pinned;
 pub mod plan;
 pub mod shard;
 
-pub use device::{DecodeAttention, Gpu, PrefillAttention};
+pub use device::{DecodeAttention, Gpu, PrefillAttention, Prologue};
 pub use engine::{CudaConfig, CudaEngine, DevicePasses, DeviceSampling};
 
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@
 use tandem_engine::weights::WeightSource;
 use tandem_engine::ModelConfig;
 
-use crate::device::{Buf, Dt, Gpu};
+use crate::device::{Buf, Dt, Gpu, Prologue};
 use crate::group::Nccl;
 use crate::plan::{Offsets, Plan};
 use crate::shard::{take_cols, take_rows, Tp};
@@ -449,14 +449,16 @@ impl Model {
         let scale = 1.0 / (d.hd as f32).sqrt();
         let null = 0u64;
         gpu.bind()?;
-        gpu.launch_dependent(
-            &k.rms_norm,
-            (n as u32, 1, 1),
-            Self::threads(hid),
-            0,
-            &[&s.x.ptr, &null, &l.attn_norm.ptr, &s.h.ptr, &(hid as i32), &eps],
-        )?;
-        gpu.linear(s.h.ptr, l.qkv.ptr, s.qkv.ptr, n, width, hid, Dt::Bf16, false)?;
+        if !gpu.gemv_fused(Prologue::Norm, s.x.ptr, l.attn_norm.ptr, eps, l.qkv.ptr, s.qkv.ptr, n, width, hid, Dt::Bf16, false)? {
+            gpu.launch_dependent(
+                &k.rms_norm,
+                (n as u32, 1, 1),
+                Self::threads(hid),
+                0,
+                &[&s.x.ptr, &null, &l.attn_norm.ptr, &s.h.ptr, &(hid as i32), &eps],
+            )?;
+            gpu.linear(s.h.ptr, l.qkv.ptr, s.qkv.ptr, n, width, hid, Dt::Bf16, false)?;
+        }
         mark(gpu, "qkv")?;
         // Eight heads a block from 64 tokens up (prefill, large decode batches); one below, for
         // the shortest chain at a handful of tokens.
@@ -564,19 +566,24 @@ impl Model {
         let eps = self.cfg.rms_eps as f32;
         let null = 0u64;
         gpu.bind()?;
-        gpu.launch_dependent(
-            &gpu.k.rms_norm,
-            (n as u32, 1, 1),
-            Self::threads(hid),
-            0,
-            &[&s.x.ptr, &null, &l.mlp_norm.ptr, &s.h.ptr, &(hid as i32), &eps],
-        )?;
-        gpu.linear(s.h.ptr, l.gate_up.ptr, s.gu.ptr, n, 2 * d.ffn, hid, Dt::Bf16, false)?;
+        let gu_rows = 2 * d.ffn;
+        if !gpu.gemv_fused(Prologue::Norm, s.x.ptr, l.mlp_norm.ptr, eps, l.gate_up.ptr, s.gu.ptr, n, gu_rows, hid, Dt::Bf16, false)? {
+            gpu.launch_dependent(
+                &gpu.k.rms_norm,
+                (n as u32, 1, 1),
+                Self::threads(hid),
+                0,
+                &[&s.x.ptr, &null, &l.mlp_norm.ptr, &s.h.ptr, &(hid as i32), &eps],
+            )?;
+            gpu.linear(s.h.ptr, l.gate_up.ptr, s.gu.ptr, n, gu_rows, hid, Dt::Bf16, false)?;
+        }
         mark(gpu, "gate_up")?;
-        let total = (n * d.ffn) as u64;
-        let blocks = (n * d.ffn).div_ceil(256).min(65536) as u32;
-        gpu.launch_dependent(&gpu.k.silu_mul, (blocks, 1, 1), 256, 0, &[&s.gu.ptr, &s.act.ptr, &(d.ffn as i32), &total])?;
-        gpu.linear(s.act.ptr, l.down.ptr, s.x.ptr, n, hid, d.ffn, Dt::F32, lead)?;
+        if !gpu.gemv_fused(Prologue::SiluMul, s.gu.ptr, 0, 0.0, l.down.ptr, s.x.ptr, n, hid, d.ffn, Dt::F32, lead)? {
+            let total = (n * d.ffn) as u64;
+            let blocks = (n * d.ffn).div_ceil(256).min(65536) as u32;
+            gpu.launch_dependent(&gpu.k.silu_mul, (blocks, 1, 1), 256, 0, &[&s.gu.ptr, &s.act.ptr, &(d.ffn as i32), &total])?;
+            gpu.linear(s.act.ptr, l.down.ptr, s.x.ptr, n, hid, d.ffn, Dt::F32, lead)?;
+        }
         mark(gpu, "down")
     }
 
