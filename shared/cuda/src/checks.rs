@@ -551,6 +551,122 @@ pub fn greedy_vs_cpu(model: &str, prompts: &[&str], tokens: usize, must_match: u
 /// The device samplers: greedy and top-k = 1 equal the host's argmax; tokens drawn with
 /// temperature, top-k and top-p stay inside the kept set and follow its distribution (total
 /// variation under 0.06 over 4,096 draws); the same seed and counter draw the same token.
+/// The projections' other paths against float64 on random bf16 operands: split-K GEMMs (K cut
+/// into slices, partial products summed by `splitk_reduce`, with and without the residual add)
+/// and the matrix-vector kernels with the RMSNorm or SiLU·mul in their prologue. Each output is
+/// poisoned first.
+pub fn projections(gpu: &Gpu) -> Result<Vec<Check>> {
+    use crate::device::{split_k_slices, Dt, Prologue};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    fn bf16_vec(rng: &mut rand::rngs::StdRng, len: usize, scale: f32) -> (Vec<u16>, Vec<f64>) {
+        (0..len).map(|_| bf16_round(rng.random_range(-scale..scale))).unzip()
+    }
+    let mut checks = Vec::new();
+    // (rows, tokens, depth, f32 output accumulating into a residual)
+    for (m, n, k, residual) in
+        [(3072usize, 128usize, 2048usize, false), (2048, 128, 8192, true), (1024, 40, 4096, true), (6144, 8, 4096, false)]
+    {
+        let (w, wf) = bf16_vec(&mut rng, m * k, 0.05);
+        let (x, xf) = bf16_vec(&mut rng, n * k, 1.0);
+        let base: Vec<f32> = (0..m * n).map(|i| (i % 7) as f32 - 3.0).collect();
+        let (wb, xb, yb) = (gpu.alloc(m * k * 2)?, gpu.alloc(n * k * 2)?, gpu.alloc(m * n * 4)?);
+        gpu.upload(wb.ptr, &w)?;
+        gpu.upload(xb.ptr, &x)?;
+        let mut out = vec![0f64; m * n];
+        if residual {
+            gpu.upload(yb.ptr, &base)?;
+            gpu.linear(xb.ptr, wb.ptr, yb.ptr, n, m, k, Dt::F32, true)?;
+            let mut y = vec![0f32; m * n];
+            gpu.download(&mut y, yb.ptr)?;
+            out.iter_mut().zip(&y).for_each(|(o, v)| *o = *v as f64);
+        } else {
+            gpu.upload(yb.ptr, &vec![0xFFFFu16; m * n])?;
+            gpu.linear(xb.ptr, wb.ptr, yb.ptr, n, m, k, Dt::Bf16, false)?;
+            let mut y = vec![0u16; m * n];
+            gpu.download(&mut y, yb.ptr)?;
+            out.iter_mut().zip(&y).for_each(|(o, v)| *o = half::bf16::from_bits(*v).to_f64());
+        }
+        let reference: Vec<f64> = (0..n * m)
+            .map(|i| {
+                let (t, r) = (i / m, i % m);
+                let dot: f64 = (0..k).map(|j| wf[r * k + j] * xf[t * k + j]).sum();
+                dot + if residual { base[i] as f64 } else { 0.0 }
+            })
+            .collect();
+        let err = rel_err(&out, &reference);
+        let slices = split_k_slices(m, n, k, gpu.sms);
+        checks.push(Check {
+            name: format!("projection {m}×{k} for {n} tokens{}", if residual { " into the residual" } else { ", bf16 out" }),
+            passed: err < ATTENTION_TOLERANCE,
+            rel_err: Some(err),
+            tolerance: Some(ATTENTION_TOLERANCE),
+            detail: format!("{slices} K slice(s) on {} SMs", gpu.sms),
+        });
+    }
+    // Fused matrix-vector kernels: norm (hidden 4096 → 6144 rows, bf16 out) and SiLU·mul (ffn
+    // 14336 → 4096 rows into the residual), for one and two tokens.
+    for n in 1..=crate::device::GEMV_MAX {
+        let (hid, rows) = (4096usize, 6144usize);
+        let xres: Vec<f32> = (0..n * hid).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let (nw, nwf) = bf16_vec(&mut rng, hid, 1.5);
+        let (w, wf) = bf16_vec(&mut rng, rows * hid, 0.05);
+        let (xb, nb, wb, yb) = (gpu.alloc(n * hid * 4)?, gpu.alloc(hid * 2)?, gpu.alloc(rows * hid * 2)?, gpu.alloc(n * rows * 2)?);
+        gpu.upload(xb.ptr, &xres)?;
+        gpu.upload(nb.ptr, &nw)?;
+        gpu.upload(wb.ptr, &w)?;
+        gpu.upload(yb.ptr, &vec![0xFFFFu16; n * rows])?;
+        let eps = 1e-5f32;
+        let ran = gpu.gemv_fused(Prologue::Norm, xb.ptr, nb.ptr, eps, wb.ptr, yb.ptr, n, rows, hid, Dt::Bf16, false)?;
+        let mut y = vec![0u16; n * rows];
+        gpu.download(&mut y, yb.ptr)?;
+        let out: Vec<f64> = y.iter().map(|v| half::bf16::from_bits(*v).to_f64()).collect();
+        let mut reference = Vec::with_capacity(n * rows);
+        for t in 0..n {
+            let xr = &xres[t * hid..(t + 1) * hid];
+            let inv = 1.0 / (xr.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / hid as f64 + eps as f64).sqrt();
+            let h: Vec<f64> = xr.iter().zip(&nwf).map(|(v, g)| *v as f64 * inv * g).collect();
+            reference.extend((0..rows).map(|r| (0..hid).map(|j| wf[r * hid + j] * h[j]).sum::<f64>()));
+        }
+        let err = rel_err(&out, &reference);
+        checks.push(Check {
+            name: format!("matrix-vector with RMSNorm prologue, {n} token(s)"),
+            passed: ran && err < ATTENTION_TOLERANCE,
+            rel_err: Some(err),
+            tolerance: Some(ATTENTION_TOLERANCE),
+            detail: if ran { "fused kernel".into() } else { "the fused kernel did not run (TANDEM_CUDA_FUSE=0?)".into() },
+        });
+
+        let (ffn, rows) = (14336usize, 4096usize);
+        let (gu, guf) = bf16_vec(&mut rng, n * 2 * ffn, 3.0);
+        let (w, wf) = bf16_vec(&mut rng, rows * ffn, 0.05);
+        let base: Vec<f32> = (0..n * rows).map(|i| (i % 5) as f32 - 2.0).collect();
+        let (gb, wb, yb) = (gpu.alloc(n * 2 * ffn * 2)?, gpu.alloc(rows * ffn * 2)?, gpu.alloc(n * rows * 4)?);
+        gpu.upload(gb.ptr, &gu)?;
+        gpu.upload(wb.ptr, &w)?;
+        gpu.upload(yb.ptr, &base)?;
+        let ran = gpu.gemv_fused(Prologue::SiluMul, gb.ptr, 0, 0.0, wb.ptr, yb.ptr, n, rows, ffn, Dt::F32, true)?;
+        let mut y = vec![0f32; n * rows];
+        gpu.download(&mut y, yb.ptr)?;
+        let out: Vec<f64> = y.iter().map(|v| *v as f64).collect();
+        let mut reference = Vec::with_capacity(n * rows);
+        for t in 0..n {
+            let g = &guf[t * 2 * ffn..t * 2 * ffn + ffn];
+            let u = &guf[t * 2 * ffn + ffn..(t + 1) * 2 * ffn];
+            let act: Vec<f64> = g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+            reference.extend((0..rows).map(|r| base[t * rows + r] as f64 + (0..ffn).map(|j| wf[r * ffn + j] * act[j]).sum::<f64>()));
+        }
+        let err = rel_err(&out, &reference);
+        checks.push(Check {
+            name: format!("matrix-vector with SiLU·mul prologue into the residual, {n} token(s)"),
+            passed: ran && err < ATTENTION_TOLERANCE,
+            rel_err: Some(err),
+            tolerance: Some(ATTENTION_TOLERANCE),
+            detail: if ran { "fused kernel".into() } else { "the fused kernel did not run (TANDEM_CUDA_FUSE=0?)".into() },
+        });
+    }
+    Ok(checks)
+}
+
 pub fn sampling(gpu: &Gpu) -> Result<Vec<Check>> {
     let vocab = 1000usize;
     let rows = 4096usize;

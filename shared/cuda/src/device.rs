@@ -44,6 +44,22 @@ const GEMV_FUSED_SMEM: usize = 96 << 10;
 // for every token count the kernels take.
 const _: () = assert!(GEMV_MAX * 14_336 * 2 <= GEMV_FUSED_SMEM);
 
+/// K slices for a GEMM of `m` weight rows, `n` tokens and depth `k` on `sms` multiprocessors: 1
+/// where its 128×128 output tiles already give every multiprocessor one, else the power of two
+/// (at most 8) that brings the tile count up to about one a multiprocessor, each slice at least
+/// 256 deep and a multiple of 64, the partial products within the scratch buffer.
+pub fn split_k_slices(m: usize, n: usize, k: usize, sms: usize) -> usize {
+    let tiles = m.div_ceil(128) * n.div_ceil(128);
+    let mut s = 1;
+    while s < 8 && tiles * s * 2 <= sms {
+        s *= 2;
+    }
+    while s > 1 && (!k.is_multiple_of(s * 64) || k / s < 256 || s * m * n * 4 > SPLIT_SCRATCH_BYTES || !(m * n).is_multiple_of(4)) {
+        s /= 2;
+    }
+    s
+}
+
 /// The stage a fused matrix-vector kernel computes its input with ([`Gpu::gemv_fused`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Prologue {
@@ -170,6 +186,7 @@ pub struct Kernels {
     /// SiLU·mul before it in its prologue; see [`Gpu::gemv_fused`].
     pub gemv_norm: Vec<CudaFunction>,
     pub gemv_silu: Vec<CudaFunction>,
+    pub splitk_reduce: CudaFunction,
     pub argmax: CudaFunction,
     pub sample: CudaFunction,
     pub block_checksum: CudaFunction,
@@ -284,6 +301,7 @@ impl Kernels {
             },
             gemv: (1..=GEMV_MAX).map(|n| f(&format!("gemv_{n}"))).collect::<Result<_>>()?,
             gemv_norm: fused("gemv_norm")?,
+            splitk_reduce: f("splitk_reduce")?,
             gemv_silu: fused("gemv_silu")?,
             argmax: f("argmax_rows")?,
             sample: f("sample_rows")?,
@@ -298,6 +316,8 @@ pub struct Gpu {
     pub stream: Arc<CudaStream>,
     blas: CudaBlas,
     _workspace: Buf,
+    /// Partial products of split-K GEMMs ([`Gpu::split_k`]).
+    split_scratch: Buf,
     pub k: Kernels,
     pub name: String,
     pub sms: usize,
@@ -311,6 +331,9 @@ pub struct Gpu {
     /// Passes of at most [`GEMV_MAX`] tokens fold the RMSNorm and SiLU·mul into the
     /// matrix-vector kernel after them (`TANDEM_CUDA_FUSE=0` keeps them separate).
     pub fuse: bool,
+    /// GEMMs of few tokens whose output tiles would not fill the GPU cut K into slices
+    /// (`TANDEM_CUDA_SPLITK=0` turns it off).
+    split_k: bool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -320,6 +343,8 @@ impl std::fmt::Debug for Gpu {
 }
 
 const WORKSPACE_BYTES: usize = 64 << 20;
+/// Partial products a split-K GEMM may write (f32): 8 slices of 4,096 × 256 outputs.
+const SPLIT_SCRATCH_BYTES: usize = 32 << 20;
 
 impl Gpu {
     pub fn open(ordinal: usize) -> Result<Self> {
@@ -349,7 +374,23 @@ impl Gpu {
         let prefill_kernel = PrefillAttention::from_env();
         let decode_kernel = DecodeAttention::from_env();
         let fuse = std::env::var("TANDEM_CUDA_FUSE").map_or(true, |v| v != "0");
-        Ok(Self { ctx, stream, blas, _workspace: workspace, k, name, sms, pdl, prefill_kernel, decode_kernel, fuse })
+        let split_k = std::env::var("TANDEM_CUDA_SPLITK").map_or(true, |v| v != "0");
+        let split_scratch = alloc(&stream, SPLIT_SCRATCH_BYTES)?;
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            _workspace: workspace,
+            split_scratch,
+            k,
+            name,
+            sms,
+            pdl,
+            prefill_kernel,
+            decode_kernel,
+            fuse,
+            split_k,
+        })
     }
 
     pub fn alloc(&self, bytes: usize) -> Result<Buf> {
@@ -445,7 +486,62 @@ impl Gpu {
         if n <= GEMV_MAX && cols.is_multiple_of(8) {
             return self.gemv(x, w, y, n, rows, cols, out, accumulate);
         }
+        let splits = if self.split_k { split_k_slices(rows, n, cols, self.sms) } else { 1 };
+        if splits > 1 {
+            return self.gemm_split(w, x, y, out, rows, n, cols, splits, accumulate);
+        }
         self.gemm(w, Dt::Bf16, x, Dt::Bf16, y, out, rows, n, cols, accumulate)
+    }
+
+    /// `y[n × m] (+)= x[n × k] · Wᵀ` as `splits` products over slices of K, each written apart
+    /// (f32) by one strided-batched GEMM, then summed (with the residual where `accumulate`) and
+    /// converted by `splitk_reduce`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_split(&self, w: u64, x: u64, y: u64, out: Dt, m: usize, n: usize, k: usize, splits: usize, accumulate: bool) -> Result<()> {
+        self.bind()?;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let kc = k / splits;
+        let part = self.split_scratch.ptr;
+        // SAFETY: W holds m×k and x n×k bf16 elements, slice s of each starting s·kc elements in
+        // (strides in elements, leading dimension k); the scratch holds splits·m·n f32
+        // (`split_k_slices` keeps within SPLIT_SCRATCH_BYTES); alpha/beta are f32 host scalars.
+        unsafe {
+            blas_result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                m as i32,
+                n as i32,
+                kc as i32,
+                &alpha as *const f32 as *const c_void,
+                w as *const c_void,
+                Dt::Bf16.cuda(),
+                k as i32,
+                kc as i64,
+                x as *const c_void,
+                Dt::Bf16.cuda(),
+                k as i32,
+                kc as i64,
+                &beta as *const f32 as *const c_void,
+                part as *mut c_void,
+                Dt::F32.cuda(),
+                m as i32,
+                (m * n) as i64,
+                splits as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| CudaError::Blas(format!("{e:?} (m={m} n={n} k={k}, {splits} slices)")))?;
+        let mode: i32 = match (out, accumulate) {
+            (Dt::Bf16, false) => 0,
+            (Dt::F32, false) => 1,
+            (Dt::F32, true) => 2,
+            (Dt::Bf16, true) => return Err(CudaError::Unsupported("bf16 accumulate".into())),
+        };
+        let mn = (m * n) as u64;
+        let s = splits as i32;
+        self.launch(&self.k.splitk_reduce, ((m * n).div_ceil(4 * 256) as u32, 1, 1), 256, 0, &[&part, &y, &mn, &s, &mode])
     }
 
     /// The matrix-vector kernel: `y[n × rows] (+)= x[n × cols] · Wᵀ` for `n ≤ GEMV_MAX`.
@@ -756,5 +852,26 @@ mod tests {
         // (max, sum) pairs, in f32.
         assert!((4 * 8 * 128 + 4 * 8 * 2) * 4 <= DecodeAttention::Mma.shared_bytes(128) as usize);
         assert!((4 * 8 * 64 + 4 * 8 * 2) * 4 <= DecodeAttention::Mma.shared_bytes(64) as usize);
+    }
+
+    #[test]
+    fn split_k_fills_the_gpu_only_where_tiles_are_few() {
+        // Llama 3.2 1B at 128 tokens on 132 SMs: Q/K/V (3,072 rows, 24 tiles) and O (2,048
+        // rows over 2,048, 16 tiles) split; gate|up (16,384 rows, 128 tiles) and the LM head do
+        // not.
+        assert_eq!(split_k_slices(3072, 128, 2048, 132), 4);
+        assert_eq!(split_k_slices(2048, 128, 2048, 132), 8);
+        assert_eq!(split_k_slices(16384, 128, 2048, 132), 1);
+        assert_eq!(split_k_slices(128_256, 128, 2048, 132), 1);
+        // The down projection (2,048 rows over 8,192) goes to the cap of 8.
+        assert_eq!(split_k_slices(2048, 128, 8192, 132), 8);
+        // Prefill-sized passes have tiles enough.
+        assert_eq!(split_k_slices(4096, 2048, 4096, 132), 1);
+        // Slices stay 256 deep and a multiple of 64, and the partials fit the scratch.
+        for (m, n, k) in [(3072, 8, 576), (4096, 256, 14336), (1024, 64, 960), (6144, 200, 4096)] {
+            let s = split_k_slices(m, n, k, 132);
+            assert!(k % (s * 64) == 0 && k / s >= 256 || s == 1, "{m}×{n}×{k}: {s}");
+            assert!(s * m * n * 4 <= SPLIT_SCRATCH_BYTES);
+        }
     }
 }

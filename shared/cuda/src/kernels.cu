@@ -1469,6 +1469,39 @@ GEMV_FUSED(gemv_silu_1, 1, 2)
 GEMV_FUSED(gemv_silu_2, 2, 2)
 
 // ---------------------------------------------------------------------------------------------
+// Split-K reduction: y[i] (+)= Σ_s part[s][i] over `splits` partial products of mn elements each
+// (a GEMM whose K was cut into slices, each slice's product written apart). mode 0: y bf16;
+// 1: y f32; 2: y f32 += (the residual add). Four elements a thread; mn % 4 == 0.
+extern "C" __global__ void splitk_reduce(const float* part, void* y, u64 mn, int splits, int mode) {
+    const u64 i = (blockIdx.x * (u64)blockDim.x + threadIdx.x) * 4;
+    if (i >= mn) return;
+    float4 a = *(const float4*)(part + i);
+    for (int s = 1; s < splits; s++) {
+        const float4 b = *(const float4*)(part + (u64)s * mn + i);
+        a.x += b.x;
+        a.y += b.y;
+        a.z += b.z;
+        a.w += b.w;
+    }
+    if (mode == 0) {
+        uint2 o;
+        o.x = pack_bf2(a.x, a.y);
+        o.y = pack_bf2(a.z, a.w);
+        *(uint2*)((bf16*)y + i) = o;
+    } else {
+        float4* yo = (float4*)((float*)y + i);
+        if (mode == 2) {
+            const float4 r = *yo;
+            a.x += r.x;
+            a.y += r.y;
+            a.z += r.z;
+            a.w += r.w;
+        }
+        *yo = a;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Sampling on the device. One block of 1024 threads per row of f32 logits.
 
 // Greedy: the index of the largest logit (lowest index on ties). A row whose `masked` flag is

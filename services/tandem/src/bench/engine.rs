@@ -148,7 +148,7 @@ pub fn check(args: &CheckArgs) -> Result<()> {
         all.push(checks::attention_case(&gpu, case, 100 + i as u64)?);
         eprintln!("{}", show(all.last().expect("just pushed")));
     }
-    for c in checks::sampling(&gpu)?.into_iter().chain(checks::block_checksums(&gpu)?) {
+    for c in checks::sampling(&gpu)?.into_iter().chain(checks::block_checksums(&gpu)?).chain(checks::projections(&gpu)?) {
         eprintln!("{}", show(&c));
         all.push(c);
     }
