@@ -1,26 +1,35 @@
 #!/usr/bin/env bash
-# The two decode attention kernels on one GPU in one session: `tandem bench engine` decode rows
-# with TANDEM_CUDA_DECODE_ATTENTION=lanes and =mma alternated twice (batches 1 to 128, contexts
-# 512 and 4,096, both shapes), one profiled run of each, then batches 1 and 8 at long contexts
-# (32,768 and 131,000 tokens) with each kernel. The correctness checks of both kernels run in
-# prefill_ab.sh (gpu-check covers every attention kernel). Expects a stripped release build at
-# target/gpu/tandem; writes $OUT/decode_ab.json (every row, tagged) and $OUT/decode.log, and
-# prints a table last.
+# One setting of the CUDA engine, A/B, on decode, on one GPU in one session: `tandem bench
+# engine` decode rows with $VAR set to each of $VALUES in turn, twice (batches $BATCHES, contexts
+# $CONTEXTS, both shapes), one profiled run of each at batch $PROFILE_BATCH and the longest
+# context, and with LONG=1 batch 1 at 32,768 and 131,000 tokens with each value. Defaults: the
+# two decode attention kernels (TANDEM_CUDA_DECODE_ATTENTION=lanes|mma), batches 1 to 128,
+# contexts 512 and 4,096. The correctness checks run in prefill_ab.sh (gpu-check covers every
+# kernel). Expects a stripped release build at target/gpu/tandem; writes $OUT/$TAG.json (every
+# row, tagged) and $OUT/$TAG.log, and prints a table last.
 set -u
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64 NCCL_NVLS_ENABLE=0
 B=target/gpu/tandem
+VAR=${VAR:-TANDEM_CUDA_DECODE_ATTENTION}
+VALUES=${VALUES:-lanes mma}
 BATCHES=${BATCHES:-1,8,32,128}
-LOG=$OUT/decode.log
+CONTEXTS=${CONTEXTS:-512,4096}
+PROFILE_BATCH=${PROFILE_BATCH:-128}
+LONG=${LONG:-0}
+TAG=${TAG:-decode_ab}
+LOG=$OUT/$TAG.log
 W=$(mktemp -d)
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee -a $LOG
-for i in 1 2; do for k in lanes mma; do
-  TANDEM_CUDA_DECODE_ATTENTION=$k timeout 150 $B bench engine --batches $BATCHES --contexts 512,4096 --prefill "" --output $W/engine_${k}_$i.json >> $LOG 2>&1; echo "$k run $i rc=$?"
+for i in 1 2; do for v in $VALUES; do
+  env $VAR=$v timeout 150 $B bench engine --batches $BATCHES --contexts $CONTEXTS --prefill "" --output $W/engine_${v}_$i.json >> $LOG 2>&1; echo "$VAR=$v run $i rc=$?"
 done; done
-for k in lanes mma; do
-  TANDEM_CUDA_DECODE_ATTENTION=$k timeout 100 $B bench engine --batches 128 --contexts 4096 --prefill "" --iters 5 --profile --output $W/profile_$k.json >> $LOG 2>&1; echo "$k profile rc=$?"
-  TANDEM_CUDA_DECODE_ATTENTION=$k timeout 100 $B bench engine --batches 1,8 --contexts 32768,131000 --prefill "" --iters 10 --output $W/long_$k.json >> $LOG 2>&1; echo "$k long rc=$?"
+for v in $VALUES; do
+  env $VAR=$v timeout 100 $B bench engine --batches $PROFILE_BATCH --contexts ${CONTEXTS##*,} --prefill "" --iters 5 --profile --output $W/profile_$v.json >> $LOG 2>&1; echo "$v profile rc=$?"
+  if [ "$LONG" = 1 ]; then
+    env $VAR=$v timeout 100 $B bench engine --batches 1 --contexts 32768,131000 --prefill "" --iters 10 --output $W/long_$v.json >> $LOG 2>&1; echo "$v long rc=$?"
+  fi
 done
-W=$W python3 - <<'PY'
+W=$W TAG=$TAG python3 - <<'PY'
 import json, os, glob
 w, o = os.environ['W'], os.environ['OUT']
 merged, table = {}, {}
@@ -34,6 +43,6 @@ for f in sorted(glob.glob(w + '/*.json')):
         table.setdefault(k, {})[tag] = v
         if d.get('breakdown_ms'):
             print(tag, k, {s: round(ms, 2) for s, ms in d['breakdown_ms']})
-json.dump(merged, open(o + '/decode_ab.json', 'w'), indent=1)
+json.dump(merged, open(o + '/' + os.environ['TAG'] + '.json', 'w'), indent=1)
 for k, v in sorted(table.items(), key=str): print(k, v)
 PY
