@@ -329,10 +329,10 @@ pub struct Gpu {
     /// The decode attention kernel passes launch ([`DecodeAttention::from_env`]).
     pub decode_kernel: DecodeAttention,
     /// Passes of at most [`GEMV_MAX`] tokens fold the RMSNorm and SiLU·mul into the
-    /// matrix-vector kernel after them (`TANDEM_CUDA_FUSE=0` keeps them separate).
+    /// matrix-vector kernel after them (`TANDEM_CUDA_FUSE=1`; off by default until measured).
     pub fuse: bool,
     /// GEMMs of few tokens whose output tiles would not fill the GPU cut K into slices
-    /// (`TANDEM_CUDA_SPLITK=0` turns it off).
+    /// (`TANDEM_CUDA_SPLITK=1`; off by default until measured).
     split_k: bool,
 }
 
@@ -373,8 +373,8 @@ impl Gpu {
         let pdl = ctx.compute_capability()?.0 >= 9 && std::env::var("TANDEM_CUDA_PDL").map_or(true, |v| v != "0");
         let prefill_kernel = PrefillAttention::from_env();
         let decode_kernel = DecodeAttention::from_env();
-        let fuse = std::env::var("TANDEM_CUDA_FUSE").map_or(true, |v| v != "0");
-        let split_k = std::env::var("TANDEM_CUDA_SPLITK").map_or(true, |v| v != "0");
+        let fuse = std::env::var("TANDEM_CUDA_FUSE").is_ok_and(|v| v == "1");
+        let split_k = std::env::var("TANDEM_CUDA_SPLITK").is_ok_and(|v| v == "1");
         let split_scratch = alloc(&stream, SPLIT_SCRATCH_BYTES)?;
         Ok(Self {
             ctx,
