@@ -288,7 +288,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
             mfu: Some(prefill_flops(&c, len) / s / (spec.tp as f64 * ceil.matrix_tflops * 1e12)),
             bytes_per_step: None,
             error: None,
-            attention: Some(crate::PrefillAttention::from_env().as_str()),
+            attention: Some(crate::PrefillAttention::for_pass(crate::PrefillAttention::from_env(), len).as_str()),
             breakdown_ms,
         };
         push(&mut rows, row);

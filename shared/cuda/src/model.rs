@@ -7,7 +7,7 @@
 use tandem_engine::weights::WeightSource;
 use tandem_engine::ModelConfig;
 
-use crate::device::{Buf, Dt, Gpu, Prologue};
+use crate::device::{Buf, Dt, Gpu, PrefillAttention, Prologue};
 use crate::group::Nccl;
 use crate::plan::{Offsets, Plan};
 use crate::shard::{take_cols, take_rows, Tp};
@@ -528,7 +528,7 @@ impl Model {
         } else {
             let out_stride = (d.heads * d.hd) as i32;
             gpu.prefill_attention(
-                gpu.prefill_kernel,
+                PrefillAttention::for_pass(gpu.prefill_kernel, p.n_tokens),
                 d.hd,
                 p.n_tiles,
                 d.heads,
