@@ -44,6 +44,17 @@ const GEMV_FUSED_SMEM: usize = 96 << 10;
 // for every token count the kernels take.
 const _: () = assert!(GEMV_MAX * 14_336 * 2 <= GEMV_FUSED_SMEM);
 
+/// The output mode the matrix-vector and split-K reduction kernels take: 0 bf16, 1 f32,
+/// 2 f32 added to what is there (the residual).
+fn out_mode(out: Dt, accumulate: bool) -> Result<i32> {
+    match (out, accumulate) {
+        (Dt::Bf16, false) => Ok(0),
+        (Dt::F32, false) => Ok(1),
+        (Dt::F32, true) => Ok(2),
+        (Dt::Bf16, true) => Err(CudaError::Unsupported("bf16 accumulate".into())),
+    }
+}
+
 /// K slices for a GEMM of `m` weight rows, `n` tokens and depth `k` on `sms` multiprocessors: 1
 /// where its 128×128 output tiles already give every multiprocessor one, else the power of two
 /// (at most 8) that brings the tile count up to about one a multiprocessor, each slice at least
@@ -258,14 +269,17 @@ impl Kernels {
         }
         let module = ctx.load_module(ptx_for(&format!("sm_{major}{minor}"))?)?;
         let f = |name: &str| module.load_function(name).map_err(CudaError::from);
+        // A kernel that takes more than the default 48 KiB of dynamic shared memory.
+        let big = |name: &str, bytes: u32| -> Result<CudaFunction> {
+            let func = f(name)?;
+            func.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)?;
+            Ok(func)
+        };
         let fused = |name: &str| -> Result<Vec<CudaFunction>> {
-            (1..=GEMV_MAX)
-                .map(|n| {
-                    let func = f(&format!("{name}_{n}"))?;
-                    func.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, GEMV_FUSED_SMEM as i32)?;
-                    Ok(func)
-                })
-                .collect()
+            (1..=GEMV_MAX).map(|n| big(&format!("{name}_{n}"), GEMV_FUSED_SMEM as u32)).collect()
+        };
+        let prefill = |which: PrefillAttention, name: &str| -> Result<[CudaFunction; 2]> {
+            Ok([big(&format!("{name}_64"), which.shared_bytes(64))?, big(&format!("{name}_128"), which.shared_bytes(128))?])
         };
         Ok(Self {
             fill: f("fill_uniform_bf16")?,
@@ -281,37 +295,12 @@ impl Kernels {
             decode_attention_mma: [64, 128]
                 .into_iter()
                 .flat_map(|hd| (1..=8).map(move |g| (hd, g)))
-                .map(|(hd, g)| {
-                    let func = f(&format!("decode_attention_mma_{hd}_{g}"))?;
-                    func.set_attribute(
-                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        DecodeAttention::Mma.shared_bytes(hd) as i32,
-                    )?;
-                    Ok(func)
-                })
+                .map(|(hd, g)| big(&format!("decode_attention_mma_{hd}_{g}"), DecodeAttention::Mma.shared_bytes(hd)))
                 .collect::<Result<_>>()?,
             attn_combine: f("attn_combine")?,
             prefill_attention: [f("prefill_attention_64")?, f("prefill_attention_128")?],
-            prefill_attention_pipelined: {
-                let fs = [f("prefill_attention_pipelined_64")?, f("prefill_attention_pipelined_128")?];
-                for (f, hd) in fs.iter().zip([64, 128]) {
-                    f.set_attribute(
-                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        PrefillAttention::Pipelined.shared_bytes(hd) as i32,
-                    )?;
-                }
-                fs
-            },
-            prefill_attention_wide: {
-                let fs = [f("prefill_attention_wide_64")?, f("prefill_attention_wide_128")?];
-                for (f, hd) in fs.iter().zip([64, 128]) {
-                    f.set_attribute(
-                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        PrefillAttention::Wide.shared_bytes(hd) as i32,
-                    )?;
-                }
-                fs
-            },
+            prefill_attention_pipelined: prefill(PrefillAttention::Pipelined, "prefill_attention_pipelined")?,
+            prefill_attention_wide: prefill(PrefillAttention::Wide, "prefill_attention_wide")?,
             gemv: (1..=GEMV_MAX).map(|n| f(&format!("gemv_{n}"))).collect::<Result<_>>()?,
             gemv_norm: fused("gemv_norm")?,
             splitk_reduce: f("splitk_reduce")?,
@@ -547,12 +536,7 @@ impl Gpu {
             )
         }
         .map_err(|e| CudaError::Blas(format!("{e:?} (m={m} n={n} k={k}, {splits} slices)")))?;
-        let mode: i32 = match (out, accumulate) {
-            (Dt::Bf16, false) => 0,
-            (Dt::F32, false) => 1,
-            (Dt::F32, true) => 2,
-            (Dt::Bf16, true) => return Err(CudaError::Unsupported("bf16 accumulate".into())),
-        };
+        let mode = out_mode(out, accumulate)?;
         let mn = (m * n) as u64;
         let s = splits as i32;
         self.launch(&self.k.splitk_reduce, ((m * n).div_ceil(4 * 256) as u32, 1, 1), 256, 0, &[&part, &y, &mn, &s, &mode])
@@ -564,12 +548,7 @@ impl Gpu {
         if n == 0 || n > GEMV_MAX || !cols.is_multiple_of(8) {
             return Err(CudaError::Unsupported(format!("matrix-vector kernel for {n} rows of {cols}")));
         }
-        let mode: i32 = match (out, accumulate) {
-            (Dt::Bf16, false) => 0,
-            (Dt::F32, false) => 1,
-            (Dt::F32, true) => 2,
-            (Dt::Bf16, true) => return Err(CudaError::Unsupported("bf16 accumulate".into())),
-        };
+        let mode = out_mode(out, accumulate)?;
         let (r, c) = (rows as i32, cols as i32);
         // W holds rows×cols, x n×cols, y n×rows elements: callers size them so; the kernel
         // touches only those.
@@ -600,12 +579,7 @@ impl Gpu {
         if !self.fuse || n == 0 || n > GEMV_MAX || !cols.is_multiple_of(8) || smem > GEMV_FUSED_SMEM {
             return Ok(false);
         }
-        let mode: i32 = match (out, accumulate) {
-            (Dt::Bf16, false) => 0,
-            (Dt::F32, false) => 1,
-            (Dt::F32, true) => 2,
-            (Dt::Bf16, true) => return Err(CudaError::Unsupported("bf16 accumulate".into())),
-        };
+        let mode = out_mode(out, accumulate)?;
         let f = match prologue {
             Prologue::Norm => &self.k.gemv_norm[n - 1],
             Prologue::SiluMul => &self.k.gemv_silu[n - 1],
