@@ -1,5 +1,5 @@
 //! The engine benchmark: decode step time and prefill throughput on performance shapes with
-//! random bf16 weights, against the device's measured copy bandwidth (MBU) and bf16 GEMM rate
+//! random weights (bf16, or quantised to FP8), against the device's measured copy bandwidth (MBU) and bf16 GEMM rate
 //! (MFU). Times are wall-clock per pass as a caller sees them: metadata upload, the pass (a
 //! captured graph for decode), the sampled tokens' download.
 
@@ -74,6 +74,8 @@ pub struct Row {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_len: Option<usize>,
     pub engine: &'static str,
+    /// The projections' storage (`bf16`, `fp8`).
+    pub dtype: &'static str,
     pub tokens_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step_ms: Option<f64>,
@@ -154,6 +156,8 @@ pub struct Spec {
     pub graphs: bool,
     /// Add a per-stage device-time breakdown to each decode and prefill row.
     pub profile: bool,
+    /// The projections' format (`None`: `TANDEM_CUDA_WEIGHTS`).
+    pub weights: Option<crate::WeightFormat>,
 }
 
 /// Runs the decode and prefill sweeps of one shape, reporting each row through `each` as it
@@ -165,11 +169,13 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
         tp: spec.tp,
         max_step_tokens: spec.prefill_lens.iter().copied().max().unwrap_or(2048).max(2048),
         graphs: spec.graphs,
+        weights: spec.weights,
         ..Default::default()
     };
     let mut engine = PagedEngine::new(CudaEngine::random(&spec.shape, c.clone(), 7, &cfg)?);
     let kv_per_token = engine.info().layout.block_bytes() / engine.info().block_size;
     let weights = engine.backend().weight_step_bytes();
+    let dtype = engine.backend().weight_format().as_str();
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let mut rows = Vec::new();
     let gpu = ceil.gpu.clone();
@@ -193,6 +199,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
                 context: Some(ctx),
                 prompt_len: None,
                 engine: "tandem",
+                dtype,
                 tokens_per_s: None,
                 step_ms: None,
                 time_ms: None,
@@ -281,6 +288,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
             context: None,
             prompt_len: Some(len),
             engine: "tandem",
+            dtype,
             tokens_per_s: Some(len as f64 / s),
             step_ms: None,
             time_ms: Some(s * 1e3),

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tandem_engine::{CpuEngine, EngineConfig, ForwardItem, PagedEngine};
 use tandem_tokenizer::{ModelFiles, ModelFormat};
 
-use crate::device::{DecodeAttention, Gpu, PrefillAttention};
+use crate::device::{DecodeAttention, Gpu, PrefillAttention, WeightFormat};
 use crate::plan::{decode_split, TILE_ROWS};
 use crate::{CudaConfig, CudaEngine, CudaError, DevicePasses, Result};
 
@@ -33,6 +33,9 @@ pub struct Check {
 pub const ATTENTION_TOLERANCE: f64 = 1e-2;
 /// Whole-model logits: every layer adds bf16 rounding of activations.
 pub const LOGITS_TOLERANCE: f64 = 3e-2;
+/// Whole-model logits with FP8 (E4M3, per-row scales) projections against the bf16 weights'
+/// float64 reference.
+pub const FP8_LOGITS_TOLERANCE: f64 = 0.15;
 
 fn bf16_round(x: f32) -> (u16, f64) {
     let b = half::bf16::from_f32(x);
@@ -375,11 +378,23 @@ fn reference_models_in(dir: &Path) -> Result<Vec<(String, Reference, ModelFiles)
 /// through the prefill path (all positions at once) and the decode path (one token a pass,
 /// captured graphs), plus greedy continuations; the engine runs as a group of `tp` GPUs from
 /// `device`.
-pub fn reference_models(dir: &Path, device: usize, tp: usize) -> Result<Vec<Check>> {
+///
+/// With FP8 projections the tolerance is [`FP8_LOGITS_TOLERANCE`]: E4M3 keeps 3 mantissa bits,
+/// so each weight carries up to 6% rounding error (about 2% RMS) against the bf16 weights the
+/// reference ran on.
+pub fn reference_models(dir: &Path, device: usize, tp: usize, weights: WeightFormat) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
+    let tolerance = match weights {
+        WeightFormat::Bf16 => LOGITS_TOLERANCE,
+        WeightFormat::Fp8 => FP8_LOGITS_TOLERANCE,
+    };
     for (model, reference, files) in reference_models_in(dir)? {
-        let name = if tp > 1 { format!("{model} TP={tp}") } else { model };
-        let cfg = CudaConfig { device, tp, kv_cache_bytes: Some(256 << 20), max_step_tokens: 512, ..Default::default() };
+        let mut name = if tp > 1 { format!("{model} TP={tp}") } else { model };
+        if weights != WeightFormat::Bf16 {
+            name = format!("{name} {}", weights.as_str());
+        }
+        let cfg =
+            CudaConfig { device, tp, kv_cache_bytes: Some(256 << 20), max_step_tokens: 512, weights: Some(weights), ..Default::default() };
         let Some(engine) = load_or_refused(&files, &cfg, &name, &mut checks)? else { continue };
         let mut engine = PagedEngine::new(engine);
         let (mut prefill_out, mut prefill_ref, mut decode_out, mut decode_ref) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -424,9 +439,9 @@ pub fn reference_models(dir: &Path, device: usize, tp: usize) -> Result<Vec<Chec
             let err = rel_err(out, r);
             checks.push(Check {
                 name: format!("{name} logits, {path_name} path, {} prompts", reference.prompts.len()),
-                passed: err <= LOGITS_TOLERANCE,
+                passed: err <= tolerance,
                 rel_err: Some(err),
-                tolerance: Some(LOGITS_TOLERANCE),
+                tolerance: Some(tolerance),
                 detail: format!("{} logits compared", out.len()),
             });
         }
@@ -548,9 +563,6 @@ pub fn greedy_vs_cpu(model: &str, prompts: &[&str], tokens: usize, must_match: u
     Ok(checks)
 }
 
-/// The device samplers: greedy and top-k = 1 equal the host's argmax; tokens drawn with
-/// temperature, top-k and top-p stay inside the kept set and follow its distribution (total
-/// variation under 0.06 over 4,096 draws); the same seed and counter draw the same token.
 /// The projections' other paths against float64 on random bf16 operands: split-K GEMMs (K cut
 /// into slices, partial products summed by `splitk_reduce`, with and without the residual add)
 /// and the matrix-vector kernels with the RMSNorm or SiLU·mul in their prologue. Each output is
@@ -667,6 +679,146 @@ pub fn projections(gpu: &Gpu) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
+/// FP8 weights against the host: the device quantiser's scales and bytes equal the host's E4M3
+/// rounding exactly (rows of very different magnitudes, a row of zeros, values in the
+/// subnormal range); the FP8 matrix-vector kernel for 1 to 8 tokens, cuBLASLt's FP8 GEMM and the
+/// widened cuBLAS path for more, against float64 products of the dequantised weights (and, for
+/// the FP8 GEMM, of the inputs rounded to E4M3 per token as the device rounds them). Outputs are
+/// poisoned first.
+pub fn fp8(gpu: &Gpu) -> Result<Vec<Check>> {
+    use crate::device::{Dt, Fp8Gemv, GEMV_FP8_KERNELS, GEMV_FP8_MMA_MAX};
+    use crate::fp8::{e4m3_to_f32, f32_to_e4m3, E4M3_MAX};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let mut checks = Vec::new();
+    let (rows, cols) = (1536usize, 4096usize);
+    // Row r spans ±0.05·2^(r mod 9 − 4); row 7 is all zeros; every 64th weight is tiny, to land
+    // in E4M3's subnormals after scaling.
+    let w: Vec<u16> = (0..rows * cols)
+        .map(|i| {
+            let r = i / cols;
+            let v = if r == 7 {
+                0.0
+            } else if i % 64 == 5 {
+                rng.random_range(-1e-6f32..1e-6) * 2f32.powi((r % 9) as i32 - 4)
+            } else {
+                rng.random_range(-0.05f32..0.05) * 2f32.powi((r % 9) as i32 - 4)
+            };
+            bf16_round(v).0
+        })
+        .collect();
+    let wb = gpu.alloc(rows * cols * 2)?;
+    gpu.upload(wb.ptr, &w)?;
+    let m = gpu.quantize_fp8(&wb, rows, cols)?;
+    let mut q = vec![0u8; rows * cols];
+    let mut scale = vec![0f32; rows];
+    gpu.download(&mut q, m.data.ptr)?;
+    gpu.download(&mut scale, m.scale.as_ref().expect("fp8").ptr)?;
+    let (mut bad_scales, mut bad_bytes, mut subnormals) = (0usize, 0usize, 0usize);
+    for r in 0..rows {
+        let row: Vec<f32> = w[r * cols..(r + 1) * cols].iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+        let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let want = if amax > 0.0 { amax / E4M3_MAX } else { 1.0 };
+        if scale[r] != want {
+            bad_scales += 1;
+        }
+        for (j, v) in row.iter().enumerate() {
+            let code = q[r * cols + j];
+            subnormals += usize::from(code & 0x78 == 0 && code & 7 != 0);
+            if code != f32_to_e4m3(v / scale[r]) {
+                bad_bytes += 1;
+            }
+        }
+    }
+    checks.push(Check {
+        name: format!("FP8 quantisation of {rows}×{cols} bf16 weights"),
+        passed: bad_scales == 0 && bad_bytes == 0 && subnormals > 0,
+        rel_err: None,
+        tolerance: None,
+        detail: format!("{bad_scales} scales and {bad_bytes} bytes differ from the host's rounding; {subnormals} subnormal codes"),
+    });
+    let wf: Vec<f64> = (0..rows * cols).map(|i| e4m3_to_f32(q[i]) as f64 * scale[i / cols] as f64).collect();
+    gpu.reserve_fp8_inputs(96, cols)?;
+    // 1–8 tokens: the CUDA-core FP8 matrix-vector kernel; 1–16: the tensor-core one; 17 and 96
+    // as `project` runs them (cuBLASLt's FP8 GEMM where the library has it); 40 widened to bf16.
+    let cases = (1..=GEMV_FP8_KERNELS)
+        .map(|n| (n, Some(Fp8Gemv::Simt)))
+        .chain((1..=GEMV_FP8_MMA_MAX).map(|n| (n, Some(Fp8Gemv::Mma))))
+        .chain([17, 40, 96].map(|n| (n, None)));
+    for (n, kernel) in cases {
+        let x: Vec<(u16, f64)> = (0..n * cols).map(|_| bf16_round(rng.random_range(-1.0f32..1.0))).collect();
+        let (xh, mut xf): (Vec<u16>, Vec<f64>) = x.into_iter().unzip();
+        let path = if kernel == Some(Fp8Gemv::Simt) {
+            "FP8 matrix-vector kernel (CUDA cores)"
+        } else if kernel == Some(Fp8Gemv::Mma) {
+            "FP8 matrix-vector kernel (tensor cores)"
+        } else if n == 40 {
+            "widened to bf16, cuBLAS"
+        } else {
+            gpu.fp8_path(&m, n, if n % 2 == 0 { Dt::F32 } else { Dt::Bf16 })?
+        };
+        if path == "cuBLASLt FP8" {
+            // The GEMM multiplies E4M3 inputs: the reference takes them rounded as the device
+            // does, one scale per token.
+            for row in xf.chunks_mut(cols) {
+                let amax = row.iter().fold(0f64, |a, v| a.max(v.abs())) as f32;
+                let s = if amax > 0.0 { amax / E4M3_MAX } else { 1.0 };
+                row.iter_mut().for_each(|v| *v = e4m3_to_f32(f32_to_e4m3(*v as f32 / s)) as f64 * s as f64);
+            }
+        }
+        let base: Vec<f32> = (0..n * rows).map(|i| (i % 7) as f32 - 3.0).collect();
+        let (xb, yb) = (gpu.alloc(n * cols * 2)?, gpu.alloc(n * rows * 4)?);
+        gpu.upload(xb.ptr, &xh)?;
+        // Even token counts add into a residual (f32), odd ones write bf16.
+        let residual = n % 2 == 0;
+        let sc = m.scale.as_ref().expect("fp8");
+        let run = |out: Dt| match (kernel, n) {
+            (Some(k), _) => gpu.gemv_fp8_on(k, xb.ptr, &m, yb.ptr, n, out, residual),
+            (None, 40) => gpu.gemm_widened(xb.ptr, &m, sc, yb.ptr, n, out, residual),
+            (None, _) => gpu.project(xb.ptr, &m, yb.ptr, n, out, residual),
+        };
+        let out: Vec<f64> = if residual {
+            gpu.upload(yb.ptr, &base)?;
+            run(Dt::F32)?;
+            let mut y = vec![0f32; n * rows];
+            gpu.download(&mut y, yb.ptr)?;
+            y.iter().map(|v| *v as f64).collect()
+        } else {
+            gpu.upload(yb.ptr, &vec![0xFFFFu16; n * rows])?;
+            run(Dt::Bf16)?;
+            let mut y = vec![0u16; n * rows];
+            gpu.download(&mut y, yb.ptr)?;
+            y.iter().map(|v| half::bf16::from_bits(*v).to_f64()).collect()
+        };
+        let reference: Vec<f64> = (0..n * rows)
+            .map(|i| {
+                let (t, r) = (i / rows, i % rows);
+                let dot: f64 = (0..cols).map(|j| wf[r * cols + j] * xf[t * cols + j]).sum();
+                dot + if residual { base[i] as f64 } else { 0.0 }
+            })
+            .collect();
+        let err = rel_err(&out, &reference);
+        checks.push(Check {
+            name: format!(
+                "FP8 projection {rows}×{cols} for {n} token(s){}{}",
+                if residual { " into the residual" } else { ", bf16 out" },
+                match kernel {
+                    Some(Fp8Gemv::Simt) => ", CUDA-core kernel",
+                    Some(Fp8Gemv::Mma) => ", tensor-core kernel",
+                    None => "",
+                }
+            ),
+            passed: err < ATTENTION_TOLERANCE,
+            rel_err: Some(err),
+            tolerance: Some(ATTENTION_TOLERANCE),
+            detail: path.into(),
+        });
+    }
+    Ok(checks)
+}
+
+/// The device samplers: greedy and top-k = 1 equal the host's argmax; tokens drawn with
+/// temperature, top-k and top-p stay inside the kept set and follow its distribution (total
+/// variation under 0.06 over 4,096 draws); the same seed and counter draw the same token.
 pub fn sampling(gpu: &Gpu) -> Result<Vec<Check>> {
     let vocab = 1000usize;
     let rows = 4096usize;

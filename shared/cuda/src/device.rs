@@ -96,6 +96,92 @@ impl Dt {
     }
 }
 
+/// How a model's projection matrices are stored on the device (`TANDEM_CUDA_WEIGHTS=bf16|fp8`).
+/// The embedding, the LM head and the norms stay bf16 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    #[default]
+    Bf16,
+    /// E4M3 with one f32 scale per output row (per output channel), quantised at load from the
+    /// bf16 weights: half the bytes a decode step reads.
+    Fp8,
+}
+
+impl WeightFormat {
+    /// The format `TANDEM_CUDA_WEIGHTS` names; bf16 when unset. An unknown name is an error,
+    /// not a silent bf16.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("TANDEM_CUDA_WEIGHTS") {
+            Err(_) => Ok(Self::Bf16),
+            Ok(v) => Self::parse(&v),
+        }
+    }
+
+    pub fn parse(v: &str) -> Result<Self> {
+        match v {
+            "bf16" => Ok(Self::Bf16),
+            "fp8" => Ok(Self::Fp8),
+            other => Err(CudaError::Unsupported(format!("weight format {other:?} (bf16 or fp8)"))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bf16 => "bf16",
+            Self::Fp8 => "fp8",
+        }
+    }
+}
+
+/// A projection's weights on the device, row-major `[rows × cols]`: bf16, or E4M3 bytes with one
+/// f32 scale per row ([`WeightFormat::Fp8`]).
+#[derive(Debug)]
+pub struct Matrix {
+    pub data: Buf,
+    pub scale: Option<Buf>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl Matrix {
+    pub fn bytes(&self) -> usize {
+        self.data.bytes + self.scale.as_ref().map_or(0, |s| s.bytes)
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        if self.scale.is_some() {
+            WeightFormat::Fp8
+        } else {
+            WeightFormat::Bf16
+        }
+    }
+}
+
+/// Most tokens the CUDA-core FP8 matrix-vector kernel (`gemv_fp8_{n}`) is compiled for.
+pub const GEMV_FP8_KERNELS: usize = 8;
+/// Most tokens the tensor-core FP8 matrix-vector kernel (`gemv_fp8_mma_{8,16}`) takes.
+pub const GEMV_FP8_MMA_MAX: usize = 16;
+/// Most tokens FP8 projections run through an FP8 matrix-vector kernel by default
+/// (`TANDEM_CUDA_FP8_GEMV_MAX` overrides, up to [`GEMV_FP8_MMA_MAX`]); larger passes run
+/// cuBLASLt's FP8 GEMM (or widen the weights to bf16 and run cuBLAS).
+pub const GEMV_FP8_MAX: usize = 16;
+
+/// Variants of the tensor-core FP8 matrix-vector kernel for up to 8 tokens
+/// (`TANDEM_CUDA_FP8_MMA=u8|w4|sx`): eight steps in flight a warp instead of four; four warps a
+/// block instead of eight; the input staged in shared memory (where it fits [`FP8_SX_SMEM`]).
+pub const FP8_MMA_VARIANTS: [&str; 3] = ["u8", "w4", "sx"];
+/// Most dynamic shared memory the staged-input variant takes.
+pub const FP8_SX_SMEM: usize = 96 * 1024;
+
+/// Which FP8 matrix-vector kernel runs (`TANDEM_CUDA_FP8_GEMV=simt|mma`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8Gemv {
+    /// Weights widened one at a time by bit moves, products on the CUDA cores (the first form).
+    Simt,
+    /// Weights widened in pairs to bf16, products on the tensor cores (the default).
+    Mma,
+}
+
 /// Which prefill attention kernel a pass launches (`TANDEM_CUDA_PREFILL_ATTENTION=staged|wide`;
 /// the staged form is the first one, kept to measure against).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +297,14 @@ pub struct Kernels {
     pub gemv_norm: Vec<CudaFunction>,
     pub gemv_silu: Vec<CudaFunction>,
     pub splitk_reduce: CudaFunction,
+    /// `gemv_fp8[n - 1]`: the matrix-vector kernel on FP8 weights for n tokens.
+    pub gemv_fp8: Vec<CudaFunction>,
+    /// The tensor-core form for up to 8 and up to 16 tokens.
+    pub gemv_fp8_mma: [CudaFunction; 2],
+    /// Its variants for up to 8 tokens, measured against it ([`FP8_MMA_VARIANTS`]).
+    pub gemv_fp8_mma_variants: [CudaFunction; 3],
+    pub quantize_fp8: CudaFunction,
+    pub dequantize_fp8: CudaFunction,
     pub argmax: CudaFunction,
     pub sample: CudaFunction,
     pub block_checksum: CudaFunction,
@@ -251,6 +345,10 @@ impl Kernels {
             ("prefill_attention_wide_64".into(), &self.prefill_attention_wide[0]),
             ("prefill_attention_wide_128".into(), &self.prefill_attention_wide[1]),
             ("gemv_1".into(), &self.gemv[0]),
+            ("gemv_fp8_1".into(), &self.gemv_fp8[0]),
+            ("gemv_fp8_4".into(), &self.gemv_fp8[3]),
+            ("gemv_fp8_mma_8".into(), &self.gemv_fp8_mma[0]),
+            ("gemv_fp8_mma_16".into(), &self.gemv_fp8_mma[1]),
             ("sample_rows".into(), &self.sample),
         ];
         for (i, f) in self.decode_attention.iter().enumerate() {
@@ -305,6 +403,11 @@ impl Kernels {
             gemv_norm: fused("gemv_norm")?,
             splitk_reduce: f("splitk_reduce")?,
             gemv_silu: fused("gemv_silu")?,
+            gemv_fp8: (1..=GEMV_FP8_KERNELS).map(|n| f(&format!("gemv_fp8_{n}"))).collect::<Result<_>>()?,
+            gemv_fp8_mma: [f("gemv_fp8_mma_8")?, f("gemv_fp8_mma_16")?],
+            gemv_fp8_mma_variants: [f("gemv_fp8_mma_8_u8")?, f("gemv_fp8_mma_8_w4")?, big("gemv_fp8_mma_8_sx", FP8_SX_SMEM as u32)?],
+            quantize_fp8: f("quantize_fp8_rows")?,
+            dequantize_fp8: f("dequantize_fp8_rows")?,
             argmax: f("argmax_rows")?,
             sample: f("sample_rows")?,
             block_checksum: f("block_checksum")?,
@@ -337,6 +440,23 @@ pub struct Gpu {
     /// GEMMs of few tokens whose output tiles would not fill the GPU cut K into slices
     /// (`TANDEM_CUDA_SPLITK=1`; off by default until measured).
     split_k: bool,
+    /// Passes of at most this many tokens run FP8 projections through the FP8 matrix-vector
+    /// kernel ([`GEMV_FP8_MAX`]).
+    pub fp8_gemv_max: usize,
+    /// Which FP8 matrix-vector kernel runs.
+    pub fp8_gemv: Fp8Gemv,
+    /// The tensor-core kernel's variant for up to 8 tokens (index into [`FP8_MMA_VARIANTS`]).
+    fp8_mma_variant: Option<usize>,
+    /// Where FP8 matrices are widened to bf16 for passes past `fp8_gemv_max` tokens; sized by
+    /// [`Gpu::reserve_widened`] when FP8 weights are loaded, before any pass is captured.
+    widened: Mutex<Option<Buf>>,
+    /// FP8 tensor-core GEMMs (cuBLASLt), made when FP8 weights are first loaded; off with
+    /// `TANDEM_CUDA_FP8_GEMM=widen`, which widens every FP8 matrix past the matrix-vector kernel.
+    fp8_gemm: OnceLock<crate::lt::Fp8Gemm>,
+    fp8_gemm_on: bool,
+    /// The E4M3 copy of an FP8 GEMM's input and its per-token scales
+    /// ([`Gpu::reserve_fp8_inputs`]), and the library's workspace.
+    fp8_inputs: Mutex<Option<(Buf, Buf, Buf)>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -379,6 +499,28 @@ impl Gpu {
         let fuse = std::env::var("TANDEM_CUDA_FUSE").is_ok_and(|v| v == "1");
         let split_k = std::env::var("TANDEM_CUDA_SPLITK").is_ok_and(|v| v == "1");
         let split_scratch = alloc(&stream, SPLIT_SCRATCH_BYTES)?;
+        let fp8_gemv_max = match std::env::var("TANDEM_CUDA_FP8_GEMV_MAX") {
+            Ok(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| *n <= GEMV_FP8_MMA_MAX)
+                .ok_or_else(|| CudaError::Unsupported(format!("TANDEM_CUDA_FP8_GEMV_MAX={v} (0 to {GEMV_FP8_MMA_MAX})")))?,
+            Err(_) => GEMV_FP8_MAX,
+        };
+        let fp8_gemv = match std::env::var("TANDEM_CUDA_FP8_GEMV").as_deref() {
+            Ok("simt") => Fp8Gemv::Simt,
+            Ok("mma") | Err(_) => Fp8Gemv::Mma,
+            Ok(v) => return Err(CudaError::Unsupported(format!("TANDEM_CUDA_FP8_GEMV={v} (simt or mma)"))),
+        };
+        let fp8_mma_variant = match std::env::var("TANDEM_CUDA_FP8_MMA") {
+            Ok(v) => Some(
+                FP8_MMA_VARIANTS
+                    .iter()
+                    .position(|k| *k == v)
+                    .ok_or_else(|| CudaError::Unsupported(format!("TANDEM_CUDA_FP8_MMA={v} ({})", FP8_MMA_VARIANTS.join(", "))))?,
+            ),
+            Err(_) => None,
+        };
         Ok(Self {
             ctx,
             stream,
@@ -393,6 +535,13 @@ impl Gpu {
             decode_kernel,
             fuse,
             split_k,
+            fp8_gemv_max,
+            fp8_gemv,
+            fp8_mma_variant,
+            widened: Mutex::new(None),
+            fp8_gemm: OnceLock::new(),
+            fp8_gemm_on: std::env::var("TANDEM_CUDA_FP8_GEMM").map_or(true, |v| v != "widen"),
+            fp8_inputs: Mutex::new(None),
         })
     }
 
@@ -494,6 +643,222 @@ impl Gpu {
             return self.gemm_split(w, x, y, out, rows, n, cols, splits, accumulate);
         }
         self.gemm(w, Dt::Bf16, x, Dt::Bf16, y, out, rows, n, cols, accumulate)
+    }
+
+    /// `y[n × rows] (+)= x[n × cols] · Wᵀ` for weights in either format: bf16 as [`Gpu::linear`];
+    /// FP8 through the FP8 matrix-vector kernel up to `fp8_gemv_max` tokens, else widened to
+    /// bf16 in the scratch matrix and multiplied by cuBLAS.
+    pub fn project(&self, x: u64, w: &Matrix, y: u64, n: usize, out: Dt, accumulate: bool) -> Result<()> {
+        let Some(scale) = &w.scale else {
+            return self.linear(x, w.data.ptr, y, n, w.rows, w.cols, out, accumulate);
+        };
+        if n == 0 {
+            return Ok(());
+        }
+        if self.fp8_gemv_takes(n, w.cols) {
+            return self.gemv_fp8(x, w, y, n, out, accumulate);
+        }
+        if self.fp8_gemm_on {
+            if let Some(lt) = self.fp8_gemm.get() {
+                if lt.supports(w.rows, n, w.cols, out)? {
+                    return self.gemm_fp8(lt, x, w, scale, y, n, out, accumulate);
+                }
+            }
+        }
+        self.gemm_widened(x, w, scale, y, n, out, accumulate)
+    }
+
+    /// Which path [`Gpu::project`] takes for FP8 weights and `n` tokens: `"matrix-vector"`,
+    /// `"cuBLASLt FP8"` or `"widened"` (bf16 weights: `"bf16"`).
+    pub fn fp8_path(&self, w: &Matrix, n: usize, out: Dt) -> Result<&'static str> {
+        if w.scale.is_none() {
+            return Ok("bf16");
+        }
+        if self.fp8_gemv_takes(n, w.cols) {
+            return Ok("matrix-vector");
+        }
+        if self.fp8_gemm_on {
+            if let Some(lt) = self.fp8_gemm.get() {
+                if lt.supports(w.rows, n, w.cols, out)? {
+                    return Ok("cuBLASLt FP8");
+                }
+            }
+        }
+        Ok("widened")
+    }
+
+    /// FP8 weights widened to bf16 in the scratch matrix, then cuBLAS.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_widened(&self, x: u64, w: &Matrix, scale: &Buf, y: u64, n: usize, out: Dt, accumulate: bool) -> Result<()> {
+        let c = w.cols as i32;
+        let widened = self.widened.lock().expect("widened lock");
+        let buf = widened
+            .as_ref()
+            .filter(|b| b.bytes >= w.rows * w.cols * 2)
+            .ok_or_else(|| CudaError::Unsupported(format!("no room to widen a {}×{} FP8 matrix", w.rows, w.cols)))?;
+        let elems = (w.rows * w.cols) as u64;
+        let blocks = (w.rows * w.cols).div_ceil(4 * 256).min(65536) as u32;
+        // Reads rows×cols bytes and rows scales, writes rows×cols bf16 into a buffer at least
+        // that large; ordered after the GEMM that last read the buffer by the stream.
+        self.launch(&self.k.dequantize_fp8, (blocks, 1, 1), 256, 0, &[&w.data.ptr, &scale.ptr, &buf.ptr, &elems, &c])?;
+        self.linear(x, buf.ptr, y, n, w.rows, w.cols, out, accumulate)
+    }
+
+    /// Whether [`Gpu::project`] sends `n` tokens through an FP8 matrix-vector kernel (at most
+    /// `fp8_gemv_max` tokens, and a kernel that takes the shape).
+    fn fp8_gemv_takes(&self, n: usize, cols: usize) -> bool {
+        n <= self.fp8_gemv_max && self.fp8_gemv_kernel(n, cols).is_some()
+    }
+
+    /// The FP8 matrix-vector kernel for `n` tokens of `cols`: the tensor-core form where
+    /// `cols % 64 == 0` (unless `TANDEM_CUDA_FP8_GEMV=simt`), else the CUDA-core one.
+    fn fp8_gemv_kernel(&self, n: usize, cols: usize) -> Option<Fp8Gemv> {
+        if n == 0 {
+            None
+        } else if self.fp8_gemv == Fp8Gemv::Mma && n <= GEMV_FP8_MMA_MAX && cols.is_multiple_of(64) {
+            Some(Fp8Gemv::Mma)
+        } else if n <= GEMV_FP8_KERNELS && cols.is_multiple_of(16) {
+            Some(Fp8Gemv::Simt)
+        } else {
+            None
+        }
+    }
+
+    /// An FP8 matrix-vector kernel: `y[n × rows] (+)= x[n × cols] · Wᵀ` for an FP8 `w` and a
+    /// shape one of them takes ([`Gpu::fp8_gemv_kernel`]).
+    pub fn gemv_fp8(&self, x: u64, w: &Matrix, y: u64, n: usize, out: Dt, accumulate: bool) -> Result<()> {
+        let kernel = self
+            .fp8_gemv_kernel(n, w.cols)
+            .ok_or_else(|| CudaError::Unsupported(format!("FP8 matrix-vector kernel for {n} rows of {}", w.cols)))?;
+        self.gemv_fp8_on(kernel, x, w, y, n, out, accumulate)
+    }
+
+    /// [`Gpu::gemv_fp8`] on the named kernel, whatever the environment chose (for the checks).
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemv_fp8_on(&self, kernel: Fp8Gemv, x: u64, w: &Matrix, y: u64, n: usize, out: Dt, accumulate: bool) -> Result<()> {
+        let scale = w.scale.as_ref().ok_or_else(|| CudaError::Unsupported("FP8 kernel on bf16 weights".into()))?;
+        let fits = match kernel {
+            Fp8Gemv::Mma => n <= GEMV_FP8_MMA_MAX && w.cols.is_multiple_of(64),
+            Fp8Gemv::Simt => n <= GEMV_FP8_KERNELS && w.cols.is_multiple_of(16),
+        };
+        if n == 0 || !fits {
+            return Err(CudaError::Unsupported(format!("{kernel:?} FP8 matrix-vector kernel for {n} rows of {}", w.cols)));
+        }
+        let mode = out_mode(out, accumulate)?;
+        let (r, c) = (w.rows as i32, w.cols as i32);
+        if kernel == Fp8Gemv::Mma {
+            let nn = n as i32;
+            let sx_bytes = n * (w.cols + 8) * 2;
+            let (f, threads, smem) = match self.fp8_mma_variant {
+                Some(0) if n <= 8 => (&self.k.gemv_fp8_mma_variants[0], 256, 0),
+                Some(1) if n <= 8 => (&self.k.gemv_fp8_mma_variants[1], 128, 0),
+                Some(2) if n <= 8 && sx_bytes <= FP8_SX_SMEM => (&self.k.gemv_fp8_mma_variants[2], 256, sx_bytes as u32),
+                _ => (&self.k.gemv_fp8_mma[usize::from(n > 8)], 256, 0),
+            };
+            // W holds rows×cols bytes (cols % 64 == 0) and rows scales, x n×cols and y n×rows
+            // elements; a block per 16 rows.
+            return self.launch_dependent(
+                f,
+                (w.rows.div_ceil(16) as u32, 1, 1),
+                threads,
+                smem,
+                &[&w.data.ptr, &scale.ptr, &x, &y, &r, &c, &nn, &mode],
+            );
+        }
+        // W holds rows×cols bytes and rows scales, x n×cols and y n×rows elements.
+        self.launch_dependent(
+            &self.k.gemv_fp8[n - 1],
+            (w.rows.div_ceil(8) as u32, 1, 1),
+            256,
+            0,
+            &[&w.data.ptr, &scale.ptr, &x, &y, &r, &c, &mode],
+        )
+    }
+
+    /// The input quantised per token to E4M3, then cuBLASLt's FP8 GEMM with both scale vectors.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_fp8(
+        &self,
+        lt: &crate::lt::Fp8Gemm,
+        x: u64,
+        w: &Matrix,
+        scale: &Buf,
+        y: u64,
+        n: usize,
+        out: Dt,
+        accumulate: bool,
+    ) -> Result<()> {
+        let inputs = self.fp8_inputs.lock().expect("fp8 inputs lock");
+        let (xq, xs, ws) = inputs
+            .as_ref()
+            .filter(|(q, s, _)| q.bytes >= n * w.cols && s.bytes >= n * 4)
+            .ok_or_else(|| CudaError::Unsupported(format!("no room for {n} FP8 input rows of {}", w.cols)))?;
+        let c = w.cols as i32;
+        // x holds n×cols bf16; the kernel writes n×cols bytes and n scales, within the buffers.
+        self.launch(&self.k.quantize_fp8, (n as u32, 1, 1), 256, 0, &[&x, &xq.ptr, &xs.ptr, &c])?;
+        self.bind()?;
+        // SAFETY: W holds rows×cols bytes and rows scales, xq/xs were just written for n rows, y
+        // holds n×rows elements of `out` (callers size it), the workspace is LT_WORKSPACE_BYTES;
+        // all on this GPU, ordered on its stream.
+        unsafe {
+            lt.run(
+                w.data.ptr,
+                scale.ptr,
+                xq.ptr,
+                xs.ptr,
+                y,
+                (w.rows, n, w.cols),
+                out,
+                accumulate,
+                ws.ptr,
+                self.stream.cu_stream() as cudarc::cublaslt::sys::cudaStream_t,
+            )
+        }
+    }
+
+    /// Makes room for FP8 GEMM inputs of up to `tokens` rows of `cols` (and the FP8 GEMM
+    /// library); before any pass is captured.
+    pub fn reserve_fp8_inputs(&self, tokens: usize, cols: usize) -> Result<()> {
+        if self.fp8_gemm.get().is_none() {
+            let lt = crate::lt::Fp8Gemm::new()?;
+            let _ = self.fp8_gemm.set(lt);
+        }
+        let mut inputs = self.fp8_inputs.lock().expect("fp8 inputs lock");
+        if inputs.as_ref().is_some_and(|(q, s, _)| q.bytes >= tokens * cols && s.bytes >= tokens * 4) {
+            return Ok(());
+        }
+        self.sync()?;
+        *inputs = None;
+        *inputs = Some((self.alloc(tokens * cols)?, self.alloc(tokens * 4)?, self.alloc(crate::lt::LT_WORKSPACE_BYTES)?));
+        Ok(())
+    }
+
+    /// Quantises a bf16 matrix `[rows × cols]` to [`WeightFormat::Fp8`] (one scale per row, the
+    /// row's largest magnitude mapped to 448) and makes sure the widening scratch can hold it.
+    pub fn quantize_fp8(&self, w: &Buf, rows: usize, cols: usize) -> Result<Matrix> {
+        if !cols.is_multiple_of(16) || w.bytes < rows * cols * 2 {
+            return Err(CudaError::Unsupported(format!("FP8 weights of {rows}×{cols} (columns must be a multiple of 16)")));
+        }
+        let data = self.alloc(rows * cols)?;
+        let scale = self.alloc(rows * 4)?;
+        let c = cols as i32;
+        // One block per row, each reading its cols bf16 and writing cols bytes and one scale.
+        self.launch(&self.k.quantize_fp8, (rows as u32, 1, 1), 256, 0, &[&w.ptr, &data.ptr, &scale.ptr, &c])?;
+        self.reserve_widened(rows * cols * 2)?;
+        Ok(Matrix { data, scale: Some(scale), rows, cols })
+    }
+
+    /// Grows the scratch FP8 matrices are widened into to at least `bytes`. Not while a pass is
+    /// queued or captured: the old buffer is freed after a sync.
+    pub fn reserve_widened(&self, bytes: usize) -> Result<()> {
+        let mut widened = self.widened.lock().expect("widened lock");
+        if widened.as_ref().is_some_and(|b| b.bytes >= bytes) {
+            return Ok(());
+        }
+        self.sync()?;
+        *widened = None;
+        *widened = Some(self.alloc(bytes)?);
+        Ok(())
     }
 
     /// `y[n × m] (+)= x[n × k] · Wᵀ` as `splits` products over slices of K, each written apart

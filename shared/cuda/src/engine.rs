@@ -11,7 +11,7 @@ use tandem_engine::{Engine, EngineError, EngineInfo, ForwardItem, MaskSource, Mo
 use tandem_protocol::{BlockMemory, Bytes, DeviceBlocks, DevicePeer, KvDtype, KvLayout};
 use tandem_tokenizer::ModelFiles;
 
-use crate::device::Gpu;
+use crate::device::{Gpu, WeightFormat};
 use crate::group::Nccl;
 use crate::model::{Dims, Head, Model, PassShape, Rank, Scratch, Weights};
 use crate::pinned::{Filling, LazySlots};
@@ -45,6 +45,8 @@ pub struct CudaConfig {
     /// Page-locked host memory that arriving blocks are received into before their import, at
     /// most; allocated on the first handoff received. Past it, they arrive in pageable memory.
     pub import_pinned_bytes: usize,
+    /// How the projections are stored; `None` takes `TANDEM_CUDA_WEIGHTS` (bf16 when unset).
+    pub weights: Option<WeightFormat>,
 }
 
 impl Default for CudaConfig {
@@ -61,7 +63,15 @@ impl Default for CudaConfig {
             graphs: true,
             export_pinned_bytes: 1 << 30,
             import_pinned_bytes: 1 << 30,
+            weights: None,
         }
+    }
+}
+
+impl CudaConfig {
+    /// The projections' format: as set, else as `TANDEM_CUDA_WEIGHTS` names it.
+    pub fn weight_format(&self) -> Result<WeightFormat> {
+        self.weights.map_or_else(WeightFormat::from_env, Ok)
     }
 }
 
@@ -138,11 +148,12 @@ impl CudaEngine {
     pub fn load(files: &ModelFiles, cfg: &CudaConfig) -> Result<Self> {
         let (model_cfg, mut src) = WeightSource::open(files)?;
         let tp = check_tp(&model_cfg, cfg.tp)?;
+        let format = cfg.weight_format()?;
         let mut ranks = Vec::with_capacity(tp);
         for rank in 0..tp {
             let gpu = Gpu::open(cfg.device + rank)?;
             gpu.bind()?;
-            let w = Weights::load(&gpu, &model_cfg, &mut src, Tp { rank, size: tp })?;
+            let w = Weights::load(&gpu, &model_cfg, &mut src, Tp { rank, size: tp }, format)?;
             ranks.push((gpu, w));
         }
         drop(src);
@@ -153,11 +164,12 @@ impl CudaEngine {
     /// with its own seed.
     pub fn random(name: &str, model_cfg: ModelConfig, seed: u64, cfg: &CudaConfig) -> Result<Self> {
         let tp = check_tp(&model_cfg, cfg.tp)?;
+        let format = cfg.weight_format()?;
         let mut ranks = Vec::with_capacity(tp);
         for rank in 0..tp {
             let gpu = Gpu::open(cfg.device + rank)?;
             gpu.bind()?;
-            let w = Weights::random(&gpu, &model_cfg, seed.wrapping_add(rank as u64 * 7919), Tp { rank, size: tp })?;
+            let w = Weights::random(&gpu, &model_cfg, seed.wrapping_add(rank as u64 * 7919), Tp { rank, size: tp }, format)?;
             ranks.push((gpu, w));
         }
         Self::assemble(name.to_string(), ranks, model_cfg, cfg)
@@ -193,8 +205,13 @@ impl CudaEngine {
         let max_batch = cfg.max_batch.clamp(1, *BUCKETS.last().expect("buckets"));
         let mut scratches = Vec::with_capacity(tp);
         let mut fit = usize::MAX;
-        for (gpu, _) in &loaded {
+        for (gpu, w) in &loaded {
             gpu.bind()?;
+            if w.format == WeightFormat::Fp8 {
+                // Room for the E4M3 copy of the widest projection input of the largest pass
+                // (FP8 GEMMs), before the KV cache takes what is left.
+                gpu.reserve_fp8_inputs(cfg.max_step_tokens.max(1), d.hidden.max(d.ffn).max(d.heads * d.hd))?;
+            }
             let scratch = Scratch::new(
                 gpu,
                 &d,
@@ -332,6 +349,11 @@ impl CudaEngine {
 
     /// Bytes of weights one decode step reads, every rank together (the LM head once: rank 0
     /// alone runs it).
+    /// How the projections are stored.
+    pub fn weight_format(&self) -> WeightFormat {
+        self.lead().w.format
+    }
+
     pub fn weight_step_bytes(&self) -> usize {
         let lead = &self.lead().w;
         lead.step_bytes + self.ranks[1..].iter().map(|r| r.w.step_bytes - r.w.head_bytes).sum::<usize>()

@@ -1469,6 +1469,287 @@ GEMV_FUSED(gemv_silu_1, 1, 2)
 GEMV_FUSED(gemv_silu_2, 2, 2)
 
 // ---------------------------------------------------------------------------------------------
+// FP8 weights: E4M3 bytes with one f32 scale per output row, W[r][k] = scale[r] · e4m3(q[r][k]).
+//
+// A byte s eeee mmm widens to the f32 whose bits are s 0000 eeee mmm 0…0 by moving bits alone
+// (no table, no conversion instruction): that float is the byte's value times 2^-120, the
+// exponent bias being 7 against f32's 127 (E4M3 subnormals land on f32 subnormals with the same
+// factor). Sums are taken over those floats and multiplied once by scale · 2^120 at the end.
+
+#define FP8_UNBIAS __int_as_float(0x7b800000)  // 2^120
+
+__device__ __forceinline__ void fp8x4_widen(u32 w, float* f) {
+    f[0] = __uint_as_float(((w << 24) & 0x80000000u) | ((w << 20) & 0x07f00000u));
+    f[1] = __uint_as_float(((w << 16) & 0x80000000u) | ((w << 12) & 0x07f00000u));
+    f[2] = __uint_as_float(((w << 8) & 0x80000000u) | ((w << 4) & 0x07f00000u));
+    f[3] = __uint_as_float((w & 0x80000000u) | ((w >> 4) & 0x07f00000u));
+}
+
+// The E4M3 byte nearest to v (ties to even), saturating at ±448 (the format's largest finite
+// value); NaN never occurs (v comes from finite weights divided by a positive scale).
+__device__ __forceinline__ u32 f2e4m3(float v) {
+    const u32 sign = (__float_as_uint(v) >> 24) & 0x80u;
+    const float a = fminf(fabsf(v), 448.f);
+    if (a < 0.015625f) return sign | (u32)rintf(a * 512.f);  // subnormals: m · 2^-9 (m = 8 is 2^-6)
+    u32 u = __float_as_uint(a);
+    u += 0x7ffffu + ((u >> 20) & 1u);  // round the mantissa to 3 bits, ties to even
+    const u32 e = (u >> 23) - 120u;    // rebias 127 → 7
+    const u32 code = (e << 3) | ((u >> 20) & 7u);
+    return sign | (code > 0x7eu ? 0x7eu : code);
+}
+
+// One block per row: the row's largest magnitude sets scale = amax / 448, then every weight is
+// rounded to the nearest E4M3 value of w / scale. Requires cols % 4 == 0.
+extern "C" __global__ void quantize_fp8_rows(const bf16* w, unsigned char* q, float* scale, int cols) {
+    __shared__ float scratch[32];
+    const bf16* wr = w + (u64)blockIdx.x * cols;
+    float m = 0.f;
+    for (int j = threadIdx.x; j < cols; j += blockDim.x) m = fmaxf(m, fabsf(bf2f(wr[j])));
+    m = block_max(m, scratch);
+    const float s = m > 0.f ? m / 448.f : 1.f;
+    if (threadIdx.x == 0) scale[blockIdx.x] = s;
+    u32* qr = (u32*)(q + (u64)blockIdx.x * cols);
+    for (int j = threadIdx.x * 4; j < cols; j += blockDim.x * 4) {
+        qr[j / 4] = f2e4m3(bf2f(wr[j]) / s) | (f2e4m3(bf2f(wr[j + 1]) / s) << 8) | (f2e4m3(bf2f(wr[j + 2]) / s) << 16) |
+                    (f2e4m3(bf2f(wr[j + 3]) / s) << 24);
+    }
+}
+
+// Back to bf16 (a GEMM of more tokens than the FP8 matrix-vector kernel takes runs on these):
+// n elements, rows of `cols`, four a thread. Requires cols % 4 == 0.
+extern "C" __global__ void dequantize_fp8_rows(const unsigned char* q, const float* scale, bf16* out, u64 n, int cols) {
+    for (u64 i = (blockIdx.x * (u64)blockDim.x + threadIdx.x) * 4; i < n; i += (u64)gridDim.x * blockDim.x * 4) {
+        float f[4];
+        fp8x4_widen(*(const u32*)(q + i), f);
+        const float s = scale[i / cols] * FP8_UNBIAS;
+        *(uint2*)(out + i) = make_uint2(pack_bf2(f[0] * s, f[1] * s), pack_bf2(f[2] * s, f[3] * s));
+    }
+}
+
+// The matrix-vector product on FP8 weights, as `gemv_impl` on bf16 ones: one warp per output
+// row, sixteen weights (one 16-byte load) a lane at a time, four loads in flight, the first ones
+// issued before waiting on the kernel ahead. Requires cols % 16 == 0.
+template <int N>
+__device__ __forceinline__ void fp8_dot16(uint4 wv, const bf16* x, int cols, int k, float* acc) {
+    float wf[16];
+    fp8x4_widen(wv.x, wf);
+    fp8x4_widen(wv.y, wf + 4);
+    fp8x4_widen(wv.z, wf + 8);
+    fp8x4_widen(wv.w, wf + 12);
+#pragma unroll
+    for (int n = 0; n < N; n++) {
+        float xf[16];
+        unpack8(*(const uint4*)(x + (u64)n * cols + k), xf);
+        unpack8(*(const uint4*)(x + (u64)n * cols + k + 8), xf + 8);
+        float a = 0.f, b = 0.f;
+#pragma unroll
+        for (int j = 0; j < 16; j += 2) {
+            a += wf[j] * xf[j];
+            b += wf[j + 1] * xf[j + 1];
+        }
+        acc[n] += a + b;
+    }
+}
+
+template <int N>
+__device__ void gemv_fp8_impl(const unsigned char* w, const float* scale, const bf16* x, void* y, int rows, int cols, int mode) {
+    pdl_trigger();
+    const int lane = threadIdx.x & 31;
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    const unsigned char* wr = w + (u64)r * cols;
+    float acc[N];
+#pragma unroll
+    for (int n = 0; n < N; n++) acc[n] = 0.f;
+    constexpr int U = 4;
+    int k = lane * 16;
+    uint4 wv[U];
+    bool more = k + (U - 1) * 512 < cols;
+    if (more) {
+#pragma unroll
+        for (int u = 0; u < U; u++) wv[u] = ldg_stream(wr + k + u * 512);
+    }
+    pdl_wait();
+    while (more) {
+#pragma unroll
+        for (int u = 0; u < U; u++) fp8_dot16<N>(wv[u], x, cols, k + u * 512, acc);
+        k += U * 512;
+        more = k + (U - 1) * 512 < cols;
+        if (more) {
+#pragma unroll
+            for (int u = 0; u < U; u++) wv[u] = ldg_stream(wr + k + u * 512);
+        }
+    }
+    for (; k < cols; k += 512) fp8_dot16<N>(ldg_stream(wr + k), x, cols, k, acc);
+#pragma unroll
+    for (int n = 0; n < N; n++) acc[n] = warp_sum(acc[n]);
+    if (lane == 0) {
+        const float s = scale[r] * FP8_UNBIAS;
+#pragma unroll
+        for (int n = 0; n < N; n++) {
+            u64 i = (u64)n * rows + r;
+            if (mode == 0) ((bf16*)y)[i] = f2bf(acc[n] * s);
+            else if (mode == 1) ((float*)y)[i] = acc[n] * s;
+            else ((float*)y)[i] += acc[n] * s;
+        }
+    }
+}
+
+#define GEMV_FP8(N)                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256)                                                             \
+        gemv_fp8_##N(const unsigned char* w, const float* scale, const bf16* x, void* y, int rows, int cols, int mode) { \
+        gemv_fp8_impl<N>(w, scale, x, y, rows, cols, mode);                                                       \
+    }
+GEMV_FP8(1)
+GEMV_FP8(2)
+GEMV_FP8(3)
+GEMV_FP8(4)
+GEMV_FP8(5)
+GEMV_FP8(6)
+GEMV_FP8(7)
+GEMV_FP8(8)
+
+// The same product on the tensor cores, for up to 8·NT tokens: the arithmetic of the kernel
+// above (five integer operations to widen each weight, then a scalar FMA per token) caps it
+// well below the memory's speed, so here weights are widened two at a time into bf16 pairs
+// (three operations: a byte permute that also replicates each byte's sign, a shift, a mask)
+// and multiplied by `mma.m16n8k16` with f32 accumulation.
+//
+// A block owns 16 rows; its eight warps take interleaved 64-byte steps along K (split-K within
+// the block, summed through shared memory at the end). In a step, lane (g = lane / 4,
+// t = lane % 4) loads the 16 bytes at k + 16t of rows g and g + 8, which are its A fragments
+// for four products; the order of k inside a product does not change the dot product, so the
+// fragment's k slots {2t, 2t+1, 2t+8, 2t+9} of product j are taken to be bytes 4j..4j+3 of
+// those 16, and the B fragment (token g, and g + 8 with NT = 2) reads the same x elements.
+// Tokens past n contribute zero fragments. Requires cols % 64 == 0.
+
+// Bytes 0 and 1 (sel 0x9180) or 2 and 3 (sel 0xB3A2) of w as a bf16 pair, each the byte's
+// E4M3 value times 2^-120: prmt writes [b, sign(b)…, b', sign(b')…], so after a shift by 4
+// each half holds s 0000 eeee mmm 0000 once the copies of the sign are masked off.
+__device__ __forceinline__ u32 e4m3x2_bf16x2(u32 w, u32 sel) {
+    u32 r;
+    asm("prmt.b32 %0, %1, 0, %2;" : "=r"(r) : "r"(w), "r"(sel));
+    return (r << 4) & 0x87F087F0u;
+}
+
+template <int NT>
+__device__ __forceinline__ void fp8_mma_step(uint4 qa, uint4 qb, const bf16* x, int xstride, int n, int k, int g, float (*acc)[4]) {
+    uint4 xb[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        const int tok = nt * 8 + g;
+        if (tok < n) {
+            const bf16* xr = x + (u64)tok * xstride + k;
+            xb[nt][0] = *(const uint4*)xr;
+            xb[nt][1] = *(const uint4*)(xr + 8);
+        } else {
+            xb[nt][0] = xb[nt][1] = make_uint4(0, 0, 0, 0);
+        }
+    }
+    const u32 wa[4] = {qa.x, qa.y, qa.z, qa.w}, wb[4] = {qb.x, qb.y, qb.z, qb.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        const u32 a[4] = {e4m3x2_bf16x2(wa[j], 0x9180u), e4m3x2_bf16x2(wb[j], 0x9180u), e4m3x2_bf16x2(wa[j], 0xB3A2u),
+                          e4m3x2_bf16x2(wb[j], 0xB3A2u)};
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const uint4 v = xb[nt][j >> 1];
+            const u32 b0 = (j & 1) ? v.z : v.x, b1 = (j & 1) ? v.w : v.y;
+            mma_bf16(acc[nt], a, b0, b1);
+        }
+    }
+}
+
+// NT n-tiles of 8 tokens, U steps in flight a warp, WARPS warps a block; SX stages x in dynamic
+// shared memory (rows of cols + 8 elements, the padding spreading tokens over the banks) once
+// the kernel ahead has written it, instead of reading it from the caches at every step.
+template <int NT, int U, int WARPS, bool SX>
+__device__ void gemv_fp8_mma_impl(const unsigned char* w, const float* scale, const bf16* x, void* y, int rows, int cols, int n, int mode) {
+    __shared__ float part[WARPS][16][8 * NT + 1];
+    extern __shared__ __align__(16) unsigned char fp8_dyn[];
+    pdl_trigger();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int r0 = blockIdx.x * 16;
+    // Rows past the end read the last row (their sums are never written).
+    const unsigned char* wa = w + (u64)min(r0 + g, rows - 1) * cols + t * 16;
+    const unsigned char* wb = w + (u64)min(r0 + g + 8, rows - 1) * cols + t * 16;
+    const int steps = cols >> 6;
+    float acc[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+    uint4 qa[U], qb[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int st = warp + u * WARPS;
+        if (st < steps) {
+            qa[u] = ldg_stream(wa + (u64)st * 64);
+            qb[u] = ldg_stream(wb + (u64)st * 64);
+        }
+    }
+    pdl_wait();
+    const bf16* xs = x;
+    int xstride = cols;
+    if (SX) {
+        bf16* sx = (bf16*)fp8_dyn;
+        xstride = cols + 8;
+        const int per_row = cols / 8;
+        for (int i = threadIdx.x; i < n * per_row; i += WARPS * 32) {
+            const int tok = i / per_row, c = (i % per_row) * 8;
+            *(uint4*)(sx + tok * xstride + c) = *(const uint4*)(x + (u64)tok * cols + c);
+        }
+        __syncthreads();
+        xs = sx;
+    }
+    for (int s = warp; s < steps; s += U * WARPS) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int st = s + u * WARPS;
+            if (st < steps) {
+                fp8_mma_step<NT>(qa[u], qb[u], xs, xstride, n, st * 64 + t * 16, g, acc);
+                const int next = st + U * WARPS;
+                if (next < steps) {
+                    qa[u] = ldg_stream(wa + (u64)next * 64);
+                    qb[u] = ldg_stream(wb + (u64)next * 64);
+                }
+            }
+        }
+    }
+    // C fragment: (row g, tokens 2t and 2t+1) and (row g + 8, the same tokens), per n-tile.
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+        part[warp][g][nt * 8 + 2 * t] = acc[nt][0];
+        part[warp][g][nt * 8 + 2 * t + 1] = acc[nt][1];
+        part[warp][g + 8][nt * 8 + 2 * t] = acc[nt][2];
+        part[warp][g + 8][nt * 8 + 2 * t + 1] = acc[nt][3];
+    }
+    __syncthreads();
+    const int i = threadIdx.x / (8 * NT), c = threadIdx.x % (8 * NT), r = r0 + i;
+    if (threadIdx.x < 16 * 8 * NT && r < rows && c < n) {
+        float sum = 0.f;
+#pragma unroll
+        for (int v = 0; v < WARPS; v++) sum += part[v][i][c];
+        const float out = sum * (scale[r] * FP8_UNBIAS);
+        const u64 o = (u64)c * rows + r;
+        if (mode == 0) ((bf16*)y)[o] = f2bf(out);
+        else if (mode == 1) ((float*)y)[o] = out;
+        else ((float*)y)[o] += out;
+    }
+}
+
+#define GEMV_FP8_MMA(NAME, NT, U, WARPS, SX)                                                                          \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32)                                                          \
+        NAME(const unsigned char* w, const float* scale, const bf16* x, void* y, int rows, int cols, int n, int mode) { \
+        gemv_fp8_mma_impl<NT, U, WARPS, SX>(w, scale, x, y, rows, cols, n, mode);                                     \
+    }
+GEMV_FP8_MMA(gemv_fp8_mma_8, 1, 4, 8, false)
+GEMV_FP8_MMA(gemv_fp8_mma_16, 2, 4, 8, false)
+// Variants measured against the default (`TANDEM_CUDA_FP8_MMA=u8|w4|sx`, up to 8 tokens).
+GEMV_FP8_MMA(gemv_fp8_mma_8_u8, 1, 8, 8, false)
+GEMV_FP8_MMA(gemv_fp8_mma_8_w4, 1, 4, 4, false)
+GEMV_FP8_MMA(gemv_fp8_mma_8_sx, 1, 4, 8, true)
+
+// ---------------------------------------------------------------------------------------------
 // Split-K reduction: y[i] (+)= Σ_s part[s][i] over `splits` partial products of mn elements each
 // (a GEMM whose K was cut into slices, each slice's product written apart). mode 0: y bf16;
 // 1: y f32; 2: y f32 += (the residual add). Four elements a thread; mn % 4 == 0.

@@ -20,14 +20,16 @@ pub mod bench;
 pub mod checks;
 mod device;
 mod engine;
+pub mod fp8;
 mod group;
 mod ipc;
+mod lt;
 mod model;
 mod pinned;
 pub mod plan;
 pub mod shard;
 
-pub use device::{DecodeAttention, Gpu, PrefillAttention, Prologue};
+pub use device::{DecodeAttention, Fp8Gemv, Gpu, Matrix, PrefillAttention, Prologue, WeightFormat};
 pub use engine::{CudaConfig, CudaEngine, DevicePasses, DeviceSampling};
 
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,7 @@
 use tandem_engine::weights::WeightSource;
 use tandem_engine::ModelConfig;
 
-use crate::device::{Buf, Dt, Gpu, PrefillAttention, Prologue};
+use crate::device::{Buf, Dt, Gpu, Matrix, PrefillAttention, Prologue, WeightFormat};
 use crate::group::Nccl;
 use crate::plan::{Offsets, Plan};
 use crate::shard::{take_cols, take_rows, Tp};
@@ -16,15 +16,15 @@ use crate::{CudaError, Result};
 struct LayerW {
     attn_norm: Buf,
     /// Q, K and V stacked: [(heads + 2·kv_heads)·head_dim, hidden].
-    qkv: Buf,
+    qkv: Matrix,
     qkv_bias: Option<Buf>,
     q_norm: Option<Buf>,
     k_norm: Option<Buf>,
-    o: Buf,
+    o: Matrix,
     mlp_norm: Buf,
     /// Gate and up stacked: [2·intermediate, hidden].
-    gate_up: Buf,
-    down: Buf,
+    gate_up: Matrix,
+    down: Matrix,
 }
 
 pub struct Weights {
@@ -39,6 +39,7 @@ pub struct Weights {
     /// Of those, the LM head's (read by rank 0 alone in a group).
     pub head_bytes: usize,
     pub total_bytes: usize,
+    pub format: WeightFormat,
 }
 
 fn to_bf16_bits(v: &[f32]) -> Vec<u16> {
@@ -49,6 +50,19 @@ fn upload_bf16(gpu: &Gpu, v: &[f32]) -> Result<Buf> {
     let b = gpu.alloc(v.len() * 2)?;
     gpu.upload(b.ptr, &to_bf16_bits(v))?;
     Ok(b)
+}
+
+/// A projection from bf16 values on the device, kept as bf16 or quantised per `format`.
+fn matrix(gpu: &Gpu, bf16: Buf, rows: usize, cols: usize, format: WeightFormat) -> Result<Matrix> {
+    match format {
+        WeightFormat::Bf16 => Ok(Matrix { data: bf16, scale: None, rows, cols }),
+        // The bf16 copy is freed once the quantising kernel has read it.
+        WeightFormat::Fp8 => {
+            let m = gpu.quantize_fp8(&bf16, rows, cols)?;
+            gpu.sync()?;
+            Ok(m)
+        }
+    }
 }
 
 fn upload_f32(gpu: &Gpu, v: &[f32]) -> Result<Buf> {
@@ -104,8 +118,9 @@ fn inv_freq(c: &ModelConfig, factors: Option<Vec<f32>>) -> Vec<f32> {
 }
 
 impl Weights {
-    /// Loads (dequantising GGUF, converting safetensors) into bf16, keeping rank `tp`'s shard.
-    pub fn load(gpu: &Gpu, c: &ModelConfig, src: &mut WeightSource, tp: Tp) -> Result<Self> {
+    /// Loads (dequantising GGUF, converting safetensors) into bf16, keeping rank `tp`'s shard;
+    /// the projections then take `format`.
+    pub fn load(gpu: &Gpu, c: &ModelConfig, src: &mut WeightSource, tp: Tp, format: WeightFormat) -> Result<Self> {
         let d = Dims::new(c, tp)?;
         let (h, hd) = (c.hidden, c.head_dim);
         let q_rows = tp.share(c.heads).expect("checked by Dims").start * hd..tp.share(c.heads).expect("checked").end * hd;
@@ -140,14 +155,14 @@ impl Weights {
             let down = take_cols(&dense(src, &format!("{p}.mlp.down_proj.weight"))?, c.intermediate, f_rows.clone());
             layers.push(LayerW {
                 attn_norm: upload_bf16(gpu, &dense(src, &format!("{p}.input_layernorm.weight"))?)?,
-                qkv: upload_bf16(gpu, &qkv)?,
+                qkv: matrix(gpu, upload_bf16(gpu, &qkv)?, d.qkv_width(), h, format)?,
                 qkv_bias,
                 q_norm,
                 k_norm,
-                o: upload_bf16(gpu, &o)?,
+                o: matrix(gpu, upload_bf16(gpu, &o)?, h, d.heads * hd, format)?,
                 mlp_norm: upload_bf16(gpu, &dense(src, &format!("{p}.post_attention_layernorm.weight"))?)?,
-                gate_up: upload_bf16(gpu, &gate_up)?,
-                down: upload_bf16(gpu, &down)?,
+                gate_up: matrix(gpu, upload_bf16(gpu, &gate_up)?, 2 * d.ffn, h, format)?,
+                down: matrix(gpu, upload_bf16(gpu, &down)?, h, d.ffn, format)?,
             });
         }
         let embed = upload_bf16(gpu, &dense(src, "model.embed_tokens.weight")?)?;
@@ -159,12 +174,12 @@ impl Weights {
         let norm = upload_bf16(gpu, &dense(src, "model.norm.weight")?)?;
         let inv = upload_f32(gpu, &inv_freq(c, src.rope_freq_factors()?))?;
         gpu.sync()?;
-        Ok(Self::finish(d, embed, layers, norm, lm_head, inv))
+        Ok(Self::finish(d, embed, layers, norm, lm_head, inv, format))
     }
 
     /// Random weights of the given shape, drawn on the device (benchmarks: values do not change
-    /// the speed, but they are never zeros).
-    pub fn random(gpu: &Gpu, c: &ModelConfig, seed: u64, tp: Tp) -> Result<Self> {
+    /// the speed, but they are never zeros); the projections drawn in bf16, then take `format`.
+    pub fn random(gpu: &Gpu, c: &ModelConfig, seed: u64, tp: Tp, format: WeightFormat) -> Result<Self> {
         let d = Dims::new(c, tp)?;
         let mut n = 0u64;
         let mut mat = |elems: usize, scale: f32, offset: f32| -> Result<Buf> {
@@ -179,14 +194,14 @@ impl Weights {
         for _ in 0..d.layers {
             layers.push(LayerW {
                 attn_norm: mat(d.hidden, 0.05, 1.0)?,
-                qkv: mat(d.qkv_width() * d.hidden, s, 0.0)?,
+                qkv: matrix(gpu, mat(d.qkv_width() * d.hidden, s, 0.0)?, d.qkv_width(), d.hidden, format)?,
                 qkv_bias: None,
                 q_norm: if c.qk_norm { Some(mat(d.hd, 0.05, 1.0)?) } else { None },
                 k_norm: if c.qk_norm { Some(mat(d.hd, 0.05, 1.0)?) } else { None },
-                o: mat(d.hidden * d.heads * d.hd, s, 0.0)?,
+                o: matrix(gpu, mat(d.hidden * d.heads * d.hd, s, 0.0)?, d.hidden, d.heads * d.hd, format)?,
                 mlp_norm: mat(d.hidden, 0.05, 1.0)?,
-                gate_up: mat(2 * d.ffn * d.hidden, s, 0.0)?,
-                down: mat(d.hidden * d.ffn, s, 0.0)?,
+                gate_up: matrix(gpu, mat(2 * d.ffn * d.hidden, s, 0.0)?, 2 * d.ffn, d.hidden, format)?,
+                down: matrix(gpu, mat(d.hidden * d.ffn, s, 0.0)?, d.hidden, d.ffn, format)?,
             });
         }
         let embed = mat(d.vocab * d.hidden, 1.0, 0.0)?;
@@ -194,19 +209,19 @@ impl Weights {
         let norm = mat(d.hidden, 0.05, 1.0)?;
         let inv = upload_f32(gpu, &inv_freq(c, None))?;
         gpu.sync()?;
-        Ok(Self::finish(d, embed, layers, norm, lm_head, inv))
+        Ok(Self::finish(d, embed, layers, norm, lm_head, inv, format))
     }
 
-    fn finish(d: Dims, embed: Buf, layers: Vec<LayerW>, norm: Buf, lm_head: Option<Buf>, inv_freq: Buf) -> Self {
+    fn finish(d: Dims, embed: Buf, layers: Vec<LayerW>, norm: Buf, lm_head: Option<Buf>, inv_freq: Buf, format: WeightFormat) -> Self {
         let per_layer: usize = layers
             .iter()
             .map(|l| {
                 l.attn_norm.bytes
-                    + l.qkv.bytes
-                    + l.o.bytes
+                    + l.qkv.bytes()
+                    + l.o.bytes()
                     + l.mlp_norm.bytes
-                    + l.gate_up.bytes
-                    + l.down.bytes
+                    + l.gate_up.bytes()
+                    + l.down.bytes()
                     + l.qkv_bias.as_ref().map_or(0, |b| b.bytes)
                     + l.q_norm.as_ref().map_or(0, |b| b.bytes)
                     + l.k_norm.as_ref().map_or(0, |b| b.bytes)
@@ -216,7 +231,7 @@ impl Weights {
         let step_bytes = per_layer + norm.bytes + head;
         let total_bytes = per_layer + norm.bytes + embed.bytes + lm_head.as_ref().map_or(0, |b| b.bytes);
         let _ = d;
-        Self { embed, layers, norm, lm_head, inv_freq, step_bytes, head_bytes: head, total_bytes }
+        Self { embed, layers, norm, lm_head, inv_freq, step_bytes, head_bytes: head, total_bytes, format }
     }
 }
 
@@ -449,7 +464,9 @@ impl Model {
         let scale = 1.0 / (d.hd as f32).sqrt();
         let null = 0u64;
         gpu.bind()?;
-        if !gpu.gemv_fused(Prologue::Norm, s.x.ptr, l.attn_norm.ptr, eps, l.qkv.ptr, s.qkv.ptr, n, width, hid, Dt::Bf16, false)? {
+        if l.qkv.scale.is_some()
+            || !gpu.gemv_fused(Prologue::Norm, s.x.ptr, l.attn_norm.ptr, eps, l.qkv.data.ptr, s.qkv.ptr, n, width, hid, Dt::Bf16, false)?
+        {
             gpu.launch_dependent(
                 &k.rms_norm,
                 (n as u32, 1, 1),
@@ -457,7 +474,7 @@ impl Model {
                 0,
                 &[&s.x.ptr, &null, &l.attn_norm.ptr, &s.h.ptr, &(hid as i32), &eps],
             )?;
-            gpu.linear(s.h.ptr, l.qkv.ptr, s.qkv.ptr, n, width, hid, Dt::Bf16, false)?;
+            gpu.project(s.h.ptr, &l.qkv, s.qkv.ptr, n, Dt::Bf16, false)?;
         }
         mark(gpu, "qkv")?;
         // Eight heads a block from 64 tokens up (prefill, large decode batches); one below, for
@@ -554,7 +571,7 @@ impl Model {
             )?;
         }
         mark(gpu, "attention")?;
-        gpu.linear(s.attn.ptr, l.o.ptr, s.x.ptr, n, hid, d.heads * d.hd, Dt::F32, lead)?;
+        gpu.project(s.attn.ptr, &l.o, s.x.ptr, n, Dt::F32, lead)?;
         mark(gpu, "o")
     }
 
@@ -567,7 +584,21 @@ impl Model {
         let null = 0u64;
         gpu.bind()?;
         let gu_rows = 2 * d.ffn;
-        if !gpu.gemv_fused(Prologue::Norm, s.x.ptr, l.mlp_norm.ptr, eps, l.gate_up.ptr, s.gu.ptr, n, gu_rows, hid, Dt::Bf16, false)? {
+        if l.gate_up.scale.is_some()
+            || !gpu.gemv_fused(
+                Prologue::Norm,
+                s.x.ptr,
+                l.mlp_norm.ptr,
+                eps,
+                l.gate_up.data.ptr,
+                s.gu.ptr,
+                n,
+                gu_rows,
+                hid,
+                Dt::Bf16,
+                false,
+            )?
+        {
             gpu.launch_dependent(
                 &gpu.k.rms_norm,
                 (n as u32, 1, 1),
@@ -575,14 +606,16 @@ impl Model {
                 0,
                 &[&s.x.ptr, &null, &l.mlp_norm.ptr, &s.h.ptr, &(hid as i32), &eps],
             )?;
-            gpu.linear(s.h.ptr, l.gate_up.ptr, s.gu.ptr, n, gu_rows, hid, Dt::Bf16, false)?;
+            gpu.project(s.h.ptr, &l.gate_up, s.gu.ptr, n, Dt::Bf16, false)?;
         }
         mark(gpu, "gate_up")?;
-        if !gpu.gemv_fused(Prologue::SiluMul, s.gu.ptr, 0, 0.0, l.down.ptr, s.x.ptr, n, hid, d.ffn, Dt::F32, lead)? {
+        if l.down.scale.is_some()
+            || !gpu.gemv_fused(Prologue::SiluMul, s.gu.ptr, 0, 0.0, l.down.data.ptr, s.x.ptr, n, hid, d.ffn, Dt::F32, lead)?
+        {
             let total = (n * d.ffn) as u64;
             let blocks = (n * d.ffn).div_ceil(256).min(65536) as u32;
             gpu.launch_dependent(&gpu.k.silu_mul, (blocks, 1, 1), 256, 0, &[&s.gu.ptr, &s.act.ptr, &(d.ffn as i32), &total])?;
-            gpu.linear(s.act.ptr, l.down.ptr, s.x.ptr, n, hid, d.ffn, Dt::F32, lead)?;
+            gpu.project(s.act.ptr, &l.down, s.x.ptr, n, Dt::F32, lead)?;
         }
         mark(gpu, "down")
     }

@@ -30,7 +30,7 @@ fn device_sampling_follows_its_distribution() {
 #[ignore = "needs an NVIDIA GPU and TANDEM_GPU_REFERENCE (a folder from scripts/gpu/reference.py)"]
 fn model_logits_match_transformers_in_float64() {
     let dir = std::env::var("TANDEM_GPU_REFERENCE").expect("set TANDEM_GPU_REFERENCE to the output of scripts/gpu/reference.py");
-    let checks = checks::reference_models(std::path::Path::new(&dir), 0, 1).expect("reference models run");
+    let checks = checks::reference_models(std::path::Path::new(&dir), 0, 1, tandem_cuda::WeightFormat::Bf16).expect("reference models run");
     assert!(checks.len() >= 3);
     for c in checks {
         assert!(c.passed, "{}: {:?} ({})", c.name, c.rel_err, c.detail);
@@ -44,5 +44,13 @@ fn greedy_tokens_match_the_cpu_engine() {
     let prompts = ["def fibonacci(n):", "Once upon a time, in a small village,"];
     for c in checks::greedy_vs_cpu(&model, &prompts, 8, 4, 0).expect("both engines run") {
         assert!(c.passed, "{}: {}", c.name, c.detail);
+    }
+}
+
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn fp8_weights_match_the_host_rounding_and_a_float64_product() {
+    for c in checks::fp8(&gpu()).expect("fp8 checks run") {
+        assert!(c.passed, "{}: {:?} ({})", c.name, c.rel_err, c.detail);
     }
 }

@@ -49,6 +49,10 @@ pub struct EngineArgs {
     /// Add a per-stage device-time breakdown (one eager pass) to each decode and prefill row.
     #[arg(long)]
     pub profile: bool,
+    /// Projection formats to run, each a model of its own (comma-separated: bf16, fp8; default
+    /// what TANDEM_CUDA_WEIGHTS names, else bf16).
+    #[arg(long)]
+    pub weights: Option<String>,
     /// Write the JSON result here.
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -62,7 +66,23 @@ pub fn engine(args: &EngineArgs) -> Result<()> {
     eprintln!("{}: copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s", ceil.gpu, ceil.copy_gbps, ceil.matrix_tflops);
     let mut rows: Vec<Row> = Vec::new();
     let tps = list(&args.tp)?;
-    for (shape, tp) in args.shape.split(',').filter(|s| !s.is_empty()).flat_map(|s| tps.iter().map(move |&t| (s, t))) {
+    let formats: Vec<Option<tandem_cuda::WeightFormat>> = match &args.weights {
+        None => vec![None],
+        Some(w) => w
+            .split(',')
+            .filter(|x| !x.is_empty())
+            .map(|x| tandem_cuda::WeightFormat::parse(x.trim()).map(Some))
+            .collect::<Result<_, _>>()?,
+    };
+    let mut runs = Vec::new();
+    for s in args.shape.split(',').filter(|s| !s.is_empty()) {
+        for &t in &tps {
+            for &f in &formats {
+                runs.push((s, t, f));
+            }
+        }
+    }
+    for (shape, tp, weights) in runs {
         let spec = bench::Spec {
             shape: shape.to_string(),
             batches: list(&args.batches)?,
@@ -74,6 +94,7 @@ pub fn engine(args: &EngineArgs) -> Result<()> {
             tp,
             graphs: !args.no_graphs,
             profile: args.profile,
+            weights,
         };
         let done = bench::run(&spec, &ceil, |r| eprintln!("{}", line(r)))?;
         rows.extend(done);
@@ -82,7 +103,10 @@ pub fn engine(args: &EngineArgs) -> Result<()> {
     if let Some(path) = &args.output {
         std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
     }
-    println!("{:<9} {:<8} {:>3} {:>5} {:>6} {:>10} {:>9} {:>6}", "shape", "phase", "tp", "batch", "len", "tok/s", "ms", "util");
+    println!(
+        "{:<9} {:<8} {:<5} {:>3} {:>5} {:>6} {:>10} {:>9} {:>6}",
+        "shape", "phase", "dtype", "tp", "batch", "len", "tok/s", "ms", "util"
+    );
     for r in &rows {
         println!("{}", line(r));
     }
@@ -92,11 +116,12 @@ pub fn engine(args: &EngineArgs) -> Result<()> {
 fn line(r: &Row) -> String {
     let len = r.context.or(r.prompt_len).unwrap_or(0);
     match &r.error {
-        Some(e) => format!("{:<9} {:<8} {:>3} {:>5} {:>6} {e}", r.shape, r.phase, r.tp, r.batch, len),
+        Some(e) => format!("{:<9} {:<8} {:<5} {:>3} {:>5} {:>6} {e}", r.shape, r.phase, r.dtype, r.tp, r.batch, len),
         None => format!(
-            "{:<9} {:<8} {:>3} {:>5} {:>6} {:>10.0} {:>9.3} {:>5.1}% {}",
+            "{:<9} {:<8} {:<5} {:>3} {:>5} {:>6} {:>10.0} {:>9.3} {:>5.1}% {}",
             r.shape,
             r.phase,
+            r.dtype,
             r.tp,
             r.batch,
             len,
@@ -148,14 +173,22 @@ pub fn check(args: &CheckArgs) -> Result<()> {
         all.push(checks::attention_case(&gpu, case, 100 + i as u64)?);
         eprintln!("{}", show(all.last().expect("just pushed")));
     }
-    for c in checks::sampling(&gpu)?.into_iter().chain(checks::block_checksums(&gpu)?).chain(checks::projections(&gpu)?) {
+    for c in checks::sampling(&gpu)?
+        .into_iter()
+        .chain(checks::block_checksums(&gpu)?)
+        .chain(checks::projections(&gpu)?)
+        .chain(checks::fp8(&gpu)?)
+    {
         eprintln!("{}", show(&c));
         all.push(c);
     }
     drop(gpu);
     if let Some(dir) = &args.reference {
         for tp in list(&args.tp)? {
-            let mut found = checks::reference_models(dir, dev, tp)?;
+            let mut found = checks::reference_models(dir, dev, tp, tandem_cuda::WeightFormat::Bf16)?;
+            if tp == 1 {
+                found.extend(checks::reference_models(dir, dev, tp, tandem_cuda::WeightFormat::Fp8)?);
+            }
             if tp > 1 {
                 found.extend(checks::group_against_single(dir, dev, tp)?);
             }

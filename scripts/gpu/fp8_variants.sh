@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The tensor-core FP8 matrix-vector kernel against its variants (TANDEM_CUDA_FP8_MMA), the
+# CUDA-core FP8 kernel and bf16, in one session on one GPU: each variant's kernel checks first
+# (float64 references, no models), then `tandem bench engine --profile` at batch 1 and 8 and
+# 512 tokens of context. Expects a stripped release build at target/gpu/tandem; writes
+# $OUT/fp8-variants.json and $OUT/fp8-variants.log, and prints a table last.
+set -u
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64 NCCL_NVLS_ENABLE=0
+B=target/gpu/tandem
+LOG=$OUT/fp8-variants.log
+W=$(mktemp -d)
+SHAPES=${SHAPES:-llama-1b,llama-8b}
+nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee -a $LOG
+for v in mma u8 w4 sx; do
+  env $([ $v != mma ] && echo TANDEM_CUDA_FP8_MMA=$v) timeout 120 $B bench gpu-check --output $W/check_$v.json >> $LOG 2>&1
+  echo "checks $v rc=$? $(grep -c 'tensor-core kernel' $W/check_$v.json) tensor-core checks, failed: $(grep -c '"passed": false' $W/check_$v.json)"
+done
+run() { local tag=$1; shift; env "$@" timeout 120 $B bench engine --shape $SHAPES --batches 1,8 --contexts 512 --prefill= --iters 10 --profile --output $W/$tag.json >> $LOG 2>&1; echo "$tag rc=$?"; }
+for i in 1 2; do
+  run bf16_$i TANDEM_CUDA_WEIGHTS=bf16
+  run simt_$i TANDEM_CUDA_WEIGHTS=fp8 TANDEM_CUDA_FP8_GEMV=simt
+  run mma_$i TANDEM_CUDA_WEIGHTS=fp8
+  for v in u8 w4 sx; do run ${v}_$i TANDEM_CUDA_WEIGHTS=fp8 TANDEM_CUDA_FP8_MMA=$v; done
+done
+W=$W python3 - <<'PY'
+import json, os, glob
+w, o = os.environ['W'], os.environ['OUT']
+merged, table = {}, {}
+for f in sorted(glob.glob(w + '/*.json')):
+    tag = os.path.basename(f)[:-5]
+    r = json.load(open(f)); merged[tag] = r
+    if tag.startswith('check_'): continue
+    for d in r.get('rows', []):
+        k = (d.get('shape'), d.get('batch'))
+        table.setdefault(k, {})[tag] = d.get('error') or round(d.get('tokens_per_s') or 0)
+        bd = dict(d.get('breakdown_ms') or [])
+        if tag.endswith('_1'): print(tag, k, {s: round(bd[s], 3) for s in ('qkv', 'o', 'gate_up', 'down') if s in bd})
+json.dump(merged, open(o + '/fp8-variants.json', 'w'), indent=1)
+for k, v in sorted(table.items(), key=str): print(k, v)
+PY
