@@ -1,4 +1,5 @@
-//! The CUDA backend of the engine: Llama-family decoders in bf16 on NVIDIA GPUs.
+//! The CUDA backend of the engine: Llama-family decoders in bf16 on NVIDIA GPUs, with the
+//! projections optionally in FP8 (E4M3, a scale per output row; [`WeightFormat`]).
 //!
 //! - Kernels of our own ([`kernels.cu`](../src/kernels.cu)), compiled at run time with NVRTC for
 //!   the device's architecture and cached per process: RMSNorm, RoPE with the KV-cache write,
@@ -6,6 +7,8 @@
 //!   causal prefill attention on tensor cores, matrix-vector products for small batches, greedy
 //!   and top-k/top-p sampling.
 //! - GEMMs through cuBLAS in bf16 with f32 accumulation; the residual add is the GEMM's beta.
+//!   FP8 projections take a tensor-core matrix-vector kernel up to 16 tokens, cuBLASLt's FP8
+//!   GEMM beyond (or the weights widened to bf16 where it has no algorithm).
 //! - Decode passes captured as CUDA graphs per (batch bucket, context bucket); all buffers are
 //!   allocated up front.
 //! - Tensor-parallel groups: one engine drives a rank per GPU, each holding its share of the

@@ -108,7 +108,7 @@ impl Fp8Gemm {
         match found {
             Ok(h) => Ok(Some(Plan { desc, a, b, d, algo: h.algo })),
             Err(e) => {
-                tracing::info!(m, n, k, error = ?e, "no cuBLASLt FP8 algorithm for this shape; widening to bf16");
+                tracing::warn!(m, n, k, error = ?e, "no cuBLASLt FP8 algorithm for this shape; widening to bf16");
                 // SAFETY: created above, used by nothing else.
                 unsafe {
                     lt::destroy_matrix_layout(a).map_err(blas)?;
