@@ -659,8 +659,8 @@ impl Gpu {
             return self.gemv_fp8(x, w, y, n, out, accumulate);
         }
         if self.fp8_gemm_on {
-            if let Some(lt) = self.fp8_gemm.get() {
-                if lt.supports(w.rows, n, w.cols, out)? {
+            if let (Some(lt), Some(xs)) = (self.fp8_gemm.get(), self.fp8_input_scales(n * w.cols, n)) {
+                if lt.supports(w.rows, n, w.cols, out, (scale.ptr, xs))? {
                     return self.gemm_fp8(lt, x, w, scale, y, n, out, accumulate);
                 }
             }
@@ -671,15 +671,15 @@ impl Gpu {
     /// Which path [`Gpu::project`] takes for FP8 weights and `n` tokens: `"matrix-vector"`,
     /// `"cuBLASLt FP8"` or `"widened"` (bf16 weights: `"bf16"`).
     pub fn fp8_path(&self, w: &Matrix, n: usize, out: Dt) -> Result<&'static str> {
-        if w.scale.is_none() {
+        let Some(scale) = &w.scale else {
             return Ok("bf16");
-        }
+        };
         if self.fp8_gemv_takes(n, w.cols) {
             return Ok("matrix-vector");
         }
         if self.fp8_gemm_on {
-            if let Some(lt) = self.fp8_gemm.get() {
-                if lt.supports(w.rows, n, w.cols, out)? {
+            if let (Some(lt), Some(xs)) = (self.fp8_gemm.get(), self.fp8_input_scales(n * w.cols, n)) {
+                if lt.supports(w.rows, n, w.cols, out, (scale.ptr, xs))? {
                     return Ok("cuBLASLt FP8");
                 }
             }
@@ -814,6 +814,13 @@ impl Gpu {
                 self.stream.cu_stream() as cudarc::cublaslt::sys::cudaStream_t,
             )
         }
+    }
+
+    /// The device address of the per-token input scales, when the FP8 input buffers hold
+    /// `bytes` quantised inputs and `rows` scales.
+    fn fp8_input_scales(&self, bytes: usize, rows: usize) -> Option<u64> {
+        let inputs = self.fp8_inputs.lock().expect("fp8 inputs lock");
+        inputs.as_ref().filter(|(q, s, _)| q.bytes >= bytes && s.bytes >= rows * 4).map(|(_, s, _)| s.ptr)
     }
 
     /// Makes room for FP8 GEMM inputs of up to `tokens` rows of `cols` (and the FP8 GEMM

@@ -73,7 +73,9 @@ impl Fp8Gemm {
         Ok(Self { handle: lt::create_handle().map_err(blas)?, plans: Mutex::new(HashMap::new()) })
     }
 
-    fn plan(&self, key: Key) -> Result<Option<Plan>> {
+    /// The library checks that a vector scale mode has its pointer before it offers an
+    /// algorithm, so the plan is made with real scale vectors in place (each call sets its own).
+    fn plan(&self, key: Key, scales: (u64, u64)) -> Result<Option<Plan>> {
         use sys::cublasLtMatmulDescAttributes_t as A;
         let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F).map_err(blas)?;
         let out = if key.out == 0 { Dt::Bf16 } else { Dt::F32 };
@@ -85,6 +87,9 @@ impl Fp8Gemm {
             let outer = sys::cublasLtMatmulMatrixScale_t::CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F as i32;
             set(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &outer)?;
             set(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &outer)?;
+            let (ws, xs) = (scales.0 as *const c_void, scales.1 as *const c_void);
+            set(desc, A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ws)?;
+            set(desc, A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &xs)?;
         }
         let (m, n, k) = (key.m as u64, key.n as u64, key.k as u64);
         let a = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_8F_E4M3, k, m, k as i64).map_err(blas)?;
@@ -121,13 +126,14 @@ impl Fp8Gemm {
         }
     }
 
-    /// Whether the library runs this shape (planning it on first sight).
-    pub fn supports(&self, m: usize, n: usize, k: usize, out: Dt) -> Result<bool> {
+    /// Whether the library runs this shape (planning it on first sight with the weight's and
+    /// the input's scale vectors, `scales`).
+    pub fn supports(&self, m: usize, n: usize, k: usize, out: Dt, scales: (u64, u64)) -> Result<bool> {
         let key = Key { m, n, k, out: if out == Dt::Bf16 { 0 } else { 1 } };
         let mut plans = self.plans.lock().expect("plans lock");
         let plan = match plans.entry(key) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(key)?),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(key, scales)?),
         };
         Ok(plan.is_some())
     }

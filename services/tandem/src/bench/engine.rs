@@ -153,9 +153,15 @@ pub struct CheckArgs {
     /// 1 is also compared with one GPU on the same weights.
     #[arg(long, default_value = "1")]
     pub tp: String,
+    /// Which kernel check groups run (comma-separated): attention, sampling, checksums,
+    /// projections, fp8.
+    #[arg(long, default_value = "attention,sampling,checksums,projections,fp8")]
+    pub groups: String,
     #[arg(long)]
     pub output: Option<PathBuf>,
 }
+
+const CHECK_GROUPS: [&str; 5] = ["attention", "sampling", "checksums", "projections", "fp8"];
 
 fn show(c: &Check) -> String {
     let err = c.rel_err.map(|e| format!("{e:.2e}")).unwrap_or_default();
@@ -168,19 +174,28 @@ pub fn check(args: &CheckArgs) -> Result<()> {
     for (name, regs, local, shared) in gpu.k.resources() {
         eprintln!("kernel {name}: {regs} registers, {local} B local, {shared} B shared");
     }
-    let mut all: Vec<Check> = Vec::new();
-    for (i, case) in checks::attention_cases().iter().enumerate() {
-        all.push(checks::attention_case(&gpu, case, 100 + i as u64)?);
-        eprintln!("{}", show(all.last().expect("just pushed")));
+    let groups: Vec<&str> = args.groups.split(',').map(str::trim).filter(|g| !g.is_empty()).collect();
+    if let Some(bad) = groups.iter().find(|g| !CHECK_GROUPS.contains(g)) {
+        bail!("unknown check group {bad:?} (groups: {})", CHECK_GROUPS.join(", "));
     }
-    for c in checks::sampling(&gpu)?
-        .into_iter()
-        .chain(checks::block_checksums(&gpu)?)
-        .chain(checks::projections(&gpu)?)
-        .chain(checks::fp8(&gpu)?)
-    {
-        eprintln!("{}", show(&c));
-        all.push(c);
+    let mut all: Vec<Check> = Vec::new();
+    if groups.contains(&"attention") {
+        for (i, case) in checks::attention_cases().iter().enumerate() {
+            all.push(checks::attention_case(&gpu, case, 100 + i as u64)?);
+            eprintln!("{}", show(all.last().expect("just pushed")));
+        }
+    }
+    for group in groups.iter().filter(|g| **g != "attention") {
+        let found = match *group {
+            "sampling" => checks::sampling(&gpu)?,
+            "checksums" => checks::block_checksums(&gpu)?,
+            "projections" => checks::projections(&gpu)?,
+            _ => checks::fp8(&gpu)?,
+        };
+        for c in found {
+            eprintln!("{}", show(&c));
+            all.push(c);
+        }
     }
     drop(gpu);
     if let Some(dir) = &args.reference {
