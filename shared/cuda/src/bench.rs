@@ -304,6 +304,89 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
     Ok(rows)
 }
 
+/// One projection shape timed alone: `rows × cols` weights times `tokens` inputs.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProjectionRow {
+    pub shape: String,
+    pub stage: &'static str,
+    pub rows: usize,
+    pub cols: usize,
+    pub tokens: usize,
+    pub dtype: &'static str,
+    /// What ran: `bf16`, or the FP8 path `Gpu::fp8_path` names.
+    pub path: &'static str,
+    /// Device microseconds a call, over back-to-back calls that cycle through enough copies of
+    /// the matrix to miss the L2 cache.
+    pub us: f64,
+    /// Weight bytes (and scales) read a second, GB/s.
+    pub weight_gbps: f64,
+}
+
+/// The four projections of each shape (stacked Q/K/V, O, stacked gate/up, down), each in bf16
+/// and in FP8, timed alone at each token count: the kernels as the decode graph launches them
+/// (O and down add into an f32 residual, the others write bf16), `calls` launches back to back
+/// between two events.
+pub fn projections(gpu: &Gpu, shapes: &[String], tokens: &[usize], calls: usize) -> Result<Vec<ProjectionRow>> {
+    let mut rows = Vec::new();
+    let max_tokens = tokens.iter().copied().max().unwrap_or(1);
+    for name in shapes {
+        let c = shape(name).ok_or_else(|| crate::CudaError::Unsupported(format!("unknown shape {name}")))?;
+        let (h, f) = (c.hidden, c.intermediate);
+        let stages = [
+            ("qkv", (c.heads + 2 * c.kv_heads) * c.head_dim, h, Dt::Bf16),
+            ("o", h, c.heads * c.head_dim, Dt::F32),
+            ("gate_up", 2 * f, h, Dt::Bf16),
+            ("down", h, f, Dt::F32),
+        ];
+        gpu.reserve_fp8_inputs(max_tokens, h.max(f))?;
+        for (stage, m, k, out) in stages {
+            // Enough copies that one pass over them is four times the L2 cache (50 MB on an H200).
+            let copies = (200usize << 20).div_ceil(m * k).max(2);
+            let x = gpu.alloc(max_tokens * k * 2)?;
+            let y = gpu.alloc(max_tokens * m * 4)?;
+            gpu.fill_bf16(x.ptr, max_tokens * k, 5, 1.0, 0.0)?;
+            let mut bf = Vec::with_capacity(copies);
+            let mut q = Vec::with_capacity(copies);
+            for i in 0..copies {
+                let w = gpu.alloc(m * k * 2)?;
+                gpu.fill_bf16(w.ptr, m * k, 100 + i as u64, 0.05, 0.0)?;
+                q.push(gpu.quantize_fp8(&w, m, k)?);
+                bf.push(w);
+            }
+            gpu.sync()?;
+            for &n in tokens {
+                for fp8 in [false, true] {
+                    let call = |i: usize| -> Result<()> {
+                        if fp8 {
+                            gpu.project(x.ptr, &q[i % copies], y.ptr, n, out, out == Dt::F32)
+                        } else {
+                            gpu.linear(x.ptr, bf[i % copies].ptr, y.ptr, n, m, k, out, out == Dt::F32)
+                        }
+                    };
+                    for i in 0..copies {
+                        call(i)?;
+                    }
+                    let ms = gpu.time_ms(|| (0..calls).try_for_each(call))? as f64;
+                    let us = 1e3 * ms / calls as f64;
+                    let bytes = if fp8 { m * k + 4 * m } else { 2 * m * k };
+                    rows.push(ProjectionRow {
+                        shape: name.clone(),
+                        stage,
+                        rows: m,
+                        cols: k,
+                        tokens: n,
+                        dtype: if fp8 { "fp8" } else { "bf16" },
+                        path: if fp8 { gpu.fp8_path(&q[0], n, out)? } else { "bf16" },
+                        us,
+                        weight_gbps: bytes as f64 / (us / 1e6) / 1e9,
+                    });
+                }
+            }
+        }
+    }
+    Ok(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,9 @@ use crate::{CudaError, Result};
 const OP_N: i32 = 0;
 const OP_T: i32 = 1;
 
+/// How many of the library's ranked algorithms a plan asks for.
+const HEURISTICS: usize = 8;
+
 /// Workspace the library may use per GEMM.
 pub const LT_WORKSPACE_BYTES: usize = 32 << 20;
 
@@ -106,12 +109,40 @@ impl Fp8Gemm {
                 8,
             )
             .map_err(blas)?;
-            let found = lt::get_matmul_algo_heuristic(self.handle, desc, a, b, d, d, pref);
+            let mut results: [sys::cublasLtMatmulHeuristicResult_t; HEURISTICS] = std::mem::zeroed();
+            let mut count = 0i32;
+            let status = sys::cublasLtMatmulAlgoGetHeuristic(
+                self.handle,
+                desc,
+                a,
+                b,
+                d,
+                d,
+                pref,
+                HEURISTICS as i32,
+                results.as_mut_ptr(),
+                &mut count,
+            );
             lt::destroy_matmul_pref(pref).map_err(blas)?;
-            found
+            let usable: Vec<sys::cublasLtMatmulAlgo_t> = results[..count.clamp(0, HEURISTICS as i32) as usize]
+                .iter()
+                .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                .map(|r| r.algo)
+                .collect();
+            match status {
+                sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS if !usable.is_empty() => Ok(usable),
+                sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Err(lt::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)),
+                other => Err(lt::CublasError(other)),
+            }
         };
         match found {
-            Ok(h) => Ok(Some(Plan { desc, a, b, d, algo: h.algo })),
+            Ok(algos) => {
+                // The library's first choice unless TANDEM_CUDA_LT_ALGO names another of its
+                // candidates (for measuring them against each other).
+                let pick = std::env::var("TANDEM_CUDA_LT_ALGO").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+                tracing::debug!(m, n, k, candidates = algos.len(), pick, "cuBLASLt FP8 plan");
+                Ok(Some(Plan { desc, a, b, d, algo: algos[pick.min(algos.len() - 1)] }))
+            }
             Err(e) => {
                 tracing::warn!(m, n, k, error = ?e, "no cuBLASLt FP8 algorithm for this shape; widening to bf16");
                 // SAFETY: created above, used by nothing else.

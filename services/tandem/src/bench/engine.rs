@@ -53,6 +53,10 @@ pub struct EngineArgs {
     /// what TANDEM_CUDA_WEIGHTS names, else bf16).
     #[arg(long)]
     pub weights: Option<String>,
+    /// Instead of whole passes, time each projection of the shapes alone, in bf16 and FP8, for
+    /// these token counts (comma-separated).
+    #[arg(long)]
+    pub projections: Option<String>,
     /// Write the JSON result here.
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -62,8 +66,24 @@ pub fn engine(args: &EngineArgs) -> Result<()> {
     let dev = device(args.device)?;
     let gpu = tandem_cuda::Gpu::open(dev)?;
     let ceil = bench::ceilings(&gpu)?;
-    drop(gpu);
     eprintln!("{}: copy {:.0} GB/s, bf16 GEMM {:.0} TFLOP/s", ceil.gpu, ceil.copy_gbps, ceil.matrix_tflops);
+    if let Some(tokens) = &args.projections {
+        let shapes: Vec<String> = args.shape.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
+        let rows = bench::projections(&gpu, &shapes, &list(tokens)?, args.iters.max(1) * 10)?;
+        let out = serde_json::json!({ "ceilings": ceil, "projections": rows });
+        if let Some(path) = &args.output {
+            std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
+        }
+        println!("{:<9} {:<8} {:>6} {:>6} {:>5} {:<5} {:<24} {:>9} {:>7}", "shape", "stage", "rows", "cols", "n", "dtype", "path", "us", "GB/s");
+        for r in &rows {
+            println!(
+                "{:<9} {:<8} {:>6} {:>6} {:>5} {:<5} {:<24} {:>9.2} {:>7.0}",
+                r.shape, r.stage, r.rows, r.cols, r.tokens, r.dtype, r.path, r.us, r.weight_gbps
+            );
+        }
+        return Ok(());
+    }
+    drop(gpu);
     let mut rows: Vec<Row> = Vec::new();
     let tps = list(&args.tp)?;
     let formats: Vec<Option<tandem_cuda::WeightFormat>> = match &args.weights {
