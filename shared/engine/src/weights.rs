@@ -233,7 +233,8 @@ impl WeightSource {
         Ok(Self::Gguf { content, file })
     }
 
-    /// Every `*.safetensors` file of a folder, converted to f32.
+    /// Every `*.safetensors` file of a folder, converted to f32; FP8 (E4M3) tensors are
+    /// dequantised with their scales (see [`dense_f32`]).
     pub fn open_safetensors(dir: &Path) -> Result<Self> {
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?
@@ -244,13 +245,11 @@ impl WeightSource {
         if files.is_empty() {
             return Err(EngineError::Load(format!("{}: no .safetensors files", dir.display())));
         }
-        let mut all = HashMap::new();
+        let mut raw = HashMap::new();
         for f in files {
-            for (name, t) in candle_core::safetensors::load(&f, &Device::Cpu)? {
-                all.insert(name, t.to_dtype(DType::F32)?);
-            }
+            raw.extend(candle_core::safetensors::load(&f, &Device::Cpu)?);
         }
-        Ok(Self::Dense(all))
+        Ok(Self::Dense(dense_f32(raw, fp8_block(dir))?))
     }
 
     pub fn contains(&self, hf: &str) -> bool {
@@ -366,6 +365,80 @@ impl WeightSource {
             }
             _ => Ok(None),
         }
+    }
+}
+
+/// Tensors of a safetensors checkpoint as f32. An E4M3 tensor `X` is stored with its scale in
+/// `X_scale` (compressed-tensors and ModelOpt checkpoints: one value for the tensor, or one per
+/// output row) or `X_scale_inv` (block-wise checkpoints such as DeepSeek-V3's and Qwen3's FP8
+/// releases: one value per tile of the matrix, multiplied in despite its name); its f32 value is
+/// the E4M3 value times its scale. An E4M3 tensor without a scale, or with a scale of another
+/// shape, is refused: read as it is, it would be wrong by a factor per row and still run.
+///
+/// The tile comes from `config.json`'s `quantization_config.weight_block_size` where the
+/// checkpoint names it (`block`); otherwise the scale's shape must divide the matrix exactly.
+pub fn dense_f32(mut raw: HashMap<String, Tensor>, block: Option<(usize, usize)>) -> Result<HashMap<String, Tensor>> {
+    let fp8: Vec<String> = raw.iter().filter(|(_, t)| t.dtype() == DType::F8E4M3).map(|(n, _)| n.clone()).collect();
+    let mut out = HashMap::with_capacity(raw.len());
+    for name in fp8 {
+        let q = raw.remove(&name).expect("listed above");
+        let scale = raw
+            .remove(&format!("{name}_scale"))
+            .or_else(|| raw.remove(&format!("{name}_scale_inv")))
+            .ok_or_else(|| EngineError::Load(format!("{name}: an FP8 (E4M3) tensor with neither {name}_scale nor {name}_scale_inv")))?;
+        let w = dequantize_fp8(&name, &q, &scale, block)?;
+        out.insert(name, w);
+    }
+    for (name, t) in raw {
+        let t = t.to_dtype(DType::F32)?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+/// `q` (E4M3) times `scale`: one value, one per row (`[rows]` or `[rows, 1]`), or one per tile
+/// of a matrix (`[⌈rows/br⌉, ⌈cols/bc⌉]` for tiles of br × bc, the last ones possibly cut).
+fn dequantize_fp8(name: &str, q: &Tensor, scale: &Tensor, block: Option<(usize, usize)>) -> Result<Tensor> {
+    let w = q.to_dtype(DType::F32)?;
+    let s: Vec<f32> = scale.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let (dims, sdims) = (q.dims().to_vec(), scale.dims().to_vec());
+    let refuse = || {
+        EngineError::Load(format!(
+            "{name}: FP8 tensor of shape {dims:?} with a scale of shape {sdims:?}: not a per-tensor, per-row or per-tile layout"
+        ))
+    };
+    if s.len() == 1 {
+        return Ok(w.broadcast_mul(&Tensor::new(s[0], &Device::Cpu)?)?);
+    }
+    let &[rows, cols] = dims.as_slice() else { return Err(refuse()) };
+    if s.len() == rows && (sdims.as_slice() == [rows] || sdims.as_slice() == [rows, 1]) {
+        return Ok(w.broadcast_mul(&Tensor::from_vec(s, (rows, 1), &Device::Cpu)?)?);
+    }
+    let &[sr, sc] = sdims.as_slice() else { return Err(refuse()) };
+    if sr == 0 || sc == 0 {
+        return Err(refuse());
+    }
+    let (br, bc) = match block {
+        Some((br, bc)) if br > 0 && bc > 0 && rows.div_ceil(br) == sr && cols.div_ceil(bc) == sc => (br, bc),
+        None if rows % sr == 0 && cols % sc == 0 => (rows / sr, cols / sc),
+        _ => return Err(refuse()),
+    };
+    let mut v: Vec<f32> = w.flatten_all()?.to_vec1()?;
+    for (i, x) in v.iter_mut().enumerate() {
+        let (r, c) = (i / cols, i % cols);
+        *x *= s[(r / br) * sc + c / bc];
+    }
+    Ok(Tensor::from_vec(v, (rows, cols), &Device::Cpu)?)
+}
+
+/// `quantization_config.weight_block_size` of a checkpoint folder's `config.json`, if any.
+fn fp8_block(dir: &Path) -> Option<(usize, usize)> {
+    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let b = v.get("quantization_config")?.get("weight_block_size")?.as_array()?;
+    match b.as_slice() {
+        [r, c] => Some((r.as_u64()? as usize, c.as_u64()? as usize)),
+        _ => None,
     }
 }
 

@@ -74,7 +74,10 @@ pub fn engine(args: &EngineArgs) -> Result<()> {
         if let Some(path) = &args.output {
             std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
         }
-        println!("{:<9} {:<8} {:>6} {:>6} {:>5} {:<5} {:<24} {:>9} {:>7}", "shape", "stage", "rows", "cols", "n", "dtype", "path", "us", "GB/s");
+        println!(
+            "{:<9} {:<8} {:>6} {:>6} {:>5} {:<5} {:<24} {:>9} {:>7}",
+            "shape", "stage", "rows", "cols", "n", "dtype", "path", "us", "GB/s"
+        );
         for r in &rows {
             println!(
                 "{:<9} {:<8} {:>6} {:>6} {:>5} {:<5} {:<24} {:>9.2} {:>7.0}",
