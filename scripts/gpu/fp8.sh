@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # FP8 weights against bf16 in one session on one GPU: the float64 checks (FP8 quantiser against
 # the host's rounding, FP8 projections, whole models in bf16 and FP8 against transformers), then
-# `tandem bench engine` with bf16 and FP8 projections (FP8 matrix-vector products on the tensor
-# cores, and on the CUDA cores) alternated REPS times (decode batches 1 to 8
-# and 16 to 128 at 512 tokens, batches 1 and 128 at 4,096, prefill at 512 and 2,048), and a
-# per-stage profile of both at batch 1. PARTS (default checks,ab,long,profile) picks the stages
-# so that they can be split across calls. Expects a stripped release build at target/gpu/tandem;
+# `tandem bench engine` with bf16 and FP8 projections (the FP8 kernels chosen by shape, and the
+# first tensor-core form everywhere: TANDEM_CUDA_FP8_MMA=base) alternated REPS times (decode
+# batches 1 to 8 and 16 to 128 at 512 tokens, batches 1 and 128 at 4,096, prefill at 512 and
+# 2,048), and a per-stage profile of each at batch 1. PARTS (default checks,ab,long,profile)
+# picks the stages so that they can be split across calls; `kchecks` runs only the FP8 kernel
+# checks (no models), once per kernel choice. Expects a stripped release build at target/gpu/tandem;
 # writes $OUT/checks.json, $OUT/fp8-<parts>.json (every run, tagged) and $OUT/fp8.log, and
 # prints a table last.
 set -u
@@ -22,18 +23,22 @@ if has checks; then
 grep -c '"passed": true' $OUT/checks.json; grep -B3 '"passed": false' $OUT/checks.json | grep name
 grep -A3 'FP8\|fp8' $OUT/checks.json | grep '"name"\|rel_err\|detail' | paste - - - | cut -c1-220
 fi
+if has kchecks; then for v in auto base u8 w4 sx; do
+  TANDEM_CUDA_FP8_MMA=$v timeout 120 $B bench gpu-check --groups fp8 --output $W/kcheck_$v.json >> $LOG 2>&1
+  echo "fp8 kernel checks, TANDEM_CUDA_FP8_MMA=$v: rc=$? passed $(grep -c '"passed": true' $W/kcheck_$v.json), failed $(grep -c '"passed": false' $W/kcheck_$v.json)"
+done; fi
 run() { local tag=$1; shift; env "$@" timeout ${T:-120} $B bench engine --shape $SHAPES --output $W/$tag.json $ARGS >> $LOG 2>&1; echo "$tag rc=$?"; }
-ARGS="--batches 1,2,4,8,16,128 --contexts 512 --prefill 512,2048 --iters 10"
+ARGS="--batches 1,2,4,8,16,32,128 --contexts 512 --prefill 512,2048 --iters 10"
 if has ab; then for i in ${REPS:-1 2}; do
   run bf16_$i TANDEM_CUDA_WEIGHTS=bf16; run fp8_$i TANDEM_CUDA_WEIGHTS=fp8
-  run fp8simt_$i TANDEM_CUDA_WEIGHTS=fp8 TANDEM_CUDA_FP8_GEMV=simt
+  run fp8base_$i TANDEM_CUDA_WEIGHTS=fp8 TANDEM_CUDA_FP8_MMA=base
 done; fi
 ARGS="--batches 1,128 --contexts 4096 --prefill= --iters 10"
 if has long; then run long_bf16 TANDEM_CUDA_WEIGHTS=bf16; run long_fp8 TANDEM_CUDA_WEIGHTS=fp8; fi
 ARGS="--batches 1 --contexts 512 --prefill= --iters 5 --profile"
 if has profile; then
   run profile_bf16 TANDEM_CUDA_WEIGHTS=bf16; run profile_fp8 TANDEM_CUDA_WEIGHTS=fp8
-  run profile_fp8simt TANDEM_CUDA_WEIGHTS=fp8 TANDEM_CUDA_FP8_GEMV=simt
+  run profile_fp8base TANDEM_CUDA_WEIGHTS=fp8 TANDEM_CUDA_FP8_MMA=base
 fi
 W=$W PARTS=$PARTS python3 - <<'PY'
 import json, os, glob
@@ -42,6 +47,7 @@ merged, table = {}, {}
 for f in sorted(glob.glob(w + '/*.json')):
     tag = os.path.basename(f)[:-5]
     r = json.load(open(f)); merged[tag] = r
+    if tag.startswith('kcheck_'): continue
     for d in r.get('rows', []):
         k = (d.get('phase'), d.get('shape'), d.get('batch'), d.get('context') or d.get('prompt_len'))
         u = d.get('mbu') if d.get('phase') == 'decode' else d.get('mfu')

@@ -170,6 +170,31 @@ pub const GEMV_FP8_MAX: usize = 16;
 /// (`TANDEM_CUDA_FP8_MMA=u8|w4|sx`): eight steps in flight a warp instead of four; four warps a
 /// block instead of eight; the input staged in shared memory (where it fits [`FP8_SX_SMEM`]).
 pub const FP8_MMA_VARIANTS: [&str; 3] = ["u8", "w4", "sx"];
+/// Which form of the FP8 kernels runs a projection of up to 8 tokens (`TANDEM_CUDA_FP8_MMA`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8Mma {
+    /// By the matrix's shape, as measured on an H200 (docs/cuda-engine.md): eight steps in flight
+    /// for up to 4,096 rows (256 blocks or fewer: too few warps to keep the memory busy
+    /// otherwise), four-warp blocks from 16,384 rows, and for one token of a matrix in between
+    /// the CUDA-core kernel (a warp a row: the most blocks).
+    Auto,
+    /// The first tensor-core form for every shape.
+    Base,
+    /// One of [`FP8_MMA_VARIANTS`] for every shape.
+    Variant(usize),
+}
+
+/// The variant [`Fp8Mma::Auto`] takes for a matrix of `rows` (`None`: the first form).
+fn auto_fp8_variant(rows: usize) -> Option<usize> {
+    if rows <= 4096 {
+        Some(0)
+    } else if rows >= 16384 {
+        Some(1)
+    } else {
+        None
+    }
+}
+
 /// Most dynamic shared memory the staged-input variant takes.
 pub const FP8_SX_SMEM: usize = 96 * 1024;
 
@@ -445,8 +470,8 @@ pub struct Gpu {
     pub fp8_gemv_max: usize,
     /// Which FP8 matrix-vector kernel runs.
     pub fp8_gemv: Fp8Gemv,
-    /// The tensor-core kernel's variant for up to 8 tokens (index into [`FP8_MMA_VARIANTS`]).
-    fp8_mma_variant: Option<usize>,
+    /// Which form of the tensor-core kernel runs up to 8 tokens.
+    fp8_mma: Fp8Mma,
     /// Where FP8 matrices are widened to bf16 for passes past `fp8_gemv_max` tokens; sized by
     /// [`Gpu::reserve_widened`] when FP8 weights are loaded, before any pass is captured.
     widened: Mutex<Option<Buf>>,
@@ -512,14 +537,12 @@ impl Gpu {
             Ok("mma") | Err(_) => Fp8Gemv::Mma,
             Ok(v) => return Err(CudaError::Unsupported(format!("TANDEM_CUDA_FP8_GEMV={v} (simt or mma)"))),
         };
-        let fp8_mma_variant = match std::env::var("TANDEM_CUDA_FP8_MMA") {
-            Ok(v) => Some(
-                FP8_MMA_VARIANTS
-                    .iter()
-                    .position(|k| *k == v)
-                    .ok_or_else(|| CudaError::Unsupported(format!("TANDEM_CUDA_FP8_MMA={v} ({})", FP8_MMA_VARIANTS.join(", "))))?,
-            ),
-            Err(_) => None,
+        let fp8_mma = match std::env::var("TANDEM_CUDA_FP8_MMA").as_deref() {
+            Err(_) | Ok("auto") => Fp8Mma::Auto,
+            Ok("base") => Fp8Mma::Base,
+            Ok(v) => Fp8Mma::Variant(FP8_MMA_VARIANTS.iter().position(|k| *k == v).ok_or_else(|| {
+                CudaError::Unsupported(format!("TANDEM_CUDA_FP8_MMA={v} (auto, base, {})", FP8_MMA_VARIANTS.join(", ")))
+            })?),
         };
         Ok(Self {
             ctx,
@@ -537,7 +560,7 @@ impl Gpu {
             split_k,
             fp8_gemv_max,
             fp8_gemv,
-            fp8_mma_variant,
+            fp8_mma,
             widened: Mutex::new(None),
             fp8_gemm: OnceLock::new(),
             fp8_gemm_on: std::env::var("TANDEM_CUDA_FP8_GEMM").map_or(true, |v| v != "widen"),
@@ -655,7 +678,7 @@ impl Gpu {
         if n == 0 {
             return Ok(());
         }
-        if self.fp8_gemv_takes(n, w.cols) {
+        if self.fp8_gemv_takes(n, w.rows, w.cols) {
             return self.gemv_fp8(x, w, y, n, out, accumulate);
         }
         if self.fp8_gemm_on {
@@ -674,7 +697,7 @@ impl Gpu {
         let Some(scale) = &w.scale else {
             return Ok("bf16");
         };
-        if self.fp8_gemv_takes(n, w.cols) {
+        if self.fp8_gemv_takes(n, w.rows, w.cols) {
             return Ok("matrix-vector");
         }
         if self.fp8_gemm_on {
@@ -706,15 +729,19 @@ impl Gpu {
 
     /// Whether [`Gpu::project`] sends `n` tokens through an FP8 matrix-vector kernel (at most
     /// `fp8_gemv_max` tokens, and a kernel that takes the shape).
-    fn fp8_gemv_takes(&self, n: usize, cols: usize) -> bool {
-        n <= self.fp8_gemv_max && self.fp8_gemv_kernel(n, cols).is_some()
+    fn fp8_gemv_takes(&self, n: usize, rows: usize, cols: usize) -> bool {
+        n <= self.fp8_gemv_max && self.fp8_gemv_kernel(n, rows, cols).is_some()
     }
 
-    /// The FP8 matrix-vector kernel for `n` tokens of `cols`: the tensor-core form where
-    /// `cols % 64 == 0` (unless `TANDEM_CUDA_FP8_GEMV=simt`), else the CUDA-core one.
-    fn fp8_gemv_kernel(&self, n: usize, cols: usize) -> Option<Fp8Gemv> {
+    /// The FP8 matrix-vector kernel for `n` tokens of a `rows × cols` matrix: the tensor-core
+    /// form where `cols % 64 == 0` (unless `TANDEM_CUDA_FP8_GEMV=simt`, or [`Fp8Mma::Auto`]
+    /// picks the CUDA-core one for the shape), else the CUDA-core one.
+    fn fp8_gemv_kernel(&self, n: usize, rows: usize, cols: usize) -> Option<Fp8Gemv> {
+        let auto_simt = self.fp8_mma == Fp8Mma::Auto && n == 1 && auto_fp8_variant(rows).is_none();
         if n == 0 {
             None
+        } else if auto_simt && cols.is_multiple_of(16) {
+            Some(Fp8Gemv::Simt)
         } else if self.fp8_gemv == Fp8Gemv::Mma && n <= GEMV_FP8_MMA_MAX && cols.is_multiple_of(64) {
             Some(Fp8Gemv::Mma)
         } else if n <= GEMV_FP8_KERNELS && cols.is_multiple_of(16) {
@@ -728,7 +755,7 @@ impl Gpu {
     /// shape one of them takes ([`Gpu::fp8_gemv_kernel`]).
     pub fn gemv_fp8(&self, x: u64, w: &Matrix, y: u64, n: usize, out: Dt, accumulate: bool) -> Result<()> {
         let kernel = self
-            .fp8_gemv_kernel(n, w.cols)
+            .fp8_gemv_kernel(n, w.rows, w.cols)
             .ok_or_else(|| CudaError::Unsupported(format!("FP8 matrix-vector kernel for {n} rows of {}", w.cols)))?;
         self.gemv_fp8_on(kernel, x, w, y, n, out, accumulate)
     }
@@ -749,7 +776,12 @@ impl Gpu {
         if kernel == Fp8Gemv::Mma {
             let nn = n as i32;
             let sx_bytes = n * (w.cols + 8) * 2;
-            let (f, threads, smem) = match self.fp8_mma_variant {
+            let variant = match self.fp8_mma {
+                Fp8Mma::Auto => auto_fp8_variant(w.rows),
+                Fp8Mma::Base => None,
+                Fp8Mma::Variant(i) => Some(i),
+            };
+            let (f, threads, smem) = match variant {
                 Some(0) if n <= 8 => (&self.k.gemv_fp8_mma_variants[0], 256, 0),
                 Some(1) if n <= 8 => (&self.k.gemv_fp8_mma_variants[1], 128, 0),
                 Some(2) if n <= 8 && sx_bytes <= FP8_SX_SMEM => (&self.k.gemv_fp8_mma_variants[2], 256, sx_bytes as u32),

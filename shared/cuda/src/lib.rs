@@ -32,7 +32,7 @@ mod pinned;
 pub mod plan;
 pub mod shard;
 
-pub use device::{DecodeAttention, Fp8Gemv, Gpu, Matrix, PrefillAttention, Prologue, WeightFormat};
+pub use device::{DecodeAttention, Fp8Gemv, Fp8Mma, Gpu, Matrix, PrefillAttention, Prologue, WeightFormat};
 pub use engine::{CudaConfig, CudaEngine, DevicePasses, DeviceSampling};
 
 #[derive(Debug, thiserror::Error)]
