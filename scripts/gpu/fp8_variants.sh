@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The tensor-core FP8 matrix-vector kernel against its variants (TANDEM_CUDA_FP8_MMA), the
+# The tensor-core FP8 matrix-vector kernel in each of its forms (TANDEM_CUDA_FP8_MMA: chosen by
+# shape, the first form, and each variant everywhere), the
 # CUDA-core FP8 kernel and bf16, in one session on one GPU: each variant's kernel checks first
 # (the FP8 group of `gpu-check`: float64 references, no models; it also exercises the cuBLASLt
 # FP8 GEMM for 17 and 96 tokens), then `tandem bench engine --profile` at batch 1 and 8 and 512
@@ -12,8 +13,8 @@ LOG=$OUT/fp8-variants.log
 W=$(mktemp -d)
 SHAPES=${SHAPES:-llama-1b,llama-8b}
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee -a $LOG
-for v in ${VARIANTS:-mma u8 w4 sx}; do
-  env TANDEM_CUDA_FUSE=1 TANDEM_CUDA_SPLITK=1 $([ $v != mma ] && echo TANDEM_CUDA_FP8_MMA=$v) RUST_LOG=warn timeout 150 $B bench gpu-check --groups fp8 --output $W/check_$v.json >> $LOG 2>&1
+for v in ${VARIANTS:-auto base u8 w4 sx}; do
+  env TANDEM_CUDA_FUSE=1 TANDEM_CUDA_SPLITK=1 TANDEM_CUDA_FP8_MMA=$v RUST_LOG=warn timeout 150 $B bench gpu-check --groups fp8 --output $W/check_$v.json >> $LOG 2>&1
   echo "checks $v rc=$? $(grep -c 'tensor-core kernel' $W/check_$v.json) tensor-core checks, failed: $(grep -c '"passed": false' $W/check_$v.json)"
 done
 W=$W python3 -c "
@@ -27,8 +28,7 @@ run() { local tag=$1; shift; env "$@" timeout 120 $B bench engine --shape $SHAPE
 for i in ${REPS:-1 2}; do
   run bf16_$i TANDEM_CUDA_WEIGHTS=bf16
   run simt_$i TANDEM_CUDA_WEIGHTS=fp8 TANDEM_CUDA_FP8_GEMV=simt
-  run mma_$i TANDEM_CUDA_WEIGHTS=fp8
-  for v in u8 w4 sx; do run ${v}_$i TANDEM_CUDA_WEIGHTS=fp8 TANDEM_CUDA_FP8_MMA=$v; done
+  for v in auto base u8 w4 sx; do run ${v}_$i TANDEM_CUDA_WEIGHTS=fp8 TANDEM_CUDA_FP8_MMA=$v; done
 done
 W=$W python3 - <<'PY'
 import json, os, glob

@@ -173,10 +173,10 @@ pub const FP8_MMA_VARIANTS: [&str; 3] = ["u8", "w4", "sx"];
 /// Which form of the FP8 kernels runs a projection of up to 8 tokens (`TANDEM_CUDA_FP8_MMA`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fp8Mma {
-    /// By the matrix's shape, as measured on an H200 (docs/cuda-engine.md): eight steps in flight
-    /// for up to 4,096 rows (256 blocks or fewer: too few warps to keep the memory busy
-    /// otherwise), four-warp blocks from 16,384 rows, and for one token of a matrix in between
-    /// the CUDA-core kernel (a warp a row: the most blocks).
+    /// By the matrix's shape, as measured in whole decode passes on an H200
+    /// (docs/cuda-engine.md): eight steps in flight for up to 4,096 rows (256 blocks or fewer,
+    /// too few warps to keep the memory busy otherwise), four-warp blocks from 16,384 rows, the
+    /// first form in between.
     Auto,
     /// The first tensor-core form for every shape.
     Base,
@@ -537,13 +537,14 @@ impl Gpu {
             Ok("mma") | Err(_) => Fp8Gemv::Mma,
             Ok(v) => return Err(CudaError::Unsupported(format!("TANDEM_CUDA_FP8_GEMV={v} (simt or mma)"))),
         };
-        let fp8_mma = match std::env::var("TANDEM_CUDA_FP8_MMA").as_deref() {
-            Err(_) | Ok("auto") => Fp8Mma::Auto,
-            Ok("base") => Fp8Mma::Base,
-            Ok(v) => Fp8Mma::Variant(FP8_MMA_VARIANTS.iter().position(|k| *k == v).ok_or_else(|| {
-                CudaError::Unsupported(format!("TANDEM_CUDA_FP8_MMA={v} (auto, base, {})", FP8_MMA_VARIANTS.join(", ")))
-            })?),
-        };
+        let fp8_mma =
+            match std::env::var("TANDEM_CUDA_FP8_MMA").as_deref() {
+                Err(_) | Ok("auto") => Fp8Mma::Auto,
+                Ok("base") => Fp8Mma::Base,
+                Ok(v) => Fp8Mma::Variant(FP8_MMA_VARIANTS.iter().position(|k| *k == v).ok_or_else(|| {
+                    CudaError::Unsupported(format!("TANDEM_CUDA_FP8_MMA={v} (auto, base, {})", FP8_MMA_VARIANTS.join(", ")))
+                })?),
+            };
         Ok(Self {
             ctx,
             stream,
@@ -678,7 +679,7 @@ impl Gpu {
         if n == 0 {
             return Ok(());
         }
-        if self.fp8_gemv_takes(n, w.rows, w.cols) {
+        if self.fp8_gemv_takes(n, w.cols) {
             return self.gemv_fp8(x, w, y, n, out, accumulate);
         }
         if self.fp8_gemm_on {
@@ -697,7 +698,7 @@ impl Gpu {
         let Some(scale) = &w.scale else {
             return Ok("bf16");
         };
-        if self.fp8_gemv_takes(n, w.rows, w.cols) {
+        if self.fp8_gemv_takes(n, w.cols) {
             return Ok("matrix-vector");
         }
         if self.fp8_gemm_on {
@@ -729,19 +730,15 @@ impl Gpu {
 
     /// Whether [`Gpu::project`] sends `n` tokens through an FP8 matrix-vector kernel (at most
     /// `fp8_gemv_max` tokens, and a kernel that takes the shape).
-    fn fp8_gemv_takes(&self, n: usize, rows: usize, cols: usize) -> bool {
-        n <= self.fp8_gemv_max && self.fp8_gemv_kernel(n, rows, cols).is_some()
+    fn fp8_gemv_takes(&self, n: usize, cols: usize) -> bool {
+        n <= self.fp8_gemv_max && self.fp8_gemv_kernel(n, cols).is_some()
     }
 
-    /// The FP8 matrix-vector kernel for `n` tokens of a `rows × cols` matrix: the tensor-core
-    /// form where `cols % 64 == 0` (unless `TANDEM_CUDA_FP8_GEMV=simt`, or [`Fp8Mma::Auto`]
-    /// picks the CUDA-core one for the shape), else the CUDA-core one.
-    fn fp8_gemv_kernel(&self, n: usize, rows: usize, cols: usize) -> Option<Fp8Gemv> {
-        let auto_simt = self.fp8_mma == Fp8Mma::Auto && n == 1 && auto_fp8_variant(rows).is_none();
+    /// The FP8 matrix-vector kernel for `n` tokens of `cols`: the tensor-core form where
+    /// `cols % 64 == 0` (unless `TANDEM_CUDA_FP8_GEMV=simt`), else the CUDA-core one.
+    fn fp8_gemv_kernel(&self, n: usize, cols: usize) -> Option<Fp8Gemv> {
         if n == 0 {
             None
-        } else if auto_simt && cols.is_multiple_of(16) {
-            Some(Fp8Gemv::Simt)
         } else if self.fp8_gemv == Fp8Gemv::Mma && n <= GEMV_FP8_MMA_MAX && cols.is_multiple_of(64) {
             Some(Fp8Gemv::Mma)
         } else if n <= GEMV_FP8_KERNELS && cols.is_multiple_of(16) {
@@ -755,7 +752,7 @@ impl Gpu {
     /// shape one of them takes ([`Gpu::fp8_gemv_kernel`]).
     pub fn gemv_fp8(&self, x: u64, w: &Matrix, y: u64, n: usize, out: Dt, accumulate: bool) -> Result<()> {
         let kernel = self
-            .fp8_gemv_kernel(n, w.rows, w.cols)
+            .fp8_gemv_kernel(n, w.cols)
             .ok_or_else(|| CudaError::Unsupported(format!("FP8 matrix-vector kernel for {n} rows of {}", w.cols)))?;
         self.gemv_fp8_on(kernel, x, w, y, n, out, accumulate)
     }
