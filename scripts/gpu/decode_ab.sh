@@ -29,20 +29,4 @@ for v in $VALUES; do
     env $VAR=$v timeout 100 $B bench engine --batches 1 --contexts 32768,131000 --prefill "" --iters 10 --output $W/long_$v.json >> $LOG 2>&1; echo "$v long rc=$?"
   fi
 done
-W=$W TAG=$TAG python3 - <<'PY'
-import json, os, glob
-w, o = os.environ['W'], os.environ['OUT']
-merged, table = {}, {}
-for f in sorted(glob.glob(w + '/*.json')):
-    tag = os.path.basename(f)[:-5]
-    r = json.load(open(f)); merged[tag] = r
-    for d in r.get('rows', []):
-        if d.get('phase') != 'decode' or d.get('engine') != 'tandem': continue
-        k = (d.get('shape'), d.get('batch'), d.get('context'))
-        v = d.get('error') or (round(d.get('tokens_per_s') or 0), round(100 * (d.get('mbu') or 0), 1))
-        table.setdefault(k, {})[tag] = v
-        if d.get('breakdown_ms'):
-            print(tag, k, {s: round(ms, 2) for s, ms in d['breakdown_ms']})
-json.dump(merged, open(o + '/' + os.environ['TAG'] + '.json', 'w'), indent=1)
-for k, v in sorted(table.items(), key=str): print(k, v)
-PY
+python3 scripts/gpu/collect.py $W $TAG.json --phase decode

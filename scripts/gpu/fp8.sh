@@ -40,20 +40,4 @@ if has profile; then
   run profile_bf16 TANDEM_CUDA_WEIGHTS=bf16; run profile_fp8 TANDEM_CUDA_WEIGHTS=fp8
   run profile_fp8base TANDEM_CUDA_WEIGHTS=fp8 TANDEM_CUDA_FP8_MMA=base
 fi
-W=$W PARTS=$PARTS python3 - <<'PY'
-import json, os, glob
-w, o = os.environ['W'], os.environ['OUT']
-merged, table = {}, {}
-for f in sorted(glob.glob(w + '/*.json')):
-    tag = os.path.basename(f)[:-5]
-    r = json.load(open(f)); merged[tag] = r
-    if tag.startswith('kcheck_'): continue
-    for d in r.get('rows', []):
-        k = (d.get('phase'), d.get('shape'), d.get('batch'), d.get('context') or d.get('prompt_len'))
-        u = d.get('mbu') if d.get('phase') == 'decode' else d.get('mfu')
-        table.setdefault(k, {})[tag] = d.get('error') or (round(d.get('tokens_per_s') or 0), round(100 * (u or 0), 1))
-        if d.get('breakdown_ms'):
-            print(tag, k, {s: round(ms, 3) for s, ms in d['breakdown_ms']})
-json.dump(merged, open(o + '/fp8-' + os.environ.get('PARTS', 'all').replace(',', '-') + '.json', 'w'), indent=1)
-for k, v in sorted(table.items(), key=str): print(k, v)
-PY
+python3 scripts/gpu/collect.py $W fp8-${PARTS//,/-}.json

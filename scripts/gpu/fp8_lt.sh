@@ -15,18 +15,4 @@ run() { local tag=$1; shift; env "$@" timeout 120 $B bench engine --shape $SHAPE
 run bf16 TANDEM_CUDA_WEIGHTS=bf16
 for a in ${ALGOS:-0 1 2 3}; do run lt$a TANDEM_CUDA_WEIGHTS=fp8 TANDEM_CUDA_LT_ALGO=$a; done
 run widen TANDEM_CUDA_WEIGHTS=fp8 TANDEM_CUDA_FP8_GEMM=widen
-W=$W python3 - <<'PY'
-import json, os, glob
-w, o = os.environ['W'], os.environ['OUT']
-merged, table = {}, {}
-for f in sorted(glob.glob(w + '/*.json')):
-    tag = os.path.basename(f)[:-5]
-    r = json.load(open(f)); merged[tag] = r
-    for d in r.get('rows', []):
-        k = (d.get('phase'), d.get('shape'), d.get('batch'), d.get('context') or d.get('prompt_len'))
-        table.setdefault(k, {})[tag] = d.get('error') or round(d.get('tokens_per_s') or 0)
-        bd = dict(d.get('breakdown_ms') or [])
-        print(tag, k, {s: round(bd[s], 3) for s in ('qkv', 'o', 'gate_up', 'down', 'attention') if s in bd})
-json.dump(merged, open(o + '/fp8-lt.json', 'w'), indent=1)
-for k, v in sorted(table.items(), key=str): print(k, v)
-PY
+python3 scripts/gpu/collect.py $W fp8-lt.json --stages qkv,o,gate_up,down,attention

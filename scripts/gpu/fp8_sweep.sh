@@ -17,17 +17,4 @@ for v in ${VARIANTS:-u8 w4 sx}; do run $v 1,8 TANDEM_CUDA_FP8_MMA=$v; done
 run simt 1,8 TANDEM_CUDA_FP8_GEMV=simt
 for a in ${ALGOS:-0 1 2 3}; do run lt$a 32,64,128 TANDEM_CUDA_LT_ALGO=$a; done
 run widen 32,128 TANDEM_CUDA_FP8_GEMM=widen
-W=$W python3 - <<'PY'
-import json, os, glob
-w, o = os.environ['W'], os.environ['OUT']
-merged, table = {}, {}
-for f in sorted(glob.glob(w + '/*.json')):
-    tag = os.path.basename(f)[:-5]
-    r = json.load(open(f)); merged[tag] = r
-    for d in r.get('projections', []):
-        k = (d['shape'], d['stage'], d['tokens'])
-        name = 'bf16' if d['dtype'] == 'bf16' else tag
-        table.setdefault(k, {})[name] = '%.1fus %dGB/s' % (d['us'], d['weight_gbps'])
-json.dump(merged, open(o + '/fp8-sweep.json', 'w'), indent=1)
-for k, v in sorted(table.items(), key=str): print(k, v)
-PY
+python3 scripts/gpu/collect.py $W fp8-sweep.json

@@ -30,19 +30,4 @@ for i in ${REPS:-1 2}; do
   run simt_$i TANDEM_CUDA_WEIGHTS=fp8 TANDEM_CUDA_FP8_GEMV=simt
   for v in auto base u8 w4 sx; do run ${v}_$i TANDEM_CUDA_WEIGHTS=fp8 TANDEM_CUDA_FP8_MMA=$v; done
 done
-W=$W python3 - <<'PY'
-import json, os, glob
-w, o = os.environ['W'], os.environ['OUT']
-merged, table = {}, {}
-for f in sorted(glob.glob(w + '/*.json')):
-    tag = os.path.basename(f)[:-5]
-    r = json.load(open(f)); merged[tag] = r
-    if tag.startswith('check_'): continue
-    for d in r.get('rows', []):
-        k = (d.get('shape'), d.get('batch'))
-        table.setdefault(k, {})[tag] = d.get('error') or round(d.get('tokens_per_s') or 0)
-        bd = dict(d.get('breakdown_ms') or [])
-        if tag.endswith('_1'): print(tag, k, {s: round(bd[s], 3) for s in ('qkv', 'o', 'gate_up', 'down') if s in bd})
-json.dump(merged, open(o + '/fp8-variants.json', 'w'), indent=1)
-for k, v in sorted(table.items(), key=str): print(k, v)
-PY
+python3 scripts/gpu/collect.py $W fp8-variants.json --stages qkv,o,gate_up,down

@@ -30,19 +30,4 @@ run profile_128 TANDEM_CUDA_SPLITK=1 TANDEM_CUDA_FUSE=1
 ARGS="--batches 1 --contexts 32768,131000 --prefill= --iters 10"
 run long TANDEM_CUDA_FUSE=1
 timeout 150 python3 scripts/gpu/baseline.py --batches "" --contexts "" --prefill-lens 512,2048,8192 --out $W/baseline.json >> $LOG 2>&1; echo "baseline rc=$?"
-W=$W python3 - <<'PY'
-import json, os, glob
-w, o = os.environ['W'], os.environ['OUT']
-merged, table = {}, {}
-for f in sorted(glob.glob(w + '/*.json')):
-    tag = os.path.basename(f)[:-5]
-    r = json.load(open(f)); merged[tag] = r
-    for d in r.get('rows', []):
-        k = (d.get('phase'), d.get('shape'), d.get('batch'), d.get('context') or d.get('prompt_len'))
-        u = d.get('mbu') if d.get('phase') == 'decode' else d.get('mfu')
-        table.setdefault(k, {})[tag] = d.get('error') or (round(d.get('tokens_per_s') or 0), round(100 * (u or 0), 1))
-        if d.get('breakdown_ms'):
-            print(tag, k, {s: round(ms, 2) for s, ms in d['breakdown_ms']})
-json.dump(merged, open(o + '/levers.json', 'w'), indent=1)
-for k, v in sorted(table.items(), key=str): print(k, v)
-PY
+python3 scripts/gpu/collect.py $W levers.json

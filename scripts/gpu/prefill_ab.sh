@@ -23,20 +23,4 @@ for k in $KERNELS; do
   TANDEM_CUDA_PREFILL_ATTENTION=$k timeout 200 $B bench engine --batches "" --prefill ${LENS##*,} --iters 2 --profile --output $W/profile_$k.json >> $LOG 2>&1; echo "$k profile rc=$?"
 done
 timeout 300 python3 scripts/gpu/baseline.py --batches "" --contexts "" --prefill-lens $LENS --out $W/baseline.json >> $LOG 2>&1; echo "baseline rc=$?"
-W=$W python3 - <<'PY'
-import json, os, glob
-w, o = os.environ['W'], os.environ['OUT']
-merged, table = {}, {}
-for f in sorted(glob.glob(w + '/*.json')):
-    tag = os.path.basename(f)[:-5]
-    r = json.load(open(f)); merged[tag] = r
-    for d in r.get('rows', []):
-        if d.get('phase') != 'prefill': continue
-        k = (d.get('shape'), d.get('prompt_len'))
-        name = tag if d.get('engine') == 'tandem' else d.get('engine')
-        table.setdefault(k, {})[name] = (round(d.get('tokens_per_s') or 0), round(100 * (d.get('mfu') or 0), 1))
-        if d.get('breakdown_ms'):
-            print(tag, k, {s: round(ms, 1) for s, ms in d['breakdown_ms']})
-json.dump(merged, open(o + '/ab.json', 'w'), indent=1)
-for k, v in sorted(table.items(), key=str): print(k, v)
-PY
+python3 scripts/gpu/collect.py $W ab.json --phase prefill

@@ -682,12 +682,8 @@ impl Gpu {
         if self.fp8_gemv_takes(n, w.cols) {
             return self.gemv_fp8(x, w, y, n, out, accumulate);
         }
-        if self.fp8_gemm_on {
-            if let (Some(lt), Some(xs)) = (self.fp8_gemm.get(), self.fp8_input_scales(n * w.cols, n)) {
-                if lt.supports(w.rows, n, w.cols, out, (scale.ptr, xs))? {
-                    return self.gemm_fp8(lt, x, w, scale, y, n, out, accumulate);
-                }
-            }
+        if let Some(lt) = self.fp8_gemm_for(w, scale, n, out)? {
+            return self.gemm_fp8(lt, x, w, scale, y, n, out, accumulate);
         }
         self.gemm_widened(x, w, scale, y, n, out, accumulate)
     }
@@ -701,12 +697,8 @@ impl Gpu {
         if self.fp8_gemv_takes(n, w.cols) {
             return Ok("matrix-vector");
         }
-        if self.fp8_gemm_on {
-            if let (Some(lt), Some(xs)) = (self.fp8_gemm.get(), self.fp8_input_scales(n * w.cols, n)) {
-                if lt.supports(w.rows, n, w.cols, out, (scale.ptr, xs))? {
-                    return Ok("cuBLASLt FP8");
-                }
-            }
+        if self.fp8_gemm_for(w, scale, n, out)?.is_some() {
+            return Ok("cuBLASLt FP8");
         }
         Ok("widened")
     }
@@ -845,11 +837,15 @@ impl Gpu {
         }
     }
 
-    /// The device address of the per-token input scales, when the FP8 input buffers hold
-    /// `bytes` quantised inputs and `rows` scales.
-    fn fp8_input_scales(&self, bytes: usize, rows: usize) -> Option<u64> {
+    /// cuBLASLt's FP8 GEMM for `n` tokens through `w` (scales `scale`), when it is on, the FP8
+    /// input buffers hold `n` rows, and the library runs the shape.
+    fn fp8_gemm_for(&self, w: &Matrix, scale: &Buf, n: usize, out: Dt) -> Result<Option<&crate::lt::Fp8Gemm>> {
+        let Some(lt) = self.fp8_gemm.get().filter(|_| self.fp8_gemm_on) else { return Ok(None) };
         let inputs = self.fp8_inputs.lock().expect("fp8 inputs lock");
-        inputs.as_ref().filter(|(q, s, _)| q.bytes >= bytes && s.bytes >= rows * 4).map(|(_, s, _)| s.ptr)
+        let Some((_, xs, _)) = inputs.as_ref().filter(|(q, s, _)| q.bytes >= n * w.cols && s.bytes >= n * 4) else {
+            return Ok(None);
+        };
+        Ok(lt.supports(w.rows, n, w.cols, out, (scale.ptr, xs.ptr))?.then_some(lt))
     }
 
     /// Makes room for FP8 GEMM inputs of up to `tokens` rows of `cols` (and the FP8 GEMM

@@ -42,6 +42,9 @@ struct Plan {
 
 pub struct Fp8Gemm {
     handle: sys::cublasLtHandle_t,
+    /// Which of the library's ranked candidates a plan runs: the first, unless
+    /// `TANDEM_CUDA_LT_ALGO` names another (for measuring them against each other).
+    pick: usize,
     /// `None`: the library has no algorithm for the shape.
     plans: Mutex<HashMap<Key, Option<Plan>>>,
 }
@@ -73,7 +76,8 @@ unsafe fn set<T>(desc: sys::cublasLtMatmulDesc_t, attr: sys::cublasLtMatmulDescA
 
 impl Fp8Gemm {
     pub fn new() -> Result<Self> {
-        Ok(Self { handle: lt::create_handle().map_err(blas)?, plans: Mutex::new(HashMap::new()) })
+        let pick = std::env::var("TANDEM_CUDA_LT_ALGO").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok(Self { handle: lt::create_handle().map_err(blas)?, pick, plans: Mutex::new(HashMap::new()) })
     }
 
     /// The library checks that a vector scale mode has its pointer before it offers an
@@ -137,11 +141,9 @@ impl Fp8Gemm {
         };
         match found {
             Ok(algos) => {
-                // The library's first choice unless TANDEM_CUDA_LT_ALGO names another of its
-                // candidates (for measuring them against each other).
-                let pick = std::env::var("TANDEM_CUDA_LT_ALGO").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+                let pick = self.pick.min(algos.len() - 1);
                 tracing::debug!(m, n, k, candidates = algos.len(), pick, "cuBLASLt FP8 plan");
-                Ok(Some(Plan { desc, a, b, d, algo: algos[pick.min(algos.len() - 1)] }))
+                Ok(Some(Plan { desc, a, b, d, algo: algos[pick] }))
             }
             Err(e) => {
                 tracing::warn!(m, n, k, error = ?e, "no cuBLASLt FP8 algorithm for this shape; widening to bf16");
