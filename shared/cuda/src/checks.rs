@@ -563,6 +563,127 @@ pub fn greedy_vs_cpu(model: &str, prompts: &[&str], tokens: usize, must_match: u
     Ok(checks)
 }
 
+/// Log-softmax of one row of logits, in f64.
+fn log_softmax(v: &[f32]) -> Vec<f64> {
+    let max = v.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let lse = max + v.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+    v.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// The index of the largest logit (the lower index on ties), as the device's argmax.
+fn argmax_row(v: &[f32]) -> u32 {
+    v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0))).map(|(i, _)| i as u32).unwrap_or(0)
+}
+
+/// Most the FP8 model's perplexity may exceed the bf16 model's on the same text
+/// ([`fp8_against_bf16`]). A guard against a broken FP8 path (a wrong scale or byte layout
+/// moves perplexity many times over), not a claim about quality: E4M3's three mantissa bits
+/// cost a 135M-parameter model a few percent (docs/cuda-engine.md has the measured figures).
+pub const FP8_PERPLEXITY_RATIO: f64 = 1.10;
+
+/// A real model with FP8 projections against the same model with bf16 ones, both on this GPU:
+/// over `text` (token ids) cut into windows of `window` tokens, each one prefill pass from an
+/// empty cache (FP8 GEMMs there multiply E4M3 activations too), the perplexity of each (the
+/// check: FP8's at most [`FP8_PERPLEXITY_RATIO`] times bf16's), and at every position the
+/// logits' relative error, the mean KL divergence of FP8's next-token distribution from
+/// bf16's and how often their top choices agree; then greedy continuations of `prompts` for
+/// `steps` tokens through the decode path (FP8 matrix-vector kernels), reported as the tokens
+/// equal before the first difference.
+pub fn fp8_against_bf16(model: &str, text: &[u32], window: usize, prompts: &[&str], steps: usize, device: usize) -> Result<Vec<Check>> {
+    let files = ModelFiles::resolve(model).map_err(|e| CudaError::Engine(e.into()))?;
+    let tokenizer = tandem_tokenizer::Tokenizer::load(&files).map_err(|e| CudaError::Engine(e.into()))?;
+    let load = |weights: WeightFormat| -> Result<PagedEngine<CudaEngine>> {
+        let cfg = CudaConfig {
+            device,
+            kv_cache_bytes: Some(512 << 20),
+            max_step_tokens: window.max(64),
+            weights: Some(weights),
+            ..Default::default()
+        };
+        Ok(PagedEngine::new(CudaEngine::load(&files, &cfg)?))
+    };
+    let mut engines = [load(WeightFormat::Bf16)?, load(WeightFormat::Fp8)?];
+    let windows: Vec<&[u32]> = text.chunks(window).filter(|w| w.len() >= 2).collect();
+    if windows.is_empty() {
+        return Err(CudaError::Unsupported(format!("a text of {} tokens has no window of 2 or more", text.len())));
+    }
+    let (mut nll, mut scored) = ([0f64; 2], 0usize);
+    let (mut diff2, mut ref2, mut kl, mut agree, mut positions) = (0f64, 0f64, 0f64, 0usize, 0usize);
+    for (wi, w) in windows.iter().enumerate() {
+        let mut logits = Vec::with_capacity(2);
+        for e in engines.iter_mut() {
+            let id = 7000 + wi as u64;
+            e.add_sequence(id, w)?;
+            let got = e.forward(&[ForwardItem { seq: id, tokens: w.to_vec(), all_logits: true }])?;
+            e.release(id);
+            logits.push(got.into_iter().next().unwrap_or_default());
+        }
+        for (j, (b, f)) in logits[0].iter().zip(&logits[1]).enumerate() {
+            let (lb, lf) = (log_softmax(b), log_softmax(f));
+            if let Some(&next) = w.get(j + 1) {
+                nll[0] -= lb[next as usize];
+                nll[1] -= lf[next as usize];
+                scored += 1;
+            }
+            kl += lb.iter().zip(&lf).map(|(p, q)| p.exp() * (p - q)).sum::<f64>();
+            agree += usize::from(argmax_row(b) == argmax_row(f));
+            positions += 1;
+            for (x, y) in f.iter().zip(b) {
+                diff2 += (*x as f64 - *y as f64).powi(2);
+                ref2 += (*y as f64).powi(2);
+            }
+        }
+    }
+    let ppl = nll.map(|v| (v / scored as f64).exp());
+    let ratio = ppl[1] / ppl[0];
+    let mut checks = vec![Check {
+        name: format!("FP8 against bf16 on {}: perplexity over {} tokens", files.name, text.len()),
+        passed: ratio.is_finite() && ratio <= FP8_PERPLEXITY_RATIO,
+        rel_err: Some((diff2 / ref2.max(1e-300)).sqrt()),
+        tolerance: None,
+        detail: format!(
+            "perplexity bf16 {:.4}, FP8 {:.4} ({:+.2}%; at most {:+.0}%); {} windows of up to {window} tokens, {scored} scored; \
+             top-1 agreement {:.2}% of {positions} positions; mean KL(bf16‖FP8) {:.2e} nats; rel_err = the logits' relative error",
+            ppl[0],
+            ppl[1],
+            (ratio - 1.0) * 100.0,
+            (FP8_PERPLEXITY_RATIO - 1.0) * 100.0,
+            windows.len(),
+            100.0 * agree as f64 / positions as f64,
+            kl / positions as f64
+        ),
+    }];
+    for (pi, prompt) in prompts.iter().enumerate() {
+        let ids = tokenizer.encode(prompt).map_err(|e| CudaError::Engine(e.into()))?;
+        let mut produced = [Vec::new(), Vec::new()];
+        for (e, out) in engines.iter_mut().zip(produced.iter_mut()) {
+            let id = 8000 + pi as u64;
+            e.add_sequence(id, &ids)?;
+            let mut input = ids.clone();
+            for _ in 0..steps {
+                let t = e.forward_greedy(&[ForwardItem { seq: id, tokens: input, all_logits: false }])?[0];
+                out.push(t);
+                input = vec![t];
+            }
+            e.release(id);
+        }
+        let same = produced[0].iter().zip(&produced[1]).take_while(|(a, b)| a == b).count();
+        let text = |t: &[u32]| tokenizer.decode(t).unwrap_or_default();
+        checks.push(Check {
+            name: format!("FP8 against bf16 greedy: {prompt:?}"),
+            passed: true,
+            rel_err: None,
+            tolerance: None,
+            detail: format!(
+                "{same} of {steps} tokens equal before the first difference (reported): bf16 {:?} | FP8 {:?}",
+                text(&produced[0]),
+                text(&produced[1])
+            ),
+        });
+    }
+    Ok(checks)
+}
+
 /// The projections' other paths against float64 on random bf16 operands: split-K GEMMs (K cut
 /// into slices, partial products summed by `splitk_reduce`, with and without the residual add)
 /// and the matrix-vector kernels with the RMSNorm or SiLU·mul in their prologue. Each output is
@@ -681,8 +802,9 @@ pub fn projections(gpu: &Gpu) -> Result<Vec<Check>> {
 
 /// FP8 weights against the host: the device quantiser's scales and bytes equal the host's E4M3
 /// rounding exactly (rows of very different magnitudes, a row of zeros, values in the
-/// subnormal range); the FP8 matrix-vector kernel for 1 to 8 tokens, cuBLASLt's FP8 GEMM and the
-/// widened cuBLAS path for more, against float64 products of the dequantised weights (and, for
+/// subnormal range); the FP8 matrix-vector kernels for 1 to 16 tokens, the mid-sized FP8 GEMM for
+/// 17 to 64 (K in one slice and in several), cuBLASLt's FP8 GEMM and the widened cuBLAS path
+/// for more, against float64 products of the dequantised weights (and, for
 /// the FP8 GEMM, of the inputs rounded to E4M3 per token as the device rounds them). Outputs are
 /// poisoned first.
 pub fn fp8(gpu: &Gpu) -> Result<Vec<Check>> {
@@ -738,23 +860,31 @@ pub fn fp8(gpu: &Gpu) -> Result<Vec<Check>> {
     });
     let wf: Vec<f64> = (0..rows * cols).map(|i| e4m3_to_f32(q[i]) as f64 * scale[i / cols] as f64).collect();
     gpu.reserve_fp8_inputs(96, cols)?;
-    // 1–8 tokens: the CUDA-core FP8 matrix-vector kernel; 1–16: the tensor-core one; 17 and 96
-    // as `project` runs them (cuBLASLt's FP8 GEMM where the library has it); 40 widened to bf16.
+    // 1–8 tokens: the CUDA-core FP8 matrix-vector kernel; 1–16: the tensor-core one; the
+    // mid-sized GEMM for 17 to 64 tokens with K in one slice, the chosen count (8 for this
+    // matrix's 24 row blocks) and two; 65 and 96 as `project` runs them (cuBLASLt's FP8 GEMM
+    // where the library has it); 40 widened to bf16.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Path {
+        Kernel(Fp8Gemv),
+        Mid(Option<usize>),
+        Project,
+        Widened,
+    }
     let cases = (1..=GEMV_FP8_KERNELS)
-        .map(|n| (n, Some(Fp8Gemv::Simt)))
-        .chain((1..=GEMV_FP8_MMA_MAX).map(|n| (n, Some(Fp8Gemv::Mma))))
-        .chain([17, 40, 96].map(|n| (n, None)));
-    for (n, kernel) in cases {
+        .map(|n| (n, Path::Kernel(Fp8Gemv::Simt)))
+        .chain((1..=GEMV_FP8_MMA_MAX).map(|n| (n, Path::Kernel(Fp8Gemv::Mma))))
+        .chain([(17, None), (24, Some(1)), (32, Some(2)), (33, None), (50, Some(1)), (64, None)].map(|(n, s)| (n, Path::Mid(s))))
+        .chain([(17, Path::Project), (40, Path::Widened), (65, Path::Project), (96, Path::Project)]);
+    for (n, kind) in cases {
         let x: Vec<(u16, f64)> = (0..n * cols).map(|_| bf16_round(rng.random_range(-1.0f32..1.0))).collect();
         let (xh, mut xf): (Vec<u16>, Vec<f64>) = x.into_iter().unzip();
-        let path = if kernel == Some(Fp8Gemv::Simt) {
-            "FP8 matrix-vector kernel (CUDA cores)"
-        } else if kernel == Some(Fp8Gemv::Mma) {
-            "FP8 matrix-vector kernel (tensor cores)"
-        } else if n == 40 {
-            "widened to bf16, cuBLAS"
-        } else {
-            gpu.fp8_path(&m, n, if n % 2 == 0 { Dt::F32 } else { Dt::Bf16 })?
+        let path = match kind {
+            Path::Kernel(Fp8Gemv::Simt) => "FP8 matrix-vector kernel (CUDA cores)",
+            Path::Kernel(Fp8Gemv::Mma) => "FP8 matrix-vector kernel (tensor cores)",
+            Path::Mid(_) => "mid-sized FP8 GEMM",
+            Path::Widened => "widened to bf16, cuBLAS",
+            Path::Project => gpu.fp8_path(&m, n, if n % 2 == 0 { Dt::F32 } else { Dt::Bf16 })?,
         };
         if path == "cuBLASLt FP8" {
             // The GEMM multiplies E4M3 inputs: the reference takes them rounded as the device
@@ -771,10 +901,11 @@ pub fn fp8(gpu: &Gpu) -> Result<Vec<Check>> {
         // Even token counts add into a residual (f32), odd ones write bf16.
         let residual = n % 2 == 0;
         let sc = m.scale.as_ref().expect("fp8");
-        let run = |out: Dt| match (kernel, n) {
-            (Some(k), _) => gpu.gemv_fp8_on(k, xb.ptr, &m, yb.ptr, n, out, residual),
-            (None, 40) => gpu.gemm_widened(xb.ptr, &m, sc, yb.ptr, n, out, residual),
-            (None, _) => gpu.project(xb.ptr, &m, yb.ptr, n, out, residual),
+        let run = |out: Dt| match kind {
+            Path::Kernel(k) => gpu.gemv_fp8_on(k, xb.ptr, &m, yb.ptr, n, out, residual),
+            Path::Mid(s) => gpu.gemm_fp8_mid(xb.ptr, &m, yb.ptr, n, out, residual, s),
+            Path::Widened => gpu.gemm_widened(xb.ptr, &m, sc, yb.ptr, n, out, residual),
+            Path::Project => gpu.project(xb.ptr, &m, yb.ptr, n, out, residual),
         };
         let out: Vec<f64> = if residual {
             gpu.upload(yb.ptr, &base)?;
@@ -801,10 +932,12 @@ pub fn fp8(gpu: &Gpu) -> Result<Vec<Check>> {
             name: format!(
                 "FP8 projection {rows}×{cols} for {n} token(s){}{}",
                 if residual { " into the residual" } else { ", bf16 out" },
-                match kernel {
-                    Some(Fp8Gemv::Simt) => ", CUDA-core kernel",
-                    Some(Fp8Gemv::Mma) => ", tensor-core kernel",
-                    None => "",
+                match kind {
+                    Path::Kernel(Fp8Gemv::Simt) => ", CUDA-core kernel".to_string(),
+                    Path::Kernel(Fp8Gemv::Mma) => ", tensor-core kernel".to_string(),
+                    Path::Mid(Some(s)) => format!(", mid-sized GEMM, {s} K slice(s)"),
+                    Path::Mid(None) => format!(", mid-sized GEMM, {} K slices", crate::device::fp8_mid_splits(crate::device::Fp8Mid::from_env()?.block_rows(n), rows, cols, n, gpu.sms)),
+                    Path::Project | Path::Widened => String::new(),
                 }
             ),
             passed: err < ATTENTION_TOLERANCE,

@@ -166,6 +166,90 @@ pub const GEMV_FP8_MMA_MAX: usize = 16;
 /// cuBLASLt's FP8 GEMM (or widen the weights to bf16 and run cuBLAS).
 pub const GEMV_FP8_MAX: usize = 16;
 
+/// Most tokens the mid-sized FP8 GEMM (`gemm_fp8_mma_{32,64}`) takes: passes past the
+/// matrix-vector kernel and up to this size run it, larger ones cuBLASLt's FP8 GEMM.
+pub const GEMM_FP8_MID_MAX: usize = 64;
+
+/// Which form of the mid-sized FP8 GEMM runs (`TANDEM_CUDA_FP8_MID=off|direct|rows|rowsb`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fp8Mid {
+    /// Not at all: cuBLASLt's FP8 GEMM takes every pass past the matrix-vector kernel.
+    Off,
+    /// The first form: a block's warps split its K slice, each over four row tiles (two past 32
+    /// tokens) with its input fragments read from the caches at every step, their sums added
+    /// in shared memory (`gemm_fp8_mma_{32,64}`).
+    Direct,
+    /// Each warp owns its rows over the block's whole K slice (one row tile up to 32 tokens, two
+    /// past), the input staged once per block in shared memory by cp.async
+    /// (`gemm_fp8_rows_{32,64}`).
+    Rows,
+    /// The row-owning form with eight steps in flight a warp up to 32 tokens, and one row tile
+    /// a warp past 32 (`gemm_fp8_rows_32_u8`, `gemm_fp8_rows_64_r1`).
+    RowsB,
+}
+
+impl Fp8Mid {
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("TANDEM_CUDA_FP8_MID").as_deref() {
+            Err(_) | Ok("rows") => Ok(Self::Rows),
+            Ok("0") | Ok("off") => Ok(Self::Off),
+            Ok("direct") => Ok(Self::Direct),
+            Ok("rowsb") => Ok(Self::RowsB),
+            Ok(v) => Err(CudaError::Unsupported(format!("TANDEM_CUDA_FP8_MID={v} (off, direct, rows or rowsb)"))),
+        }
+    }
+
+    /// Rows a block of this form takes for `n` tokens.
+    pub fn block_rows(self, n: usize) -> usize {
+        match self {
+            Self::Off | Self::Direct if n <= 32 => 64,
+            Self::Off | Self::Direct => 32,
+            Self::Rows if n <= 32 => 128,
+            Self::Rows => 256,
+            Self::RowsB => 128,
+        }
+    }
+
+    /// Input columns a row-owning block stages at a time for `n` tokens (the K slice must be a
+    /// multiple); 64 for the first form, which stages nothing.
+    pub fn chunk(self, n: usize) -> usize {
+        match self {
+            Self::Off | Self::Direct => 64,
+            _ if n <= 32 => 512,
+            _ => 256,
+        }
+    }
+
+    /// Dynamic shared memory of a block for `n` tokens: two chunks of the input for every token
+    /// of the kernel's width (32 or 64), rows padded by 8 elements.
+    pub fn shared_bytes(self, n: usize) -> u32 {
+        let width = if n <= 32 { 32 } else { 64 };
+        match self {
+            Self::Off | Self::Direct => 0,
+            _ => (2 * width * (self.chunk(n) + 8) * 2) as u32,
+        }
+    }
+}
+
+/// K slices of the mid-sized FP8 GEMM for `rows × cols` weights and `n` tokens, `block_rows` a
+/// block, on `sms` multiprocessors: doubled (up to 8) while the row blocks alone leave more than a tenth of the
+/// multiprocessors idle, each slice a multiple of 512 deep (64 bytes for each of eight warps),
+/// the partial products within the scratch buffer, and rows a multiple of 4 (the reduction's
+/// vector width).
+pub fn fp8_mid_splits(block_rows: usize, rows: usize, cols: usize, n: usize, sms: usize) -> usize {
+    let blocks = rows.div_ceil(block_rows);
+    let mut s = 1;
+    while s < 8
+        && blocks * s * 10 < sms * 9
+        && cols.is_multiple_of(2 * s * 512)
+        && 2 * s * n * rows * 4 <= SPLIT_SCRATCH_BYTES
+        && rows.is_multiple_of(4)
+    {
+        s *= 2;
+    }
+    s
+}
+
 /// Variants of the tensor-core FP8 matrix-vector kernel for up to 8 tokens
 /// (`TANDEM_CUDA_FP8_MMA=u8|w4|sx`): eight steps in flight a warp instead of four; four warps a
 /// block instead of eight; the input staged in shared memory (where it fits [`FP8_SX_SMEM`]).
@@ -328,6 +412,10 @@ pub struct Kernels {
     pub gemv_fp8_mma: [CudaFunction; 2],
     /// Its variants for up to 8 tokens, measured against it ([`FP8_MMA_VARIANTS`]).
     pub gemv_fp8_mma_variants: [CudaFunction; 3],
+    /// The mid-sized FP8 GEMM for up to 32 and up to 64 tokens ([`GEMM_FP8_MID_MAX`]), its
+    /// as [`Fp8Mid::Direct`], as [`Fp8Mid::Rows`] and as [`Fp8Mid::RowsB`] (indices 2, 3).
+    pub gemm_fp8_mma: [CudaFunction; 2],
+    pub gemm_fp8_rows: [CudaFunction; 4],
     pub quantize_fp8: CudaFunction,
     pub dequantize_fp8: CudaFunction,
     pub argmax: CudaFunction,
@@ -374,6 +462,12 @@ impl Kernels {
             ("gemv_fp8_4".into(), &self.gemv_fp8[3]),
             ("gemv_fp8_mma_8".into(), &self.gemv_fp8_mma[0]),
             ("gemv_fp8_mma_16".into(), &self.gemv_fp8_mma[1]),
+            ("gemm_fp8_mma_32".into(), &self.gemm_fp8_mma[0]),
+            ("gemm_fp8_mma_64".into(), &self.gemm_fp8_mma[1]),
+            ("gemm_fp8_rows_32".into(), &self.gemm_fp8_rows[0]),
+            ("gemm_fp8_rows_64".into(), &self.gemm_fp8_rows[1]),
+            ("gemm_fp8_rows_32_u8".into(), &self.gemm_fp8_rows[2]),
+            ("gemm_fp8_rows_64_r1".into(), &self.gemm_fp8_rows[3]),
             ("sample_rows".into(), &self.sample),
         ];
         for (i, f) in self.decode_attention.iter().enumerate() {
@@ -431,6 +525,13 @@ impl Kernels {
             gemv_fp8: (1..=GEMV_FP8_KERNELS).map(|n| f(&format!("gemv_fp8_{n}"))).collect::<Result<_>>()?,
             gemv_fp8_mma: [f("gemv_fp8_mma_8")?, f("gemv_fp8_mma_16")?],
             gemv_fp8_mma_variants: [f("gemv_fp8_mma_8_u8")?, f("gemv_fp8_mma_8_w4")?, big("gemv_fp8_mma_8_sx", FP8_SX_SMEM as u32)?],
+            gemm_fp8_mma: [f("gemm_fp8_mma_32")?, f("gemm_fp8_mma_64")?],
+            gemm_fp8_rows: [
+                big("gemm_fp8_rows_32", Fp8Mid::Rows.shared_bytes(32))?,
+                big("gemm_fp8_rows_64", Fp8Mid::Rows.shared_bytes(64))?,
+                big("gemm_fp8_rows_32_u8", Fp8Mid::RowsB.shared_bytes(32))?,
+                big("gemm_fp8_rows_64_r1", Fp8Mid::RowsB.shared_bytes(64))?,
+            ],
             quantize_fp8: f("quantize_fp8_rows")?,
             dequantize_fp8: f("dequantize_fp8_rows")?,
             argmax: f("argmax_rows")?,
@@ -472,6 +573,12 @@ pub struct Gpu {
     pub fp8_gemv: Fp8Gemv,
     /// Which form of the tensor-core kernel runs up to 8 tokens.
     fp8_mma: Fp8Mma,
+    /// Passes past `fp8_gemv_max` and up to [`GEMM_FP8_MID_MAX`] tokens run the mid-sized FP8
+    /// GEMM in this form ([`Fp8Mid::Off`] sends them to cuBLASLt, to measure against).
+    fp8_mid: Fp8Mid,
+    /// K slices of the mid-sized FP8 GEMM named by `TANDEM_CUDA_FP8_MID_SPLITS` (1, 2, 4 or 8)
+    /// instead of [`fp8_mid_splits`]' choice, where the depth allows them.
+    fp8_mid_splits: Option<usize>,
     /// Where FP8 matrices are widened to bf16 for passes past `fp8_gemv_max` tokens; sized by
     /// [`Gpu::reserve_widened`] when FP8 weights are loaded, before any pass is captured.
     widened: Mutex<Option<Buf>>,
@@ -545,6 +652,15 @@ impl Gpu {
                     CudaError::Unsupported(format!("TANDEM_CUDA_FP8_MMA={v} (auto, base, {})", FP8_MMA_VARIANTS.join(", ")))
                 })?),
             };
+        let fp8_mid_splits = match std::env::var("TANDEM_CUDA_FP8_MID_SPLITS") {
+            Ok(v) => Some(
+                v.parse::<usize>()
+                    .ok()
+                    .filter(|s| [1, 2, 4, 8].contains(s))
+                    .ok_or_else(|| CudaError::Unsupported(format!("TANDEM_CUDA_FP8_MID_SPLITS={v} (1, 2, 4 or 8)")))?,
+            ),
+            Err(_) => None,
+        };
         Ok(Self {
             ctx,
             stream,
@@ -562,6 +678,8 @@ impl Gpu {
             fp8_gemv_max,
             fp8_gemv,
             fp8_mma,
+            fp8_mid: Fp8Mid::from_env()?,
+            fp8_mid_splits,
             widened: Mutex::new(None),
             fp8_gemm: OnceLock::new(),
             fp8_gemm_on: std::env::var("TANDEM_CUDA_FP8_GEMM").map_or(true, |v| v != "widen"),
@@ -670,8 +788,9 @@ impl Gpu {
     }
 
     /// `y[n × rows] (+)= x[n × cols] · Wᵀ` for weights in either format: bf16 as [`Gpu::linear`];
-    /// FP8 through the FP8 matrix-vector kernel up to `fp8_gemv_max` tokens, else widened to
-    /// bf16 in the scratch matrix and multiplied by cuBLAS.
+    /// FP8 through the FP8 matrix-vector kernel up to `fp8_gemv_max` tokens, the mid-sized FP8
+    /// GEMM up to [`GEMM_FP8_MID_MAX`], then cuBLASLt's FP8 GEMM, else widened to bf16 in the
+    /// scratch matrix and multiplied by cuBLAS.
     pub fn project(&self, x: u64, w: &Matrix, y: u64, n: usize, out: Dt, accumulate: bool) -> Result<()> {
         let Some(scale) = &w.scale else {
             return self.linear(x, w.data.ptr, y, n, w.rows, w.cols, out, accumulate);
@@ -682,6 +801,9 @@ impl Gpu {
         if self.fp8_gemv_takes(n, w.cols) {
             return self.gemv_fp8(x, w, y, n, out, accumulate);
         }
+        if self.fp8_mid_takes(n, w) {
+            return self.gemm_fp8_mid(x, w, y, n, out, accumulate, None);
+        }
         if let Some(lt) = self.fp8_gemm_for(w, scale, n, out)? {
             return self.gemm_fp8(lt, x, w, scale, y, n, out, accumulate);
         }
@@ -689,13 +811,16 @@ impl Gpu {
     }
 
     /// Which path [`Gpu::project`] takes for FP8 weights and `n` tokens: `"matrix-vector"`,
-    /// `"cuBLASLt FP8"` or `"widened"` (bf16 weights: `"bf16"`).
+    /// `"mid-sized FP8 GEMM"`, `"cuBLASLt FP8"` or `"widened"` (bf16 weights: `"bf16"`).
     pub fn fp8_path(&self, w: &Matrix, n: usize, out: Dt) -> Result<&'static str> {
         let Some(scale) = &w.scale else {
             return Ok("bf16");
         };
         if self.fp8_gemv_takes(n, w.cols) {
             return Ok("matrix-vector");
+        }
+        if self.fp8_mid_takes(n, w) {
+            return Ok("mid-sized FP8 GEMM");
         }
         if self.fp8_gemm_for(w, scale, n, out)?.is_some() {
             return Ok("cuBLASLt FP8");
@@ -794,6 +919,62 @@ impl Gpu {
             0,
             &[&w.data.ptr, &scale.ptr, &x, &y, &r, &c, &mode],
         )
+    }
+
+    /// Whether [`Gpu::project`] sends `n` tokens through the mid-sized FP8 GEMM: past the
+    /// matrix-vector kernel, up to [`GEMM_FP8_MID_MAX`], and `cols % 64 == 0`.
+    fn fp8_mid_takes(&self, n: usize, w: &Matrix) -> bool {
+        self.fp8_mid != Fp8Mid::Off && !self.fp8_gemv_takes(n, w.cols) && (1..=GEMM_FP8_MID_MAX).contains(&n) && w.cols.is_multiple_of(64)
+    }
+
+    /// The mid-sized FP8 GEMM (`gemm_fp8_mma_{32,64}`) for `n` tokens, whatever the path
+    /// choice (the checks call it directly): `y[n × rows] (+)= x[n × cols] · Wᵀ`, with K cut
+    /// into `splits` slices (else `TANDEM_CUDA_FP8_MID_SPLITS`, else [`fp8_mid_splits`]) summed
+    /// by `splitk_reduce`; a count the shape does not allow falls back to the chosen one.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_fp8_mid(&self, x: u64, w: &Matrix, y: u64, n: usize, out: Dt, accumulate: bool, splits: Option<usize>) -> Result<()> {
+        let scale = w.scale.as_ref().ok_or_else(|| CudaError::Unsupported("FP8 kernel on bf16 weights".into()))?;
+        if n == 0 || n > GEMM_FP8_MID_MAX || !w.cols.is_multiple_of(64) {
+            return Err(CudaError::Unsupported(format!("mid-sized FP8 GEMM for {n} rows of {}", w.cols)));
+        }
+        let mode = out_mode(out, accumulate)?;
+        // The row-owning forms walk K in chunks of 256 or 512 columns; a depth that is not a
+        // multiple runs the first form.
+        let form = match self.fp8_mid {
+            Fp8Mid::Off => Fp8Mid::Rows,
+            f => f,
+        };
+        let form = if w.cols.is_multiple_of(form.chunk(n)) { form } else { Fp8Mid::Direct };
+        let block_rows = form.block_rows(n);
+        let chosen = fp8_mid_splits(block_rows, w.rows, w.cols, n, self.sms);
+        let splits = match splits.or(self.fp8_mid_splits) {
+            Some(s) if w.cols.is_multiple_of(s * 512) && s * n * w.rows * 4 <= SPLIT_SCRATCH_BYTES && w.rows.is_multiple_of(4) => s,
+            _ => chosen,
+        };
+        let wide = usize::from(n > 32);
+        let (kernel, smem) = match form {
+            Fp8Mid::Direct | Fp8Mid::Off => (&self.k.gemm_fp8_mma[wide], 0),
+            Fp8Mid::Rows => (&self.k.gemm_fp8_rows[wide], form.shared_bytes(n)),
+            Fp8Mid::RowsB => (&self.k.gemm_fp8_rows[2 + wide], form.shared_bytes(n)),
+        };
+        let (r, c, nn, kc) = (w.rows as i32, w.cols as i32, n as i32, (w.cols / splits) as i32);
+        let part = self.split_scratch.ptr;
+        // W holds rows×cols bytes and rows scales, x n×cols bf16, y n×rows of `out`; with more
+        // than one slice the kernel writes splits·n·rows f32 into the scratch (checked above),
+        // else y directly. A block per `block_rows` rows and slice.
+        self.launch_dependent(
+            kernel,
+            (w.rows.div_ceil(block_rows) as u32, splits as u32, 1),
+            256,
+            smem,
+            &[&w.data.ptr, &scale.ptr, &x, &y, &part, &r, &c, &nn, &kc, &mode],
+        )?;
+        if splits == 1 {
+            return Ok(());
+        }
+        let mn = (w.rows * n) as u64;
+        let s = splits as i32;
+        self.launch(&self.k.splitk_reduce, ((w.rows * n).div_ceil(4 * 256) as u32, 1, 1), 256, 0, &[&part, &y, &mn, &s, &mode])
     }
 
     /// The input quantised per token to E4M3, then cuBLASLt's FP8 GEMM with both scale vectors.
@@ -1246,6 +1427,28 @@ mod tests {
         assert_eq!(PrefillAttention::for_pass(None, WIDE_FROM_TOKENS), PrefillAttention::Wide);
         assert_eq!(PrefillAttention::for_pass(Some(PrefillAttention::Staged), 8192), PrefillAttention::Staged);
         assert_eq!(PrefillAttention::for_pass(Some(PrefillAttention::Pipelined), 8192), PrefillAttention::Pipelined);
+    }
+
+    #[test]
+    fn mid_fp8_splits_fill_the_gpu_within_the_depth() {
+        let rows32 = Fp8Mid::Rows.block_rows(32);
+        assert_eq!(rows32, 128);
+        // Llama 3.1 8B on 132 SMs, 32 tokens in 128-row blocks: O, down and Q/K/V (32, 32 and
+        // 48 blocks) take four slices; gate|up (224 blocks) none.
+        assert_eq!(fp8_mid_splits(rows32, 4096, 4096, 32, 132), 4);
+        assert_eq!(fp8_mid_splits(rows32, 4096, 14_336, 32, 132), 4);
+        assert_eq!(fp8_mid_splits(rows32, 6144, 4096, 32, 132), 4);
+        assert_eq!(fp8_mid_splits(rows32, 28_672, 4096, 32, 132), 1);
+        // Down's depth (14,336 = 7 × 2,048) stops at four slices of 3,584 even where eight
+        // would fill more of the GPU (64 tokens, 256-row blocks: 16 of them).
+        assert_eq!(fp8_mid_splits(Fp8Mid::Rows.block_rows(64), 4096, 14_336, 64, 132), 4);
+        // The first form's 64-row blocks for 32 tokens: 64 blocks of O take two slices.
+        assert_eq!(fp8_mid_splits(Fp8Mid::Direct.block_rows(32), 4096, 4096, 32, 132), 2);
+        // Depth caps the slices (8,192 = 16 × 512; 1,536 is not a multiple of 1,024).
+        assert_eq!(fp8_mid_splits(64, 512, 8192, 20, 132), 8);
+        assert_eq!(fp8_mid_splits(64, 512, 1536, 20, 132), 1);
+        // Rows that are not a multiple of 4 never split.
+        assert_eq!(fp8_mid_splits(64, 1026, 4096, 20, 132), 1);
     }
 
     #[test]

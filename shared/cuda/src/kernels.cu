@@ -1749,6 +1749,261 @@ GEMV_FP8_MMA(gemv_fp8_mma_8_u8, 1, 8, 8, false)
 GEMV_FP8_MMA(gemv_fp8_mma_8_w4, 1, 4, 4, false)
 GEMV_FP8_MMA(gemv_fp8_mma_8_sx, 1, 4, 8, true)
 
+// The same products for mid-sized passes (17 to 8·NT tokens), where cuBLASLt's FP8 kernels
+// for these skinny shapes run at half the memory's speed. The input's reads now outweigh the
+// weights' (each 16 weight rows would read all n input rows of K again), so a warp takes R
+// row tiles of 16 and feeds each input fragment it loads to all R of them; the block's eight
+// warps take interleaved 64-byte steps of its K slice as above, summed in shared memory. The
+// grid is (row blocks of 16·R, K slices): with one slice the block applies `mode` itself;
+// with more, slice s writes its scaled sums to part[s][n × rows] and `splitk_reduce` adds
+// them (and the residual). Requires kc % 64 == 0, kc the slice's depth.
+template <int NT, int R>
+__device__ void gemm_fp8_mma_impl(const unsigned char* w, const float* scale, const bf16* x, void* y, float* part, int rows, int cols, int n, int kc, int mode) {
+    constexpr int WARPS = 8, U = 2;
+    __shared__ float sum[16 * R][8 * NT + 1];
+    pdl_trigger();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int r0 = blockIdx.x * 16 * R, k0 = blockIdx.y * kc;
+    const unsigned char* wa[R];
+    const unsigned char* wb[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        // Rows past the end read the last row (their sums are never written).
+        wa[r] = w + (u64)min(r0 + 16 * r + g, rows - 1) * cols + k0 + t * 16;
+        wb[r] = w + (u64)min(r0 + 16 * r + g + 8, rows - 1) * cols + k0 + t * 16;
+    }
+    for (int i = threadIdx.x; i < 16 * R * (8 * NT + 1); i += WARPS * 32) (&sum[0][0])[i] = 0.f;
+    const int steps = kc >> 6;
+    float acc[R][NT][4];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) acc[r][nt][0] = acc[r][nt][1] = acc[r][nt][2] = acc[r][nt][3] = 0.f;
+    uint4 qa[U][R], qb[U][R];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        const int st = warp + u * WARPS;
+        if (st < steps) {
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                qa[u][r] = ldg_stream(wa[r] + (u64)st * 64);
+                qb[u][r] = ldg_stream(wb[r] + (u64)st * 64);
+            }
+        }
+    }
+    pdl_wait();
+    const bf16* xk = x + k0 + t * 16;
+    for (int s = warp; s < steps; s += U * WARPS) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int st = s + u * WARPS;
+            if (st < steps) {
+                uint4 xb[NT][2];
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    const int tok = nt * 8 + g;
+                    if (tok < n) {
+                        const bf16* xr = xk + (u64)tok * cols + st * 64;
+                        xb[nt][0] = *(const uint4*)xr;
+                        xb[nt][1] = *(const uint4*)(xr + 8);
+                    } else {
+                        xb[nt][0] = xb[nt][1] = make_uint4(0, 0, 0, 0);
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        const u32 la = j == 0 ? qa[u][r].x : j == 1 ? qa[u][r].y : j == 2 ? qa[u][r].z : qa[u][r].w;
+                        const u32 lb = j == 0 ? qb[u][r].x : j == 1 ? qb[u][r].y : j == 2 ? qb[u][r].z : qb[u][r].w;
+                        const u32 a[4] = {e4m3x2_bf16x2(la, 0x9180u), e4m3x2_bf16x2(lb, 0x9180u), e4m3x2_bf16x2(la, 0xB3A2u),
+                                          e4m3x2_bf16x2(lb, 0xB3A2u)};
+#pragma unroll
+                        for (int nt = 0; nt < NT; nt++) {
+                            const uint4 v = xb[nt][j >> 1];
+                            mma_bf16(acc[r][nt], a, (j & 1) ? v.z : v.x, (j & 1) ? v.w : v.y);
+                        }
+                    }
+                }
+                const int next = st + U * WARPS;
+                if (next < steps) {
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        qa[u][r] = ldg_stream(wa[r] + (u64)next * 64);
+                        qb[u][r] = ldg_stream(wb[r] + (u64)next * 64);
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();  // the zeroing of `sum` is done
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            atomicAdd(&sum[16 * r + g][nt * 8 + 2 * t], acc[r][nt][0]);
+            atomicAdd(&sum[16 * r + g][nt * 8 + 2 * t + 1], acc[r][nt][1]);
+            atomicAdd(&sum[16 * r + g + 8][nt * 8 + 2 * t], acc[r][nt][2]);
+            atomicAdd(&sum[16 * r + g + 8][nt * 8 + 2 * t + 1], acc[r][nt][3]);
+        }
+    __syncthreads();
+    // Consecutive threads take consecutive rows of one token: the stores coalesce.
+    for (int i = threadIdx.x; i < 16 * R * n; i += WARPS * 32) {
+        const int c = i / (16 * R), ri = i % (16 * R), rr = r0 + ri;
+        if (rr >= rows) continue;
+        const float out = sum[ri][c] * (scale[rr] * FP8_UNBIAS);
+        const u64 o = (u64)c * rows + rr;
+        if (gridDim.y > 1) part[(u64)blockIdx.y * n * rows + o] = out;
+        else if (mode == 0) ((bf16*)y)[o] = f2bf(out);
+        else if (mode == 1) ((float*)y)[o] = out;
+        else ((float*)y)[o] += out;
+    }
+}
+
+// The mid-sized GEMM with the work cut the other way: each warp owns R row tiles of 16 rows over
+// the block's whole K slice, so no sums cross warps, and the input is staged once per block in
+// shared memory, chunks of CH columns brought in by cp.async one chunk ahead (tokens past n
+// zero-filled) and read by all eight warps. A warp streams its own rows, U 64-column steps in
+// flight. Requires kc % CH == 0; dynamic shared memory 2 · 8·NT · (CH + 8) bf16.
+template <int NT, int R, int U, int CH>
+__device__ void gemm_fp8_rows_impl(const unsigned char* w, const float* scale, const bf16* x, void* y, float* part, int rows, int cols, int n, int kc, int mode) {
+    constexpr int WARPS = 8, XS = CH + 8, STEPS = CH / 64;
+    static_assert(STEPS % U == 0, "a chunk holds whole rounds of steps");
+    extern __shared__ __align__(16) unsigned char fp8_dyn[];
+    bf16* xs = (bf16*)fp8_dyn;  // [2][8·NT][XS]
+    pdl_trigger();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int r0 = (blockIdx.x * WARPS + warp) * 16 * R, k0 = blockIdx.y * kc;
+    const unsigned char* wa[R];
+    const unsigned char* wb[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        // Rows past the end read the last row (their sums are never written).
+        wa[r] = w + (u64)min(r0 + 16 * r + g, rows - 1) * cols + k0 + t * 16;
+        wb[r] = w + (u64)min(r0 + 16 * r + g + 8, rows - 1) * cols + k0 + t * 16;
+    }
+    const int steps = kc / 64, chunks = kc / CH;
+    float acc[R][NT][4];
+#pragma unroll
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) acc[r][nt][0] = acc[r][nt][1] = acc[r][nt][2] = acc[r][nt][3] = 0.f;
+    uint4 qa[U][R], qb[U][R];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        if (u < steps) {
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                qa[u][r] = ldg_stream(wa[r] + u * 64);
+                qb[u][r] = ldg_stream(wb[r] + u * 64);
+            }
+        }
+    }
+    pdl_wait();
+    // Chunk c of the input into buffer c & 1: 8·NT rows of CH / 8 sixteen-byte pieces.
+    auto stage = [&](int c) {
+        bf16* dst = xs + (c & 1) * (8 * NT * XS);
+        for (int i = threadIdx.x; i < 8 * NT * (CH / 8); i += WARPS * 32) {
+            const int tok = i / (CH / 8), piece = i % (CH / 8);
+            const bool ok = tok < n;
+            const bf16* src = x + (u64)(ok ? tok : 0) * cols + k0 + c * CH + piece * 8;
+            cp_async16(smem_u32(dst + tok * XS + piece * 8), src, ok);
+        }
+        cp_async_commit();
+    };
+    stage(0);
+    for (int c = 0; c < chunks; c++) {
+        if (c + 1 < chunks) {
+            stage(c + 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16* xc = xs + (c & 1) * (8 * NT * XS) + g * XS + t * 16;
+#pragma unroll
+        for (int s0 = 0; s0 < STEPS; s0 += U) {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                const int sc = s0 + u;  // step within the chunk; its weights are in slot u
+#pragma unroll
+                for (int nt = 0; nt < NT; nt++) {
+                    const bf16* xr = xc + nt * 8 * XS + sc * 64;
+                    const uint4 x0 = *(const uint4*)xr, x1 = *(const uint4*)(xr + 8);
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        const uint4 v = j < 2 ? x0 : x1;
+                        const u32 b0 = (j & 1) ? v.z : v.x, b1 = (j & 1) ? v.w : v.y;
+#pragma unroll
+                        for (int r = 0; r < R; r++) {
+                            const u32 la = j == 0 ? qa[u][r].x : j == 1 ? qa[u][r].y : j == 2 ? qa[u][r].z : qa[u][r].w;
+                            const u32 lb = j == 0 ? qb[u][r].x : j == 1 ? qb[u][r].y : j == 2 ? qb[u][r].z : qb[u][r].w;
+                            const u32 a[4] = {e4m3x2_bf16x2(la, 0x9180u), e4m3x2_bf16x2(lb, 0x9180u), e4m3x2_bf16x2(la, 0xB3A2u),
+                                              e4m3x2_bf16x2(lb, 0xB3A2u)};
+                            mma_bf16(acc[r][nt], a, b0, b1);
+                        }
+                    }
+                }
+                const int next = c * STEPS + sc + U;
+                if (next < steps) {
+#pragma unroll
+                    for (int r = 0; r < R; r++) {
+                        qa[u][r] = ldg_stream(wa[r] + (u64)next * 64);
+                        qb[u][r] = ldg_stream(wb[r] + (u64)next * 64);
+                    }
+                }
+            }
+        }
+        __syncthreads();  // buffer c & 1 is free for chunk c + 2
+    }
+    // C fragment: (row g, tokens 2t and 2t+1) and (row g + 8, the same tokens), per tile.
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int row = r0 + 16 * r + g + 8 * h;
+            if (row >= rows) continue;
+            const float f = scale[row] * FP8_UNBIAS;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int tok = nt * 8 + 2 * t + e;
+                    if (tok >= n) continue;
+                    const float out = acc[r][nt][2 * h + e] * f;
+                    const u64 o = (u64)tok * rows + row;
+                    if (gridDim.y > 1) part[(u64)blockIdx.y * n * rows + o] = out;
+                    else if (mode == 0) ((bf16*)y)[o] = f2bf(out);
+                    else if (mode == 1) ((float*)y)[o] = out;
+                    else ((float*)y)[o] += out;
+                }
+            }
+        }
+    }
+}
+
+#define GEMM_FP8_MMA(NAME, NT, R)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const unsigned char* w, const float* scale, const bf16* x, \
+                                                           void* y, float* part, int rows, int cols, int n, int kc,  \
+                                                           int mode) {                                               \
+        gemm_fp8_mma_impl<NT, R>(w, scale, x, y, part, rows, cols, n, kc, mode);                                  \
+    }
+GEMM_FP8_MMA(gemm_fp8_mma_32, 4, 4)
+GEMM_FP8_MMA(gemm_fp8_mma_64, 8, 2)
+
+#define GEMM_FP8_ROWS(NAME, NT, R, U, CH)                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) NAME(const unsigned char* w, const float* scale, const bf16* x, \
+                                                           void* y, float* part, int rows, int cols, int n, int kc,  \
+                                                           int mode) {                                               \
+        gemm_fp8_rows_impl<NT, R, U, CH>(w, scale, x, y, part, rows, cols, n, kc, mode);                          \
+    }
+GEMM_FP8_ROWS(gemm_fp8_rows_32, 4, 1, 4, 512)
+GEMM_FP8_ROWS(gemm_fp8_rows_64, 8, 2, 2, 256)
+GEMM_FP8_ROWS(gemm_fp8_rows_32_u8, 4, 1, 8, 512)
+GEMM_FP8_ROWS(gemm_fp8_rows_64_r1, 8, 1, 4, 256)
+
 // ---------------------------------------------------------------------------------------------
 // Split-K reduction: y[i] (+)= Σ_s part[s][i] over `splits` partial products of mn elements each
 // (a GEMM whose K was cut into slices, each slice's product written apart). mode 0: y bf16;

@@ -170,6 +170,14 @@ pub struct CheckArgs {
     /// How many leading greedy tokens must equal the CPU engine's.
     #[arg(long, default_value_t = 4)]
     pub must_match: usize,
+    /// With --model: token ids of a text (a JSON array, or a JSON object with a `tokens` array
+    /// such as `tandem bench perplexity` writes) over which the model with FP8 projections is
+    /// compared with the bf16 one (perplexity, logits, top-1 agreement, greedy continuations).
+    #[arg(long)]
+    pub fp8_text: Option<PathBuf>,
+    /// Tokens a window of --fp8-text (each window one prefill from an empty cache).
+    #[arg(long, default_value_t = 512)]
+    pub fp8_window: usize,
     #[arg(long, default_value = "cuda:0")]
     pub device: Device,
     /// Tensor-parallel degrees the reference models run at (comma-separated); each degree above
@@ -241,6 +249,15 @@ pub fn check(args: &CheckArgs) -> Result<()> {
         for c in checks::greedy_vs_cpu(model, &prompts, args.tokens, args.must_match, dev)? {
             eprintln!("{}", show(&c));
             all.push(c);
+        }
+        if let Some(path) = &args.fp8_text {
+            let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)?;
+            let ids = json.get("tokens").unwrap_or(&json);
+            let text: Vec<u32> = serde_json::from_value(ids.clone()).with_context(|| format!("{}: no array of token ids", path.display()))?;
+            for c in checks::fp8_against_bf16(model, &text, args.fp8_window, &prompts, 32, dev)? {
+                eprintln!("{}", show(&c));
+                all.push(c);
+            }
         }
     }
     if let Some(path) = &args.output {
