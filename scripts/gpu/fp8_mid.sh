@@ -5,7 +5,8 @@
 # passes of 16 to 128 sequences alternated REPS times, and, where MODEL names a real model, FP8
 # against bf16 on it (perplexity over the token ids in docs/benchmarks/engine/
 # perplexity_2core.json, logits, top-1 agreement, greedy continuations). FORMS names the forms
-# of the mid-sized GEMM checked (TANDEM_CUDA_FP8_MID), SPLITS K slice counts to time besides. PARTS (default
+# of the mid-sized GEMM checked (TANDEM_CUDA_FP8_MID), PROJS those timed per projection (off:
+# cuBLASLt), SPLITS K slice counts to time besides. PARTS (default
 # kchecks,proj,ab,quality) picks the stages. Expects a stripped release build at
 # target/gpu/tandem; writes $OUT/fp8-mid-<parts>.json and $OUT/fp8-mid.log, prints a table last.
 set -u
@@ -17,14 +18,14 @@ SHAPES=${SHAPES:-llama-1b,llama-8b}
 PARTS=${PARTS:-kchecks,proj,ab,quality}
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee -a $LOG
-if has kchecks; then for f in ${FORMS:-rows rowsb direct}; do
+if has kchecks; then for f in ${FORMS:-auto rows rowsb direct}; do
   TANDEM_CUDA_FP8_MID=$f timeout 120 $B bench gpu-check --groups fp8 --output $W/kcheck_$f.json >> $LOG 2>&1
   echo "fp8 kernel checks, TANDEM_CUDA_FP8_MID=$f: rc=$? passed $(grep -c '"passed": true' $W/kcheck_$f.json), failed $(grep -c '"passed": false' $W/kcheck_$f.json)"
   grep -E 'FP8 projection .* (1[7-9]|[2-9][0-9]) token' $LOG | tail -10 | cut -c1-150
 done; fi
 proj() { local tag=$1; shift; env TANDEM_CUDA_WEIGHTS=fp8 "$@" timeout 150 $B bench engine --shape $SHAPES --projections 17,24,32,48,64 --iters 20 --output $W/$tag.json >> $LOG 2>&1; echo "$tag rc=$?"; }
 if has proj; then
-  proj proj_rows; proj proj_rowsb TANDEM_CUDA_FP8_MID=rowsb; proj proj_direct TANDEM_CUDA_FP8_MID=direct; proj proj_lt TANDEM_CUDA_FP8_MID=off
+  for f in ${PROJS:-auto rows rowsb direct off}; do proj proj_$f TANDEM_CUDA_FP8_MID=$f; done
   for s in ${SPLITS:-}; do proj proj_s$s TANDEM_CUDA_FP8_MID_SPLITS=$s; done
 fi
 run() { local tag=$1; shift; env "$@" timeout ${T:-150} $B bench engine --shape $SHAPES --output $W/$tag.json $ARGS >> $LOG 2>&1; echo "$tag rc=$?"; }

@@ -936,7 +936,16 @@ pub fn fp8(gpu: &Gpu) -> Result<Vec<Check>> {
                     Path::Kernel(Fp8Gemv::Simt) => ", CUDA-core kernel".to_string(),
                     Path::Kernel(Fp8Gemv::Mma) => ", tensor-core kernel".to_string(),
                     Path::Mid(Some(s)) => format!(", mid-sized GEMM, {s} K slice(s)"),
-                    Path::Mid(None) => format!(", mid-sized GEMM, {} K slices", crate::device::fp8_mid_splits(crate::device::Fp8Mid::from_env()?.block_rows(n), rows, cols, n, gpu.sms)),
+                    Path::Mid(None) => format!(
+                        ", mid-sized GEMM, {} K slices",
+                        crate::device::fp8_mid_splits(
+                            crate::device::Fp8Mid::from_env()?.for_shape(rows, cols).block_rows(n),
+                            rows,
+                            cols,
+                            n,
+                            gpu.sms
+                        )
+                    ),
                     Path::Project | Path::Widened => String::new(),
                 }
             ),

@@ -251,9 +251,11 @@ pub fn check(args: &CheckArgs) -> Result<()> {
             all.push(c);
         }
         if let Some(path) = &args.fp8_text {
-            let json: serde_json::Value = serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)?;
+            let json: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)?;
             let ids = json.get("tokens").unwrap_or(&json);
-            let text: Vec<u32> = serde_json::from_value(ids.clone()).with_context(|| format!("{}: no array of token ids", path.display()))?;
+            let text: Vec<u32> =
+                serde_json::from_value(ids.clone()).with_context(|| format!("{}: no array of token ids", path.display()))?;
             for c in checks::fp8_against_bf16(model, &text, args.fp8_window, &prompts, 32, dev)? {
                 eprintln!("{}", show(&c));
                 all.push(c);
