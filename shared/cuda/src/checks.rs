@@ -939,7 +939,7 @@ pub fn fp8(gpu: &Gpu) -> Result<Vec<Check>> {
                     Path::Mid(None) => format!(
                         ", mid-sized GEMM, {} K slices",
                         crate::device::fp8_mid_splits(
-                            crate::device::Fp8Mid::from_env()?.for_shape(rows, cols).block_rows(n),
+                            crate::device::Fp8Mid::from_env()?.for_shape(rows, cols, n).block_rows(n),
                             rows,
                             cols,
                             n,

@@ -170,13 +170,18 @@ pub const GEMV_FP8_MAX: usize = 16;
 /// matrix-vector kernel and up to this size run it, larger ones cuBLASLt's FP8 GEMM.
 pub const GEMM_FP8_MID_MAX: usize = 64;
 
+/// Matrices of at most this many weights run the mid-sized FP8 GEMM past 32 tokens whatever
+/// their shape ([`Fp8Mid::Auto`]).
+pub const FP8_MID_SMALL: usize = 1 << 23;
+
 /// Which form of the mid-sized FP8 GEMM runs (`TANDEM_CUDA_FP8_MID=auto|off|direct|rows|rowsb`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fp8Mid {
-    /// By the matrix's shape, as measured on an H200 (docs/cuda-engine.md): matrices deeper
-    /// than they are tall (down) take [`Fp8Mid::RowsB`], the others [`Fp8Mid::Rows`]; past 32
-    /// tokens only matrices at least as deep as tall (O and down) run it at all, cuBLASLt's FP8
-    /// GEMM the others (Q/K/V, gate/up).
+    /// By the matrix's shape, as measured on an H200 (docs/cuda-engine.md): up to 32 tokens,
+    /// matrices deeper than they are tall (down) take [`Fp8Mid::RowsB`] and the others
+    /// [`Fp8Mid::Rows`]; past 32 tokens [`Fp8Mid::RowsB`] takes matrices at least as deep as
+    /// tall (O, down) or of at most [`FP8_MID_SMALL`] weights (1B's Q/K/V), and cuBLASLt's FP8
+    /// GEMM the others (8B's Q/K/V, gate/up), where it is faster.
     Auto,
     /// Not at all: cuBLASLt's FP8 GEMM takes every pass past the matrix-vector kernel.
     Off,
@@ -205,12 +210,23 @@ impl Fp8Mid {
         }
     }
 
-    /// The form that runs a `rows × cols` matrix: [`Fp8Mid::Auto`]'s choice, else itself.
-    pub fn for_shape(self, rows: usize, cols: usize) -> Self {
+    /// The form that runs `n` tokens through a `rows × cols` matrix: [`Fp8Mid::Auto`]'s
+    /// choice, else itself.
+    pub fn for_shape(self, rows: usize, cols: usize, n: usize) -> Self {
         match self {
-            Self::Auto if cols > rows => Self::RowsB,
+            Self::Auto if n > 32 || cols > rows => Self::RowsB,
             Self::Auto => Self::Rows,
             f => f,
+        }
+    }
+
+    /// Whether this choice runs `n` tokens through a `rows × cols` matrix at all (else
+    /// cuBLASLt's FP8 GEMM does).
+    pub fn takes(self, rows: usize, cols: usize, n: usize) -> bool {
+        match self {
+            Self::Off => false,
+            Self::Auto => n <= 32 || cols >= rows || rows * cols <= FP8_MID_SMALL,
+            _ => true,
         }
     }
 
@@ -939,14 +955,13 @@ impl Gpu {
 
     /// Whether [`Gpu::project`] sends `n` tokens through the mid-sized FP8 GEMM: past the
     /// matrix-vector kernel, up to [`GEMM_FP8_MID_MAX`], `cols % 64 == 0`, and where the form
-    /// is [`Fp8Mid::Auto`], up to 32 tokens or for a matrix with `cols >= rows`.
+    /// is [`Fp8Mid::Auto`], up to 32 tokens or for a matrix with `cols >= rows` or of at most
+    /// [`FP8_MID_SMALL`] weights.
     fn fp8_mid_takes(&self, n: usize, w: &Matrix) -> bool {
-        let shape = match self.fp8_mid {
-            Fp8Mid::Off => false,
-            Fp8Mid::Auto => n <= 32 || w.cols >= w.rows,
-            _ => true,
-        };
-        shape && !self.fp8_gemv_takes(n, w.cols) && (1..=GEMM_FP8_MID_MAX).contains(&n) && w.cols.is_multiple_of(64)
+        self.fp8_mid.takes(w.rows, w.cols, n)
+            && !self.fp8_gemv_takes(n, w.cols)
+            && (1..=GEMM_FP8_MID_MAX).contains(&n)
+            && w.cols.is_multiple_of(64)
     }
 
     /// The mid-sized FP8 GEMM (`gemm_fp8_mma_{32,64}`) for `n` tokens, whatever the path
@@ -964,7 +979,7 @@ impl Gpu {
         // multiple runs the first form.
         let form = match self.fp8_mid {
             Fp8Mid::Off => Fp8Mid::Rows,
-            f => f.for_shape(w.rows, w.cols),
+            f => f.for_shape(w.rows, w.cols, n),
         };
         let form = if w.cols.is_multiple_of(form.chunk(n)) { form } else { Fp8Mid::Direct };
         let block_rows = form.block_rows(n);
@@ -1453,12 +1468,19 @@ mod tests {
 
     #[test]
     fn mid_fp8_splits_fill_the_gpu_within_the_depth() {
-        // The shape rule: down (deeper than tall) takes the second row-owning form, the others
-        // the first; a form named in the environment runs everywhere.
-        assert_eq!(Fp8Mid::Auto.for_shape(4096, 14_336), Fp8Mid::RowsB);
-        assert_eq!(Fp8Mid::Auto.for_shape(6144, 4096), Fp8Mid::Rows);
-        assert_eq!(Fp8Mid::Auto.for_shape(4096, 4096), Fp8Mid::Rows);
-        assert_eq!(Fp8Mid::Direct.for_shape(4096, 14_336), Fp8Mid::Direct);
+        // The shape rule: up to 32 tokens down (deeper than tall) takes the second row-owning
+        // form, the others the first; past 32 the second, for O, down and small matrices only;
+        // a form named in the environment runs everywhere.
+        assert!(Fp8Mid::Auto.takes(6144, 4096, 32) && Fp8Mid::Auto.takes(28_672, 4096, 32));
+        assert!(!Fp8Mid::Auto.takes(6144, 4096, 64) && !Fp8Mid::Auto.takes(28_672, 4096, 64));
+        assert!(Fp8Mid::Auto.takes(4096, 4096, 64) && Fp8Mid::Auto.takes(4096, 14_336, 64));
+        assert!(Fp8Mid::Auto.takes(3072, 2048, 64) && !Fp8Mid::Auto.takes(16_384, 2048, 64));
+        assert!(Fp8Mid::Rows.takes(28_672, 4096, 64) && !Fp8Mid::Off.takes(4096, 4096, 20));
+        assert_eq!(Fp8Mid::Auto.for_shape(4096, 14_336, 32), Fp8Mid::RowsB);
+        assert_eq!(Fp8Mid::Auto.for_shape(6144, 4096, 32), Fp8Mid::Rows);
+        assert_eq!(Fp8Mid::Auto.for_shape(4096, 4096, 32), Fp8Mid::Rows);
+        assert_eq!(Fp8Mid::Auto.for_shape(4096, 4096, 33), Fp8Mid::RowsB);
+        assert_eq!(Fp8Mid::Direct.for_shape(4096, 14_336, 32), Fp8Mid::Direct);
         let rows32 = Fp8Mid::Rows.block_rows(32);
         assert_eq!(rows32, 128);
         // Llama 3.1 8B on 132 SMs, 32 tokens in 128-row blocks: O (32 blocks) eight slices,
