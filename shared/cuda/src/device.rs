@@ -166,7 +166,7 @@ pub const GEMV_FP8_MMA_MAX: usize = 16;
 /// cuBLASLt's FP8 GEMM (or widen the weights to bf16 and run cuBLAS).
 pub const GEMV_FP8_MAX: usize = 16;
 
-/// Most tokens the mid-sized FP8 GEMM (`gemm_fp8_mma_{32,64}`) takes: passes past the
+/// Most tokens the mid-sized FP8 GEMM (`gemm_fp8_rows_*`, [`Fp8Mid`]) takes: passes past the
 /// matrix-vector kernel and up to this size run it, larger ones cuBLASLt's FP8 GEMM.
 pub const GEMM_FP8_MID_MAX: usize = 64;
 
@@ -271,15 +271,17 @@ impl Fp8Mid {
 pub fn fp8_mid_splits(block_rows: usize, rows: usize, cols: usize, n: usize, sms: usize) -> usize {
     let blocks = rows.div_ceil(block_rows);
     let mut s = 1;
-    while s < 8
-        && blocks * s <= sms
-        && cols.is_multiple_of(2 * s * 512)
-        && 2 * s * n * rows * 4 <= SPLIT_SCRATCH_BYTES
-        && rows.is_multiple_of(4)
-    {
+    while s < 8 && blocks * s <= sms && fp8_mid_slices_fit(rows, cols, n, 2 * s) {
         s *= 2;
     }
     s
+}
+
+/// Whether the mid-sized FP8 GEMM can cut K into `s` slices for `rows × cols` weights and `n`
+/// tokens: one always; more where each slice is a multiple of 512 deep, the partial products fit
+/// the scratch buffer and rows are a multiple of 4.
+fn fp8_mid_slices_fit(rows: usize, cols: usize, n: usize, s: usize) -> bool {
+    s == 1 || (cols.is_multiple_of(s * 512) && s * n * rows * 4 <= SPLIT_SCRATCH_BYTES && rows.is_multiple_of(4))
 }
 
 /// Variants of the tensor-core FP8 matrix-vector kernel for up to 8 tokens
@@ -444,8 +446,9 @@ pub struct Kernels {
     pub gemv_fp8_mma: [CudaFunction; 2],
     /// Its variants for up to 8 tokens, measured against it ([`FP8_MMA_VARIANTS`]).
     pub gemv_fp8_mma_variants: [CudaFunction; 3],
-    /// The mid-sized FP8 GEMM for up to 32 and up to 64 tokens ([`GEMM_FP8_MID_MAX`]), its
-    /// as [`Fp8Mid::Direct`], as [`Fp8Mid::Rows`] and as [`Fp8Mid::RowsB`] (indices 2, 3).
+    /// The mid-sized FP8 GEMM for up to 32 and up to 64 tokens ([`GEMM_FP8_MID_MAX`]): the
+    /// first form ([`Fp8Mid::Direct`]), and the row-owning ones ([`Fp8Mid::Rows`] at indices
+    /// 0 and 1, [`Fp8Mid::RowsB`] at 2 and 3).
     pub gemm_fp8_mma: [CudaFunction; 2],
     pub gemm_fp8_rows: [CudaFunction; 4],
     pub quantize_fp8: CudaFunction,
@@ -985,7 +988,7 @@ impl Gpu {
         let block_rows = form.block_rows(n);
         let chosen = fp8_mid_splits(block_rows, w.rows, w.cols, n, self.sms);
         let splits = match splits.or(self.fp8_mid_splits) {
-            Some(s) if w.cols.is_multiple_of(s * 512) && s * n * w.rows * 4 <= SPLIT_SCRATCH_BYTES && w.rows.is_multiple_of(4) => s,
+            Some(s) if fp8_mid_slices_fit(w.rows, w.cols, n, s) => s,
             _ => chosen,
         };
         let wide = usize::from(n > 32);
