@@ -89,10 +89,13 @@ async fn latencies_at_concurrency_1() {
 async fn latencies_at_concurrency_64() {
     let report = run(64, 128, Behavior::timed(200, 25), "/v1/completions").await;
     check_latencies(&report, 128);
-    // 128 requests, 64 at a time: two waves.
+    // 128 requests, 64 at a time: two waves, each opening a burst of 64 connections, which the
+    // run's duration (and so its throughput) holds as well as the first tokens do.
     let e2el = (TTFT_MS + ITL_MS * (TOKENS - 1) as f64) / 1e3;
-    within("duration", report.result.duration * 1e3, 2.0 * e2el * 1e3);
-    within("output throughput", report.result.output_throughput, 128.0 * TOKENS as f64 / (2.0 * e2el));
+    let truth_ms = 2.0 * e2el * 1e3;
+    within_slack("duration", report.result.duration * 1e3, truth_ms, 2.0 * CONNECT_SLACK_MS);
+    let tol = 0.05 + 2.0 * CONNECT_SLACK_MS / truth_ms;
+    within_tol("output throughput", report.result.output_throughput, 128.0 * TOKENS as f64 / (2.0 * e2el), tol);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
