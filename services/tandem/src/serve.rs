@@ -56,8 +56,10 @@ pub struct EngineArgs {
     /// N, N+1, … of this machine, summed through NCCL.
     #[arg(long, env = "TANDEM_TP", default_value_t = 1, visible_alias = "tensor-parallel-size")]
     pub tp: usize,
-    /// Element type of the CPU engine's KV cache: `f16` (half the memory attention reads and a
-    /// handoff carries) or `f32`. A GPU engine keeps bf16 whatever is given.
+    /// Element type of the KV cache. The CPU engine keeps `f16` (half the memory attention reads
+    /// and a handoff carries) or `f32`; a GPU engine keeps `bf16` (also for `f16` and `f32`) or
+    /// `fp8` (E4M3 with a scale per token and head: half of bf16's bytes; one GPU a worker).
+    /// Prefill and decode pools must agree: a handoff between caches of two types is refused.
     #[arg(long, env = "TANDEM_KV_DTYPE", default_value = "f16")]
     pub kv_dtype: tandem_protocol::KvDtype,
 }
@@ -489,6 +491,9 @@ pub(crate) fn open_engine(files: &ModelFiles, device: Device, sizing: &Sizing, l
                 max_context,
                 max_batch: limits.max_running,
                 max_step_tokens: limits.max_batch_tokens,
+                // The GPU keeps bf16 or fp8; the CPU's f16 (the flag's default) and f32 leave
+                // the choice to TANDEM_CUDA_KV.
+                kv_dtype: matches!(kv_dtype, tandem_protocol::KvDtype::Bf16 | tandem_protocol::KvDtype::Fp8E4m3).then_some(kv_dtype),
                 ..Default::default()
             };
             let engine = tandem_cuda::CudaEngine::load(files, &cfg).with_context(|| format!("loading {} onto {device}", files.name))?;

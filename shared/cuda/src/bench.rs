@@ -76,6 +76,8 @@ pub struct Row {
     pub engine: &'static str,
     /// The projections' storage (`bf16`, `fp8`).
     pub dtype: &'static str,
+    /// The KV cache's element type (`bf16`, `fp8`).
+    pub kv_dtype: &'static str,
     pub tokens_per_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub step_ms: Option<f64>,
@@ -176,6 +178,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
     let kv_per_token = engine.info().layout.block_bytes() / engine.info().block_size;
     let weights = engine.backend().weight_step_bytes();
     let dtype = engine.backend().weight_format().as_str();
+    let kv_dtype = engine.info().layout.dtype.as_str();
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let mut rows = Vec::new();
     let gpu = ceil.gpu.clone();
@@ -200,6 +203,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
                 prompt_len: None,
                 engine: "tandem",
                 dtype,
+                kv_dtype,
                 tokens_per_s: None,
                 step_ms: None,
                 time_ms: None,
@@ -289,6 +293,7 @@ pub fn run(spec: &Spec, ceil: &Ceilings, mut each: impl FnMut(&Row)) -> Result<V
             prompt_len: Some(len),
             engine: "tandem",
             dtype,
+            kv_dtype,
             tokens_per_s: Some(len as f64 / s),
             step_ms: None,
             time_ms: Some(s * 1e3),

@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 use tandem_engine::{CpuEngine, EngineConfig, ForwardItem, PagedEngine};
 use tandem_tokenizer::{ModelFiles, ModelFormat};
 
+use tandem_protocol::KvDtype;
+
 use crate::device::{DecodeAttention, Gpu, PrefillAttention, WeightFormat};
+use crate::fp8::{e4m3_to_f32, f32_to_e4m3, E4M3_MAX};
 use crate::plan::{decode_split, TILE_ROWS};
 use crate::{CudaConfig, CudaEngine, CudaError, DevicePasses, Result};
 
@@ -64,6 +67,8 @@ pub struct AttnCase {
     pub prefill_kernel: PrefillAttention,
     /// The decode kernel checked (unused for prefill).
     pub decode_kernel: DecodeAttention,
+    /// The cache holds E4M3 rows with a scale each (the kernels' FP8 forms), not bf16.
+    pub fp8: bool,
 }
 
 /// Runs one attention case on the GPU and compares with float64.
@@ -84,14 +89,41 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
     }
     let kvw = kvh * hd;
     let block_elems = layers * 2 * bs * kvw;
-    let mut cache_bits = vec![0u16; num_blocks * block_elems];
+    // `cache` holds the values the kernels see, in the bf16 layout whatever the device's.
     let mut cache = vec![0f64; num_blocks * block_elems];
-    for (i, (b, v)) in cache_bits.iter_mut().zip(cache.iter_mut()).enumerate() {
-        let _ = i;
-        let (bits, val) = bf16_round(rng.random_range(-1.0f32..1.0));
-        *b = bits;
-        *v = val;
-    }
+    let cache_bytes: Vec<u8> = if case.fp8 {
+        // Each row its own magnitude (1e-2 to 10), so that the scales matter.
+        let rows = layers * 2 * bs;
+        let block_bytes = rows * kvh * (hd + 4);
+        let mut bytes = vec![0u8; num_blocks * block_bytes];
+        for blk in 0..num_blocks {
+            for r in 0..rows {
+                for h in 0..kvh {
+                    let mag = 10f32.powf(rng.random_range(-2.0f32..1.0));
+                    let vals: Vec<f32> = (0..hd).map(|_| rng.random_range(-mag..mag)).collect();
+                    let amax = vals.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let sc = if amax > 0.0 { amax / E4M3_MAX } else { 1.0 };
+                    let (e, o) = (blk * block_elems + r * kvw + h * hd, blk * block_bytes + r * kvw + h * hd);
+                    for (d, v) in vals.iter().enumerate() {
+                        let q = f32_to_e4m3(v / sc);
+                        bytes[o + d] = q;
+                        cache[e + d] = e4m3_to_f32(q) as f64 * sc as f64;
+                    }
+                    let so = blk * block_bytes + rows * kvw + (r * kvh + h) * 4;
+                    bytes[so..so + 4].copy_from_slice(&sc.to_le_bytes());
+                }
+            }
+        }
+        bytes
+    } else {
+        let mut bytes = Vec::with_capacity(num_blocks * block_elems * 2);
+        for v in cache.iter_mut() {
+            let (bits, val) = bf16_round(rng.random_range(-1.0f32..1.0));
+            bytes.extend_from_slice(&bits.to_le_bytes());
+            *v = val;
+        }
+        bytes
+    };
     let width = (heads + 2 * kvh) * hd;
     let rows: usize = case.q.iter().sum();
     let mut qkv_bits = vec![0u16; rows * width];
@@ -162,8 +194,8 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
     }
     let meta_buf = gpu.alloc(meta.len() * 4)?;
     gpu.upload(meta_buf.ptr, &meta)?;
-    let cache_buf = gpu.alloc(cache_bits.len() * 2)?;
-    gpu.upload(cache_buf.ptr, &cache_bits)?;
+    let cache_buf = gpu.alloc(cache_bytes.len())?;
+    gpu.upload(cache_buf.ptr, &cache_bytes)?;
     let qkv_buf = gpu.alloc(qkv_bits.len() * 2)?;
     gpu.upload(qkv_buf.ptr, &qkv_bits)?;
     let out_buf = gpu.alloc(rows * heads * hd * 2)?;
@@ -184,6 +216,7 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
             case.decode_kernel,
             hd,
             heads / kvh,
+            case.fp8,
             (kvh as u32, nseq as u32, splits as u32),
             &[
                 &qkv_buf.ptr,
@@ -217,6 +250,7 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
         gpu.prefill_attention(
             case.prefill_kernel,
             hd,
+            case.fp8,
             n_tiles as usize,
             heads,
             &[
@@ -247,7 +281,8 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
     let err = rel_err(&out, &reference);
     Ok(Check {
         name: format!(
-            "{} attention hd={hd} heads={heads}/{kvh} ctx={:?} new={:?}",
+            "{}{} attention hd={hd} heads={heads}/{kvh} ctx={:?} new={:?}",
+            if case.fp8 { "FP8 cache: " } else { "" },
             match (case.decode, case.decode_kernel, case.prefill_kernel) {
                 (true, DecodeAttention::Mma, _) => "decode",
                 (true, DecodeAttention::Lanes, _) => "decode (lanes)",
@@ -282,6 +317,7 @@ pub fn attention_cases() -> Vec<AttnCase> {
                     decode: true,
                     prefill_kernel: PrefillAttention::Pipelined,
                     decode_kernel,
+                    fp8: false,
                 });
             }
         }
@@ -303,6 +339,7 @@ pub fn attention_cases() -> Vec<AttnCase> {
                     decode: false,
                     prefill_kernel,
                     decode_kernel: DecodeAttention::Mma,
+                    fp8: false,
                 });
             }
         }
@@ -319,6 +356,7 @@ pub fn attention_cases() -> Vec<AttnCase> {
             decode: true,
             prefill_kernel,
             decode_kernel,
+            fp8: false,
         });
         cases.push(AttnCase {
             hd: 128,
@@ -329,8 +367,37 @@ pub fn attention_cases() -> Vec<AttnCase> {
             decode: true,
             prefill_kernel,
             decode_kernel,
+            fp8: false,
         });
     }
+    // The FP8 cache through every kernel: the same shapes of prompt and chunk, decode over one
+    // to four blocks of splits, and a 128k context.
+    for (hd, heads, kvh) in [(64, 8, 2), (128, 32, 8), (64, 9, 3)] {
+        for ctx in [vec![1], vec![17, 64, 100], vec![2000, 33, 4096, 7, 1000, 250, 129, 64]] {
+            for decode_kernel in [DecodeAttention::Mma, DecodeAttention::Lanes] {
+                let q = vec![1; ctx.len()];
+                let (ctx, prefill_kernel) = (ctx.clone(), PrefillAttention::Pipelined);
+                cases.push(AttnCase { hd, heads, kv_heads: kvh, ctx, q, decode: true, prefill_kernel, decode_kernel, fp8: true });
+            }
+        }
+        for prefill_kernel in [PrefillAttention::Pipelined, PrefillAttention::Staged, PrefillAttention::Wide] {
+            for (ctx, q) in [(vec![7, 64, 65, 200], vec![7, 64, 65, 200]), (vec![300, 1030], vec![100, 30]), (vec![777], vec![700])] {
+                let decode_kernel = DecodeAttention::Mma;
+                cases.push(AttnCase { hd, heads, kv_heads: kvh, ctx, q, decode: false, prefill_kernel, decode_kernel, fp8: true });
+            }
+        }
+    }
+    cases.push(AttnCase {
+        hd: 128,
+        heads: 32,
+        kv_heads: 8,
+        ctx: vec![131_072],
+        q: vec![1],
+        decode: true,
+        prefill_kernel: PrefillAttention::Pipelined,
+        decode_kernel: DecodeAttention::Mma,
+        fp8: true,
+    });
     cases
 }
 
@@ -581,36 +648,78 @@ fn argmax_row(v: &[f32]) -> u32 {
 /// cost a 135M-parameter model a few percent (docs/cuda-engine.md has the measured figures).
 pub const FP8_PERPLEXITY_RATIO: f64 = 1.10;
 
-/// A real model with FP8 projections against the same model with bf16 ones, both on this GPU:
-/// over `text` (token ids) cut into windows of `window` tokens, each one prefill pass from an
-/// empty cache (FP8 GEMMs there multiply E4M3 activations too), the perplexity of each (the
-/// check: FP8's at most [`FP8_PERPLEXITY_RATIO`] times bf16's), and at every position the
-/// logits' relative error, the mean KL divergence of FP8's next-token distribution from
-/// bf16's and how often their top choices agree; then greedy continuations of `prompts` for
-/// `steps` tokens through the decode path (FP8 matrix-vector kernels), reported as the tokens
-/// equal before the first difference.
-pub fn fp8_against_bf16(model: &str, text: &[u32], window: usize, prompts: &[&str], steps: usize, device: usize) -> Result<Vec<Check>> {
+/// A configuration measured by [`fp8_against_bf16`]: how the projections and the KV cache are
+/// stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fp8Variant {
+    pub weights: WeightFormat,
+    pub kv: KvDtype,
+}
+
+impl Fp8Variant {
+    /// FP8 projections; FP8 KV cache; both.
+    pub const ALL: [Fp8Variant; 3] = [
+        Fp8Variant { weights: WeightFormat::Fp8, kv: KvDtype::Bf16 },
+        Fp8Variant { weights: WeightFormat::Bf16, kv: KvDtype::Fp8E4m3 },
+        Fp8Variant { weights: WeightFormat::Fp8, kv: KvDtype::Fp8E4m3 },
+    ];
+
+    pub fn label(self) -> &'static str {
+        match (self.weights, self.kv) {
+            (WeightFormat::Fp8, KvDtype::Fp8E4m3) => "FP8 weights and KV cache",
+            (WeightFormat::Fp8, _) => "FP8 weights",
+            (_, KvDtype::Fp8E4m3) => "FP8 KV cache",
+            _ => "bf16",
+        }
+    }
+}
+
+/// A real model with FP8 projections and/or an FP8 KV cache (`variants`) against the same model
+/// in bf16, all on this GPU: over `text` (token ids) cut into windows of `window` tokens, each
+/// one prefill pass from an empty cache (FP8 GEMMs there multiply E4M3 activations too; the
+/// prefill attention reads the keys and values back from the cache), the perplexity of each
+/// (the check: the variant's at most [`FP8_PERPLEXITY_RATIO`] times bf16's), and at every
+/// position the logits' relative error, the mean KL divergence of the variant's next-token
+/// distribution from bf16's and how often their top choices agree; then greedy continuations
+/// of `prompts` for `steps` tokens through the decode path, reported as the tokens equal
+/// before the first difference.
+pub fn fp8_against_bf16(
+    model: &str,
+    text: &[u32],
+    window: usize,
+    prompts: &[&str],
+    steps: usize,
+    device: usize,
+    variants: &[Fp8Variant],
+) -> Result<Vec<Check>> {
     let files = ModelFiles::resolve(model).map_err(|e| CudaError::Engine(e.into()))?;
     let tokenizer = tandem_tokenizer::Tokenizer::load(&files).map_err(|e| CudaError::Engine(e.into()))?;
-    let load = |weights: WeightFormat| -> Result<PagedEngine<CudaEngine>> {
+    let load = |v: Fp8Variant| -> Result<PagedEngine<CudaEngine>> {
         let cfg = CudaConfig {
             device,
             kv_cache_bytes: Some(512 << 20),
             max_step_tokens: window.max(64),
-            weights: Some(weights),
+            weights: Some(v.weights),
+            kv_dtype: Some(v.kv),
             ..Default::default()
         };
         Ok(PagedEngine::new(CudaEngine::load(&files, &cfg)?))
     };
-    let mut engines = [load(WeightFormat::Bf16)?, load(WeightFormat::Fp8)?];
+    let base = Fp8Variant { weights: WeightFormat::Bf16, kv: KvDtype::Bf16 };
+    let mut engines = vec![load(base)?];
+    for v in variants {
+        engines.push(load(*v)?);
+    }
     let windows: Vec<&[u32]> = text.chunks(window).filter(|w| w.len() >= 2).collect();
     if windows.is_empty() {
         return Err(CudaError::Unsupported(format!("a text of {} tokens has no window of 2 or more", text.len())));
     }
-    let (mut nll, mut scored) = ([0f64; 2], 0usize);
-    let (mut diff2, mut ref2, mut kl, mut agree, mut positions) = (0f64, 0f64, 0f64, 0usize, 0usize);
+    let n = engines.len();
+    let (mut nll, mut scored) = (vec![0f64; n], 0usize);
+    let (mut diff2, mut ref2, mut kl, mut agree) = (vec![0f64; n], 0f64, vec![0f64; n], vec![0usize; n]);
+    let mut positions = 0usize;
     for (wi, w) in windows.iter().enumerate() {
-        let mut logits = Vec::with_capacity(2);
+        let mut logits = Vec::with_capacity(n);
         for e in engines.iter_mut() {
             let id = 7000 + wi as u64;
             e.add_sequence(id, w)?;
@@ -618,44 +727,53 @@ pub fn fp8_against_bf16(model: &str, text: &[u32], window: usize, prompts: &[&st
             e.release(id);
             logits.push(got.into_iter().next().unwrap_or_default());
         }
-        for (j, (b, f)) in logits[0].iter().zip(&logits[1]).enumerate() {
-            let (lb, lf) = (log_softmax(b), log_softmax(f));
-            if let Some(&next) = w.get(j + 1) {
-                nll[0] -= lb[next as usize];
-                nll[1] -= lf[next as usize];
+        for (j, b) in logits[0].iter().enumerate() {
+            let lb = log_softmax(b);
+            let next = w.get(j + 1).map(|&t| t as usize);
+            if let Some(t) = next {
+                nll[0] -= lb[t];
                 scored += 1;
             }
-            kl += lb.iter().zip(&lf).map(|(p, q)| p.exp() * (p - q)).sum::<f64>();
-            agree += usize::from(argmax_row(b) == argmax_row(f));
+            ref2 += b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>();
             positions += 1;
-            for (x, y) in f.iter().zip(b) {
-                diff2 += (*x as f64 - *y as f64).powi(2);
-                ref2 += (*y as f64).powi(2);
+            for vi in 1..n {
+                let f = &logits[vi][j];
+                let lf = log_softmax(f);
+                if let Some(t) = next {
+                    nll[vi] -= lf[t];
+                }
+                kl[vi] += lb.iter().zip(&lf).map(|(p, q)| p.exp() * (p - q)).sum::<f64>();
+                agree[vi] += usize::from(argmax_row(b) == argmax_row(f));
+                diff2[vi] += f.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>();
             }
         }
     }
-    let ppl = nll.map(|v| (v / scored as f64).exp());
-    let ratio = ppl[1] / ppl[0];
-    let mut checks = vec![Check {
-        name: format!("FP8 against bf16 on {}: perplexity over {} tokens", files.name, text.len()),
-        passed: ratio.is_finite() && ratio <= FP8_PERPLEXITY_RATIO,
-        rel_err: Some((diff2 / ref2.max(1e-300)).sqrt()),
-        tolerance: None,
-        detail: format!(
-            "perplexity bf16 {:.4}, FP8 {:.4} ({:+.2}%; at most {:+.0}%); {} windows of up to {window} tokens, {scored} scored; \
-             top-1 agreement {:.2}% of {positions} positions; mean KL(bf16‖FP8) {:.2e} nats; rel_err = the logits' relative error",
-            ppl[0],
-            ppl[1],
-            (ratio - 1.0) * 100.0,
-            (FP8_PERPLEXITY_RATIO - 1.0) * 100.0,
-            windows.len(),
-            100.0 * agree as f64 / positions as f64,
-            kl / positions as f64
-        ),
-    }];
+    let ppl: Vec<f64> = nll.iter().map(|v| (v / scored as f64).exp()).collect();
+    let mut checks = Vec::new();
+    for (vi, v) in variants.iter().enumerate().map(|(i, v)| (i + 1, v)) {
+        let ratio = ppl[vi] / ppl[0];
+        checks.push(Check {
+            name: format!("{} against bf16 on {}: perplexity over {} tokens", v.label(), files.name, text.len()),
+            passed: ratio.is_finite() && ratio <= FP8_PERPLEXITY_RATIO,
+            rel_err: Some((diff2[vi] / ref2.max(1e-300)).sqrt()),
+            tolerance: None,
+            detail: format!(
+                "perplexity bf16 {:.4}, {} {:.4} ({:+.2}%; at most {:+.0}%); {} windows of up to {window} tokens, {scored} scored; \
+                 top-1 agreement {:.2}% of {positions} positions; mean KL(bf16‖variant) {:.2e} nats; rel_err = the logits' relative error",
+                ppl[0],
+                v.label(),
+                ppl[vi],
+                (ratio - 1.0) * 100.0,
+                (FP8_PERPLEXITY_RATIO - 1.0) * 100.0,
+                windows.len(),
+                100.0 * agree[vi] as f64 / positions as f64,
+                kl[vi] / positions as f64
+            ),
+        });
+    }
     for (pi, prompt) in prompts.iter().enumerate() {
         let ids = tokenizer.encode(prompt).map_err(|e| CudaError::Engine(e.into()))?;
-        let mut produced = [Vec::new(), Vec::new()];
+        let mut produced = vec![Vec::new(); n];
         for (e, out) in engines.iter_mut().zip(produced.iter_mut()) {
             let id = 8000 + pi as u64;
             e.add_sequence(id, &ids)?;
@@ -667,19 +785,22 @@ pub fn fp8_against_bf16(model: &str, text: &[u32], window: usize, prompts: &[&st
             }
             e.release(id);
         }
-        let same = produced[0].iter().zip(&produced[1]).take_while(|(a, b)| a == b).count();
         let text = |t: &[u32]| tokenizer.decode(t).unwrap_or_default();
-        checks.push(Check {
-            name: format!("FP8 against bf16 greedy: {prompt:?}"),
-            passed: true,
-            rel_err: None,
-            tolerance: None,
-            detail: format!(
-                "{same} of {steps} tokens equal before the first difference (reported): bf16 {:?} | FP8 {:?}",
-                text(&produced[0]),
-                text(&produced[1])
-            ),
-        });
+        for (vi, v) in variants.iter().enumerate().map(|(i, v)| (i + 1, v)) {
+            let same = produced[0].iter().zip(&produced[vi]).take_while(|(a, b)| a == b).count();
+            checks.push(Check {
+                name: format!("{} against bf16 greedy: {prompt:?}", v.label()),
+                passed: true,
+                rel_err: None,
+                tolerance: None,
+                detail: format!(
+                    "{same} of {steps} tokens equal before the first difference (reported): bf16 {:?} | {} {:?}",
+                    text(&produced[0]),
+                    v.label(),
+                    text(&produced[vi])
+                ),
+            });
+        }
     }
     Ok(checks)
 }

@@ -369,14 +369,18 @@ impl PrefillAttention {
     }
 
     /// Dynamic shared memory of a block: two stages of 64 K rows and 64 V rows of `hd + 8` bf16,
-    /// and for the wide kernel 128 Q rows before them.
-    pub fn shared_bytes(self, hd: usize) -> u32 {
+    /// and for the wide kernel 128 Q rows before them. On an FP8 cache (`fp8`), one bf16 stage
+    /// and two raw ones of 64 K and 64 V rows of `hd` bytes.
+    pub fn shared_bytes(self, hd: usize, fp8: bool) -> u32 {
+        let tile = crate::plan::TILE_ROWS;
+        let stages = if fp8 { 1 } else { 2 };
         let rows = match self {
-            Self::Staged => 0,
-            Self::Pipelined => 2 * 2 * crate::plan::TILE_ROWS,
-            Self::Wide => 2 * crate::plan::TILE_ROWS + 2 * 2 * crate::plan::TILE_ROWS,
+            Self::Staged => return 0,
+            Self::Pipelined => stages * 2 * tile,
+            Self::Wide => 2 * tile + stages * 2 * tile,
         };
-        (rows * (hd + 8) * 2) as u32
+        let raw = if fp8 { 2 * 2 * tile * hd } else { 0 };
+        (rows * (hd + 8) * 2 + raw) as u32
     }
 }
 
@@ -406,10 +410,10 @@ impl DecodeAttention {
         }
     }
 
-    pub fn shared_bytes(self, hd: usize) -> u32 {
+    pub fn shared_bytes(self, hd: usize, fp8: bool) -> u32 {
         match self {
             Self::Lanes => 0,
-            Self::Mma => PrefillAttention::Pipelined.shared_bytes(hd),
+            Self::Mma => PrefillAttention::Pipelined.shared_bytes(hd, fp8),
         }
     }
 }
@@ -426,6 +430,13 @@ pub struct Kernels {
     pub decode_attention: Vec<CudaFunction>,
     /// The tensor-core form, indexed as `decode_attention`; see [`DecodeAttention`].
     pub decode_attention_mma: Vec<CudaFunction>,
+    /// The attention kernels' forms that read an FP8 cache (`_f8`), indexed as those above.
+    pub decode_attention_f8: Vec<CudaFunction>,
+    pub decode_attention_mma_f8: Vec<CudaFunction>,
+    pub prefill_attention_f8: [CudaFunction; 2],
+    pub prefill_attention_pipelined_f8: [CudaFunction; 2],
+    pub prefill_attention_wide_f8: [CudaFunction; 2],
+    pub fp8_clear_nan: CudaFunction,
     pub attn_combine: CudaFunction,
     /// Prefill attention, `[hd 64, hd 128]`: the first form (synchronous staging, grid (tiles,
     /// heads)) and the pipelined one (cp.async two tiles deep, ldmatrix, grid (heads, tiles),
@@ -530,8 +541,15 @@ impl Kernels {
         let fused = |name: &str| -> Result<Vec<CudaFunction>> {
             (1..=GEMV_MAX).map(|n| big(&format!("{name}_{n}"), GEMV_FUSED_SMEM as u32)).collect()
         };
-        let prefill = |which: PrefillAttention, name: &str| -> Result<[CudaFunction; 2]> {
-            Ok([big(&format!("{name}_64"), which.shared_bytes(64))?, big(&format!("{name}_128"), which.shared_bytes(128))?])
+        let prefill = |which: PrefillAttention, name: &str, fp8: bool| -> Result<[CudaFunction; 2]> {
+            Ok([big(&format!("{name}_64"), which.shared_bytes(64, fp8))?, big(&format!("{name}_128"), which.shared_bytes(128, fp8))?])
+        };
+        let decode = |name: &str, which: DecodeAttention, fp8: bool| -> Result<Vec<CudaFunction>> {
+            [64, 128]
+                .into_iter()
+                .flat_map(|hd| (1..=8).map(move |g| (hd, g)))
+                .map(|(hd, g)| big(&format!("{name}_{hd}_{g}"), which.shared_bytes(hd, fp8)))
+                .collect()
         };
         Ok(Self {
             fill: f("fill_uniform_bf16")?,
@@ -539,20 +557,18 @@ impl Kernels {
             rms_norm: f("rms_norm")?,
             silu_mul: f("silu_mul")?,
             rope_store: f("rope_store")?,
-            decode_attention: [64, 128]
-                .into_iter()
-                .flat_map(|hd| (1..=8).map(move |g| (hd, g)))
-                .map(|(hd, g)| f(&format!("decode_attention_{hd}_{g}")))
-                .collect::<Result<_>>()?,
-            decode_attention_mma: [64, 128]
-                .into_iter()
-                .flat_map(|hd| (1..=8).map(move |g| (hd, g)))
-                .map(|(hd, g)| big(&format!("decode_attention_mma_{hd}_{g}"), DecodeAttention::Mma.shared_bytes(hd)))
-                .collect::<Result<_>>()?,
+            decode_attention: decode("decode_attention", DecodeAttention::Lanes, false)?,
+            decode_attention_mma: decode("decode_attention_mma", DecodeAttention::Mma, false)?,
+            decode_attention_f8: decode("decode_attention_f8", DecodeAttention::Lanes, true)?,
+            decode_attention_mma_f8: decode("decode_attention_mma_f8", DecodeAttention::Mma, true)?,
             attn_combine: f("attn_combine")?,
             prefill_attention: [f("prefill_attention_64")?, f("prefill_attention_128")?],
-            prefill_attention_pipelined: prefill(PrefillAttention::Pipelined, "prefill_attention_pipelined")?,
-            prefill_attention_wide: prefill(PrefillAttention::Wide, "prefill_attention_wide")?,
+            prefill_attention_pipelined: prefill(PrefillAttention::Pipelined, "prefill_attention_pipelined", false)?,
+            prefill_attention_wide: prefill(PrefillAttention::Wide, "prefill_attention_wide", false)?,
+            prefill_attention_f8: [f("prefill_attention_f8_64")?, f("prefill_attention_f8_128")?],
+            prefill_attention_pipelined_f8: prefill(PrefillAttention::Pipelined, "prefill_attention_pipelined_f8", true)?,
+            prefill_attention_wide_f8: prefill(PrefillAttention::Wide, "prefill_attention_wide_f8", true)?,
+            fp8_clear_nan: f("fp8_clear_nan")?,
             gemv: (1..=GEMV_MAX).map(|n| f(&format!("gemv_{n}"))).collect::<Result<_>>()?,
             gemv_norm: fused("gemv_norm")?,
             splitk_reduce: f("splitk_reduce")?,
@@ -794,6 +810,14 @@ impl Gpu {
     }
 
     /// Fills `n` bf16 values with `offset + scale·u`, u uniform in [-1, 1), from `seed`.
+    /// Replaces the E4M3 NaN codes among the `bytes` (a multiple of 4) from `ptr` with the
+    /// largest finite magnitude: a random fill of an FP8 cache then holds only numbers.
+    pub fn clear_fp8_nan(&self, ptr: u64, bytes: usize) -> Result<()> {
+        let words = (bytes / 4) as u64;
+        let blocks = (bytes / 4).div_ceil(256).clamp(1, 65536) as u32;
+        self.launch(&self.k.fp8_clear_nan, (blocks, 1, 1), 256, 0, &[&ptr, &words])
+    }
+
     pub fn fill_bf16(&self, ptr: u64, n: usize, seed: u64, scale: f32, offset: f32) -> Result<()> {
         let n64 = n as u64;
         let blocks = n.div_ceil(256).min(65536) as u32;
@@ -1287,17 +1311,32 @@ impl Gpu {
 
     /// Causal prefill attention over `n_tiles` tiles of [`crate::plan::TILE_ROWS`] query rows and
     /// `heads` heads, with the kernel `which`; `args` as both kernels declare them.
-    pub fn prefill_attention(&self, which: PrefillAttention, hd: usize, n_tiles: usize, heads: usize, args: &[&dyn Arg]) -> Result<()> {
+    /// `fp8`: the cache holds E4M3 rows and their scales (the kernels' `_f8` forms).
+    pub fn prefill_attention(
+        &self,
+        which: PrefillAttention,
+        hd: usize,
+        fp8: bool,
+        n_tiles: usize,
+        heads: usize,
+        args: &[&dyn Arg],
+    ) -> Result<()> {
         let idx = if hd == 64 { 0 } else { 1 };
-        let smem = which.shared_bytes(hd);
-        match which {
-            PrefillAttention::Staged => self.launch(&self.k.prefill_attention[idx], (n_tiles as u32, heads as u32, 1), 128, smem, args),
+        let smem = which.shared_bytes(hd, fp8);
+        let k = &self.k;
+        let (f, grid) = match which {
+            PrefillAttention::Staged => {
+                (if fp8 { &k.prefill_attention_f8 } else { &k.prefill_attention }, (n_tiles as u32, heads as u32, 1))
+            }
             PrefillAttention::Pipelined => {
-                self.launch(&self.k.prefill_attention_pipelined[idx], (heads as u32, n_tiles as u32, 1), 128, smem, args)
+                (if fp8 { &k.prefill_attention_pipelined_f8 } else { &k.prefill_attention_pipelined }, (heads as u32, n_tiles as u32, 1))
             }
             // A block per plan tile; the second tile of each aligned pair exits at once.
-            PrefillAttention::Wide => self.launch(&self.k.prefill_attention_wide[idx], (heads as u32, n_tiles as u32, 1), 128, smem, args),
-        }
+            PrefillAttention::Wide => {
+                (if fp8 { &k.prefill_attention_wide_f8 } else { &k.prefill_attention_wide }, (heads as u32, n_tiles as u32, 1))
+            }
+        };
+        self.launch(&f[idx], grid, 128, smem, args)
     }
 
     /// Split decode attention (grid (kv heads, sequences, splits)) for head size `hd` and
@@ -1308,15 +1347,19 @@ impl Gpu {
         which: DecodeAttention,
         hd: usize,
         group: usize,
+        fp8: bool,
         grid: (u32, u32, u32),
         args: &[&dyn Arg],
     ) -> Result<()> {
         let i = if hd == 64 { 0 } else { 8 } + group - 1;
-        let f = match which {
-            DecodeAttention::Lanes => &self.k.decode_attention[i],
-            DecodeAttention::Mma => &self.k.decode_attention_mma[i],
+        let k = &self.k;
+        let f = match (which, fp8) {
+            (DecodeAttention::Lanes, false) => &k.decode_attention[i],
+            (DecodeAttention::Mma, false) => &k.decode_attention_mma[i],
+            (DecodeAttention::Lanes, true) => &k.decode_attention_f8[i],
+            (DecodeAttention::Mma, true) => &k.decode_attention_mma_f8[i],
         };
-        self.launch_dependent(f, grid, 128, which.shared_bytes(hd), args)
+        self.launch_dependent(f, grid, 128, which.shared_bytes(hd, fp8), args)
     }
 
     /// A pair of events around `f`, in milliseconds of device time.

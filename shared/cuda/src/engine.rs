@@ -47,6 +47,9 @@ pub struct CudaConfig {
     pub import_pinned_bytes: usize,
     /// How the projections are stored; `None` takes `TANDEM_CUDA_WEIGHTS` (bf16 when unset).
     pub weights: Option<WeightFormat>,
+    /// The KV cache's element type, bf16 or fp8 (E4M3 rows with a scale each); `None` takes
+    /// `TANDEM_CUDA_KV` (bf16 when unset).
+    pub kv_dtype: Option<KvDtype>,
 }
 
 impl Default for CudaConfig {
@@ -64,6 +67,7 @@ impl Default for CudaConfig {
             export_pinned_bytes: 1 << 30,
             import_pinned_bytes: 1 << 30,
             weights: None,
+            kv_dtype: None,
         }
     }
 }
@@ -72,6 +76,21 @@ impl CudaConfig {
     /// The projections' format: as set, else as `TANDEM_CUDA_WEIGHTS` names it.
     pub fn weight_format(&self) -> Result<WeightFormat> {
         self.weights.map_or_else(WeightFormat::from_env, Ok)
+    }
+
+    /// The KV cache's element type: `kv_dtype`, else `TANDEM_CUDA_KV`, else bf16.
+    pub fn kv_format(&self) -> Result<KvDtype> {
+        let dtype = match self.kv_dtype {
+            Some(d) => d,
+            None => match std::env::var("TANDEM_CUDA_KV") {
+                Ok(v) if !v.is_empty() => v.parse().map_err(|e: String| CudaError::Unsupported(format!("TANDEM_CUDA_KV: {e}")))?,
+                _ => KvDtype::Bf16,
+            },
+        };
+        match dtype {
+            KvDtype::Bf16 | KvDtype::Fp8E4m3 => Ok(dtype),
+            other => Err(CudaError::Unsupported(format!("a {} KV cache (the CUDA engine keeps bf16 or fp8)", other.as_str()))),
+        }
     }
 }
 
@@ -185,6 +204,12 @@ impl CudaEngine {
             return Err(CudaError::Unsupported(format!("{} query heads per KV head (at most 8)", d.heads / d.kv_heads)));
         }
         let bs = cfg.block_size;
+        let kv_dtype = cfg.kv_format()?;
+        if kv_dtype == KvDtype::Fp8E4m3 && tp > 1 {
+            // The group's gather and scatter move whole rows of bf16 heads; the scales that
+            // follow an FP8 block's rows are not yet among what they move.
+            return Err(CudaError::Unsupported("an FP8 KV cache on a tensor-parallel group (use --tp 1 or a bf16 cache)".into()));
+        }
         // Blocks leave and enter the engine in the whole model's layout: the group gathers its
         // ranks' heads on the way out and scatters them on the way in.
         let layout = KvLayout {
@@ -192,7 +217,7 @@ impl CudaEngine {
             num_layers: c.layers,
             kv_heads: c.kv_heads,
             head_dim: c.head_dim,
-            dtype: KvDtype::Bf16,
+            dtype: kv_dtype,
             block_size: bs,
             tp_rank: 0,
             tp_size: 1,
@@ -245,6 +270,9 @@ impl CudaEngine {
             // Never compute on zeros by accident: unwritten cache reads show up as noise, not as
             // a plausible attention over zero keys.
             gpu.fill_bf16(cache.ptr, num_blocks * rank_block_bytes / 2, 0x5eed, 1.0, 0.0)?;
+            if kv_dtype == KvDtype::Fp8E4m3 {
+                gpu.clear_fp8_nan(cache.ptr, num_blocks * rank_block_bytes)?;
+            }
             gpu.sync()?;
             ranks.push(Rank { gpu, w, s: scratch, cache, block_bytes: rank_block_bytes });
         }
@@ -256,7 +284,7 @@ impl CudaEngine {
         tracing::info!(
             gpu = %lead.gpu.name, tp, model = %info.model_name,
             weights_gb = ranks.iter().map(|r| r.w.total_bytes).sum::<usize>() as f64 / 1e9,
-            kv_blocks = num_blocks, kv_gb = (num_blocks * block_bytes) as f64 / 1e9,
+            kv = kv_dtype.as_str(), kv_blocks = num_blocks, kv_gb = (num_blocks * block_bytes) as f64 / 1e9,
             scratch_gb = lead.s.bytes() as f64 / 1e9, max_context, "cuda engine ready"
         );
         let layers = c.layers;
@@ -272,7 +300,7 @@ impl CudaEngine {
             ipc,
             graphs: HashMap::new(),
             info,
-            model: Model { cfg: c, d, layers, block_size: bs },
+            model: Model { cfg: c, d, layers, block_size: bs, kv_fp8: kv_dtype == KvDtype::Fp8E4m3 },
             block_bytes,
             use_graphs: cfg.graphs,
             // Never more than the cache itself holds.

@@ -4,6 +4,9 @@
 //
 // KV cache layout (same as the CPU engine's, so a block exports as one contiguous range):
 //   block b: [layer][k|v][slot][kv_head][head_dim]   (bf16)
+// or, for the FP8 cache (the kernels' `_f8` forms, rope_store's kv_fp8), the same rows as E4M3
+// bytes followed by one f32 scale per row, [layer][k|v][slot][kv_head]: a row's values are its
+// bytes times its scale (its largest magnitude / 448, set when the token is written).
 
 typedef unsigned short bf16;
 typedef unsigned int u32;
@@ -94,6 +97,50 @@ __device__ float block_max(float v, float* scratch) {
     return warp_max(t);
 }
 
+// E4M3 bytes (FP8 weights and the FP8 KV cache).
+//
+// A byte s eeee mmm widens to the f32 whose bits are s 0000 eeee mmm 0…0 by moving bits alone
+// (no table, no conversion instruction): that float is the byte's value times 2^-120, the
+// exponent bias being 7 against f32's 127 (E4M3 subnormals land on f32 subnormals with the same
+// factor). Sums are taken over those floats and multiplied once by scale · 2^120 at the end.
+
+#define FP8_UNBIAS __int_as_float(0x7b800000)  // 2^120
+
+__device__ __forceinline__ void fp8x4_widen(u32 w, float* f) {
+    f[0] = __uint_as_float(((w << 24) & 0x80000000u) | ((w << 20) & 0x07f00000u));
+    f[1] = __uint_as_float(((w << 16) & 0x80000000u) | ((w << 12) & 0x07f00000u));
+    f[2] = __uint_as_float(((w << 8) & 0x80000000u) | ((w << 4) & 0x07f00000u));
+    f[3] = __uint_as_float((w & 0x80000000u) | ((w >> 4) & 0x07f00000u));
+}
+
+// The E4M3 byte nearest to v (ties to even), saturating at ±448 (the format's largest finite
+// value); NaN never occurs (v comes from finite weights divided by a positive scale).
+__device__ __forceinline__ u32 f2e4m3(float v) {
+    const u32 sign = (__float_as_uint(v) >> 24) & 0x80u;
+    const float a = fminf(fabsf(v), 448.f);
+    if (a < 0.015625f) return sign | (u32)rintf(a * 512.f);  // subnormals: m · 2^-9 (m = 8 is 2^-6)
+    u32 u = __float_as_uint(a);
+    u += 0x7ffffu + ((u >> 20) & 1u);  // round the mantissa to 3 bits, ties to even
+    const u32 e = (u >> 23) - 120u;    // rebias 127 → 7
+    const u32 code = (e << 3) | ((u >> 20) & 7u);
+    return sign | (code > 0x7eu ? 0x7eu : code);
+}
+
+// Bytes of one block of the FP8 KV cache: E4M3 rows, then their f32 scales.
+__device__ __forceinline__ u64 kv8_block_bytes(int layers, int block_size, int kv_heads, int hd) {
+    return (u64)layers * 2 * block_size * kv_heads * (hd + 4);
+}
+
+// Eight E4M3 bytes of an FP8 cache row, times the row's scale, as eight bf16 (one 16-byte word).
+__device__ __forceinline__ uint4 kv8_widen8(uint2 w, float scale) {
+    float f[8];
+    fp8x4_widen(w.x, f);
+    fp8x4_widen(w.y, f + 4);
+#pragma unroll
+    for (int i = 0; i < 8; i++) f[i] = f[i] * FP8_UNBIAS * scale;
+    return make_uint4(pack_bf2(f[0], f[1]), pack_bf2(f[2], f[3]), pack_bf2(f[4], f[5]), pack_bf2(f[6], f[7]));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Initialisation: deterministic pseudo-random fill, for benchmark weights and KV (never zeros).
 
@@ -115,6 +162,16 @@ extern "C" __global__ void fill_uniform_bf16(bf16* p, u64 n, u64 seed, float sca
 
 // ---------------------------------------------------------------------------------------------
 // Embedding lookup into the f32 residual stream.
+
+// Turns the E4M3 NaN codes (S.1111.111) among `words` 32-bit words into the largest finite
+// magnitude: a random fill of an FP8 cache then holds only numbers.
+extern "C" __global__ void fp8_clear_nan(u32* p, u64 words) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < words; i += (u64)gridDim.x * blockDim.x) {
+        u32 w = p[i];
+        const u32 nan = ((w & 0x7f7f7f7fu) + 0x01010101u) & 0x80808080u;   // bytes whose low 7 bits are all ones
+        p[i] = w - (nan >> 7);
+    }
+}
 
 extern "C" __global__ void embed(const int* tokens, const bf16* table, float* x, int d) {
     const bf16* row = table + (u64)tokens[blockIdx.x] * d;
@@ -152,7 +209,8 @@ extern "C" __global__ void silu_mul(const bf16* gu, bf16* out, int f, u64 total)
 // ---------------------------------------------------------------------------------------------
 // Per (token, head): optional q/k/v bias, optional per-head RMSNorm of q and k (Qwen3), RoPE on
 // q and k heads, then k and v heads written into the token's cache slot (skipped for slot < 0,
-// the padding rows of a captured batch). q heads are rotated in place in the qkv row.
+// the padding rows of a captured batch). q heads are rotated in place in the qkv row. With
+// kv_fp8 the k and v rows go into an FP8 cache as E4M3 bytes of the row over its scale.
 // Grid (tokens, ceil((heads + 2·kv_heads) / heads_per_block)), hd/2 threads: thread j owns the
 // rotation pair of frequency j, computes its angle once and applies it to each head of the block
 // in turn. Passes of many tokens take several heads a block (a block per token and head is
@@ -161,7 +219,7 @@ extern "C" __global__ void silu_mul(const bf16* gu, bf16* out, int f, u64 total)
 extern "C" __global__ void rope_store(bf16* qkv, const float* bias, const bf16* q_norm, const bf16* k_norm,
                                       const int* positions, const int* slots, const float* inv_freq,
                                       bf16* cache, int layer, int layers, int heads, int kv_heads, int hd,
-                                      int block_size, int interleaved, float eps, int heads_per_block) {
+                                      int block_size, int interleaved, float eps, int heads_per_block, int kv_fp8) {
     pdl_wait();
     pdl_trigger();
     __shared__ float scratch[32];
@@ -207,6 +265,18 @@ extern "C" __global__ void rope_store(bf16* qkv, const float* bias, const bf16* 
         if (slot < 0) continue;
         const int kv = is_v ? 1 : 0;
         const int head = h - heads - kv * kv_heads;
+        if (kv_fp8) {
+            // The row's scale from its largest magnitude (the block holds the whole row).
+            const float amax = block_max(fmaxf(fabsf(x1), fabsf(x2)), scratch);
+            const float sc = amax > 0.f ? amax / 448.f : 1.f;
+            const u64 row = (u64)(layer * 2 + kv) * block_size + slot % block_size;
+            unsigned char* blk = (unsigned char*)cache + (u64)(slot / block_size) * kv8_block_bytes(layers, block_size, kv_heads, hd);
+            unsigned char* dst = blk + row * kvw + (u64)head * hd;
+            dst[a] = (unsigned char)f2e4m3(x1 / sc);
+            dst[b] = (unsigned char)f2e4m3(x2 / sc);
+            if (j == 0) ((float*)(blk + (u64)layers * 2 * block_size * kvw))[row * kv_heads + head] = sc;
+            continue;
+        }
         bf16* dst = cache + (u64)(slot / block_size) * block_elems +
                     ((u64)(layer * 2 + kv) * block_size + slot % block_size) * kvw + (u64)head * hd;
         dst[a] = f2bf(x1);
@@ -226,7 +296,15 @@ extern "C" __global__ void rope_store(bf16* qkv, const float* bias, const bf16* 
 #define DEC_MAX_SPLIT 512
 #define DEC_UNROLL 8
 
-template <int HD, int GROUP>
+// Eight E4M3 bytes as their values (times the row scale applied by the caller).
+__device__ __forceinline__ void kv8_unpack8(uint2 w, float* f) {
+    fp8x4_widen(w.x, f);
+    fp8x4_widen(w.y, f + 4);
+#pragma unroll
+    for (int i = 0; i < 8; i++) f[i] *= FP8_UNBIAS;
+}
+
+template <int HD, int GROUP, bool F8>
 __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables,
                                       int max_blocks, const int* ctx_lens, float* part_o, float* part_ml, int layer,
                                       int layers, int heads, int kv_heads, int block_size, int split, int max_splits,
@@ -238,7 +316,9 @@ __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16*
     __shared__ float scores[GROUP * DEC_MAX_SPLIT];
     __shared__ float red[DEC_WARPS * GROUP * HD];
     __shared__ float stat[2 * GROUP];
-    __shared__ u64 row_at[DEC_MAX_SPLIT];   // element offset of each token's K row
+    __shared__ u64 row_at[DEC_MAX_SPLIT];   // element (FP8: byte) offset of each token's K row
+    __shared__ float ksc[F8 ? DEC_MAX_SPLIT : 1], vsc[F8 ? DEC_MAX_SPLIT : 1];   // FP8 row scales
+    const unsigned char* cache8 = (const unsigned char*)cache;
 
     const int kvh = blockIdx.x, b = blockIdx.y, s = blockIdx.z;
     constexpr int group = GROUP;
@@ -259,12 +339,18 @@ __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16*
     }
     const int n = end - start;
     const int kvw = kv_heads * HD;
-    const u64 block_elems = (u64)layers * 2 * block_size * kvw;
+    const u64 block_elems = F8 ? kv8_block_bytes(layers, block_size, kv_heads, HD) : (u64)layers * 2 * block_size * kvw;
     const int* table = block_tables + (u64)b * max_blocks;
     // Resolve the block table once: every K/V address below is then one shared-memory read away.
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         int tok = start + i;
-        row_at[i] = (u64)table[tok / block_size] * block_elems + ((u64)(layer * 2) * block_size + tok % block_size) * kvw + (u64)kvh * HD;
+        const u64 blk = (u64)table[tok / block_size] * block_elems, row = (u64)(layer * 2) * block_size + tok % block_size;
+        row_at[i] = blk + row * kvw + (u64)kvh * HD;
+        if (F8) {
+            const float* sc = (const float*)(cache8 + blk + (u64)layers * 2 * block_size * kvw) + row * kv_heads + kvh;
+            ksc[i] = sc[0];
+            vsc[i] = sc[(u64)block_size * kv_heads];
+        }
     }
     __syncthreads();
 
@@ -288,7 +374,8 @@ __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16*
         for (int u = 0; u < DEC_UNROLL; u++) {
             const int i = base + u * STRIDE + sub;
             if (i < n) {
-                unpack8(*(const uint4*)(cache + row_at[i] + li * 8), kf[u]);
+                if (F8) kv8_unpack8(*(const uint2*)(cache8 + row_at[i] + li * 8), kf[u]);
+                else unpack8(*(const uint4*)(cache + row_at[i] + li * 8), kf[u]);
             } else {
 #pragma unroll
                 for (int j = 0; j < 8; j++) kf[u][j] = 0.f;
@@ -305,7 +392,7 @@ __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16*
                     for (int j = 0; j < 8; j++) d += q[g][j] * kf[u][j];
 #pragma unroll
                     for (int o = TG / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-                    if (i < n && li == 0) scores[g * DEC_MAX_SPLIT + i] = d;
+                    if (i < n && li == 0) scores[g * DEC_MAX_SPLIT + i] = F8 ? d * ksc[i] : d;
                 }
             }
         }
@@ -343,17 +430,19 @@ __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16*
         for (int u = 0; u < DEC_UNROLL; u++) {
             const int i = base + u * STRIDE + sub;
             if (i < n) {
-                unpack8(*(const uint4*)(cache + row_at[i] + (u64)block_size * kvw + li * 8), vf[u]);
+                if (F8) kv8_unpack8(*(const uint2*)(cache8 + row_at[i] + (u64)block_size * kvw + li * 8), vf[u]);
+                else unpack8(*(const uint4*)(cache + row_at[i] + (u64)block_size * kvw + li * 8), vf[u]);
             }
         }
 #pragma unroll
         for (int u = 0; u < DEC_UNROLL; u++) {
             const int i = base + u * STRIDE + sub;
             if (i < n) {
+                const float vs = F8 ? vsc[i] : 1.f;
 #pragma unroll
                 for (int g = 0; g < GROUP; g++) {
                     if (g < group) {
-                        float p = scores[g * DEC_MAX_SPLIT + i];
+                        float p = scores[g * DEC_MAX_SPLIT + i] * vs;
 #pragma unroll
                         for (int j = 0; j < 8; j++) acc[g][j] += p * vf[u][j];
                     }
@@ -396,15 +485,17 @@ __device__ void decode_attention_impl(const bf16* qkv, int q_stride, const bf16*
     }
 }
 
-#define DECODE(HD, G)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) decode_attention_##HD##_##G(                \
+#define DECODE_AS(NAME, HD, G, F8)                                                                        \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32) NAME(                                        \
         const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks,            \
         const int* ctx_lens, float* part_o, float* part_ml, int layer, int layers, int heads, int kv_heads,   \
         int block_size, int split, int max_splits, float scale) {                                             \
-        decode_attention_impl<HD, G>(qkv, q_stride, cache, block_tables, max_blocks, ctx_lens, part_o,        \
-                                     part_ml, layer, layers, heads, kv_heads, block_size, split, max_splits,  \
-                                     scale);                                                                  \
+        decode_attention_impl<HD, G, F8>(qkv, q_stride, cache, block_tables, max_blocks, ctx_lens, part_o,    \
+                                         part_ml, layer, layers, heads, kv_heads, block_size, split,          \
+                                         max_splits, scale);                                                  \
     }
+#define DECODE(HD, G)                                                                                     \
+    DECODE_AS(decode_attention_##HD##_##G, HD, G, false) DECODE_AS(decode_attention_f8_##HD##_##G, HD, G, true)
 #define DECODE_GROUPS(HD) DECODE(HD, 1) DECODE(HD, 2) DECODE(HD, 3) DECODE(HD, 4) DECODE(HD, 5) DECODE(HD, 6) DECODE(HD, 7) DECODE(HD, 8)
 DECODE_GROUPS(64)
 DECODE_GROUPS(128)
@@ -452,7 +543,7 @@ __device__ __forceinline__ void mma_bf16(float* c, const u32* a, u32 b0, u32 b1)
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <int HD>
+template <int HD, bool F8>
 __device__ void prefill_attention_impl(const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables,
                                        int max_blocks, const int* tiles, const int* q_start, const int* q_len,
                                        const int* ctx_lens, bf16* out, int out_stride, int layer, int layers,
@@ -507,7 +598,15 @@ __device__ void prefill_attention_impl(const bf16* qkv, int q_stride, const bf16
             int j = c / (HD / 8), part = c % (HD / 8);
             int key = kb + j;
             uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
-            if (key < kv_end) {
+            if (key < kv_end && F8) {
+                const unsigned char* blk = (const unsigned char*)cache +
+                                           (u64)table[key / block_size] * kv8_block_bytes(layers, block_size, kv_heads, HD);
+                const u64 row = (u64)(layer * 2) * block_size + key % block_size;
+                const unsigned char* src = blk + row * kvw + (u64)kvh * HD + part * 8;
+                const float* sc = (const float*)(blk + (u64)layers * 2 * block_size * kvw) + row * kv_heads + kvh;
+                kv4 = kv8_widen8(*(const uint2*)src, sc[0]);
+                vv4 = kv8_widen8(*(const uint2*)(src + (u64)block_size * kvw), sc[(u64)block_size * kv_heads]);
+            } else if (key < kv_end) {
                 u64 blk = (u64)table[key / block_size];
                 u64 off = ((u64)(layer * 2) * block_size + key % block_size) * kvw + (u64)kvh * HD + part * 8;
                 kv4 = *(const uint4*)(cache + blk * block_elems + off);
@@ -599,21 +698,19 @@ __device__ void prefill_attention_impl(const bf16* qkv, int q_stride, const bf16
     }
 }
 
-extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) prefill_attention_64(
-    const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks, const int* tiles,
-    const int* q_start, const int* q_len, const int* ctx_lens, bf16* out, int out_stride, int layer, int layers,
-    int heads, int kv_heads, int block_size, float scale) {
-    prefill_attention_impl<64>(qkv, q_stride, cache, block_tables, max_blocks, tiles, q_start, q_len, ctx_lens, out,
-                               out_stride, layer, layers, heads, kv_heads, block_size, scale);
-}
-
-extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) prefill_attention_128(
-    const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks, const int* tiles,
-    const int* q_start, const int* q_len, const int* ctx_lens, bf16* out, int out_stride, int layer, int layers,
-    int heads, int kv_heads, int block_size, float scale) {
-    prefill_attention_impl<128>(qkv, q_stride, cache, block_tables, max_blocks, tiles, q_start, q_len, ctx_lens, out,
-                                out_stride, layer, layers, heads, kv_heads, block_size, scale);
-}
+#define PREFILL_STAGED(NAME, HD, F8)                                                                         \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) NAME(                                         \
+        const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks,            \
+        const int* tiles, const int* q_start, const int* q_len, const int* ctx_lens, bf16* out, int out_stride, \
+        int layer, int layers, int heads, int kv_heads, int block_size, float scale) {                        \
+        prefill_attention_impl<HD, F8>(qkv, q_stride, cache, block_tables, max_blocks, tiles, q_start, q_len,  \
+                                       ctx_lens, out, out_stride, layer, layers, heads, kv_heads, block_size,  \
+                                       scale);                                                                \
+    }
+PREFILL_STAGED(prefill_attention_64, 64, false)
+PREFILL_STAGED(prefill_attention_128, 128, false)
+PREFILL_STAGED(prefill_attention_f8_64, 64, true)
+PREFILL_STAGED(prefill_attention_f8_128, 128, true)
 
 // ---------------------------------------------------------------------------------------------
 // Prefill attention, pipelined: the tiling and arithmetic of the kernel above (64 query rows of
@@ -670,7 +767,77 @@ __device__ __forceinline__ u32 cvt_bf2(float lo, float hi) {
     return r;
 }
 
+
+// The FP8 cache through the cp.async kernels: a key tile's E4M3 rows are copied by cp.async into
+// a raw stage (64 K rows then 64 V rows of HD bytes, two stages), their scales loaded into
+// registers by the same thread; once its copies have landed, each thread widens its own chunks
+// into the bf16 stage the tensor-core loop reads (one stage: the widening of tile t follows the
+// barrier after tile t - 1's products). A thread owns the 16-byte chunks c = threadIdx.x + 128 i.
 template <int HD>
+struct Kv8Tile {
+    static constexpr int CH = HD / 16;                         // 16-byte chunks of a row
+    static constexpr int PER = PF_BN * CH / (PF_WARPS * 32);   // a thread's chunks of K (and of V)
+    static constexpr int RAW = 2 * PF_BN * HD;                 // bytes of one raw stage
+    float sk[PER], sv[PER];
+
+    // Queues keys first..first+63 (those at or past `end`: zeros) into `raw`; one commit group.
+    __device__ __forceinline__ void fetch(const bf16* cache, const int* table, int first, int end, int layer,
+                                          int layers, int kv_heads, int kvh, int block_size, unsigned char* raw) {
+        const u64 kvw = (u64)kv_heads * HD;
+        const u64 bb = kv8_block_bytes(layers, block_size, kv_heads, HD);
+        const u64 scales = (u64)layers * 2 * block_size * kvw;
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            const int c = threadIdx.x + i * PF_WARPS * 32;
+            const int j = c / CH, part = c % CH;
+            const int key = first + j;
+            const bool ok = key < end;
+            const unsigned char* src = (const unsigned char*)cache;
+            sk[i] = 0.f;
+            sv[i] = 0.f;
+            if (ok) {
+                const unsigned char* blk = src + (u64)table[key / block_size] * bb;
+                const u64 row = (u64)(layer * 2) * block_size + key % block_size;
+                src = blk + row * kvw + (u64)kvh * HD + part * 16;
+                const float* sc = (const float*)(blk + scales) + row * kv_heads + kvh;
+                sk[i] = sc[0];
+                sv[i] = sc[(u64)block_size * kv_heads];
+            }
+            cp_async16(smem_u32(raw + j * HD + part * 16), src, ok);
+            cp_async16(smem_u32(raw + (PF_BN + j) * HD + part * 16), ok ? src + (u64)block_size * kvw : src, ok);
+        }
+        cp_async_commit();
+    }
+
+    // This thread's chunks of `raw` (its copies landed) into K and V rows of `RP` bf16 at `ks`.
+    template <int RP>
+    __device__ __forceinline__ void widen(const unsigned char* raw, bf16* ks) const {
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            const int c = threadIdx.x + i * PF_WARPS * 32;
+            const int j = c / CH, part = c % CH;
+            widen16(*(const uint4*)(raw + j * HD + part * 16), sk[i], ks + j * RP + part * 16);
+            widen16(*(const uint4*)(raw + (PF_BN + j) * HD + part * 16), sv[i], ks + (PF_BN + j) * RP + part * 16);
+        }
+    }
+
+    // Sixteen E4M3 bytes times s (the row scale) into sixteen bf16 at dst.
+    static __device__ __forceinline__ void widen16(uint4 w, float s, bf16* dst) {
+        const u32 in[4] = {w.x, w.y, w.z, w.w};
+        u32 out[8];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            float f[4];
+            fp8x4_widen(in[q], f);
+            out[2 * q] = cvt_bf2(f[0] * FP8_UNBIAS * s, f[1] * FP8_UNBIAS * s);
+            out[2 * q + 1] = cvt_bf2(f[2] * FP8_UNBIAS * s, f[3] * FP8_UNBIAS * s);
+        }
+        *(uint4*)dst = make_uint4(out[0], out[1], out[2], out[3]);
+        *(uint4*)(dst + 8) = make_uint4(out[4], out[5], out[6], out[7]);
+    }
+};
+
+template <int HD, bool F8>
 __device__ void prefill_attention_pipelined_impl(const bf16* qkv, int q_stride, const bf16* cache,
                                                  const int* block_tables, int max_blocks, const int* tiles,
                                                  const int* q_start, const int* q_len, const int* ctx_lens, bf16* out,
@@ -680,6 +847,9 @@ __device__ void prefill_attention_pipelined_impl(const bf16* qkv, int q_stride, 
     constexpr int CH = HD / 8;                 // 16-byte chunks a row
     constexpr int STAGE = 2 * PF_BN * RP;      // one stage: K rows then V rows
     extern __shared__ __align__(16) bf16 pf_smem[];
+    // FP8: one bf16 stage, then the two raw stages (Kv8Tile).
+    unsigned char* raw = (unsigned char*)(pf_smem + (F8 ? 1 : 2) * STAGE);
+    Kv8Tile<HD> f8;
 
     const int tile_i = gridDim.y - 1 - blockIdx.y;
     const int seq = tiles[2 * tile_i], tile_q = tiles[2 * tile_i + 1];
@@ -698,6 +868,10 @@ __device__ void prefill_attention_pipelined_impl(const bf16* qkv, int q_stride, 
 
     // Queue the copy of key tile t into stage t & 1 (keys past kv_end are zero-filled).
     auto load_tile = [&](int t) {
+        if (F8) {
+            f8.fetch(cache, table, t * PF_BN, kv_end, layer, layers, kv_heads, kvh, block_size, raw + (t & 1) * Kv8Tile<HD>::RAW);
+            return;
+        }
         bf16* ks = pf_smem + (t & 1) * STAGE;
         bf16* vs = ks + PF_BN * RP;
         for (int c = threadIdx.x; c < PF_BN * CH; c += PF_WARPS * 32) {
@@ -752,7 +926,11 @@ __device__ void prefill_attention_pipelined_impl(const bf16* qkv, int q_stride, 
     const u32 v_lane = (u32)((((lane & 7) + ((lane >> 3) & 1) * 8) * RP + (lane >> 4) * 8) * 2);
 
     for (int t = 0; t < n_kt; t++) {
-        if (t + 1 < n_kt) {
+        if (F8) {
+            cp_async_wait<0>();
+            f8.template widen<RP>(raw + (t & 1) * Kv8Tile<HD>::RAW, pf_smem);
+            if (t + 1 < n_kt) load_tile(t + 1);
+        } else if (t + 1 < n_kt) {
             load_tile(t + 1);
             cp_async_wait<1>();
         } else {
@@ -761,7 +939,7 @@ __device__ void prefill_attention_pipelined_impl(const bf16* qkv, int q_stride, 
         __syncthreads();
         const int kb = t * PF_BN;
         if (warp_live && kb <= warp_hi) {
-            const u32 kbase = smem_u32(pf_smem + (t & 1) * STAGE);
+            const u32 kbase = smem_u32(pf_smem + (F8 ? 0 : t & 1) * STAGE);
             const u32 vbase = kbase + PF_BN * RP * 2;
 
             // S = Q K^T for the warp's 16 rows × 64 keys.
@@ -862,15 +1040,18 @@ __device__ void prefill_attention_pipelined_impl(const bf16* qkv, int q_stride, 
     }
 }
 
-#define PREFILL_PIPELINED(HD)                                                                                \
-    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) prefill_attention_pipelined_##HD(             \
+#define PREFILL_PIPELINED_AS(NAME, HD, F8)                                                                   \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) NAME(                                         \
         const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks,            \
         const int* tiles, const int* q_start, const int* q_len, const int* ctx_lens, bf16* out, int out_stride, \
         int layer, int layers, int heads, int kv_heads, int block_size, float scale) {                        \
-        prefill_attention_pipelined_impl<HD>(qkv, q_stride, cache, block_tables, max_blocks, tiles, q_start,  \
-                                             q_len, ctx_lens, out, out_stride, layer, layers, heads, kv_heads, \
-                                             block_size, scale);                                              \
+        prefill_attention_pipelined_impl<HD, F8>(qkv, q_stride, cache, block_tables, max_blocks, tiles,       \
+                                                 q_start, q_len, ctx_lens, out, out_stride, layer, layers,    \
+                                                 heads, kv_heads, block_size, scale);                         \
     }
+#define PREFILL_PIPELINED(HD)                                                                                \
+    PREFILL_PIPELINED_AS(prefill_attention_pipelined_##HD, HD, false)                                         \
+    PREFILL_PIPELINED_AS(prefill_attention_pipelined_f8_##HD, HD, true)
 PREFILL_PIPELINED(64)
 PREFILL_PIPELINED(128)
 
@@ -887,7 +1068,7 @@ PREFILL_PIPELINED(128)
 
 #define PW_BM 128
 
-template <int HD>
+template <int HD, bool F8>
 __device__ void prefill_attention_wide_impl(const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables,
                                             int max_blocks, const int* tiles, const int* q_start, const int* q_len,
                                             const int* ctx_lens, bf16* out, int out_stride, int layer, int layers,
@@ -897,7 +1078,9 @@ __device__ void prefill_attention_wide_impl(const bf16* qkv, int q_stride, const
     constexpr int STAGE = 2 * PF_BN * RP;
     extern __shared__ __align__(16) bf16 pf_smem[];
     bf16* qs = pf_smem;                      // [PW_BM][RP]
-    bf16* kv_smem = pf_smem + PW_BM * RP;    // two stages of [K rows][V rows]
+    bf16* kv_smem = pf_smem + PW_BM * RP;    // two stages of [K rows][V rows] (FP8: one, then two raw)
+    unsigned char* raw = (unsigned char*)(kv_smem + (F8 ? 1 : 2) * STAGE);
+    Kv8Tile<HD> f8;
 
     const int tile_i = gridDim.y - 1 - blockIdx.y;
     const int seq = tiles[2 * tile_i], tile_q = tiles[2 * tile_i + 1];
@@ -923,6 +1106,10 @@ __device__ void prefill_attention_wide_impl(const bf16* qkv, int q_stride, const
         cp_async16(smem_u32(qs + j * RP + part * 8), src, ok);
     }
     auto load_tile = [&](int t) {
+        if (F8) {
+            f8.fetch(cache, table, t * PF_BN, kv_end, layer, layers, kv_heads, kvh, block_size, raw + (t & 1) * Kv8Tile<HD>::RAW);
+            return;
+        }
         bf16* ks = kv_smem + (t & 1) * STAGE;
         bf16* vs = ks + PF_BN * RP;
         for (int c = threadIdx.x; c < PF_BN * CH; c += PF_WARPS * 32) {
@@ -965,7 +1152,11 @@ __device__ void prefill_attention_wide_impl(const bf16* qkv, int q_stride, const
     const u32 v_lane = (u32)((((lane & 7) + ((lane >> 3) & 1) * 8) * RP + (lane >> 4) * 8) * 2);
 
     for (int t = 0; t < n_kt; t++) {
-        if (t + 1 < n_kt) {
+        if (F8) {
+            cp_async_wait<0>();
+            f8.template widen<RP>(raw + (t & 1) * Kv8Tile<HD>::RAW, kv_smem);
+            if (t + 1 < n_kt) load_tile(t + 1);
+        } else if (t + 1 < n_kt) {
             load_tile(t + 1);
             cp_async_wait<1>();
         } else {
@@ -974,7 +1165,7 @@ __device__ void prefill_attention_wide_impl(const bf16* qkv, int q_stride, const
         __syncthreads();
         const int kb = t * PF_BN;
         if (warp_live && kb <= warp_hi) {
-            const u32 kbase = smem_u32(kv_smem + (t & 1) * STAGE);
+            const u32 kbase = smem_u32(kv_smem + (F8 ? 0 : t & 1) * STAGE);
             const u32 vbase = kbase + PF_BN * RP * 2;
 
             float s[2][PF_BN / 8][4];
@@ -1104,15 +1295,17 @@ __device__ void prefill_attention_wide_impl(const bf16* qkv, int q_stride, const
     }
 }
 
-#define PREFILL_WIDE(HD)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) prefill_attention_wide_##HD(                 \
+#define PREFILL_WIDE_AS(NAME, HD, F8)                                                                        \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) NAME(                                         \
         const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks,            \
         const int* tiles, const int* q_start, const int* q_len, const int* ctx_lens, bf16* out, int out_stride, \
         int layer, int layers, int heads, int kv_heads, int block_size, float scale) {                        \
-        prefill_attention_wide_impl<HD>(qkv, q_stride, cache, block_tables, max_blocks, tiles, q_start, q_len, \
-                                        ctx_lens, out, out_stride, layer, layers, heads, kv_heads, block_size, \
-                                        scale);                                                               \
+        prefill_attention_wide_impl<HD, F8>(qkv, q_stride, cache, block_tables, max_blocks, tiles, q_start,   \
+                                            q_len, ctx_lens, out, out_stride, layer, layers, heads, kv_heads, \
+                                            block_size, scale);                                               \
     }
+#define PREFILL_WIDE(HD)                                                                                     \
+    PREFILL_WIDE_AS(prefill_attention_wide_##HD, HD, false) PREFILL_WIDE_AS(prefill_attention_wide_f8_##HD, HD, true)
 PREFILL_WIDE(64)
 PREFILL_WIDE(128)
 
@@ -1126,7 +1319,7 @@ PREFILL_WIDE(128)
 // the four warps merge through shared memory at the end. Dynamic shared memory as the pipelined
 // prefill kernel's.
 
-template <int HD, int GROUP>
+template <int HD, int GROUP, bool F8>
 __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables,
                                           int max_blocks, const int* ctx_lens, float* part_o, float* part_ml,
                                           int layer, int layers, int heads, int kv_heads, int block_size, int split,
@@ -1136,6 +1329,8 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
     constexpr int STAGE = 2 * PF_BN * RP;
     constexpr int KW = PF_BN / PF_WARPS;   // keys a warp takes from each tile (16)
     extern __shared__ __align__(16) bf16 pf_smem[];
+    unsigned char* raw = (unsigned char*)(pf_smem + (F8 ? 1 : 2) * STAGE);   // as the pipelined kernel's
+    Kv8Tile<HD> f8;
     pdl_wait();
     pdl_trigger();
 
@@ -1160,6 +1355,10 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
     const int n_kt = (end - start + PF_BN - 1) / PF_BN;
 
     auto load_tile = [&](int t) {
+        if (F8) {
+            f8.fetch(cache, table, start + t * PF_BN, end, layer, layers, kv_heads, kvh, block_size, raw + (t & 1) * Kv8Tile<HD>::RAW);
+            return;
+        }
         bf16* ks = pf_smem + (t & 1) * STAGE;
         bf16* vs = ks + PF_BN * RP;
         for (int c = threadIdx.x; c < PF_BN * CH; c += PF_WARPS * 32) {
@@ -1202,7 +1401,11 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
     const u32 v_lane = (u32)(((warp * KW + (lane & 7) + ((lane >> 3) & 1) * 8) * RP + (lane >> 4) * 8) * 2);
 
     for (int t = 0; t < n_kt; t++) {
-        if (t + 1 < n_kt) {
+        if (F8) {
+            cp_async_wait<0>();
+            f8.template widen<RP>(raw + (t & 1) * Kv8Tile<HD>::RAW, pf_smem);
+            if (t + 1 < n_kt) load_tile(t + 1);
+        } else if (t + 1 < n_kt) {
             load_tile(t + 1);
             cp_async_wait<1>();
         } else {
@@ -1211,7 +1414,7 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
         __syncthreads();
         const int kb = start + t * PF_BN + warp * KW;   // this warp's first key
         if (kb < end) {
-            const u32 kbase = smem_u32(pf_smem + (t & 1) * STAGE);
+            const u32 kbase = smem_u32(pf_smem + (F8 ? 0 : t & 1) * STAGE);
             const u32 vbase = kbase + PF_BN * RP * 2;
             float s[KW / 8][4];
 #pragma unroll
@@ -1318,15 +1521,18 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
     }
 }
 
-#define DECODE_MMA(HD, G)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) decode_attention_mma_##HD##_##G(             \
+#define DECODE_MMA_AS(NAME, HD, G, F8)                                                                       \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) NAME(                                         \
         const bf16* qkv, int q_stride, const bf16* cache, const int* block_tables, int max_blocks,            \
         const int* ctx_lens, float* part_o, float* part_ml, int layer, int layers, int heads, int kv_heads,   \
         int block_size, int split, int max_splits, float scale) {                                             \
-        decode_attention_mma_impl<HD, G>(qkv, q_stride, cache, block_tables, max_blocks, ctx_lens, part_o,    \
-                                         part_ml, layer, layers, heads, kv_heads, block_size, split,          \
-                                         max_splits, scale);                                                  \
+        decode_attention_mma_impl<HD, G, F8>(qkv, q_stride, cache, block_tables, max_blocks, ctx_lens,        \
+                                             part_o, part_ml, layer, layers, heads, kv_heads, block_size,     \
+                                             split, max_splits, scale);                                       \
     }
+#define DECODE_MMA(HD, G)                                                                                    \
+    DECODE_MMA_AS(decode_attention_mma_##HD##_##G, HD, G, false)                                              \
+    DECODE_MMA_AS(decode_attention_mma_f8_##HD##_##G, HD, G, true)
 #define DECODE_MMA_GROUPS(HD) DECODE_MMA(HD, 1) DECODE_MMA(HD, 2) DECODE_MMA(HD, 3) DECODE_MMA(HD, 4) DECODE_MMA(HD, 5) DECODE_MMA(HD, 6) DECODE_MMA(HD, 7) DECODE_MMA(HD, 8)
 DECODE_MMA_GROUPS(64)
 DECODE_MMA_GROUPS(128)
@@ -1469,34 +1675,8 @@ GEMV_FUSED(gemv_silu_1, 1, 2)
 GEMV_FUSED(gemv_silu_2, 2, 2)
 
 // ---------------------------------------------------------------------------------------------
-// FP8 weights: E4M3 bytes with one f32 scale per output row, W[r][k] = scale[r] · e4m3(q[r][k]).
-//
-// A byte s eeee mmm widens to the f32 whose bits are s 0000 eeee mmm 0…0 by moving bits alone
-// (no table, no conversion instruction): that float is the byte's value times 2^-120, the
-// exponent bias being 7 against f32's 127 (E4M3 subnormals land on f32 subnormals with the same
-// factor). Sums are taken over those floats and multiplied once by scale · 2^120 at the end.
-
-#define FP8_UNBIAS __int_as_float(0x7b800000)  // 2^120
-
-__device__ __forceinline__ void fp8x4_widen(u32 w, float* f) {
-    f[0] = __uint_as_float(((w << 24) & 0x80000000u) | ((w << 20) & 0x07f00000u));
-    f[1] = __uint_as_float(((w << 16) & 0x80000000u) | ((w << 12) & 0x07f00000u));
-    f[2] = __uint_as_float(((w << 8) & 0x80000000u) | ((w << 4) & 0x07f00000u));
-    f[3] = __uint_as_float((w & 0x80000000u) | ((w >> 4) & 0x07f00000u));
-}
-
-// The E4M3 byte nearest to v (ties to even), saturating at ±448 (the format's largest finite
-// value); NaN never occurs (v comes from finite weights divided by a positive scale).
-__device__ __forceinline__ u32 f2e4m3(float v) {
-    const u32 sign = (__float_as_uint(v) >> 24) & 0x80u;
-    const float a = fminf(fabsf(v), 448.f);
-    if (a < 0.015625f) return sign | (u32)rintf(a * 512.f);  // subnormals: m · 2^-9 (m = 8 is 2^-6)
-    u32 u = __float_as_uint(a);
-    u += 0x7ffffu + ((u >> 20) & 1u);  // round the mantissa to 3 bits, ties to even
-    const u32 e = (u >> 23) - 120u;    // rebias 127 → 7
-    const u32 code = (e << 3) | ((u >> 20) & 7u);
-    return sign | (code > 0x7eu ? 0x7eu : code);
-}
+// FP8 weights: E4M3 bytes with one f32 scale per output row, W[r][k] = scale[r] · e4m3(q[r][k]),
+// widened as described at the top of this file.
 
 // One block per row: the row's largest magnitude sets scale = amax / 448, then every weight is
 // rounded to the nearest E4M3 value of w / scale. Requires cols % 4 == 0.

@@ -383,6 +383,8 @@ pub struct Model {
     pub(crate) d: Dims,
     pub layers: usize,
     pub block_size: usize,
+    /// The cache holds E4M3 rows and their scales ([`tandem_protocol::KvDtype::Fp8E4m3`]), not bf16.
+    pub kv_fp8: bool,
 }
 
 impl Model {
@@ -504,6 +506,7 @@ impl Model {
                 &i32::from(c.rope_interleaved),
                 &eps,
                 &(heads_per_block as i32),
+                &i32::from(self.kv_fp8),
             ],
         )?;
         mark(gpu, "rope_store")?;
@@ -515,6 +518,7 @@ impl Model {
                 gpu.decode_kernel,
                 d.hd,
                 d.heads / d.kv_heads,
+                self.kv_fp8,
                 (d.kv_heads as u32, p.n_seqs as u32, p.splits as u32),
                 &[
                     &s.qkv.ptr,
@@ -547,6 +551,7 @@ impl Model {
             gpu.prefill_attention(
                 PrefillAttention::for_pass(gpu.prefill_kernel, p.n_tokens),
                 d.hd,
+                self.kv_fp8,
                 p.n_tiles,
                 d.heads,
                 &[

@@ -53,8 +53,11 @@ impl CpuEngine {
 
     fn new(model_name: String, model: Model, cfg: &EngineConfig) -> Result<Self> {
         let c = &model.cfg;
-        if cfg.kv_dtype == KvDtype::Bf16 {
-            return Err(crate::EngineError::Config("the CPU engine keeps its KV cache as f16 or f32, not bf16".into()));
+        if !matches!(cfg.kv_dtype, KvDtype::F16 | KvDtype::F32) {
+            return Err(crate::EngineError::Config(format!(
+                "the CPU engine keeps its KV cache as f16 or f32, not {}",
+                cfg.kv_dtype.as_str()
+            )));
         }
         let layout = KvLayout {
             model_id: model_name.clone(),

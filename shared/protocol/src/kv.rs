@@ -10,23 +10,48 @@ pub enum KvDtype {
     F32,
     Bf16,
     F16,
+    /// E4M3 bytes with one f32 scale per (token, head) row: each row of a block is followed, after
+    /// all of the block's rows, by its scale ([`KvDtype::scale_bytes`]). The CUDA engine's.
+    #[serde(rename = "fp8_e4m3")]
+    Fp8E4m3,
 }
 
 impl KvDtype {
-    /// The name flags and layouts use: `f32`, `bf16`, `f16`.
+    /// The name flags and layouts use: `f32`, `bf16`, `f16`, `fp8`.
     pub fn as_str(self) -> &'static str {
         match self {
             KvDtype::F32 => "f32",
             KvDtype::Bf16 => "bf16",
             KvDtype::F16 => "f16",
+            KvDtype::Fp8E4m3 => "fp8",
         }
     }
 
+    /// Bytes of one element.
     pub fn size(self) -> usize {
         match self {
             KvDtype::F32 => 4,
             KvDtype::Bf16 | KvDtype::F16 => 2,
+            KvDtype::Fp8E4m3 => 1,
         }
+    }
+
+    /// Bytes of the scale each (layer, k|v, slot, head) row carries: 4 for FP8, none otherwise.
+    pub fn scale_bytes(self) -> usize {
+        match self {
+            KvDtype::Fp8E4m3 => 4,
+            _ => 0,
+        }
+    }
+
+    /// The parts of a block, as the bytes one head of one row takes in each: the elements, then
+    /// (FP8) the scales. A block is `[row][head]` of the first part, then of the second.
+    pub fn head_parts(self, head_dim: usize) -> Vec<usize> {
+        let mut parts = vec![head_dim * self.size()];
+        if self.scale_bytes() > 0 {
+            parts.push(self.scale_bytes());
+        }
+        parts
     }
 }
 
@@ -38,7 +63,8 @@ impl std::str::FromStr for KvDtype {
             "f32" | "float32" => Ok(KvDtype::F32),
             "f16" | "float16" | "half" => Ok(KvDtype::F16),
             "bf16" | "bfloat16" => Ok(KvDtype::Bf16),
-            other => Err(format!("`{other}` is not a KV cache type (f16, f32 or bf16)")),
+            "fp8" | "fp8_e4m3" | "e4m3" => Ok(KvDtype::Fp8E4m3),
+            other => Err(format!("`{other}` is not a KV cache type (f16, f32, bf16 or fp8)")),
         }
     }
 }
@@ -85,7 +111,7 @@ impl KvLayout {
 
     /// Bytes of one block for this rank.
     pub fn block_bytes(&self) -> usize {
-        self.num_layers * 2 * self.block_size * self.heads_per_rank() * self.head_dim * self.dtype.size()
+        self.num_layers * 2 * self.block_size * self.heads_per_rank() * (self.head_dim * self.dtype.size() + self.dtype.scale_bytes())
     }
 
     /// Number of blocks needed for `token_count` tokens.
@@ -285,5 +311,48 @@ mod device_sum_tests {
         assert_ne!(device_checksum(&swapped), sum, "two words exchanged");
         assert_ne!(device_checksum(&block[..4088]), sum, "a word missing");
         assert_ne!(device_checksum(&[0u8; 64]), device_checksum(&[0u8; 128]), "zero blocks of two sizes");
+    }
+}
+
+#[cfg(test)]
+mod fp8_layout_tests {
+    use super::*;
+
+    fn layout(dtype: KvDtype, tp_size: usize) -> KvLayout {
+        KvLayout {
+            model_id: "m".into(),
+            num_layers: 3,
+            kv_heads: 4,
+            head_dim: 64,
+            dtype,
+            block_size: 16,
+            tp_rank: 0,
+            tp_size,
+            token_count: 40,
+        }
+    }
+
+    #[test]
+    fn fp8_blocks_hold_bytes_and_one_scale_a_row() {
+        let rows = 3 * 2 * 16;
+        assert_eq!(layout(KvDtype::Bf16, 1).block_bytes(), rows * 4 * 64 * 2);
+        assert_eq!(layout(KvDtype::Fp8E4m3, 1).block_bytes(), rows * 4 * (64 + 4));
+        // A rank of two holds half the heads, scales included.
+        assert_eq!(layout(KvDtype::Fp8E4m3, 2).block_bytes(), rows * 2 * (64 + 4));
+        assert_eq!(KvDtype::Fp8E4m3.head_parts(64), vec![64, 4]);
+        assert_eq!(KvDtype::F16.head_parts(64), vec![128]);
+    }
+
+    #[test]
+    fn fp8_parses_and_travels_by_name() {
+        for name in ["fp8", "FP8_E4M3", "e4m3"] {
+            assert_eq!(name.parse::<KvDtype>(), Ok(KvDtype::Fp8E4m3));
+        }
+        assert_eq!(KvDtype::Fp8E4m3.as_str().parse::<KvDtype>(), Ok(KvDtype::Fp8E4m3));
+        assert_eq!(serde_json::to_string(&KvDtype::Fp8E4m3).unwrap(), "\"fp8_e4m3\"");
+        assert!("fp4".parse::<KvDtype>().unwrap_err().contains("fp8"));
+        // A decode pool on a bf16 cache refuses FP8 blocks by name.
+        let err = layout(KvDtype::Fp8E4m3, 1).check_compatible(&layout(KvDtype::Bf16, 1)).unwrap_err();
+        assert_eq!(err.field, "dtype");
     }
 }

@@ -75,7 +75,8 @@ pub fn reshard(shards: &[KvExport], to: usize) -> Result<Vec<KvExport>, ReshardE
         }
     }
 
-    let head_bytes = l.head_dim * l.dtype.size();
+    // A block is one or two parts (the elements; FP8 adds the rows' scales), each [row][head].
+    let parts = l.dtype.head_parts(l.head_dim);
     let source: Vec<_> = (0..p).map(|r| kv_heads_of_rank(l.kv_heads, p, r)).collect();
     // The first source rank holding each global head.
     let owner: Vec<usize> =
@@ -88,18 +89,26 @@ pub fn reshard(shards: &[KvExport], to: usize) -> Result<Vec<KvExport>, ReshardE
         let ht = target.len();
         let mut blocks = Vec::with_capacity(nblocks);
         for b in 0..nblocks {
-            let mut dst = vec![0u8; rows * ht * head_bytes];
-            for row in 0..rows {
-                // The target's heads, taken in runs that live on one source rank.
-                let mut g = target.start;
-                while g < target.end {
-                    let r = owner[g];
-                    let (hs, i) = (source[r].len(), g - source[r].start);
-                    let run = (source[r].end - g).min(target.end - g);
-                    let from = &src[r].blocks[b][(row * hs + i) * head_bytes..(row * hs + i + run) * head_bytes];
-                    let j = g - target.start;
-                    dst[(row * ht + j) * head_bytes..(row * ht + j + run) * head_bytes].copy_from_slice(from);
-                    g += run;
+            let mut dst = vec![0u8; layout.block_bytes()];
+            // Where the current part starts in the target block and in each source rank's.
+            let (mut at, mut src_at) = (0, vec![0; p]);
+            for &head_bytes in &parts {
+                for row in 0..rows {
+                    // The target's heads, taken in runs that live on one source rank.
+                    let mut g = target.start;
+                    while g < target.end {
+                        let r = owner[g];
+                        let (hs, i) = (source[r].len(), g - source[r].start);
+                        let run = (source[r].end - g).min(target.end - g);
+                        let from = &src[r].blocks[b][src_at[r] + (row * hs + i) * head_bytes..][..run * head_bytes];
+                        let j = g - target.start;
+                        dst[at + (row * ht + j) * head_bytes..][..run * head_bytes].copy_from_slice(from);
+                        g += run;
+                    }
+                }
+                at += rows * ht * head_bytes;
+                for (r, heads) in source.iter().enumerate() {
+                    src_at[r] += rows * heads.len() * head_bytes;
                 }
             }
             blocks.push(Bytes::from(dst));

@@ -81,9 +81,10 @@ pub(crate) fn check_header(h: &Header, device: bool) -> Result<(usize, usize), T
         return Err(TransferError::Protocol(format!("rank {} of a TP group of {}", l.tp_rank, l.tp_size)));
     }
     let n = l.num_blocks();
-    let block = [l.num_layers, 2, l.block_size, l.heads_per_rank(), l.head_dim, l.dtype.size()]
+    let block = [l.num_layers, 2, l.block_size, l.heads_per_rank()]
         .into_iter()
         .try_fold(1usize, |a, b| a.checked_mul(b))
+        .and_then(|rows| rows.checked_mul(l.head_dim.checked_mul(l.dtype.size())?.checked_add(l.dtype.scale_bytes())?))
         // Device handoffs carry no payload: their bytes never cross the connection.
         .filter(|b| n.checked_mul(*b).is_some_and(|total| device || total <= MAX_PAYLOAD));
     let Some(block) = block else {

@@ -123,3 +123,43 @@ fn inconsistent_shards_are_refused() {
     assert!(matches!(reshard(&bad, 4), Err(ReshardError::BadShard { rank: 1, .. })));
     assert_eq!(reshard(&[], 1), Err(ReshardError::Empty));
 }
+
+/// Rank `rank` of TP=`tp` of an FP8 cache: E4M3 bytes naming their coordinates, then one f32
+/// scale per (layer, k|v, slot, head) row naming its own.
+fn fp8_shard(rank: usize, tp: usize) -> KvExport {
+    let mine = tandem_protocol::tp::kv_heads_of_rank(HEADS, tp, rank);
+    let blocks: Vec<Bytes> = (0..TOKENS.div_ceil(BS))
+        .map(|b| {
+            let (mut bytes, mut scales) = (Vec::new(), Vec::new());
+            for l in 0..LAYERS {
+                for kv in 0..2 {
+                    for s in 0..BS {
+                        for g in mine.clone() {
+                            for d in 0..DIM {
+                                bytes.push((value(b, l, kv, s, g, d) as usize % 251) as u8);
+                            }
+                            scales.extend_from_slice(&(value(b, l, kv, s, g, 0) + 0.5).to_le_bytes());
+                        }
+                    }
+                }
+            }
+            bytes.extend_from_slice(&scales);
+            Bytes::from(bytes)
+        })
+        .collect();
+    let checksums = blocks.iter().map(|b| KvExport::checksum(b)).collect();
+    let layout = KvLayout { dtype: KvDtype::Fp8E4m3, ..layout(rank, tp) };
+    assert_eq!(blocks[0].len(), layout.block_bytes());
+    KvExport { layout, tokens: (0..TOKENS as u32).collect(), blocks, checksums, device: None }
+}
+
+#[test]
+fn fp8_rows_and_their_scales_regroup_together() {
+    let of = |tp: usize| (0..tp).map(|r| fp8_shard(r, tp)).collect::<Vec<_>>();
+    for p in [1, 2, 3, 4, 6, 12] {
+        for d in [1, 2, 3, 4, 6, 12] {
+            let out = reshard(&of(p), d).unwrap_or_else(|e| panic!("{p} -> {d}: {e}"));
+            assert_eq!(out, of(d), "FP8 TP {p} -> {d}");
+        }
+    }
+}

@@ -171,8 +171,9 @@ pub struct CheckArgs {
     #[arg(long, default_value_t = 4)]
     pub must_match: usize,
     /// With --model: token ids of a text (a JSON array, or a JSON object with a `tokens` array
-    /// such as `tandem bench perplexity` writes) over which the model with FP8 projections is
-    /// compared with the bf16 one (perplexity, logits, top-1 agreement, greedy continuations).
+    /// such as `tandem bench perplexity` writes) over which the model with FP8 projections, with
+    /// an FP8 KV cache and with both is compared with the bf16 one (perplexity, logits, top-1
+    /// agreement, greedy continuations).
     #[arg(long)]
     pub fp8_text: Option<PathBuf>,
     /// Tokens a window of --fp8-text (each window one prefill from an empty cache).
@@ -256,7 +257,7 @@ pub fn check(args: &CheckArgs) -> Result<()> {
             let ids = json.get("tokens").unwrap_or(&json);
             let text: Vec<u32> =
                 serde_json::from_value(ids.clone()).with_context(|| format!("{}: no array of token ids", path.display()))?;
-            for c in checks::fp8_against_bf16(model, &text, args.fp8_window, &prompts, 32, dev)? {
+            for c in checks::fp8_against_bf16(model, &text, args.fp8_window, &prompts, 32, dev, &checks::Fp8Variant::ALL)? {
                 eprintln!("{}", show(&c));
                 all.push(c);
             }

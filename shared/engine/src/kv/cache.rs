@@ -26,13 +26,13 @@ pub(crate) struct KvCache {
 }
 
 impl KvCache {
-    /// `dtype` is f16 or f32 (the CPU engine refuses bf16 before it gets here).
+    /// `dtype` is f16 or f32 (the CPU engine refuses bf16 and fp8 before they get here).
     pub fn new(num_blocks: usize, block_size: usize, layers: usize, kv_heads: usize, head_dim: usize, dtype: KvDtype) -> Self {
         let row = kv_heads * head_dim;
         let n = num_blocks * layers * 2 * block_size * row;
         let data = match dtype {
             KvDtype::F32 => Data::F32(vec![0.0; n]),
-            KvDtype::F16 | KvDtype::Bf16 => Data::F16(vec![f16::ZERO; n]),
+            KvDtype::F16 | KvDtype::Bf16 | KvDtype::Fp8E4m3 => Data::F16(vec![f16::ZERO; n]),
         };
         Self { data, block_size, layers, row }
     }
