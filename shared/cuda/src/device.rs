@@ -370,7 +370,8 @@ impl PrefillAttention {
 
     /// Dynamic shared memory of a block: two stages of 64 K rows and 64 V rows of `hd + 8` bf16,
     /// and for the wide kernel 128 Q rows before them. On an FP8 cache (`fp8`), one bf16 stage
-    /// and two raw ones of 64 K and 64 V rows of `hd` bytes.
+    /// and two raw ones, each 64 K and 64 V rows of `hd` bytes and every thread's scales (a
+    /// thread copies those of its own chunks: 64 · hd / 2 bytes a stage).
     pub fn shared_bytes(self, hd: usize, fp8: bool) -> u32 {
         let tile = crate::plan::TILE_ROWS;
         let stages = if fp8 { 1 } else { 2 };
@@ -379,10 +380,14 @@ impl PrefillAttention {
             Self::Pipelined => stages * 2 * tile,
             Self::Wide => 2 * tile + stages * 2 * tile,
         };
-        let raw = if fp8 { 2 * 2 * tile * hd } else { 0 };
+        let raw = if fp8 { 2 * (2 * tile * hd + tile * hd / 2) } else { 0 };
         (rows * (hd + 8) * 2 + raw) as u32
     }
 }
+
+/// Key tiles the tensor-core decode kernel keeps in flight on an FP8 cache (the kernel's
+/// `DEC8_DEPTH`): its tiles carry half the bytes of bf16 ones.
+pub const DECODE_FP8_DEPTH: usize = 4;
 
 /// Which decode attention kernel a pass launches (`TANDEM_CUDA_DECODE_ATTENTION=lanes|mma`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -410,10 +415,15 @@ impl DecodeAttention {
         }
     }
 
+    /// Dynamic shared memory of a block: as the pipelined prefill kernel's on a bf16 cache; on an
+    /// FP8 one, one stage of 64 K and 64 V rows of `hd + 8` f16, then [`DECODE_FP8_DEPTH`] raw
+    /// stages of 64 K and 64 V rows of `hd` bytes and their 128 f32 scales.
     pub fn shared_bytes(self, hd: usize, fp8: bool) -> u32 {
-        match self {
-            Self::Lanes => 0,
-            Self::Mma => PrefillAttention::Pipelined.shared_bytes(hd, fp8),
+        let tile = crate::plan::TILE_ROWS;
+        match (self, fp8) {
+            (Self::Lanes, _) => 0,
+            (Self::Mma, false) => PrefillAttention::Pipelined.shared_bytes(hd, false),
+            (Self::Mma, true) => (2 * tile * (hd + 8) * 2 + DECODE_FP8_DEPTH * 2 * tile * (hd + 4)) as u32,
         }
     }
 }
@@ -1487,20 +1497,32 @@ mod tests {
     #[test]
     fn attention_shared_memory_fits_the_devices() {
         for hd in [64, 128] {
-            for k in [PrefillAttention::Staged, PrefillAttention::Pipelined, PrefillAttention::Wide] {
-                let b = k.shared_bytes(hd) as usize;
-                assert!(b <= 163 << 10, "{k:?} hd {hd}: {b} bytes");
-                assert!(2 * b <= 228 << 10, "{k:?} hd {hd}: two blocks of {b} bytes");
+            for fp8 in [false, true] {
+                for k in [PrefillAttention::Staged, PrefillAttention::Pipelined, PrefillAttention::Wide] {
+                    let b = k.shared_bytes(hd, fp8) as usize;
+                    assert!(b <= 163 << 10, "{k:?} hd {hd}: {b} bytes");
+                    assert!(2 * b <= 228 << 10, "{k:?} hd {hd}: two blocks of {b} bytes");
+                }
+                assert_eq!(DecodeAttention::Lanes.shared_bytes(hd, fp8), 0);
             }
-            assert_eq!(DecodeAttention::Mma.shared_bytes(hd), PrefillAttention::Pipelined.shared_bytes(hd));
-            assert_eq!(DecodeAttention::Lanes.shared_bytes(hd), 0);
+            // Decode keeps three blocks a multiprocessor on a bf16 cache, two (each four tiles
+            // deep) on an FP8 one; each block also takes 1 KiB the hardware reserves.
+            let block = |fp8| DecodeAttention::Mma.shared_bytes(hd, fp8) as usize + 1024;
+            assert!(3 * block(false) <= 228 << 10 && 2 * block(true) <= 228 << 10, "hd {hd}");
+            assert_eq!(DecodeAttention::Mma.shared_bytes(hd, false), PrefillAttention::Pipelined.shared_bytes(hd, false));
         }
-        assert_eq!(PrefillAttention::Pipelined.shared_bytes(128), 69_632);
-        assert_eq!(PrefillAttention::Wide.shared_bytes(128), 104_448);
-        // The decode kernel's merge reuses the stages: four warps' rows of 8 heads and their
+        assert_eq!(PrefillAttention::Pipelined.shared_bytes(128, false), 69_632);
+        assert_eq!(PrefillAttention::Wide.shared_bytes(128, false), 104_448);
+        // FP8 prefill: one bf16 stage (34,816 bytes at HD 128), two raw stages of 16 KiB rows and
+        // 4 KiB of scales; FP8 decode: one f16 stage, four raw stages of 16 KiB rows and 512
+        // bytes of scales.
+        assert_eq!(PrefillAttention::Pipelined.shared_bytes(128, true), 34_816 + 2 * (16_384 + 4_096));
+        assert_eq!(DecodeAttention::Mma.shared_bytes(128, true), 34_816 + 4 * (16_384 + 512));
+        // The decode kernel's merge reuses the first stage: four warps' rows of 8 heads and their
         // (max, sum) pairs, in f32.
-        assert!((4 * 8 * 128 + 4 * 8 * 2) * 4 <= DecodeAttention::Mma.shared_bytes(128) as usize);
-        assert!((4 * 8 * 64 + 4 * 8 * 2) * 4 <= DecodeAttention::Mma.shared_bytes(64) as usize);
+        for hd in [64, 128] {
+            assert!((4 * 8 * hd + 4 * 8 * 2) * 4 <= 2 * 64 * (hd + 8) * 2);
+        }
     }
 
     #[test]

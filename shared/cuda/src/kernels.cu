@@ -268,7 +268,9 @@ extern "C" __global__ void rope_store(bf16* qkv, const float* bias, const bf16* 
         if (kv_fp8) {
             // The row's scale from its largest magnitude (the block holds the whole row).
             const float amax = block_max(fmaxf(fabsf(x1), fabsf(x2)), scratch);
-            const float sc = amax > 0.f ? amax / 448.f : 1.f;
+            // Scales stop at 128 (rows past 57,344 in magnitude saturate): the readers multiply
+            // a scale by 2^120 and must stay finite.
+            const float sc = amax > 0.f ? fminf(amax / 448.f, 128.f) : 1.f;
             const u64 row = (u64)(layer * 2 + kv) * block_size + slot % block_size;
             unsigned char* blk = (unsigned char*)cache + (u64)(slot / block_size) * kv8_block_bytes(layers, block_size, kv_heads, hd);
             unsigned char* dst = blk + row * kvw + (u64)head * hd;
@@ -768,24 +770,62 @@ __device__ __forceinline__ u32 cvt_bf2(float lo, float hi) {
 }
 
 
-// The FP8 cache through the cp.async kernels: a key tile's E4M3 rows are copied by cp.async into
-// a raw stage (64 K rows then 64 V rows of HD bytes, two stages), their scales loaded into
-// registers by the same thread; once its copies have landed, each thread widens its own chunks
-// into the bf16 stage the tensor-core loop reads (one stage: the widening of tile t follows the
-// barrier after tile t - 1's products). A thread owns the 16-byte chunks c = threadIdx.x + 128 i.
+// The f16 forms of the tensor-core product and of the packing, for the FP8 cache's decode
+// (E4M3 widens to f16 exactly, in one instruction a pair).
+__device__ __forceinline__ void mma_f16(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <bool F16>
+__device__ __forceinline__ void mma_kv(float* c, const u32* a, u32 b0, u32 b1) {
+    if (F16) mma_f16(c, a, b0, b1);
+    else mma_bf16(c, a, b0, b1);
+}
+__device__ __forceinline__ u32 cvt_h2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+// Four E4M3 bytes (the lowest first) as two f16 pairs.
+__device__ __forceinline__ void e4m3x4_to_h2(u32 w, u32& lo, u32& hi) {
+    asm("{ .reg .b16 a, b; mov.b32 {a, b}, %2; cvt.rn.f16x2.e4m3x2 %0, a; cvt.rn.f16x2.e4m3x2 %1, b; }"
+        : "=r"(lo), "=r"(hi)
+        : "r"(w));
+}
+
+// 4 bytes global → shared through L1; `valid` false writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
+}
+
+// Raw stages the decode kernel keeps in flight on an FP8 cache: its tiles carry half the bytes of
+// bf16 ones, so it takes twice the depth (two blocks a multiprocessor, four stages each).
+#define DEC8_DEPTH 4
+
+// The FP8 cache through the cp.async kernels. A key tile's E4M3 rows are copied by cp.async into
+// a raw stage (64 K rows then 64 V rows of HD bytes), two stages deep as the bf16 tiles are, and
+// each thread copies the scales of its own chunks beside them into slots of its own. Once its
+// copies have landed a thread widens its chunks into the one bf16 stage the tensor-core loop
+// reads (the barrier after tile t - 1's products frees it): no thread reads what another
+// copied, so the widening needs no barrier of its own. A thread owns the 16-byte chunks
+// c = threadIdx.x + 128 i of K and of V.
 template <int HD>
 struct Kv8Tile {
     static constexpr int CH = HD / 16;                         // 16-byte chunks of a row
     static constexpr int PER = PF_BN * CH / (PF_WARPS * 32);   // a thread's chunks of K (and of V)
-    static constexpr int RAW = 2 * PF_BN * HD;                 // bytes of one raw stage
-    float sk[PER], sv[PER];
+    static constexpr int ROWS = 2 * PF_BN * HD;                // bytes of a stage's rows
+    static constexpr int RAW = ROWS + PF_WARPS * 32 * 2 * PER * 4;   // rows, then every thread's scales
 
-    // Queues keys first..first+63 (those at or past `end`: zeros) into `raw`; one commit group.
-    __device__ __forceinline__ void fetch(const bf16* cache, const int* table, int first, int end, int layer,
-                                          int layers, int kv_heads, int kvh, int block_size, unsigned char* raw) {
+    // Queues keys first..first+63 (those at or past `end`: zeros) into stage `raw`; one group.
+    static __device__ __forceinline__ void fetch(const bf16* cache, const int* table, int first, int end, int layer,
+                                                 int layers, int kv_heads, int kvh, int block_size, unsigned char* raw) {
         const u64 kvw = (u64)kv_heads * HD;
         const u64 bb = kv8_block_bytes(layers, block_size, kv_heads, HD);
         const u64 scales = (u64)layers * 2 * block_size * kvw;
+        float* slots = (float*)(raw + ROWS) + threadIdx.x * 2 * PER;
 #pragma unroll
         for (int i = 0; i < PER; i++) {
             const int c = threadIdx.x + i * PF_WARPS * 32;
@@ -793,44 +833,102 @@ struct Kv8Tile {
             const int key = first + j;
             const bool ok = key < end;
             const unsigned char* src = (const unsigned char*)cache;
-            sk[i] = 0.f;
-            sv[i] = 0.f;
+            const float* sc = (const float*)cache;
             if (ok) {
                 const unsigned char* blk = src + (u64)table[key / block_size] * bb;
                 const u64 row = (u64)(layer * 2) * block_size + key % block_size;
                 src = blk + row * kvw + (u64)kvh * HD + part * 16;
-                const float* sc = (const float*)(blk + scales) + row * kv_heads + kvh;
-                sk[i] = sc[0];
-                sv[i] = sc[(u64)block_size * kv_heads];
+                sc = (const float*)(blk + scales) + row * kv_heads + kvh;
             }
             cp_async16(smem_u32(raw + j * HD + part * 16), src, ok);
             cp_async16(smem_u32(raw + (PF_BN + j) * HD + part * 16), ok ? src + (u64)block_size * kvw : src, ok);
+            cp_async4(smem_u32(slots + 2 * i), sc, ok);
+            cp_async4(smem_u32(slots + 2 * i + 1), ok ? sc + (u64)block_size * kv_heads : sc, ok);
         }
         cp_async_commit();
     }
 
-    // This thread's chunks of `raw` (its copies landed) into K and V rows of `RP` bf16 at `ks`.
+    // This thread's chunks of stage `raw` (its copies landed) into K and V rows of `RP` bf16 at `ks`.
     template <int RP>
-    __device__ __forceinline__ void widen(const unsigned char* raw, bf16* ks) const {
+    static __device__ __forceinline__ void widen(const unsigned char* raw, bf16* ks) {
+        const float* slots = (const float*)(raw + ROWS) + threadIdx.x * 2 * PER;
 #pragma unroll
         for (int i = 0; i < PER; i++) {
             const int c = threadIdx.x + i * PF_WARPS * 32;
             const int j = c / CH, part = c % CH;
-            widen16(*(const uint4*)(raw + j * HD + part * 16), sk[i], ks + j * RP + part * 16);
-            widen16(*(const uint4*)(raw + (PF_BN + j) * HD + part * 16), sv[i], ks + (PF_BN + j) * RP + part * 16);
+            widen16(*(const uint4*)(raw + j * HD + part * 16), slots[2 * i], ks + j * RP + part * 16);
+            widen16(*(const uint4*)(raw + (PF_BN + j) * HD + part * 16), slots[2 * i + 1], ks + (PF_BN + j) * RP + part * 16);
         }
     }
 
-    // Sixteen E4M3 bytes times s (the row scale) into sixteen bf16 at dst.
-    static __device__ __forceinline__ void widen16(uint4 w, float s, bf16* dst) {
+    // The decode kernel's form, DEC8_DEPTH stages deep: a stage is the tile's rows, then its 64 K
+    // and 64 V row scales, copied by the thread that owns each row's first chunk and read by
+    // every warp after the barrier (the rows widen to f16 exactly, without their scales).
+    static constexpr int RAW_H = ROWS + 2 * PF_BN * 4;
+    static __device__ __forceinline__ void fetch_h(const bf16* cache, const int* table, int first, int end, int layer,
+                                                   int layers, int kv_heads, int kvh, int block_size, unsigned char* raw) {
+        const u64 kvw = (u64)kv_heads * HD;
+        const u64 bb = kv8_block_bytes(layers, block_size, kv_heads, HD);
+        const u64 scales = (u64)layers * 2 * block_size * kvw;
+        float* sc = (float*)(raw + ROWS);
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            const int c = threadIdx.x + i * PF_WARPS * 32;
+            const int j = c / CH, part = c % CH;
+            const int key = first + j;
+            const bool ok = key < end;
+            const unsigned char* src = (const unsigned char*)cache;
+            const float* ss = (const float*)cache;
+            if (ok) {
+                const unsigned char* blk = src + (u64)table[key / block_size] * bb;
+                const u64 row = (u64)(layer * 2) * block_size + key % block_size;
+                src = blk + row * kvw + (u64)kvh * HD + part * 16;
+                ss = (const float*)(blk + scales) + row * kv_heads + kvh;
+            }
+            cp_async16(smem_u32(raw + j * HD + part * 16), src, ok);
+            cp_async16(smem_u32(raw + (PF_BN + j) * HD + part * 16), ok ? src + (u64)block_size * kvw : src, ok);
+            if (part == 0) {
+                cp_async4(smem_u32(sc + j), ss, ok);
+                cp_async4(smem_u32(sc + PF_BN + j), ok ? ss + (u64)block_size * kv_heads : ss, ok);
+            }
+        }
+        cp_async_commit();
+    }
+
+    // This thread's chunks of stage `raw` (its copies landed) into K and V rows of `RP` f16 at `ks`.
+    template <int RP>
+    static __device__ __forceinline__ void widen_h(const unsigned char* raw, bf16* ks) {
+#pragma unroll
+        for (int i = 0; i < PER; i++) {
+            const int c = threadIdx.x + i * PF_WARPS * 32;
+            const int j = c / CH, part = c % CH;
+#pragma unroll
+            for (int kv = 0; kv < 2; kv++) {
+                const uint4 w = *(const uint4*)(raw + (kv * PF_BN + j) * HD + part * 16);
+                uint4 a, b;
+                e4m3x4_to_h2(w.x, a.x, a.y);
+                e4m3x4_to_h2(w.y, a.z, a.w);
+                e4m3x4_to_h2(w.z, b.x, b.y);
+                e4m3x4_to_h2(w.w, b.z, b.w);
+                bf16* dst = ks + (kv * PF_BN + j) * RP + part * 16;
+                *(uint4*)dst = a;
+                *(uint4*)(dst + 8) = b;
+            }
+        }
+    }
+
+    // Sixteen E4M3 bytes times `scale` into sixteen bf16 at dst (scales stay below 2^8, so the
+    // product with 2^120 is finite).
+    static __device__ __forceinline__ void widen16(uint4 w, float scale, bf16* dst) {
+        const float s = scale * FP8_UNBIAS;
         const u32 in[4] = {w.x, w.y, w.z, w.w};
         u32 out[8];
 #pragma unroll
         for (int q = 0; q < 4; q++) {
             float f[4];
             fp8x4_widen(in[q], f);
-            out[2 * q] = cvt_bf2(f[0] * FP8_UNBIAS * s, f[1] * FP8_UNBIAS * s);
-            out[2 * q + 1] = cvt_bf2(f[2] * FP8_UNBIAS * s, f[3] * FP8_UNBIAS * s);
+            out[2 * q] = cvt_bf2(f[0] * s, f[1] * s);
+            out[2 * q + 1] = cvt_bf2(f[2] * s, f[3] * s);
         }
         *(uint4*)dst = make_uint4(out[0], out[1], out[2], out[3]);
         *(uint4*)(dst + 8) = make_uint4(out[4], out[5], out[6], out[7]);
@@ -849,7 +947,6 @@ __device__ void prefill_attention_pipelined_impl(const bf16* qkv, int q_stride, 
     extern __shared__ __align__(16) bf16 pf_smem[];
     // FP8: one bf16 stage, then the two raw stages (Kv8Tile).
     unsigned char* raw = (unsigned char*)(pf_smem + (F8 ? 1 : 2) * STAGE);
-    Kv8Tile<HD> f8;
 
     const int tile_i = gridDim.y - 1 - blockIdx.y;
     const int seq = tiles[2 * tile_i], tile_q = tiles[2 * tile_i + 1];
@@ -869,7 +966,7 @@ __device__ void prefill_attention_pipelined_impl(const bf16* qkv, int q_stride, 
     // Queue the copy of key tile t into stage t & 1 (keys past kv_end are zero-filled).
     auto load_tile = [&](int t) {
         if (F8) {
-            f8.fetch(cache, table, t * PF_BN, kv_end, layer, layers, kv_heads, kvh, block_size, raw + (t & 1) * Kv8Tile<HD>::RAW);
+            Kv8Tile<HD>::fetch(cache, table, t * PF_BN, kv_end, layer, layers, kv_heads, kvh, block_size, raw + (t & 1) * Kv8Tile<HD>::RAW);
             return;
         }
         bf16* ks = pf_smem + (t & 1) * STAGE;
@@ -926,16 +1023,13 @@ __device__ void prefill_attention_pipelined_impl(const bf16* qkv, int q_stride, 
     const u32 v_lane = (u32)((((lane & 7) + ((lane >> 3) & 1) * 8) * RP + (lane >> 4) * 8) * 2);
 
     for (int t = 0; t < n_kt; t++) {
-        if (F8) {
-            cp_async_wait<0>();
-            f8.template widen<RP>(raw + (t & 1) * Kv8Tile<HD>::RAW, pf_smem);
-            if (t + 1 < n_kt) load_tile(t + 1);
-        } else if (t + 1 < n_kt) {
+        if (t + 1 < n_kt) {
             load_tile(t + 1);
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
+        if (F8) Kv8Tile<HD>::template widen<RP>(raw + (t & 1) * Kv8Tile<HD>::RAW, pf_smem);
         __syncthreads();
         const int kb = t * PF_BN;
         if (warp_live && kb <= warp_hi) {
@@ -1080,7 +1174,6 @@ __device__ void prefill_attention_wide_impl(const bf16* qkv, int q_stride, const
     bf16* qs = pf_smem;                      // [PW_BM][RP]
     bf16* kv_smem = pf_smem + PW_BM * RP;    // two stages of [K rows][V rows] (FP8: one, then two raw)
     unsigned char* raw = (unsigned char*)(kv_smem + (F8 ? 1 : 2) * STAGE);
-    Kv8Tile<HD> f8;
 
     const int tile_i = gridDim.y - 1 - blockIdx.y;
     const int seq = tiles[2 * tile_i], tile_q = tiles[2 * tile_i + 1];
@@ -1107,7 +1200,7 @@ __device__ void prefill_attention_wide_impl(const bf16* qkv, int q_stride, const
     }
     auto load_tile = [&](int t) {
         if (F8) {
-            f8.fetch(cache, table, t * PF_BN, kv_end, layer, layers, kv_heads, kvh, block_size, raw + (t & 1) * Kv8Tile<HD>::RAW);
+            Kv8Tile<HD>::fetch(cache, table, t * PF_BN, kv_end, layer, layers, kv_heads, kvh, block_size, raw + (t & 1) * Kv8Tile<HD>::RAW);
             return;
         }
         bf16* ks = kv_smem + (t & 1) * STAGE;
@@ -1152,16 +1245,13 @@ __device__ void prefill_attention_wide_impl(const bf16* qkv, int q_stride, const
     const u32 v_lane = (u32)((((lane & 7) + ((lane >> 3) & 1) * 8) * RP + (lane >> 4) * 8) * 2);
 
     for (int t = 0; t < n_kt; t++) {
-        if (F8) {
-            cp_async_wait<0>();
-            f8.template widen<RP>(raw + (t & 1) * Kv8Tile<HD>::RAW, kv_smem);
-            if (t + 1 < n_kt) load_tile(t + 1);
-        } else if (t + 1 < n_kt) {
+        if (t + 1 < n_kt) {
             load_tile(t + 1);
             cp_async_wait<1>();
         } else {
             cp_async_wait<0>();
         }
+        if (F8) Kv8Tile<HD>::template widen<RP>(raw + (t & 1) * Kv8Tile<HD>::RAW, kv_smem);
         __syncthreads();
         const int kb = t * PF_BN;
         if (warp_live && kb <= warp_hi) {
@@ -1329,8 +1419,11 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
     constexpr int STAGE = 2 * PF_BN * RP;
     constexpr int KW = PF_BN / PF_WARPS;   // keys a warp takes from each tile (16)
     extern __shared__ __align__(16) bf16 pf_smem[];
-    unsigned char* raw = (unsigned char*)(pf_smem + (F8 ? 1 : 2) * STAGE);   // as the pipelined kernel's
-    Kv8Tile<HD> f8;
+    // FP8: one stage of the rows as f16 (E4M3 exactly), then DEC8_DEPTH raw stages (rows and
+    // scales, Kv8Tile::fetch_h); the products run in f16 and the row scales apply to the scores
+    // (K) and the probabilities (V).
+    unsigned char* raw = (unsigned char*)(pf_smem + STAGE);
+    constexpr int RAW_H = Kv8Tile<HD>::RAW_H;
     pdl_wait();
     pdl_trigger();
 
@@ -1356,7 +1449,12 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
 
     auto load_tile = [&](int t) {
         if (F8) {
-            f8.fetch(cache, table, start + t * PF_BN, end, layer, layers, kv_heads, kvh, block_size, raw + (t & 1) * Kv8Tile<HD>::RAW);
+            if (t < n_kt) {
+                Kv8Tile<HD>::fetch_h(cache, table, start + t * PF_BN, end, layer, layers, kv_heads, kvh, block_size,
+                                     raw + (t % DEC8_DEPTH) * RAW_H);
+            } else {
+                cp_async_commit();   // an empty group keeps the count the wait below relies on
+            }
             return;
         }
         bf16* ks = pf_smem + (t & 1) * STAGE;
@@ -1375,7 +1473,12 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
         }
         cp_async_commit();
     };
-    load_tile(0);
+    if (F8) {
+#pragma unroll
+        for (int t = 0; t < DEC8_DEPTH - 1; t++) load_tile(t);
+    } else {
+        load_tile(0);
+    }
 
     // Rows gid (and gid + 8, zero for groups of 8 or fewer) are the group's heads.
     u32 qa[HD / 16][4];
@@ -1390,6 +1493,10 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
             qa[kk][1] = h1 ? *(const u32*)(q1 + c) : 0u;
             qa[kk][2] = h0 ? *(const u32*)(q0 + c + 8) : 0u;
             qa[kk][3] = h1 ? *(const u32*)(q1 + c + 8) : 0u;
+            if (F8) {
+#pragma unroll
+                for (int r = 0; r < 4; r++) qa[kk][r] = cvt_h2(__uint_as_float(qa[kk][r] << 16), __uint_as_float(qa[kk][r] & 0xffff0000u));
+            }
         }
     }
     float o[HD / 8][4];
@@ -1401,10 +1508,11 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
     const u32 v_lane = (u32)(((warp * KW + (lane & 7) + ((lane >> 3) & 1) * 8) * RP + (lane >> 4) * 8) * 2);
 
     for (int t = 0; t < n_kt; t++) {
+        const float* kv8_sc = (const float*)(raw + (t % DEC8_DEPTH) * RAW_H + Kv8Tile<HD>::ROWS);
         if (F8) {
-            cp_async_wait<0>();
-            f8.template widen<RP>(raw + (t & 1) * Kv8Tile<HD>::RAW, pf_smem);
-            if (t + 1 < n_kt) load_tile(t + 1);
+            load_tile(t + DEC8_DEPTH - 1);
+            cp_async_wait<DEC8_DEPTH - 1>();
+            Kv8Tile<HD>::template widen_h<RP>(raw + (t % DEC8_DEPTH) * RAW_H, pf_smem);
         } else if (t + 1 < n_kt) {
             load_tile(t + 1);
             cp_async_wait<1>();
@@ -1424,8 +1532,8 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
                 for (int kk = 0; kk < HD / 16; kk += 2) {
                     u32 b0, b1, b2, b3;
                     ldsm_x4(kbase + (u32)((nt * 8 * RP + kk * 16) * 2) + k_lane, b0, b1, b2, b3);
-                    mma_bf16(s[nt], qa[kk], b0, b1);
-                    mma_bf16(s[nt], qa[kk + 1], b2, b3);
+                    mma_kv<F8>(s[nt], qa[kk], b0, b1);
+                    mma_kv<F8>(s[nt], qa[kk + 1], b2, b3);
                 }
             }
             float mx0 = m0, mx1 = m1;
@@ -1434,7 +1542,8 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int key = kb + nt * 8 + tid * 2 + (e & 1);
-                    s[nt][e] = key < end ? s[nt][e] * sl2 : NEG_INF;
+                    const float ks = F8 ? kv8_sc[warp * KW + nt * 8 + tid * 2 + (e & 1)] : 1.f;
+                    s[nt][e] = key < end ? s[nt][e] * (sl2 * ks) : NEG_INF;
                 }
                 mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
                 mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
@@ -1466,16 +1575,25 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
                 l1 += s[nt][2] + s[nt][3];
             }
             u32 pa[4];
-            pa[0] = cvt_bf2(s[0][0], s[0][1]);
-            pa[1] = cvt_bf2(s[0][2], s[0][3]);
-            pa[2] = cvt_bf2(s[1][0], s[1][1]);
-            pa[3] = cvt_bf2(s[1][2], s[1][3]);
+            if (F8) {
+                // Keys tid·2, tid·2 + 1 and 8 past them, each probability times its V row's scale.
+                const float* vs = kv8_sc + PF_BN + warp * KW + tid * 2;
+                pa[0] = cvt_h2(s[0][0] * vs[0], s[0][1] * vs[1]);
+                pa[1] = cvt_h2(s[0][2] * vs[0], s[0][3] * vs[1]);
+                pa[2] = cvt_h2(s[1][0] * vs[8], s[1][1] * vs[9]);
+                pa[3] = cvt_h2(s[1][2] * vs[8], s[1][3] * vs[9]);
+            } else {
+                pa[0] = cvt_bf2(s[0][0], s[0][1]);
+                pa[1] = cvt_bf2(s[0][2], s[0][3]);
+                pa[2] = cvt_bf2(s[1][0], s[1][1]);
+                pa[3] = cvt_bf2(s[1][2], s[1][3]);
+            }
 #pragma unroll
             for (int dt = 0; dt < HD / 8; dt += 2) {
                 u32 b0v, b1v, b2v, b3v;
                 ldsm_x4_t(vbase + (u32)(dt * 8 * 2) + v_lane, b0v, b1v, b2v, b3v);
-                mma_bf16(o[dt], pa, b0v, b1v);
-                mma_bf16(o[dt + 1], pa, b2v, b3v);
+                mma_kv<F8>(o[dt], pa, b0v, b1v);
+                mma_kv<F8>(o[dt + 1], pa, b2v, b3v);
             }
         }
         __syncthreads();

@@ -189,6 +189,9 @@ pub struct CheckArgs {
     /// projections, fp8.
     #[arg(long, default_value = "attention,sampling,checksums,projections,fp8")]
     pub groups: String,
+    /// The attention cases run: on a bf16 cache, an FP8 one, or both.
+    #[arg(long, default_value = "both", value_parser = ["bf16", "fp8", "both"])]
+    pub attention_cache: String,
     #[arg(long)]
     pub output: Option<PathBuf>,
 }
@@ -213,6 +216,9 @@ pub fn check(args: &CheckArgs) -> Result<()> {
     let mut all: Vec<Check> = Vec::new();
     if groups.contains(&"attention") {
         for (i, case) in checks::attention_cases().iter().enumerate() {
+            if args.attention_cache != "both" && (args.attention_cache == "fp8") != case.fp8 {
+                continue;
+            }
             all.push(checks::attention_case(&gpu, case, 100 + i as u64)?);
             eprintln!("{}", show(all.last().expect("just pushed")));
         }
