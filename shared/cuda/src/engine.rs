@@ -995,4 +995,15 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn the_gpu_cache_is_bf16_or_fp8() {
+        let with = |d| CudaConfig { kv_dtype: Some(d), ..Default::default() }.kv_format();
+        assert_eq!(with(KvDtype::Bf16).unwrap(), KvDtype::Bf16);
+        assert_eq!(with(KvDtype::Fp8E4m3).unwrap(), KvDtype::Fp8E4m3);
+        for other in [KvDtype::F16, KvDtype::F32] {
+            let err = with(other).unwrap_err().to_string();
+            assert!(err.contains(other.as_str()) && err.contains("bf16 or fp8"), "{err}");
+        }
+    }
 }

@@ -69,6 +69,10 @@ fn mismatched_kv_is_refused() {
         other => panic!("expected a layout mismatch, got {other:?}"),
     }
     assert_eq!(c.stats().used_blocks, 0);
+    // The CPU engine keeps no FP8 cache (a GPU worker's): asked for one, it says so at load.
+    let fp8_cfg = tandem_engine::EngineConfig { kv_dtype: tandem_protocol::KvDtype::Fp8E4m3, ..small_cache() };
+    let err = tandem_engine::CpuEngine::load(&files, &fp8_cfg).unwrap_err().to_string();
+    assert!(err.contains("f16 or f32") && err.contains("fp8"), "{err}");
     b.import(1, &kv).unwrap();
     assert_eq!(b.seq_len(1), Some(p.len()));
 }
