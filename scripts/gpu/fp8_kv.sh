@@ -19,7 +19,7 @@ PARTS=${PARTS:-checks,decode,prefill,quality}
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader | tee -a $LOG
 if has checks; then
-  timeout ${TC:-420} $B bench gpu-check --groups attention --attention-cache ${CACHES:-both} --output $W/checks.json >> $LOG 2>&1
+  timeout ${TC:-420} $B bench gpu-check --groups attention --attention-cache ${CACHES:-both} ${MAXCTX:+--attention-max-context $MAXCTX} --output $W/checks.json >> $LOG 2>&1
   echo "attention checks: rc=$? passed $(grep -c '"passed": true' $W/checks.json), failed $(grep -c '"passed": false' $W/checks.json)"
   grep -E '^(ok  |FAIL) FP8 cache' $LOG | awk '{print $NF, $0}' | sort -g | tail -3 | cut -c1-170
   grep -E '^FAIL' $LOG | head -5 | cut -c1-170

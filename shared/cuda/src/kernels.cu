@@ -1536,43 +1536,57 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
                     mma_kv<F8>(s[nt], qa[kk + 1], b2, b3);
                 }
             }
+            // Rows gid + 8 of the tile would hold heads past the eighth, which no group has: their
+            // scores are zeros, and the softmax below skips them (HI false).
+            constexpr bool HI = GROUP > 8;
             float mx0 = m0, mx1 = m1;
 #pragma unroll
             for (int nt = 0; nt < KW / 8; nt++) {
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
+                for (int e = 0; e < (HI ? 4 : 2); e++) {
                     const int key = kb + nt * 8 + tid * 2 + (e & 1);
                     const float ks = F8 ? kv8_sc[warp * KW + nt * 8 + tid * 2 + (e & 1)] : 1.f;
                     s[nt][e] = key < end ? s[nt][e] * (sl2 * ks) : NEG_INF;
                 }
                 mx0 = fmaxf(mx0, fmaxf(s[nt][0], s[nt][1]));
-                mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
+                if (HI) mx1 = fmaxf(mx1, fmaxf(s[nt][2], s[nt][3]));
             }
             mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
             mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            if (HI) {
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            }
             // The warp's first key is valid, so both maxima are finite from here on.
-            const float c0 = ex2(m0 - mx0), c1 = ex2(m1 - mx1);
+            const float c0 = ex2(m0 - mx0), c1 = HI ? ex2(m1 - mx1) : 1.f;
             m0 = mx0;
             m1 = mx1;
             l0 *= c0;
             l1 *= c1;
+            // Once the running maxima settle (c = 1 in every lane), the outputs need no rescaling.
+            if (__any_sync(0xffffffffu, c0 != 1.f || c1 != 1.f)) {
 #pragma unroll
-            for (int i = 0; i < HD / 8; i++) {
-                o[i][0] *= c0;
-                o[i][1] *= c0;
-                o[i][2] *= c1;
-                o[i][3] *= c1;
+                for (int i = 0; i < HD / 8; i++) {
+                    o[i][0] *= c0;
+                    o[i][1] *= c0;
+                    if (HI) {
+                        o[i][2] *= c1;
+                        o[i][3] *= c1;
+                    }
+                }
             }
 #pragma unroll
             for (int nt = 0; nt < KW / 8; nt++) {
                 s[nt][0] = ex2(s[nt][0] - mx0);
                 s[nt][1] = ex2(s[nt][1] - mx0);
-                s[nt][2] = ex2(s[nt][2] - mx1);
-                s[nt][3] = ex2(s[nt][3] - mx1);
                 l0 += s[nt][0] + s[nt][1];
-                l1 += s[nt][2] + s[nt][3];
+                if (HI) {
+                    s[nt][2] = ex2(s[nt][2] - mx1);
+                    s[nt][3] = ex2(s[nt][3] - mx1);
+                    l1 += s[nt][2] + s[nt][3];
+                } else {
+                    s[nt][2] = s[nt][3] = 0.f;
+                }
             }
             u32 pa[4];
             if (F8) {
@@ -1588,6 +1602,7 @@ __device__ void decode_attention_mma_impl(const bf16* qkv, int q_stride, const b
                 pa[2] = cvt_bf2(s[1][0], s[1][1]);
                 pa[3] = cvt_bf2(s[1][2], s[1][3]);
             }
+            if (!HI) pa[1] = pa[3] = 0u;
 #pragma unroll
             for (int dt = 0; dt < HD / 8; dt += 2) {
                 u32 b0v, b1v, b2v, b3v;
