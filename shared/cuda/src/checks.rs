@@ -18,7 +18,7 @@ use tandem_tokenizer::{ModelFiles, ModelFormat};
 use tandem_protocol::KvDtype;
 
 use crate::device::{DecodeAttention, Gpu, PrefillAttention, WeightFormat};
-use crate::fp8::{e4m3_to_f32, f32_to_e4m3, E4M3_MAX};
+use crate::fp8::{e4m3_to_f32, f32_to_e4m3, row_scale};
 use crate::plan::{decode_split, TILE_ROWS};
 use crate::{CudaConfig, CudaEngine, CudaError, DevicePasses, Result};
 
@@ -102,7 +102,7 @@ pub fn attention_case(gpu: &Gpu, case: &AttnCase, seed: u64) -> Result<Check> {
                     let mag = 10f32.powf(rng.random_range(-2.0f32..1.0));
                     let vals: Vec<f32> = (0..hd).map(|_| rng.random_range(-mag..mag)).collect();
                     let amax = vals.iter().fold(0f32, |a, v| a.max(v.abs()));
-                    let sc = if amax > 0.0 { amax / E4M3_MAX } else { 1.0 };
+                    let sc = row_scale(amax);
                     let (e, o) = (blk * block_elems + r * kvw + h * hd, blk * block_bytes + r * kvw + h * hd);
                     for (d, v) in vals.iter().enumerate() {
                         let q = f32_to_e4m3(v / sc);
@@ -930,7 +930,6 @@ pub fn projections(gpu: &Gpu) -> Result<Vec<Check>> {
 /// poisoned first.
 pub fn fp8(gpu: &Gpu) -> Result<Vec<Check>> {
     use crate::device::{Dt, Fp8Gemv, GEMV_FP8_KERNELS, GEMV_FP8_MMA_MAX};
-    use crate::fp8::{e4m3_to_f32, f32_to_e4m3, E4M3_MAX};
     let mut rng = rand::rngs::StdRng::seed_from_u64(23);
     let mut checks = Vec::new();
     let (rows, cols) = (1536usize, 4096usize);
@@ -960,7 +959,7 @@ pub fn fp8(gpu: &Gpu) -> Result<Vec<Check>> {
     for r in 0..rows {
         let row: Vec<f32> = w[r * cols..(r + 1) * cols].iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
         let amax = row.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let want = if amax > 0.0 { amax / E4M3_MAX } else { 1.0 };
+        let want = row_scale(amax);
         if scale[r] != want {
             bad_scales += 1;
         }
@@ -1012,7 +1011,7 @@ pub fn fp8(gpu: &Gpu) -> Result<Vec<Check>> {
             // does, one scale per token.
             for row in xf.chunks_mut(cols) {
                 let amax = row.iter().fold(0f64, |a, v| a.max(v.abs())) as f32;
-                let s = if amax > 0.0 { amax / E4M3_MAX } else { 1.0 };
+                let s = row_scale(amax);
                 row.iter_mut().for_each(|v| *v = e4m3_to_f32(f32_to_e4m3(*v as f32 / s)) as f64 * s as f64);
             }
         }

@@ -5,6 +5,16 @@
 /// Largest finite E4M3 magnitude.
 pub const E4M3_MAX: f32 = 448.0;
 
+/// The scale of a row whose largest magnitude is `amax`: `amax / 448`, so the row's largest value
+/// lands on E4M3's largest, or 1 for a row of zeros (the rule of the device's quantisers).
+pub fn row_scale(amax: f32) -> f32 {
+    if amax > 0.0 {
+        amax / E4M3_MAX
+    } else {
+        1.0
+    }
+}
+
 /// The value of an E4M3 byte (NaN for the two NaN codes).
 pub fn e4m3_to_f32(b: u8) -> f32 {
     let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
@@ -45,6 +55,14 @@ pub fn f32_to_e4m3(v: f32) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_row_scale_puts_the_largest_value_on_448() {
+        assert_eq!(row_scale(448.0), 1.0);
+        assert_eq!(row_scale(896.0), 2.0);
+        assert_eq!(f32_to_e4m3(3.5 / row_scale(3.5)), 0x7e);
+        assert_eq!(row_scale(0.0), 1.0, "a row of zeros keeps a usable scale");
+    }
 
     #[test]
     fn known_values_decode() {
