@@ -479,6 +479,24 @@ pub struct Kernels {
     pub block_checksum: CudaFunction,
 }
 
+/// The architecture the kernels are compiled for, as `10 · major + minor`: the device's, or an
+/// older one that `TANDEM_CUDA_ARCH` names (`sm_80`, `sm_86`, `sm_89`), so that one GPU can
+/// run and check the code paths of another (the E4M3 widening of sm_80 and sm_86, no
+/// programmatic dependent launch before sm_90). Compute capability 8.0 is the floor: bf16
+/// tensor cores.
+pub fn kernel_arch(device: (i32, i32), named: Option<&str>) -> Result<u32> {
+    let (major, minor) = device;
+    if major < 8 {
+        return Err(CudaError::Unsupported(format!("compute capability {major}.{minor}: bf16 tensor cores need 8.0 or newer")));
+    }
+    let own = (major * 10 + minor) as u32;
+    let Some(v) = named else { return Ok(own) };
+    match v.strip_prefix("sm_").and_then(|n| n.parse::<u32>().ok()) {
+        Some(a) if (80..=own).contains(&a) => Ok(a),
+        _ => Err(CudaError::Unsupported(format!("TANDEM_CUDA_ARCH={v}: sm_80 up to this device's sm_{own}"))),
+    }
+}
+
 /// PTX per architecture, compiled once per process.
 fn ptx_for(arch: &str) -> Result<Ptx> {
     static CACHE: OnceLock<Mutex<Vec<(String, String)>>> = OnceLock::new();
@@ -535,12 +553,8 @@ impl Kernels {
             .collect()
     }
 
-    fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
-        let (major, minor) = ctx.compute_capability()?;
-        if major < 8 {
-            return Err(CudaError::Unsupported(format!("compute capability {major}.{minor}: bf16 tensor cores need 8.0 or newer")));
-        }
-        let module = ctx.load_module(ptx_for(&format!("sm_{major}{minor}"))?)?;
+    fn load(ctx: &Arc<CudaContext>, arch: u32) -> Result<Self> {
+        let module = ctx.load_module(ptx_for(&format!("sm_{arch}"))?)?;
         let f = |name: &str| module.load_function(name).map_err(CudaError::from);
         // A kernel that takes more than the default 48 KiB of dynamic shared memory.
         let big = |name: &str, bytes: u32| -> Result<CudaFunction> {
@@ -683,10 +697,11 @@ impl Gpu {
         unsafe { blas_sys::cublasSetWorkspace_v2(*blas.handle(), workspace.ptr as *mut c_void, WORKSPACE_BYTES) }
             .result()
             .map_err(|e| CudaError::Blas(format!("{e:?}")))?;
-        let k = Kernels::load(&ctx)?;
+        let arch = kernel_arch(ctx.compute_capability()?, std::env::var("TANDEM_CUDA_ARCH").ok().filter(|v| !v.is_empty()).as_deref())?;
+        let k = Kernels::load(&ctx, arch)?;
         let name = ctx.name()?;
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as usize;
-        let pdl = ctx.compute_capability()?.0 >= 9 && std::env::var("TANDEM_CUDA_PDL").map_or(true, |v| v != "0");
+        let pdl = arch >= 90 && std::env::var("TANDEM_CUDA_PDL").map_or(true, |v| v != "0");
         let prefill_kernel = PrefillAttention::from_env();
         let decode_kernel = DecodeAttention::from_env();
         let fuse = std::env::var("TANDEM_CUDA_FUSE").is_ok_and(|v| v == "1");
@@ -1522,6 +1537,41 @@ mod tests {
         // (max, sum) pairs, in f32.
         for hd in [64, 128] {
             assert!((4 * 8 * hd + 4 * 8 * 2) * 4 <= 2 * 64 * (hd + 8) * 2);
+        }
+    }
+
+    #[test]
+    fn kernels_build_for_the_device_or_an_older_named_architecture() {
+        assert_eq!(kernel_arch((9, 0), None).unwrap(), 90);
+        assert_eq!(kernel_arch((8, 6), None).unwrap(), 86);
+        assert_eq!(kernel_arch((9, 0), Some("sm_80")).unwrap(), 80);
+        assert_eq!(kernel_arch((9, 0), Some("sm_90")).unwrap(), 90);
+        for bad in ["sm_100", "sm_75", "90", "sm_x"] {
+            let e = kernel_arch((9, 0), Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("TANDEM_CUDA_ARCH") && e.contains("sm_90"), "{bad}: {e}");
+        }
+        assert!(kernel_arch((7, 5), None).unwrap_err().to_string().contains("8.0 or newer"));
+    }
+
+    /// The kernels compile, through NVRTC and its PTX assembler, for the oldest architecture the
+    /// engine runs on, for Ada and for Hopper; no GPU is needed, only the NVRTC library
+    /// (scripts/test.sh installs it from PyPI). An instruction newer than an architecture fails
+    /// here: before sm_89 the E4M3 widening moves bits instead of using the conversion.
+    #[test]
+    fn the_kernels_compile_from_sm_80_to_sm_90() {
+        for arch in ["sm_80", "sm_89", "sm_90"] {
+            let ptx = std::panic::catch_unwind(|| ptx_for(arch))
+                .unwrap_or_else(|_| {
+                    panic!("NVRTC did not load: scripts/test.sh installs it (pip nvidia-cuda-nvrtc) and puts it on LD_LIBRARY_PATH")
+                })
+                .unwrap_or_else(|e| panic!("{arch}: {e}"))
+                .to_src();
+            assert!(ptx.contains(&format!(".target {arch}")), "{arch}");
+            for entry in ["gemv_1", "rope_store", "decode_attention_mma_f8_128_4", "prefill_attention_pipelined_128", "sample_rows"] {
+                assert!(ptx.contains(&format!(".entry {entry}(")), "{arch}: no kernel {entry}");
+            }
+            assert_eq!(ptx.contains("cvt.rn.f16x2.e4m3x2"), arch != "sm_80", "{arch}");
+            assert_eq!(ptx.contains("griddepcontrol.wait"), arch == "sm_90", "{arch}");
         }
     }
 

@@ -789,11 +789,22 @@ __device__ __forceinline__ u32 cvt_h2(float lo, float hi) {
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
-// Four E4M3 bytes (the lowest first) as two f16 pairs.
+// Four E4M3 bytes (the lowest first) as two f16 pairs, exactly. From sm_89 one conversion
+// instruction a pair; before it (sm_80, sm_86) the bits are moved: s eeee mmm lands as the f16
+// s 0eeee mmm0000000, the byte's value times 2^-8 (biases 7 and 15; subnormals alike), and one
+// multiply by 256 restores it.
 __device__ __forceinline__ void e4m3x4_to_h2(u32 w, u32& lo, u32& hi) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 890
     asm("{ .reg .b16 a, b; mov.b32 {a, b}, %2; cvt.rn.f16x2.e4m3x2 %0, a; cvt.rn.f16x2.e4m3x2 %1, b; }"
         : "=r"(lo), "=r"(hi)
         : "r"(w));
+#else
+    const u32 a = ((w & 0x80u) << 8) | ((w & 0x7fu) << 7) | ((w & 0x8000u) << 16) | ((w & 0x7f00u) << 15);
+    const u32 h = w >> 16;
+    const u32 b = ((h & 0x80u) << 8) | ((h & 0x7fu) << 7) | ((h & 0x8000u) << 16) | ((h & 0x7f00u) << 15);
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(lo) : "r"(a), "r"(0x5c005c00u));
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(hi) : "r"(b), "r"(0x5c005c00u));
+#endif
 }
 
 // 4 bytes global → shared through L1; `valid` false writes zeros and reads nothing.
